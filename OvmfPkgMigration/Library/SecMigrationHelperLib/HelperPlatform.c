@@ -1,0 +1,212 @@
+/** @file
+  Platform services of the SEC helper: the memory map from fw_cfg, CPU set-up
+  (exception handlers, SSE) and power-off through the chipset.
+
+  SPDX-License-Identifier: BSD-2-Clause-Patent
+**/
+
+#include <IndustryStandard/E820.h>
+#include <IndustryStandard/I440FxPiix4.h>
+#include <IndustryStandard/Pci22.h>
+#include <IndustryStandard/Q35MchIch9.h>
+#include <Library/IoLib.h>
+#include <Library/PciLib.h>
+#include <Library/QemuFwCfgLib.h>
+
+#include "SecMigrationHelperInternal.h"
+
+///
+/// I/O base the helper gives the ACPI PM block; the value OVMF's PEI uses.
+///
+#define SEC_MH_PM_BASE          0x600
+#define SEC_MH_PM1_CNT_OFFSET   4
+#define SEC_MH_PM1_SLP_TYP_MASK (BIT12 | BIT11 | BIT10)
+#define SEC_MH_PM1_SLP_EN       BIT13
+
+#define SEC_MH_CR0_MP          BIT1
+#define SEC_MH_CR0_EM          BIT2
+#define SEC_MH_CR4_OSFXSR      BIT9
+#define SEC_MH_CR4_OSXMMEXCPT  BIT10
+
+/**
+  Read the helper VM's RAM ranges from fw_cfg "etc/e820".
+
+  @param[out] Ranges      Receives up to SEC_MH_MAX_RAM_RANGES ranges.
+  @param[out] RangeCount  Receives the number of RAM ranges.
+
+  @retval RETURN_SUCCESS    The map was read.
+  @retval RETURN_NOT_FOUND  fw_cfg has no usable memory map.
+**/
+RETURN_STATUS
+InternalHelperReadRamRanges (
+  OUT OVMF_MH_MEMORY_RANGE  *Ranges,
+  OUT UINTN                 *RangeCount
+  )
+{
+  FIRMWARE_CONFIG_ITEM  Item;
+  UINTN                 Size;
+  UINTN                 Index;
+  EFI_E820_ENTRY64      Entry;
+
+  *RangeCount = 0;
+  if (RETURN_ERROR (QemuFwCfgFindFile ("etc/e820", &Item, &Size)) ||
+      (Size == 0) ||
+      (Size % sizeof (Entry) != 0) ||
+      (Size / sizeof (Entry) > SEC_MH_MAX_RAM_RANGES))
+  {
+    return RETURN_NOT_FOUND;
+  }
+
+  QemuFwCfgSelectItem (Item);
+  for (Index = 0; Index < Size / sizeof (Entry); Index++) {
+    QemuFwCfgReadBytes (sizeof (Entry), &Entry);
+    if (Entry.Type == EfiAcpiAddressRangeMemory) {
+      Ranges[*RangeCount].Base = Entry.BaseAddr;
+      Ranges[*RangeCount].Size = Entry.Length;
+      (*RangeCount)++;
+    }
+  }
+
+  return (*RangeCount == 0) ? RETURN_NOT_FOUND : RETURN_SUCCESS;
+}
+
+/**
+  Install the helper's exception handlers and enable SSE. SEC has neither
+  an IDT nor SSE enabled when library constructors run.
+
+  @param[in,out] Private  Helper-private state holding the IDT.
+**/
+VOID
+InternalHelperInitializeCpu (
+  IN OUT SEC_MH_PRIVATE  *Private
+  )
+{
+  IA32_DESCRIPTOR  Idtr;
+  UINTN            Vector;
+  UINT64           Handler;
+  UINT16           CodeSelector;
+
+  CodeSelector = AsmReadCs ();
+  for (Vector = 0; Vector < SEC_MH_EXCEPTION_VECTORS; Vector++) {
+    Handler = (UINT64)(UINTN)InternalHelperExceptionStubs + Vector * SEC_MH_EXCEPTION_STUB_SIZE;
+    Private->Idt[Vector].Uint128.Uint64   = 0;
+    Private->Idt[Vector].Uint128.Uint64_1 = 0;
+    Private->Idt[Vector].Bits.OffsetLow   = (UINT16)Handler;
+    Private->Idt[Vector].Bits.Selector    = CodeSelector;
+    Private->Idt[Vector].Bits.GateType    = IA32_IDT_GATE_TYPE_INTERRUPT_32;
+    Private->Idt[Vector].Bits.OffsetHigh  = (UINT16)(Handler >> 16);
+    Private->Idt[Vector].Bits.OffsetUpper = (UINT32)(Handler >> 32);
+  }
+
+  Idtr.Base  = (UINTN)Private->Idt;
+  Idtr.Limit = (UINT16)(sizeof (Private->Idt) - 1);
+  AsmWriteIdtr (&Idtr);
+
+  AsmWriteCr0 ((AsmReadCr0 () & ~(UINTN)SEC_MH_CR0_EM) | SEC_MH_CR0_MP);
+  AsmWriteCr4 (AsmReadCr4 () | SEC_MH_CR4_OSFXSR | SEC_MH_CR4_OSXMMEXCPT);
+}
+
+/**
+  Power the helper VM off through the chipset's ACPI PM block.
+
+  @retval RETURN_UNSUPPORTED  The chipset is neither Q35 nor i440FX, or the
+                              power-off request had no effect.
+**/
+RETURN_STATUS
+InternalHelperPowerOff (
+  VOID
+  )
+{
+  UINT16  HostBridgeDeviceId;
+  UINTN   PmBaseRegister;
+  UINT32  PmBaseMask;
+  UINTN   EnableRegister;
+  UINT8   EnableBit;
+  UINT16  Control;
+  UINTN   Spin;
+
+  HostBridgeDeviceId = PciRead16 (PCI_LIB_ADDRESS (0, 0, 0, PCI_DEVICE_ID_OFFSET));
+  switch (HostBridgeDeviceId) {
+    case INTEL_Q35_MCH_DEVICE_ID:
+      PmBaseRegister = POWER_MGMT_REGISTER_Q35 (ICH9_PMBASE);
+      PmBaseMask     = ICH9_PMBASE_MASK;
+      EnableRegister = POWER_MGMT_REGISTER_Q35 (ICH9_ACPI_CNTL);
+      EnableBit      = ICH9_ACPI_CNTL_ACPI_EN;
+      break;
+    case INTEL_82441_DEVICE_ID:
+      PmBaseRegister = POWER_MGMT_REGISTER_PIIX4 (PIIX4_PMBA);
+      PmBaseMask     = PIIX4_PMBA_MASK;
+      EnableRegister = POWER_MGMT_REGISTER_PIIX4 (PIIX4_PMREGMISC);
+      EnableBit      = PIIX4_PMREGMISC_PMIOSE;
+      break;
+    default:
+      return RETURN_UNSUPPORTED;
+  }
+
+  PciAndThenOr32 (PmBaseRegister, ~PmBaseMask, SEC_MH_PM_BASE);
+  PciOr8 (EnableRegister, EnableBit);
+
+  //
+  // SLP_TYP 0 with SLP_EN is soft-off on QEMU's PM1 control register.
+  //
+  Control = IoRead16 (SEC_MH_PM_BASE + SEC_MH_PM1_CNT_OFFSET);
+  Control = (UINT16)((Control & ~SEC_MH_PM1_SLP_TYP_MASK) | SEC_MH_PM1_SLP_EN);
+  IoWrite16 (SEC_MH_PM_BASE + SEC_MH_PM1_CNT_OFFSET, Control);
+
+  for (Spin = 0; Spin < 100000000; Spin++) {
+    CpuPause ();
+  }
+
+  return RETURN_UNSUPPORTED;
+}
+
+/**
+  Stop this CPU for good.
+**/
+VOID
+InternalHelperHalt (
+  VOID
+  )
+{
+  DisableInterrupts ();
+  for ( ; ;) {
+    CpuSleep ();
+  }
+}
+
+/**
+  Called by the exception stubs; never returns.
+
+  @param[in] Vector     Exception vector.
+  @param[in] ErrorCode  Error code, or 0 where the CPU pushes none.
+  @param[in] Rip        Faulting instruction pointer.
+**/
+VOID
+EFIAPI
+InternalHelperFault (
+  IN UINT64  Vector,
+  IN UINT64  ErrorCode,
+  IN UINT64  Rip
+  )
+{
+  SEC_MH_PRIVATE  *Private;
+
+  Private = (SEC_MH_PRIVATE *)(UINTN)OVMF_MH_PRIVATE_BASE;
+  InternalHelperLog (
+    "ovmf-mh: FAULT: exception %lu, error code 0x%lx, RIP 0x%lx; halting\n",
+    Vector,
+    ErrorCode,
+    Rip
+    );
+  if (Private->Magic == SEC_MH_PRIVATE_MAGIC) {
+    MigrationHelperPublishHalt (
+      Private->Context.Header,
+      Private->Context.BuildId,
+      OVMF_MH_STATE_FAULT,
+      (UINT32)Vector,
+      Rip
+      );
+  }
+
+  InternalHelperHalt ();
+}

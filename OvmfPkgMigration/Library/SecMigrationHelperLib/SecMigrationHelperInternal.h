@@ -1,0 +1,116 @@
+/** @file
+  Private declarations of SecMigrationHelperLib.
+
+  SPDX-License-Identifier: BSD-2-Clause-Patent
+**/
+
+#ifndef SEC_MIGRATION_HELPER_INTERNAL_H_
+#define SEC_MIGRATION_HELPER_INTERNAL_H_
+
+#include <Base.h>
+#include <Library/BaseLib.h>
+#include <Library/BaseMemoryLib.h>
+#include <Library/MigrationHelperCoreLib.h>
+
+#define SEC_MH_EXCEPTION_VECTORS  32
+#define SEC_MH_MAX_RAM_RANGES     32
+
+///
+/// Helper-private state at OVMF_MH_PRIVATE_BASE. SEC runs from flash and has
+/// no writable globals, so the exception handler finds the mailbox here.
+///
+typedef struct {
+  IA32_IDT_GATE_DESCRIPTOR    Idt[SEC_MH_EXCEPTION_VECTORS];
+  UINT64                      Magic;           ///< SEC_MH_PRIVATE_MAGIC once Context is valid
+  OVMF_MH_HELPER_CONTEXT      Context;
+} SEC_MH_PRIVATE;
+
+#define SEC_MH_PRIVATE_MAGIC  0x5441564952504d4fULL   // "OMPRIVAT"
+
+STATIC_ASSERT (sizeof (SEC_MH_PRIVATE) <= OVMF_MH_PRIVATE_SIZE, "private state fits");
+
+/**
+  Write a formatted line to QEMU's debug console, in every build target.
+
+  @param[in] Format  PrintLib format string.
+  @param[in] ...     Arguments.
+**/
+VOID
+EFIAPI
+InternalHelperLog (
+  IN CONST CHAR8  *Format,
+  ...
+  );
+
+/**
+  Read the helper VM's RAM ranges from fw_cfg "etc/e820".
+
+  @param[out] Ranges      Receives up to SEC_MH_MAX_RAM_RANGES ranges.
+  @param[out] RangeCount  Receives the number of RAM ranges.
+
+  @retval RETURN_SUCCESS    The map was read.
+  @retval RETURN_NOT_FOUND  fw_cfg has no usable memory map.
+**/
+RETURN_STATUS
+InternalHelperReadRamRanges (
+  OUT OVMF_MH_MEMORY_RANGE  *Ranges,
+  OUT UINTN                 *RangeCount
+  );
+
+/**
+  Install the helper's exception handlers and enable SSE. SEC has neither
+  an IDT nor SSE enabled when library constructors run.
+
+  @param[in,out] Private  Helper-private state holding the IDT.
+**/
+VOID
+InternalHelperInitializeCpu (
+  IN OUT SEC_MH_PRIVATE  *Private
+  );
+
+/**
+  Power the helper VM off through the chipset's ACPI PM block.
+
+  @retval RETURN_UNSUPPORTED  The chipset is neither Q35 nor i440FX, or the
+                              power-off request had no effect.
+**/
+RETURN_STATUS
+InternalHelperPowerOff (
+  VOID
+  );
+
+/**
+  Stop this CPU for good.
+**/
+VOID
+InternalHelperHalt (
+  VOID
+  );
+
+/**
+  Called by the exception stubs; never returns.
+
+  @param[in] Vector     Exception vector.
+  @param[in] ErrorCode  Error code, or 0 where the CPU pushes none.
+  @param[in] Rip        Faulting instruction pointer.
+**/
+VOID
+EFIAPI
+InternalHelperFault (
+  IN UINT64  Vector,
+  IN UINT64  ErrorCode,
+  IN UINT64  Rip
+  );
+
+///
+/// First of SEC_MH_EXCEPTION_VECTORS stubs, each 16 bytes long (nasm).
+///
+VOID
+EFIAPI
+InternalHelperExceptionStubs (
+  VOID
+  );
+
+#define SEC_MH_EXCEPTION_STUB_SIZE  16
+
+#endif
