@@ -9,7 +9,8 @@ or the derivation fails loudly:
 2. Inside the ``OvmfPkg/Sec/SecMain.inf { ... }`` block, under
    ``<LibraryClasses>``: the ``MigrationHelperCoreLib`` mapping and the
    ``NULL|...SecMigrationHelperLib.inf`` line that links the detector in.
-3. In the same block, a ``<PcdsFixedAtBuild>`` section with the build id.
+3. In the same block, a ``<PcdsFixedAtBuild>`` section setting
+   ``PcdMigrationHelperBuildId`` to the build id.
 
 ``tests/test_platform_dsc.py`` checks that the difference is exactly this.
 """
@@ -41,22 +42,13 @@ class DscDerivationError(RuntimeError):
 
 @dataclass(frozen=True)
 class BuildId:
-    """128-bit helper build id, split as the firmware's two UINT64 PCDs."""
+    """128-bit helper build id: the bytes of PcdMigrationHelperBuildId."""
 
     value: bytes
 
     @property
-    def low(self) -> int:
-        return int.from_bytes(self.value[:8], "little")
-
-    @property
-    def high(self) -> int:
-        return int.from_bytes(self.value[8:16], "little")
-
-    @property
     def hex(self) -> str:
-        """Same rendering as the firmware's log line: high half first."""
-        return f"{self.high:016x}{self.low:016x}"
+        return self.value.hex()
 
 
 def compute_build_id(package_dir: Path, target: str, upstream_dsc_text: str) -> BuildId:
@@ -112,10 +104,10 @@ def derive_platform_dsc(upstream_text: str, build_id: BuildId) -> str:
         next_section = re.search(r"^[ \t]*<", rest, re.MULTILINE)
         split = lib_header.end() + (next_section.start() if next_section else len(rest))
         added_libs = f"{entry}{CORE_LIB_LINE}\n{entry}{DETECTOR_LINE}\n"
+        id_bytes = ", ".join(f"0x{b:02X}" for b in build_id.value)
         added_pcds = (
             f"{inner}<PcdsFixedAtBuild>\n"
-            f"{entry}{PCD_SPACE}.PcdMigrationHelperBuildIdLow|0x{build_id.low:016X}\n"
-            f"{entry}{PCD_SPACE}.PcdMigrationHelperBuildIdHigh|0x{build_id.high:016X}\n"
+            f"{entry}{PCD_SPACE}.PcdMigrationHelperBuildId|{{{id_bytes}}}\n"
         )
         new_body = body[:split] + added_libs + body[split:] + added_pcds
         return f"{indent}OvmfPkg/Sec/SecMain.inf {{\n{new_body}{indent}}}"

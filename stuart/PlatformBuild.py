@@ -37,6 +37,9 @@ TARGETS = paths.TARGETS
 
 
 def _packages_path() -> list[str]:
+    # The derived DSC is written here during SetPlatformEnv; stuart checks
+    # that every packages path entry exists before that.
+    paths.PLATFORM_ROOT.mkdir(parents=True, exist_ok=True)
     return [str(paths.edk2_tree()), str(REPO_ROOT), str(paths.PLATFORM_ROOT)]
 
 

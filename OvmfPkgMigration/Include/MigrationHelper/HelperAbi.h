@@ -169,7 +169,9 @@ typedef struct {
 
 //
 // Image info: a constant record in the SEC module that tools find by its
-// GUID-shaped signature without running the image.
+// GUID-shaped signature without running the image. The build id is a PCD
+// that the platform DSC sets, so the record holds its address; SEC runs in
+// place, so that address maps into the SEC image at its preferred base.
 //
 #define OVMF_MH_IMAGE_INFO_SIGNATURE_LOW   0x48a0ae2726423d52
 #define OVMF_MH_IMAGE_INFO_SIGNATURE_HIGH  0xf27c70db82a48f0d
@@ -182,7 +184,7 @@ typedef struct {
   UINT16    AbiMajor;
   UINT16    AbiMinor;
   UINT64    Capabilities;
-  UINT8     BuildId[16];
+  UINT64    BuildIdAddress;                ///< Address of the 16-byte build id in the mapped image
   UINT8     RequestFwCfgName[OVMF_MH_FW_CFG_NAME_SIZE]; ///< NUL-terminated ASCII
   UINT64    SecretPageBase;                ///< OVMF_MH_SECRET_PAGE_BASE
   UINT64    MailboxMinBase;                ///< OVMF_MH_MAILBOX_MIN_BASE
@@ -208,8 +210,8 @@ STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, ResponseSeq) == 384, "Response
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, Result) == 392, "Result offset");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, CommandsServed) == 512, "counters offset");
 
-STATIC_ASSERT (sizeof (OVMF_MH_IMAGE_INFO) == 120, "OVMF_MH_IMAGE_INFO size");
-STATIC_ASSERT (OFFSET_OF (OVMF_MH_IMAGE_INFO, BuildId) == 32, "image BuildId offset");
-STATIC_ASSERT (OFFSET_OF (OVMF_MH_IMAGE_INFO, RequestFwCfgName) == 48, "fw_cfg name offset");
+STATIC_ASSERT (sizeof (OVMF_MH_IMAGE_INFO) == 112, "OVMF_MH_IMAGE_INFO size");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_IMAGE_INFO, BuildIdAddress) == 32, "image BuildIdAddress offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_IMAGE_INFO, RequestFwCfgName) == 40, "fw_cfg name offset");
 
 #endif

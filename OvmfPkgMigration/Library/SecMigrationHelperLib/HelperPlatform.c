@@ -9,6 +9,7 @@
 #include <IndustryStandard/I440FxPiix4.h>
 #include <IndustryStandard/Pci22.h>
 #include <IndustryStandard/Q35MchIch9.h>
+#include <Library/CpuLib.h>
 #include <Library/IoLib.h>
 #include <Library/PciLib.h>
 #include <Library/QemuFwCfgLib.h>

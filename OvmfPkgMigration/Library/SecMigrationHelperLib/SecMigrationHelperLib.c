@@ -14,10 +14,6 @@
 
 #include "SecMigrationHelperInternal.h"
 
-#define SEC_MH_BYTES_OF_64(Value) \
-  (UINT8)(Value), (UINT8)((Value) >> 8), (UINT8)((Value) >> 16), (UINT8)((Value) >> 24), \
-  (UINT8)((Value) >> 32), (UINT8)((Value) >> 40), (UINT8)((Value) >> 48), (UINT8)((Value) >> 56)
-
 ///
 /// Found by tools (ovmf-mh inspect) in the SEC image; read through a volatile
 /// pointer at run time so that the linker keeps it.
@@ -29,10 +25,7 @@ STATIC CONST OVMF_MH_IMAGE_INFO  mImageInfo = {
   OVMF_MH_ABI_MAJOR,
   OVMF_MH_ABI_MINOR,
   OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN,
-  {
-    SEC_MH_BYTES_OF_64 (FixedPcdGet64 (PcdMigrationHelperBuildIdLow)),
-    SEC_MH_BYTES_OF_64 (FixedPcdGet64 (PcdMigrationHelperBuildIdHigh))
-  },
+  (UINT64)(UINTN)FixedPcdGetPtr (PcdMigrationHelperBuildId),
   OVMF_MH_REQUEST_FW_CFG_NAME,
   OVMF_MH_SECRET_PAGE_BASE,
   OVMF_MH_MAILBOX_MIN_BASE
@@ -50,11 +43,13 @@ InternalReadBuildId (
   )
 {
   CONST volatile OVMF_MH_IMAGE_INFO  *Info;
+  CONST UINT8                        *Source;
   UINTN                              Index;
 
-  Info = &mImageInfo;
-  for (Index = 0; Index < sizeof (Info->BuildId); Index++) {
-    BuildId[Index] = Info->BuildId[Index];
+  Info   = &mImageInfo;
+  Source = (CONST UINT8 *)(UINTN)Info->BuildIdAddress;
+  for (Index = 0; Index < 16; Index++) {
+    BuildId[Index] = Source[Index];
   }
 }
 
@@ -169,13 +164,13 @@ InternalHelperRun (
   MigrationHelperPublishReady (&Private->Context);
 
   InternalHelperLog (
-    "ovmf-mh: READY: mailbox 0x%lx+0x%lx, guest window 0x%lx+0x%lx, build %016lx%016lx\n",
+    "ovmf-mh: READY: mailbox 0x%lx+0x%lx, guest window 0x%lx+0x%lx, build %02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x\n",
     Request.MailboxBase,
     Request.MailboxSize,
     Request.GuestWindowBase,
     Request.GuestWindowSize,
-    FixedPcdGet64 (PcdMigrationHelperBuildIdHigh),
-    FixedPcdGet64 (PcdMigrationHelperBuildIdLow)
+    BuildId[0], BuildId[1], BuildId[2], BuildId[3], BuildId[4], BuildId[5], BuildId[6], BuildId[7],
+    BuildId[8], BuildId[9], BuildId[10], BuildId[11], BuildId[12], BuildId[13], BuildId[14], BuildId[15]
     );
 
   InternalServeForever (Private);
