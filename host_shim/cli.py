@@ -1,0 +1,57 @@
+"""The ovmf-mh command line. Each subcommand lives in its own module and
+registers itself here through ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from host_shim.errors import OvmfMhError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
+    from host_shim.commands import boot_cmd, build_cmd, inspect_cmd
+
+    return [build_cmd.register, boot_cmd.register, inspect_cmd.register]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ovmf-mh",
+        description=(
+            "Build, inspect and drive the ovmf-mh migration helper: an OVMF image whose "
+            "SEC phase diverts into a page-encryption helper when QEMU asks through fw_cfg."
+        ),
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in _command_modules():
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="ovmf-mh: %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except OvmfMhError as exc:
+        print(f"ovmf-mh {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"ovmf-mh {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
