@@ -155,7 +155,7 @@ def parse_header(text: str, source: Path = Path("<string>")) -> Abi:
     layouts: dict[str, Layout] = {}
     code = _strip_comments(text)
 
-    for match in re.finditer(r"^\s*#define\s+(\w+)\s+(.+?)\s*$", code, re.MULTILINE):
+    for match in re.finditer(r"^[ \t]*#define[ \t]+(\w+)[ \t]+(.+?)[ \t]*$", code, re.MULTILINE):
         name, value = match.groups()
         if name.endswith("_H_"):
             continue

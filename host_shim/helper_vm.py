@@ -1,0 +1,146 @@
+"""Helper VMs: QEMU running the ovmf-mh firmware in helper mode.
+
+Memory layout (mirror-VM emulation, DESIGN.md): the helper VM's own RAM is
+a shared memory file the host maps; when the helper serves a guest, the
+guest's RAM file is a second NUMA node, so guest offset X appears at helper
+GPA own_ram_size + X. The fw_cfg request names the mailbox and that window.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from helper import abi
+from host_shim.errors import MailboxError, QemuError
+from host_shim.mailbox import Mailbox
+from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
+from host_shim.request import HelperRequest, fw_cfg_name
+
+MIB = 1024 * 1024
+DEFAULT_OWN_RAM = 64 * MIB
+DEFAULT_MAILBOX_SIZE = 16 * MIB
+
+
+@dataclass
+class HelperSpec:
+    firmware_code: Path
+    own_ram_size: int = DEFAULT_OWN_RAM
+    mailbox_size: int = DEFAULT_MAILBOX_SIZE
+    guest_ram: Path | None = None
+    request_override: bytes | None = None  # raw blob, for tests of bad requests
+
+    @property
+    def mailbox_base(self) -> int:
+        return abi.load().const("OVMF_MH_MAILBOX_MIN_BASE")
+
+    def request(self) -> HelperRequest:
+        window = self.guest_ram.stat().st_size if self.guest_ram else 0
+        return HelperRequest(
+            mailbox_base=self.mailbox_base,
+            mailbox_size=self.mailbox_size,
+            guest_window_base=self.own_ram_size if window else 0,
+            guest_window_size=window,
+        )
+
+
+class HelperVM:
+    """A helper VM with its own RAM mapped on the host. Context manager."""
+
+    def __init__(self, spec: HelperSpec, work_dir: Path, name: str = "helper") -> None:
+        self.spec = spec
+        self.work_dir = work_dir
+        self.name = name
+        self.own_ram = work_dir / "helper-own.ram"
+        self.request_file = work_dir / "request.bin"
+        self._file: Any = None
+        self._map: mmap.mmap | None = None
+        self.mailbox: Mailbox | None = None
+        self.ready_header: dict[str, Any] | None = None
+        memory = [MemoryBackend("own", self.own_ram, spec.own_ram_size)]
+        if spec.guest_ram is not None:
+            memory.append(MemoryBackend("guest", spec.guest_ram, spec.guest_ram.stat().st_size))
+        self.vm = QemuVM(
+            QemuConfig(
+                firmware_code=spec.firmware_code,
+                memory=memory,
+                numa=len(memory) > 1,
+                fw_cfg_files=[(fw_cfg_name(), self.request_file)],
+            ),
+            work_dir,
+            name,
+        )
+
+    def __enter__(self) -> HelperVM:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Create the RAM file and request, start QEMU; does not wait for READY."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        blob = self.spec.request_override or self.spec.request().encode()
+        self.request_file.write_bytes(blob)
+        # A fresh sparse file: all zero, so no stale mailbox can look READY.
+        self.own_ram.unlink(missing_ok=True)
+        with self.own_ram.open("wb") as f:
+            f.truncate(self.spec.own_ram_size)
+        self._file = self.own_ram.open("r+b")
+        self._map = mmap.mmap(self._file.fileno(), self.spec.own_ram_size)
+        self.mailbox = Mailbox(
+            self._map,
+            self.spec.mailbox_base,
+            self.spec.mailbox_size,
+            is_alive=self.vm.is_running,
+            debugcon=self.vm.logs.debugcon,
+        )
+        self.vm.start()
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        if self.mailbox is None:
+            raise QemuError(f"{self.name}: not started")
+        try:
+            self.ready_header = self.mailbox.wait_ready(timeout)
+        except MailboxError as exc:
+            exc.args = (f"{exc.args[0]}; QEMU logs in {self.work_dir}",)
+            raise
+        return self.ready_header
+
+    def shutdown(self, timeout: float = 10.0) -> int:
+        """Orderly shutdown through the mailbox; returns QEMU's exit code."""
+        if self.mailbox is None:
+            raise QemuError(f"{self.name}: not started")
+        self.mailbox.call("SHUTDOWN")
+        return self.vm.wait_exit(timeout)
+
+    @property
+    def memory(self) -> mmap.mmap:
+        if self._map is None:
+            raise QemuError(f"{self.name}: not started")
+        return self._map
+
+    def close(self) -> None:
+        self.vm.stop()
+        if self.mailbox is not None:
+            self.mailbox.release()
+        self.mailbox = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        # The RAM file holds nothing worth keeping once the VM is gone.
+        if self.own_ram.exists() and os.environ.get("OVMF_MH_KEEP_RAM") != "1":
+            self.own_ram.unlink()

@@ -1,0 +1,164 @@
+"""Host side of the helper mailbox (docs/mailbox.md).
+
+The mailbox lives in the helper VM's own RAM, which is a shared memory file
+the host maps. The host writes Command and Arg[] and then CommandSeq; the
+helper answers with Status and Result[] and then ResponseSeq. x86 keeps
+stores and loads in program order, and every access here is a single
+struct pack/unpack on the mapping, so no further fences are needed on x86
+hosts. Offsets come from the C header through helper.abi.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from helper import abi
+from host_shim.errors import HelperTimeout, MailboxError
+
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class Response:
+    command: str
+    status: int
+    results: tuple[int, ...]
+    seconds: float
+
+
+def status_name(status: int) -> str:
+    return abi.load().names_with_prefix("OVMF_MH_STATUS_").get(status, "UNKNOWN")
+
+
+def state_name(state: int) -> str:
+    return abi.load().names_with_prefix("OVMF_MH_STATE_").get(state, "UNKNOWN")
+
+
+def command_code(name: str) -> int:
+    return abi.load().const(f"OVMF_MH_CMD_{name.upper()}")
+
+
+class Mailbox:
+    """Client for one helper's mailbox in a host mapping of its RAM."""
+
+    def __init__(
+        self,
+        memory: Any,
+        base: int,
+        size: int,
+        *,
+        is_alive: Callable[[], bool] = lambda: True,
+        debugcon: Path | None = None,
+    ) -> None:
+        a = abi.load()
+        self._layout = a.layout("OVMF_MH_MAILBOX_HEADER")
+        if size < self._layout.size:
+            raise ValueError("mailbox smaller than its header")
+        self._whole = memoryview(memory)
+        self._view = self._whole[base : base + size]
+        self.size = size
+        self._is_alive = is_alive
+        self.debugcon = debugcon
+        self._seq = 0
+        self._off = {f.name: f.offset for f in self._layout.fields}
+
+    def release(self) -> None:
+        """Drop the views of the mapping so that it can be closed."""
+        self._view.release()
+        self._whole.release()
+
+    def header(self) -> dict[str, Any]:
+        return self._layout.unpack(self._view[: self._layout.size])
+
+    def _u32(self, field: str) -> int:
+        value: int = _U32.unpack_from(self._view, self._off[field])[0]
+        return value
+
+    def clear(self) -> None:
+        """Zero the header before the helper starts, so that stale contents of
+        the RAM file can never look like a READY helper."""
+        self._view[: self._layout.size] = bytes(self._layout.size)
+
+    def wait_published(self, timeout: float) -> dict[str, Any]:
+        """Wait until the helper publishes any state (READY, HALTED, FAULT...)."""
+        a = abi.load()
+        signature = a.const("OVMF_MH_MAILBOX_SIGNATURE")
+        deadline = time.monotonic() + timeout
+        while True:
+            header = self.header()
+            if header["Signature"] == signature and header["State"] != a.const("OVMF_MH_STATE_NONE"):
+                return header
+            if not self._is_alive():
+                raise MailboxError("helper VM exited before publishing its mailbox", log=self.debugcon)
+            if time.monotonic() > deadline:
+                raise HelperTimeout(
+                    f"helper did not publish its mailbox within {timeout:.1f} s", log=self.debugcon
+                )
+            time.sleep(0.002)
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        a = abi.load()
+        header = self.wait_published(timeout)
+        if header["State"] != a.const("OVMF_MH_STATE_READY"):
+            reason = header["HaltReason"]
+            raise MailboxError(
+                f"helper is {state_name(header['State'])}, not READY",
+                status=reason,
+                status_name=status_name(reason),
+                log=self.debugcon,
+            )
+        if header["AbiMajor"] != a.const("OVMF_MH_ABI_MAJOR"):
+            raise MailboxError(
+                f"helper speaks ABI {header['AbiMajor']}.{header['AbiMinor']}, this host "
+                f"{a.const('OVMF_MH_ABI_MAJOR')}.{a.const('OVMF_MH_ABI_MINOR')}",
+                log=self.debugcon,
+            )
+        self._seq = self._u32("ResponseSeq")
+        return header
+
+    def call(self, command: str, args: tuple[int, ...] = (), timeout: float = 10.0) -> Response:
+        """Post one command and wait for its response; raise MailboxError on a
+        non-success status, HelperTimeout when the helper does not answer."""
+        response = self.post_and_wait(command, args, timeout)
+        if response.status != abi.load().const("OVMF_MH_STATUS_SUCCESS"):
+            raise MailboxError(
+                "helper refused the command",
+                command=command,
+                status=response.status,
+                status_name=status_name(response.status),
+                log=self.debugcon,
+            )
+        return response
+
+    def post_and_wait(self, command: str, args: tuple[int, ...] = (), timeout: float = 10.0) -> Response:
+        a = abi.load()
+        count = a.const("OVMF_MH_ARG_COUNT")
+        if len(args) > count:
+            raise ValueError(f"at most {count} arguments")
+        code = command_code(command)
+        padded = tuple(args) + (0,) * (count - len(args))
+        struct.pack_into(f"<I{count}Q", self._view, self._off["Command"], code, *padded)
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        start = time.monotonic()
+        _U32.pack_into(self._view, self._off["CommandSeq"], self._seq)
+        deadline = start + timeout
+        spins = 0
+        while _U32.unpack_from(self._view, self._off["ResponseSeq"])[0] != self._seq:
+            spins += 1
+            if spins > 2000:
+                if not self._is_alive():
+                    raise MailboxError("helper VM exited while serving", command=command, log=self.debugcon)
+                if time.monotonic() > deadline:
+                    raise HelperTimeout(
+                        f"no response within {timeout:.1f} s", command=command, log=self.debugcon
+                    )
+                time.sleep(0.0001)
+        seconds = time.monotonic() - start
+        n = a.const("OVMF_MH_RESULT_COUNT")
+        status, *results = struct.unpack_from(f"<I{n}Q", self._view, self._off["Status"])
+        return Response(command, status, tuple(results), seconds)

@@ -1,0 +1,379 @@
+"""QEMU lifecycle over QMP.
+
+A :class:`QemuConfig` describes a VM; :class:`QemuVM` launches it with the
+command line built as a list, checks readiness over QMP (``qemu.qmp``), keeps
+every artefact in its work folder (command line, debugcon, serial, QMP and
+stderr logs) and shuts QEMU down by its own pid: softly over QMP first, then
+SIGKILL. It is a context manager, so a failing test still stops its QEMU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from host_shim.errors import QemuError, SetupError
+
+log = logging.getLogger(__name__)
+
+QEMU_BINARY = os.environ.get("OVMF_MH_QEMU", "qemu-system-x86_64")
+DEBUGCON_PORT = 0x402
+
+
+@dataclass(frozen=True)
+class MemoryBackend:
+    """A ``memory-backend-file`` with ``share=on``: the host can mmap it."""
+
+    backend_id: str
+    path: Path
+    size: int
+
+
+@dataclass
+class QemuConfig:
+    """Everything that decides a QEMU command line."""
+
+    firmware_code: Path
+    firmware_vars: Path | None = None  # copied into the work folder before use
+    machine: str = "q35"
+    accel: str = "tcg"
+    cpu: str = "max"
+    memory: list[MemoryBackend] = field(default_factory=list)
+    memory_mib: int = 256  # used only when ``memory`` is empty
+    numa: bool = False  # one NUMA node per backend (mirror-VM layout)
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    fw_cfg_files: list[tuple[str, Path]] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
+    incoming: str | None = None
+
+    def accel_name(self) -> str:
+        return self.accel
+
+
+@dataclass(frozen=True)
+class QemuLogs:
+    work_dir: Path
+
+    @property
+    def cmdline(self) -> Path:
+        return self.work_dir / "qemu-cmdline.txt"
+
+    @property
+    def debugcon(self) -> Path:
+        return self.work_dir / "debugcon.log"
+
+    @property
+    def serial(self) -> Path:
+        return self.work_dir / "serial.log"
+
+    @property
+    def qmp(self) -> Path:
+        return self.work_dir / "qmp.log"
+
+    @property
+    def stderr(self) -> Path:
+        return self.work_dir / "qemu-stderr.log"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.work_dir / "qmp.sock"
+
+    def as_dict(self) -> dict[str, Path]:
+        return {
+            "cmdline": self.cmdline,
+            "debugcon": self.debugcon,
+            "serial": self.serial,
+            "qmp": self.qmp,
+            "stderr": self.stderr,
+        }
+
+    def describe(self) -> str:
+        return "\n".join(f"  {name:9} {path}" for name, path in self.as_dict().items())
+
+
+def qemu_binary() -> str:
+    found = shutil.which(QEMU_BINARY)
+    if found is None:
+        raise SetupError(
+            f"{QEMU_BINARY} not found: install Debian's qemu-system-x86 (stuart/bootstrap.sh "
+            "does) or set OVMF_MH_QEMU to a QEMU binary"
+        )
+    return found
+
+
+def build_command(config: QemuConfig, logs: QemuLogs, vars_copy: Path | None) -> list[str]:
+    """The QEMU argument vector for a config (pure: no side effects)."""
+    argv = [
+        qemu_binary(),
+        "-machine",
+        f"{config.machine},accel={config.accel}",
+        "-cpu",
+        config.cpu,
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-user-config",
+        "-chardev",
+        f"socket,id=qmp,path={logs.qmp_socket},server=on,wait=off",
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-chardev",
+        f"file,id=debugcon,path={logs.debugcon}",
+        "-device",
+        f"isa-debugcon,iobase={DEBUGCON_PORT:#x},chardev=debugcon",
+        "-serial",
+        f"file:{logs.serial}",
+        "-drive",
+        f"if=pflash,format=raw,unit=0,file={config.firmware_code},readonly=on",
+    ]
+    if vars_copy is not None:
+        argv += ["-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
+    if config.memory:
+        total = sum(b.size for b in config.memory)
+        argv += ["-m", f"{total // (1024 * 1024)}M"]
+        for backend in config.memory:
+            argv += [
+                "-object",
+                f"memory-backend-file,id={backend.backend_id},size={backend.size},"
+                f"mem-path={backend.path},share=on",
+            ]
+        if config.numa:
+            for node, backend in enumerate(config.memory):
+                argv += ["-numa", f"node,nodeid={node},memdev={backend.backend_id}"]
+        else:
+            if len(config.memory) != 1:
+                raise ValueError("several memory backends need numa=True")
+            argv[2] += f",memory-backend={config.memory[0].backend_id}"
+    else:
+        argv += ["-m", f"{config.memory_mib}M"]
+    if config.kernel is not None:
+        argv += ["-kernel", str(config.kernel)]
+    if config.initrd is not None:
+        argv += ["-initrd", str(config.initrd)]
+    if config.append is not None:
+        argv += ["-append", config.append]
+    for name, path in config.fw_cfg_files:
+        argv += ["-fw_cfg", f"name={name},file={path}"]
+    if config.incoming is not None:
+        argv += ["-incoming", config.incoming]
+    argv += config.extra_args
+    return argv
+
+
+class QemuVM:
+    """One QEMU process. Use as a context manager, or call start()/stop()."""
+
+    def __init__(self, config: QemuConfig, work_dir: Path, name: str = "vm") -> None:
+        self.config = config
+        self.name = name
+        self.work_dir = work_dir
+        self.logs = QemuLogs(work_dir)
+        self.argv: list[str] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._qmp_log: Any = None
+        self.started_at: float | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def __enter__(self) -> QemuVM:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def error(self, message: str) -> QemuError:
+        return QemuError(
+            f"{self.name}: {message}",
+            command=self.argv,
+            exit_code=self.exit_code(),
+            logs=self.logs.as_dict(),
+        )
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Launch QEMU and wait until QMP answers ``query-status``."""
+        if not self.config.firmware_code.is_file():
+            raise SetupError(
+                f"firmware image {self.config.firmware_code} not found; build it with "
+                "'ovmf-mh build' or pass an existing OVMF image"
+            )
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.logs.debugcon, self.logs.serial, self.logs.qmp_socket):
+            stale.unlink(missing_ok=True)
+        vars_copy = None
+        if self.config.firmware_vars is not None:
+            vars_copy = self.work_dir / "vars.fd"
+            shutil.copyfile(self.config.firmware_vars, vars_copy)
+        self.argv = build_command(self.config, self.logs, vars_copy)
+        self.logs.cmdline.write_text(shlex.join(self.argv) + "\n")
+        self._qmp_log = self.logs.qmp.open("w")
+        stderr = self.logs.stderr.open("wb")
+        log.debug("%s: starting %s", self.name, shlex.join(self.argv))
+        self.started_at = time.monotonic()
+        self._proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        stderr.close()
+        try:
+            self._connect_qmp(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _connect_qmp(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.exit_code() is not None:
+                raise self.error("QEMU exited during start-up")
+            if self.logs.qmp_socket.exists():
+                qmp = QEMUMonitorProtocol(str(self.logs.qmp_socket))
+                try:
+                    qmp.connect()
+                except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                    last_error = exc
+                    qmp.close()
+                else:
+                    self._qmp = qmp
+                    self.qmp("query-status")
+                    return
+            time.sleep(0.02)
+        raise self.error(f"QMP did not answer within {timeout:.0f} s ({last_error})")
+
+    def qmp(self, command: str, **arguments: object) -> Any:
+        """Run a QMP command; log it and its answer to qmp.log."""
+        if self._qmp is None:
+            raise self.error(f"QMP is not connected (command {command})")
+        self._log_qmp(">", {"execute": command, "arguments": arguments})
+        try:
+            result = self._qmp.cmd(command, **arguments)
+        except Exception as exc:
+            self._log_qmp("!", {"error": str(exc)})
+            raise self.error(f"QMP command {command} failed: {exc}") from exc
+        self._log_qmp("<", {"return": result})
+        for event in self.events():
+            self._log_qmp("*", event)
+        return result
+
+    def events(self) -> list[dict[str, Any]]:
+        if self._qmp is None:
+            return []
+        try:
+            return [dict(e) for e in self._qmp.get_events(wait=False)]
+        except Exception:  # noqa: BLE001 - a closed monitor has no events
+            return []
+
+    def _log_qmp(self, direction: str, message: object) -> None:
+        if self._qmp_log is not None and not self._qmp_log.closed:
+            stamp = time.monotonic() - (self.started_at or 0.0)
+            self._qmp_log.write(f"{stamp:9.3f} {direction} {json.dumps(message, default=str)}\n")
+            self._qmp_log.flush()
+
+    def exit_code(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for QEMU to exit by itself; raise QemuError on timeout."""
+        if self._proc is None:
+            raise self.error("QEMU was never started")
+        try:
+            return self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise self.error(f"QEMU did not exit within {timeout:.0f} s") from None
+
+    def stop(self, soft_timeout: float = 5.0) -> int | None:
+        """Shut QEMU down: QMP 'quit', then SIGKILL to its own pid."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None and self._qmp is not None:
+            with suppress(Exception):
+                self._log_qmp(">", {"execute": "quit"})
+                self._qmp.cmd("quit")
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=soft_timeout)
+        if proc is not None and proc.poll() is None:
+            log.warning("%s: QEMU pid %d did not quit; killing it", self.name, proc.pid)
+            with suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        if self._qmp is not None:
+            with suppress(Exception):
+                self._qmp.close()
+            self._qmp = None
+        if self._qmp_log is not None:
+            self._qmp_log.close()
+        return proc.returncode if proc is not None else None
+
+    # -- logs ---------------------------------------------------------------
+
+    def debugcon_text(self) -> str:
+        return _read_text(self.logs.debugcon)
+
+    def serial_text(self) -> str:
+        return _read_text(self.logs.serial)
+
+    def wait_for_log(
+        self, path: Path, needle: str, timeout: float, poll: float = 0.05
+    ) -> float | None:
+        """Seconds since start until ``needle`` appeared in a log, or None if
+        QEMU exited or the timeout passed first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if needle in _read_text(path):
+                return time.monotonic() - (self.started_at or 0.0)
+            if not self.is_running() or time.monotonic() > deadline:
+                return None
+            time.sleep(poll)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def tail(path: Path, lines: int = 20) -> Iterator[str]:
+    text = _read_text(path).splitlines()
+    yield from text[-lines:]
+
+
+def describe_failure(vm: QemuVM) -> str:
+    """Paths of the VM's artefacts, for error messages and test failures."""
+    return f"QEMU {vm.name} artefacts in {vm.work_dir}:\n{vm.logs.describe()}"
+
+
+def format_argv(argv: Sequence[str]) -> str:
+    return shlex.join(argv)
