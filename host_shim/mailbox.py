@@ -59,6 +59,8 @@ class Mailbox:
         self._layout = a.layout("OVMF_MH_MAILBOX_HEADER")
         if size < self._layout.size:
             raise ValueError("mailbox smaller than its header")
+        if base < 0 or base + size > len(memory):
+            raise ValueError(f"mailbox {base:#x}+{size:#x} lies outside the mapping")
         self._whole = memoryview(memory)
         self._view = self._whole[base : base + size]
         self.size = size

@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import suppress
@@ -90,10 +91,6 @@ class QemuLogs:
     def stderr(self) -> Path:
         return self.work_dir / "qemu-stderr.log"
 
-    @property
-    def qmp_socket(self) -> Path:
-        return self.work_dir / "qmp.sock"
-
     def as_dict(self) -> dict[str, Path]:
         return {
             "cmdline": self.cmdline,
@@ -117,7 +114,9 @@ def qemu_binary() -> str:
     return found
 
 
-def build_command(config: QemuConfig, logs: QemuLogs, vars_copy: Path | None) -> list[str]:
+def build_command(
+    config: QemuConfig, logs: QemuLogs, vars_copy: Path | None, qmp_socket: Path
+) -> list[str]:
     """The QEMU argument vector for a config (pure: no side effects)."""
     argv = [
         qemu_binary(),
@@ -130,7 +129,7 @@ def build_command(config: QemuConfig, logs: QemuLogs, vars_copy: Path | None) ->
         "none",
         "-no-user-config",
         "-chardev",
-        f"socket,id=qmp,path={logs.qmp_socket},server=on,wait=off",
+        f"socket,id=qmp,path={qmp_socket},server=on,wait=off",
         "-mon",
         "chardev=qmp,mode=control",
         "-chardev",
@@ -189,6 +188,9 @@ class QemuVM:
         self._qmp: QEMUMonitorProtocol | None = None
         self._qmp_log: Any = None
         self.started_at: float | None = None
+        # AF_UNIX paths are limited to 108 bytes; work folders can be deeper.
+        self._socket_dir: Path | None = None
+        self.qmp_socket = Path()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -224,13 +226,15 @@ class QemuVM:
                 "'ovmf-mh build' or pass an existing OVMF image"
             )
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.logs.debugcon, self.logs.serial, self.logs.qmp_socket):
+        for stale in (self.logs.debugcon, self.logs.serial):
             stale.unlink(missing_ok=True)
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="ovmf-mh-qmp-"))
+        self.qmp_socket = self._socket_dir / "qmp.sock"
         vars_copy = None
         if self.config.firmware_vars is not None:
             vars_copy = self.work_dir / "vars.fd"
             shutil.copyfile(self.config.firmware_vars, vars_copy)
-        self.argv = build_command(self.config, self.logs, vars_copy)
+        self.argv = build_command(self.config, self.logs, vars_copy, self.qmp_socket)
         self.logs.cmdline.write_text(shlex.join(self.argv) + "\n")
         self._qmp_log = self.logs.qmp.open("w")
         stderr = self.logs.stderr.open("wb")
@@ -256,8 +260,8 @@ class QemuVM:
         while time.monotonic() < deadline:
             if self.exit_code() is not None:
                 raise self.error("QEMU exited during start-up")
-            if self.logs.qmp_socket.exists():
-                qmp = QEMUMonitorProtocol(str(self.logs.qmp_socket))
+            if self.qmp_socket.exists():
+                qmp = QEMUMonitorProtocol(str(self.qmp_socket))
                 try:
                     qmp.connect()
                 except Exception as exc:  # noqa: BLE001 - retried until the deadline
@@ -334,6 +338,9 @@ class QemuVM:
             self._qmp = None
         if self._qmp_log is not None:
             self._qmp_log.close()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
         return proc.returncode if proc is not None else None
 
     # -- logs ---------------------------------------------------------------

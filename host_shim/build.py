@@ -1,0 +1,129 @@
+"""Build the ovmf-mh firmware through stuart, or reuse an up-to-date build."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from host_shim import paths, platform_dsc
+from host_shim.errors import BuildError
+
+log = logging.getLogger(__name__)
+
+PLATFORM_BUILD = paths.REPO_ROOT / "stuart" / "PlatformBuild.py"
+# stuart console lines worth showing while a build runs.
+_PROGRESS_PREFIXES = ("PROGRESS", "SECTION", "ERROR", "CRITICAL", "WARNING")
+
+
+def _stuart(tool: str) -> str:
+    return str(Path(sys.executable).parent / tool)
+
+
+def _run_logged(argv: list[str], log_path: Path, show_progress: bool, cwd: Path) -> None:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with log_path.open("w") as out:
+        out.write("$ " + " ".join(argv) + "\n")
+        proc = subprocess.Popen(
+            argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            if line.startswith(("ERROR", "CRITICAL")):
+                errors.append(line.rstrip())
+            if show_progress and line.startswith(_PROGRESS_PREFIXES):
+                print(f"  {line.rstrip()}", file=sys.stderr, flush=True)
+        code = proc.wait()
+    if code != 0:
+        summary = "; ".join(errors[:5]) or f"exit code {code}"
+        raise BuildError(f"{Path(argv[0]).name} failed: {summary}", command=argv, log=log_path)
+
+
+def ensure_basetools(edk2: Path, show_progress: bool) -> None:
+    """Build EDK2's C BaseTools once (about a minute)."""
+    if (edk2 / "BaseTools" / "Source" / "C" / "bin" / "GenFw").is_file():
+        return
+    if show_progress:
+        print("  building EDK2 BaseTools (once, about a minute)", file=sys.stderr, flush=True)
+    _run_logged(
+        ["make", "-C", str(edk2 / "BaseTools"), f"-j{os.cpu_count() or 2}"],
+        paths.BUILD_ROOT / "basetools.log",
+        False,
+        paths.REPO_ROOT,
+    )
+
+
+def _inputs_digest(target: str, edk2: Path) -> str:
+    upstream = (edk2 / platform_dsc.UPSTREAM_DSC).read_text()
+    build_id = platform_dsc.compute_build_id(paths.PACKAGE_DIR, target, upstream)
+    digest = hashlib.sha256(build_id.value)
+    digest.update(str(edk2).encode())
+    for script in (PLATFORM_BUILD, Path(platform_dsc.__file__)):
+        digest.update(script.read_bytes())
+    return digest.hexdigest()
+
+
+def _stamp_path(target: str) -> Path:
+    return paths.firmware_dir(target).parent / "ovmf-mh-build.json"
+
+
+def build_firmware(target: str = "DEBUG", *, force: bool = False, show_progress: bool = True) -> Path:
+    """Return the path of OVMF_CODE.fd for ``target``, building it if needed."""
+    if target not in paths.TARGETS:
+        raise ValueError(f"target must be one of {paths.TARGETS}")
+    edk2 = paths.edk2_tree()
+    code = paths.firmware_code(target)
+    digest = _inputs_digest(target, edk2)
+    stamp = _stamp_path(target)
+    if not force and code.is_file() and stamp.is_file():
+        recorded = json.loads(stamp.read_text())
+        if recorded.get("inputs") == digest:
+            log.info("firmware %s is up to date (build id %s)", target, recorded.get("build_id"))
+            return code
+
+    ensure_basetools(edk2, show_progress)
+    ready = paths.BUILD_ROOT / ".stuart-ready"
+    if not ready.is_file() or ready.read_text() != str(edk2):
+        for tool in ("stuart_setup", "stuart_update"):
+            _run_logged(
+                [_stuart(tool), "-c", str(PLATFORM_BUILD)],
+                paths.BUILD_ROOT / f"{tool}.log",
+                show_progress,
+                paths.REPO_ROOT,
+            )
+        ready.write_text(str(edk2))
+
+    started = time.monotonic()
+    build_log = paths.BUILD_ROOT / f"ovmf-mh-build-{target}.log"
+    stamp.unlink(missing_ok=True)
+    _run_logged(
+        [_stuart("stuart_build"), "-c", str(PLATFORM_BUILD), f"TARGET={target}"],
+        build_log,
+        show_progress,
+        paths.REPO_ROOT,
+    )
+    if not code.is_file():
+        raise BuildError(f"build finished but {code} is missing", command=["stuart_build"], log=build_log)
+    upstream = (edk2 / platform_dsc.UPSTREAM_DSC).read_text()
+    build_id = platform_dsc.compute_build_id(paths.PACKAGE_DIR, target, upstream)
+    stamp.write_text(
+        json.dumps(
+            {
+                "inputs": digest,
+                "build_id": build_id.hex,
+                "target": target,
+                "edk2": str(edk2),
+                "seconds": round(time.monotonic() - started, 1),
+            },
+            indent=2,
+        )
+    )
+    log.info("built %s in %.0f s (build id %s)", code, time.monotonic() - started, build_id.hex)
+    return code

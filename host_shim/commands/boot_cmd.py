@@ -1,0 +1,41 @@
+"""ovmf-mh boot: boot an image under QEMU and report what it reached."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from host_shim.boot import BootMode, boot_image, resolve_image
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser(
+        "boot",
+        help="boot an image in QEMU (normal or helper mode) and report what it reached",
+        description=(
+            "normal: boot the real guest (Debian cloud kernel + busybox initramfs) with no "
+            "helper request; succeeds when the guest reaches userspace. helper: pass the "
+            "fw_cfg helper request; succeeds when the helper publishes READY without "
+            "reaching PEI, answers QUERY and powers off on SHUTDOWN. Exit 0 only on success. "
+            "QEMU runs under TCG; its command line and logs stay in the work folder."
+        ),
+    )
+    parser.add_argument("--mode", choices=[m.value for m in BootMode], required=True)
+    parser.add_argument("--image", type=Path, help="OVMF code image (default: the DEBUG build)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    parser.add_argument("--work-dir", type=Path, help="folder for QEMU logs (default: a new temp folder)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    image = resolve_image(args.image)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix=f"ovmf-mh-boot-{args.mode}-"))
+    outcome = boot_image(image, BootMode(args.mode), work.resolve(), args.timeout)
+    if args.json:
+        print(json.dumps(outcome.as_json(), indent=2))
+    else:
+        print("\n".join(outcome.describe()))
+    return 0 if outcome.ok else 1

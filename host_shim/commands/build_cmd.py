@@ -1,0 +1,34 @@
+"""ovmf-mh build: build the firmware through stuart."""
+
+from __future__ import annotations
+
+import argparse
+
+from host_shim import paths
+from host_shim.build import build_firmware
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser(
+        "build",
+        help="build the OVMF image with the migration helper (stuart)",
+        description=(
+            "Build OVMF X64 with the ovmf-mh SEC helper through stuart "
+            "(stuart/PlatformBuild.py), or reuse the existing build when its inputs "
+            "(helper sources, target, upstream DSC, build scripts) are unchanged. "
+            "The EDK2 tree is $EDK2_PATH or Debian's edk2 source package fetched by "
+            "stuart/bootstrap.sh. Progress goes to stderr; the build log is kept in "
+            "Build/ovmf-mh-build-TARGET.log. The last line of stdout is the absolute "
+            "path of OVMF_CODE.fd."
+        ),
+    )
+    parser.add_argument("--target", choices=paths.TARGETS, default="DEBUG", help="EDK2 build target")
+    parser.add_argument("--force", action="store_true", help="run stuart even when up to date")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    code = build_firmware(args.target, force=args.force, show_progress=not args.quiet)
+    print(code.resolve())
+    return 0

@@ -1,0 +1,133 @@
+"""``ovmf-mh inspect IMAGE [--json]``: what a firmware image contains, read
+from the file without running it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from host_shim.inspect_image import ImageReport, inspect_image
+
+DESCRIPTION = """\
+Read an OVMF flash image (OVMF_CODE.fd, or the combined OVMF.fd) without running
+it and report:
+
+  - its firmware volumes: offset, size, file system and name GUIDs, number of
+    files, including the volumes nested in LZMA-compressed sections;
+  - its SEC module: file GUID, PE32/TE, image base, whether it is linked to run
+    in place at its flash address;
+  - whether the SEC module carries the ovmf-mh migration helper (the
+    OVMF_MH_IMAGE_INFO record of HelperAbi.h) and, if so, the helper ABI
+    version, capabilities, build id, the fw_cfg file name the helper reacts to,
+    the launch-secret page base and the lowest address allowed for the mailbox.
+
+Exit status: 0 for a firmware image, with or without the helper (the report
+says which); 2 when the file is not a firmware image this tool understands
+(missing, empty, truncated, corrupt); 1 for other errors.
+"""
+
+EPILOG = """\
+examples:
+  ovmf-mh inspect Build/OvmfMhX64/DEBUG_GCC5/FV/OVMF_CODE.fd
+  ovmf-mh inspect --json /usr/share/OVMF/OVMF_CODE_4M.fd | jq .helper_present
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser(
+        "inspect",
+        help="report the firmware volumes, SEC module and migration helper of an image",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("image", type=Path, metavar="IMAGE", help="firmware image file (.fd)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as one JSON object (format 'ovmf-mh-inspect/1') instead of text",
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``ovmf-mh inspect``. ImageFormatError (exit code 2) propagates
+    to the dispatcher, which prints it."""
+    report = inspect_image(args.image)
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_report(report, sys.stdout)
+    return 0
+
+
+def _hex(value: int | None, width: int = 8) -> str:
+    return "-" if value is None else f"{value:#0{width + 2}x}"
+
+
+def print_report(report: ImageReport, out: TextIO) -> None:
+    def line(text: str = "") -> None:
+        out.write(text + "\n")
+
+    line(f"Image: {report.path} ({report.size} bytes)")
+    line()
+    line(f"Firmware volumes ({len(report.firmware_volumes)}):")
+    line(f"  {'#':>2}  {'where':<22} {'size':>10}  {'fs':<17} {'files':>5}  name GUID")
+    for fv in report.firmware_volumes:
+        if fv.in_flash:
+            where = f"file+{fv.offset:#x}"
+        else:
+            where = f"in #{fv.parent} +{fv.offset:#x}"
+        files = "-" if fv.file_count is None else str(fv.file_count)
+        line(
+            f"  {fv.index:>2}  {where:<22} {fv.size:>#10x}  {fv.file_system:<17} "
+            f"{files:>5}  {fv.name_guid or '-'}"
+        )
+        if not fv.in_flash:
+            line(f"      {'':<22} file {fv.container_file}: {fv.encapsulation}")
+    line()
+
+    sec = report.sec
+    if sec is None:
+        line("SEC module: not found (no SECURITY_CORE file with a PE32/TE section)")
+    else:
+        name = " (OvmfPkg/Sec/SecMain)" if sec.is_ovmf_sec_main else ""
+        line(f"SEC module: {sec.file_guid}{name} in volume #{sec.volume}")
+        line(f"  image:             {sec.image_format}, {sec.image_size:#x} bytes")
+        xip = {
+            True: "runs in place at its flash address",
+            False: f"NOT at its flash address {_hex(sec.flash_address)}",
+            None: "flash address unknown",
+        }[sec.executes_in_place]
+        line(f"  image base:        {_hex(sec.image_base)} ({xip})")
+    line()
+
+    helper = report.helper
+    if helper is None:
+        if sec is None:
+            line("Migration helper: absent (no SEC module to carry it)")
+        else:
+            line("Migration helper: absent (no OVMF_MH_IMAGE_INFO record in the SEC module)")
+    else:
+        support = "" if helper.abi_supported else " (not readable by this tool)"
+        line(f"Migration helper: present (OVMF_MH_IMAGE_INFO at SEC RVA {helper.record_rva:#x})")
+        line(
+            f"  ABI version:       {helper.abi_major}.{helper.abi_minor}{support} "
+            f"(this tool: {report.tool_abi_major}.{report.tool_abi_minor})"
+        )
+        if helper.abi_supported:
+            names = ", ".join(helper.capability_names) or "none"
+            line(f"  capabilities:      {_hex(helper.capabilities, 1)} ({names})")
+            line(f"  build id:          {helper.build_id} (at {_hex(helper.build_id_address)})")
+            line(f"  fw_cfg request:    {', '.join(helper.fw_cfg_names)}")
+            line(f"  secret page base:  {_hex(helper.secret_page_base)}")
+            line(f"  mailbox min base:  {_hex(helper.mailbox_min_base)}")
+    if report.notes:
+        line()
+        line("Notes:")
+        for note in report.notes:
+            line(f"  - {note}")

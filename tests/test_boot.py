@@ -1,0 +1,149 @@
+"""Boot tests under QEMU TCG against the image `ovmf-mh build` produced."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from helper import abi
+from host_shim.boot import DIVERSION_MARKER, PEI_MARKERS, BootMode, boot_image
+from host_shim.helper_vm import MIB, HelperSpec, HelperVM
+from host_shim.mailbox import state_name, status_name
+from host_shim.request import HelperRequest
+
+pytestmark = pytest.mark.qemu
+
+A = abi.load()
+MIN_BASE = A.const("OVMF_MH_MAILBOX_MIN_BASE")
+READY_BOUND_S = 10.0
+
+
+def test_normal_boot_reaches_guest_userspace(firmware: Path, work_dir: Path) -> None:
+    outcome = boot_image(firmware, BootMode.NORMAL, work_dir, timeout=120)
+    assert outcome.ok, "\n".join(outcome.describe())
+    debugcon = outcome.logs.debugcon.read_text()
+    assert DIVERSION_MARKER not in debugcon
+    assert "Loading PEIM" in debugcon, "a normal boot goes through PEI"
+
+
+def test_helper_mode_ready_without_pei_and_orderly_shutdown(firmware: Path, work_dir: Path) -> None:
+    with HelperVM(HelperSpec(firmware), work_dir) as helper:
+        header = helper.wait_ready(READY_BOUND_S)
+        assert header["State"] == A.const("OVMF_MH_STATE_READY")
+        assert header["HeaderSize"] == A.const("OVMF_MH_MAILBOX_HEADER_SIZE")
+        assert header["Capabilities"] & A.const("OVMF_MH_CAP_SHUTDOWN")
+        assert bytes(header["BuildId"]) != bytes(16)
+        assert helper.mailbox is not None
+        query = helper.mailbox.call("QUERY")
+        assert query.results[0] == (A.const("OVMF_MH_ABI_MAJOR") << 16) | A.const("OVMF_MH_ABI_MINOR")
+        unknown = helper.mailbox.post_and_wait("NOP", ())
+        assert unknown.status == A.const("OVMF_MH_STATUS_SUCCESS")
+        exit_code = helper.shutdown(timeout=30)
+        assert exit_code == 0
+        assert helper.mailbox.header()["State"] == A.const("OVMF_MH_STATE_SHUTDOWN")
+        debugcon = helper.vm.debugcon_text()
+    assert DIVERSION_MARKER in debugcon
+    assert "shutdown requested" in debugcon
+    assert not [m for m in PEI_MARKERS if m in debugcon], debugcon
+
+
+def test_unknown_command_gets_error_status(firmware: Path, work_dir: Path) -> None:
+    with HelperVM(HelperSpec(firmware), work_dir) as helper:
+        helper.wait_ready(READY_BOUND_S)
+        assert helper.mailbox is not None
+        # Post a command code the ABI does not define, bypassing name lookup.
+        view = memoryview(helper.memory)
+        layout = A.layout("OVMF_MH_MAILBOX_HEADER")
+        base = helper.spec.mailbox_base
+        view[base + layout.offset("Command") : base + layout.offset("Command") + 4] = (
+            0xDEAD).to_bytes(4, "little")
+        view[base + layout.offset("CommandSeq") : base + layout.offset("CommandSeq") + 4] = (
+            (1).to_bytes(4, "little"))
+        view.release()
+        header = helper.mailbox.wait_published(1)
+        for _ in range(1000):
+            header = helper.mailbox.header()
+            if header["ResponseSeq"] == 1:
+                break
+        assert header["ResponseSeq"] == 1
+        assert status_name(header["Status"]) == "UNSUPPORTED"
+        assert helper.mailbox.header()["State"] == A.const("OVMF_MH_STATE_READY")
+
+
+def _blob(**overrides: int) -> bytes:
+    request = HelperRequest(mailbox_base=MIN_BASE, mailbox_size=16 * MIB)
+    fields = {
+        "Signature": A.const("OVMF_MH_REQUEST_SIGNATURE"),
+        "Version": A.const("OVMF_MH_REQUEST_VERSION"),
+        "Size": A.layout("OVMF_MH_REQUEST").size,
+        "MailboxBase": request.mailbox_base,
+        "MailboxSize": request.mailbox_size,
+    }
+    fields.update(overrides)
+    return A.layout("OVMF_MH_REQUEST").pack(**fields)
+
+
+GOOD = _blob()
+# (id, blob, expected reason, whether the mailbox was usable, own RAM MiB, guest MiB)
+BAD_REQUESTS = [
+    ("short-blob", GOOD[:-1], "REQUEST_SIZE", False, 64, 0),
+    ("long-blob", GOOD + b"\0", "REQUEST_SIZE", False, 64, 0),
+    ("size-field", _blob(Size=40), "REQUEST_SIZE", False, 64, 0),
+    ("signature", _blob(Signature=0x12345678), "REQUEST_SIGNATURE", False, 64, 0),
+    ("version", _blob(Version=2), "REQUEST_VERSION", False, 64, 0),
+    ("flags", _blob(Flags=1), "REQUEST_FLAGS", False, 64, 0),
+    ("mailbox-misaligned", _blob(MailboxBase=MIN_BASE + 0x800), "MAILBOX_ALIGNMENT", False, 64, 0),
+    ("mailbox-too-small", _blob(MailboxSize=0x1000), "MAILBOX_SIZE", False, 64, 0),
+    ("mailbox-over-sec-memory", _blob(MailboxBase=0x800000, MailboxSize=0x10000), "MAILBOX_RESERVED", False, 64, 0),
+    ("mailbox-past-ram", _blob(MailboxBase=56 * MIB, MailboxSize=16 * MIB), "MAILBOX_NOT_RAM", False, 64, 0),
+    ("mailbox-wraps", _blob(MailboxBase=0xFFFFFFFFFFFFF000, MailboxSize=0x2000), "MAILBOX_NOT_RAM", False, 64, 0),
+    ("helper-ram-too-small", GOOD, "HELPER_RAM", False, 16, 0),
+    ("window-misaligned", _blob(GuestWindowBase=64 * MIB + 8, GuestWindowSize=32 * MIB), "WINDOW_ALIGNMENT", True, 64, 32),
+    ("window-over-mailbox", _blob(GuestWindowBase=MIN_BASE, GuestWindowSize=32 * MIB), "WINDOW_OVERLAP", True, 64, 32),
+    ("window-past-ram", _blob(GuestWindowBase=64 * MIB, GuestWindowSize=64 * MIB), "WINDOW_NOT_RAM", True, 64, 32),
+]
+
+
+@pytest.mark.parametrize(
+    ("blob", "reason", "mailbox_usable", "own_mib", "guest_mib"),
+    [pytest.param(*case[1:], id=case[0]) for case in BAD_REQUESTS],
+)
+def test_malformed_request_is_refused(
+    firmware: Path,
+    work_dir: Path,
+    blob: bytes,
+    reason: str,
+    mailbox_usable: bool,
+    own_mib: int,
+    guest_mib: int,
+) -> None:
+    guest_ram = None
+    if guest_mib:
+        guest_ram = work_dir / "guest.ram"
+        guest_ram.write_bytes(bytes(range(256)) * (guest_mib * MIB // 256))
+    before = hashlib.sha256(guest_ram.read_bytes()).hexdigest() if guest_ram else None
+    spec = HelperSpec(firmware, own_ram_size=own_mib * MIB, guest_ram=guest_ram, request_override=blob)
+    with HelperVM(spec, work_dir) as helper:
+        seconds = helper.vm.wait_for_log(helper.vm.logs.debugcon, "request rejected", timeout=15)
+        assert seconds is not None, "no rejection logged"
+        debugcon = helper.vm.debugcon_text()
+        assert f"request rejected: {reason}" in debugcon
+        # The helper halts: QEMU stays up, never reaches PEI nor boots anything.
+        assert helper.vm.is_running()
+        assert not [m for m in PEI_MARKERS if m in debugcon]
+        if helper.mailbox is None:
+            # The requested mailbox lies beyond the helper's RAM altogether.
+            assert not mailbox_usable
+            return
+        header = helper.mailbox.header()
+        if mailbox_usable:
+            assert state_name(header["State"]) == "HALTED"
+            assert status_name(header["HaltReason"]) == reason
+        else:
+            # The requested mailbox was not usable: the helper wrote nothing there.
+            assert header["Signature"] == 0 and header["State"] == 0
+        assert helper.vm.serial_text() == ""
+    if guest_ram is not None:
+        assert hashlib.sha256(guest_ram.read_bytes()).hexdigest() == before, "guest RAM changed"
