@@ -483,9 +483,17 @@ class _Walker:
                 )
             elif section_type == EFI_SECTION_GUID_DEFINED:
                 self._guided_section(
-                    buf, offset, header_size, body_end, where,
-                    file_guid, file_type, volume, chain, depth,
-                )  # fmt: skip
+                    buf,
+                    offset,
+                    header_size,
+                    body_end,
+                    where,
+                    file_guid,
+                    file_type,
+                    volume,
+                    chain,
+                    depth,
+                )
             offset = start + _align(offset + size - start, 4)
 
     def _compression_section(
@@ -503,10 +511,15 @@ class _Walker:
         _length, compression = _unpack("<IB", buf.data[:body_end], body, where)
         if compression == 0:  # EFI_NOT_COMPRESSED
             self.walk_sections(
-                buf, body + 5, body_end,
-                file_guid=file_guid, file_type=file_type, volume=volume,
-                chain=(*chain, "compression section (none)"), depth=depth,
-            )  # fmt: skip
+                buf,
+                body + 5,
+                body_end,
+                file_guid=file_guid,
+                file_type=file_type,
+                volume=volume,
+                chain=(*chain, "compression section (none)"),
+                depth=depth,
+            )
         else:
             self.notes.append(
                 f"{where}: EFI-compressed section (type {compression}) not decoded; "
@@ -538,16 +551,26 @@ class _Walker:
         if guid == LZMA_SECTION_GUID:
             inner = self._lzma(data[payload_start:end], where)
             self.walk_sections(
-                _Buffer(inner, None), 0, len(inner),
-                file_guid=file_guid, file_type=file_type, volume=volume,
-                chain=(*chain, f"{name} section"), depth=depth + 1,
-            )  # fmt: skip
+                _Buffer(inner, None),
+                0,
+                len(inner),
+                file_guid=file_guid,
+                file_type=file_type,
+                volume=volume,
+                chain=(*chain, f"{name} section"),
+                depth=depth + 1,
+            )
         elif not attributes & EFI_GUIDED_SECTION_PROCESSING_REQUIRED:
             self.walk_sections(
-                buf, payload_start, end,
-                file_guid=file_guid, file_type=file_type, volume=volume,
-                chain=(*chain, f"{name} section"), depth=depth + 1,
-            )  # fmt: skip
+                buf,
+                payload_start,
+                end,
+                file_guid=file_guid,
+                file_type=file_type,
+                volume=volume,
+                chain=(*chain, f"{name} section"),
+                depth=depth + 1,
+            )
         else:
             self.notes.append(
                 f"{where}: {name} GUID-defined section ({guid}) not decoded; "
@@ -619,7 +642,7 @@ def _map_sec_image(candidate: _SecCandidate) -> _MappedImage:
     data = candidate.data
     what = f"SEC module {candidate.file_guid}"
     if candidate.kind == EFI_SECTION_TE:
-        signature, _machine, sections, _subsystem, stripped = _unpack(
+        signature, _machine, _sections, _subsystem, stripped = _unpack(
             "<2sHBBH", data, 0, f"{what} TE header"
         )
         (image_base,) = _unpack("<Q", data, 16, f"{what} TE header")
@@ -638,9 +661,7 @@ def _map_sec_image(candidate: _SecCandidate) -> _MappedImage:
     return _MappedImage(data, "PE32", image_base, image_size, pe, 0)
 
 
-def _field(
-    layout: abi_module.Layout, name: str, data: bytes, base: int, what: str
-) -> Any:
+def _field(layout: abi_module.Layout, name: str, data: bytes, base: int, what: str) -> Any:
     f = layout.field(name)
     values = _unpack("<" + f.struct_format, data, base + f.offset, f"{what} field {name}")
     return values[0] if len(values) == 1 else values
@@ -691,9 +712,19 @@ def _read_helper(image: _MappedImage, notes: list[str]) -> HelperInfo | None:
             f"(ABI {a.const('OVMF_MH_ABI_MAJOR')}.x); only its version was decoded"
         )
         return HelperInfo(
-            record_rva, info_size, abi_major, abi_minor, False,
-            None, (), None, None, (), None, None,
-        )  # fmt: skip
+            record_rva,
+            info_size,
+            abi_major,
+            abi_minor,
+            False,
+            None,
+            (),
+            None,
+            None,
+            (),
+            None,
+            None,
+        )
     if info_size < layout.size:
         raise ImageFormatError(
             f"{what}: InfoSize {info_size} is smaller than the {layout.size} bytes of "
@@ -757,8 +788,7 @@ def _read_file(path: Path) -> bytes:
         raise ImageFormatError(f"{path}: empty file, not a firmware image")
     if st.st_size > MAX_IMAGE_SIZE:
         raise ImageFormatError(
-            f"{path}: {st.st_size} bytes is too large for a flash image "
-            f"(limit {MAX_IMAGE_SIZE})"
+            f"{path}: {st.st_size} bytes is too large for a flash image (limit {MAX_IMAGE_SIZE})"
         )
     try:
         return path.read_bytes()
@@ -769,12 +799,18 @@ def _read_file(path: Path) -> bytes:
 def inspect_image(path: Path) -> ImageReport:
     """Inspect a firmware image file; raise ImageFormatError if it is not one."""
     data = _read_file(path)
+    try:
+        return _inspect_data(data, path)
+    except ImageFormatError as exc:
+        raise ImageFormatError(f"{path}: {exc}") from exc
+
+
+def _inspect_data(data: bytes, path: Path) -> ImageReport:
     walker = _Walker()
     walker.scan_flash(data)
     if not walker.volumes:
         raise ImageFormatError(
-            f"{path}: not a firmware image: no firmware volume header (_FVH) found "
-            f"in {len(data)} bytes"
+            f"not a firmware image: no firmware volume header (_FVH) found in {len(data)} bytes"
         )
     notes = walker.notes
     a = abi_module.load()

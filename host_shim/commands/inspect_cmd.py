@@ -78,10 +78,7 @@ def print_report(report: ImageReport, out: TextIO) -> None:
     line(f"Firmware volumes ({len(report.firmware_volumes)}):")
     line(f"  {'#':>2}  {'where':<22} {'size':>10}  {'fs':<17} {'files':>5}  name GUID")
     for fv in report.firmware_volumes:
-        if fv.in_flash:
-            where = f"file+{fv.offset:#x}"
-        else:
-            where = f"in #{fv.parent} +{fv.offset:#x}"
+        where = f"file+{fv.offset:#x}" if fv.in_flash else f"in #{fv.parent} +{fv.offset:#x}"
         files = "-" if fv.file_count is None else str(fv.file_count)
         line(
             f"  {fv.index:>2}  {where:<22} {fv.size:>#10x}  {fv.file_system:<17} "
