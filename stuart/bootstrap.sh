@@ -22,7 +22,7 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-packages=(qemu-system-x86 qemu-utils nasm acpica-tools uuid-dev dpkg-dev
+packages=(qemu-system-x86 qemu-utils nasm acpica-tools uuid-dev dpkg-dev ovmf
           build-essential python3-venv cpio)
 
 apt_updated=0
