@@ -1,0 +1,59 @@
+"""The platform DSC is upstream's OvmfPkgX64.dsc plus exactly the intended edits."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import pytest
+
+from host_shim import paths, platform_dsc
+
+
+@pytest.fixture(scope="module")
+def upstream() -> str:
+    return (paths.edk2_tree() / platform_dsc.UPSTREAM_DSC).read_text()
+
+
+def test_difference_is_exactly_the_intended_one(upstream: str) -> None:
+    build_id = platform_dsc.BuildId(bytes(range(16)))
+    derived = platform_dsc.derive_platform_dsc(upstream, build_id)
+    diff = list(difflib.ndiff(upstream.splitlines(), derived.splitlines()))
+    removed = [line[2:].strip() for line in diff if line.startswith("- ")]
+    added = [line[2:].strip() for line in diff if line.startswith("+ ")]
+    assert removed == ["PLATFORM_NAME                  = Ovmf", "OUTPUT_DIRECTORY               = Build/OvmfX64"]
+    id_bytes = ", ".join(f"0x{b:02X}" for b in range(16))
+    assert added == [
+        "PLATFORM_NAME                  = OvmfMh",
+        "OUTPUT_DIRECTORY               = Build/OvmfMhX64",
+        platform_dsc.CORE_LIB_LINE,
+        platform_dsc.DETECTOR_LINE,
+        "<PcdsFixedAtBuild>",
+        f"gOvmfPkgMigrationTokenSpaceGuid.PcdMigrationHelperBuildId|{{{id_bytes}}}",
+    ]
+    # The library lines sit inside SecMain's block, after its own NULL libraries.
+    lines = derived.splitlines()
+    sec = next(i for i, line in enumerate(lines) if line.strip() == "OvmfPkg/Sec/SecMain.inf {")
+    end = next(i for i in range(sec, len(lines)) if lines[i].strip() == "}")
+    block = [line.strip() for line in lines[sec:end]]
+    assert block.index(platform_dsc.DETECTOR_LINE) > block.index("<LibraryClasses>")
+    assert block.index("<PcdsFixedAtBuild>") > block.index(platform_dsc.DETECTOR_LINE)
+
+
+def test_derivation_fails_loudly_on_an_unexpected_dsc(upstream: str) -> None:
+    build_id = platform_dsc.BuildId(bytes(16))
+    with pytest.raises(platform_dsc.DscDerivationError, match="SecMain"):
+        platform_dsc.derive_platform_dsc(upstream.replace("OvmfPkg/Sec/SecMain.inf {", "OvmfPkg/Sec/SecMain.inf"), build_id)
+    with pytest.raises(platform_dsc.DscDerivationError, match="OUTPUT_DIRECTORY"):
+        platform_dsc.derive_platform_dsc(upstream.replace("OUTPUT_DIRECTORY", "OUTPUT_DIR"), build_id)
+
+
+def test_build_id_tracks_sources_and_target(tmp_path: Path, upstream: str) -> None:
+    package = tmp_path / "Pkg"
+    package.mkdir()
+    (package / "A.c").write_text("int a;\n")
+    first = platform_dsc.compute_build_id(package, "DEBUG", upstream)
+    assert first == platform_dsc.compute_build_id(package, "DEBUG", upstream)
+    assert first != platform_dsc.compute_build_id(package, "RELEASE", upstream)
+    (package / "A.c").write_text("int b;\n")
+    assert first != platform_dsc.compute_build_id(package, "DEBUG", upstream)
