@@ -42,10 +42,6 @@ class Field:
     size: int  # total bytes
 
     @property
-    def is_array(self) -> bool:
-        return self.count != 1 or self.ctype == "UINT8" and self.size > 1
-
-    @property
     def struct_format(self) -> str:
         code, _ = _SCALARS[self.ctype]
         if self.ctype == "UINT8" and self.count > 1:
@@ -142,7 +138,8 @@ def _evaluate(expr: str, constants: Mapping[str, int]) -> int:
             raise AbiParseError(f"unknown name {token!r} in expression {expr!r}")
     if not re.fullmatch(r"[\w\s()+\-*|<>]+", expr):
         raise AbiParseError(f"unsupported expression {expr!r}")
-    value = eval(expr, {"__builtins__": {}}, dict(constants))  # noqa: S307 - checked grammar above
+    # The grammar check above leaves only integers, known names and operators.
+    value = eval(expr, {"__builtins__": {}}, dict(constants))
     if not isinstance(value, int):
         raise AbiParseError(f"expression {expr!r} is not an integer")
     return value

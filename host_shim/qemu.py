@@ -264,7 +264,7 @@ class QemuVM:
                 qmp = QEMUMonitorProtocol(str(self.qmp_socket))
                 try:
                     qmp.connect()
-                except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                except Exception as exc:
                     last_error = exc
                     qmp.close()
                 else:
@@ -294,7 +294,7 @@ class QemuVM:
             return []
         try:
             return [dict(e) for e in self._qmp.get_events(wait=False)]
-        except Exception:  # noqa: BLE001 - a closed monitor has no events
+        except Exception:
             return []
 
     def _log_qmp(self, direction: str, message: object) -> None:

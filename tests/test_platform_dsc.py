@@ -43,7 +43,8 @@ def test_difference_is_exactly_the_intended_one(upstream: str) -> None:
 def test_derivation_fails_loudly_on_an_unexpected_dsc(upstream: str) -> None:
     build_id = platform_dsc.BuildId(bytes(16))
     with pytest.raises(platform_dsc.DscDerivationError, match="SecMain"):
-        platform_dsc.derive_platform_dsc(upstream.replace("OvmfPkg/Sec/SecMain.inf {", "OvmfPkg/Sec/SecMain.inf"), build_id)
+        no_block = upstream.replace("OvmfPkg/Sec/SecMain.inf {", "OvmfPkg/Sec/SecMain.inf")
+        platform_dsc.derive_platform_dsc(no_block, build_id)
     with pytest.raises(platform_dsc.DscDerivationError, match="OUTPUT_DIRECTORY"):
         platform_dsc.derive_platform_dsc(upstream.replace("OUTPUT_DIRECTORY", "OUTPUT_DIR"), build_id)
 
