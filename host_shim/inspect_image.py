@@ -102,7 +102,7 @@ TE_SIGNATURE = b"VZ"
 FLASH_TOP = 0x1_0000_0000
 
 MAX_IMAGE_SIZE = 256 * 1024 * 1024
-MAX_DECOMPRESSED_TOTAL = 512 * 1024 * 1024
+MAX_DECOMPRESSED_TOTAL = 128 * 1024 * 1024
 MAX_NESTING = 8
 BUILD_ID_SIZE = 16
 
@@ -205,18 +205,20 @@ def _align(value: int, alignment: int) -> int:
     return (value + alignment - 1) & ~(alignment - 1)
 
 
-def _unpack(fmt: str, data: bytes, offset: int, what: str) -> tuple[Any, ...]:
+def _unpack(fmt: str, data: bytes, offset: int, what: str, limit: int | None = None) -> tuple[Any, ...]:
+    """struct.unpack_from that reads nothing at or past ``limit`` (default: the end)."""
     size = struct.calcsize(fmt)
-    if offset < 0 or offset + size > len(data):
+    end = len(data) if limit is None else min(limit, len(data))
+    if offset < 0 or offset + size > end:
         raise ImageFormatError(
-            f"{what} at offset {offset:#x} needs {size} bytes but the data ends at "
-            f"{len(data):#x} (truncated or corrupt image)"
+            f"{what} at offset {offset:#x} needs {size} bytes but its container ends at "
+            f"{end:#x} (truncated or corrupt image)"
         )
     return struct.unpack_from(fmt, data, offset)
 
 
-def _guid(data: bytes, offset: int, what: str) -> uuid.UUID:
-    (raw,) = _unpack("<16s", data, offset, what)
+def _guid(data: bytes, offset: int, what: str, limit: int) -> uuid.UUID:
+    (raw,) = _unpack("<16s", data, offset, what, limit)
     return uuid.UUID(bytes_le=bytes(raw))
 
 
@@ -290,15 +292,12 @@ class _Walker:
             raise ImageFormatError(f"{where}: firmware volumes nested too deep")
         if limit - start < FV_HEADER_SIZE:
             raise ImageFormatError(
-                f"{where}: the header needs {FV_HEADER_SIZE} bytes but only "
-                f"{limit - start} remain (truncated image)"
+                f"{where}: the header needs {FV_HEADER_SIZE} bytes but only {limit - start} remain (truncated image)"
             )
         signature = data[start + FV_SIGNATURE_OFFSET : start + FV_SIGNATURE_OFFSET + 4]
         if signature != EFI_FVH_SIGNATURE:
             raise ImageFormatError(f"{where}: no _FVH signature (corrupt volume)")
-        header = EfiFirmwareVolumeHeader().load_from_file(
-            io.BytesIO(data[start : start + FV_HEADER_SIZE])
-        )
+        header = EfiFirmwareVolumeHeader().load_from_file(io.BytesIO(data[start : start + FV_HEADER_SIZE]))
         fs_guid = uuid.UUID(str(header.FileSystemGuid))
         fv_length = int(header.FvLength)
         header_length = int(header.HeaderLength)
@@ -306,8 +305,7 @@ class _Walker:
         ext_offset = int(header.ExtHeaderOffset)
         if header_length < FV_HEADER_SIZE or header_length % 2 or header_length > fv_length:
             raise ImageFormatError(
-                f"{where}: header length {header_length:#x} is invalid "
-                f"(volume length {fv_length:#x})"
+                f"{where}: header length {header_length:#x} is invalid (volume length {fv_length:#x})"
             )
         if fv_length > limit - start:
             raise ImageFormatError(
@@ -325,17 +323,13 @@ class _Walker:
         first_file = header_length
         if ext_offset:
             if ext_offset < header_length or ext_offset + FV_EXT_HEADER_SIZE > fv_length:
-                raise ImageFormatError(
-                    f"{where}: extended header offset {ext_offset:#x} is outside the volume"
-                )
+                raise ImageFormatError(f"{where}: extended header offset {ext_offset:#x} is outside the volume")
             ext = EfiFirmwareVolumeExtHeader().load_from_file(
                 io.BytesIO(data[start + ext_offset : start + ext_offset + FV_EXT_HEADER_SIZE])
             )
             ext_size = int(ext.ExtHeaderSize)
             if ext_size < FV_EXT_HEADER_SIZE or ext_offset + ext_size > fv_length:
-                raise ImageFormatError(
-                    f"{where}: extended header size {ext_size:#x} runs past the volume"
-                )
+                raise ImageFormatError(f"{where}: extended header size {ext_size:#x} runs past the volume")
             name_guid = uuid.UUID(bytes_le=bytes(ext.FileSystemGuid))
             first_file = ext_offset + ext_size
         first_file = _align(first_file, 8)
@@ -345,9 +339,7 @@ class _Walker:
         file_count: int | None = None
         if fs_guid in (FFS2_GUID, FFS3_GUID):
             erase_byte = 0xFF if attributes & EFI_FVB2_ERASE_POLARITY else 0x00
-            file_count = self.walk_files(
-                buf, start, start + first_file, end, erase_byte, index, depth
-            )
+            file_count = self.walk_files(buf, start, start + first_file, end, erase_byte, index, depth)
         self.volumes[index] = FirmwareVolumeInfo(
             index=index,
             offset=start if buf.image_offset is None else buf.image_offset + start,
@@ -390,9 +382,7 @@ class _Walker:
             if data[offset : offset + FFS_HEADER_SIZE] == free:
                 break  # free space up to the end of the volume
             where = f"FFS file at {self._where(buf, offset)}"
-            header = EfiFirmwareFileSystemHeader().load_from_file(
-                io.BytesIO(data[offset : offset + FFS_HEADER_SIZE])
-            )
+            header = EfiFirmwareFileSystemHeader().load_from_file(io.BytesIO(data[offset : offset + FFS_HEADER_SIZE]))
             file_guid = uuid.UUID(str(header.FileSystemGuid))
             file_type = int(header.Type)
             attributes = int(header.Attributes)
@@ -401,11 +391,10 @@ class _Walker:
             size = int(header.get_size())
             if attributes & FFS_ATTRIB_LARGE_FILE:
                 header_size = FFS_HEADER2_SIZE
-                (size,) = _unpack("<Q", data[:end], offset + FFS_HEADER_SIZE, where)
+                (size,) = _unpack("<Q", data, offset + FFS_HEADER_SIZE, where, end)
             if size < header_size or size > end - offset:
                 raise ImageFormatError(
-                    f"{where}: file size {size:#x} does not fit in its volume "
-                    f"({end - offset:#x} bytes left)"
+                    f"{where}: file size {size:#x} does not fit in its volume ({end - offset:#x} bytes left)"
                 )
             state = raw_state ^ erase_byte
             top_bit = 1 << (state.bit_length() - 1) if state else 0
@@ -440,6 +429,10 @@ class _Walker:
         chain: tuple[str, ...],
         depth: int,
     ) -> None:
+        if depth > MAX_NESTING:
+            raise ImageFormatError(
+                f"sections at {self._where(buf, start)} (file {file_guid}) are nested more than {MAX_NESTING} deep"
+            )
         data = buf.data
         offset = start
         while end - offset >= 4:
@@ -449,11 +442,10 @@ class _Walker:
             header_size = 4
             if size == SECTION_EXTENDED_SIZE:
                 header_size = 8
-                (size,) = _unpack("<I", data[:end], offset + 4, where)
+                (size,) = _unpack("<I", data, offset + 4, where, end)
             if size < header_size or size > end - offset:
                 raise ImageFormatError(
-                    f"{where}: section size {size:#x} does not fit in its file "
-                    f"({end - offset:#x} bytes left)"
+                    f"{where}: section size {size:#x} does not fit in its file ({end - offset:#x} bytes left)"
                 )
             body, body_end = offset + header_size, offset + size
             if section_type == EFI_SECTION_FIRMWARE_VOLUME_IMAGE:
@@ -478,9 +470,7 @@ class _Walker:
                         )
                     )
             elif section_type == EFI_SECTION_COMPRESSION:
-                self._compression_section(
-                    buf, body, body_end, where, file_guid, file_type, volume, chain, depth
-                )
+                self._compression_section(buf, body, body_end, where, file_guid, file_type, volume, chain, depth)
             elif section_type == EFI_SECTION_GUID_DEFINED:
                 self._guided_section(
                     buf,
@@ -508,7 +498,7 @@ class _Walker:
         chain: tuple[str, ...],
         depth: int,
     ) -> None:
-        _length, compression = _unpack("<IB", buf.data[:body_end], body, where)
+        _length, compression = _unpack("<IB", buf.data, body, where, body_end)
         if compression == 0:  # EFI_NOT_COMPRESSED
             self.walk_sections(
                 buf,
@@ -522,8 +512,7 @@ class _Walker:
             )
         else:
             self.notes.append(
-                f"{where}: EFI-compressed section (type {compression}) not decoded; "
-                "its contents were not inspected"
+                f"{where}: EFI-compressed section (type {compression}) not decoded; its contents were not inspected"
             )
 
     def _guided_section(
@@ -539,13 +528,11 @@ class _Walker:
         chain: tuple[str, ...],
         depth: int,
     ) -> None:
-        data = buf.data[:end]
-        guid = _guid(data, offset + header_size, where)
-        data_offset, attributes = _unpack("<HH", data, offset + header_size + 16, where)
+        data = buf.data
+        guid = _guid(data, offset + header_size, where, end)
+        data_offset, attributes = _unpack("<HH", data, offset + header_size + 16, where, end)
         if data_offset < header_size + 20 or data_offset > end - offset:
-            raise ImageFormatError(
-                f"{where}: GUID-defined section data offset {data_offset:#x} is invalid"
-            )
+            raise ImageFormatError(f"{where}: GUID-defined section data offset {data_offset:#x} is invalid")
         payload_start = offset + data_offset
         name = _GUIDED_SECTION_NAMES.get(guid, str(guid))
         if guid == LZMA_SECTION_GUID:
@@ -573,8 +560,7 @@ class _Walker:
             )
         else:
             self.notes.append(
-                f"{where}: {name} GUID-defined section ({guid}) not decoded; "
-                "its contents were not inspected"
+                f"{where}: {name} GUID-defined section ({guid}) not decoded; its contents were not inspected"
             )
 
     def _lzma(self, payload: bytes, where: str) -> bytes:
@@ -642,9 +628,7 @@ def _map_sec_image(candidate: _SecCandidate) -> _MappedImage:
     data = candidate.data
     what = f"SEC module {candidate.file_guid}"
     if candidate.kind == EFI_SECTION_TE:
-        signature, _machine, _sections, _subsystem, stripped = _unpack(
-            "<2sHBBH", data, 0, f"{what} TE header"
-        )
+        signature, _machine, _sections, _subsystem, stripped = _unpack("<2sHBBH", data, 0, f"{what} TE header")
         (image_base,) = _unpack("<Q", data, 16, f"{what} TE header")
         if signature != TE_SIGNATURE:
             raise ImageFormatError(f"{what}: TE section does not start with 'VZ'")
@@ -695,8 +679,7 @@ def _read_helper(image: _MappedImage, notes: list[str]) -> HelperInfo | None:
         return None
     if len(hits) > 1:
         notes.append(
-            f"{len(hits)} OVMF_MH_IMAGE_INFO signatures in the SEC image; "
-            f"reading the first at data offset {hits[0]:#x}"
+            f"{len(hits)} OVMF_MH_IMAGE_INFO signatures in the SEC image; reading the first at data offset {hits[0]:#x}"
         )
     base = hits[0]
     what = f"OVMF_MH_IMAGE_INFO at SEC image data offset {base:#x}"
@@ -787,9 +770,7 @@ def _read_file(path: Path) -> bytes:
     if st.st_size == 0:
         raise ImageFormatError(f"{path}: empty file, not a firmware image")
     if st.st_size > MAX_IMAGE_SIZE:
-        raise ImageFormatError(
-            f"{path}: {st.st_size} bytes is too large for a flash image (limit {MAX_IMAGE_SIZE})"
-        )
+        raise ImageFormatError(f"{path}: {st.st_size} bytes is too large for a flash image (limit {MAX_IMAGE_SIZE})")
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -798,20 +779,25 @@ def _read_file(path: Path) -> bytes:
 
 def inspect_image(path: Path) -> ImageReport:
     """Inspect a firmware image file; raise ImageFormatError if it is not one."""
-    data = _read_file(path)
+    return inspect_bytes(_read_file(path), str(path))
+
+
+def inspect_bytes(data: bytes, source: str = "<bytes>") -> ImageReport:
+    """Inspect an image already in memory; ``source`` names it in the report
+    and in error messages."""
+    if not data:
+        raise ImageFormatError(f"{source}: empty, not a firmware image")
     try:
-        return _inspect_data(data, path)
+        return _inspect_data(data, source)
     except ImageFormatError as exc:
-        raise ImageFormatError(f"{path}: {exc}") from exc
+        raise ImageFormatError(f"{source}: {exc}") from exc
 
 
-def _inspect_data(data: bytes, path: Path) -> ImageReport:
+def _inspect_data(data: bytes, source: str) -> ImageReport:
     walker = _Walker()
     walker.scan_flash(data)
     if not walker.volumes:
-        raise ImageFormatError(
-            f"not a firmware image: no firmware volume header (_FVH) found in {len(data)} bytes"
-        )
+        raise ImageFormatError(f"not a firmware image: no firmware volume header (_FVH) found in {len(data)} bytes")
     notes = walker.notes
     a = abi_module.load()
     sec: SecModuleInfo | None = None
@@ -819,8 +805,7 @@ def _inspect_data(data: bytes, path: Path) -> ImageReport:
     if walker.sec:
         if len(walker.sec) > 1:
             notes.append(
-                f"{len(walker.sec)} SEC core images found; inspecting the first "
-                f"(file {walker.sec[0].file_guid})"
+                f"{len(walker.sec)} SEC core images found; inspecting the first (file {walker.sec[0].file_guid})"
             )
         candidate = walker.sec[0]
         image = _map_sec_image(candidate)
@@ -844,7 +829,7 @@ def _inspect_data(data: bytes, path: Path) -> ImageReport:
             )
         helper = _read_helper(image, notes)
     return ImageReport(
-        path=str(path),
+        path=source,
         size=len(data),
         firmware_volumes=tuple(fv for fv in walker.volumes if fv is not None),
         sec=sec,
