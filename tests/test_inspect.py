@@ -32,7 +32,10 @@ from host_shim.inspect_image import (
 )
 
 STOCK_IMAGE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-BUILD_LOG = paths.BUILD_ROOT / "BUILDLOG_OvmfMh.txt"
+BUILD_LOGS = (
+    paths.BUILD_ROOT / "ovmf-mh-build-DEBUG.log",
+    paths.BUILD_ROOT / "BUILDLOG_OvmfMh.txt",
+)
 FW_CFG_NAME = "opt/ovmf-mh/request"
 
 
@@ -59,12 +62,17 @@ def stock_image() -> Path:
 
 
 def logged_build_id() -> str:
-    if not BUILD_LOG.is_file():
-        pytest.fail(f"build log {BUILD_LOG} is missing: run `ovmf-mh build`", pytrace=False)
-    ids = re.findall(r"ovmf-mh helper build id ([0-9a-f]{32})", BUILD_LOG.read_text())
-    if not ids:
-        pytest.fail(f"no 'ovmf-mh helper build id' line in {BUILD_LOG}", pytrace=False)
-    return str(ids[-1])
+    """The build id the DEBUG build logged: its own log first (per target), then
+    stuart's BUILDLOG_OvmfMh.txt (whichever target ran last)."""
+    for log in BUILD_LOGS:
+        if log.is_file():
+            ids = re.findall(r"ovmf-mh helper build id ([0-9a-f]{32})", log.read_text())
+            if ids:
+                return str(ids[-1])
+    pytest.fail(
+        f"no 'ovmf-mh helper build id' line in {' or '.join(map(str, BUILD_LOGS))}: run `ovmf-mh build`",
+        pytrace=False,
+    )
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -85,7 +93,10 @@ def test_built_image_carries_the_helper() -> None:
     assert report.sec.executes_in_place is True
     helper = report.helper
     assert helper is not None, "no OVMF_MH_IMAGE_INFO record in the built SEC module"
-    assert helper.build_id == logged_build_id()
+    assert helper.build_id == logged_build_id(), (
+        "the image's build id differs from the build log's: is a build running, or is the "
+        "image older than the log? run `ovmf-mh build`"
+    )
     assert (helper.abi_major, helper.abi_minor) == (
         a.const("OVMF_MH_ABI_MAJOR"),
         a.const("OVMF_MH_ABI_MINOR"),

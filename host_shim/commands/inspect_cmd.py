@@ -80,10 +80,7 @@ def print_report(report: ImageReport, out: TextIO) -> None:
     for fv in report.firmware_volumes:
         where = f"file+{fv.offset:#x}" if fv.in_flash else f"in #{fv.parent} +{fv.offset:#x}"
         files = "-" if fv.file_count is None else str(fv.file_count)
-        line(
-            f"  {fv.index:>2}  {where:<22} {fv.size:>#10x}  {fv.file_system:<17} "
-            f"{files:>5}  {fv.name_guid or '-'}"
-        )
+        line(f"  {fv.index:>2}  {where:<22} {fv.size:>#10x}  {fv.file_system:<17} {files:>5}  {fv.name_guid or '-'}")
         if not fv.in_flash:
             line(f"      {'':<22} file {fv.container_file}: {fv.encapsulation}")
     line()
