@@ -21,7 +21,7 @@
 // meaning; the minor number when commands or capabilities are added.
 //
 #define OVMF_MH_ABI_MAJOR  1
-#define OVMF_MH_ABI_MINOR  0
+#define OVMF_MH_ABI_MINOR  1
 
 #define OVMF_MH_PAGE_SIZE  0x1000
 
@@ -89,17 +89,39 @@ typedef struct {
 #define OVMF_MH_STATE_FAULT     4     ///< CPU exception; HaltReason is the vector
 
 //
+// Session states (OVMF_MH_MAILBOX_HEADER.SessionState).
+//
+#define OVMF_MH_SESSION_IDLE       0
+#define OVMF_MH_SESSION_EXPORTING  1
+#define OVMF_MH_SESSION_IMPORTING  2
+#define OVMF_MH_SESSION_COMPLETE   3   ///< Export ended, or import verified to the end
+#define OVMF_MH_SESSION_FAILED     4   ///< Import failed; only RESET leaves this state
+
+#define OVMF_MH_MAX_BATCH_PAGES    512
+
+//
 // Commands (OVMF_MH_MAILBOX_HEADER.Command).
 //
 #define OVMF_MH_CMD_NOP         0     ///< Round trip only
 #define OVMF_MH_CMD_QUERY       1     ///< Results: counters, see docs/mailbox.md
 #define OVMF_MH_CMD_SHUTDOWN    2     ///< Acknowledge, then power the helper VM off
+#define OVMF_MH_CMD_RESET       3     ///< Abandon the session (keeps the transport key)
+#define OVMF_MH_CMD_EXPORT_BEGIN  4   ///< Arg0 out offset, Arg1 capacity -> stream header
+#define OVMF_MH_CMD_EXPORT_BATCH  5   ///< Arg0 list offset, Arg1 count, Arg2 out offset, Arg3 capacity
+#define OVMF_MH_CMD_EXPORT_END    6   ///< Arg0 out offset, Arg1 capacity -> end record
+#define OVMF_MH_CMD_IMPORT_BEGIN  7   ///< Arg0 in offset, Arg1 size: stream header
+#define OVMF_MH_CMD_IMPORT_BATCH  8   ///< Arg0 in offset, Arg1 size: records
+#define OVMF_MH_CMD_IMPORT_END    9   ///< Arg0 in offset, Arg1 size: end record
 
 //
 // Capability bits (OVMF_MH_MAILBOX_HEADER.Capabilities and image info).
 //
 #define OVMF_MH_CAP_QUERY       0x0000000000000001
 #define OVMF_MH_CAP_SHUTDOWN    0x0000000000000002
+#define OVMF_MH_CAP_EXPORT      0x0000000000000004
+#define OVMF_MH_CAP_IMPORT      0x0000000000000008
+#define OVMF_MH_CAP_AES_NI      0x0000000000000010  ///< Page crypto runs on AES-NI
+#define OVMF_MH_CAP_KEY_LOADED  0x0000000000000020  ///< A transport key was injected
 
 //
 // Status codes: command results (Status) and halt reasons (HaltReason).
@@ -107,7 +129,24 @@ typedef struct {
 #define OVMF_MH_STATUS_SUCCESS                0
 #define OVMF_MH_STATUS_UNSUPPORTED            1
 #define OVMF_MH_STATUS_INVALID_PARAMETER      2
-#define OVMF_MH_STATUS_BAD_STATE              3
+#define OVMF_MH_STATUS_BAD_STATE              3   ///< Command not valid in this session state
+#define OVMF_MH_STATUS_NO_KEY                 4   ///< No transport key was injected
+#define OVMF_MH_STATUS_OUT_OF_BOUNDS          5   ///< Offset/size outside the data area
+#define OVMF_MH_STATUS_BAD_PAGE               6   ///< Page outside the guest window or misaligned
+#define OVMF_MH_STATUS_BATCH_TOO_LARGE        7   ///< More pages than MaxBatchPages
+#define OVMF_MH_STATUS_BUFFER_TOO_SMALL       8   ///< Output capacity too small
+#define OVMF_MH_STATUS_NO_ENTROPY             9   ///< RDRAND failed
+//
+// Stream verification failures (import). The session is failed afterwards.
+//
+#define OVMF_MH_STATUS_BAD_RECORD             0x20 ///< Malformed record (type, length, framing)
+#define OVMF_MH_STATUS_AUTH_FAILED            0x21 ///< Tag mismatch: flipped bit, moved page, forgery
+#define OVMF_MH_STATUS_WRONG_SESSION          0x22 ///< Record or header of another session
+#define OVMF_MH_STATUS_SEQUENCE_GAP           0x23 ///< A record is missing (dropped or reordered)
+#define OVMF_MH_STATUS_SEQUENCE_REPLAY        0x24 ///< A record was seen already (duplicated, replayed)
+#define OVMF_MH_STATUS_TRUNCATED              0x25 ///< End record count/digest disagree with what arrived
+#define OVMF_MH_STATUS_BAD_HEADER             0x26 ///< Stream header malformed or unauthentic
+#define OVMF_MH_STATUS_SESSION_FAILED         0x27 ///< An earlier failure ended this session
 //
 // Request rejections (HaltReason, also logged to debugcon). 0x100 and up.
 //
@@ -144,7 +183,9 @@ typedef struct {
   UINT64    DataOffset;                    ///< Offset of the data area from the mailbox base
   UINT64    DataSize;                      ///< Bytes in the data area
   UINT64    GuestWindowSize;               ///< Guest bytes the helper accepted
-  UINT8     Reserved0[176];
+  UINT32    MaxBatchPages;                 ///< Pages per EXPORT_BATCH / IMPORT_BATCH
+  UINT32    SessionState;                  ///< OVMF_MH_SESSION_*
+  UINT8     Reserved0[168];
   //
   // Command: written by the host, CommandSeq last (offset 256).
   //
@@ -166,6 +207,65 @@ typedef struct {
   UINT64    CommandsFailed;
   UINT8     Reserved3[3568];
 } OVMF_MH_MAILBOX_HEADER;
+
+//
+// ---------------------------------------------------------------------------
+// Launch secret: the transport key, written by the guest owner's tooling into
+// the helper's RAM at OVMF_MH_SECRET_PAGE_BASE before the helper runs. The
+// helper copies the key into private memory and zeroes the whole page.
+// ---------------------------------------------------------------------------
+//
+#define OVMF_MH_SECRET_SIGNATURE  0x313059454b484d4f  // "OMHKEY01"
+#define OVMF_MH_KEY_SIZE          32
+
+typedef struct {
+  UINT64    Signature;                     ///< OVMF_MH_SECRET_SIGNATURE
+  UINT32    Version;                       ///< 1
+  UINT32    KeySize;                       ///< OVMF_MH_KEY_SIZE
+  UINT8     Key[OVMF_MH_KEY_SIZE];         ///< Transport key (AES-256-OCB master key)
+} OVMF_MH_SECRET;
+
+//
+// ---------------------------------------------------------------------------
+// Page stream (docs/stream-format.md): a stream header, then records, then an
+// end record. AEAD = AES-256-OCB3 (RFC 7253), 96-bit nonce, 128-bit tag.
+// ---------------------------------------------------------------------------
+//
+#define OVMF_MH_STREAM_MAGIC        0x314d525453484d4f  // "OMHSTRM1"
+#define OVMF_MH_STREAM_VERSION      1
+#define OVMF_MH_SALT_SIZE           32
+#define OVMF_MH_SESSION_ID_SIZE     16
+#define OVMF_MH_TAG_SIZE            16
+#define OVMF_MH_NONCE_SIZE          12
+#define OVMF_MH_DIGEST_SIZE         32
+
+#define OVMF_MH_RECORD_PAGE         1   ///< Payload: 4096 bytes of ciphertext
+#define OVMF_MH_RECORD_ZERO         2   ///< No payload: the page is all zero
+#define OVMF_MH_RECORD_END          3   ///< Payload: OVMF_MH_END_PAYLOAD, encrypted
+
+typedef struct {
+  UINT64    Magic;                         ///< OVMF_MH_STREAM_MAGIC
+  UINT16    Version;                       ///< OVMF_MH_STREAM_VERSION
+  UINT16    HeaderSize;                    ///< sizeof (OVMF_MH_STREAM_HEADER)
+  UINT32    Flags;                         ///< Zero
+  UINT8     Salt[OVMF_MH_SALT_SIZE];       ///< From the source helper's RDRAND
+  UINT8     SessionId[OVMF_MH_SESSION_ID_SIZE]; ///< HKDF output, see stream-format.md
+  UINT64    GuestSize;                     ///< Source guest window size
+  UINT8     Tag[OVMF_MH_TAG_SIZE];         ///< AEAD tag over the fields above
+} OVMF_MH_STREAM_HEADER;
+
+typedef struct {
+  UINT32    Type;                          ///< OVMF_MH_RECORD_*
+  UINT32    PayloadSize;                   ///< 4096 (PAGE), 0 (ZERO), 40 (END)
+  UINT64    Sequence;                      ///< 1, 2, 3 ... within the session
+  UINT64    GuestOffset;                   ///< Page offset in guest RAM (0 for END)
+  UINT8     SessionId[OVMF_MH_SESSION_ID_SIZE];
+} OVMF_MH_RECORD_HEADER;                   ///< Followed by payload, then the tag
+
+typedef struct {
+  UINT64    RecordCount;                   ///< PAGE and ZERO records before END
+  UINT8     ChainDigest[OVMF_MH_DIGEST_SIZE]; ///< SHA-256 chain over their tags
+} OVMF_MH_END_PAYLOAD;
 
 //
 // Image info: a constant record in the SEC module that tools find by its
@@ -209,6 +309,16 @@ STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, Arg) == 264, "Arg offset");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, ResponseSeq) == 384, "ResponseSeq offset");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, Result) == 392, "Result offset");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, CommandsServed) == 512, "counters offset");
+
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, MaxBatchPages) == 80, "MaxBatchPages offset");
+
+STATIC_ASSERT (sizeof (OVMF_MH_SECRET) == 48, "OVMF_MH_SECRET size");
+STATIC_ASSERT (sizeof (OVMF_MH_STREAM_HEADER) == 88, "OVMF_MH_STREAM_HEADER size");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_STREAM_HEADER, Salt) == 16, "Salt offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_STREAM_HEADER, Tag) == 72, "header Tag offset");
+STATIC_ASSERT (sizeof (OVMF_MH_RECORD_HEADER) == 40, "OVMF_MH_RECORD_HEADER size");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECORD_HEADER, SessionId) == 24, "record SessionId offset");
+STATIC_ASSERT (sizeof (OVMF_MH_END_PAYLOAD) == 40, "OVMF_MH_END_PAYLOAD size");
 
 STATIC_ASSERT (sizeof (OVMF_MH_IMAGE_INFO) == 112, "OVMF_MH_IMAGE_INFO size");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_IMAGE_INFO, BuildIdAddress) == 32, "image BuildIdAddress offset");
