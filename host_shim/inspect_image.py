@@ -708,6 +708,11 @@ def _read_helper(image: _MappedImage, notes: list[str]) -> HelperInfo | None:
             None,
             None,
         )
+    if abi_minor > a.const("OVMF_MH_ABI_MINOR"):
+        notes.append(
+            f"helper ABI {abi_major}.{abi_minor} is newer than this tool's "
+            f"{abi_major}.{a.const('OVMF_MH_ABI_MINOR')}; what was added since is not shown"
+        )
     if info_size < layout.size:
         raise ImageFormatError(
             f"{what}: InfoSize {info_size} is smaller than the {layout.size} bytes of "
