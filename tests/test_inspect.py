@@ -234,6 +234,16 @@ def test_truncated_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     expect_format_error(capsys, path, "truncated")
 
 
+def _record_signature() -> bytes:
+    """The 16 signature bytes that open OVMF_MH_IMAGE_INFO, from the header."""
+    a = abi.load()
+    layout = a.layout("OVMF_MH_IMAGE_INFO")
+    return layout.pack(
+        SignatureLow=a.const("OVMF_MH_IMAGE_INFO_SIGNATURE_LOW"),
+        SignatureHigh=a.const("OVMF_MH_IMAGE_INFO_SIGNATURE_HIGH"),
+    )[: layout.offset("InfoSize")]
+
+
 def _fv_checksum_fixed(data: bytearray, start: int) -> None:
     (header_length,) = struct.unpack_from("<H", data, start + 48)
     struct.pack_into("<H", data, start + 50, 0)
@@ -275,19 +285,33 @@ def test_corrupted_fv_length(
 
 
 def test_corrupted_build_id_address(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    a = abi.load()
-    layout = a.layout("OVMF_MH_IMAGE_INFO")
-    needle = layout.pack(
-        SignatureLow=a.const("OVMF_MH_IMAGE_INFO_SIGNATURE_LOW"),
-        SignatureHigh=a.const("OVMF_MH_IMAGE_INFO_SIGNATURE_HIGH"),
-    )[: layout.offset("InfoSize")]
+    layout = abi.load().layout("OVMF_MH_IMAGE_INFO")
     data = bytearray(built_image().read_bytes())
-    record = data.find(needle)
+    record = data.find(_record_signature())
     assert record > 0
     struct.pack_into("<Q", data, record + layout.offset("BuildIdAddress"), 0x1234)
     path = tmp_path / "bad-record.fd"
     path.write_bytes(bytes(data))
     expect_format_error(capsys, path, "BuildIdAddress")
+
+
+def test_unknown_abi_major_is_reported_not_decoded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = abi.load()
+    layout = a.layout("OVMF_MH_IMAGE_INFO")
+    data = bytearray(built_image().read_bytes())
+    record = data.find(_record_signature())
+    struct.pack_into("<H", data, record + layout.offset("AbiMajor"), 99)
+    path = tmp_path / "future.fd"
+    path.write_bytes(bytes(data))
+    report = inspect_image(path)
+    assert report.helper is not None
+    assert report.helper.abi_major == 99
+    assert not report.helper.abi_supported
+    assert report.helper.build_id is None
+    assert any("not readable" in note for note in report.notes)
+    code, out, _ = run_cli(capsys, str(path))
+    assert code == 0
+    assert "Migration helper: present" in out and "not readable by this tool" in out
 
 
 # --- synthetic images: nesting and hostile structure --------------------------------
@@ -419,14 +443,8 @@ def test_hostile_sec_volume(sec_volume: bytes, data: st.DataObject) -> None:
     """Flip bytes in the headers of the real SECFV, its SEC file, the SEC PE32
     headers and the helper record; truncate anywhere."""
     image = bytearray(sec_volume)
-    a = abi.load()
-    layout = a.layout("OVMF_MH_IMAGE_INFO")
-    record = image.find(
-        layout.pack(
-            SignatureLow=a.const("OVMF_MH_IMAGE_INFO_SIGNATURE_LOW"),
-            SignatureHigh=a.const("OVMF_MH_IMAGE_INFO_SIGNATURE_HIGH"),
-        )[: layout.offset("InfoSize")]
-    )
+    layout = abi.load().layout("OVMF_MH_IMAGE_INFO")
+    record = image.find(_record_signature())
     assert record > 0
     regions = st.one_of(st.integers(0, 0x400), st.integers(record, record + layout.size - 1))
     for _ in range(data.draw(st.integers(1, 6))):
