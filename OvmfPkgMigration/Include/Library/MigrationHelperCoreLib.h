@@ -20,9 +20,20 @@ typedef struct {
 } OVMF_MH_MEMORY_RANGE;
 
 ///
-/// Everything the dispatcher needs. The platform fills the pointers; the
-/// core owns the rest. Lives in helper-private memory, never in the
-/// shared area.
+/// Session state and buffers; defined privately by the core, which lays it
+/// out in the private memory the platform lends it.
+///
+typedef struct OVMF_MH_SESSION OVMF_MH_SESSION;
+
+///
+/// Private memory the core needs for its session state and batch buffers.
+///
+#define OVMF_MH_CORE_PRIVATE_SIZE  0x00300000
+
+///
+/// Everything the dispatcher needs. The platform fills the pointers and
+/// calls MigrationHelperInitialize(); the core owns the rest. Lives in
+/// helper-private memory, never in the shared area.
 ///
 typedef struct {
   volatile OVMF_MH_MAILBOX_HEADER    *Header;          ///< Shared, hostile
@@ -33,6 +44,8 @@ typedef struct {
   UINT8                              BuildId[16];
   UINT32                             LastSeq;          ///< CommandSeq of the last command served
   BOOLEAN                            ShutdownRequested;
+  VOID                               *Private;         ///< OVMF_MH_CORE_PRIVATE_SIZE bytes, helper-only
+  UINTN                              PrivateSize;
 } OVMF_MH_HELPER_CONTEXT;
 
 /**
@@ -71,6 +84,51 @@ CONST CHAR8 *
 EFIAPI
 MigrationHelperStatusName (
   IN UINT32  Status
+  );
+
+/**
+  Lay out the session state in Context->Private and pick the crypto path.
+  Call once, after SSE is enabled, before MigrationHelperPublishReady().
+
+  @param[in,out] Context  Context whose Private and PrivateSize are set.
+
+  @retval TRUE   Ready to serve.
+  @retval FALSE  Private is NULL or smaller than OVMF_MH_CORE_PRIVATE_SIZE.
+**/
+BOOLEAN
+EFIAPI
+MigrationHelperInitialize (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context
+  );
+
+/**
+  Take the transport key from the launch-secret page (OVMF_MH_SECRET) and
+  wipe the whole page, whether or not it held a valid secret.
+
+  @param[in,out] Context     An initialized context.
+  @param[in,out] SecretPage  The launch-secret page.
+  @param[in]     PageSize    Bytes to wipe (normally OVMF_MH_PAGE_SIZE).
+
+  @retval TRUE   A valid key was loaded.
+  @retval FALSE  The page held no valid secret; the helper has no key.
+**/
+BOOLEAN
+EFIAPI
+MigrationHelperLoadSecret (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN OUT volatile UINT8          *SecretPage,
+  IN     UINTN                   PageSize
+  );
+
+/**
+  Wipe every key the helper holds (transport and session keys).
+
+  @param[in,out] Context  An initialized context.
+**/
+VOID
+EFIAPI
+MigrationHelperWipeKeys (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context
   );
 
 /**

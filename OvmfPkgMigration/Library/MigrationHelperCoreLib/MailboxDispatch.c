@@ -37,13 +37,137 @@ InternalWriteIdentity (
   Header->AbiMajor     = OVMF_MH_ABI_MAJOR;
   Header->AbiMinor     = OVMF_MH_ABI_MINOR;
   Header->HeaderSize   = OVMF_MH_MAILBOX_HEADER_SIZE;
-  Header->Capabilities = OVMF_MH_CAPABILITIES;
+  Header->Capabilities = OVMF_MH_BASE_CAPABILITIES;
   for (Index = 0; Index < sizeof (Header->BuildId); Index++) {
     Header->BuildId[Index] = BuildId[Index];
   }
 
   MemoryFence ();
   Header->Signature = OVMF_MH_MAILBOX_SIGNATURE;
+}
+
+/**
+  Capabilities of this helper as configured.
+
+  @param[in] Context  An initialized context.
+
+  @return OVMF_MH_CAP_* bits.
+**/
+STATIC
+UINT64
+InternalCapabilities (
+  IN OVMF_MH_HELPER_CONTEXT  *Context
+  )
+{
+  OVMF_MH_SESSION  *Session;
+  UINT64           Capabilities;
+
+  Session      = InternalSession (Context);
+  Capabilities = OVMF_MH_BASE_CAPABILITIES;
+  if (Session->AllowAesNi) {
+    Capabilities |= OVMF_MH_CAP_AES_NI;
+  }
+
+  if (Session->KeyLoaded) {
+    Capabilities |= OVMF_MH_CAP_KEY_LOADED;
+  }
+
+  return Capabilities;
+}
+
+/**
+  Lay out the session state in Context->Private and pick the crypto path.
+
+  @param[in,out] Context  Context whose Private and PrivateSize are set.
+
+  @retval TRUE   Ready to serve.
+  @retval FALSE  Private is NULL or too small.
+**/
+BOOLEAN
+EFIAPI
+MigrationHelperInitialize (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context
+  )
+{
+  OVMF_MH_SESSION  *Session;
+
+  if ((Context->Private == NULL) || (Context->PrivateSize < sizeof (OVMF_MH_SESSION))) {
+    return FALSE;
+  }
+
+  Session = InternalSession (Context);
+  ZeroMem (Session, sizeof (*Session));
+  Session->State      = OVMF_MH_SESSION_IDLE;
+  Session->AllowAesNi = MigrationHelperCpuHasAesNi ();
+  return TRUE;
+}
+
+/**
+  Take the transport key from the launch-secret page and wipe the page.
+
+  @param[in,out] Context     An initialized context.
+  @param[in,out] SecretPage  The launch-secret page.
+  @param[in]     PageSize    Bytes to wipe.
+
+  @retval TRUE   A valid key was loaded.
+  @retval FALSE  The page held no valid secret.
+**/
+BOOLEAN
+EFIAPI
+MigrationHelperLoadSecret (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN OUT volatile UINT8          *SecretPage,
+  IN     UINTN                   PageSize
+  )
+{
+  OVMF_MH_SESSION  *Session;
+  OVMF_MH_SECRET   Secret;
+  BOOLEAN          Valid;
+  UINTN            Index;
+
+  Session = InternalSession (Context);
+  Valid   = FALSE;
+  if (PageSize >= sizeof (Secret)) {
+    for (Index = 0; Index < sizeof (Secret); Index++) {
+      ((UINT8 *)&Secret)[Index] = SecretPage[Index];
+    }
+
+    Valid = (BOOLEAN)((Secret.Signature == OVMF_MH_SECRET_SIGNATURE) &&
+                      (Secret.Version == 1) &&
+                      (Secret.KeySize == OVMF_MH_KEY_SIZE));
+    if (Valid) {
+      CopyMem (Session->TransportKey, Secret.Key, OVMF_MH_KEY_SIZE);
+    }
+
+    MigrationHelperSecureZero (&Secret, sizeof (Secret));
+  }
+
+  for (Index = 0; Index < PageSize; Index++) {
+    SecretPage[Index] = 0;
+  }
+
+  MemoryFence ();
+  Session->KeyLoaded = Valid;
+  return Valid;
+}
+
+/**
+  Wipe every key the helper holds.
+
+  @param[in,out] Context  An initialized context.
+**/
+VOID
+EFIAPI
+MigrationHelperWipeKeys (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context
+  )
+{
+  OVMF_MH_SESSION  *Session;
+
+  Session = InternalSession (Context);
+  InternalEndSession (Session);
+  MigrationHelperSecureZero (Session->TransportKey, OVMF_MH_KEY_SIZE);
+  Session->KeyLoaded = FALSE;
 }
 
 /**
@@ -62,9 +186,12 @@ MigrationHelperPublishReady (
 
   Header = Context->Header;
   InternalWriteIdentity (Header, Context->BuildId);
+  Header->Capabilities    = InternalCapabilities (Context);
   Header->DataOffset      = OVMF_MH_MAILBOX_HEADER_SIZE;
   Header->DataSize        = Context->DataSize;
   Header->GuestWindowSize = Context->GuestWindowSize;
+  Header->MaxBatchPages   = OVMF_MH_MAX_BATCH_PAGES;
+  Header->SessionState    = InternalSession (Context)->State;
 
   Context->LastSeq           = 0;
   Context->ShutdownRequested = FALSE;
@@ -121,20 +248,56 @@ InternalDispatch (
   OUT    UINT64                  *Result
   )
 {
+  OVMF_MH_SESSION  *Session;
+
+  Session = InternalSession (Context);
+  if ((Session->State == OVMF_MH_SESSION_FAILED) &&
+      (Command != OVMF_MH_CMD_NOP) && (Command != OVMF_MH_CMD_QUERY) &&
+      (Command != OVMF_MH_CMD_RESET) && (Command != OVMF_MH_CMD_SHUTDOWN))
+  {
+    return OVMF_MH_STATUS_SESSION_FAILED;
+  }
+
   switch (Command) {
     case OVMF_MH_CMD_NOP:
       return OVMF_MH_STATUS_SUCCESS;
 
     case OVMF_MH_CMD_QUERY:
       Result[0] = ((UINT64)OVMF_MH_ABI_MAJOR << 16) | OVMF_MH_ABI_MINOR;
-      Result[1] = OVMF_MH_CAPABILITIES;
+      Result[1] = InternalCapabilities (Context);
       Result[2] = Context->GuestWindowSize;
       Result[3] = Context->DataSize;
+      Result[4] = Session->State;
+      Result[5] = OVMF_MH_MAX_BATCH_PAGES;
       return OVMF_MH_STATUS_SUCCESS;
 
     case OVMF_MH_CMD_SHUTDOWN:
+      MigrationHelperWipeKeys (Context);
       Context->ShutdownRequested = TRUE;
       return OVMF_MH_STATUS_SUCCESS;
+
+    case OVMF_MH_CMD_RESET:
+      InternalEndSession (Session);
+      Session->State = OVMF_MH_SESSION_IDLE;
+      return OVMF_MH_STATUS_SUCCESS;
+
+    case OVMF_MH_CMD_EXPORT_BEGIN:
+      return InternalExportBegin (Context, Arg, Result);
+
+    case OVMF_MH_CMD_EXPORT_BATCH:
+      return InternalExportBatch (Context, Arg, Result);
+
+    case OVMF_MH_CMD_EXPORT_END:
+      return InternalExportEnd (Context, Arg, Result);
+
+    case OVMF_MH_CMD_IMPORT_BEGIN:
+      return InternalImportBegin (Context, Arg, Result);
+
+    case OVMF_MH_CMD_IMPORT_BATCH:
+      return InternalImportBatch (Context, Arg, Result);
+
+    case OVMF_MH_CMD_IMPORT_END:
+      return InternalImportEnd (Context, Arg, Result);
 
     default:
       return OVMF_MH_STATUS_UNSUPPORTED;
@@ -195,7 +358,8 @@ MigrationHelperServeOne (
     Header->Result[Index] = Result[Index];
   }
 
-  Header->Status = Status;
+  Header->Status       = Status;
+  Header->SessionState = InternalSession (Context)->State;
   if (Context->ShutdownRequested) {
     Header->State = OVMF_MH_STATE_SHUTDOWN;
   }

@@ -12,6 +12,90 @@
 #include <Library/BaseMemoryLib.h>
 #include <Library/MigrationHelperCoreLib.h>
 
-#define OVMF_MH_CAPABILITIES  (OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN)
+#include "PageCrypto.h"
+
+#define OVMF_MH_BASE_CAPABILITIES \
+  (OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN | OVMF_MH_CAP_EXPORT | OVMF_MH_CAP_IMPORT)
+
+///
+/// Largest record (PAGE) and the end record, in bytes.
+///
+#define OVMF_MH_MAX_RECORD_SIZE \
+  (sizeof (OVMF_MH_RECORD_HEADER) + OVMF_MH_PAGE_SIZE + OVMF_MH_TAG_SIZE)
+#define OVMF_MH_END_RECORD_SIZE \
+  (sizeof (OVMF_MH_RECORD_HEADER) + sizeof (OVMF_MH_END_PAYLOAD) + OVMF_MH_TAG_SIZE)
+
+///
+/// Session state and buffers, in helper-private memory.
+///
+struct OVMF_MH_SESSION {
+  UINT32                   State;                        ///< OVMF_MH_SESSION_*
+  BOOLEAN                  KeyLoaded;                    ///< TransportKey is valid
+  BOOLEAN                  KeyReady;                     ///< Key is a live session key
+  BOOLEAN                  AllowAesNi;
+  UINT8                    TransportKey[OVMF_MH_KEY_SIZE];
+  OVMF_MH_OCB_KEY          Key;
+  UINT8                    SessionId[OVMF_MH_SESSION_ID_SIZE];
+  UINT8                    Chain[OVMF_MH_DIGEST_SIZE];
+  UINT64                   NextSequence;
+  UINT64                   RecordCount;
+  OVMF_MH_STREAM_HEADER    StreamHeader;
+  UINT64                   PageList[OVMF_MH_MAX_BATCH_PAGES];
+  UINT8                    Scratch[128];
+  UINT8                    PageBuffer[OVMF_MH_PAGE_SIZE];
+  UINT8                    Batch[OVMF_MH_MAX_BATCH_PAGES * OVMF_MH_MAX_RECORD_SIZE];
+};
+
+OVMF_MH_SESSION *
+InternalSession (
+  IN OVMF_MH_HELPER_CONTEXT  *Context
+  );
+
+VOID
+InternalEndSession (
+  IN OUT OVMF_MH_SESSION  *Session
+  );
+
+UINT32
+InternalExportBegin (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalExportBatch (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalExportEnd (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalImportBegin (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalImportBatch (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalImportEnd (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
 
 #endif

@@ -27,7 +27,16 @@ typedef struct {
 
 #define SEC_MH_PRIVATE_MAGIC  0x5441564952504d4fULL   // "OMPRIVAT"
 
-STATIC_ASSERT (sizeof (SEC_MH_PRIVATE) <= OVMF_MH_PRIVATE_SIZE, "private state fits");
+///
+/// The core's session state and batch buffers follow SEC_MH_PRIVATE.
+///
+#define SEC_MH_CORE_PRIVATE_BASE  (OVMF_MH_PRIVATE_BASE + 0x10000)
+
+STATIC_ASSERT (sizeof (SEC_MH_PRIVATE) <= 0x10000, "private state fits before the core's area");
+STATIC_ASSERT (
+  0x10000 + OVMF_MH_CORE_PRIVATE_SIZE <= OVMF_MH_PRIVATE_SIZE,
+  "core private area fits the helper's private RAM"
+  );
 
 /**
   Write a formatted line to QEMU's debug console, in every build target.

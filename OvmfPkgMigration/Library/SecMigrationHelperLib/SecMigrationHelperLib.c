@@ -24,7 +24,7 @@ STATIC CONST OVMF_MH_IMAGE_INFO  mImageInfo = {
   sizeof (OVMF_MH_IMAGE_INFO),
   OVMF_MH_ABI_MAJOR,
   OVMF_MH_ABI_MINOR,
-  OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN,
+  OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN | OVMF_MH_CAP_EXPORT | OVMF_MH_CAP_IMPORT,
   (UINT64)(UINTN)FixedPcdGetPtr (PcdMigrationHelperBuildId),
   OVMF_MH_REQUEST_FW_CFG_NAME,
   OVMF_MH_SECRET_PAGE_BASE,
@@ -100,6 +100,7 @@ InternalHelperRun (
   UINT32                Status;
   UINT8                 BuildId[16];
   SEC_MH_PRIVATE        *Private;
+  BOOLEAN               KeyLoaded;
 
   InternalReadBuildId (BuildId);
   InternalHelperLog (
@@ -158,9 +159,29 @@ InternalHelperRun (
   Private->Context.GuestWindow     = (volatile UINT8 *)(UINTN)Request.GuestWindowBase;
   Private->Context.GuestWindowSize = Request.GuestWindowSize;
   CopyMem (Private->Context.BuildId, BuildId, sizeof (BuildId));
-  Private->Magic = SEC_MH_PRIVATE_MAGIC;
+  Private->Context.Private     = (VOID *)(UINTN)SEC_MH_CORE_PRIVATE_BASE;
+  Private->Context.PrivateSize = OVMF_MH_CORE_PRIVATE_SIZE;
+  Private->Magic               = SEC_MH_PRIVATE_MAGIC;
 
+  //
+  // SSE must be on before the core probes for AES-NI.
+  //
   InternalHelperInitializeCpu (Private);
+  if (!MigrationHelperInitialize (&Private->Context)) {
+    InternalHelperLog ("ovmf-mh: helper private memory too small; halting\n");
+    MigrationHelperPublishHalt (Private->Context.Header, BuildId, OVMF_MH_STATE_HALTED, OVMF_MH_STATUS_UNEXPECTED, 0);
+    InternalHelperHalt ();
+  }
+
+  KeyLoaded = MigrationHelperLoadSecret (
+                &Private->Context,
+                (volatile UINT8 *)(UINTN)OVMF_MH_SECRET_PAGE_BASE,
+                OVMF_MH_PAGE_SIZE
+                );
+  InternalHelperLog (
+    "ovmf-mh: transport key %a; launch-secret page wiped\n",
+    KeyLoaded ? "loaded" : "absent (export and import refuse with NO_KEY)"
+    );
   MigrationHelperPublishReady (&Private->Context);
 
   InternalHelperLog (

@@ -1,0 +1,822 @@
+/** @file
+  Export and import sessions: the page stream of docs/stream-format.md.
+
+  Everything the host controls (the data area, the guest window contents,
+  the command arguments) is hostile. Offsets and sizes are checked before
+  use, input is copied into private memory before it is verified, and a
+  page reaches guest memory only after its record authenticated.
+
+  SPDX-License-Identifier: BSD-2-Clause-Patent
+**/
+
+#include "MigrationHelperCoreInternal.h"
+
+#define SESSION_INFO       "ovmf-mh v1 stream"
+#define SESSION_INFO_SIZE  (sizeof (SESSION_INFO) - 1)
+#define CHAIN_LABEL        "ovmf-mh v1 chain"
+#define CHAIN_LABEL_SIZE   (sizeof (CHAIN_LABEL) - 1)
+#define OKM_SIZE           (OVMF_MH_KEY_SIZE + OVMF_MH_SESSION_ID_SIZE)
+#define RDRAND_RETRIES     32
+#define CPUID_RDRAND       BIT30
+
+STATIC_ASSERT (sizeof (OVMF_MH_SESSION) <= OVMF_MH_CORE_PRIVATE_SIZE, "session fits the private area");
+
+/**
+  Return the session state carved out of the platform's private memory.
+
+  @param[in] Context  An initialized context.
+
+  @return The session.
+**/
+OVMF_MH_SESSION *
+InternalSession (
+  IN OVMF_MH_HELPER_CONTEXT  *Context
+  )
+{
+  return (OVMF_MH_SESSION *)Context->Private;
+}
+
+/**
+  Check that [Offset, Offset + Size) lies inside the data area.
+
+  @param[in] Context  The helper context.
+  @param[in] Offset   Offset into the data area.
+  @param[in] Size     Length.
+
+  @retval TRUE   Inside (and not wrapping).
+  @retval FALSE  Outside.
+**/
+STATIC
+BOOLEAN
+InternalDataSpanOk (
+  IN OVMF_MH_HELPER_CONTEXT  *Context,
+  IN UINT64                  Offset,
+  IN UINT64                  Size
+  )
+{
+  return (BOOLEAN)((Offset <= Context->DataSize) && (Size <= Context->DataSize - Offset));
+}
+
+/**
+  Check that a guest page offset is aligned and inside the window.
+
+  @param[in] Context      The helper context.
+  @param[in] GuestOffset  Byte offset of the page in guest RAM.
+
+  @retval TRUE   Valid.
+  @retval FALSE  Misaligned or outside.
+**/
+STATIC
+BOOLEAN
+InternalGuestPageOk (
+  IN OVMF_MH_HELPER_CONTEXT  *Context,
+  IN UINT64                  GuestOffset
+  )
+{
+  return (BOOLEAN)(((GuestOffset & (OVMF_MH_PAGE_SIZE - 1)) == 0) &&
+                   (Context->GuestWindowSize >= OVMF_MH_PAGE_SIZE) &&
+                   (GuestOffset <= Context->GuestWindowSize - OVMF_MH_PAGE_SIZE));
+}
+
+/**
+  Build the 12-byte nonce of a sequence number.
+
+  @param[in]  Sequence  Record sequence number.
+  @param[out] Nonce     Receives OVMF_MH_NONCE_SIZE bytes.
+**/
+STATIC
+VOID
+InternalNonce (
+  IN  UINT64  Sequence,
+  OUT UINT8   *Nonce
+  )
+{
+  UINTN  Index;
+
+  Nonce[0] = 0;
+  Nonce[1] = 0;
+  Nonce[2] = 0;
+  Nonce[3] = 0;
+  for (Index = 0; Index < 8; Index++) {
+    Nonce[4 + Index] = (UINT8)(Sequence >> (Index * 8));
+  }
+}
+
+/**
+  Fill a buffer from RDRAND.
+
+  @param[out] Buffer  Receives random bytes.
+  @param[in]  Size    A multiple of 8.
+
+  @retval TRUE   Filled.
+  @retval FALSE  The CPU has no RDRAND or it kept failing.
+**/
+STATIC
+BOOLEAN
+InternalRandom (
+  OUT UINT8  *Buffer,
+  IN  UINTN  Size
+  )
+{
+  UINT32  Ecx;
+  UINT64  Value;
+  UINTN   Offset;
+  UINTN   Try;
+
+  AsmCpuid (1, NULL, NULL, &Ecx, NULL);
+  if ((Ecx & CPUID_RDRAND) == 0) {
+    return FALSE;
+  }
+
+  for (Offset = 0; Offset < Size; Offset += sizeof (Value)) {
+    for (Try = 0; Try < RDRAND_RETRIES; Try++) {
+      if (AsmRdRand64 (&Value)) {
+        break;
+      }
+    }
+
+    if (Try == RDRAND_RETRIES) {
+      return FALSE;
+    }
+
+    CopyMem (Buffer + Offset, &Value, sizeof (Value));
+  }
+
+  Value = 0;
+  return TRUE;
+}
+
+/**
+  Derive the session key and session id from the transport key and a salt,
+  and reset the chain and sequence.
+
+  @param[in,out] Session  The session.
+  @param[in]     Salt     OVMF_MH_SALT_SIZE bytes.
+
+  @retval TRUE   Derived.
+  @retval FALSE  Derivation failed (cannot happen with valid sizes).
+**/
+STATIC
+BOOLEAN
+InternalStartSession (
+  IN OUT OVMF_MH_SESSION  *Session,
+  IN     CONST UINT8      *Salt
+  )
+{
+  UINT8                   Okm[OKM_SIZE];
+  OVMF_MH_SHA256_CONTEXT  Chain;
+  BOOLEAN                 Ok;
+
+  Ok = MigrationHelperHkdfSha256 (
+         Salt,
+         OVMF_MH_SALT_SIZE,
+         Session->TransportKey,
+         OVMF_MH_KEY_SIZE,
+         (CONST UINT8 *)SESSION_INFO,
+         SESSION_INFO_SIZE,
+         Okm,
+         sizeof (Okm)
+         );
+  Ok = (BOOLEAN)(Ok && MigrationHelperOcbInit (&Session->Key, Okm, OVMF_MH_KEY_SIZE, Session->AllowAesNi));
+  CopyMem (Session->SessionId, Okm + OVMF_MH_KEY_SIZE, OVMF_MH_SESSION_ID_SIZE);
+  MigrationHelperSecureZero (Okm, sizeof (Okm));
+
+  MigrationHelperSha256Init (&Chain);
+  MigrationHelperSha256Update (&Chain, (CONST UINT8 *)CHAIN_LABEL, CHAIN_LABEL_SIZE);
+  MigrationHelperSha256Update (&Chain, Session->SessionId, OVMF_MH_SESSION_ID_SIZE);
+  MigrationHelperSha256Final (&Chain, Session->Chain);
+
+  Session->NextSequence = 1;
+  Session->RecordCount  = 0;
+  Session->KeyReady     = Ok;
+  return Ok;
+}
+
+/**
+  Extend the chain digest with a record tag.
+
+  @param[in,out] Session  The session.
+  @param[in]     Tag      OVMF_MH_TAG_SIZE bytes.
+**/
+STATIC
+VOID
+InternalChain (
+  IN OUT OVMF_MH_SESSION  *Session,
+  IN     CONST UINT8      *Tag
+  )
+{
+  OVMF_MH_SHA256_CONTEXT  Chain;
+
+  MigrationHelperSha256Init (&Chain);
+  MigrationHelperSha256Update (&Chain, Session->Chain, OVMF_MH_DIGEST_SIZE);
+  MigrationHelperSha256Update (&Chain, Tag, OVMF_MH_TAG_SIZE);
+  MigrationHelperSha256Final (&Chain, Session->Chain);
+}
+
+/**
+  Forget the session key.
+
+  @param[in,out] Session  The session.
+**/
+VOID
+InternalEndSession (
+  IN OUT OVMF_MH_SESSION  *Session
+  )
+{
+  MigrationHelperOcbWipe (&Session->Key);
+  Session->KeyReady = FALSE;
+}
+
+/**
+  Tell whether a buffer is all zero.
+
+  @param[in] Buffer  Bytes.
+  @param[in] Size    Multiple of 8.
+
+  @retval TRUE   All zero.
+**/
+STATIC
+BOOLEAN
+InternalIsZero (
+  IN CONST volatile UINT8  *Buffer,
+  IN UINTN                 Size
+  )
+{
+  CONST volatile UINT64  *Words;
+  UINTN                  Index;
+
+  Words = (CONST volatile UINT64 *)Buffer;
+  for (Index = 0; Index < Size / sizeof (UINT64); Index++) {
+    if (Words[Index] != 0) {
+      return FALSE;
+    }
+  }
+
+  return TRUE;
+}
+
+/**
+  Fill a record header.
+
+  @param[in]  Session      The session.
+  @param[in]  Type         OVMF_MH_RECORD_*.
+  @param[in]  PayloadSize  Payload bytes.
+  @param[in]  GuestOffset  Page offset or 0.
+  @param[out] Record       The header.
+**/
+STATIC
+VOID
+InternalRecordHeader (
+  IN  OVMF_MH_SESSION        *Session,
+  IN  UINT32                 Type,
+  IN  UINT32                 PayloadSize,
+  IN  UINT64                 GuestOffset,
+  OUT OVMF_MH_RECORD_HEADER  *Record
+  )
+{
+  Record->Type        = Type;
+  Record->PayloadSize = PayloadSize;
+  Record->Sequence    = Session->NextSequence;
+  Record->GuestOffset = GuestOffset;
+  CopyMem (Record->SessionId, Session->SessionId, OVMF_MH_SESSION_ID_SIZE);
+}
+
+/**
+  EXPORT_BEGIN: draw a salt, derive the session, write the stream header.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      Out offset, capacity.
+  @param[out]    Result   Bytes written.
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalExportBegin (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION        *Session;
+  OVMF_MH_STREAM_HEADER  *Header;
+  UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
+
+  Session = InternalSession (Context);
+  if ((Session->State != OVMF_MH_SESSION_IDLE) && (Session->State != OVMF_MH_SESSION_COMPLETE)) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  if (!Session->KeyLoaded) {
+    return OVMF_MH_STATUS_NO_KEY;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  if (Arg[1] < sizeof (OVMF_MH_STREAM_HEADER)) {
+    return OVMF_MH_STATUS_BUFFER_TOO_SMALL;
+  }
+
+  Header = &Session->StreamHeader;
+  ZeroMem (Header, sizeof (*Header));
+  if (!InternalRandom (Header->Salt, OVMF_MH_SALT_SIZE)) {
+    return OVMF_MH_STATUS_NO_ENTROPY;
+  }
+
+  if (!InternalStartSession (Session, Header->Salt)) {
+    return OVMF_MH_STATUS_UNEXPECTED;
+  }
+
+  Header->Magic      = OVMF_MH_STREAM_MAGIC;
+  Header->Version    = OVMF_MH_STREAM_VERSION;
+  Header->HeaderSize = sizeof (OVMF_MH_STREAM_HEADER);
+  Header->Flags      = 0;
+  CopyMem (Header->SessionId, Session->SessionId, OVMF_MH_SESSION_ID_SIZE);
+  Header->GuestSize = Context->GuestWindowSize;
+  InternalNonce (0, Nonce);
+  MigrationHelperOcbEncrypt (
+    &Session->Key,
+    Nonce,
+    (CONST UINT8 *)Header,
+    OFFSET_OF (OVMF_MH_STREAM_HEADER, Tag),
+    NULL,
+    0,
+    NULL,
+    Header->Tag
+    );
+
+  CopyMem ((VOID *)(Context->Data + Arg[0]), Header, sizeof (*Header));
+  Session->State = OVMF_MH_SESSION_EXPORTING;
+  Result[0]      = sizeof (*Header);
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  EXPORT_BATCH: one record per listed guest page, in list order.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      List offset, count, out offset, capacity.
+  @param[out]    Result   Bytes written, records, zero pages.
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalExportBatch (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION        *Session;
+  UINT64                 Count;
+  UINT64                 Index;
+  UINT64                 Written;
+  UINT64                 ZeroPages;
+  UINT8                  *Out;
+  OVMF_MH_RECORD_HEADER  Record;
+  UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
+  CONST volatile UINT8   *Page;
+  UINT8                  *Tag;
+
+  Session = InternalSession (Context);
+  if (Session->State != OVMF_MH_SESSION_EXPORTING) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  Count = Arg[1];
+  if (Count > OVMF_MH_MAX_BATCH_PAGES) {
+    return OVMF_MH_STATUS_BATCH_TOO_LARGE;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Count * sizeof (UINT64)) ||
+      !InternalDataSpanOk (Context, Arg[2], Arg[3]))
+  {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  //
+  // Snapshot the list once; every entry is checked before any output.
+  //
+  CopyMem (Session->PageList, (VOID *)(Context->Data + Arg[0]), (UINTN)Count * sizeof (UINT64));
+  for (Index = 0; Index < Count; Index++) {
+    if (!InternalGuestPageOk (Context, Session->PageList[Index])) {
+      return OVMF_MH_STATUS_BAD_PAGE;
+    }
+  }
+
+  if (Arg[3] < Count * OVMF_MH_MAX_RECORD_SIZE) {
+    return OVMF_MH_STATUS_BUFFER_TOO_SMALL;
+  }
+
+  Out       = (UINT8 *)(Context->Data + Arg[2]);
+  Written   = 0;
+  ZeroPages = 0;
+  for (Index = 0; Index < Count; Index++) {
+    Page = Context->GuestWindow + Session->PageList[Index];
+    InternalNonce (Session->NextSequence, Nonce);
+    if (InternalIsZero (Page, OVMF_MH_PAGE_SIZE)) {
+      InternalRecordHeader (Session, OVMF_MH_RECORD_ZERO, 0, Session->PageList[Index], &Record);
+      Tag = Out + Written + sizeof (Record);
+      MigrationHelperOcbEncrypt (&Session->Key, Nonce, (CONST UINT8 *)&Record, sizeof (Record), NULL, 0, NULL, Tag);
+      ZeroPages++;
+    } else {
+      InternalRecordHeader (Session, OVMF_MH_RECORD_PAGE, OVMF_MH_PAGE_SIZE, Session->PageList[Index], &Record);
+      Tag = Out + Written + sizeof (Record) + OVMF_MH_PAGE_SIZE;
+      MigrationHelperOcbEncrypt (
+        &Session->Key,
+        Nonce,
+        (CONST UINT8 *)&Record,
+        sizeof (Record),
+        (CONST UINT8 *)Page,
+        OVMF_MH_PAGE_SIZE,
+        Out + Written + sizeof (Record),
+        Tag
+        );
+    }
+
+    CopyMem (Out + Written, &Record, sizeof (Record));
+    //
+    // The chain uses the helper's own copy of the tag, not the shared one.
+    //
+    CopyMem (Session->Scratch, Tag, OVMF_MH_TAG_SIZE);
+    InternalChain (Session, Session->Scratch);
+    Written += sizeof (Record) + Record.PayloadSize + OVMF_MH_TAG_SIZE;
+    Session->NextSequence++;
+    Session->RecordCount++;
+  }
+
+  Result[0] = Written;
+  Result[1] = Count;
+  Result[2] = ZeroPages;
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  EXPORT_END: write the end record and close the session.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      Out offset, capacity.
+  @param[out]    Result   Bytes written, record count.
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalExportEnd (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION        *Session;
+  OVMF_MH_RECORD_HEADER  Record;
+  OVMF_MH_END_PAYLOAD    Payload;
+  UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
+  UINT8                  *Out;
+
+  Session = InternalSession (Context);
+  if (Session->State != OVMF_MH_SESSION_EXPORTING) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  if (Arg[1] < OVMF_MH_END_RECORD_SIZE) {
+    return OVMF_MH_STATUS_BUFFER_TOO_SMALL;
+  }
+
+  Payload.RecordCount = Session->RecordCount;
+  CopyMem (Payload.ChainDigest, Session->Chain, OVMF_MH_DIGEST_SIZE);
+  InternalRecordHeader (Session, OVMF_MH_RECORD_END, sizeof (Payload), 0, &Record);
+  InternalNonce (Session->NextSequence, Nonce);
+  Out = (UINT8 *)(Context->Data + Arg[0]);
+  MigrationHelperOcbEncrypt (
+    &Session->Key,
+    Nonce,
+    (CONST UINT8 *)&Record,
+    sizeof (Record),
+    (CONST UINT8 *)&Payload,
+    sizeof (Payload),
+    Session->Scratch,
+    Session->Scratch + sizeof (Payload)
+    );
+  CopyMem (Out, &Record, sizeof (Record));
+  CopyMem (Out + sizeof (Record), Session->Scratch, sizeof (Payload) + OVMF_MH_TAG_SIZE);
+
+  InternalEndSession (Session);
+  Session->State = OVMF_MH_SESSION_COMPLETE;
+  Result[0]      = OVMF_MH_END_RECORD_SIZE;
+  Result[1]      = Payload.RecordCount;
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  IMPORT_BEGIN: verify a stream header and open an import session.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      In offset, size.
+  @param[out]    Result   Guest size named by the header.
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalImportBegin (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION        *Session;
+  OVMF_MH_STREAM_HEADER  *Header;
+  UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
+
+  Session = InternalSession (Context);
+  if ((Session->State != OVMF_MH_SESSION_IDLE) && (Session->State != OVMF_MH_SESSION_COMPLETE)) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  if (!Session->KeyLoaded) {
+    return OVMF_MH_STATUS_NO_KEY;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  Session->State = OVMF_MH_SESSION_FAILED;
+  if (Arg[1] != sizeof (OVMF_MH_STREAM_HEADER)) {
+    return OVMF_MH_STATUS_BAD_HEADER;
+  }
+
+  Header = &Session->StreamHeader;
+  CopyMem (Header, (VOID *)(Context->Data + Arg[0]), sizeof (*Header));
+  if ((Header->Magic != OVMF_MH_STREAM_MAGIC) ||
+      (Header->Version != OVMF_MH_STREAM_VERSION) ||
+      (Header->HeaderSize != sizeof (OVMF_MH_STREAM_HEADER)) ||
+      (Header->Flags != 0))
+  {
+    return OVMF_MH_STATUS_BAD_HEADER;
+  }
+
+  if (!InternalStartSession (Session, Header->Salt)) {
+    return OVMF_MH_STATUS_BAD_HEADER;
+  }
+
+  InternalNonce (0, Nonce);
+  if ((CompareMem (Header->SessionId, Session->SessionId, OVMF_MH_SESSION_ID_SIZE) != 0) ||
+      !MigrationHelperOcbDecrypt (
+         &Session->Key,
+         Nonce,
+         (CONST UINT8 *)Header,
+         OFFSET_OF (OVMF_MH_STREAM_HEADER, Tag),
+         NULL,
+         0,
+         Header->Tag,
+         NULL
+         ))
+  {
+    InternalEndSession (Session);
+    return OVMF_MH_STATUS_BAD_HEADER;
+  }
+
+  Session->State = OVMF_MH_SESSION_IMPORTING;
+  Result[0]      = Header->GuestSize;
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  Check a record header against the session, before its tag.
+
+  @param[in] Context  The helper context.
+  @param[in] Record   The record header (private copy).
+
+  @return OVMF_MH_STATUS_SUCCESS or the failure status.
+**/
+STATIC
+UINT32
+InternalCheckRecordHeader (
+  IN OVMF_MH_HELPER_CONTEXT       *Context,
+  IN CONST OVMF_MH_RECORD_HEADER  *Record
+  )
+{
+  OVMF_MH_SESSION  *Session;
+
+  Session = InternalSession (Context);
+  if (CompareMem (Record->SessionId, Session->SessionId, OVMF_MH_SESSION_ID_SIZE) != 0) {
+    return OVMF_MH_STATUS_WRONG_SESSION;
+  }
+
+  if (Record->Sequence < Session->NextSequence) {
+    return OVMF_MH_STATUS_SEQUENCE_REPLAY;
+  }
+
+  if (Record->Sequence > Session->NextSequence) {
+    return OVMF_MH_STATUS_SEQUENCE_GAP;
+  }
+
+  if ((Record->Type != OVMF_MH_RECORD_END) && !InternalGuestPageOk (Context, Record->GuestOffset)) {
+    return OVMF_MH_STATUS_BAD_PAGE;
+  }
+
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  IMPORT_BATCH: verify records one by one and write their pages.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      In offset, size.
+  @param[out]    Result   Records applied, pages written, failing sequence.
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalImportBatch (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION        *Session;
+  UINT64                 Size;
+  UINT64                 Position;
+  UINT64                 Records;
+  UINT64                 RecordSize;
+  OVMF_MH_RECORD_HEADER  Record;
+  UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
+  UINT8                  *Batch;
+  UINT32                 Status;
+
+  Session = InternalSession (Context);
+  if (Session->State != OVMF_MH_SESSION_IMPORTING) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  Size = Arg[1];
+  if (!InternalDataSpanOk (Context, Arg[0], Size)) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  if (Size > OVMF_MH_MAX_BATCH_PAGES * (UINT64)OVMF_MH_MAX_RECORD_SIZE) {
+    return OVMF_MH_STATUS_BATCH_TOO_LARGE;
+  }
+
+  //
+  // One private snapshot of the whole batch: the shared copy may change
+  // while it is verified.
+  //
+  Batch = Session->Batch;
+  CopyMem (Batch, (VOID *)(Context->Data + Arg[0]), (UINTN)Size);
+  Position = 0;
+  Records  = 0;
+  Status   = OVMF_MH_STATUS_SUCCESS;
+  while (Position < Size) {
+    if ((Size - Position < sizeof (Record)) || (Records == OVMF_MH_MAX_BATCH_PAGES)) {
+      Status = (Records == OVMF_MH_MAX_BATCH_PAGES) ? OVMF_MH_STATUS_BATCH_TOO_LARGE : OVMF_MH_STATUS_BAD_RECORD;
+      break;
+    }
+
+    CopyMem (&Record, Batch + Position, sizeof (Record));
+    Result[2] = Record.Sequence;
+    if (!(((Record.Type == OVMF_MH_RECORD_PAGE) && (Record.PayloadSize == OVMF_MH_PAGE_SIZE)) ||
+          ((Record.Type == OVMF_MH_RECORD_ZERO) && (Record.PayloadSize == 0))))
+    {
+      Status = OVMF_MH_STATUS_BAD_RECORD;
+      break;
+    }
+
+    RecordSize = sizeof (Record) + (UINT64)Record.PayloadSize + OVMF_MH_TAG_SIZE;
+    if (Size - Position < RecordSize) {
+      Status = OVMF_MH_STATUS_BAD_RECORD;
+      break;
+    }
+
+    Status = InternalCheckRecordHeader (Context, &Record);
+    if (Status != OVMF_MH_STATUS_SUCCESS) {
+      break;
+    }
+
+    InternalNonce (Record.Sequence, Nonce);
+    if (!MigrationHelperOcbDecrypt (
+           &Session->Key,
+           Nonce,
+           Batch + Position,
+           sizeof (Record),
+           Batch + Position + sizeof (Record),
+           Record.PayloadSize,
+           Batch + Position + sizeof (Record) + Record.PayloadSize,
+           Session->PageBuffer
+           ))
+    {
+      Status = OVMF_MH_STATUS_AUTH_FAILED;
+      break;
+    }
+
+    if (Record.Type == OVMF_MH_RECORD_PAGE) {
+      CopyMem ((VOID *)(Context->GuestWindow + Record.GuestOffset), Session->PageBuffer, OVMF_MH_PAGE_SIZE);
+      Result[1]++;
+    } else {
+      ZeroMem ((VOID *)(Context->GuestWindow + Record.GuestOffset), OVMF_MH_PAGE_SIZE);
+    }
+
+    InternalChain (Session, Batch + Position + sizeof (Record) + Record.PayloadSize);
+    Session->NextSequence++;
+    Session->RecordCount++;
+    Records++;
+    Position += RecordSize;
+  }
+
+  MigrationHelperSecureZero (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
+  MigrationHelperSecureZero (Batch, (UINTN)Size);
+  Result[0] = Records;
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    InternalEndSession (Session);
+    Session->State = OVMF_MH_SESSION_FAILED;
+    return Status;
+  }
+
+  Result[2] = 0;
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  IMPORT_END: verify the end record: count and chain digest.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      In offset, size.
+  @param[out]    Result   Record count.
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalImportEnd (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION        *Session;
+  OVMF_MH_RECORD_HEADER  Record;
+  OVMF_MH_END_PAYLOAD    Payload;
+  UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
+  UINT8                  *Copy;
+  UINT32                 Status;
+
+  Session = InternalSession (Context);
+  if (Session->State != OVMF_MH_SESSION_IMPORTING) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  Status = OVMF_MH_STATUS_SUCCESS;
+  Copy   = Session->Batch;
+  if (Arg[1] == 0) {
+    Status = OVMF_MH_STATUS_TRUNCATED;
+  } else if (Arg[1] != OVMF_MH_END_RECORD_SIZE) {
+    Status = OVMF_MH_STATUS_BAD_RECORD;
+  } else {
+    CopyMem (Copy, (VOID *)(Context->Data + Arg[0]), OVMF_MH_END_RECORD_SIZE);
+    CopyMem (&Record, Copy, sizeof (Record));
+    if ((Record.Type != OVMF_MH_RECORD_END) || (Record.PayloadSize != sizeof (Payload))) {
+      Status = OVMF_MH_STATUS_BAD_RECORD;
+    } else {
+      Status = InternalCheckRecordHeader (Context, &Record);
+    }
+
+    if (Status == OVMF_MH_STATUS_SUCCESS) {
+      InternalNonce (Record.Sequence, Nonce);
+      if (!MigrationHelperOcbDecrypt (
+             &Session->Key,
+             Nonce,
+             Copy,
+             sizeof (Record),
+             Copy + sizeof (Record),
+             sizeof (Payload),
+             Copy + sizeof (Record) + sizeof (Payload),
+             (UINT8 *)&Payload
+             ))
+      {
+        Status = OVMF_MH_STATUS_AUTH_FAILED;
+      } else if ((Payload.RecordCount != Session->RecordCount) ||
+                 (CompareMem (Payload.ChainDigest, Session->Chain, OVMF_MH_DIGEST_SIZE) != 0))
+      {
+        Status = OVMF_MH_STATUS_TRUNCATED;
+      }
+    }
+  }
+
+  InternalEndSession (Session);
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    Session->State = OVMF_MH_SESSION_FAILED;
+    return Status;
+  }
+
+  Session->State = OVMF_MH_SESSION_COMPLETE;
+  Result[0]      = Session->RecordCount;
+  return OVMF_MH_STATUS_SUCCESS;
+}
