@@ -14,9 +14,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    from host_shim.commands import boot_cmd, build_cmd, inspect_cmd
+    from host_shim.commands import boot_cmd, build_cmd, inspect_cmd, keygen_cmd
 
-    return [build_cmd.register, boot_cmd.register, inspect_cmd.register]
+    return [build_cmd.register, boot_cmd.register, inspect_cmd.register, keygen_cmd.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

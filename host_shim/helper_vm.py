@@ -17,6 +17,7 @@ from typing import Any
 
 from helper import abi
 from host_shim.errors import MailboxError, QemuError
+from host_shim.keys import secret_page_base, secret_record
 from host_shim.mailbox import Mailbox
 from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
 from host_shim.request import HelperRequest, fw_cfg_name
@@ -32,6 +33,7 @@ class HelperSpec:
     own_ram_size: int = DEFAULT_OWN_RAM
     mailbox_size: int = DEFAULT_MAILBOX_SIZE
     guest_ram: Path | None = None
+    key: bytes | None = None  # transport key, injected as the launch secret
     request_override: bytes | None = None  # raw blob, for tests of bad requests
 
     @property
@@ -98,6 +100,10 @@ class HelperVM:
             f.truncate(self.spec.own_ram_size)
         self._file = self.own_ram.open("r+b")
         self._map = mmap.mmap(self._file.fileno(), self.spec.own_ram_size)
+        if self.spec.key is not None:
+            record = secret_record(self.spec.key)
+            base = secret_page_base()
+            self._map[base : base + len(record)] = record
         if self.spec.mailbox_base + self.spec.mailbox_size > self.spec.own_ram_size:
             # Only deliberately broken requests (tests) get here: the helper
             # must refuse them, and the host has no mapping of that mailbox.
