@@ -1,0 +1,388 @@
+"""A software migration helper with the semantics of the firmware's mailbox
+dispatcher (docs/mailbox.md, docs/stream-format.md).
+
+It is the executable specification the conformance suite holds every other
+implementation to (the host-built C dispatcher, the firmware in QEMU), and a
+helper the host can use where no helper VM exists. Every argument and every
+byte of the data area is treated as hostile: :meth:`ReferenceHelper.dispatch`
+validates instead of catching, and answers every input with a status.
+
+Order of the checks, for every command (the first failing check answers):
+
+1. unknown command code: UNSUPPORTED; more than OVMF_MH_ARG_COUNT arguments
+   or an argument outside UINT64: INVALID_PARAMETER (the mailbox cannot carry
+   either; only Python callers can);
+2. session FAILED and the command is not NOP, QUERY, RESET or SHUTDOWN:
+   SESSION_FAILED;
+3. session state not one the command accepts: BAD_STATE
+   (EXPORT_BEGIN/IMPORT_BEGIN: IDLE or COMPLETE; *_BATCH, *_END: EXPORTING
+   or IMPORTING respectively);
+4. EXPORT_BEGIN/IMPORT_BEGIN without a transport key: NO_KEY;
+5. batch limits: EXPORT_BATCH count > MaxBatchPages, IMPORT_BATCH size >
+   MaxBatchPages full page records: BATCH_TOO_LARGE;
+6. every data-area range (offset, size) in argument order: OUT_OF_BOUNDS;
+7. output capacity below the worst case the command can write (88 bytes;
+   count full PAGE records; 96 bytes): BUFFER_TOO_SMALL;
+8. then the command's content checks: the page list (BAD_PAGE), entropy
+   (NO_ENTROPY), the stream (docs/stream-format.md, in its order).
+
+Checks 1-7 look only at arguments and leave the session as it was. A
+stream check that fails (0x20-0x26 and a record's BAD_PAGE) leaves an import
+session FAILED. Export failures write nothing and leave the session as it
+was.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from helper import abi
+from helper import stream as s
+
+_A = abi.load()
+
+WritableBuffer = bytearray | memoryview | mmap.mmap
+#: Draws the salt of EXPORT_BEGIN; None means the entropy source failed.
+SaltSource = Callable[[int], bytes | None]
+Outcome = tuple[int, tuple[int, ...]]
+
+ARG_COUNT = _A.const("OVMF_MH_ARG_COUNT")
+RESULT_COUNT = _A.const("OVMF_MH_RESULT_COUNT")
+MAX_BATCH_PAGES = _A.const("OVMF_MH_MAX_BATCH_PAGES")
+#: Largest IMPORT_BATCH input: what an EXPORT_BATCH of MaxBatchPages can produce.
+MAX_IMPORT_BATCH_SIZE = MAX_BATCH_PAGES * s.PAGE_RECORD_SIZE
+_U64_LIMIT = 1 << 64
+_PAGE_LIST_ENTRY = 8  # UINT64 guest offsets
+
+SECRET = _A.layout("OVMF_MH_SECRET")
+SECRET_SIGNATURE = _A.const("OVMF_MH_SECRET_SIGNATURE")
+# HelperAbi.h documents OVMF_MH_SECRET.Version as 1 in a comment, without a define.
+SECRET_VERSION = 1
+
+CMD = {name: _A.const(f"OVMF_MH_CMD_{name}") for name in _A.names_with_prefix("OVMF_MH_CMD_").values()}
+STATUS = {name: _A.const(f"OVMF_MH_STATUS_{name}") for name in _A.names_with_prefix("OVMF_MH_STATUS_").values()}
+SESSION = {name: _A.const(f"OVMF_MH_SESSION_{name}") for name in _A.names_with_prefix("OVMF_MH_SESSION_").values()}
+
+#: Commands a FAILED session still serves normally.
+_ALWAYS_SERVED = frozenset(CMD[n] for n in ("NOP", "QUERY", "RESET", "SHUTDOWN"))
+
+
+class _Refused(Exception):
+    """A check failed: answer with ``status`` (and ``results``). Raised by the
+    check helpers, caught only by dispatch(), so the handlers read as the
+    documented list of checks."""
+
+    def __init__(self, status: int, results: Sequence[int] = ()) -> None:
+        super().__init__(status)
+        self.status = status
+        self.results = tuple(results)
+
+
+def _refuse(name: str) -> _Refused:
+    return _Refused(STATUS[name])
+
+
+def pack_secret(transport_key: bytes) -> bytearray:
+    """An OVMF_MH_SECRET blob carrying ``transport_key`` (what the guest
+    owner's tooling injects as the launch secret)."""
+    if len(transport_key) != s.KEY_SIZE:
+        raise ValueError(f"transport key must be {s.KEY_SIZE} bytes")
+    return bytearray(
+        SECRET.pack(Signature=SECRET_SIGNATURE, Version=SECRET_VERSION, KeySize=s.KEY_SIZE, Key=transport_key)
+    )
+
+
+def read_and_wipe_secret(secret: WritableBuffer) -> bytearray | None:
+    """Take the transport key out of a launch-secret buffer and zero the whole
+    buffer, valid or not, as the firmware does with its secret page, so the key
+    lives only in the helper's private memory afterwards."""
+    view = memoryview(secret).cast("B")
+    key: bytearray | None = None
+    if len(view) >= SECRET.size:
+        fields = SECRET.unpack(view[: SECRET.size])
+        valid = (fields["Signature"], fields["Version"], fields["KeySize"]) == (
+            SECRET_SIGNATURE,
+            SECRET_VERSION,
+            s.KEY_SIZE,
+        )
+        key = bytearray(fields["Key"]) if valid else None
+    view[:] = bytes(len(view))
+    return key
+
+
+def _writable_view(buffer: WritableBuffer, what: str) -> memoryview:
+    view = memoryview(buffer).cast("B")
+    if view.readonly:
+        raise ValueError(f"{what} must be writable")
+    return view
+
+
+@dataclass
+class _Export:
+    writer: s.StreamWriter
+
+
+@dataclass
+class _Import:
+    verifier: s.StreamVerifier
+
+
+class ReferenceHelper:
+    """The mailbox dispatcher in software: one guest window, one data area,
+    at most one session (export or import) at a time.
+
+    ``window`` is guest RAM as the helper sees it (a whole number of pages),
+    ``data`` the data area the offsets of the arguments point into. ``secret``
+    is the emulated launch secret (an OVMF_MH_SECRET blob, see
+    :func:`pack_secret`): read once and wiped in the caller's buffer.
+    ``salt_source`` stands for RDRAND so that tests get deterministic streams.
+
+    Key wiping is best effort: the transport key is zeroed in place, session
+    keys live in OpenSSL objects that are dropped.
+    """
+
+    def __init__(
+        self,
+        window: WritableBuffer,
+        data: WritableBuffer,
+        secret: WritableBuffer | None = None,
+        *,
+        salt_source: SaltSource = os.urandom,
+    ) -> None:
+        self.window = _writable_view(window, "guest window")
+        if len(self.window) % s.PAGE_SIZE:
+            raise ValueError("guest window must be a whole number of pages")
+        self.data = _writable_view(data, "data area")
+        self._salt_source = salt_source
+        self._transport_key = read_and_wipe_secret(secret) if secret is not None else None
+        self._state = SESSION["IDLE"]
+        self._session: _Export | _Import | None = None
+        self.shutdown_requested = False
+        self._handlers: dict[int, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
+            CMD["NOP"]: self._nop,
+            CMD["QUERY"]: self._query,
+            CMD["SHUTDOWN"]: self._shutdown,
+            CMD["RESET"]: self._reset,
+            CMD["EXPORT_BEGIN"]: self._export_begin,
+            CMD["EXPORT_BATCH"]: self._export_batch,
+            CMD["EXPORT_END"]: self._export_end,
+            CMD["IMPORT_BEGIN"]: self._import_begin,
+            CMD["IMPORT_BATCH"]: self._import_batch,
+            CMD["IMPORT_END"]: self._import_end,
+        }
+
+    # --- public view ---------------------------------------------------------
+
+    @property
+    def session_state(self) -> int:
+        return self._state
+
+    @property
+    def key_loaded(self) -> bool:
+        return self._transport_key is not None
+
+    @property
+    def capabilities(self) -> int:
+        caps = 0
+        for name in ("QUERY", "SHUTDOWN", "EXPORT", "IMPORT"):
+            caps |= _A.const(f"OVMF_MH_CAP_{name}")
+        if self.key_loaded:
+            caps |= _A.const("OVMF_MH_CAP_KEY_LOADED")
+        return caps
+
+    def dispatch(self, command: int, args: Sequence[int]) -> Outcome:
+        """Serve one command: (status, six results). Never raises for any
+        command or argument value or any data-area content."""
+        try:
+            results = self._serve(command, args)
+        except _Refused as refused:
+            return refused.status, _six(refused.results)
+        return STATUS["SUCCESS"], _six(results)
+
+    # --- dispatch ------------------------------------------------------------
+
+    def _serve(self, command: int, args: Sequence[int]) -> tuple[int, ...]:
+        handler = self._handlers.get(command) if isinstance(command, int) else None
+        if handler is None:
+            raise _refuse("UNSUPPORTED")
+        checked = _check_args(args)
+        if self._state == SESSION["FAILED"] and command not in _ALWAYS_SERVED:
+            raise _refuse("SESSION_FAILED")
+        return handler(checked)
+
+    def _require_state(self, *names: str) -> None:
+        if self._state not in {SESSION[n] for n in names}:
+            raise _refuse("BAD_STATE")
+
+    def _require_key(self) -> bytearray:
+        if self._transport_key is None:
+            raise _refuse("NO_KEY")
+        return self._transport_key
+
+    def _region(self, offset: int, size: int) -> memoryview:
+        """The data-area range [offset, offset + size), or OUT_OF_BOUNDS."""
+        if offset > len(self.data) or size > len(self.data) - offset:
+            raise _refuse("OUT_OF_BOUNDS")
+        return self.data[offset : offset + size]
+
+    def _end_session(self, state: str) -> None:
+        """Drop the session (and its key) and enter ``state``."""
+        self._session = None
+        self._state = SESSION[state]
+
+    # --- housekeeping commands ------------------------------------------------
+
+    def _nop(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        return ()
+
+    def _query(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        version = (_A.const("OVMF_MH_ABI_MAJOR") << 16) | _A.const("OVMF_MH_ABI_MINOR")
+        return version, self.capabilities, len(self.window), len(self.data), self._state, MAX_BATCH_PAGES
+
+    def _shutdown(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        """Wipe all key material; the firmware then powers off. Later commands
+        find no key (reference only: a real helper serves nothing after this)."""
+        self._end_session("IDLE")
+        if self._transport_key is not None:
+            self._transport_key[:] = bytes(len(self._transport_key))
+            self._transport_key = None
+        self.shutdown_requested = True
+        return ()
+
+    def _reset(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        self._end_session("IDLE")
+        return ()
+
+    # --- export ---------------------------------------------------------------
+
+    def _export_begin(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        out_offset, capacity = args[0], args[1]
+        self._require_state("IDLE", "COMPLETE")
+        key = self._require_key()
+        out = self._region(out_offset, capacity)
+        if capacity < s.STREAM_HEADER_SIZE:
+            raise _refuse("BUFFER_TOO_SMALL")
+        salt = self._salt_source(s.SALT_SIZE)
+        if salt is None:
+            raise _refuse("NO_ENTROPY")
+        if len(salt) != s.SALT_SIZE:
+            raise ValueError(f"salt_source returned {len(salt)} bytes, not {s.SALT_SIZE}")
+        writer = s.StreamWriter(key, salt, len(self.window))
+        out[: len(writer.header)] = writer.header
+        self._session = _Export(writer)
+        self._state = SESSION["EXPORTING"]
+        return (len(writer.header),)
+
+    def _export_batch(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        list_offset, count, out_offset, capacity = args[:4]
+        self._require_state("EXPORTING")
+        if count > MAX_BATCH_PAGES:
+            raise _refuse("BATCH_TOO_LARGE")
+        page_list = bytes(self._region(list_offset, count * _PAGE_LIST_ENTRY))  # private copy
+        out = self._region(out_offset, capacity)
+        if capacity < count * s.PAGE_RECORD_SIZE:
+            raise _refuse("BUFFER_TOO_SMALL")
+        offsets = struct.unpack(f"<{count}Q", page_list)
+        if not all(self._page_ok(offset) for offset in offsets):
+            raise _refuse("BAD_PAGE")
+        writer = self._export_writer()
+        records = [writer.page_record(offset, bytes(self.window[offset : offset + s.PAGE_SIZE])) for offset in offsets]
+        blob = b"".join(records)
+        out[: len(blob)] = blob
+        zero_pages = sum(len(r) == s.ZERO_RECORD_SIZE for r in records)
+        return len(blob), len(records), zero_pages
+
+    def _export_end(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        out_offset, capacity = args[0], args[1]
+        self._require_state("EXPORTING")
+        out = self._region(out_offset, capacity)
+        if capacity < s.END_RECORD_SIZE:
+            raise _refuse("BUFFER_TOO_SMALL")
+        writer = self._export_writer()
+        record = writer.end_record()
+        out[: len(record)] = record
+        self._end_session("COMPLETE")
+        return len(record), writer.record_count
+
+    def _page_ok(self, offset: int) -> bool:
+        return offset % s.PAGE_SIZE == 0 and offset + s.PAGE_SIZE <= len(self.window)
+
+    def _export_writer(self) -> s.StreamWriter:
+        assert isinstance(self._session, _Export), "EXPORTING without an export session"
+        return self._session.writer
+
+    # --- import ---------------------------------------------------------------
+
+    def _import_begin(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        in_offset, size = args[0], args[1]
+        self._require_state("IDLE", "COMPLETE")
+        key = self._require_key()
+        # Private copy; one byte more than a header is enough to see a wrong size.
+        header = bytes(self._region(in_offset, size)[: s.STREAM_HEADER_SIZE + 1])
+        try:
+            verifier = s.StreamVerifier.from_header(key, header, len(self.window))
+        except s.VerifyError as error:
+            self._end_session("FAILED")
+            raise _Refused(error.status) from None
+        self._session = _Import(verifier)
+        self._state = SESSION["IMPORTING"]
+        return (s.decode_stream_header(header).guest_size,)
+
+    def _import_batch(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        in_offset, size = args[0], args[1]
+        self._require_state("IMPORTING")
+        if size > MAX_IMPORT_BATCH_SIZE:
+            raise _refuse("BATCH_TOO_LARGE")
+        batch = memoryview(bytes(self._region(in_offset, size)))  # private copy before any check
+        verifier = self._import_verifier()
+        applied = pages = pos = 0
+        while pos < len(batch):
+            try:
+                opened, pos = verifier.open_next(batch, pos)
+            except s.VerifyError as error:
+                self._end_session("FAILED")
+                raise _Refused(error.status, (applied, pages, verifier.next_sequence)) from None
+            self._apply(opened)
+            applied += 1
+            pages += opened.page is not None
+        return applied, pages
+
+    def _import_end(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        in_offset, size = args[0], args[1]
+        self._require_state("IMPORTING")
+        # Private copy; one byte more than an end record is enough to see a wrong size.
+        end = memoryview(bytes(self._region(in_offset, size)[: s.END_RECORD_SIZE + 1]))
+        verifier = self._import_verifier()
+        try:
+            count = verifier.finish(end)
+        except s.VerifyError as error:
+            self._end_session("FAILED")
+            raise _Refused(error.status) from None
+        self._end_session("COMPLETE")
+        return (count,)
+
+    def _apply(self, opened: s.OpenedRecord) -> None:
+        """Write a verified record to the guest: its page, or zeros."""
+        page = s.ZERO_PAGE if opened.page is None else opened.page
+        self.window[opened.guest_offset : opened.guest_offset + s.PAGE_SIZE] = page
+
+    def _import_verifier(self) -> s.StreamVerifier:
+        assert isinstance(self._session, _Import), "IMPORTING without an import session"
+        return self._session.verifier
+
+
+def _check_args(args: Sequence[int]) -> tuple[int, ...]:
+    """Pad to OVMF_MH_ARG_COUNT; refuse what a UINT64 mailbox slot cannot hold."""
+    if len(args) > ARG_COUNT:
+        raise _refuse("INVALID_PARAMETER")
+    if not all(isinstance(a, int) and 0 <= a < _U64_LIMIT for a in args):
+        raise _refuse("INVALID_PARAMETER")
+    return tuple(args) + (0,) * (ARG_COUNT - len(args))
+
+
+def _six(results: Sequence[int]) -> tuple[int, ...]:
+    return tuple(results) + (0,) * (RESULT_COUNT - len(results))
