@@ -1,0 +1,160 @@
+/** @file
+  Host implementations of the EDK2 BaseLib/BaseMemoryLib functions used by
+  MigrationHelperCoreLib: CopyMem, SetMem, ZeroMem, CompareMem,
+  MemoryFence, CpuPause, AsmCpuid, AsmCpuidEx.
+
+  They keep the EDK2 prototypes (EFIAPI is ms_abi in the host build, as in
+  the firmware), so the core sources compile unchanged. Only this file may
+  hold host-only mutable state (the CPUID override for tests).
+
+  SPDX-License-Identifier: BSD-2-Clause-Patent
+**/
+
+#include <Base.h>
+#include <Library/BaseLib.h>
+#include <Library/BaseMemoryLib.h>
+
+#include "HostShim.h"
+
+STATIC UINT32  mHostShimCpuid1EcxClear = 0;
+
+void
+host_shim_set_cpuid1_ecx_clear (
+  UINT32  EcxClearMask
+  )
+{
+  mHostShimCpuid1EcxClear = EcxClearMask;
+}
+
+VOID *
+EFIAPI
+CopyMem (
+  OUT VOID       *DestinationBuffer,
+  IN CONST VOID  *SourceBuffer,
+  IN UINTN       Length
+  )
+{
+  //
+  // memmove semantics, like BaseMemoryLib.
+  //
+  return __builtin_memmove (DestinationBuffer, SourceBuffer, Length);
+}
+
+VOID *
+EFIAPI
+SetMem (
+  OUT VOID  *Buffer,
+  IN UINTN  Length,
+  IN UINT8  Value
+  )
+{
+  return __builtin_memset (Buffer, Value, Length);
+}
+
+VOID *
+EFIAPI
+ZeroMem (
+  OUT VOID  *Buffer,
+  IN UINTN  Length
+  )
+{
+  return __builtin_memset (Buffer, 0, Length);
+}
+
+INTN
+EFIAPI
+CompareMem (
+  IN CONST VOID  *DestinationBuffer,
+  IN CONST VOID  *SourceBuffer,
+  IN UINTN       Length
+  )
+{
+  CONST UINT8  *Left;
+  CONST UINT8  *Right;
+  UINTN        Index;
+
+  Left  = (CONST UINT8 *)DestinationBuffer;
+  Right = (CONST UINT8 *)SourceBuffer;
+  for (Index = 0; Index < Length; Index++) {
+    if (Left[Index] != Right[Index]) {
+      return (INTN)Left[Index] - (INTN)Right[Index];
+    }
+  }
+
+  return 0;
+}
+
+VOID
+EFIAPI
+MemoryFence (
+  VOID
+  )
+{
+  __atomic_thread_fence (__ATOMIC_SEQ_CST);
+}
+
+VOID
+EFIAPI
+CpuPause (
+  VOID
+  )
+{
+  __asm__ __volatile__ ("pause" ::: "memory");
+}
+
+UINT32
+EFIAPI
+AsmCpuidEx (
+  IN      UINT32  Index,
+  IN      UINT32  SubIndex,
+  OUT     UINT32  *RegisterEax   OPTIONAL,
+  OUT     UINT32  *RegisterEbx   OPTIONAL,
+  OUT     UINT32  *RegisterEcx   OPTIONAL,
+  OUT     UINT32  *RegisterEdx   OPTIONAL
+  )
+{
+  UINT32  Eax;
+  UINT32  Ebx;
+  UINT32  Ecx;
+  UINT32  Edx;
+
+  __asm__ __volatile__ (
+    "cpuid"
+    : "=a" (Eax), "=b" (Ebx), "=c" (Ecx), "=d" (Edx)
+    : "a" (Index), "c" (SubIndex)
+    );
+  if (Index == 1) {
+    Ecx &= ~mHostShimCpuid1EcxClear;
+  }
+
+  if (RegisterEax != NULL) {
+    *RegisterEax = Eax;
+  }
+
+  if (RegisterEbx != NULL) {
+    *RegisterEbx = Ebx;
+  }
+
+  if (RegisterEcx != NULL) {
+    *RegisterEcx = Ecx;
+  }
+
+  if (RegisterEdx != NULL) {
+    *RegisterEdx = Edx;
+  }
+
+  return Index;
+}
+
+UINT32
+EFIAPI
+AsmCpuid (
+  IN      UINT32  Index,
+  OUT     UINT32  *RegisterEax   OPTIONAL,
+  OUT     UINT32  *RegisterEbx   OPTIONAL,
+  OUT     UINT32  *RegisterEcx   OPTIONAL,
+  OUT     UINT32  *RegisterEdx   OPTIONAL
+  )
+{
+  return AsmCpuidEx (Index, 0, RegisterEax, RegisterEbx, RegisterEcx, RegisterEdx);
+}
