@@ -575,10 +575,10 @@ MigrationHelperOcbDecrypt (
   OUT UINT8                  *Plain   OPTIONAL
   )
 {
-  UINT8   Computed[OVMF_MH_OCB_TAG_SIZE];
-  UINT32  Difference;
-  UINTN   Index;
-  BOOLEAN PlainOk;
+  UINT8    Computed[OVMF_MH_OCB_TAG_SIZE];
+  UINT32   Difference;
+  UINTN    Index;
+  BOOLEAN  PlainOk;
 
   PlainOk = InternalMhBufferOk (Plain, Size);
   if ((Key == NULL) || !InternalMhAesKeyIsValid (&Key->Aes) || (Nonce == NULL) ||
