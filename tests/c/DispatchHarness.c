@@ -16,7 +16,7 @@ void  free (void *Pointer);
 #include <Base.h>
 #include <Library/MigrationHelperCoreLib.h>
 
-#define MH_EXPORT  MH_EXPORT
+#define MH_EXPORT  __attribute__ ((visibility ("default")))
 
 /**
   Create a helper context over a mailbox and a guest window.
