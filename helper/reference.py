@@ -86,16 +86,6 @@ def _refuse(name: str) -> _Refused:
     return _Refused(STATUS[name])
 
 
-def pack_secret(transport_key: bytes) -> bytearray:
-    """An OVMF_MH_SECRET blob carrying ``transport_key`` (what the guest
-    owner's tooling injects as the launch secret)."""
-    if len(transport_key) != s.KEY_SIZE:
-        raise ValueError(f"transport key must be {s.KEY_SIZE} bytes")
-    return bytearray(
-        SECRET.pack(Signature=SECRET_SIGNATURE, Version=SECRET_VERSION, KeySize=s.KEY_SIZE, Key=transport_key)
-    )
-
-
 def read_and_wipe_secret(secret: WritableBuffer) -> bytearray | None:
     """Take the transport key out of a launch-secret buffer and zero the whole
     buffer, valid or not, as the firmware does with its secret page, so the key
@@ -137,8 +127,9 @@ class ReferenceHelper:
 
     ``window`` is guest RAM as the helper sees it (a whole number of pages),
     ``data`` the data area the offsets of the arguments point into. ``secret``
-    is the emulated launch secret (an OVMF_MH_SECRET blob, see
-    :func:`pack_secret`): read once and wiped in the caller's buffer.
+    is the emulated launch secret (an OVMF_MH_SECRET blob, as
+    ``host_shim.keys.secret_record`` builds it): read once and wiped in the
+    caller's buffer.
     ``salt_source`` stands for RDRAND so that tests get deterministic streams.
 
     Key wiping is best effort: the transport key is zeroed in place, session
