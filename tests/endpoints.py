@@ -1,0 +1,106 @@
+"""Helper implementations behind one small interface, for the conformance suite.
+
+An :class:`Endpoint` is one migration helper as the host sees it: a data
+area the host writes arguments into and reads results from, the guest RAM
+window the helper exports from or imports into, and a mailbox ``call``. The
+suite (tests/test_conformance.py) drives every implementation through this
+interface only, so the same tests hold the reference helper, the host-built C
+dispatcher and the firmware in QEMU to the same semantics.
+
+Adding an implementation: write a class that satisfies :class:`Endpoint`, a
+factory ``(EndpointSpec) -> context manager yielding it`` (the context
+manager owns whatever must be torn down: a ctypes context, a QEMU process),
+register the factory in :data:`FACTORIES` under a short name, and add the
+name to ``IMPLEMENTATIONS`` in tests/test_conformance.py (with the marks it
+needs, e.g. ``firmware``/``qemu``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from helper import abi
+from helper.reference import ReferenceHelper, SaltSource
+from host_shim.keys import secret_record
+
+
+class Endpoint(Protocol):
+    """One helper as the host drives it.
+
+    ``data``
+        The data area (the shared area after the 4 KiB mailbox header), as a
+        writable byte view: ``Arg[]`` offsets point into it.
+    ``window``
+        Guest RAM as the helper sees it, as a writable byte view: the suite
+        fills a source's pages here and reads a target's pages back.
+    ``call(command, *args)``
+        Post one command and wait for its answer; returns ``(Status,
+        Result[0..5])``. ``command`` is the name after ``OVMF_MH_CMD_``
+        (``"EXPORT_BATCH"``) or a raw code (for UNSUPPORTED tests); missing
+        arguments are zero; every argument is a UINT64. A non-success status
+        is returned, never raised: the statuses are what the suite checks.
+    """
+
+    @property
+    def data(self) -> memoryview: ...
+
+    @property
+    def window(self) -> memoryview: ...
+
+    def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]: ...
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """What the suite asks of a helper: sizes and the injected transport key
+    (None: no launch secret, the helper has no key)."""
+
+    window_size: int
+    data_size: int
+    transport_key: bytes | None
+
+
+EndpointFactory = Callable[[EndpointSpec], AbstractContextManager[Endpoint]]
+
+
+def command_code(command: str | int) -> int:
+    """``"EXPORT_BATCH"`` -> OVMF_MH_CMD_EXPORT_BATCH; an int passes through."""
+    if isinstance(command, int):
+        return command
+    return abi.load().const(f"OVMF_MH_CMD_{command}")
+
+
+class ReferenceEndpoint:
+    """The Python reference helper (helper/reference.py) in-process."""
+
+    def __init__(self, spec: EndpointSpec, salt_source: SaltSource = os.urandom) -> None:
+        secret = bytearray(secret_record(spec.transport_key)) if spec.transport_key is not None else None
+        self.helper = ReferenceHelper(
+            bytearray(spec.window_size), bytearray(spec.data_size), secret, salt_source=salt_source
+        )
+
+    @property
+    def data(self) -> memoryview:
+        return self.helper.data
+
+    @property
+    def window(self) -> memoryview:
+        return self.helper.window
+
+    def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]:
+        return self.helper.dispatch(command_code(command), args)
+
+
+@contextmanager
+def open_reference(spec: EndpointSpec) -> Iterator[Endpoint]:
+    yield ReferenceEndpoint(spec)
+
+
+#: Implementations by name; tests/test_conformance.py picks from these.
+FACTORIES: dict[str, EndpointFactory] = {
+    "reference": open_reference,
+}
