@@ -139,12 +139,14 @@ def test_malformed_request_is_refused(
             # The requested mailbox lies beyond the helper's RAM altogether.
             assert not mailbox_usable
             return
-        header = helper.mailbox.header()
         if mailbox_usable:
+            # The helper logs first, then publishes the halt in the mailbox.
+            header = helper.mailbox.wait_published(timeout=10)
             assert state_name(header["State"]) == "HALTED"
             assert status_name(header["HaltReason"]) == reason
         else:
             # The requested mailbox was not usable: the helper wrote nothing there.
+            header = helper.mailbox.header()
             assert header["Signature"] == 0 and header["State"] == 0
         assert helper.vm.serial_text() == ""
     if guest_ram is not None:
