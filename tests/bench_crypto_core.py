@@ -19,8 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import hostlib
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESOCB3
+
+from host_shim import hostcore as hostlib
 
 PAGE_SIZE = 4096
 AD_SIZE = 8

@@ -20,7 +20,7 @@ Variants:
     :func:`sanitizer_env` (``LD_PRELOAD`` of libasan); :func:`load` refuses
     otherwise.
 
-Command line: ``python tests/hostlib.py [--variant asan]`` builds and prints
+Command line: ``python -m host_shim.hostcore [--variant asan]`` builds and prints
 the path of the library.
 """
 
@@ -89,8 +89,6 @@ class HostLibBuildError(HostLibError):
 
 
 def _edk2_tree() -> Path:
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     from host_shim import paths
 
     return paths.edk2_tree()
