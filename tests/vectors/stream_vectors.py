@@ -1,0 +1,170 @@
+"""Write the known-answer page stream ``stream-v1.json``: a fixed transport
+key, a fixed salt and a few pages (one all zero), encoded by a minimal
+encoder written here directly on pyca ``cryptography`` (HKDF, AESOCB3) and
+hashlib, from docs/stream-format.md alone.
+
+The encoder deliberately does not import helper/stream.py: the vector is a
+second reading of the format document, so a mistake in the codec (key
+schedule, nonce, associated data, zero detection, chain) shows up as a
+difference instead of being copied into the expected bytes. Structure
+layouts and constants still come from HelperAbi.h through helper.abi, the one
+definition of them (tests/test_abi.py checks that parse against gcc).
+
+Besides the stream, the file holds the intermediate values (OKM, session key,
+session id, every nonce, D(0)..D(N), the end payload) so that an
+implementation can be debugged step by step.
+
+Run ``python tests/vectors/stream_vectors.py`` to rewrite the file;
+``--check`` only checks that the file on disk matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from helper import abi
+
+VECTORS_DIR = Path(__file__).resolve().parent
+OUTPUT = VECTORS_DIR / "stream-v1.json"
+
+A = abi.load()
+PAGE = A.const("OVMF_MH_PAGE_SIZE")
+KEY_SIZE = A.const("OVMF_MH_KEY_SIZE")
+TAG_SIZE = A.const("OVMF_MH_TAG_SIZE")
+PAGE_RECORD, ZERO_RECORD, END_RECORD = (A.const(f"OVMF_MH_RECORD_{t}") for t in ("PAGE", "ZERO", "END"))
+HEADER = A.layout("OVMF_MH_STREAM_HEADER")
+RECORD = A.layout("OVMF_MH_RECORD_HEADER")
+END_PAYLOAD = A.layout("OVMF_MH_END_PAYLOAD")
+OKM_SIZE = KEY_SIZE + A.const("OVMF_MH_SESSION_ID_SIZE")
+
+# docs/stream-format.md, "Key schedule" and "End payload".
+KDF_INFO = b"ovmf-mh v1 stream"
+CHAIN_LABEL = b"ovmf-mh v1 chain"
+
+TRANSPORT_KEY = hashlib.sha256(b"ovmf-mh stream-v1 transport key").digest()
+SALT = hashlib.sha256(b"ovmf-mh stream-v1 salt").digest()
+GUEST_PAGES = 16
+
+
+def _noise(label: bytes, size: int) -> bytes:
+    """Deterministic page content: SHA-256 in counter mode."""
+    return b"".join(hashlib.sha256(label + i.to_bytes(4, "little")).digest() for i in range(size // 32))
+
+
+def _pages() -> list[tuple[str, int, bytes]]:
+    """(description, guest offset, content) in stream order."""
+    last_byte_set = bytes(PAGE - 1) + b"\x01"
+    return [
+        ("noise", 0x2000, _noise(b"page 0x2000", PAGE)),
+        ("zero", 0x0000, bytes(PAGE)),
+        ("byte pattern", 0x5000, bytes((7 * i + 3) & 0xFF for i in range(PAGE))),
+        ("last byte set (not a zero page)", (GUEST_PAGES - 1) * PAGE, last_byte_set),
+        ("zero again", 0x1000, bytes(PAGE)),
+    ]
+
+
+def _nonce(sequence: int) -> bytes:
+    return bytes(4) + sequence.to_bytes(8, "little")
+
+
+def build() -> dict[str, Any]:
+    okm = HKDF(algorithm=hashes.SHA256(), length=OKM_SIZE, salt=SALT, info=KDF_INFO).derive(TRANSPORT_KEY)
+    key, session_id = okm[:KEY_SIZE], okm[KEY_SIZE:]
+    ocb = AESOCB3(key)
+
+    header_ad = HEADER.pack(
+        Magic=A.const("OVMF_MH_STREAM_MAGIC"),
+        Version=A.const("OVMF_MH_STREAM_VERSION"),
+        HeaderSize=HEADER.size,
+        Flags=0,
+        Salt=SALT,
+        SessionId=session_id,
+        GuestSize=GUEST_PAGES * PAGE,
+    )[: HEADER.offset("Tag")]
+    assert header_ad[:8] == b"OMHSTRM1", "magic as the format document spells it"
+    header = header_ad + ocb.encrypt(_nonce(0), b"", header_ad)
+
+    chain = [hashlib.sha256(CHAIN_LABEL + session_id).digest()]
+    records: list[dict[str, Any]] = []
+    for sequence, (description, offset, content) in enumerate(_pages(), start=1):
+        is_zero = not any(content)
+        record_type = ZERO_RECORD if is_zero else PAGE_RECORD
+        plaintext = b"" if is_zero else content
+        ad = RECORD.pack(
+            Type=record_type,
+            PayloadSize=len(plaintext),
+            Sequence=sequence,
+            GuestOffset=offset,
+            SessionId=session_id,
+        )
+        sealed = ad + ocb.encrypt(_nonce(sequence), plaintext, ad)
+        chain.append(hashlib.sha256(chain[-1] + sealed[-TAG_SIZE:]).digest())
+        records.append(
+            {
+                "description": description,
+                "type": record_type,
+                "sequence": sequence,
+                "guest_offset": offset,
+                "nonce": _nonce(sequence).hex(),
+                "page": content.hex(),
+                "record": sealed.hex(),
+            }
+        )
+
+    count = len(records)
+    end_payload = END_PAYLOAD.pack(RecordCount=count, ChainDigest=chain[-1])
+    end_ad = RECORD.pack(
+        Type=END_RECORD, PayloadSize=END_PAYLOAD.size, Sequence=count + 1, GuestOffset=0, SessionId=session_id
+    )
+    end_record = end_ad + ocb.encrypt(_nonce(count + 1), end_payload, end_ad)
+
+    stream = header + b"".join(bytes.fromhex(r["record"]) for r in records) + end_record
+    return {
+        "description": "ovmf-mh page stream v1 known answer (docs/stream-format.md); written by stream_vectors.py",
+        "transport_key": TRANSPORT_KEY.hex(),
+        "salt": SALT.hex(),
+        "kdf_info": KDF_INFO.decode(),
+        "okm": okm.hex(),
+        "session_key": key.hex(),
+        "session_id": session_id.hex(),
+        "guest_size": GUEST_PAGES * PAGE,
+        "page_list": [r["guest_offset"] for r in records],
+        "header": header.hex(),
+        "records": records,
+        "chain": [d.hex() for d in chain],
+        "end_payload": end_payload.hex(),
+        "end_record": end_record.hex(),
+        "stream": stream.hex(),
+    }
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check that the file on disk matches")
+    options = parser.parse_args(argv)
+    text = render()
+    if options.check:
+        if not OUTPUT.is_file() or OUTPUT.read_text() != text:
+            print(f"{OUTPUT} is out of date; run {Path(__file__).name}", file=sys.stderr)
+            return 1
+        return 0
+    OUTPUT.write_text(text)
+    print(f"wrote {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
