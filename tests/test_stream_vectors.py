@@ -1,0 +1,131 @@
+"""The known-answer stream (tests/vectors/stream-v1.json, written by an
+encoder independent of helper/stream.py) against the codec and the
+reference helper."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helper import abi
+from helper import stream as s
+from helper.reference import ReferenceHelper
+from host_shim.keys import secret_record
+
+VECTORS = Path(__file__).resolve().parent / "vectors"
+VECTOR_FILE = VECTORS / "stream-v1.json"
+sys.path.insert(0, str(VECTORS))
+import stream_vectors  # noqa: E402
+
+A = abi.load()
+
+
+@pytest.fixture(scope="module")
+def vector() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(VECTOR_FILE.read_text())
+    return loaded
+
+
+def _b(vector: dict[str, Any], name: str) -> bytes:
+    return bytes.fromhex(vector[name])
+
+
+def test_file_is_what_the_generator_writes() -> None:
+    assert stream_vectors.main(["--check"]) == 0
+
+
+def test_key_schedule_by_rfc5869_steps(vector: dict[str, Any]) -> None:
+    """HKDF spelled out with HMAC (extract, then expand), so that swapped salt
+    and key in both encoders would still be caught."""
+    prk = hmac.new(_b(vector, "salt"), _b(vector, "transport_key"), hashlib.sha256).digest()
+    info = vector["kdf_info"].encode()
+    t1 = hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
+    t2 = hmac.new(prk, t1 + info + b"\x02", hashlib.sha256).digest()
+    assert (t1 + t2)[: s.OKM_SIZE] == _b(vector, "okm")
+    keys = s.derive_session(_b(vector, "transport_key"), _b(vector, "salt"))
+    assert keys.key + keys.session_id == _b(vector, "okm")
+    assert keys.session_id == _b(vector, "session_id")
+
+
+def test_codec_pieces(vector: dict[str, Any]) -> None:
+    writer = s.StreamWriter(_b(vector, "transport_key"), _b(vector, "salt"), vector["guest_size"])
+    assert writer.header == _b(vector, "header")
+    chain = s.ChainDigest(_b(vector, "session_id"))
+    assert chain.digest().hex() == vector["chain"][0]
+    for record, expected_chain in zip(vector["records"], vector["chain"][1:], strict=True):
+        assert s.nonce(record["sequence"]).hex() == record["nonce"]
+        assert writer.page_record(record["guest_offset"], bytes.fromhex(record["page"])).hex() == record["record"]
+        chain.update(s.record_tag(bytes.fromhex(record["record"])))
+        assert chain.digest().hex() == expected_chain
+    assert writer.end_record() == _b(vector, "end_record")
+
+
+def test_codec_decodes_and_verifies(vector: dict[str, Any]) -> None:
+    decoded = s.decode_stream(_b(vector, "transport_key"), _b(vector, "stream"))
+    assert decoded.header.salt == _b(vector, "salt")
+    assert decoded.header.guest_size == vector["guest_size"]
+    assert len(decoded.records) == len(vector["records"])
+    for got, want in zip(decoded.records, vector["records"], strict=True):
+        assert (got.sequence, got.guest_offset) == (want["sequence"], want["guest_offset"])
+        page = bytes.fromhex(want["page"])
+        assert got.page == (None if page == bytes(s.PAGE_SIZE) else page)
+    end = s.decode_end_payload(
+        s.StreamCipher(s.derive_session(_b(vector, "transport_key"), _b(vector, "salt"))).open_record(
+            _b(vector, "end_record")
+        )
+    )
+    assert end.pack() == _b(vector, "end_payload")
+
+
+def _helper(vector: dict[str, Any], salt: bytes) -> ReferenceHelper:
+    secret = bytearray(secret_record(_b(vector, "transport_key")))
+    return ReferenceHelper(bytearray(vector["guest_size"]), bytearray(1 << 16), secret, salt_source=lambda n: salt)
+
+
+def _call(helper: ReferenceHelper, command: str, *args: int) -> tuple[int, ...]:
+    status, results = helper.dispatch(A.const(f"OVMF_MH_CMD_{command}"), args)
+    assert status == A.const("OVMF_MH_STATUS_SUCCESS"), command
+    return results
+
+
+def test_reference_export_reproduces_the_stream(vector: dict[str, Any]) -> None:
+    helper = _helper(vector, _b(vector, "salt"))
+    for record in vector["records"]:
+        offset = record["guest_offset"]
+        helper.window[offset : offset + s.PAGE_SIZE] = bytes.fromhex(record["page"])
+    offsets = vector["page_list"]
+    struct.pack_into(f"<{len(offsets)}Q", helper.data, 0, *offsets)
+    out, capacity = 0x1000, len(helper.data) - 0x1000
+    pieces = []
+    for command, args in (
+        ("EXPORT_BEGIN", (out, capacity)),
+        ("EXPORT_BATCH", (0, len(offsets), out, capacity)),
+        ("EXPORT_END", (out, capacity)),
+    ):
+        written = _call(helper, command, *args)[0]
+        pieces.append(bytes(helper.data[out : out + written]))
+    assert b"".join(pieces) == _b(vector, "stream")
+
+
+def test_reference_import_of_the_stream(vector: dict[str, Any]) -> None:
+    helper = _helper(vector, bytes(s.SALT_SIZE))
+    helper.window[:] = b"\xee" * len(helper.window)
+    stream = _b(vector, "stream")
+    header, body, end = (
+        stream[: s.STREAM_HEADER_SIZE],
+        stream[s.STREAM_HEADER_SIZE : -s.END_RECORD_SIZE],
+        stream[-s.END_RECORD_SIZE :],
+    )
+    for command, blob in (("IMPORT_BEGIN", header), ("IMPORT_BATCH", body), ("IMPORT_END", end)):
+        helper.data[: len(blob)] = blob
+        _call(helper, command, 0, len(blob))
+    for record in vector["records"]:
+        offset = record["guest_offset"]
+        assert bytes(helper.window[offset : offset + s.PAGE_SIZE]).hex() == record["page"]
