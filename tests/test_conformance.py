@@ -888,6 +888,37 @@ def test_buffer_too_small(endpoint_pair: tuple[Endpoint, Endpoint], case: str) -
     assert import_stream(target, stream) == 2
 
 
+#: Arguments that fail two checks at once: the first in the documented order
+#: answers. (state, command, args, status); D stands for DataSize.
+D = SPEC.data_size
+CHECK_ORDER: dict[str, tuple[str, str, tuple[int, ...], str]] = {
+    "state before bounds": ("IDLE", "EXPORT_BATCH", (U64_MAX, 1, U64_MAX, 1), "BAD_STATE"),
+    "state before bounds, import": ("EXPORTING", "IMPORT_BEGIN", (U64_MAX, 1), "BAD_STATE"),
+    "batch size before list bounds": ("EXPORTING", "EXPORT_BATCH", (U64_MAX, MAX_BATCH + 1, 0, 0), "BATCH_TOO_LARGE"),
+    "import size before bounds": ("IMPORTING", "IMPORT_BATCH", (U64_MAX, MAX_IMPORT_BATCH_SIZE + 1), "BATCH_TOO_LARGE"),
+    "list bounds before out bounds": ("EXPORTING", "EXPORT_BATCH", (D, 1, D, 1), "OUT_OF_BOUNDS"),
+    "out bounds before capacity": ("EXPORTING", "EXPORT_BATCH", (LIST_AT, 1, D - 10, 20), "OUT_OF_BOUNDS"),
+    "bounds before capacity": ("IDLE", "EXPORT_BEGIN", (D - 10, 20), "OUT_OF_BOUNDS"),
+    "empty range at the end is in bounds": ("IDLE", "EXPORT_BEGIN", (D, 0), "BUFFER_TOO_SMALL"),
+    "capacity before pages": ("EXPORTING", "EXPORT_BATCH", (LIST_AT, 1, OUT_AT, 0), "BUFFER_TOO_SMALL"),
+    "end bounds before end record": ("IMPORTING", "IMPORT_END", (D, 1), "OUT_OF_BOUNDS"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECK_ORDER))
+def test_check_order(endpoint: Endpoint, case: str) -> None:
+    state, command, args, expected = CHECK_ORDER[case]
+    _enter(endpoint, state)
+    put(endpoint, struct.pack("<Q", 1), LIST_AT)  # a misaligned page: BAD_PAGE if ever reached
+    expect(endpoint, expected, command, *args)
+    assert session_state(endpoint) == state
+
+
+def test_key_is_checked_before_bounds(keyless_endpoint: Endpoint) -> None:
+    expect(keyless_endpoint, "NO_KEY", "EXPORT_BEGIN", U64_MAX, U64_MAX)
+    expect(keyless_endpoint, "NO_KEY", "IMPORT_BEGIN", U64_MAX, 1)
+
+
 def test_shutdown(endpoint: Endpoint) -> None:
     """Last command of the test: a firmware helper powers off after it."""
     ok(endpoint, "SHUTDOWN")
