@@ -14,9 +14,15 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    from host_shim.commands import boot_cmd, build_cmd, inspect_cmd, keygen_cmd
+    from host_shim.commands import bench_cmd, boot_cmd, build_cmd, inspect_cmd, keygen_cmd
 
-    return [build_cmd.register, boot_cmd.register, inspect_cmd.register, keygen_cmd.register]
+    return [
+        build_cmd.register,
+        boot_cmd.register,
+        inspect_cmd.register,
+        keygen_cmd.register,
+        bench_cmd.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="ovmf-mh: %(message)s",
         stream=sys.stderr,
     )
+    # qemu.qmp reports a monitor closing under a QEMU that exits on purpose as
+    # an error; QemuVM records QMP traffic in each VM's qmp.log instead.
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -728,8 +728,10 @@ InternalImportBatch (
     Position += RecordSize;
   }
 
+  //
+  // The batch copy holds only ciphertext; the page buffer held plaintext.
+  //
   MigrationHelperSecureZero (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
-  MigrationHelperSecureZero (Batch, (UINTN)Size);
   Result[0] = Records;
   if (Status != OVMF_MH_STATUS_SUCCESS) {
     InternalEndSession (Session);
