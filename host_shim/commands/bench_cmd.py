@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from host_shim.boot import resolve_image
 from host_shim.bench import bench_crypto, format_report
+from host_shim.boot import resolve_image
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
