@@ -255,8 +255,10 @@ def format_report(results: dict[str, Any]) -> list[str]:
     lines.append(f"  ratio raw OCB / OpenSSL OCB per page: {results['ratio_raw_vs_openssl_ocb_per_page']:.2f}")
     if "firmware_export_mbps" in results:
         lines.append(f"firmware helper under TCG, {results['firmware_guest_mib']:.0f} MiB guest, through the mailbox")
-        lines.append(f"  export {results['firmware_export_mbps']:7.1f} MB/s ({results['firmware_export_pages_per_s']:.0f} pages/s)")
-        lines.append(f"  import {results['firmware_import_mbps']:7.1f} MB/s ({results['firmware_import_pages_per_s']:.0f} pages/s)")
+        for kind in ("export", "import"):
+            mbps = results[f"firmware_{kind}_mbps"]
+            pages_per_s = results[f"firmware_{kind}_pages_per_s"]
+            lines.append(f"  {kind} {mbps:7.1f} MB/s ({pages_per_s:.0f} pages/s)")
         lines.append(f"  NOP round trip {results['firmware_nop_round_trip_us']:.1f} us; mailbox overhead "
                      f"{100 * results['firmware_mailbox_overhead']:.3f}% of export time")
     return lines
