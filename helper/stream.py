@@ -93,16 +93,19 @@ class FramingError(StreamError):
 class VerifyError(StreamError):
     """A stream failed one of the checks of docs/stream-format.md.
 
-    ``status`` is the mailbox status code the document assigns to the check.
+    ``status`` is the mailbox status code the document assigns to the check;
+    ``sequence`` the Sequence field of the failing record when its header was
+    whole (None otherwise), for IMPORT_BATCH's Result[2].
     """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, sequence: int | None = None) -> None:
         self.status = status
+        self.sequence = sequence
         super().__init__(f"{_STATUS.get(status, hex(status))}: {message}")
 
     @classmethod
-    def named(cls, name: str, message: str) -> VerifyError:
-        return cls(status_code(name), message)
+    def named(cls, name: str, message: str, sequence: int | None = None) -> VerifyError:
+        return cls(status_code(name), message, sequence)
 
 
 # --- key schedule and nonces ------------------------------------------------
@@ -324,7 +327,7 @@ class StreamCipher:
         try:
             return self._aead.decrypt(nonce(sequence), record[RECORD_HEADER_SIZE:], header)
         except InvalidTag:
-            raise VerifyError.named("AUTH_FAILED", f"record {sequence}: tag mismatch") from None
+            raise VerifyError.named("AUTH_FAILED", f"record {sequence}: tag mismatch", sequence) from None
 
 
 def record_tag(record: Bytes) -> bytes:
@@ -422,18 +425,20 @@ class StreamVerifier:
             raise VerifyError.named("BAD_RECORD", f"partial record header ({left} bytes)")
         h = decode_record_header(buf[pos : pos + RECORD_HEADER_SIZE])
         if h.type not in allowed:
-            raise VerifyError.named("BAD_RECORD", f"record type {h.type} not allowed here")
+            raise VerifyError.named("BAD_RECORD", f"record type {h.type} not allowed here", h.sequence)
         if h.payload_size != PAYLOAD_SIZES[h.type]:
-            raise VerifyError.named("BAD_RECORD", f"type {h.type} with PayloadSize {h.payload_size}")
+            raise VerifyError.named("BAD_RECORD", f"type {h.type} with PayloadSize {h.payload_size}", h.sequence)
         length = RECORD_HEADER_SIZE + h.payload_size + TAG_SIZE
         if left < length:
-            raise VerifyError.named("BAD_RECORD", f"record needs {length} bytes, {left} left")
+            raise VerifyError.named("BAD_RECORD", f"record needs {length} bytes, {left} left", h.sequence)
         if not hmac.compare_digest(h.session_id, self.cipher.session_id):
-            raise VerifyError.named("WRONG_SESSION", f"record {h.sequence} of another session")
+            raise VerifyError.named("WRONG_SESSION", f"record {h.sequence} of another session", h.sequence)
         if h.sequence < self.next_sequence:
-            raise VerifyError.named("SEQUENCE_REPLAY", f"record {h.sequence}, expected {self.next_sequence}")
+            raise VerifyError.named(
+                "SEQUENCE_REPLAY", f"record {h.sequence}, expected {self.next_sequence}", h.sequence
+            )
         if h.sequence > self.next_sequence:
-            raise VerifyError.named("SEQUENCE_GAP", f"record {h.sequence}, expected {self.next_sequence}")
+            raise VerifyError.named("SEQUENCE_GAP", f"record {h.sequence}, expected {self.next_sequence}", h.sequence)
         return h, length
 
     def open_next(self, buf: memoryview, pos: int) -> tuple[OpenedRecord, int]:
@@ -441,7 +446,7 @@ class StreamVerifier:
         position after it. Raises VerifyError at the first failed check."""
         h, length = self._check_record(buf, pos, (RECORD_PAGE, RECORD_ZERO))
         if h.guest_offset % PAGE_SIZE or h.guest_offset + PAGE_SIZE > self.window_size:
-            raise VerifyError.named("BAD_PAGE", f"record {h.sequence}: guest offset {h.guest_offset:#x}")
+            raise VerifyError.named("BAD_PAGE", f"record {h.sequence}: guest offset {h.guest_offset:#x}", h.sequence)
         record = buf[pos : pos + length]
         plaintext = self.cipher.open_record(record)
         self._chain.update(record_tag(record))
