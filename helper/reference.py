@@ -9,27 +9,31 @@ validates instead of catching, and answers every input with a status.
 
 Order of the checks, for every command (the first failing check answers):
 
-1. unknown command code: UNSUPPORTED; more than OVMF_MH_ARG_COUNT arguments
+1. session FAILED and the command is not NOP, QUERY, RESET or SHUTDOWN:
+   SESSION_FAILED (also for unknown command codes);
+2. unknown command code: UNSUPPORTED; more than OVMF_MH_ARG_COUNT arguments
    or an argument outside UINT64: INVALID_PARAMETER (the mailbox cannot carry
    either; only Python callers can);
-2. session FAILED and the command is not NOP, QUERY, RESET or SHUTDOWN:
-   SESSION_FAILED;
 3. session state not one the command accepts: BAD_STATE
    (EXPORT_BEGIN/IMPORT_BEGIN: IDLE or COMPLETE; *_BATCH, *_END: EXPORTING
    or IMPORTING respectively);
 4. EXPORT_BEGIN/IMPORT_BEGIN without a transport key: NO_KEY;
-5. batch limits: EXPORT_BATCH count > MaxBatchPages, IMPORT_BATCH size >
-   MaxBatchPages full page records: BATCH_TOO_LARGE;
-6. every data-area range (offset, size) in argument order: OUT_OF_BOUNDS;
-7. output capacity below the worst case the command can write (88 bytes;
-   count full PAGE records; 96 bytes): BUFFER_TOO_SMALL;
-8. then the command's content checks: the page list (BAD_PAGE), entropy
-   (NO_ENTROPY), the stream (docs/stream-format.md, in its order).
+5. EXPORT_BATCH: count > MaxBatchPages (BATCH_TOO_LARGE), then the page list
+   range and the output range (OUT_OF_BOUNDS), then every list entry
+   (BAD_PAGE), then the capacity for ``count`` full PAGE records
+   (BUFFER_TOO_SMALL);
+   EXPORT_BEGIN/EXPORT_END: the output range (OUT_OF_BOUNDS), then capacity
+   for the header or end record (BUFFER_TOO_SMALL), then (EXPORT_BEGIN) the
+   entropy source (NO_ENTROPY);
+   IMPORT_*: the input range (OUT_OF_BOUNDS), then (IMPORT_BATCH) size above
+   MaxBatchPages full PAGE records (BATCH_TOO_LARGE);
+6. IMPORT_*: the stream checks of docs/stream-format.md in its order, record
+   by record; records before the failing one stay applied. IMPORT_BATCH also
+   refuses a record after MaxBatchPages records with BATCH_TOO_LARGE.
 
-Checks 1-7 look only at arguments and leave the session as it was. A
-stream check that fails (0x20-0x26 and a record's BAD_PAGE) leaves an import
-session FAILED. Export failures write nothing and leave the session as it
-was.
+Checks 1-5 look only at arguments (and the page list) and leave the session
+as it was; an export failure writes nothing. A failed check of step 6 leaves
+the import session FAILED.
 """
 
 from __future__ import annotations
@@ -197,13 +201,12 @@ class ReferenceHelper:
     # --- dispatch ------------------------------------------------------------
 
     def _serve(self, command: int, args: Sequence[int]) -> tuple[int, ...]:
+        if self._state == SESSION["FAILED"] and command not in _ALWAYS_SERVED:
+            raise _refuse("SESSION_FAILED")
         handler = self._handlers.get(command) if isinstance(command, int) else None
         if handler is None:
             raise _refuse("UNSUPPORTED")
-        checked = _check_args(args)
-        if self._state == SESSION["FAILED"] and command not in _ALWAYS_SERVED:
-            raise _refuse("SESSION_FAILED")
-        return handler(checked)
+        return handler(_check_args(args))
 
     def _require_state(self, *names: str) -> None:
         if self._state not in {SESSION[n] for n in names}:
@@ -275,11 +278,11 @@ class ReferenceHelper:
             raise _refuse("BATCH_TOO_LARGE")
         page_list = bytes(self._region(list_offset, count * _PAGE_LIST_ENTRY))  # private copy
         out = self._region(out_offset, capacity)
-        if capacity < count * s.PAGE_RECORD_SIZE:
-            raise _refuse("BUFFER_TOO_SMALL")
         offsets = struct.unpack(f"<{count}Q", page_list)
         if not all(self._page_ok(offset) for offset in offsets):
             raise _refuse("BAD_PAGE")
+        if capacity < count * s.PAGE_RECORD_SIZE:
+            raise _refuse("BUFFER_TOO_SMALL")
         writer = self._export_writer()
         records = [writer.page_record(offset, bytes(self.window[offset : offset + s.PAGE_SIZE])) for offset in offsets]
         blob = b"".join(records)
@@ -326,17 +329,20 @@ class ReferenceHelper:
     def _import_batch(self, args: tuple[int, ...]) -> tuple[int, ...]:
         in_offset, size = args[0], args[1]
         self._require_state("IMPORTING")
+        source = self._region(in_offset, size)
         if size > MAX_IMPORT_BATCH_SIZE:
             raise _refuse("BATCH_TOO_LARGE")
-        batch = memoryview(bytes(self._region(in_offset, size)))  # private copy before any check
+        batch = memoryview(bytes(source))  # private copy before any check
         verifier = self._import_verifier()
         applied = pages = pos = 0
         while pos < len(batch):
+            if applied == MAX_BATCH_PAGES:
+                too_many = s.VerifyError.named("BATCH_TOO_LARGE", f"more than {MAX_BATCH_PAGES} records")
+                raise self._import_failed(too_many, applied, pages)
             try:
                 opened, pos = verifier.open_next(batch, pos)
             except s.VerifyError as error:
-                self._end_session("FAILED")
-                raise _Refused(error.status, (applied, pages, verifier.next_sequence)) from None
+                raise self._import_failed(error, applied, pages) from None
             self._apply(opened)
             applied += 1
             pages += opened.page is not None
@@ -355,6 +361,13 @@ class ReferenceHelper:
             raise _Refused(error.status) from None
         self._end_session("COMPLETE")
         return (count,)
+
+    def _import_failed(self, error: s.VerifyError, applied: int, pages: int) -> _Refused:
+        """End the import FAILED; Result[2] is the failing record's Sequence
+        field, or the expected sequence when its header was not whole."""
+        failing = self._import_verifier().next_sequence if error.sequence is None else error.sequence
+        self._end_session("FAILED")
+        return _Refused(error.status, (applied, pages, failing))
 
     def _apply(self, opened: s.OpenedRecord) -> None:
         """Write a verified record to the guest: its page, or zeros."""
