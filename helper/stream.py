@@ -9,8 +9,9 @@ ASCII labels the format document fixes (the header has no define for them).
 The codec has three users: :class:`helper.reference.ReferenceHelper` (the
 software helper), the host, which frames untrusted streams with
 :func:`split_records` without holding the key, and the tests. It does no
-per-page work beyond one AEAD call and one hash update per record: pages stay
-in C (OpenSSL, ``bytes`` compare) and Python only touches 40-byte headers.
+per-page work beyond one AEAD call, one hash update and (export) one zero-page
+compare per record: pages stay in C (OpenSSL, ``bytes`` compare) and Python
+only touches 40-byte headers.
 
 Verification failures raise :class:`VerifyError` carrying the mailbox status
 code that docs/stream-format.md assigns to the check, so a helper can answer
