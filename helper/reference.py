@@ -64,8 +64,7 @@ _PAGE_LIST_ENTRY = 8  # UINT64 guest offsets
 
 SECRET = _A.layout("OVMF_MH_SECRET")
 SECRET_SIGNATURE = _A.const("OVMF_MH_SECRET_SIGNATURE")
-# HelperAbi.h documents OVMF_MH_SECRET.Version as 1 in a comment, without a define.
-SECRET_VERSION = 1
+SECRET_VERSION = _A.const("OVMF_MH_SECRET_VERSION")
 
 CMD = {name: _A.const(f"OVMF_MH_CMD_{name}") for name in _A.names_with_prefix("OVMF_MH_CMD_").values()}
 STATUS = {name: _A.const(f"OVMF_MH_STATUS_{name}") for name in _A.names_with_prefix("OVMF_MH_STATUS_").values()}

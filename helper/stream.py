@@ -69,8 +69,8 @@ ZERO_RECORD_SIZE = RECORD_HEADER_SIZE + TAG_SIZE
 END_RECORD_SIZE = RECORD_HEADER_SIZE + END_PAYLOAD_SIZE + TAG_SIZE
 
 # The two labels of docs/stream-format.md ("Key schedule", "End payload").
-KDF_INFO = b"ovmf-mh v1 stream"
-CHAIN_LABEL = b"ovmf-mh v1 chain"
+KDF_INFO = abi.load().strings["OVMF_MH_KDF_INFO"].encode()
+CHAIN_LABEL = abi.load().strings["OVMF_MH_CHAIN_LABEL"].encode()
 OKM_SIZE = KEY_SIZE + SESSION_ID_SIZE
 
 _STATUS = _A.names_with_prefix("OVMF_MH_STATUS_")

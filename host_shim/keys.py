@@ -56,7 +56,7 @@ def secret_record(key: bytes) -> bytes:
         raise KeyError_("transport key has the wrong size")
     return a.layout("OVMF_MH_SECRET").pack(
         Signature=a.const("OVMF_MH_SECRET_SIGNATURE"),
-        Version=1,
+        Version=a.const("OVMF_MH_SECRET_VERSION"),
         KeySize=len(key),
         Key=key,
     )

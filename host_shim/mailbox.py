@@ -20,8 +20,6 @@ from typing import Any
 from helper import abi
 from host_shim.errors import HelperTimeout, MailboxError
 
-_U32 = struct.Struct("<I")
-
 
 @dataclass(frozen=True)
 class Response:
@@ -63,6 +61,7 @@ class Mailbox:
             raise ValueError(f"mailbox {base:#x}+{size:#x} lies outside the mapping")
         self._whole = memoryview(memory)
         self._view = self._whole[base : base + size]
+        self._words = self._view[: self._layout.size].cast("I")
         self.size = size
         self._is_alive = is_alive
         self.debugcon = debugcon
@@ -71,6 +70,7 @@ class Mailbox:
 
     def release(self) -> None:
         """Drop the views of the mapping so that it can be closed."""
+        self._words.release()
         self._view.release()
         self._whole.release()
 
@@ -78,8 +78,13 @@ class Mailbox:
         return self._layout.unpack(self._view[: self._layout.size])
 
     def _u32(self, field: str) -> int:
-        value: int = _U32.unpack_from(self._view, self._off[field])[0]
+        value: int = self._words[self._off[field] // 4]
         return value
+
+    def _store_u32(self, field: str, value: int) -> None:
+        # One aligned 32-bit store: struct.pack_into writes byte by byte, and
+        # the helper polls these words concurrently.
+        self._words[self._off[field] // 4] = value
 
     def clear(self) -> None:
         """Zero the header before the helper starts, so that stale contents of
@@ -137,29 +142,33 @@ class Mailbox:
             )
         return response
 
-    def post_and_wait(self, command: str, args: tuple[int, ...] = (), timeout: float = 10.0) -> Response:
+    def post_and_wait(self, command: str | int, args: tuple[int, ...] = (), timeout: float = 10.0) -> Response:
+        """Post a command (name or raw code) and return whatever status it got."""
         a = abi.load()
         count = a.const("OVMF_MH_ARG_COUNT")
         if len(args) > count:
             raise ValueError(f"at most {count} arguments")
-        code = command_code(command)
-        padded = tuple(args) + (0,) * (count - len(args))
+        code = command if isinstance(command, int) else command_code(command)
+        command = command if isinstance(command, str) else f"{code:#x}"
+        padded = tuple(a & 0xFFFFFFFFFFFFFFFF for a in args) + (0,) * (count - len(args))
         struct.pack_into(f"<I{count}Q", self._view, self._off["Command"], code, *padded)
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         start = time.monotonic()
-        _U32.pack_into(self._view, self._off["CommandSeq"], self._seq)
+        self._store_u32("CommandSeq", self._seq)
         deadline = start + timeout
         spins = 0
-        while _U32.unpack_from(self._view, self._off["ResponseSeq"])[0] != self._seq:
+        response_index = self._off["ResponseSeq"] // 4
+        while self._words[response_index] != self._seq:
             spins += 1
-            if spins > 2000:
+            if spins > 200:
                 if not self._is_alive():
                     raise MailboxError("helper VM exited while serving", command=command, log=self.debugcon)
                 if time.monotonic() > deadline:
                     raise HelperTimeout(
                         f"no response within {timeout:.1f} s", command=command, log=self.debugcon
                     )
-                time.sleep(0.0001)
+                # Sleeping releases the GIL for other helpers' threads.
+                time.sleep(0.00005)
         seconds = time.monotonic() - start
         n = a.const("OVMF_MH_RESULT_COUNT")
         status, *results = struct.unpack_from(f"<I{n}Q", self._view, self._off["Status"])

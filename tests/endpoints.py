@@ -17,14 +17,22 @@ needs, e.g. ``firmware``/``qemu``).
 
 from __future__ import annotations
 
+import mmap
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from helper import abi
 from helper.reference import ReferenceHelper, SaltSource
+from host_shim import paths
+from host_shim.build import build_firmware
+from host_shim.helper_vm import HelperSpec, HelperVM
+from host_shim.hostcore_helper import HostCoreHelper
 from host_shim.keys import secret_record
 
 
@@ -104,3 +112,90 @@ def open_reference(spec: EndpointSpec) -> Iterator[Endpoint]:
 FACTORIES: dict[str, EndpointFactory] = {
     "reference": open_reference,
 }
+
+
+class HostCoreEndpoint:
+    """The firmware's C dispatcher built for the host (host_shim.hostcore_helper)."""
+
+    def __init__(self, spec: EndpointSpec) -> None:
+        self._window = bytearray(spec.window_size)
+        self.helper = HostCoreHelper(self._window, spec.transport_key, data_size=spec.data_size)
+
+    @property
+    def data(self) -> memoryview:
+        return self.helper.data
+
+    @property
+    def window(self) -> memoryview:
+        return self.helper.window
+
+    def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]:
+        return self.helper.call(command, *args)
+
+
+@contextmanager
+def open_host_core(spec: EndpointSpec) -> Iterator[Endpoint]:
+    endpoint = HostCoreEndpoint(spec)
+    try:
+        yield endpoint
+    finally:
+        endpoint.helper.close()
+
+
+class FirmwareEndpoint:
+    """The built firmware in helper mode under QEMU TCG: guest RAM is a file
+    that is the helper VM's second NUMA node, the data area is the shared
+    area after the mailbox header, both mapped here."""
+
+    def __init__(self, vm: HelperVM, window: mmap.mmap, data_size: int) -> None:
+        self.vm = vm
+        self._window_map = window
+        base = vm.spec.mailbox_base + abi.load().const("OVMF_MH_MAILBOX_HEADER_SIZE")
+        self._data = memoryview(vm.memory)[base : base + data_size]
+        self._window = memoryview(window)
+
+    @property
+    def data(self) -> memoryview:
+        return self._data
+
+    @property
+    def window(self) -> memoryview:
+        return self._window
+
+    def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]:
+        assert self.vm.mailbox is not None
+        response = self.vm.mailbox.post_and_wait(command, tuple(args), timeout=60)
+        return response.status, response.results
+
+    def release(self) -> None:
+        self._data.release()
+        self._window.release()
+
+
+@contextmanager
+def open_firmware(spec: EndpointSpec) -> Iterator[Endpoint]:
+    image = build_firmware("DEBUG", show_progress=False)
+    root = paths.REPO_ROOT / "work" / "tests" / "conformance"
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="firmware-", dir=root))
+    guest = work / "guest.ram"
+    with guest.open("wb") as f:
+        f.truncate(spec.window_size)
+    page = abi.load().const("OVMF_MH_PAGE_SIZE")
+    mailbox_size = -(-(spec.data_size + page) // page) * page
+    helper_spec = HelperSpec(image, mailbox_size=mailbox_size, guest_ram=guest, key=spec.transport_key)
+    with guest.open("r+b") as f, mmap.mmap(f.fileno(), spec.window_size) as window, HelperVM(
+        helper_spec, work, "conformance"
+    ) as vm:
+        vm.wait_ready(30)
+        endpoint = FirmwareEndpoint(vm, window, spec.data_size)
+        try:
+            yield endpoint
+        finally:
+            endpoint.release()
+    # Only failures leave their QEMU logs behind.
+    shutil.rmtree(work, ignore_errors=True)
+
+
+FACTORIES["host-core"] = open_host_core
+FACTORIES["firmware"] = open_firmware

@@ -35,7 +35,7 @@ def _c_program(parsed: abi.Abi) -> str:
     for name in parsed.constants:
         lines.append(f'  printf ("const {name} %llu\\n", (unsigned long long)({name}));')
     for name in parsed.strings:
-        lines.append(f'  printf ("string {name} %s\\n", {name});')
+        lines.append(f'  printf ("string {name}\\t%s\\n", {name});')
     lines += ["  return 0;", "}"]
     return "\n".join(lines) + "\n"
 
@@ -59,7 +59,12 @@ def gcc_view(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     )
     assert result.returncode == 0, f"gcc could not compile the ABI dump:\n{result.stderr}"
     out = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
-    return {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in out.splitlines()}
+    # Strings are tab-separated (they may contain spaces); numbers end after the last space.
+    view = {}
+    for line in out.splitlines():
+        key, value = line.split("\t", 1) if "\t" in line else line.rsplit(" ", 1)
+        view[key] = value
+    return view
 
 
 def test_every_struct_size_and_offset_matches_gcc(gcc_view: dict[str, str]) -> None:

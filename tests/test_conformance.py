@@ -52,9 +52,9 @@ U64_MAX = (1 << 64) - 1
 # --- implementations ------------------------------------------------------------
 
 #: Implementations under test; each name is a key of endpoints.FACTORIES.
-IMPLEMENTATIONS: list[str] = ["reference"]
+IMPLEMENTATIONS: list[str] = ["reference", "host-core", "firmware"]
 #: Marks an implementation needs (e.g. "firmware": [pytest.mark.firmware, pytest.mark.qemu]).
-MARKS: dict[str, list[pytest.MarkDecorator]] = {}
+MARKS: dict[str, list[pytest.MarkDecorator]] = {"firmware": [pytest.mark.firmware, pytest.mark.qemu]}
 
 KEY = bytes(range(0x40, 0x60))
 OTHER_KEY = bytes(range(0x80, 0xA0))

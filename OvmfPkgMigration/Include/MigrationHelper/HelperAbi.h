@@ -216,11 +216,12 @@ typedef struct {
 // ---------------------------------------------------------------------------
 //
 #define OVMF_MH_SECRET_SIGNATURE  0x313059454b484d4f  // "OMHKEY01"
+#define OVMF_MH_SECRET_VERSION    1
 #define OVMF_MH_KEY_SIZE          32
 
 typedef struct {
   UINT64    Signature;                     ///< OVMF_MH_SECRET_SIGNATURE
-  UINT32    Version;                       ///< 1
+  UINT32    Version;                       ///< OVMF_MH_SECRET_VERSION
   UINT32    KeySize;                       ///< OVMF_MH_KEY_SIZE
   UINT8     Key[OVMF_MH_KEY_SIZE];         ///< Transport key (AES-256-OCB master key)
 } OVMF_MH_SECRET;
@@ -238,6 +239,12 @@ typedef struct {
 #define OVMF_MH_TAG_SIZE            16
 #define OVMF_MH_NONCE_SIZE          12
 #define OVMF_MH_DIGEST_SIZE         32
+//
+// HKDF info string of the key schedule and the chain digest's label, both
+// used without a terminating NUL.
+//
+#define OVMF_MH_KDF_INFO            "ovmf-mh v1 stream"
+#define OVMF_MH_CHAIN_LABEL         "ovmf-mh v1 chain"
 
 #define OVMF_MH_RECORD_PAGE         1   ///< Payload: 4096 bytes of ciphertext
 #define OVMF_MH_RECORD_ZERO         2   ///< No payload: the page is all zero

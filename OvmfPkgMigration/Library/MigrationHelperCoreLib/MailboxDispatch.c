@@ -133,7 +133,7 @@ MigrationHelperLoadSecret (
     }
 
     Valid = (BOOLEAN)((Secret.Signature == OVMF_MH_SECRET_SIGNATURE) &&
-                      (Secret.Version == 1) &&
+                      (Secret.Version == OVMF_MH_SECRET_VERSION) &&
                       (Secret.KeySize == OVMF_MH_KEY_SIZE));
     if (Valid) {
       CopyMem (Session->TransportKey, Secret.Key, OVMF_MH_KEY_SIZE);

@@ -11,9 +11,9 @@
 
 #include "MigrationHelperCoreInternal.h"
 
-#define SESSION_INFO       "ovmf-mh v1 stream"
+#define SESSION_INFO       OVMF_MH_KDF_INFO
 #define SESSION_INFO_SIZE  (sizeof (SESSION_INFO) - 1)
-#define CHAIN_LABEL        "ovmf-mh v1 chain"
+#define CHAIN_LABEL        OVMF_MH_CHAIN_LABEL
 #define CHAIN_LABEL_SIZE   (sizeof (CHAIN_LABEL) - 1)
 #define OKM_SIZE           (OVMF_MH_KEY_SIZE + OVMF_MH_SESSION_ID_SIZE)
 #define RDRAND_RETRIES     32
@@ -238,14 +238,14 @@ InternalEndSession (
 STATIC
 BOOLEAN
 InternalIsZero (
-  IN CONST volatile UINT8  *Buffer,
-  IN UINTN                 Size
+  IN CONST UINT8  *Buffer,
+  IN UINTN        Size
   )
 {
-  CONST volatile UINT64  *Words;
-  UINTN                  Index;
+  CONST UINT64  *Words;
+  UINTN         Index;
 
-  Words = (CONST volatile UINT64 *)Buffer;
+  Words = (CONST UINT64 *)Buffer;
   for (Index = 0; Index < Size / sizeof (UINT64); Index++) {
     if (Words[Index] != 0) {
       return FALSE;
@@ -376,7 +376,6 @@ InternalExportBatch (
   UINT8                  *Out;
   OVMF_MH_RECORD_HEADER  Record;
   UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
-  CONST volatile UINT8   *Page;
   UINT8                  *Tag;
 
   Session = InternalSession (Context);
@@ -412,23 +411,27 @@ InternalExportBatch (
   Out       = (UINT8 *)(Context->Data + Arg[2]);
   Written   = 0;
   ZeroPages = 0;
+  Tag       = Session->Scratch;
   for (Index = 0; Index < Count; Index++) {
-    Page = Context->GuestWindow + Session->PageList[Index];
+    //
+    // One private snapshot per page: the zero check and the encryption see
+    // the same bytes, and the tag that feeds the chain never leaves private
+    // memory before it is chained.
+    //
+    CopyMem (Session->PageBuffer, (VOID *)(Context->GuestWindow + Session->PageList[Index]), OVMF_MH_PAGE_SIZE);
     InternalNonce (Session->NextSequence, Nonce);
-    if (InternalIsZero (Page, OVMF_MH_PAGE_SIZE)) {
+    if (InternalIsZero (Session->PageBuffer, OVMF_MH_PAGE_SIZE)) {
       InternalRecordHeader (Session, OVMF_MH_RECORD_ZERO, 0, Session->PageList[Index], &Record);
-      Tag = Out + Written + sizeof (Record);
       MigrationHelperOcbEncrypt (&Session->Key, Nonce, (CONST UINT8 *)&Record, sizeof (Record), NULL, 0, NULL, Tag);
       ZeroPages++;
     } else {
       InternalRecordHeader (Session, OVMF_MH_RECORD_PAGE, OVMF_MH_PAGE_SIZE, Session->PageList[Index], &Record);
-      Tag = Out + Written + sizeof (Record) + OVMF_MH_PAGE_SIZE;
       MigrationHelperOcbEncrypt (
         &Session->Key,
         Nonce,
         (CONST UINT8 *)&Record,
         sizeof (Record),
-        (CONST UINT8 *)Page,
+        Session->PageBuffer,
         OVMF_MH_PAGE_SIZE,
         Out + Written + sizeof (Record),
         Tag
@@ -436,16 +439,14 @@ InternalExportBatch (
     }
 
     CopyMem (Out + Written, &Record, sizeof (Record));
-    //
-    // The chain uses the helper's own copy of the tag, not the shared one.
-    //
-    CopyMem (Session->Scratch, Tag, OVMF_MH_TAG_SIZE);
-    InternalChain (Session, Session->Scratch);
+    CopyMem (Out + Written + sizeof (Record) + Record.PayloadSize, Tag, OVMF_MH_TAG_SIZE);
+    InternalChain (Session, Tag);
     Written += sizeof (Record) + Record.PayloadSize + OVMF_MH_TAG_SIZE;
     Session->NextSequence++;
     Session->RecordCount++;
   }
 
+  MigrationHelperSecureZero (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
   Result[0] = Written;
   Result[1] = Count;
   Result[2] = ZeroPages;
@@ -673,6 +674,7 @@ InternalImportBatch (
   Records  = 0;
   Status   = OVMF_MH_STATUS_SUCCESS;
   while (Position < Size) {
+    Result[2] = Session->NextSequence;
     if ((Size - Position < sizeof (Record)) || (Records == OVMF_MH_MAX_BATCH_PAGES)) {
       Status = (Records == OVMF_MH_MAX_BATCH_PAGES) ? OVMF_MH_STATUS_BATCH_TOO_LARGE : OVMF_MH_STATUS_BAD_RECORD;
       break;
