@@ -151,3 +151,26 @@ def test_malformed_request_is_refused(
         assert helper.vm.serial_text() == ""
     if guest_ram is not None:
         assert hashlib.sha256(guest_ram.read_bytes()).hexdigest() == before, "guest RAM changed"
+
+
+def test_launch_secret_is_loaded_and_wiped(firmware: Path, work_dir: Path) -> None:
+    key = bytes(range(32))
+    base = A.const("OVMF_MH_SECRET_PAGE_BASE")
+    with HelperVM(HelperSpec(firmware, key=key), work_dir) as helper:
+        # The host injected the record before QEMU started...
+        header = helper.wait_ready(READY_BOUND_S)
+        assert header["Capabilities"] & A.const("OVMF_MH_CAP_KEY_LOADED")
+        # ...and the helper has zeroed the whole page by the time it is READY.
+        assert bytes(helper.memory[base : base + A.const("OVMF_MH_PAGE_SIZE")]) == bytes(4096)
+        assert key.hex() not in helper.vm.debugcon_text().lower()
+        helper.shutdown(timeout=30)
+
+
+def test_without_launch_secret_the_helper_has_no_key(firmware: Path, work_dir: Path) -> None:
+    with HelperVM(HelperSpec(firmware), work_dir) as helper:
+        header = helper.wait_ready(READY_BOUND_S)
+        assert not header["Capabilities"] & A.const("OVMF_MH_CAP_KEY_LOADED")
+        assert helper.mailbox is not None
+        response = helper.mailbox.post_and_wait("EXPORT_BEGIN", (0, 4096))
+        assert status_name(response.status) == "NO_KEY"
+        assert "transport key absent" in helper.vm.debugcon_text()
