@@ -1,0 +1,151 @@
+"""Helper backends behind one small interface.
+
+A :class:`Backend` is one migration helper as the host drives it: ``data``
+(the data area after the mailbox header), ``window`` (guest RAM as the
+helper sees it) and ``call(command, *args) -> (status, results)``. The
+pipeline, the conformance suite and the benchmarks use only this.
+
+* ``firmware``: the built OVMF image in helper mode under QEMU, guest RAM
+  file as its second NUMA node (DESIGN.md mirror-VM emulation);
+* ``reference``: the Python reference helper (helper/reference.py) over a
+  mapping of the same RAM file;
+* ``host-core``: the firmware's C dispatcher built for the host.
+
+There is no fallback between them: asking for ``firmware`` without a built
+image is an error that says how to build it.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Protocol
+
+from helper import abi
+from helper.reference import ReferenceHelper
+from host_shim.errors import SetupError
+from host_shim.helper_vm import MIB, HelperSpec, HelperVM
+from host_shim.hostcore_helper import HostCoreHelper
+from host_shim.keys import secret_record
+
+KINDS = ("firmware", "reference", "host-core")
+DATA_SIZE = 16 * MIB - 4096
+
+
+class Backend(Protocol):
+    @property
+    def data(self) -> memoryview: ...
+
+    @property
+    def window(self) -> memoryview: ...
+
+    def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]: ...
+
+
+class ReferenceBackend:
+    def __init__(self, window: mmap.mmap | bytearray, key: bytes | None, data_size: int = DATA_SIZE) -> None:
+        secret = bytearray(secret_record(key)) if key is not None else None
+        self.helper = ReferenceHelper(window, bytearray(data_size), secret)
+
+    @property
+    def data(self) -> memoryview:
+        return self.helper.data
+
+    @property
+    def window(self) -> memoryview:
+        return self.helper.window
+
+    def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]:
+        code = command if isinstance(command, int) else abi.load().const(f"OVMF_MH_CMD_{command}")
+        return self.helper.dispatch(code, args)
+
+    def release(self) -> None:
+        self.helper.window.release()
+        self.helper.data.release()
+
+
+class FirmwareBackend:
+    """A helper VM; ``call`` raises MailboxError when the VM dies or stalls."""
+
+    def __init__(self, vm: HelperVM, window: mmap.mmap | None, data_size: int, timeout: float = 60.0) -> None:
+        self.vm = vm
+        self.timeout = timeout
+        base = vm.spec.mailbox_base + abi.load().const("OVMF_MH_MAILBOX_HEADER_SIZE")
+        self._data = memoryview(vm.memory)[base : base + data_size]
+        self._window = memoryview(window) if window is not None else memoryview(b"")
+
+    @property
+    def data(self) -> memoryview:
+        return self._data
+
+    @property
+    def window(self) -> memoryview:
+        return self._window
+
+    def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]:
+        assert self.vm.mailbox is not None
+        response = self.vm.mailbox.post_and_wait(command, tuple(args), timeout=self.timeout)
+        return response.status, response.results
+
+    def release(self) -> None:
+        self._data.release()
+        self._window.release()
+
+
+@contextmanager
+def open_backends(
+    kind: str,
+    count: int,
+    ram: Path,
+    key: bytes | None,
+    work_dir: Path,
+    *,
+    firmware: Path | None = None,
+    writable: bool = True,
+) -> Iterator[list[Backend]]:
+    """Start ``count`` helpers of one kind over the guest RAM file ``ram``.
+
+    Firmware helpers boot in parallel and must all reach READY; any failure
+    stops every helper already started (by pid) before the error propagates.
+    """
+    if kind not in KINDS:
+        raise SetupError(f"unknown helper kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if count < 1:
+        raise SetupError("at least one helper is needed")
+    size = ram.stat().st_size
+    with ExitStack() as stack:
+        handle = stack.enter_context(ram.open("r+b" if writable else "rb"))
+        # A source is mapped copy-on-write: helpers that want a writable view
+        # get one, and nothing they do reaches the file.
+        access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_COPY
+        window = stack.enter_context(mmap.mmap(handle.fileno(), size, access=access))
+        backends: list[Backend] = []
+        if kind == "firmware":
+            if firmware is None or not firmware.is_file():
+                raise SetupError(
+                    f"firmware image {firmware} not found: build it with 'ovmf-mh build' "
+                    "(or choose --helper reference explicitly)"
+                )
+            vms = []
+            for index in range(count):
+                spec = HelperSpec(firmware, guest_ram=ram, key=key, mailbox_size=DATA_SIZE + 4096)
+                vm = stack.enter_context(HelperVM(spec, work_dir / f"helper-{index}", f"helper-{index}"))
+                vms.append(vm)
+            for vm in vms:
+                vm.wait_ready(60)
+                backend = FirmwareBackend(vm, window, DATA_SIZE)
+                stack.callback(backend.release)
+                backends.append(backend)
+        elif kind == "reference":
+            for _ in range(count):
+                reference = ReferenceBackend(window, key)
+                stack.callback(reference.release)
+                backends.append(reference)
+        else:
+            for _ in range(count):
+                core = HostCoreHelper(window, key, data_size=DATA_SIZE)
+                stack.callback(core.close)
+                backends.append(core)
+        yield backends

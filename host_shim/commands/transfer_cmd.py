@@ -1,0 +1,232 @@
+"""ovmf-mh export / import / send / receive: move guest memory through helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from contextlib import suppress
+from pathlib import Path
+from typing import IO, Any, cast
+
+from host_shim import paths
+from host_shim.backends import KINDS
+from host_shim.errors import OvmfMhError
+from host_shim.keys import read_key
+from host_shim.pipeline import TransferSummary, export_ram, import_ram
+
+VERDICT_LIMIT = 65536
+
+
+def _common(parser: argparse.ArgumentParser, direction: str) -> None:
+    parser.add_argument("--key", type=Path, required=True, help="transport key file (ovmf-mh keygen)")
+    parser.add_argument(
+        "--helper", choices=KINDS, default="firmware",
+        help="helper implementation (default firmware: the image 'ovmf-mh build' made; "
+        "there is no silent fallback to the reference helper)",
+    )
+    parser.add_argument("--image", type=Path, help="firmware image (default: the DEBUG build)")
+    parser.add_argument("--work-dir", type=Path, help="folder for helper VM logs (default: a new temp folder)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress line on stderr (default: when stderr is a terminal)")
+    if direction == "export":
+        parser.add_argument("--helpers", type=int, default=1, help="helpers in parallel, one shard each")
+        parser.add_argument("--page-map", type=Path,
+                            help="one byte per guest page: 0 private (helpers), 1 shared (plain), 2 excluded")
+    else:
+        parser.add_argument("--helpers", type=int, help="must equal the stream's shard count (default: that)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    export = sub.add_parser(
+        "export", help="guest RAM file -> transfer stream file, through source helpers",
+        description="Read guest RAM file SRC through source helpers and write the encrypted transfer "
+        "stream (docs/transfer-format.md) to STREAM. The stream is written to a temporary name and "
+        "renamed only when complete.",
+    )
+    export.add_argument("--ram", type=Path, required=True, help="guest RAM file (memory-backend-file)")
+    export.add_argument("--out", type=Path, required=True, help="transfer stream to write")
+    _common(export, "export")
+    export.set_defaults(handler=run_export)
+
+    imp = sub.add_parser(
+        "import", help="transfer stream file -> guest RAM file, through target helpers",
+        description="Write the pages of a transfer stream into guest RAM file DST through target helpers. "
+        "Exit 0 only after every helper verified its end-of-stream proof. Pages land in a hidden "
+        "temporary file next to DST that is renamed over DST only after full verification; on failure "
+        "DST is left untouched.",
+    )
+    imp.add_argument("--ram", type=Path, required=True, help="guest RAM file to create or replace")
+    imp.add_argument("--in", dest="stream", type=Path, required=True, help="transfer stream to read")
+    _common(imp, "import")
+    imp.set_defaults(handler=run_import)
+
+    send = sub.add_parser(
+        "send", help="guest RAM file -> TCP, through source helpers",
+        description="Like export, but streams to a receiver at HOST:PORT (TCP back pressure) and exits 0 "
+        "only when the receiver reports a verified import.",
+    )
+    send.add_argument("--ram", type=Path, required=True)
+    send.add_argument("--to", required=True, metavar="HOST:PORT")
+    send.add_argument("--connect-timeout", type=float, default=30.0)
+    _common(send, "export")
+    send.set_defaults(handler=run_send)
+
+    receive = sub.add_parser(
+        "receive", help="TCP -> guest RAM file, through target helpers",
+        description="Accept one sender on HOST:PORT, import its stream like 'import', then tell the "
+        "sender the outcome.",
+    )
+    receive.add_argument("--ram", type=Path, required=True)
+    receive.add_argument("--listen", required=True, metavar="HOST:PORT")
+    receive.add_argument("--accept-timeout", type=float, default=300.0)
+    _common(receive, "import")
+    receive.set_defaults(handler=run_receive)
+
+
+def _work_dir(args: argparse.Namespace, label: str) -> Path:
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(args.work_dir).resolve()
+    else:
+        work = Path(tempfile.mkdtemp(prefix=f"ovmf-mh-{label}-"))
+    args.resolved_work_dir = work
+    return work
+
+
+def _firmware(args: argparse.Namespace) -> Path | None:
+    if args.helper != "firmware":
+        return None
+    return (args.image or paths.firmware_code("DEBUG")).resolve()
+
+
+def _report(args: argparse.Namespace, summary: TransferSummary | None, error: OvmfMhError | None,
+            direction: str) -> int:
+    work = getattr(args, "resolved_work_dir", None)
+    if error is None and args.work_dir is None and work is not None:
+        # A temporary work folder only matters when something failed.
+        shutil.rmtree(work, ignore_errors=True)
+    if summary is None:
+        summary = TransferSummary(direction, args.helper, args.helpers or 0, 0, error=str(error),
+                                  work_dir=str(work) if work else None)
+    elif error is not None and summary.error is None:
+        summary.error = str(error)
+    if error is not None:
+        summary.outcome = "failed"
+    if args.json:
+        print(json.dumps(summary.as_json(), indent=2))
+    else:
+        print(summary.describe(), file=sys.stderr if error else sys.stdout)
+    return 0 if error is None else 1
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise OvmfMhError(f"expected HOST:PORT, got {text!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    key = read_key(args.key)
+    work = _work_dir(args, "export")
+    partial = args.out.with_name(f".{args.out.name}.partial")
+    summary: TransferSummary | None = None
+    try:
+        with partial.open("wb") as sink:
+            summary = export_ram(args.ram, key, sink, kind=args.helper, helpers=args.helpers,
+                                 firmware=_firmware(args), work_dir=work, page_map=args.page_map,
+                                 progress=args.progress)
+            os.fsync(sink.fileno())
+        os.replace(partial, args.out)
+    except OvmfMhError as exc:
+        partial.unlink(missing_ok=True)
+        return _report(args, summary, exc, "export")
+    return _report(args, summary, None, "export")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    key = read_key(args.key)
+    work = _work_dir(args, "import")
+    try:
+        with args.stream.open("rb") as source:
+            summary = import_ram(args.ram, key, source, kind=args.helper, helpers=args.helpers,
+                                 firmware=_firmware(args), work_dir=work, progress=args.progress)
+    except OSError as exc:
+        return _report(args, None, OvmfMhError(f"cannot read {args.stream}: {exc.strerror}"), "import")
+    except OvmfMhError as exc:
+        return _report(args, None, exc, "import")
+    return _report(args, summary, None, "import")
+
+
+def run_send(args: argparse.Namespace) -> int:
+    key = read_key(args.key)
+    work = _work_dir(args, "send")
+    summary: TransferSummary | None = None
+    try:
+        with socket.create_connection(_address(args.to), timeout=args.connect_timeout) as sock:
+            sock.settimeout(None)
+            with cast(IO[bytes], sock.makefile("wb", buffering=1024 * 1024)) as sink:
+                summary = export_ram(args.ram, key, sink, kind=args.helper, helpers=args.helpers,
+                                     firmware=_firmware(args), work_dir=work, page_map=args.page_map,
+                                     progress=args.progress)
+            sock.shutdown(socket.SHUT_WR)
+            verdict = _read_verdict(sock)
+    except OSError as exc:
+        return _report(args, summary, OvmfMhError(f"connection to {args.to} failed: {exc}"), "send")
+    except OvmfMhError as exc:
+        return _report(args, summary, exc, "send")
+    if verdict.get("outcome") != "ok":
+        return _report(args, summary, OvmfMhError(f"receiver reports failure: {verdict.get('error')}"), "send")
+    summary.direction = "send"
+    return _report(args, summary, None, "send")
+
+
+def _read_verdict(sock: socket.socket) -> dict[str, Any]:
+    data = b""
+    while len(data) < VERDICT_LIMIT:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    try:
+        verdict = json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise OvmfMhError("receiver closed the connection without a verdict") from None
+    if not isinstance(verdict, dict):
+        raise OvmfMhError("receiver sent a malformed verdict")
+    return verdict
+
+
+def run_receive(args: argparse.Namespace) -> int:
+    key = read_key(args.key)
+    work = _work_dir(args, "receive")
+    host, port = _address(args.listen)
+    try:
+        with socket.create_server((host, port)) as server:
+            server.settimeout(args.accept_timeout)
+            print(f"listening on {host}:{server.getsockname()[1]}", file=sys.stderr, flush=True)
+            conn, _ = server.accept()
+    except OSError as exc:
+        return _report(args, None, OvmfMhError(f"cannot listen on {args.listen}: {exc}"), "receive")
+    with conn:
+        conn.settimeout(None)
+        summary: TransferSummary | None = None
+        error: OvmfMhError | None = None
+        try:
+            with cast(IO[bytes], conn.makefile("rb", buffering=1024 * 1024)) as source:
+                summary = import_ram(args.ram, key, source, kind=args.helper, helpers=args.helpers,
+                                     firmware=_firmware(args), work_dir=work, progress=args.progress)
+        except OvmfMhError as exc:
+            error = exc
+        verdict = summary.as_json() if summary else {"outcome": "failed", "error": str(error)}
+        with suppress(OSError):
+            conn.sendall(json.dumps(verdict).encode())
+    if summary is not None:
+        summary.direction = "receive"
+    return _report(args, summary, error, "receive")

@@ -1,0 +1,180 @@
+"""The transfer container: how the host carries one or more helper streams
+(one per helper, "shards") plus plain shared pages in one file or TCP stream.
+
+The container is host framing only. Everything confidential inside it is a
+helper stream (docs/stream-format.md), authenticated end to end by the
+helpers; the container adds no secrecy and is parsed as hostile input:
+every length is bounded before anything is allocated. Layout
+(little endian), see docs/transfer-format.md:
+
+    file header (32 bytes)
+    frame*        frame header (16 bytes: kind u32, shard u32, length u64) + payload
+    DONE frame    totals, checked by the receiver
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Protocol
+
+from helper import abi
+from host_shim.errors import OvmfMhError
+
+MAGIC = b"OMHXFER1"
+VERSION = 1
+FILE_HEADER = struct.Struct("<8sHHIQII")  # magic, version, header size, flags, guest size, shards, reserved
+FRAME_HEADER = struct.Struct("<IIQ")  # kind, shard, payload length
+PLAIN_PAGE = struct.Struct("<Q")  # guest offset, then the page
+
+KIND_STREAM_HEADER = 1
+KIND_RECORDS = 2
+KIND_STREAM_END = 3
+KIND_PLAIN_PAGE = 4
+KIND_DONE = 5
+
+KIND_NAMES = {
+    KIND_STREAM_HEADER: "STREAM_HEADER",
+    KIND_RECORDS: "RECORDS",
+    KIND_STREAM_END: "STREAM_END",
+    KIND_PLAIN_PAGE: "PLAIN_PAGE",
+    KIND_DONE: "DONE",
+}
+
+MAX_SHARDS = 64
+
+
+class ContainerError(OvmfMhError):
+    """The transfer stream is malformed, truncated or inconsistent."""
+
+
+def _limits() -> dict[int, tuple[int, int]]:
+    """(minimum, maximum) payload length per frame kind."""
+    a = abi.load()
+    page = a.const("OVMF_MH_PAGE_SIZE")
+    header = a.layout("OVMF_MH_STREAM_HEADER").size
+    record = a.layout("OVMF_MH_RECORD_HEADER").size
+    tag = a.const("OVMF_MH_TAG_SIZE")
+    end = record + a.layout("OVMF_MH_END_PAYLOAD").size + tag
+    batch = a.const("OVMF_MH_MAX_BATCH_PAGES") * (record + page + tag)
+    return {
+        KIND_STREAM_HEADER: (header, header),
+        KIND_RECORDS: (0, batch),
+        KIND_STREAM_END: (end, end),
+        KIND_PLAIN_PAGE: (PLAIN_PAGE.size + page, PLAIN_PAGE.size + page),
+        KIND_DONE: (2, 4096),
+    }
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    guest_size: int
+    shards: int
+
+    def encode(self) -> bytes:
+        return FILE_HEADER.pack(MAGIC, VERSION, FILE_HEADER.size, 0, self.guest_size, self.shards, 0)
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    shard: int
+    payload: bytes
+
+    def encode(self) -> bytes:
+        return FRAME_HEADER.pack(self.kind, self.shard, len(self.payload)) + self.payload
+
+
+@dataclass
+class Totals:
+    """What the DONE frame promises; the receiver recounts and compares."""
+
+    private_pages: int = 0
+    shared_pages: int = 0
+    excluded_pages: int = 0
+    zero_pages: int = 0
+    plain_digest: str = ""
+
+    def encode(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Totals:
+        try:
+            fields = json.loads(payload)
+            return cls(
+                private_pages=int(fields["private_pages"]),
+                shared_pages=int(fields["shared_pages"]),
+                excluded_pages=int(fields["excluded_pages"]),
+                zero_pages=int(fields["zero_pages"]),
+                plain_digest=str(fields["plain_digest"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ContainerError(f"malformed DONE frame: {exc}") from None
+
+
+class PlainDigest:
+    """SHA-256 over the plain pages in stream order (offset, then content):
+    catches accidental corruption of the unauthenticated shared pages."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def update(self, payload: bytes | memoryview) -> None:
+        self._hash.update(payload)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class Reader(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+def read_exact(source: Reader | IO[bytes], size: int, what: str) -> bytes:
+    chunks = []
+    remaining = size
+    while remaining:
+        chunk = source.read(remaining)
+        if not chunk:
+            raise ContainerError(f"stream truncated inside {what} ({size - remaining} of {size} bytes)")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_file_header(source: Reader | IO[bytes]) -> FileHeader:
+    raw = read_exact(source, FILE_HEADER.size, "the file header")
+    magic, version, size, flags, guest_size, shards, reserved = FILE_HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ContainerError("not an ovmf-mh transfer stream (bad magic)")
+    if version != VERSION or size != FILE_HEADER.size or flags or reserved:
+        raise ContainerError(f"unsupported transfer stream version {version} (size {size}, flags {flags:#x})")
+    page = abi.load().const("OVMF_MH_PAGE_SIZE")
+    if guest_size == 0 or guest_size % page:
+        raise ContainerError(f"guest size {guest_size} is not a positive multiple of the page size")
+    if not 1 <= shards <= MAX_SHARDS:
+        raise ContainerError(f"{shards} shards; at most {MAX_SHARDS}")
+    return FileHeader(guest_size, shards)
+
+
+def read_frames(source: Reader | IO[bytes], shards: int) -> Iterator[Frame]:
+    """Yield frames until (and including) DONE; every length is checked
+    against its kind's bound before the payload is read."""
+    limits = _limits()
+    while True:
+        kind, shard, length = FRAME_HEADER.unpack(read_exact(source, FRAME_HEADER.size, "a frame header"))
+        if kind not in limits:
+            raise ContainerError(f"unknown frame kind {kind}")
+        low, high = limits[kind]
+        if not low <= length <= high:
+            raise ContainerError(f"{KIND_NAMES[kind]} frame of {length} bytes (allowed {low}..{high})")
+        if shard >= shards:
+            raise ContainerError(f"frame for shard {shard} of a {shards}-shard stream")
+        frame = Frame(kind, shard, read_exact(source, length, f"a {KIND_NAMES[kind]} frame"))
+        yield frame
+        if kind == KIND_DONE:
+            return

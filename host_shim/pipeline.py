@@ -1,0 +1,439 @@
+"""Move guest memory through helpers: export a RAM file into a transfer
+stream, import a transfer stream into a RAM file (docs/transfer-format.md).
+
+Export: N helpers each own one helper stream ("shard"); private pages are
+dealt to them in batches of MaxBatchPages, round robin, one thread per
+helper; a writer thread puts frames on the sink as they come, so reading
+guest pages (inside the helpers), encryption and writing overlap. Shared
+pages (from a page map) travel as plain frames, excluded pages not at all.
+
+Import: the reader parses frames (hostile input, bounded), hands each
+shard's frames to that shard's helper thread through a bounded queue (back
+pressure), and writes plain pages itself. The result counts only when every
+shard's end record verified inside its helper and the totals agree.
+
+How an import can never be mistaken for complete (``mode="replace"``, the
+CLI's): the helpers write into a hidden temporary file next to DST; only
+after full verification is it flushed, fsync'ed and renamed over DST. On
+any failure the temporary file is deleted and DST is left as it was (absent
+if it did not exist). ``mode="in-place"`` writes DST directly; the caller
+(live migration) must not use DST unless the import returned success.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from helper import abi
+from host_shim import container as ct
+from host_shim.backends import Backend, open_backends
+from host_shim.errors import MailboxError, OvmfMhError
+from host_shim.mailbox import status_name
+from host_shim.progress import Progress
+
+LIST_AT = 0
+IO_AT = 64 * 1024
+
+PAGE_PRIVATE = 0
+PAGE_SHARED = 1
+PAGE_EXCLUDED = 2
+
+
+class TransferError(OvmfMhError):
+    """A transfer failed; nothing was marked complete."""
+
+
+@dataclass
+class TransferSummary:
+    direction: str
+    helper: str
+    helpers: int
+    guest_bytes: int
+    outcome: str = "failed"
+    private_pages: int = 0
+    shared_pages: int = 0
+    excluded_pages: int = 0
+    zero_pages: int = 0
+    stream_bytes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    work_dir: str | None = None
+    shard_records: list[int] = field(default_factory=list)
+
+    @property
+    def pages(self) -> int:
+        return self.private_pages + self.shared_pages
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["pages"] = self.pages
+        out["pages_per_s"] = self.pages / self.seconds if self.seconds else 0.0
+        out["mb_per_s"] = self.guest_bytes / self.seconds / 1e6 if self.seconds else 0.0
+        return out
+
+    def describe(self) -> str:
+        rate = self.pages / self.seconds if self.seconds else 0.0
+        text = (
+            f"{self.direction} {self.outcome}: {self.pages} pages ({self.private_pages} private through "
+            f"{self.helpers} {self.helper} helper(s), {self.shared_pages} shared, {self.excluded_pages} "
+            f"excluded, {self.zero_pages} zero), {self.stream_bytes} stream bytes in {self.seconds:.2f} s "
+            f"({rate:.0f} pages/s)"
+        )
+        if self.error:
+            text += f"\n  error: {self.error}"
+        if self.work_dir and self.outcome != "ok":
+            text += f"\n  helper logs: {self.work_dir}"
+        return text
+
+
+def _geometry() -> tuple[int, int, int]:
+    a = abi.load()
+    page = a.const("OVMF_MH_PAGE_SIZE")
+    record = a.layout("OVMF_MH_RECORD_HEADER").size + page + a.const("OVMF_MH_TAG_SIZE")
+    return page, a.const("OVMF_MH_MAX_BATCH_PAGES"), record
+
+
+def load_page_map(path: Path | None, pages: int) -> bytes | None:
+    """One byte per guest page: 0 private, 1 shared, 2 excluded (docs)."""
+    if path is None:
+        return None
+    data = path.read_bytes()
+    if len(data) != pages:
+        raise TransferError(f"page map {path} has {len(data)} entries; the guest has {pages} pages")
+    bad = set(data) - {PAGE_PRIVATE, PAGE_SHARED, PAGE_EXCLUDED}
+    if bad:
+        raise TransferError(f"page map {path} holds values {sorted(bad)}; allowed: 0 private, 1 shared, 2 excluded")
+    return data
+
+
+def _plan(pages: int, page_map: bytes | None) -> tuple[list[int], list[int], int]:
+    if page_map is None:
+        return list(range(pages)), [], 0
+    private = [i for i, v in enumerate(page_map) if v == PAGE_PRIVATE]
+    shared = [i for i, v in enumerate(page_map) if v == PAGE_SHARED]
+    return private, shared, pages - len(private) - len(shared)
+
+
+def _check(command: str, status: int, results: tuple[int, ...]) -> tuple[int, ...]:
+    if status != 0:
+        raise MailboxError(f"helper refused {command}", command=command, status=status,
+                           status_name=status_name(status))
+    return results
+
+
+class _Failure:
+    """First error of any thread; everyone else stops at the next check."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.event = threading.Event()
+        self._lock = threading.Lock()
+
+    def set(self, error: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = error
+        self.event.set()
+
+    def raise_if_set(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _thread(target: Callable[[], None], failure: _Failure, name: str) -> threading.Thread:
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:
+            failure.set(exc)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+@contextmanager
+def _timed(summary: TransferSummary) -> Iterator[None]:
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        summary.seconds = time.monotonic() - start
+
+
+# --- export ------------------------------------------------------------------------
+
+
+def export_ram(
+    src: Path,
+    key: bytes,
+    sink: IO[bytes],
+    *,
+    kind: str = "firmware",
+    helpers: int = 1,
+    firmware: Path | None = None,
+    work_dir: Path,
+    page_map: Path | None = None,
+    progress: bool | None = None,
+) -> TransferSummary:
+    """Write the transfer stream of RAM file ``src`` to ``sink``."""
+    page, batch, record = _geometry()
+    size = src.stat().st_size
+    if size == 0 or size % page:
+        raise TransferError(f"{src}: size {size} is not a positive multiple of {page}")
+    pages = size // page
+    private, shared, excluded = _plan(pages, load_page_map(page_map, pages))
+    summary = TransferSummary("export", kind, helpers, size, private_pages=len(private),
+                              shared_pages=len(shared), excluded_pages=excluded, work_dir=str(work_dir))
+    chunks = [private[i : i + batch] for i in range(0, len(private), batch)]
+    frames: queue.Queue[ct.Frame | None] = queue.Queue(maxsize=4 * helpers)
+    failure = _Failure()
+    meter = Progress("export", len(private) + len(shared), enabled=progress)
+    zero_pages = [0] * helpers
+
+    def put(frame: ct.Frame) -> None:
+        while not failure.event.is_set():
+            with suppress(queue.Full):
+                frames.put(frame, timeout=0.1)
+                return
+        failure.raise_if_set()
+
+    def shard_worker(index: int, backend: Backend) -> Callable[[], None]:
+        def run() -> None:
+            data = backend.data
+            written = _check("EXPORT_BEGIN", *backend.call("EXPORT_BEGIN", IO_AT, record))[0]
+            put(ct.Frame(ct.KIND_STREAM_HEADER, index, bytes(data[IO_AT : IO_AT + written])))
+            for chunk in chunks[index::helpers]:
+                failure.raise_if_set()
+                data[LIST_AT : LIST_AT + 8 * len(chunk)] = struct.pack(f"<{len(chunk)}Q", *(p * page for p in chunk))
+                written, _, zeros = _check(
+                    "EXPORT_BATCH", *backend.call("EXPORT_BATCH", LIST_AT, len(chunk), IO_AT, len(chunk) * record)
+                )[:3]
+                zero_pages[index] += zeros
+                put(ct.Frame(ct.KIND_RECORDS, index, bytes(data[IO_AT : IO_AT + written])))
+                meter.advance(len(chunk))
+            written = _check("EXPORT_END", *backend.call("EXPORT_END", IO_AT, record))[0]
+            put(ct.Frame(ct.KIND_STREAM_END, index, bytes(data[IO_AT : IO_AT + written])))
+
+        return run
+
+    def plain_worker(window: memoryview) -> Callable[[], None]:
+        def run() -> None:
+            for number in shared:
+                failure.raise_if_set()
+                offset = number * page
+                payload = ct.PLAIN_PAGE.pack(offset) + bytes(window[offset : offset + page])
+                put(ct.Frame(ct.KIND_PLAIN_PAGE, 0, payload))
+                meter.advance(1)
+
+        return run
+
+    with _timed(summary):
+        try:
+            with open_backends(kind, helpers, src, key, work_dir, firmware=firmware, writable=False) as backends, \
+                    src.open("rb") as raw, mmap.mmap(raw.fileno(), size, access=mmap.ACCESS_READ) as window_map:
+                window = memoryview(window_map)
+                try:
+                    digest = ct.PlainDigest()
+                    sink.write(ct.FileHeader(size, helpers).encode())
+                    summary.stream_bytes = ct.FILE_HEADER.size
+                    workers = [_thread(shard_worker(i, b), failure, f"export-{i}") for i, b in enumerate(backends)]
+                    workers.append(_thread(plain_worker(window), failure, "export-plain"))
+                    while any(t.is_alive() for t in workers) or not frames.empty():
+                        failure.raise_if_set()
+                        try:
+                            frame = frames.get(timeout=0.1)
+                        except queue.Empty:
+                            continue
+                        if frame is None:
+                            continue
+                        if frame.kind == ct.KIND_PLAIN_PAGE:
+                            digest.update(frame.payload)
+                        encoded = frame.encode()
+                        sink.write(encoded)
+                        summary.stream_bytes += len(encoded)
+                    failure.raise_if_set()
+                    totals = ct.Totals(len(private), len(shared), excluded, sum(zero_pages), digest.hexdigest())
+                    done = ct.Frame(ct.KIND_DONE, 0, totals.encode()).encode()
+                    sink.write(done)
+                    sink.flush()
+                    summary.stream_bytes += len(done)
+                finally:
+                    failure.event.set()
+                    window.release()
+        except OvmfMhError as exc:
+            summary.error = str(exc)
+            raise
+        finally:
+            meter.finish()
+    summary.zero_pages = sum(zero_pages)
+    summary.outcome = "ok"
+    return summary
+
+
+# --- import ------------------------------------------------------------------------
+
+
+def _prepare_target(dst: Path, guest_size: int, mode: str) -> Path:
+    if mode == "in-place":
+        if not dst.is_file() or dst.stat().st_size != guest_size:
+            raise TransferError(
+                f"{dst} must exist with the stream's guest size ({guest_size} bytes) for in-place import"
+            )
+        return dst
+    if dst.exists() and dst.stat().st_size != guest_size:
+        raise TransferError(
+            f"{dst} has {dst.stat().st_size} bytes; the stream carries a {guest_size}-byte guest"
+        )
+    partial = dst.with_name(f".{dst.name}.ovmf-mh-partial")
+    partial.unlink(missing_ok=True)
+    with partial.open("wb") as f:
+        f.truncate(guest_size)
+    return partial
+
+
+def import_ram(
+    dst: Path,
+    key: bytes,
+    source: IO[bytes],
+    *,
+    kind: str = "firmware",
+    helpers: int | None = None,
+    firmware: Path | None = None,
+    work_dir: Path,
+    mode: str = "replace",
+    progress: bool | None = None,
+) -> TransferSummary:
+    """Read a transfer stream from ``source`` into RAM file ``dst``; raises
+    TransferError (or the helper's MailboxError) unless everything verified."""
+    page, _, _ = _geometry()
+    header = ct.read_file_header(source)
+    if helpers is not None and helpers != header.shards:
+        raise TransferError(
+            f"the stream has {header.shards} shard(s); import uses one helper per shard "
+            f"(got --helpers {helpers})"
+        )
+    summary = TransferSummary("import", kind, header.shards, header.guest_size, work_dir=str(work_dir),
+                              stream_bytes=ct.FILE_HEADER.size)
+    target = _prepare_target(dst, header.guest_size, mode)
+    meter = Progress("import", header.guest_size // page, enabled=progress)
+    failure = _Failure()
+    completed = [False] * header.shards
+    records = [0] * header.shards
+    zero_pages = [0] * header.shards
+    queues: list[queue.Queue[ct.Frame | None]] = [queue.Queue(maxsize=4) for _ in range(header.shards)]
+
+    def shard_worker(index: int, backend: Backend) -> Callable[[], None]:
+        def run() -> None:
+            data = backend.data
+            began = False
+            while True:
+                frame = queues[index].get()
+                if frame is None or failure.event.is_set():
+                    return
+                if completed[index]:
+                    raise TransferError(f"shard {index}: frames after its end record")
+                data[IO_AT : IO_AT + len(frame.payload)] = frame.payload
+                if frame.kind == ct.KIND_STREAM_HEADER:
+                    if began:
+                        raise TransferError(f"shard {index}: second stream header")
+                    _check("IMPORT_BEGIN", *backend.call("IMPORT_BEGIN", IO_AT, len(frame.payload)))
+                    began = True
+                elif not began:
+                    raise TransferError(f"shard {index}: {ct.KIND_NAMES[frame.kind]} before the stream header")
+                elif frame.kind == ct.KIND_RECORDS:
+                    applied, written = _check(
+                        "IMPORT_BATCH", *backend.call("IMPORT_BATCH", IO_AT, len(frame.payload))
+                    )[:2]
+                    zero_pages[index] += applied - written
+                    meter.advance(applied)
+                else:
+                    records[index] = _check("IMPORT_END", *backend.call("IMPORT_END", IO_AT, len(frame.payload)))[0]
+                    completed[index] = True
+
+        return run
+
+    succeeded = False
+    with _timed(summary):
+        try:
+            with open_backends(kind, header.shards, target, key, work_dir, firmware=firmware) as backends, \
+                    target.open("r+b") as raw, mmap.mmap(raw.fileno(), header.guest_size) as target_map:
+                workers = [_thread(shard_worker(i, b), failure, f"import-{i}") for i, b in enumerate(backends)]
+                digest = ct.PlainDigest()
+                shared = 0
+                totals: ct.Totals | None = None
+                try:
+                    for frame in ct.read_frames(source, header.shards):
+                        failure.raise_if_set()
+                        summary.stream_bytes += ct.FRAME_HEADER.size + len(frame.payload)
+                        if frame.kind == ct.KIND_PLAIN_PAGE:
+                            (offset,) = ct.PLAIN_PAGE.unpack_from(frame.payload)
+                            if offset % page or offset + page > header.guest_size:
+                                raise TransferError(f"plain page at offset {offset:#x} outside the guest")
+                            digest.update(frame.payload)
+                            target_map[offset : offset + page] = frame.payload[ct.PLAIN_PAGE.size :]
+                            shared += 1
+                            meter.advance(1)
+                        elif frame.kind == ct.KIND_DONE:
+                            totals = ct.Totals.decode(frame.payload)
+                        else:
+                            while not failure.event.is_set():
+                                with suppress(queue.Full):
+                                    queues[frame.shard].put(frame, timeout=0.1)
+                                    break
+                    for q in queues:
+                        while not failure.event.is_set():
+                            with suppress(queue.Full):
+                                q.put(None, timeout=0.1)
+                                break
+                    for worker in workers:
+                        while worker.is_alive() and not failure.event.is_set():
+                            worker.join(timeout=0.1)
+                    failure.raise_if_set()
+                finally:
+                    failure.event.set()
+                    for q in queues:
+                        with suppress(queue.Full):
+                            q.put_nowait(None)
+                if totals is None:
+                    raise TransferError("stream ended without its DONE frame")
+                missing = [i for i, ok in enumerate(completed) if not ok]
+                if missing:
+                    raise TransferError(f"shard(s) {missing} never delivered a verified end record (truncated stream)")
+                if sum(records) != totals.private_pages or shared != totals.shared_pages:
+                    raise TransferError(
+                        f"totals disagree: {sum(records)} private / {shared} shared pages arrived, "
+                        f"DONE says {totals.private_pages} / {totals.shared_pages}"
+                    )
+                if digest.hexdigest() != totals.plain_digest:
+                    raise TransferError("plain pages do not match the DONE frame's digest")
+                target_map.flush()
+                summary.private_pages = sum(records)
+                summary.shared_pages = shared
+                summary.excluded_pages = totals.excluded_pages
+                summary.zero_pages = sum(zero_pages)
+                summary.shard_records = list(records)
+            if mode == "replace":
+                with target.open("rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(target, dst)
+            succeeded = True
+        except OvmfMhError as exc:
+            summary.error = str(exc)
+            raise
+        finally:
+            meter.finish()
+            if mode == "replace" and not succeeded:
+                target.unlink(missing_ok=True)
+    summary.outcome = "ok"
+    return summary
