@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from helper import abi
-from host_shim.errors import MailboxError, QemuError
+from host_shim.errors import MailboxError, QemuError, SetupError
 from host_shim.keys import secret_page_base, secret_record
 from host_shim.mailbox import Mailbox
 from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
@@ -25,6 +25,8 @@ from host_shim.request import HelperRequest, fw_cfg_name
 MIB = 1024 * 1024
 DEFAULT_OWN_RAM = 64 * MIB
 DEFAULT_MAILBOX_SIZE = 16 * MIB
+# QEMU rounds the machine's RAM size up to 8 KiB; NUMA nodes must add up to it.
+QEMU_RAM_ALIGNMENT = 8192
 
 
 @dataclass
@@ -65,6 +67,12 @@ class HelperVM:
         self.ready_header: dict[str, Any] | None = None
         memory = [MemoryBackend("own", self.own_ram, spec.own_ram_size)]
         if spec.guest_ram is not None:
+            guest_size = spec.guest_ram.stat().st_size
+            if guest_size == 0 or guest_size % QEMU_RAM_ALIGNMENT:
+                raise SetupError(
+                    f"guest RAM {spec.guest_ram} is {guest_size} bytes; firmware helpers map it as a QEMU "
+                    f"memory backend, whose size must be a positive multiple of {QEMU_RAM_ALIGNMENT // 1024} KiB"
+                )
             memory.append(MemoryBackend("guest", spec.guest_ram, spec.guest_ram.stat().st_size))
         self.vm = QemuVM(
             QemuConfig(

@@ -91,6 +91,10 @@ class QemuLogs:
     def stderr(self) -> Path:
         return self.work_dir / "qemu-stderr.log"
 
+    @property
+    def pid(self) -> Path:
+        return self.work_dir / "qemu.pid"
+
     def as_dict(self) -> dict[str, Path]:
         return {
             "cmdline": self.cmdline,
@@ -145,7 +149,7 @@ def build_command(
         argv += ["-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
     if config.memory:
         total = sum(b.size for b in config.memory)
-        argv += ["-m", f"{total // (1024 * 1024)}M"]
+        argv += ["-m", f"{total // 1024}k"]
         for backend in config.memory:
             argv += [
                 "-object",
@@ -248,6 +252,7 @@ class QemuVM:
             start_new_session=True,
         )
         stderr.close()
+        self.logs.pid.write_text(f"{self._proc.pid}\n")
         try:
             self._connect_qmp(timeout)
         except BaseException:

@@ -1,0 +1,361 @@
+"""Moving guest memory through helpers with the CLI: files and TCP, firmware
+and reference helpers, parallel helpers, tampering, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from host_shim import container as ct
+from host_shim.cli import main
+
+PAGE = 4096
+MIB = 1024 * 1024
+OVMF_MH = [sys.executable, "-m", "host_shim.cli"]
+
+
+def make_ram(path: Path, kind: str, pages: int) -> Path:
+    rng = __import__("random").Random(kind)
+    if kind == "zero":
+        data = bytes(pages * PAGE)
+    elif kind == "random":
+        data = rng.randbytes(pages * PAGE)
+    elif kind == "repeated":
+        data = rng.randbytes(PAGE) * pages
+    else:  # mixed: random, zero and repeated pages, and pages with one byte set
+        parts = []
+        for n in range(pages):
+            choice = n % 4
+            if choice == 0:
+                parts.append(rng.randbytes(PAGE))
+            elif choice == 1:
+                parts.append(bytes(PAGE))
+            elif choice == 2:
+                parts.append(b"\xa5" * PAGE)
+            else:
+                parts.append(bytes(PAGE - 1) + b"\x01")
+        data = b"".join(parts)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def key(work_dir: Path) -> Path:
+    path = work_dir / "transport.key"
+    assert main(["keygen", "--out", str(path)]) == 0
+    assert path.stat().st_mode & 0o777 == 0o600
+    return path
+
+
+def cli(*args: str | Path) -> int:
+    return main([str(a) for a in args])
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export(work: Path, key: Path, src: Path, helper: str, helpers: int, name: str = "stream.omh",
+           *extra: str | Path) -> Path:
+    out = work / name
+    assert cli("export", "--ram", src, "--key", key, "--out", out, "--helper", helper,
+               "--helpers", str(helpers), "--work-dir", work / f"export-{name}", *extra) == 0
+    assert out.is_file() and not (work / f".{name}.partial").exists()
+    return out
+
+
+def import_(work: Path, key: Path, stream: Path, dst: Path, helper: str) -> int:
+    return cli("import", "--ram", dst, "--key", key, "--in", stream, "--helper", helper,
+               "--work-dir", work / f"import-{dst.name}")
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("helper", "helpers"), [("firmware", 1), ("firmware", 2), ("reference", 1), ("reference", 3)])
+@pytest.mark.parametrize(("content", "pages"), [("zero", 256), ("random", 1024), ("mixed", 2048), ("repeated", 2)])
+def test_round_trip_is_byte_identical(
+    firmware: Path, work_dir: Path, key: Path, helper: str, helpers: int, content: str, pages: int
+) -> None:
+    src = make_ram(work_dir / "src.ram", content, pages)
+    stream = export(work_dir, key, src, helper, helpers)
+    dst = work_dir / "dst.ram"
+    assert import_(work_dir, key, stream, dst, helper) == 0
+    assert digest(dst) == digest(src)
+    assert not list(work_dir.glob(".dst.ram.ovmf-mh-partial"))
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("exporter", "importer"), [("firmware", "reference"), ("reference", "firmware")])
+def test_firmware_and_reference_streams_interoperate(
+    firmware: Path, work_dir: Path, key: Path, exporter: str, importer: str
+) -> None:
+    src = make_ram(work_dir / "src.ram", "mixed", 1024)
+    stream = export(work_dir, key, src, exporter, 2)
+    dst = work_dir / "dst.ram"
+    assert import_(work_dir, key, stream, dst, importer) == 0
+    assert digest(dst) == digest(src)
+
+
+def _frames(stream: Path) -> tuple[bytes, list[tuple[int, int, bytes]]]:
+    data = stream.read_bytes()
+    header, offset, frames = data[: ct.FILE_HEADER.size], ct.FILE_HEADER.size, []
+    while offset < len(data):
+        kind, shard, length = ct.FRAME_HEADER.unpack_from(data, offset)
+        offset += ct.FRAME_HEADER.size
+        frames.append((kind, shard, data[offset : offset + length]))
+        offset += length
+    return header, frames
+
+
+def _write(path: Path, header: bytes, frames: list[tuple[int, int, bytes]]) -> Path:
+    path.write_bytes(header + b"".join(ct.FRAME_HEADER.pack(k, s, len(p)) + p for k, s, p in frames))
+    return path
+
+
+def _flip(payload: bytes, at: int) -> bytes:
+    return payload[:at] + bytes([payload[at] ^ 0x01]) + payload[at + 1 :]
+
+
+def _tamper(kind: str, frames: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    records = [i for i, f in enumerate(frames) if f[0] == ct.KIND_RECORDS and f[2]]
+    first, second = records[0], records[1]
+    out = list(frames)
+    if kind == "flipped-bit":
+        k, s, p = out[first]
+        out[first] = (k, s, _flip(p, 40 + 100))
+    elif kind == "moved-page":
+        k, s, p = out[first]
+        offset = struct.unpack_from("<Q", p, 16)[0] ^ PAGE
+        out[first] = (k, s, p[:16] + struct.pack("<Q", offset) + p[24:])
+    elif kind == "dropped-batch":
+        del out[first]
+    elif kind == "duplicated-batch":
+        out.insert(first, out[first])
+    elif kind == "reordered-batches":
+        out[first], out[second] = out[second], out[first]
+    elif kind == "truncated":
+        out = [f for f in out if f[0] not in (ct.KIND_STREAM_END, ct.KIND_DONE)]
+    elif kind == "no-done":
+        out = [f for f in out if f[0] != ct.KIND_DONE]
+    elif kind == "wrong-shard":
+        k, s, p = out[first]
+        out[first] = (k, 1 - s, p)
+    return out
+
+
+TAMPERING = ["flipped-bit", "moved-page", "dropped-batch", "duplicated-batch", "reordered-batches",
+             "truncated", "no-done", "wrong-shard"]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("helper", ["firmware", "reference"])
+@pytest.mark.parametrize("tampering", TAMPERING)
+def test_tampered_stream_is_refused_and_dst_untouched(
+    firmware: Path, work_dir: Path, key: Path, helper: str, tampering: str
+) -> None:
+    src = make_ram(work_dir / "src.ram", "random", 2048)
+    stream = export(work_dir, key, src, "reference", 2)
+    header, frames = _frames(stream)
+    bad = _write(work_dir / "bad.omh", header, _tamper(tampering, frames))
+    dst = work_dir / "dst.ram"
+    dst.write_bytes(b"\x5a" * (2048 * PAGE))
+    before = digest(dst)
+    assert import_(work_dir, key, bad, dst, helper) == 1
+    assert digest(dst) == before, "a failed import changed DST"
+    assert not list(work_dir.glob(".dst.ram.ovmf-mh-partial"))
+
+
+@pytest.mark.qemu
+def test_wrong_key_is_refused(firmware: Path, work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = make_ram(work_dir / "src.ram", "random", 64)
+    stream = export(work_dir, key, src, "firmware", 1)
+    other = work_dir / "other.key"
+    assert cli("keygen", "--out", other) == 0
+    dst = work_dir / "dst.ram"
+    capsys.readouterr()
+    assert cli("import", "--ram", dst, "--key", other, "--in", stream, "--work-dir", work_dir / "imp") == 1
+    assert "BAD_HEADER" in capsys.readouterr().err
+    assert not dst.exists()
+
+
+@pytest.mark.qemu
+def test_page_map_sends_shared_pages_plain_and_skips_excluded(firmware: Path, work_dir: Path, key: Path) -> None:
+    pages = 512
+    src = make_ram(work_dir / "src.ram", "random", pages)
+    page_map = bytes(1 if n % 5 == 0 else 2 if n % 7 == 0 else 0 for n in range(pages))
+    (work_dir / "map.bin").write_bytes(page_map)
+    stream = export(work_dir, key, src, "firmware", 2, "stream.omh", "--page-map", work_dir / "map.bin")
+    _, frames = _frames(stream)
+    assert sum(f[0] == ct.KIND_PLAIN_PAGE for f in frames) == page_map.count(1)
+    dst = work_dir / "dst.ram"
+    assert import_(work_dir, key, stream, dst, "firmware") == 0
+    source, result = src.read_bytes(), dst.read_bytes()
+    for n, state in enumerate(page_map):
+        page = slice(n * PAGE, (n + 1) * PAGE)
+        assert result[page] == (bytes(PAGE) if state == 2 else source[page]), n
+
+
+def test_bad_page_map_is_refused(work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = make_ram(work_dir / "src.ram", "random", 16)
+    (work_dir / "map.bin").write_bytes(bytes([0, 3] + [0] * 14))
+    assert cli("export", "--ram", src, "--key", key, "--out", work_dir / "s.omh", "--helper", "reference",
+               "--page-map", work_dir / "map.bin") == 1
+    assert "page map" in capsys.readouterr().err
+    assert not (work_dir / "s.omh").exists()
+
+
+@pytest.mark.qemu
+def test_firmware_helper_refuses_a_ram_size_qemu_cannot_map(
+    firmware: Path, work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = make_ram(work_dir / "src.ram", "random", 3)
+    assert cli("export", "--ram", src, "--key", key, "--out", work_dir / "s.omh", "--work-dir", work_dir / "e") == 1
+    assert "multiple of 8 KiB" in capsys.readouterr().err
+
+
+def test_firmware_helper_without_image_says_how_to_build(
+    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = make_ram(work_dir / "src.ram", "random", 16)
+    assert cli("export", "--ram", src, "--key", key, "--out", work_dir / "s.omh",
+               "--image", work_dir / "missing.fd") == 1
+    assert "ovmf-mh build" in capsys.readouterr().err
+
+
+@pytest.mark.qemu
+def test_qemu_that_fails_to_start_reports_its_logs(
+    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = make_ram(work_dir / "src.ram", "random", 16)
+    broken = work_dir / "broken.fd"
+    broken.write_bytes(b"\xff" * 1000)  # pflash needs whole sectors: QEMU refuses to start
+    assert cli("export", "--ram", src, "--key", key, "--out", work_dir / "s.omh", "--image", broken,
+               "--work-dir", work_dir / "exp") == 1
+    err = capsys.readouterr().err
+    assert "QEMU exited during start-up" in err
+    stderr_log = re.search(r"stderr=(\S+)", err)
+    assert stderr_log is not None and Path(stderr_log.group(1).rstrip(";,")).is_file()
+
+
+@pytest.mark.qemu
+def test_helper_killed_mid_transfer_fails_fast_and_marks_nothing_complete(
+    firmware: Path, work_dir: Path, key: Path
+) -> None:
+    src = make_ram(work_dir / "src.ram", "random", 64 * 256)  # 64 MiB
+    stream = export(work_dir, key, src, "reference", 1)
+    dst = work_dir / "dst.ram"
+    imp_work = work_dir / "imp"
+    proc = subprocess.Popen(
+        [*OVMF_MH, "import", "--ram", str(dst), "--key", str(key), "--in", str(stream), "--work-dir", str(imp_work)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        pid_file = imp_work / "helper-0" / "qemu.pid"
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and "READY" in (imp_work / "helper-0" / "debugcon.log").read_text(errors="replace")
+                   if (imp_work / "helper-0" / "debugcon.log").exists() else False):
+            assert time.monotonic() < deadline, "helper never became ready"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - killed < 15, "the failure took too long to report"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    assert "exited" in err
+    assert not dst.exists()
+    assert not list(work_dir.glob(".dst.ram.ovmf-mh-partial"))
+
+
+@pytest.mark.qemu
+def test_send_and_receive_over_tcp(firmware: Path, work_dir: Path, key: Path) -> None:
+    src = make_ram(work_dir / "src.ram", "mixed", 1024)
+    dst = work_dir / "dst.ram"
+    receiver = subprocess.Popen(
+        [*OVMF_MH, "receive", "--ram", str(dst), "--key", str(key), "--listen", "127.0.0.1:0",
+         "--work-dir", str(work_dir / "recv"), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert receiver.stderr is not None
+        line = receiver.stderr.readline()
+        match = re.search(r"listening on (\S+:\d+)", line)
+        assert match, line
+        sender = subprocess.run(
+            [*OVMF_MH, "send", "--ram", str(src), "--key", str(key), "--to", match.group(1), "--helpers", "2",
+             "--work-dir", str(work_dir / "send"), "--json"],
+            capture_output=True, text=True, timeout=300,
+        )
+        out, err = receiver.communicate(timeout=120)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+    assert sender.returncode == 0, sender.stderr
+    assert receiver.returncode == 0, err
+    assert '"outcome": "ok"' in out and '"outcome": "ok"' in sender.stdout
+    assert digest(dst) == digest(src)
+
+
+@pytest.mark.qemu
+def test_receiver_failure_is_reported_to_the_sender(firmware: Path, work_dir: Path, key: Path) -> None:
+    src = make_ram(work_dir / "src.ram", "random", 64)
+    other = work_dir / "other.key"
+    assert cli("keygen", "--out", other) == 0
+    dst = work_dir / "dst.ram"
+    receiver = subprocess.Popen(
+        [*OVMF_MH, "receive", "--ram", str(dst), "--key", str(other), "--listen", "127.0.0.1:0",
+         "--helper", "reference"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert receiver.stderr is not None
+        match = re.search(r"listening on (\S+:\d+)", receiver.stderr.readline())
+        assert match
+        sender = subprocess.run(
+            [*OVMF_MH, "send", "--ram", str(src), "--key", str(key), "--to", match.group(1), "--helper", "reference"],
+            capture_output=True, text=True, timeout=120,
+        )
+        receiver.communicate(timeout=60)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+    assert sender.returncode == 1 and receiver.returncode == 1
+    assert "receiver reports failure" in sender.stderr
+    assert not dst.exists()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=256))
+def test_container_parser_rejects_garbage_cleanly(data: bytes) -> None:
+    import io
+
+    try:
+        header = ct.read_file_header(io.BytesIO(data))
+        list(ct.read_frames(io.BytesIO(data[ct.FILE_HEADER.size :]), header.shards))
+    except ct.ContainerError:
+        pass
+
+
+def test_container_bounds_frames_before_reading_them() -> None:
+    import io
+
+    header = ct.FileHeader(PAGE, 1).encode()
+    huge = ct.FRAME_HEADER.pack(ct.KIND_RECORDS, 0, 1 << 40)
+    with pytest.raises(ct.ContainerError, match="RECORDS frame"):
+        list(ct.read_frames(io.BytesIO(huge), ct.read_file_header(io.BytesIO(header)).shards))
