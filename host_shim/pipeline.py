@@ -66,6 +66,7 @@ class TransferSummary:
     zero_pages: int = 0
     stream_bytes: int = 0
     seconds: float = 0.0
+    helper_start_seconds: float = 0.0  # part of ``seconds`` spent starting helpers
     error: str | None = None
     work_dir: str | None = None
     shard_records: list[int] = field(default_factory=list)
@@ -238,11 +239,13 @@ def export_ram(
 
         return run
 
+    started = time.monotonic()
     with _timed(summary):
         try:
             with open_backends(kind, helpers, src, key, work_dir, firmware=firmware, writable=False) as backends, \
                     src.open("rb") as raw, mmap.mmap(raw.fileno(), size, access=mmap.ACCESS_READ) as window_map:
                 window = memoryview(window_map)
+                summary.helper_start_seconds = time.monotonic() - started
                 try:
                     digest = ct.PlainDigest()
                     sink.write(ct.FileHeader(size, helpers).encode())
@@ -364,10 +367,12 @@ def import_ram(
         return run
 
     succeeded = False
+    started = time.monotonic()
     with _timed(summary):
         try:
             with open_backends(kind, header.shards, target, key, work_dir, firmware=firmware) as backends, \
                     target.open("r+b") as raw, mmap.mmap(raw.fileno(), header.guest_size) as target_map:
+                summary.helper_start_seconds = time.monotonic() - started
                 workers = [_thread(shard_worker(i, b), failure, f"import-{i}") for i, b in enumerate(backends)]
                 digest = ct.PlainDigest()
                 shared = 0

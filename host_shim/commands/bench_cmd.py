@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from host_shim.bench import bench_crypto, format_report
+from host_shim.bench import bench_crypto, bench_pipeline, format_pipeline_report, format_report
 from host_shim.boot import resolve_image
 
 
@@ -29,6 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     crypto.add_argument("--json", action="store_true", help="print the results as JSON")
     crypto.set_defaults(handler=run_crypto)
 
+    pipeline = bench_sub.add_parser("pipeline", help="transfer pipeline speed and helper scaling")
+    pipeline.add_argument("--guest-mib", type=int, default=128, help="random guest RAM to move (default 128)")
+    pipeline.add_argument("--helpers", type=int, default=2, help="N for the N-helper run (default 2)")
+    pipeline.add_argument("--no-firmware", action="store_true", help="reference pipeline only")
+    pipeline.add_argument("--image", help="firmware image (default: the DEBUG build)")
+    pipeline.add_argument("--json", action="store_true", help="print the results as JSON")
+    pipeline.set_defaults(handler=run_pipeline)
+
 
 def run_crypto(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -39,4 +47,16 @@ def run_crypto(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         print("\n".join(format_report(results)))
+    return 0
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    image = None if args.no_firmware else resolve_image(Path(args.image) if args.image else None)
+    results = bench_pipeline(guest_mib=args.guest_mib, helpers=args.helpers, firmware=image)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(format_pipeline_report(results)))
     return 0
