@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -175,6 +175,203 @@ def _timed(summary: TransferSummary) -> Iterator[None]:
 # --- export ------------------------------------------------------------------------
 
 
+@dataclass
+class PassStats:
+    pages: int
+    zero_pages: int
+    stream_bytes: int
+    seconds: float
+
+
+class Exporter:
+    """Source side of a transfer, usable for several passes over the same
+    guest (live migration re-sends dirtied pages in later passes).
+
+    Each helper keeps one session for the whole transfer: records of later
+    passes follow earlier ones in its stream, so the target applies them in
+    order and ends with the last version of every page. A writer thread puts
+    frames on the sink while the helper threads work.
+    """
+
+    def __init__(
+        self,
+        src: Path,
+        key: bytes,
+        sink: IO[bytes],
+        *,
+        kind: str = "firmware",
+        helpers: int = 1,
+        firmware: Path | None = None,
+        work_dir: Path,
+    ) -> None:
+        self.page, self.batch, self.record = _geometry()
+        self.size = src.stat().st_size
+        if self.size == 0 or self.size % self.page:
+            raise TransferError(f"{src}: size {self.size} is not a positive multiple of {self.page}")
+        self.src, self.key, self.sink = src, key, sink
+        self.kind, self.helpers, self.firmware, self.work_dir = kind, helpers, firmware, work_dir
+        self.summary = TransferSummary("export", kind, helpers, self.size, work_dir=str(work_dir))
+        self._failure = _Failure()
+        self._frames: queue.Queue[ct.Frame | None] = queue.Queue(maxsize=4 * helpers)
+        self._digest = ct.PlainDigest()
+        self._stack = ExitStack()
+        self._backends: list[Backend] = []
+        self._writer: threading.Thread | None = None
+        self._window: memoryview | None = None
+        self._started = time.monotonic()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def __enter__(self) -> Exporter:
+        try:
+            self._backends = self._stack.enter_context(
+                open_backends(self.kind, self.helpers, self.src, self.key, self.work_dir,
+                              firmware=self.firmware, writable=False)
+            )
+            raw = self._stack.enter_context(self.src.open("rb"))
+            window_map = self._stack.enter_context(mmap.mmap(raw.fileno(), self.size, access=mmap.ACCESS_READ))
+            self._window = memoryview(window_map)
+            self._stack.callback(self._window.release)
+            self.summary.helper_start_seconds = time.monotonic() - self._started
+            self._write(ct.FileHeader(self.size, self.helpers).encode())
+            self._writer = _thread(self._write_frames, self._failure, "export-writer")
+            self._run_shards(lambda index, backend: self._begin(index, backend))
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        self._failure.event.set()
+        if self._writer is not None:
+            self._writer.join(timeout=30)
+        self._stack.close()
+        self.summary.seconds = time.monotonic() - self._started
+
+    # -- frames -------------------------------------------------------------------------
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self.sink.write(data)
+        self.summary.stream_bytes += len(data)
+
+    def _write_frames(self) -> None:
+        while True:
+            try:
+                frame = self._frames.get(timeout=0.1)
+            except queue.Empty:
+                if self._failure.event.is_set():
+                    return
+                continue
+            if frame is None:
+                return
+            if frame.kind == ct.KIND_PLAIN_PAGE:
+                self._digest.update(frame.payload)
+            # Header and payload separately: no copy of the payload.
+            self._write(ct.FRAME_HEADER.pack(frame.kind, frame.shard, len(frame.payload)))
+            self._write(frame.payload)
+
+    def _put(self, frame: ct.Frame) -> None:
+        while not self._failure.event.is_set():
+            with suppress(queue.Full):
+                self._frames.put(frame, timeout=0.1)
+                return
+        self._failure.raise_if_set()
+        raise TransferError("export stopped")
+
+    def _run_shards(self, work: Callable[[int, Backend], None]) -> None:
+        threads = [
+            _thread(lambda i=i, b=b: work(i, b), self._failure, f"export-{i}")  # type: ignore[misc]
+            for i, b in enumerate(self._backends)
+        ]
+        for thread in threads:
+            while thread.is_alive() and not self._failure.event.is_set():
+                thread.join(timeout=0.1)
+        self._failure.raise_if_set()
+
+    # -- helper commands ----------------------------------------------------------------
+
+    def _begin(self, index: int, backend: Backend) -> None:
+        written = _check("EXPORT_BEGIN", *backend.call("EXPORT_BEGIN", IO_AT, self.record))[0]
+        self._put(ct.Frame(ct.KIND_STREAM_HEADER, index, bytes(backend.data[IO_AT : IO_AT + written])))
+
+    def send(self, pages: list[int], meter: Progress | None = None) -> PassStats:
+        """One pass: the given page numbers through the helpers, in parallel."""
+        started, bytes_before = time.monotonic(), self.summary.stream_bytes
+        chunks = [pages[i : i + self.batch] for i in range(0, len(pages), self.batch)]
+        zeros = [0] * self.helpers
+
+        def work(index: int, backend: Backend) -> None:
+            data = backend.data
+            for chunk in chunks[index :: self.helpers]:
+                self._failure.raise_if_set()
+                data[LIST_AT : LIST_AT + 8 * len(chunk)] = struct.pack(
+                    f"<{len(chunk)}Q", *(p * self.page for p in chunk)
+                )
+                written, _, zero = _check(
+                    "EXPORT_BATCH",
+                    *backend.call("EXPORT_BATCH", LIST_AT, len(chunk), IO_AT, len(chunk) * self.record),
+                )[:3]
+                zeros[index] += zero
+                self._put(ct.Frame(ct.KIND_RECORDS, index, bytes(data[IO_AT : IO_AT + written])))
+                if meter is not None:
+                    meter.advance(len(chunk))
+
+        self._run_shards(work)
+        self.summary.private_pages += len(pages)
+        self.summary.zero_pages += sum(zeros)
+        return PassStats(len(pages), sum(zeros), self.summary.stream_bytes - bytes_before,
+                         time.monotonic() - started)
+
+    def send_plain(self, pages: list[int], meter: Progress | None = None) -> None:
+        """Shared pages, as plain frames (they are not confidential)."""
+        assert self._window is not None
+        for number in pages:
+            self._failure.raise_if_set()
+            offset = number * self.page
+            payload = ct.PLAIN_PAGE.pack(offset) + bytes(self._window[offset : offset + self.page])
+            self._put(ct.Frame(ct.KIND_PLAIN_PAGE, 0, payload))
+            if meter is not None:
+                meter.advance(1)
+        self.summary.shared_pages += len(pages)
+
+    def finish(self, excluded_pages: int = 0) -> TransferSummary:
+        """End every helper's stream and write the DONE frame."""
+
+        def end(index: int, backend: Backend) -> None:
+            written = _check("EXPORT_END", *backend.call("EXPORT_END", IO_AT, self.record))[0]
+            self._put(ct.Frame(ct.KIND_STREAM_END, index, bytes(backend.data[IO_AT : IO_AT + written])))
+
+        self._run_shards(end)
+        self._put_and_drain()
+        self.summary.excluded_pages = excluded_pages
+        totals = ct.Totals(self.summary.private_pages, self.summary.shared_pages, excluded_pages,
+                           self.summary.zero_pages, self._digest.hexdigest())
+        done = ct.Frame(ct.KIND_DONE, 0, totals.encode())
+        self._write(done.encode())
+        self.sink.flush()
+        self.summary.outcome = "ok"
+        return self.summary
+
+    def _put_and_drain(self) -> None:
+        """Let the writer put every queued frame on the sink, then stop it."""
+        self._put_end_marker()
+        if self._writer is not None:
+            while self._writer.is_alive() and not self._failure.event.is_set():
+                self._writer.join(timeout=0.1)
+            self._writer = None
+        self._failure.raise_if_set()
+
+    def _put_end_marker(self) -> None:
+        while not self._failure.event.is_set():
+            with suppress(queue.Full):
+                self._frames.put(None, timeout=0.1)
+                return
+        self._failure.raise_if_set()
+
+
 def export_ram(
     src: Path,
     key: bytes,
@@ -187,100 +384,23 @@ def export_ram(
     page_map: Path | None = None,
     progress: bool | None = None,
 ) -> TransferSummary:
-    """Write the transfer stream of RAM file ``src`` to ``sink``."""
-    page, batch, record = _geometry()
+    """Write the transfer stream of RAM file ``src`` to ``sink`` (one pass)."""
+    page, _, _ = _geometry()
     size = src.stat().st_size
-    if size == 0 or size % page:
-        raise TransferError(f"{src}: size {size} is not a positive multiple of {page}")
-    pages = size // page
-    private, shared, excluded = _plan(pages, load_page_map(page_map, pages))
-    summary = TransferSummary("export", kind, helpers, size, private_pages=len(private),
-                              shared_pages=len(shared), excluded_pages=excluded, work_dir=str(work_dir))
-    chunks = [private[i : i + batch] for i in range(0, len(private), batch)]
-    frames: queue.Queue[ct.Frame | None] = queue.Queue(maxsize=4 * helpers)
-    failure = _Failure()
+    pages = size // page if size % page == 0 else 0
+    private, shared, excluded = _plan(pages, load_page_map(page_map, pages)) if pages else ([], [], 0)
     meter = Progress("export", len(private) + len(shared), enabled=progress)
-    zero_pages = [0] * helpers
-
-    def put(frame: ct.Frame) -> None:
-        while not failure.event.is_set():
-            with suppress(queue.Full):
-                frames.put(frame, timeout=0.1)
-                return
-        failure.raise_if_set()
-
-    def shard_worker(index: int, backend: Backend) -> Callable[[], None]:
-        def run() -> None:
-            data = backend.data
-            written = _check("EXPORT_BEGIN", *backend.call("EXPORT_BEGIN", IO_AT, record))[0]
-            put(ct.Frame(ct.KIND_STREAM_HEADER, index, bytes(data[IO_AT : IO_AT + written])))
-            for chunk in chunks[index::helpers]:
-                failure.raise_if_set()
-                data[LIST_AT : LIST_AT + 8 * len(chunk)] = struct.pack(f"<{len(chunk)}Q", *(p * page for p in chunk))
-                written, _, zeros = _check(
-                    "EXPORT_BATCH", *backend.call("EXPORT_BATCH", LIST_AT, len(chunk), IO_AT, len(chunk) * record)
-                )[:3]
-                zero_pages[index] += zeros
-                put(ct.Frame(ct.KIND_RECORDS, index, bytes(data[IO_AT : IO_AT + written])))
-                meter.advance(len(chunk))
-            written = _check("EXPORT_END", *backend.call("EXPORT_END", IO_AT, record))[0]
-            put(ct.Frame(ct.KIND_STREAM_END, index, bytes(data[IO_AT : IO_AT + written])))
-
-        return run
-
-    def plain_worker(window: memoryview) -> Callable[[], None]:
-        def run() -> None:
-            for number in shared:
-                failure.raise_if_set()
-                offset = number * page
-                payload = ct.PLAIN_PAGE.pack(offset) + bytes(window[offset : offset + page])
-                put(ct.Frame(ct.KIND_PLAIN_PAGE, 0, payload))
-                meter.advance(1)
-
-        return run
-
-    started = time.monotonic()
-    with _timed(summary):
-        try:
-            with open_backends(kind, helpers, src, key, work_dir, firmware=firmware, writable=False) as backends, \
-                    src.open("rb") as raw, mmap.mmap(raw.fileno(), size, access=mmap.ACCESS_READ) as window_map:
-                window = memoryview(window_map)
-                summary.helper_start_seconds = time.monotonic() - started
-                try:
-                    digest = ct.PlainDigest()
-                    sink.write(ct.FileHeader(size, helpers).encode())
-                    summary.stream_bytes = ct.FILE_HEADER.size
-                    workers = [_thread(shard_worker(i, b), failure, f"export-{i}") for i, b in enumerate(backends)]
-                    workers.append(_thread(plain_worker(window), failure, "export-plain"))
-                    while any(t.is_alive() for t in workers) or not frames.empty():
-                        failure.raise_if_set()
-                        try:
-                            frame = frames.get(timeout=0.1)
-                        except queue.Empty:
-                            continue
-                        if frame is None:
-                            continue
-                        if frame.kind == ct.KIND_PLAIN_PAGE:
-                            digest.update(frame.payload)
-                        encoded = frame.encode()
-                        sink.write(encoded)
-                        summary.stream_bytes += len(encoded)
-                    failure.raise_if_set()
-                    totals = ct.Totals(len(private), len(shared), excluded, sum(zero_pages), digest.hexdigest())
-                    done = ct.Frame(ct.KIND_DONE, 0, totals.encode()).encode()
-                    sink.write(done)
-                    sink.flush()
-                    summary.stream_bytes += len(done)
-                finally:
-                    failure.event.set()
-                    window.release()
-        except OvmfMhError as exc:
-            summary.error = str(exc)
-            raise
-        finally:
-            meter.finish()
-    summary.zero_pages = sum(zero_pages)
-    summary.outcome = "ok"
+    exporter = Exporter(src, key, sink, kind=kind, helpers=helpers, firmware=firmware, work_dir=work_dir)
+    try:
+        with exporter:
+            exporter.send(private, meter)
+            exporter.send_plain(shared, meter)
+            summary = exporter.finish(excluded)
+    except OvmfMhError as exc:
+        exporter.summary.error = str(exc)
+        raise
+    finally:
+        meter.finish()
     return summary
 
 

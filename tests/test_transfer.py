@@ -128,7 +128,9 @@ def _flip(payload: bytes, at: int) -> bytes:
 
 def _tamper(kind: str, frames: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
     records = [i for i, f in enumerate(frames) if f[0] == ct.KIND_RECORDS and f[2]]
-    first, second = records[0], records[1]
+    first = records[0]
+    # Frames of different shards may interleave in any order; reorder within one shard.
+    second = next(i for i in records[1:] if frames[i][1] == frames[first][1])
     out = list(frames)
     if kind == "flipped-bit":
         k, s, p = out[first]
