@@ -14,7 +14,15 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    from host_shim.commands import bench_cmd, boot_cmd, build_cmd, inspect_cmd, keygen_cmd, transfer_cmd
+    from host_shim.commands import (
+        bench_cmd,
+        boot_cmd,
+        build_cmd,
+        inspect_cmd,
+        keygen_cmd,
+        migrate_cmd,
+        transfer_cmd,
+    )
 
     return [
         build_cmd.register,
@@ -22,6 +30,7 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  #
         inspect_cmd.register,
         keygen_cmd.register,
         transfer_cmd.register,
+        migrate_cmd.register,
         bench_cmd.register,
     ]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import subprocess
 from pathlib import Path
 
 from host_shim import paths
@@ -99,3 +100,38 @@ def initramfs(init_script: str, extra_files: dict[str, bytes] | None = None) -> 
     partial.write_bytes(gzip.compress(cpio.finish(), compresslevel=6, mtime=0))
     partial.replace(out)
     return out
+
+
+WORKLOAD_SOURCE = Path(__file__).with_name("guest_src") / "workload.c"
+WORKLOAD_START = "WORKLOAD START"
+HEARTBEAT = "HB seq="
+CORRUPTION = "CORRUPTION"
+
+
+def workload_binary() -> Path:
+    """The static workload binary, compiled once with the host gcc (cached)."""
+    source = WORKLOAD_SOURCE.read_bytes()
+    out = paths.CACHE_DIR / "guest" / f"workload-{hashlib.sha256(source).hexdigest()[:16]}"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    result = subprocess.run(
+        ["gcc", "-O2", "-static", "-o", str(partial), str(WORKLOAD_SOURCE)],
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        raise SetupError(f"cannot build the guest workload (gcc -static): {result.stderr.strip()}")
+    partial.replace(out)
+    return out
+
+
+def workload_initramfs(mib: int, pages_per_tick: int = 256, tick_ms: int = 50) -> Path:
+    """Initramfs whose /init runs the memory workload forever."""
+    init = (
+        "#!/bin/busybox sh\n"
+        "/bin/busybox mount -t proc proc /proc\n"
+        "/bin/busybox mount -t sysfs sysfs /sys\n"
+        f"exec /bin/workload {mib} {pages_per_tick} {tick_ms}\n"
+    )
+    return initramfs(init, {"bin/workload": workload_binary().read_bytes()})

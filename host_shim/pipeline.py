@@ -436,11 +436,18 @@ def import_ram(
     work_dir: Path,
     mode: str = "replace",
     progress: bool | None = None,
+    expect: ct.FileHeader | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> TransferSummary:
     """Read a transfer stream from ``source`` into RAM file ``dst``; raises
-    TransferError (or the helper's MailboxError) unless everything verified."""
+    TransferError (or the helper's MailboxError) unless everything verified.
+
+    With ``expect`` (the shard count and guest size the caller knows), the
+    target helpers start and ``on_ready`` is called before a single byte of
+    the stream is read: the receiving side is up before any page moves.
+    """
     page, _, _ = _geometry()
-    header = ct.read_file_header(source)
+    header = expect if expect is not None else ct.read_file_header(source)
     if helpers is not None and helpers != header.shards:
         raise TransferError(
             f"the stream has {header.shards} shard(s); import uses one helper per shard "
@@ -493,6 +500,10 @@ def import_ram(
             with open_backends(kind, header.shards, target, key, work_dir, firmware=firmware) as backends, \
                     target.open("r+b") as raw, mmap.mmap(raw.fileno(), header.guest_size) as target_map:
                 summary.helper_start_seconds = time.monotonic() - started
+                if on_ready is not None:
+                    on_ready()
+                if expect is not None and ct.read_file_header(source) != expect:
+                    raise TransferError(f"the stream does not match the expected {expect}")
                 workers = [_thread(shard_worker(i, b), failure, f"import-{i}") for i, b in enumerate(backends)]
                 digest = ct.PlainDigest()
                 shared = 0
