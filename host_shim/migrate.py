@@ -73,6 +73,8 @@ class MigrationReport:
     downtime_seconds: float = 0.0
     verify_seconds: float = 0.0
     device_state_seconds: float = 0.0
+    check_seconds: float = 0.0
+    check_pages_changed: int = 0
     setup_seconds: float = 0.0
     passes: list[PassReport] = field(default_factory=list)
     ram_identical: bool | None = None
@@ -96,7 +98,8 @@ class MigrationReport:
             f"guest is {self.guest_state}",
             f"  total {self.total_seconds:.2f} s (helpers and target start {self.setup_seconds:.2f} s), "
             f"downtime {1000 * self.downtime_seconds:.0f} ms "
-            f"(device state {1000 * self.device_state_seconds:.0f} ms; RAM check of "
+            f"(CHECK_PAGES {1000 * self.check_seconds:.0f} ms found {self.check_pages_changed} changed; "
+            f"device state {1000 * self.device_state_seconds:.0f} ms; RAM check of "
             f"{1000 * self.verify_seconds:.0f} ms not counted)",
         ]
         for p in self.passes:
@@ -156,6 +159,7 @@ class DirtyTracker:
         self._file = ram.open("rb")
         self._live = np.memmap(self._file, dtype=np.uint64, mode="r", shape=(size // PAGE, PAGE // 8))
         self._sent = np.zeros_like(self._live)
+        self.hot = np.zeros(size // PAGE, dtype=bool)
 
     def mark_all_sent(self) -> None:
         """Record the current contents of every page (before a full pass)."""
@@ -166,7 +170,12 @@ class DirtyTracker:
         (before they are sent: a change after this point shows up next time)."""
         dirty = np.flatnonzero(np.any(self._live != self._sent, axis=1))
         self._sent[dirty] = self._live[dirty]
+        self.hot[dirty] = True
         return [int(p) for p in dirty]
+
+    def hot_pages(self) -> list[int]:
+        """Pages seen changing at any time during pre-copy."""
+        return [int(p) for p in np.flatnonzero(self.hot)]
 
     def close(self) -> None:
         del self._live
@@ -278,22 +287,25 @@ def migrate(config: MigrationConfig) -> MigrationReport:
 
         tracker.mark_all_sent()
         run_pass(list(range(size // PAGE)), True)
-        last_sent: set[int] = set()
         while len(report.passes) < config.max_passes:
-            dirty = tracker.take_dirty()
-            run_pass(dirty, True)
-            last_sent = set(dirty)
-            if len(dirty) <= config.converge_pages:
+            dirty_pages = tracker.take_dirty()
+            run_pass(dirty_pages, True)
+            if len(dirty_pages) <= config.converge_pages:
                 break
 
         # Switchover: from here until cont, the guest runs nowhere.
         stop_at = time.monotonic()
         source.qmp("stop")
         stopped = True
-        # The last pre-copy pass's pages were read by the helpers while the
-        # guest may still have been writing them; send them once more with
-        # the guest stopped, together with everything dirtied since.
-        final = sorted(set(tracker.take_dirty()) | last_sent)
+        # Pages dirtied since the last pass, plus every page that ever changed
+        # during pre-copy and whose helper says its content is not what it
+        # sent (it may have changed and changed back while being read).
+        dirty = set(tracker.take_dirty())
+        check_start = time.monotonic()
+        changed = exporter.changed_since_sent([p for p in tracker.hot_pages() if p not in dirty])
+        report.check_seconds = time.monotonic() - check_start
+        report.check_pages_changed = len(changed)
+        final = sorted(dirty | set(changed))
         run_pass(final, False)
         exporter.finish()
         sink.close()

@@ -219,6 +219,8 @@ class Exporter:
         self._writer: threading.Thread | None = None
         self._window: memoryview | None = None
         self._started = time.monotonic()
+        # Which helper sent each page last (-1: none): CHECK_PAGES asks it.
+        self.last_sender = [-1] * (self.size // self.page)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -315,6 +317,8 @@ class Exporter:
                     *backend.call("EXPORT_BATCH", LIST_AT, len(chunk), IO_AT, len(chunk) * self.record),
                 )[:3]
                 zeros[index] += zero
+                for number in chunk:
+                    self.last_sender[number] = index
                 self._put(ct.Frame(ct.KIND_RECORDS, index, bytes(data[IO_AT : IO_AT + written])))
                 if meter is not None:
                     meter.advance(len(chunk))
@@ -324,6 +328,35 @@ class Exporter:
         self.summary.zero_pages += sum(zeros)
         return PassStats(len(pages), sum(zeros), self.summary.stream_bytes - bytes_before,
                          time.monotonic() - started)
+
+    def changed_since_sent(self, pages: list[int]) -> list[int]:
+        """Of ``pages``, those whose content differs from what their helper
+        last sent (CHECK_PAGES, a keyed hash inside the helper: exact even
+        when a page changed and changed back while it was being read)."""
+        by_shard: list[list[int]] = [[] for _ in range(self.helpers)]
+        changed: list[int] = []
+        for number in pages:
+            sender = self.last_sender[number]
+            if sender < 0:
+                changed.append(number)
+            else:
+                by_shard[sender].append(number)
+        found: list[list[int]] = [[] for _ in range(self.helpers)]
+
+        def work(index: int, backend: Backend) -> None:
+            data = backend.data
+            mine = by_shard[index]
+            for start in range(0, len(mine), self.batch):
+                chunk = mine[start : start + self.batch]
+                data[LIST_AT : LIST_AT + 8 * len(chunk)] = struct.pack(
+                    f"<{len(chunk)}Q", *(p * self.page for p in chunk)
+                )
+                _check("CHECK_PAGES", *backend.call("CHECK_PAGES", LIST_AT, len(chunk), IO_AT))
+                flags = bytes(data[IO_AT : IO_AT + len(chunk)])
+                found[index].extend(p for p, flag in zip(chunk, flags, strict=True) if flag)
+
+        self._run_shards(work)
+        return changed + [p for shard in found for p in shard]
 
     def send_plain(self, pages: list[int], meter: Progress | None = None) -> None:
         """Shared pages, as plain frames (they are not confidential)."""
@@ -461,7 +494,8 @@ def import_ram(
     completed = [False] * header.shards
     records = [0] * header.shards
     zero_pages = [0] * header.shards
-    queues: list[queue.Queue[ct.Frame | None]] = [queue.Queue(maxsize=4) for _ in range(header.shards)]
+    # Short queues: what is in flight must be imported before a switchover.
+    queues: list[queue.Queue[ct.Frame | None]] = [queue.Queue(maxsize=1) for _ in range(header.shards)]
 
     def shard_worker(index: int, backend: Backend) -> Callable[[], None]:
         def run() -> None:

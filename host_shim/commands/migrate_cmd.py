@@ -30,7 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--image", type=Path, help="firmware image (default: the DEBUG build)")
     parser.add_argument("--key", type=Path, help="transport key (default: a fresh one for this run)")
     parser.add_argument("--helper", choices=KINDS, default="firmware", help="helper implementation")
-    parser.add_argument("--helpers", type=int, default=2, help="helpers per side (default 2)")
+    parser.add_argument("--helpers", type=int, default=1,
+                        help="helpers per side (default 1: on a 2-core machine more TCG helpers compete "
+                        "with the guest for the CPUs)")
     parser.add_argument("--guest-mib", type=int, default=256, help="guest RAM (default 256)")
     parser.add_argument("--workload-mib", type=int, default=64, help="memory the workload rewrites (default 64)")
     parser.add_argument("--max-passes", type=int, default=6, help="pre-copy passes at most (default 6)")

@@ -28,7 +28,7 @@ typedef struct OVMF_MH_SESSION OVMF_MH_SESSION;
 ///
 /// Private memory the core needs for its session state and batch buffers.
 ///
-#define OVMF_MH_CORE_PRIVATE_SIZE  0x00300000
+#define OVMF_MH_CORE_PRIVATE_SIZE  0x00700000
 
 ///
 /// Everything the dispatcher needs. The platform fills the pointers and

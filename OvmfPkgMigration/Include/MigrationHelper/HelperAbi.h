@@ -21,7 +21,7 @@
 // meaning; the minor number when commands or capabilities are added.
 //
 #define OVMF_MH_ABI_MAJOR  1
-#define OVMF_MH_ABI_MINOR  1
+#define OVMF_MH_ABI_MINOR  2
 
 #define OVMF_MH_PAGE_SIZE  0x1000
 
@@ -98,6 +98,12 @@ typedef struct {
 #define OVMF_MH_SESSION_FAILED     4   ///< Import failed; only RESET leaves this state
 
 #define OVMF_MH_MAX_BATCH_PAGES    512
+//
+// CHECK_PAGES remembers a keyed hash of each page an export session sent,
+// for guest pages below this many (2 GiB); pages above are always reported
+// as changed.
+//
+#define OVMF_MH_MAX_TRACKED_PAGES  0x80000
 
 //
 // Commands (OVMF_MH_MAILBOX_HEADER.Command).
@@ -112,6 +118,7 @@ typedef struct {
 #define OVMF_MH_CMD_IMPORT_BEGIN  7   ///< Arg0 in offset, Arg1 size: stream header
 #define OVMF_MH_CMD_IMPORT_BATCH  8   ///< Arg0 in offset, Arg1 size: records
 #define OVMF_MH_CMD_IMPORT_END    9   ///< Arg0 in offset, Arg1 size: end record
+#define OVMF_MH_CMD_CHECK_PAGES   10  ///< Arg0 list offset, Arg1 count, Arg2 out offset: changed since sent?
 
 //
 // Capability bits (OVMF_MH_MAILBOX_HEADER.Capabilities and image info).
@@ -122,6 +129,7 @@ typedef struct {
 #define OVMF_MH_CAP_IMPORT      0x0000000000000008
 #define OVMF_MH_CAP_AES_NI      0x0000000000000010  ///< Page crypto runs on AES-NI
 #define OVMF_MH_CAP_KEY_LOADED  0x0000000000000020  ///< A transport key was injected
+#define OVMF_MH_CAP_CHECK_PAGES 0x0000000000000040  ///< CHECK_PAGES (ABI 1.2)
 
 //
 // Status codes: command results (Status) and halt reasons (HaltReason).
@@ -245,6 +253,8 @@ typedef struct {
 //
 #define OVMF_MH_KDF_INFO            "ovmf-mh v1 stream"
 #define OVMF_MH_CHAIN_LABEL         "ovmf-mh v1 chain"
+#define OVMF_MH_PAGE_HASH_INFO      "ovmf-mh v1 page hash"
+#define OVMF_MH_PAGE_HASH_KEY_SIZE  4096
 
 #define OVMF_MH_RECORD_PAGE         1   ///< Payload: 4096 bytes of ciphertext
 #define OVMF_MH_RECORD_ZERO         2   ///< No payload: the page is all zero

@@ -299,6 +299,9 @@ InternalDispatch (
     case OVMF_MH_CMD_IMPORT_END:
       return InternalImportEnd (Context, Arg, Result);
 
+    case OVMF_MH_CMD_CHECK_PAGES:
+      return InternalCheckPages (Context, Arg, Result);
+
     default:
       return OVMF_MH_STATUS_UNSUPPORTED;
   }

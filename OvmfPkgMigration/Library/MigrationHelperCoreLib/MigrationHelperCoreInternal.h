@@ -15,7 +15,7 @@
 #include "PageCrypto.h"
 
 #define OVMF_MH_BASE_CAPABILITIES \
-  (OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN | OVMF_MH_CAP_EXPORT | OVMF_MH_CAP_IMPORT)
+  (OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN | OVMF_MH_CAP_EXPORT | OVMF_MH_CAP_IMPORT | OVMF_MH_CAP_CHECK_PAGES)
 
 ///
 /// Largest record (PAGE) and the end record, in bytes.
@@ -44,6 +44,8 @@ struct OVMF_MH_SESSION {
   UINT8                    Scratch[128];
   UINT8                    PageBuffer[OVMF_MH_PAGE_SIZE];
   UINT8                    Batch[OVMF_MH_MAX_BATCH_PAGES * OVMF_MH_MAX_RECORD_SIZE];
+  UINT32                   PageHashKey[OVMF_MH_PAGE_HASH_KEY_SIZE / sizeof (UINT32)];
+  UINT64                   PageHash[OVMF_MH_MAX_TRACKED_PAGES];   ///< 0: not sent in this session
 };
 
 OVMF_MH_SESSION *
@@ -86,6 +88,13 @@ InternalImportBegin (
 
 UINT32
 InternalImportBatch (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalCheckPages (
   IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
   IN     CONST UINT64            *Arg,
   OUT    UINT64                  *Result

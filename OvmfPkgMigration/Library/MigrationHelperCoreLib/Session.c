@@ -256,6 +256,37 @@ InternalIsZero (
 }
 
 /**
+  Keyed NH hash of a page (the universal hash family of UMAC): the sum over
+  pairs of 32-bit words of (a + k) * (b + k') as 64-bit products. With a
+  secret key, two different pages collide with probability about 2^-32.
+  The stored value has its low bit set so that 0 can mean "not sent".
+
+  @param[in] Key   OVMF_MH_PAGE_HASH_KEY_SIZE / 4 words.
+  @param[in] Page  OVMF_MH_PAGE_SIZE bytes.
+
+  @return The hash, never 0.
+**/
+STATIC
+UINT64
+InternalPageHash (
+  IN CONST UINT32          *Key,
+  IN CONST volatile UINT8  *Page
+  )
+{
+  CONST volatile UINT32  *Words;
+  UINT64                 Sum;
+  UINTN                  Index;
+
+  Words = (CONST volatile UINT32 *)Page;
+  Sum   = 0;
+  for (Index = 0; Index < OVMF_MH_PAGE_SIZE / sizeof (UINT32); Index += 2) {
+    Sum += (UINT64)(UINT32)(Words[Index] + Key[Index]) * (UINT64)(UINT32)(Words[Index + 1] + Key[Index + 1]);
+  }
+
+  return Sum | 1;
+}
+
+/**
   Fill a record header.
 
   @param[in]  Session      The session.
@@ -324,10 +355,22 @@ InternalExportBegin (
     return OVMF_MH_STATUS_NO_ENTROPY;
   }
 
-  if (!InternalStartSession (Session, Header->Salt)) {
+  if (!InternalStartSession (Session, Header->Salt) ||
+      !MigrationHelperHkdfSha256 (
+         Header->Salt,
+         OVMF_MH_SALT_SIZE,
+         Session->TransportKey,
+         OVMF_MH_KEY_SIZE,
+         (CONST UINT8 *)OVMF_MH_PAGE_HASH_INFO,
+         sizeof (OVMF_MH_PAGE_HASH_INFO) - 1,
+         (UINT8 *)Session->PageHashKey,
+         sizeof (Session->PageHashKey)
+         ))
+  {
     return OVMF_MH_STATUS_UNEXPECTED;
   }
 
+  ZeroMem (Session->PageHash, sizeof (Session->PageHash));
   Header->Magic      = OVMF_MH_STREAM_MAGIC;
   Header->Version    = OVMF_MH_STREAM_VERSION;
   Header->HeaderSize = sizeof (OVMF_MH_STREAM_HEADER);
@@ -419,6 +462,11 @@ InternalExportBatch (
     // memory before it is chained.
     //
     CopyMem (Session->PageBuffer, (VOID *)(Context->GuestWindow + Session->PageList[Index]), OVMF_MH_PAGE_SIZE);
+    if (Session->PageList[Index] / OVMF_MH_PAGE_SIZE < OVMF_MH_MAX_TRACKED_PAGES) {
+      Session->PageHash[Session->PageList[Index] / OVMF_MH_PAGE_SIZE] =
+        InternalPageHash (Session->PageHashKey, Session->PageBuffer);
+    }
+
     InternalNonce (Session->NextSequence, Nonce);
     if (InternalIsZero (Session->PageBuffer, OVMF_MH_PAGE_SIZE)) {
       InternalRecordHeader (Session, OVMF_MH_RECORD_ZERO, 0, Session->PageList[Index], &Record);
@@ -510,6 +558,67 @@ InternalExportEnd (
   Session->State = OVMF_MH_SESSION_COMPLETE;
   Result[0]      = OVMF_MH_END_RECORD_SIZE;
   Result[1]      = Payload.RecordCount;
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  CHECK_PAGES: tell, per listed page, whether its content differs from what
+  this export session last sent for it (or was never sent by it).
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      List offset, count, out offset (one byte per page).
+  @param[out]    Result   Number of pages reported as changed.
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalCheckPages (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION  *Session;
+  UINT64           Count;
+  UINT64           Index;
+  UINT64           Number;
+  UINT8            Changed;
+  volatile UINT8   *Out;
+
+  Session = InternalSession (Context);
+  if (Session->State != OVMF_MH_SESSION_EXPORTING) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  Count = Arg[1];
+  if (Count > OVMF_MH_MAX_BATCH_PAGES) {
+    return OVMF_MH_STATUS_BATCH_TOO_LARGE;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Count * sizeof (UINT64)) ||
+      !InternalDataSpanOk (Context, Arg[2], Count))
+  {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  CopyMem (Session->PageList, (VOID *)(Context->Data + Arg[0]), (UINTN)Count * sizeof (UINT64));
+  for (Index = 0; Index < Count; Index++) {
+    if (!InternalGuestPageOk (Context, Session->PageList[Index])) {
+      return OVMF_MH_STATUS_BAD_PAGE;
+    }
+  }
+
+  Out = Context->Data + Arg[2];
+  for (Index = 0; Index < Count; Index++) {
+    Number  = Session->PageList[Index] / OVMF_MH_PAGE_SIZE;
+    Changed = (UINT8)((Number >= OVMF_MH_MAX_TRACKED_PAGES) ||
+                      (Session->PageHash[Number] == 0) ||
+                      (Session->PageHash[Number] !=
+                       InternalPageHash (Session->PageHashKey, Context->GuestWindow + Session->PageList[Index])));
+    Out[Index] = Changed;
+    Result[0] += Changed;
+  }
+
   return OVMF_MH_STATUS_SUCCESS;
 }
 

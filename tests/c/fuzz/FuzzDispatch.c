@@ -207,6 +207,9 @@ Call (
   } else if (Command == OVMF_MH_CMD_EXPORT_BATCH) {
     OutStart = Arg[2];
     OutEnd   = Arg[2] + Arg[3];
+  } else if (Command == OVMF_MH_CMD_CHECK_PAGES) {
+    OutStart = Arg[2];
+    OutEnd   = Arg[2] + Arg[1];
   }
 
   if (CheckData) {
@@ -290,6 +293,7 @@ ExportStream (
   UINT64  Index;
   UINT64  *List;
   UINT64  Out;
+  UINT64  Touched;
   UINT32  Status;
 
   Call (Source, OVMF_MH_CMD_RESET, Arg, Result, TRUE);
@@ -319,7 +323,29 @@ ExportStream (
   }
 
   memcpy (Stream + Size, (VOID *)(Source->Context.Data + Out), Result[0]);
-  Size  += Result[0];
+  Size += Result[0];
+
+  //
+  // CHECK_PAGES: pages just sent are unchanged; touching one changes it.
+  //
+  Arg[0] = 0;
+  Arg[1] = Count;
+  Arg[2] = Out;
+  Status = Call (Source, OVMF_MH_CMD_CHECK_PAGES, Arg, Result, TRUE);
+  if ((Status != OVMF_MH_STATUS_SUCCESS) || (Result[0] != 0)) {
+    Fail ("CHECK_PAGES reports a page that did not change", Result[0]);
+  }
+
+  Touched                  = Pages[0] + Below (PAGE);
+  Source->Window[Touched] ^= 0x40;
+  List[0]                  = Pages[0];
+  Arg[1]  = 1;
+  Status  = Call (Source, OVMF_MH_CMD_CHECK_PAGES, Arg, Result, TRUE);
+  if ((Status != OVMF_MH_STATUS_SUCCESS) || (Result[0] != 1) || (Source->Context.Data[Out] != 1)) {
+    Fail ("CHECK_PAGES misses a changed page", Result[0]);
+  }
+
+  Source->Window[Touched] ^= 0x40;
   Arg[0] = 0;
   Arg[1] = END_RECORD;
   Status = Call (Source, OVMF_MH_CMD_EXPORT_END, Arg, Result, TRUE);
