@@ -318,10 +318,14 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         report.device_state_seconds = _migrate_device_state(source, target, work)
         if config.verify_ram:
             verify_start = time.monotonic()
-            report.ram_identical = _files_equal(source_ram, target_ram)
+            differing = _differing_pages(source_ram, target_ram)
+            report.ram_identical = not differing
             report.verify_seconds = time.monotonic() - verify_start
-            if not report.ram_identical:
-                raise MigrationError("target RAM differs from the source RAM at switchover")
+            if differing:
+                raise MigrationError(
+                    f"target RAM differs from the source RAM at switchover in {len(differing)} page(s), "
+                    f"first {[hex(p * PAGE) for p in differing[:8]]}"
+                )
         serial_before = len(target.serial_text())
         target.qmp("cont")
         resumed_target = True
@@ -355,15 +359,73 @@ def migrate(config: MigrationConfig) -> MigrationReport:
     return report
 
 
-def _files_equal(a: Path, b: Path) -> bool:
-    with a.open("rb") as fa, b.open("rb") as fb:
-        while True:
-            ca, cb = fa.read(16 * MIB), fb.read(16 * MIB)
-            if ca != cb:
-                return False
-            if not ca:
-                return True
+def _differing_pages(a: Path, b: Path) -> list[int]:
+    """Pages whose bytes differ between two RAM files of equal size."""
+    left = np.memmap(a, dtype=np.uint64, mode="r").reshape(-1, PAGE // 8)
+    right = np.memmap(b, dtype=np.uint64, mode="r").reshape(-1, PAGE // 8)
+    return [int(p) for p in np.flatnonzero(np.any(left != right, axis=1))]
 
 
 def write_report(report: MigrationReport, path: Path) -> None:
     path.write_text(json.dumps(report.as_json(), indent=2))
+
+
+def plain_qemu_migration(image: Path, work: Path, guest_mib: int, workload_mib: int) -> dict[str, Any]:
+    """The baseline: QEMU's own migration of the same guest, RAM through
+    QEMU's stream (no helpers, no confidentiality). Times from QEMU's stats."""
+    work.mkdir(parents=True, exist_ok=True)
+    size = guest_mib * MIB
+    rams = {name: work / f"{name}.ram" for name in ("source", "target")}
+    for ram in rams.values():
+        ram.unlink(missing_ok=True)
+        with ram.open("wb") as f:
+            f.truncate(size)
+    with ExitStack() as stack:
+        source = stack.enter_context(QemuVM(
+            guest_config(image, rams["source"], size, incoming=False, workload_mib=workload_mib),
+            work / "source", "plain-source"))
+        _wait_for(source, guest.HEARTBEAT, 120)
+        target = stack.enter_context(QemuVM(
+            guest_config(image, rams["target"], size, incoming=True, workload_mib=workload_mib),
+            work / "target", "plain-target"))
+        channel = work / "migration.sock"
+        channel.unlink(missing_ok=True)
+        target.qmp("migrate-incoming", uri=f"unix:{channel}")
+        source.qmp("migrate", uri=f"unix:{channel}")
+        deadline = time.monotonic() + 300
+        info: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            info = source.qmp("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.01)
+        if info.get("status") != "completed":
+            raise MigrationError(f"plain QEMU migration ended as {info.get('status')}")
+        while target.qmp("query-status").get("status") == "inmigrate":
+            time.sleep(0.005)
+        serial_before = len(target.serial_text())
+        target.qmp("cont")
+        heartbeat = _wait_for(target, guest.HEARTBEAT, 30, after=serial_before)
+        return {
+            "total_seconds": info["total-time"] / 1000,
+            "downtime_seconds": info.get("downtime", 0) / 1000,
+            "transferred_bytes": info.get("ram", {}).get("transferred", 0),
+            "target_heartbeat": heartbeat,
+        }
+
+
+def bench_migrate(image: Path, work: Path, *, guest_mib: int = 256, workload_mib: int = 64,
+                  helpers: int = 2) -> dict[str, Any]:
+    """Plain QEMU migration and ovmf-mh migration of the same guest, in one run."""
+    results: dict[str, Any] = {"guest_mib": guest_mib, "workload_mib": workload_mib}
+    results["plain"] = plain_qemu_migration(image, work / "plain", guest_mib, workload_mib)
+    for count in sorted({1, helpers}):
+        report = migrate(MigrationConfig(image=image, work_dir=work / f"ovmf-mh-{count}", helpers=count,
+                                         guest_mib=guest_mib, workload_mib=workload_mib, progress=False))
+        if report.outcome != "ok":
+            raise MigrationError(f"ovmf-mh migration with {count} helper(s) failed: {report.error}")
+        results[f"ovmf_mh_{count}"] = report.as_json()
+        plain = results["plain"]
+        results[f"ratio_total_{count}"] = report.total_seconds / plain["total_seconds"]
+        results[f"downtime_excess_ms_{count}"] = 1000 * (report.downtime_seconds - plain["downtime_seconds"])
+    return results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from host_shim.bench import bench_crypto, bench_pipeline, format_pipeline_report, format_report
 from host_shim.boot import resolve_image
@@ -37,6 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     pipeline.add_argument("--json", action="store_true", help="print the results as JSON")
     pipeline.set_defaults(handler=run_pipeline)
 
+    mig = bench_sub.add_parser("migrate", help="live migration: plain QEMU against ovmf-mh, 1 and N helpers")
+    mig.add_argument("--guest-mib", type=int, default=256)
+    mig.add_argument("--workload-mib", type=int, default=64)
+    mig.add_argument("--helpers", type=int, default=2, help="N for the N-helper run (default 2)")
+    mig.add_argument("--image", help="firmware image (default: the DEBUG build)")
+    mig.add_argument("--work-dir", type=Path, help="folder for logs (default: a new temp folder)")
+    mig.add_argument("--json", action="store_true")
+    mig.set_defaults(handler=run_migrate)
+
 
 def run_crypto(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -59,4 +69,28 @@ def run_pipeline(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         print("\n".join(format_pipeline_report(results)))
+    return 0
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from host_shim.migrate import bench_migrate
+
+    image = resolve_image(Path(args.image) if args.image else None)
+    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-migrate-"))).resolve()
+    results = bench_migrate(image, work, guest_mib=args.guest_mib, workload_mib=args.workload_mib,
+                            helpers=args.helpers)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    plain = results["plain"]
+    print(f"live migration of a {args.guest_mib} MiB guest ({args.workload_mib} MiB workload), logs in {work}")
+    print(f"  plain QEMU (RAM through QEMU, no helpers): total {plain['total_seconds']:.2f} s, "
+          f"downtime {1000 * plain['downtime_seconds']:.0f} ms, {plain['transferred_bytes'] / 1e6:.0f} MB")
+    for count in sorted({1, args.helpers}):
+        run = results[f"ovmf_mh_{count}"]
+        print(f"  ovmf-mh, {count} helper(s) per side: total {run['total_seconds']:.2f} s "
+              f"({results[f'ratio_total_{count}']:.1f}x plain), downtime {1000 * run['downtime_seconds']:.0f} ms "
+              f"({results[f'downtime_excess_ms_{count}']:+.0f} ms vs plain), passes {len(run['passes'])}")
     return 0
