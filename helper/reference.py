@@ -43,6 +43,8 @@ import os
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import reduce
+from operator import or_
 
 from helper import abi
 from helper import stream as s
@@ -61,6 +63,8 @@ MAX_BATCH_PAGES = _A.const("OVMF_MH_MAX_BATCH_PAGES")
 MAX_IMPORT_BATCH_SIZE = MAX_BATCH_PAGES * s.PAGE_RECORD_SIZE
 _U64_LIMIT = 1 << 64
 _PAGE_LIST_ENTRY = 8  # UINT64 guest offsets
+if s.PAGE_SIZE & (s.PAGE_SIZE - 1):
+    raise ImportError("ReferenceHelper._pages_ok assumes a power-of-two page size")
 
 SECRET = _A.layout("OVMF_MH_SECRET")
 SECRET_SIGNATURE = _A.const("OVMF_MH_SECRET_SIGNATURE")
@@ -155,6 +159,8 @@ class ReferenceHelper:
         self._transport_key = read_and_wipe_secret(secret) if secret is not None else None
         self._state = SESSION["IDLE"]
         self._session: _Export | _Import | None = None
+        #: IMPORT_BATCH's private copy of its input, allocated at first use and reused.
+        self._import_buffer: memoryview | None = None
         self.shutdown_requested = False
         self._handlers: dict[int, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
             CMD["NOP"]: self._nop,
@@ -278,16 +284,13 @@ class ReferenceHelper:
         page_list = bytes(self._region(list_offset, count * _PAGE_LIST_ENTRY))  # private copy
         out = self._region(out_offset, capacity)
         offsets = struct.unpack(f"<{count}Q", page_list)
-        if not all(self._page_ok(offset) for offset in offsets):
+        if not self._pages_ok(offsets):
             raise _refuse("BAD_PAGE")
         if capacity < count * s.PAGE_RECORD_SIZE:
             raise _refuse("BUFFER_TOO_SMALL")
-        writer = self._export_writer()
-        records = [writer.page_record(offset, bytes(self.window[offset : offset + s.PAGE_SIZE])) for offset in offsets]
-        blob = b"".join(records)
-        out[: len(blob)] = blob
-        zero_pages = sum(len(r) == s.ZERO_RECORD_SIZE for r in records)
-        return len(blob), len(records), zero_pages
+        # Every check passed: the records go straight into the output range.
+        written, zero_pages = self._export_writer().write_records(self.window, offsets, out)
+        return written, count, zero_pages
 
     def _export_end(self, args: tuple[int, ...]) -> tuple[int, ...]:
         out_offset, capacity = args[0], args[1]
@@ -301,8 +304,13 @@ class ReferenceHelper:
         self._end_session("COMPLETE")
         return len(record), writer.record_count
 
-    def _page_ok(self, offset: int) -> bool:
-        return offset % s.PAGE_SIZE == 0 and offset + s.PAGE_SIZE <= len(self.window)
+    def _pages_ok(self, offsets: Sequence[int]) -> bool:
+        """Every offset page aligned with its page inside the window. The page
+        size is a power of two, so the OR of all offsets is aligned exactly
+        when each one is, and the largest offset bounds them all."""
+        if not offsets:
+            return True
+        return reduce(or_, offsets) % s.PAGE_SIZE == 0 and max(offsets) + s.PAGE_SIZE <= len(self.window)
 
     def _export_writer(self) -> s.StreamWriter:
         assert isinstance(self._session, _Export), "EXPORTING without an export session"
@@ -331,20 +339,13 @@ class ReferenceHelper:
         source = self._region(in_offset, size)
         if size > MAX_IMPORT_BATCH_SIZE:
             raise _refuse("BATCH_TOO_LARGE")
-        batch = memoryview(bytes(source))  # private copy before any check
-        verifier = self._import_verifier()
-        applied = pages = pos = 0
-        while pos < len(batch):
-            if applied == MAX_BATCH_PAGES:
-                too_many = s.VerifyError.named("BATCH_TOO_LARGE", f"more than {MAX_BATCH_PAGES} records")
-                raise self._import_failed(too_many, applied, pages)
-            try:
-                opened, pos = verifier.open_next(batch, pos)
-            except s.VerifyError as error:
-                raise self._import_failed(error, applied, pages) from None
-            self._apply(opened)
-            applied += 1
-            pages += opened.page is not None
+        if self._import_buffer is None:
+            self._import_buffer = memoryview(bytearray(MAX_IMPORT_BATCH_SIZE))
+        batch = self._import_buffer[:size]
+        batch[:] = source  # private copy before any check
+        applied, pages, error = self._import_verifier().apply_records(batch, self.window, MAX_BATCH_PAGES)
+        if error is not None:
+            raise self._import_failed(error, applied, pages)
         return applied, pages
 
     def _import_end(self, args: tuple[int, ...]) -> tuple[int, ...]:
@@ -367,11 +368,6 @@ class ReferenceHelper:
         failing = self._import_verifier().next_sequence if error.sequence is None else error.sequence
         self._end_session("FAILED")
         return _Refused(error.status, (applied, pages, failing))
-
-    def _apply(self, opened: s.OpenedRecord) -> None:
-        """Write a verified record to the guest: its page, or zeros."""
-        page = s.ZERO_PAGE if opened.page is None else opened.page
-        self.window[opened.guest_offset : opened.guest_offset + s.PAGE_SIZE] = page
 
     def _import_verifier(self) -> s.StreamVerifier:
         assert isinstance(self._session, _Import), "IMPORTING without an import session"

@@ -9,9 +9,13 @@ ASCII labels the format document fixes (the header has no define for them).
 The codec has three users: :class:`helper.reference.ReferenceHelper` (the
 software helper), the host, which frames untrusted streams with
 :func:`split_records` without holding the key, and the tests. It does no
-per-page work beyond one AEAD call, one hash update and (export) one zero-page
-compare per record: pages stay in C (OpenSSL, ``bytes`` compare) and Python
-only touches 40-byte headers.
+per-page work beyond one AEAD call, one hash update, one page copy and
+(export) one zero-page compare per record: pages stay in C (OpenSSL, buffer
+copies and compares) and Python only touches 40-byte headers. The batch paths
+(:meth:`StreamWriter.write_records`, :meth:`StreamVerifier.apply_records`)
+work in preallocated private buffers with ``encrypt_into``/``decrypt_into``
+and precompiled structs, so a record costs no allocation beyond its nonce and
+chain digest.
 
 Verification failures raise :class:`VerifyError` carrying the mailbox status
 code that docs/stream-format.md assigns to the check, so a helper can answer
@@ -23,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -75,6 +80,13 @@ OKM_SIZE = KEY_SIZE + SESSION_ID_SIZE
 
 _STATUS = _A.names_with_prefix("OVMF_MH_STATUS_")
 _RECORD_PREFIX = struct.Struct("<IIQQ")  # Type, PayloadSize, Sequence, GuestOffset
+#: The whole record header, compiled once (Layout.struct builds a new Struct per call).
+_RECORD_STRUCT = RECORD_HEADER.struct
+_NONCE = struct.Struct(f"<{NONCE_SIZE - 8}xQ")  # zero bytes, then UINT64_LE(sequence)
+#: A nonce immediately followed by the record header it belongs to (the writer's buffers).
+_NONCE_AND_RECORD = struct.Struct(_NONCE.format + _RECORD_STRUCT.format.lstrip("<"))
+if tuple(f.name for f in RECORD_HEADER.fields) != ("Type", "PayloadSize", "Sequence", "GuestOffset", "SessionId"):
+    raise ImportError("OVMF_MH_RECORD_HEADER fields changed; update _RECORD_STRUCT users in helper/stream.py")
 ZERO_PAGE = bytes(PAGE_SIZE)
 
 
@@ -133,7 +145,7 @@ def derive_session(transport_key: Bytes, salt: Bytes) -> SessionKeys:
 
 def nonce(sequence: int) -> bytes:
     """``00 00 00 00 || UINT64_LE(sequence)``: sequence 0 is the stream header."""
-    return bytes(NONCE_SIZE - 8) + struct.pack("<Q", sequence)
+    return _NONCE.pack(sequence)
 
 
 # --- chain digest -------------------------------------------------------------
@@ -147,13 +159,14 @@ class ChainDigest:
     """
 
     def __init__(self, session_id: Bytes) -> None:
-        self._digest = hashlib.sha256(CHAIN_LABEL + bytes(session_id)).digest()
+        #: D(i); the batch loops read and write it directly.
+        self.value = hashlib.sha256(CHAIN_LABEL + bytes(session_id)).digest()
 
     def update(self, tag: Bytes) -> None:
-        self._digest = hashlib.sha256(self._digest + bytes(tag)).digest()
+        self.value = hashlib.sha256(self.value + bytes(tag)).digest()
 
     def digest(self) -> bytes:
-        return self._digest
+        return self.value
 
 
 # --- plain encode/decode (no crypto) ---------------------------------------
@@ -184,13 +197,7 @@ class RecordHeader:
     session_id: bytes
 
     def pack(self) -> bytes:
-        return RECORD_HEADER.pack(
-            Type=self.type,
-            PayloadSize=self.payload_size,
-            Sequence=self.sequence,
-            GuestOffset=self.guest_offset,
-            SessionId=self.session_id,
-        )
+        return _RECORD_STRUCT.pack(self.type, self.payload_size, self.sequence, self.guest_offset, self.session_id)
 
 
 @dataclass(frozen=True)
@@ -225,9 +232,7 @@ def decode_record_header(data: Bytes) -> RecordHeader:
     """Decode the first RECORD_HEADER_SIZE bytes of ``data``."""
     if len(data) < RECORD_HEADER_SIZE:
         raise StreamError(f"record header needs {RECORD_HEADER_SIZE} bytes, got {len(data)}")
-    rtype, size, sequence, offset = _RECORD_PREFIX.unpack_from(data, 0)
-    sid = bytes(data[RECORD_HEADER.offset("SessionId") : RECORD_HEADER_SIZE])
-    return RecordHeader(rtype, size, sequence, offset, sid)
+    return RecordHeader(*_RECORD_STRUCT.unpack_from(data, 0))
 
 
 def decode_end_payload(data: Bytes) -> EndPayload:
@@ -280,7 +285,7 @@ class StreamCipher:
 
     def __init__(self, keys: SessionKeys) -> None:
         self.keys = keys
-        self._aead = AESOCB3(keys.key)
+        self.aead = AESOCB3(keys.key)
 
     @property
     def session_id(self) -> bytes:
@@ -299,13 +304,13 @@ class StreamCipher:
             SessionId=self.session_id,
             GuestSize=guest_size,
         )[:STREAM_HEADER_AD_SIZE]
-        return ad + self._aead.encrypt(nonce(0), b"", ad)
+        return ad + self.aead.encrypt(nonce(0), b"", ad)
 
     def header_tag_ok(self, header: Bytes) -> bool:
         ad = bytes(header[:STREAM_HEADER_AD_SIZE])
         tag = bytes(header[STREAM_HEADER_AD_SIZE:STREAM_HEADER_SIZE])
         try:
-            self._aead.decrypt(nonce(0), tag, ad)
+            self.aead.decrypt(nonce(0), tag, ad)
         except InvalidTag:
             return False
         return True
@@ -315,7 +320,7 @@ class StreamCipher:
     def seal_record(self, rtype: int, sequence: int, guest_offset: int, plaintext: Bytes) -> bytes:
         """``header || OCB-Encrypt(K, Nonce(sequence), AD = header, plaintext)``."""
         header = RecordHeader(rtype, len(plaintext), sequence, guest_offset, self.session_id).pack()
-        return header + self._aead.encrypt(nonce(sequence), plaintext, header)
+        return header + self.aead.encrypt(nonce(sequence), plaintext, header)
 
     def open_record(self, record: Bytes) -> bytes:
         """Check the tag of one whole record and return its plaintext.
@@ -326,7 +331,7 @@ class StreamCipher:
         header = bytes(record[:RECORD_HEADER_SIZE])
         sequence = _RECORD_PREFIX.unpack_from(header, 0)[2]
         try:
-            return self._aead.decrypt(nonce(sequence), record[RECORD_HEADER_SIZE:], header)
+            return self.aead.decrypt(nonce(sequence), record[RECORD_HEADER_SIZE:], header)
         except InvalidTag:
             raise VerifyError.named("AUTH_FAILED", f"record {sequence}: tag mismatch", sequence) from None
 
@@ -344,6 +349,12 @@ class StreamWriter:
 
     Holds the sequence counter and the chain so that every record a caller
     emits is numbered and chained exactly once.
+
+    Every record is built in the writer's private buffers: the page is copied
+    once (the zero check and the encryption see the same bytes, as in the
+    firmware's page snapshot), the header that is the associated data is packed
+    there, and the tag the chain absorbs is read from there, never back from
+    an output buffer someone else can write to.
     """
 
     def __init__(self, transport_key: Bytes, salt: Bytes, guest_size: int) -> None:
@@ -352,17 +363,83 @@ class StreamWriter:
         self.next_sequence = 1
         self.record_count = 0
         self._chain = ChainDigest(self.cipher.session_id)
+        self._page = bytearray(PAGE_SIZE)  # the page snapshot
+        # Nonce, then the record as it goes out: one pack_into fills both.
+        self._page_record = bytearray(NONCE_SIZE + PAGE_RECORD_SIZE)
+        self._zero_record = bytearray(NONCE_SIZE + ZERO_RECORD_SIZE)
 
-    def page_record(self, guest_offset: int, page: bytes) -> bytes:
+    def page_record(self, guest_offset: int, page: Bytes) -> bytes:
         """One record for a page: ZERO when it is all zero, PAGE otherwise."""
-        if page == ZERO_PAGE:
-            record = self.cipher.seal_record(RECORD_ZERO, self.next_sequence, guest_offset, b"")
-        else:
-            record = self.cipher.seal_record(RECORD_PAGE, self.next_sequence, guest_offset, page)
-        self._chain.update(record_tag(record))
-        self.next_sequence += 1
-        self.record_count += 1
-        return record
+        if len(page) != PAGE_SIZE:
+            raise ValueError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
+        out = memoryview(bytearray(PAGE_RECORD_SIZE))
+        written, _ = self._write(memoryview(page).cast("B"), (guest_offset,), out, guest_offset)
+        return bytes(out[:written])
+
+    def write_records(self, window: memoryview, offsets: Sequence[int], out: memoryview) -> tuple[int, int]:
+        """Seal one record per page ``window[offset : offset + PAGE_SIZE]``, in
+        the order of ``offsets``, back to back into ``out``; return (bytes
+        written, ZERO records among them).
+
+        The caller has checked every offset against the window and that
+        ``out`` holds ``len(offsets)`` PAGE records.
+        """
+        return self._write(window, offsets, out, 0)
+
+    def _write(self, window: memoryview, offsets: Sequence[int], out: memoryview, base: int) -> tuple[int, int]:
+        """write_records, reading the page of GuestOffset ``offset`` at
+        ``window[offset - base]``."""
+        page = self._page
+        page_view = memoryview(page)
+        record = self._page_record
+        view = memoryview(record)
+        nonce_, head, body, tag = (
+            view[:NONCE_SIZE],
+            view[NONCE_SIZE : NONCE_SIZE + RECORD_HEADER_SIZE],
+            view[NONCE_SIZE + RECORD_HEADER_SIZE :],
+            view[-TAG_SIZE:],
+        )
+        whole = view[NONCE_SIZE:]
+        zero = self._zero_record
+        zview = memoryview(zero)
+        zero_nonce, zero_head, zero_tag = (
+            zview[:NONCE_SIZE],
+            zview[NONCE_SIZE : NONCE_SIZE + RECORD_HEADER_SIZE],
+            zview[NONCE_SIZE + RECORD_HEADER_SIZE :],
+        )
+        zero_whole = zview[NONCE_SIZE:]
+        pack_into = _NONCE_AND_RECORD.pack_into
+        encrypt_into = self.cipher.aead.encrypt_into
+        sha256 = hashlib.sha256
+        session_id = self.cipher.session_id
+        digest = self._chain.value
+        first = sequence = self.next_sequence
+        pos = zeros = 0
+        try:
+            for offset in offsets:
+                start = offset - base
+                page_view[:] = window[start : start + PAGE_SIZE]
+                if page == ZERO_PAGE:
+                    pack_into(zero, 0, sequence, RECORD_ZERO, 0, sequence, offset, session_id)
+                    encrypt_into(zero_nonce, b"", zero_head, zero_tag)
+                    end = pos + ZERO_RECORD_SIZE
+                    out[pos:end] = zero_whole
+                    digest = sha256(digest + zero_tag).digest()
+                    zeros += 1
+                else:
+                    pack_into(record, 0, sequence, RECORD_PAGE, PAGE_SIZE, sequence, offset, session_id)
+                    encrypt_into(nonce_, page, head, body)
+                    end = pos + PAGE_RECORD_SIZE
+                    out[pos:end] = whole
+                    digest = sha256(digest + tag).digest()
+                pos = end
+                sequence += 1
+        finally:
+            self._chain.value = digest
+            self.next_sequence = sequence
+            self.record_count += sequence - first
+            page_view[:] = ZERO_PAGE  # no guest plaintext left behind
+        return pos, zeros
 
     def end_record(self) -> bytes:
         payload = EndPayload(self.record_count, self._chain.digest()).pack()
@@ -385,9 +462,11 @@ class StreamVerifier:
     """The target side: every check of docs/stream-format.md, in its order.
 
     Built from a verified stream header; then :meth:`open_next` takes the
-    records of a batch one at a time and :meth:`finish` the END record. The
-    caller owns the guest window and writes a page only after open_next
-    returned it, i.e. after its tag verified.
+    records of a batch one at a time (or :meth:`apply_records` a whole batch)
+    and :meth:`finish` the END record. A page reaches the guest window only
+    after its tag verified: the caller writes what open_next returned, and
+    apply_records decrypts into a private page first (``decrypt_into`` writes
+    its output before it checks the tag) and copies it to the window after.
     """
 
     def __init__(self, cipher: StreamCipher, window_size: int) -> None:
@@ -396,6 +475,7 @@ class StreamVerifier:
         self.next_sequence = 1
         self.record_count = 0
         self._chain = ChainDigest(cipher.session_id)
+        self._plain = bytearray(PAGE_SIZE)  # decrypt_into target: written before the tag is known good
 
     @classmethod
     def from_header(cls, transport_key: Bytes, header: Bytes, window_size: int | None = None) -> StreamVerifier:
@@ -455,6 +535,93 @@ class StreamVerifier:
         self.record_count += 1
         page = plaintext if h.type == RECORD_PAGE else None
         return OpenedRecord(h.sequence, h.guest_offset, page), pos + length
+
+    def apply_records(self, batch: memoryview, window: memoryview, limit: int) -> tuple[int, int, VerifyError | None]:
+        """Verify the PAGE/ZERO records of ``batch`` in order and write each to
+        ``window`` as soon as its tag verified; return (records applied, PAGE
+        records among them, the first failed check or None).
+
+        Same checks, order and statuses as :meth:`open_next` record by record;
+        records before a failing one stay applied. A record after ``limit``
+        records fails with BATCH_TOO_LARGE. ``batch`` must be private to the
+        caller (it is the associated data and the tags the chain absorbs) and
+        ``window`` at least ``window_size`` bytes.
+
+        A record whose header passes every structural check goes through the
+        inline path below; any other record goes through :meth:`open_next`,
+        which raises the check that failed.
+        """
+        plain = self._plain
+        plain_view = memoryview(plain)
+        unpack_from = _RECORD_STRUCT.unpack_from
+        make_nonce = _NONCE.pack
+        decrypt_into = self.cipher.aead.decrypt_into
+        decrypt = self.cipher.aead.decrypt
+        sha256 = hashlib.sha256
+        session_id = self.cipher.session_id
+        window_size = self.window_size
+        sequence, digest, count = self.next_sequence, self._chain.value, self.record_count
+        size = len(batch)
+        applied = pages = pos = 0
+        error: VerifyError | None = None
+        try:
+            while pos < size:
+                if applied == limit:
+                    error = VerifyError.named("BATCH_TOO_LARGE", f"more than {limit} records")
+                    break
+                left = size - pos
+                fast = False
+                if left >= RECORD_HEADER_SIZE:
+                    rtype, payload_size, field, offset, sid = unpack_from(batch, pos)
+                    fast = (
+                        field == sequence
+                        and sid == session_id
+                        and not offset % PAGE_SIZE
+                        and offset + PAGE_SIZE <= window_size
+                    )
+                if fast and rtype == RECORD_PAGE and payload_size == PAGE_SIZE and left >= PAGE_RECORD_SIZE:
+                    body = pos + RECORD_HEADER_SIZE
+                    end = body + PAGE_SIZE + TAG_SIZE
+                    try:
+                        decrypt_into(make_nonce(sequence), batch[body:end], batch[pos:body], plain)
+                    except InvalidTag:
+                        error = VerifyError.named("AUTH_FAILED", f"record {sequence}: tag mismatch", sequence)
+                        break
+                    window[offset : offset + PAGE_SIZE] = plain_view
+                    pages += 1
+                elif fast and rtype == RECORD_ZERO and payload_size == 0 and left >= ZERO_RECORD_SIZE:
+                    body = pos + RECORD_HEADER_SIZE
+                    end = body + TAG_SIZE
+                    try:
+                        decrypt(make_nonce(sequence), batch[body:end], batch[pos:body])
+                    except InvalidTag:
+                        error = VerifyError.named("AUTH_FAILED", f"record {sequence}: tag mismatch", sequence)
+                        break
+                    window[offset : offset + PAGE_SIZE] = ZERO_PAGE
+                else:
+                    # Some check fails (or the record is unusual): the general
+                    # path raises it, with the verifier's state up to date.
+                    self.next_sequence, self._chain.value, self.record_count = sequence, digest, count
+                    try:
+                        opened, pos = self.open_next(batch, pos)
+                    except VerifyError as failed:
+                        error = failed
+                        break
+                    sequence, digest, count = self.next_sequence, self._chain.value, self.record_count
+                    page = ZERO_PAGE if opened.page is None else opened.page
+                    window[opened.guest_offset : opened.guest_offset + PAGE_SIZE] = page
+                    applied += 1
+                    pages += opened.page is not None
+                    continue
+                digest = sha256(digest + batch[end - TAG_SIZE : end]).digest()
+                sequence += 1
+                count += 1
+                applied += 1
+                pos = end
+        finally:
+            self.next_sequence, self._chain.value, self.record_count = sequence, digest, count
+            plain_view[:] = ZERO_PAGE  # no guest plaintext left behind
+        return applied, pages, error
 
     def finish(self, end_record: memoryview) -> int:
         """Verify the END record and what it says against what arrived; return
