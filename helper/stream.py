@@ -376,17 +376,27 @@ class StreamWriter:
         written, _ = self._write(memoryview(page).cast("B"), (guest_offset,), out, guest_offset)
         return bytes(out[:written])
 
-    def write_records(self, window: memoryview, offsets: Sequence[int], out: memoryview) -> tuple[int, int]:
+    def write_records(
+        self, window: memoryview, offsets: Sequence[int], out: memoryview, snapshots: memoryview | None = None
+    ) -> tuple[int, int]:
         """Seal one record per page ``window[offset : offset + PAGE_SIZE]``, in
         the order of ``offsets``, back to back into ``out``; return (bytes
-        written, ZERO records among them).
+        written, ZERO records among them). With ``snapshots`` (one page per
+        offset), also leave there the exact bytes each record sealed.
 
         The caller has checked every offset against the window and that
         ``out`` holds ``len(offsets)`` PAGE records.
         """
-        return self._write(window, offsets, out, 0)
+        return self._write(window, offsets, out, 0, snapshots)
 
-    def _write(self, window: memoryview, offsets: Sequence[int], out: memoryview, base: int) -> tuple[int, int]:
+    def _write(
+        self,
+        window: memoryview,
+        offsets: Sequence[int],
+        out: memoryview,
+        base: int,
+        snapshots: memoryview | None = None,
+    ) -> tuple[int, int]:
         """write_records, reading the page of GuestOffset ``offset`` at
         ``window[offset - base]``."""
         page = self._page
@@ -416,9 +426,11 @@ class StreamWriter:
         first = sequence = self.next_sequence
         pos = zeros = 0
         try:
-            for offset in offsets:
+            for index, offset in enumerate(offsets):
                 start = offset - base
                 page_view[:] = window[start : start + PAGE_SIZE]
+                if snapshots is not None:
+                    snapshots[index * PAGE_SIZE : (index + 1) * PAGE_SIZE] = page_view
                 if page == ZERO_PAGE:
                     pack_into(zero, 0, sequence, RECORD_ZERO, 0, sequence, offset, session_id)
                     encrypt_into(zero_nonce, b"", zero_head, zero_tag)

@@ -43,6 +43,7 @@ from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
 
 PAGE = 4096
 MIB = 1024 * 1024
+MIN_GUEST_MIB = 256
 
 
 class MigrationError(OvmfMhError):
@@ -221,6 +222,12 @@ def migrate(config: MigrationConfig) -> MigrationReport:
     """Run one live migration; never leaves the guest half-resumed."""
     work = config.work_dir
     work.mkdir(parents=True, exist_ok=True)
+    if config.guest_mib < MIN_GUEST_MIB or config.workload_mib > config.guest_mib // 2:
+        raise MigrationError(
+            f"the test guest needs at least {MIN_GUEST_MIB} MiB (its kernel and initramfs do not start "
+            f"under OVMF in less) and a workload of at most half of it; got {config.guest_mib} MiB "
+            f"with a {config.workload_mib} MiB workload"
+        )
     report = MigrationReport(helper=config.helper, helpers=config.helpers, guest_mib=config.guest_mib,
                              work_dir=str(work))
     size = config.guest_mib * MIB

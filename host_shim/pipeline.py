@@ -302,12 +302,18 @@ class Exporter:
     def send(self, pages: list[int], meter: Progress | None = None) -> PassStats:
         """One pass: the given page numbers through the helpers, in parallel."""
         started, bytes_before = time.monotonic(), self.summary.stream_bytes
-        chunks = [pages[i : i + self.batch] for i in range(0, len(pages), self.batch)]
+        # A page always travels in the same shard: shards are applied in
+        # parallel on the target, so only within one shard is a re-sent page
+        # guaranteed to land after its older copy.
+        mine: list[list[int]] = [[] for _ in range(self.helpers)]
+        for number in pages:
+            mine[self.shard_of(number)].append(number)
         zeros = [0] * self.helpers
 
         def work(index: int, backend: Backend) -> None:
             data = backend.data
-            for chunk in chunks[index :: self.helpers]:
+            own = mine[index]
+            for chunk in (own[i : i + self.batch] for i in range(0, len(own), self.batch)):
                 self._failure.raise_if_set()
                 data[LIST_AT : LIST_AT + 8 * len(chunk)] = struct.pack(
                     f"<{len(chunk)}Q", *(p * self.page for p in chunk)
@@ -328,6 +334,10 @@ class Exporter:
         self.summary.zero_pages += sum(zeros)
         return PassStats(len(pages), sum(zeros), self.summary.stream_bytes - bytes_before,
                          time.monotonic() - started)
+
+    def shard_of(self, number: int) -> int:
+        """The helper that carries page ``number``, the same in every pass."""
+        return (number // self.batch) % self.helpers
 
     def changed_since_sent(self, pages: list[int]) -> list[int]:
         """Of ``pages``, those whose content differs from what their helper

@@ -655,7 +655,7 @@ def test_nop_and_query(endpoint: Endpoint) -> None:
     assert max_batch == MAX_BATCH
 
 
-@pytest.mark.parametrize("code", [10, 0x100, 0xFFFF, 0xFFFFFFFF])
+@pytest.mark.parametrize("code", [11, 0x100, 0xFFFF, 0xFFFFFFFF])
 def test_unknown_command(endpoint: Endpoint, code: int) -> None:
     assert expect(endpoint, "UNSUPPORTED", code, 1, 2, 3) == (0,) * 6
     ok(endpoint, "NOP")
@@ -1177,3 +1177,50 @@ def test_reference_dispatch_never_raises(
         status, results = helper.dispatch(command, args)
         assert status in _KNOWN_STATUSES
         assert len(results) == 6 and all(0 <= r <= U64_MAX for r in results)
+
+
+# --- CHECK_PAGES (ABI 1.2) -----------------------------------------------------------
+
+
+def check_pages(ep: Endpoint, offsets: Sequence[int], expected: str = "SUCCESS") -> list[int]:
+    n = len(offsets)
+    put(ep, struct.pack(f"<{n}Q", *offsets), LIST_AT)
+    results = expect(ep, expected, "CHECK_PAGES", LIST_AT, n, OUT_AT)
+    if expected != "SUCCESS":
+        return []
+    flags = list(ep.data[OUT_AT : OUT_AT + n])
+    assert results[0] == sum(flags)
+    return flags
+
+
+def test_check_pages_tells_changed_from_unchanged(endpoint: Endpoint) -> None:
+    sent = [0, PAGE, 2 * PAGE, 9 * PAGE]
+    fill(endpoint, 0, os.urandom(3 * PAGE))
+    fill(endpoint, 9 * PAGE, bytes(PAGE))  # a ZERO record is remembered too
+    export_begin(endpoint)
+    export_batch(endpoint, sent)
+    assert check_pages(endpoint, sent) == [0, 0, 0, 0]
+    # One bit in one page; a page never sent in this session.
+    endpoint.window[PAGE + 17] ^= 0x04
+    assert check_pages(endpoint, [*sent, 5 * PAGE]) == [0, 1, 0, 0, 1]
+    # Changed and changed back: the same content as sent counts as unchanged.
+    endpoint.window[PAGE + 17] ^= 0x04
+    assert check_pages(endpoint, [PAGE]) == [0]
+    # Re-sending a changed page makes its new content the reference.
+    endpoint.window[2 * PAGE] ^= 0xFF
+    assert check_pages(endpoint, [2 * PAGE]) == [1]
+    export_batch(endpoint, [2 * PAGE])
+    assert check_pages(endpoint, [2 * PAGE]) == [0]
+
+
+def test_check_pages_refuses_bad_arguments(endpoint: Endpoint) -> None:
+    expect(endpoint, "BAD_STATE", "CHECK_PAGES", LIST_AT, 1, OUT_AT)
+    export_begin(endpoint)
+    expect(endpoint, "BATCH_TOO_LARGE", "CHECK_PAGES", LIST_AT, MAX_BATCH + 1, OUT_AT)
+    expect(endpoint, "OUT_OF_BOUNDS", "CHECK_PAGES", 2**64 - 8, 1, OUT_AT)
+    expect(endpoint, "OUT_OF_BOUNDS", "CHECK_PAGES", LIST_AT, 2, SPEC.data_size - 1)
+    check_pages(endpoint, [WINDOW_PAGES * PAGE], "BAD_PAGE")
+    check_pages(endpoint, [PAGE + 8], "BAD_PAGE")
+    # A session that is not exporting has nothing to compare against.
+    export_end(endpoint)
+    expect(endpoint, "BAD_STATE", "CHECK_PAGES", LIST_AT, 1, OUT_AT)
