@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -80,7 +82,8 @@ class MigrationReport:
     passes: list[PassReport] = field(default_factory=list)
     ram_identical: bool | None = None
     target_heartbeat: str | None = None
-    guest_state: str = "running on source"
+    source_heartbeat_after_failure: str | None = None
+    guest_state: str = "unknown"
     error: str | None = None
     work_dir: str = ""
 
@@ -113,6 +116,8 @@ class MigrationReport:
             lines.append(f"  target RAM file identical to source at switchover: {self.ram_identical}")
         if self.target_heartbeat:
             lines.append(f"  target heartbeat: {self.target_heartbeat}")
+        if self.source_heartbeat_after_failure:
+            lines.append(f"  source heartbeat after the failure: {self.source_heartbeat_after_failure}")
         if self.error:
             lines.append(f"  error: {self.error}")
         lines.append(f"  logs in {self.work_dir}")
@@ -195,10 +200,10 @@ def _wait_for(vm: QemuVM, needle: str, timeout: float, after: int = 0) -> str:
     raise vm.error(f"no {needle!r} on the serial console within {timeout:.0f} s")
 
 
-def _migrate_device_state(source: QemuVM, target: QemuVM, work: Path) -> float:
+def _migrate_device_state(source: QemuVM, target: QemuVM) -> float:
     started = time.monotonic()
-    channel = work / "device-state.sock"
-    channel.unlink(missing_ok=True)
+    # AF_UNIX paths are short; work folders can be deep.
+    channel = Path(tempfile.mkdtemp(prefix="ovmf-mh-mig-")) / "device-state.sock"
     for vm in (source, target):
         vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     target.qmp("migrate-incoming", uri=f"unix:{channel}")
@@ -215,6 +220,7 @@ def _migrate_device_state(source: QemuVM, target: QemuVM, work: Path) -> float:
         raise source.error("QEMU device-state migration did not complete within 60 s")
     while target.qmp("query-status").get("status") == "inmigrate":
         time.sleep(0.005)
+    shutil.rmtree(channel.parent, ignore_errors=True)
     return time.monotonic() - started
 
 
@@ -322,7 +328,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         receive_summary: TransferSummary = imported["summary"]
         if receive_summary.outcome != "ok":
             raise MigrationError(f"import ended as {receive_summary.outcome}")
-        report.device_state_seconds = _migrate_device_state(source, target, work)
+        report.device_state_seconds = _migrate_device_state(source, target)
         if config.verify_ram:
             verify_start = time.monotonic()
             differing = _differing_pages(source_ram, target_ram)
@@ -356,10 +362,14 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         cause = imported.get("error") if "imported" in locals() else None
         report.error = str(cause) if cause is not None and not isinstance(exc, MigrationError) else str(exc)
         if not resumed_target and source.is_running():
-            if stopped:
-                with suppress(OvmfMhError):
+            with suppress(OvmfMhError):
+                if stopped:
                     source.qmp("cont")
-            report.guest_state = "running on source"
+                # Show that the guest really goes on: running, and beating.
+                serial_before = len(source.serial_text())
+                if source.qmp("query-status").get("status") == "running":
+                    report.source_heartbeat_after_failure = _wait_for(source, guest.HEARTBEAT, 15, after=serial_before)
+                    report.guest_state = "running on source"
     finally:
         # Every QEMU and helper this run started stops here, by its own pid.
         stack.close()
@@ -395,8 +405,7 @@ def plain_qemu_migration(image: Path, work: Path, guest_mib: int, workload_mib: 
         target = stack.enter_context(QemuVM(
             guest_config(image, rams["target"], size, incoming=True, workload_mib=workload_mib),
             work / "target", "plain-target"))
-        channel = work / "migration.sock"
-        channel.unlink(missing_ok=True)
+        channel = Path(tempfile.mkdtemp(prefix="ovmf-mh-mig-")) / "migration.sock"
         target.qmp("migrate-incoming", uri=f"unix:{channel}")
         source.qmp("migrate", uri=f"unix:{channel}")
         deadline = time.monotonic() + 300

@@ -301,7 +301,8 @@ class Exporter:
 
     def send(self, pages: list[int], meter: Progress | None = None) -> PassStats:
         """One pass: the given page numbers through the helpers, in parallel."""
-        started, bytes_before = time.monotonic(), self.summary.stream_bytes
+        started = time.monotonic()
+        sizes = [0] * self.helpers
         # A page always travels in the same shard: shards are applied in
         # parallel on the target, so only within one shard is a re-sent page
         # guaranteed to land after its older copy.
@@ -325,6 +326,7 @@ class Exporter:
                 zeros[index] += zero
                 for number in chunk:
                     self.last_sender[number] = index
+                sizes[index] += ct.FRAME_HEADER.size + written
                 self._put(ct.Frame(ct.KIND_RECORDS, index, bytes(data[IO_AT : IO_AT + written])))
                 if meter is not None:
                     meter.advance(len(chunk))
@@ -332,8 +334,7 @@ class Exporter:
         self._run_shards(work)
         self.summary.private_pages += len(pages)
         self.summary.zero_pages += sum(zeros)
-        return PassStats(len(pages), sum(zeros), self.summary.stream_bytes - bytes_before,
-                         time.monotonic() - started)
+        return PassStats(len(pages), sum(zeros), sum(sizes), time.monotonic() - started)
 
     def shard_of(self, number: int) -> int:
         """The helper that carries page ``number``, the same in every pass."""

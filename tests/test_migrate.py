@@ -1,0 +1,71 @@
+"""Live migration of a real running guest through the firmware helpers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from host_shim.migrate import MigrationConfig, migrate
+from host_shim.qemu import QemuVM
+
+pytestmark = [pytest.mark.qemu, pytest.mark.firmware]
+
+
+def test_live_migration_keeps_the_guest_running_and_its_memory_intact(firmware: Path, work_dir: Path) -> None:
+    report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False))
+    assert report.outcome == "ok", "\n".join(report.describe())
+    assert report.guest_state == "running on target"
+    assert report.ram_identical is True
+    assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
+    assert len(report.passes) >= 2
+    assert report.passes[0].pages == 256 * 256  # the full first pass
+    assert not report.passes[-1].guest_running and all(p.guest_running for p in report.passes[:-1])
+    assert 0 < report.downtime_seconds < report.total_seconds
+    assert "CORRUPTION" not in (work_dir / "target" / "serial.log").read_text(errors="replace")
+
+
+def test_target_helper_killed_mid_migration_leaves_the_source_running(firmware: Path, work_dir: Path) -> None:
+    helper_dir = work_dir / "target-helpers" / "helper-0"
+    killed: list[int] = []
+
+    def kill_target_helper() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            debugcon = helper_dir / "debugcon.log"
+            if debugcon.exists() and "READY" in debugcon.read_text(errors="replace"):
+                # Let pages flow first: the first pass takes seconds.
+                time.sleep(1.0)
+                pid = int((helper_dir / "qemu.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_target_helper, daemon=True)
+    killer.start()
+    started = time.monotonic()
+    report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False))
+    killer.join(timeout=5)
+    assert killed, "the target helper never became ready"
+    assert report.outcome == "failed"
+    assert report.guest_state == "running on source", "\n".join(report.describe())
+    assert report.source_heartbeat_after_failure is not None
+    assert report.error is not None and "exited" in report.error
+    assert time.monotonic() - started < 120
+
+
+def test_target_qemu_dying_after_switchover_is_reported(firmware: Path, work_dir: Path) -> None:
+    def kill_target(source: QemuVM, target: QemuVM) -> None:
+        assert target.pid is not None
+        os.kill(target.pid, signal.SIGKILL)
+
+    report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False,
+                                     after_switchover=kill_target))
+    assert report.outcome == "failed"
+    assert report.error is not None and "after switchover" in report.error
+    assert "lost" in report.guest_state
