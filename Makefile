@@ -13,6 +13,7 @@ demo: setup
 	$(VENV)/ovmf-mh build
 	$(VENV)/ovmf-mh boot --mode normal --work-dir $(BOOT_WORK)/normal --timeout 120
 	$(VENV)/ovmf-mh boot --mode helper --work-dir $(BOOT_WORK)/helper --timeout 60
+	$(VENV)/ovmf-mh migrate --work-dir $(BOOT_WORK)/migrate
 
 lint: setup
 	$(VENV)/ruff check helper host_shim stuart tests
