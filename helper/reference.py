@@ -45,11 +45,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import reduce
 from operator import or_
-from typing import Any
-
-import numpy as np
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from helper import abi
 from helper import stream as s
@@ -75,8 +70,6 @@ SECRET = _A.layout("OVMF_MH_SECRET")
 SECRET_SIGNATURE = _A.const("OVMF_MH_SECRET_SIGNATURE")
 SECRET_VERSION = _A.const("OVMF_MH_SECRET_VERSION")
 
-PAGE_HASH_INFO = _A.strings["OVMF_MH_PAGE_HASH_INFO"].encode()
-PAGE_HASH_KEY_SIZE = _A.const("OVMF_MH_PAGE_HASH_KEY_SIZE")
 MAX_TRACKED_PAGES = _A.const("OVMF_MH_MAX_TRACKED_PAGES")
 CMD = {name: _A.const(f"OVMF_MH_CMD_{name}") for name in _A.names_with_prefix("OVMF_MH_CMD_").values()}
 STATUS = {name: _A.const(f"OVMF_MH_STATUS_{name}") for name in _A.names_with_prefix("OVMF_MH_STATUS_").values()}
@@ -126,53 +119,39 @@ def _writable_view(buffer: WritableBuffer, what: str) -> memoryview:
     return view
 
 
-class PageHashes:
-    """CHECK_PAGES' memory: a keyed NH hash of every page an export session
-    sealed, exactly as the firmware computes it (Session.c InternalPageHash):
-    the sum over word pairs of (a + k) * (b + k') mod 2^64, 32-bit words and
-    key from HKDF, low bit set so that 0 means "not sent"."""
+class SealedPages:
+    """CHECK_PAGES' memory: the exact bytes an export session sealed for
+    each page. The firmware keeps a keyed 64-bit NH hash per page instead
+    (Session.c); both give the same answers except that this one never
+    collides (the hash does with probability about 2^-32)."""
 
-    def __init__(self, transport_key: bytes, salt: bytes, window_pages: int) -> None:
-        key = HKDF(algorithm=hashes.SHA256(), length=PAGE_HASH_KEY_SIZE, salt=salt,
-                   info=PAGE_HASH_INFO).derive(transport_key)
-        words = np.frombuffer(key, dtype="<u4").astype(np.uint64)
-        self._even, self._odd = words[0::2], words[1::2]
-        self.table = np.zeros(min(window_pages, MAX_TRACKED_PAGES), dtype=np.uint64)
+    def __init__(self, window_pages: int) -> None:
+        self.tracked = min(window_pages, MAX_TRACKED_PAGES)
+        # Zero-filled lazily by the OS: only pages actually sealed cost memory.
+        self.copy = bytearray(window_pages * s.PAGE_SIZE)
+        self.sent = bytearray(window_pages)
 
-    def of(self, pages: bytes | memoryview, count: int) -> np.ndarray[Any, np.dtype[np.uint64]]:
-        words = np.frombuffer(pages, dtype="<u4", count=count * (s.PAGE_SIZE // 4)).reshape(count, -1)
-        wide = words.astype(np.uint64)
-        left = (wide[:, 0::2] + self._even) & 0xFFFFFFFF
-        right = (wide[:, 1::2] + self._odd) & 0xFFFFFFFF
-        result: np.ndarray[Any, np.dtype[np.uint64]] = (left * right).sum(axis=1, dtype=np.uint64) | np.uint64(1)
-        return result
-
-    def record(self, offsets: Sequence[int], snapshots: memoryview) -> None:
-        if not offsets:
-            return
-        numbers = np.asarray(offsets, dtype=np.uint64) // s.PAGE_SIZE
-        tracked = numbers < len(self.table)
-        values = self.of(snapshots, len(offsets))
-        self.table[numbers[tracked].astype(np.int64)] = values[tracked]
+    def record(self, offsets: Sequence[int]) -> None:
+        for offset in offsets:
+            self.sent[offset // s.PAGE_SIZE] = 1
 
     def changed(self, offsets: Sequence[int], window: memoryview) -> list[int]:
         """1 per page whose current content is not what was last sealed."""
+        copy = memoryview(self.copy)
         flags = []
         for offset in offsets:
             number = offset // s.PAGE_SIZE
-            if number >= len(self.table) or self.table[number] == 0:
+            if number >= self.tracked or not self.sent[number]:
                 flags.append(1)
-                continue
-            current = self.of(window[offset : offset + s.PAGE_SIZE], 1)[0]
-            flags.append(int(current != self.table[number]))
+            else:
+                flags.append(int(window[offset : offset + s.PAGE_SIZE] != copy[offset : offset + s.PAGE_SIZE]))
         return flags
 
 
 @dataclass
 class _Export:
     writer: s.StreamWriter
-    hashes: PageHashes
-    snapshots: bytearray
+    sealed: SealedPages
 
 
 @dataclass
@@ -325,8 +304,7 @@ class ReferenceHelper:
             raise ValueError(f"salt_source returned {len(salt)} bytes, not {s.SALT_SIZE}")
         writer = s.StreamWriter(key, salt, len(self.window))
         out[: len(writer.header)] = writer.header
-        hashes = PageHashes(bytes(key), bytes(salt), len(self.window) // s.PAGE_SIZE)
-        self._session = _Export(writer, hashes, bytearray(MAX_BATCH_PAGES * s.PAGE_SIZE))
+        self._session = _Export(writer, SealedPages(len(self.window) // s.PAGE_SIZE))
         self._state = SESSION["EXPORTING"]
         return (len(writer.header),)
 
@@ -344,9 +322,8 @@ class ReferenceHelper:
             raise _refuse("BUFFER_TOO_SMALL")
         # Every check passed: the records go straight into the output range.
         session = self._export_session()
-        snapshots = memoryview(session.snapshots)
-        written, zero_pages = session.writer.write_records(self.window, offsets, out, snapshots)
-        session.hashes.record(offsets, snapshots)
+        written, zero_pages = session.writer.write_records(self.window, offsets, out, memoryview(session.sealed.copy))
+        session.sealed.record(offsets)
         return written, count, zero_pages
 
     def _check_pages(self, args: tuple[int, ...]) -> tuple[int, ...]:
@@ -359,7 +336,7 @@ class ReferenceHelper:
         offsets = struct.unpack(f"<{count}Q", page_list)
         if not self._pages_ok(offsets):
             raise _refuse("BAD_PAGE")
-        flags = self._export_session().hashes.changed(offsets, self.window)
+        flags = self._export_session().sealed.changed(offsets, self.window)
         out[:count] = bytes(flags)
         return (sum(flags),)
 

@@ -381,8 +381,9 @@ class StreamWriter:
     ) -> tuple[int, int]:
         """Seal one record per page ``window[offset : offset + PAGE_SIZE]``, in
         the order of ``offsets``, back to back into ``out``; return (bytes
-        written, ZERO records among them). With ``snapshots`` (one page per
-        offset), also leave there the exact bytes each record sealed.
+        written, ZERO records among them). With ``snapshots`` (as large as
+        the window), also leave the exact bytes each record sealed there, at
+        the page's own offset.
 
         The caller has checked every offset against the window and that
         ``out`` holds ``len(offsets)`` PAGE records.
@@ -426,11 +427,11 @@ class StreamWriter:
         first = sequence = self.next_sequence
         pos = zeros = 0
         try:
-            for index, offset in enumerate(offsets):
+            for offset in offsets:
                 start = offset - base
                 page_view[:] = window[start : start + PAGE_SIZE]
                 if snapshots is not None:
-                    snapshots[index * PAGE_SIZE : (index + 1) * PAGE_SIZE] = page_view
+                    snapshots[offset : offset + PAGE_SIZE] = page_view
                 if page == ZERO_PAGE:
                     pack_into(zero, 0, sequence, RECORD_ZERO, 0, sequence, offset, session_id)
                     encrypt_into(zero_nonce, b"", zero_head, zero_tag)

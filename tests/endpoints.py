@@ -30,6 +30,7 @@ from typing import Protocol
 from helper import abi
 from helper.reference import ReferenceHelper, SaltSource
 from host_shim import paths
+from host_shim.backends import FirmwareBackend
 from host_shim.build import build_firmware
 from host_shim.helper_vm import HelperSpec, HelperVM
 from host_shim.hostcore_helper import HostCoreHelper
@@ -114,62 +115,14 @@ FACTORIES: dict[str, EndpointFactory] = {
 }
 
 
-class HostCoreEndpoint:
-    """The firmware's C dispatcher built for the host (host_shim.hostcore_helper)."""
-
-    def __init__(self, spec: EndpointSpec) -> None:
-        self._window = bytearray(spec.window_size)
-        self.helper = HostCoreHelper(self._window, spec.transport_key, data_size=spec.data_size)
-
-    @property
-    def data(self) -> memoryview:
-        return self.helper.data
-
-    @property
-    def window(self) -> memoryview:
-        return self.helper.window
-
-    def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]:
-        return self.helper.call(command, *args)
-
-
 @contextmanager
 def open_host_core(spec: EndpointSpec) -> Iterator[Endpoint]:
-    endpoint = HostCoreEndpoint(spec)
+    """The firmware's C dispatcher built for the host (host_shim.hostcore_helper)."""
+    helper = HostCoreHelper(bytearray(spec.window_size), spec.transport_key, data_size=spec.data_size)
     try:
-        yield endpoint
+        yield helper
     finally:
-        endpoint.helper.close()
-
-
-class FirmwareEndpoint:
-    """The built firmware in helper mode under QEMU TCG: guest RAM is a file
-    that is the helper VM's second NUMA node, the data area is the shared
-    area after the mailbox header, both mapped here."""
-
-    def __init__(self, vm: HelperVM, window: mmap.mmap, data_size: int) -> None:
-        self.vm = vm
-        self._window_map = window
-        base = vm.spec.mailbox_base + abi.load().const("OVMF_MH_MAILBOX_HEADER_SIZE")
-        self._data = memoryview(vm.memory)[base : base + data_size]
-        self._window = memoryview(window)
-
-    @property
-    def data(self) -> memoryview:
-        return self._data
-
-    @property
-    def window(self) -> memoryview:
-        return self._window
-
-    def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]:
-        assert self.vm.mailbox is not None
-        response = self.vm.mailbox.post_and_wait(command, tuple(args), timeout=60)
-        return response.status, response.results
-
-    def release(self) -> None:
-        self._data.release()
-        self._window.release()
+        helper.close()
 
 
 @contextmanager
@@ -188,7 +141,7 @@ def open_firmware(spec: EndpointSpec) -> Iterator[Endpoint]:
         helper_spec, work, "conformance"
     ) as vm:
         vm.wait_ready(30)
-        endpoint = FirmwareEndpoint(vm, window, spec.data_size)
+        endpoint = FirmwareBackend(vm, window, spec.data_size)
         try:
             yield endpoint
         finally:
