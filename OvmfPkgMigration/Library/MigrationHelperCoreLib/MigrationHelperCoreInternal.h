@@ -41,9 +41,9 @@ struct OVMF_MH_SESSION {
   UINT64                   RecordCount;
   OVMF_MH_STREAM_HEADER    StreamHeader;
   UINT64                   PageList[OVMF_MH_MAX_BATCH_PAGES];
-  UINT8                    Scratch[128];
+  UINT8                    Scratch[128];                 ///< Tags, the end record
+
   UINT8                    PageBuffer[OVMF_MH_PAGE_SIZE];
-  UINT8                    Batch[OVMF_MH_MAX_BATCH_PAGES * OVMF_MH_MAX_RECORD_SIZE];
   UINT32                   PageHashKey[OVMF_MH_PAGE_HASH_KEY_SIZE / sizeof (UINT32)];
   UINT64                   PageHash[OVMF_MH_MAX_TRACKED_PAGES];   ///< 0: not sent in this session
 };

@@ -269,15 +269,15 @@ InternalIsZero (
 STATIC
 UINT64
 InternalPageHash (
-  IN CONST UINT32          *Key,
-  IN CONST volatile UINT8  *Page
+  IN CONST UINT32  *Key,
+  IN CONST UINT8   *Page
   )
 {
-  CONST volatile UINT32  *Words;
-  UINT64                 Sum;
-  UINTN                  Index;
+  CONST UINT32  *Words;
+  UINT64        Sum;
+  UINTN         Index;
 
-  Words = (CONST volatile UINT32 *)Page;
+  Words = (CONST UINT32 *)Page;
   Sum   = 0;
   for (Index = 0; Index < OVMF_MH_PAGE_SIZE / sizeof (UINT32); Index += 2) {
     Sum += (UINT64)(UINT32)(Words[Index] + Key[Index]) * (UINT64)(UINT32)(Words[Index + 1] + Key[Index + 1]);
@@ -611,13 +611,20 @@ InternalCheckPages (
   Out = Context->Data + Arg[2];
   for (Index = 0; Index < Count; Index++) {
     Number  = Session->PageList[Index] / OVMF_MH_PAGE_SIZE;
-    Changed = (UINT8)((Number >= OVMF_MH_MAX_TRACKED_PAGES) ||
-                      (Session->PageHash[Number] == 0) ||
-                      (Session->PageHash[Number] !=
-                       InternalPageHash (Session->PageHashKey, Context->GuestWindow + Session->PageList[Index])));
+    Changed = 1;
+    if ((Number < OVMF_MH_MAX_TRACKED_PAGES) && (Session->PageHash[Number] != 0)) {
+      //
+      // Hash a private snapshot, exactly as EXPORT_BATCH did.
+      //
+      CopyMem (Session->PageBuffer, (VOID *)(Context->GuestWindow + Session->PageList[Index]), OVMF_MH_PAGE_SIZE);
+      Changed = (UINT8)(Session->PageHash[Number] != InternalPageHash (Session->PageHashKey, Session->PageBuffer));
+    }
+
     Out[Index] = Changed;
     Result[0] += Changed;
   }
+
+  MigrationHelperSecureZero (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
 
   return OVMF_MH_STATUS_SUCCESS;
 }
@@ -757,6 +764,7 @@ InternalImportBatch (
   OVMF_MH_RECORD_HEADER  Record;
   UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
   UINT8                  *Batch;
+  UINT8                  *Tag;
   UINT32                 Status;
 
   Session = InternalSession (Context);
@@ -774,11 +782,15 @@ InternalImportBatch (
   }
 
   //
-  // One private snapshot of the whole batch: the shared copy may change
-  // while it is verified.
+  // The batch stays in the shared area, which the host may change at any
+  // time, so every byte that decides anything is read exactly once: the
+  // record header and the tag are copied into private memory before they
+  // are checked, and OCB decryption reads each ciphertext block once and
+  // authenticates the plaintext it produced. Whatever the host does during
+  // the call, a page reaches the guest only if what was read authenticates.
   //
-  Batch = Session->Batch;
-  CopyMem (Batch, (VOID *)(Context->Data + Arg[0]), (UINTN)Size);
+  Batch = (UINT8 *)(Context->Data + Arg[0]);
+  Tag   = Session->Scratch;
   Position = 0;
   Records  = 0;
   Status   = OVMF_MH_STATUS_SUCCESS;
@@ -810,14 +822,15 @@ InternalImportBatch (
     }
 
     InternalNonce (Record.Sequence, Nonce);
+    CopyMem (Tag, Batch + Position + sizeof (Record) + Record.PayloadSize, OVMF_MH_TAG_SIZE);
     if (!MigrationHelperOcbDecrypt (
            &Session->Key,
            Nonce,
-           Batch + Position,
+           (CONST UINT8 *)&Record,
            sizeof (Record),
            Batch + Position + sizeof (Record),
            Record.PayloadSize,
-           Batch + Position + sizeof (Record) + Record.PayloadSize,
+           Tag,
            Session->PageBuffer
            ))
     {
@@ -832,7 +845,7 @@ InternalImportBatch (
       ZeroMem ((VOID *)(Context->GuestWindow + Record.GuestOffset), OVMF_MH_PAGE_SIZE);
     }
 
-    InternalChain (Session, Batch + Position + sizeof (Record) + Record.PayloadSize);
+    InternalChain (Session, Tag);
     Session->NextSequence++;
     Session->RecordCount++;
     Records++;
@@ -887,7 +900,7 @@ InternalImportEnd (
   }
 
   Status = OVMF_MH_STATUS_SUCCESS;
-  Copy   = Session->Batch;
+  Copy   = Session->Scratch;
   if (Arg[1] == 0) {
     Status = OVMF_MH_STATUS_TRUNCATED;
   } else if (Arg[1] != OVMF_MH_END_RECORD_SIZE) {
