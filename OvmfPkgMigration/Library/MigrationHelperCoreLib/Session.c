@@ -371,6 +371,8 @@ InternalExportBegin (
   }
 
   ZeroMem (Session->PageHash, sizeof (Session->PageHash));
+  ZeroMem (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
+  Session->ZeroPageHash = InternalPageHash (Session->PageHashKey, Session->PageBuffer);
   Header->Magic      = OVMF_MH_STREAM_MAGIC;
   Header->Version    = OVMF_MH_STREAM_VERSION;
   Header->HeaderSize = sizeof (OVMF_MH_STREAM_HEADER);
@@ -420,6 +422,7 @@ InternalExportBatch (
   OVMF_MH_RECORD_HEADER  Record;
   UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
   UINT8                  *Tag;
+  BOOLEAN                IsZero;
 
   Session = InternalSession (Context);
   if (Session->State != OVMF_MH_SESSION_EXPORTING) {
@@ -462,13 +465,17 @@ InternalExportBatch (
     // memory before it is chained.
     //
     CopyMem (Session->PageBuffer, (VOID *)(Context->GuestWindow + Session->PageList[Index]), OVMF_MH_PAGE_SIZE);
+    IsZero = InternalIsZero (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
     if (Session->PageList[Index] / OVMF_MH_PAGE_SIZE < OVMF_MH_MAX_TRACKED_PAGES) {
+      //
+      // All zero pages share one hash, computed at EXPORT_BEGIN.
+      //
       Session->PageHash[Session->PageList[Index] / OVMF_MH_PAGE_SIZE] =
-        InternalPageHash (Session->PageHashKey, Session->PageBuffer);
+        IsZero ? Session->ZeroPageHash : InternalPageHash (Session->PageHashKey, Session->PageBuffer);
     }
 
     InternalNonce (Session->NextSequence, Nonce);
-    if (InternalIsZero (Session->PageBuffer, OVMF_MH_PAGE_SIZE)) {
+    if (IsZero) {
       InternalRecordHeader (Session, OVMF_MH_RECORD_ZERO, 0, Session->PageList[Index], &Record);
       MigrationHelperOcbEncrypt (&Session->Key, Nonce, (CONST UINT8 *)&Record, sizeof (Record), NULL, 0, NULL, Tag);
       ZeroPages++;
