@@ -78,6 +78,7 @@ class MigrationReport:
     device_state_seconds: float = 0.0
     check_seconds: float = 0.0
     check_pages_changed: int = 0
+    switchover_ms: dict[str, int] = field(default_factory=dict)  # milestones after 'stop'
     setup_seconds: float = 0.0
     passes: list[PassReport] = field(default_factory=list)
     ram_identical: bool | None = None
@@ -166,7 +167,6 @@ class DirtyTracker:
         self._file = ram.open("rb")
         self._live = np.memmap(self._file, dtype=np.uint64, mode="r", shape=(size // PAGE, PAGE // 8))
         self._sent = np.zeros_like(self._live)
-        self.hot = np.zeros(size // PAGE, dtype=bool)
 
     def mark_all_sent(self) -> None:
         """Record the current contents of every page (before a full pass)."""
@@ -177,12 +177,7 @@ class DirtyTracker:
         (before they are sent: a change after this point shows up next time)."""
         dirty = np.flatnonzero(np.any(self._live != self._sent, axis=1))
         self._sent[dirty] = self._live[dirty]
-        self.hot[dirty] = True
         return [int(p) for p in dirty]
-
-    def hot_pages(self) -> list[int]:
-        """Pages seen changing at any time during pre-copy."""
-        return [int(p) for p in np.flatnonzero(self.hot)]
 
     def close(self) -> None:
         del self._live
@@ -264,7 +259,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         imported: dict[str, Any] = {}
 
         def receive() -> None:
-            with cast(IO[bytes], receive_sock.makefile("rb", buffering=1024 * 1024)) as stream:
+            with cast(IO[bytes], receive_sock.makefile("rb", buffering=256 * 1024)) as stream:
                 try:
                     imported["summary"] = import_ram(
                         target_ram, key, stream, kind=config.helper, firmware=config.image,
@@ -286,7 +281,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         report.setup_seconds = time.monotonic() - prepare_start
         started = time.monotonic()
 
-        sink = cast(IO[bytes], send_sock.makefile("wb", buffering=1024 * 1024))
+        sink = cast(IO[bytes], send_sock.makefile("wb", buffering=256 * 1024))
         stack.callback(sink.close)
         exporter = stack.enter_context(
             Exporter(source_ram, key, sink, kind=config.helper, helpers=config.helpers,
@@ -314,16 +309,25 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         stop_at = time.monotonic()
         source.qmp("stop")
         stopped = True
-        # Pages dirtied since the last pass, plus every page that ever changed
-        # during pre-copy and whose helper says its content is not what it
-        # sent (it may have changed and changed back while being read).
-        dirty = set(tracker.take_dirty())
+        # Pages the host sees changed since their last send, plus every other
+        # page whose source helper says its content is not what it sealed:
+        # a page can change and change back while a helper reads it, which no
+        # comparison on the host can see (CHECK_PAGES, docs/migration.md).
+        # Both run at once: numpy's comparison releases the GIL while the
+        # helpers hash.
+        host_dirty: list[int] = []
+        comparer = threading.Thread(target=lambda: host_dirty.extend(tracker.take_dirty()), daemon=True)
         check_start = time.monotonic()
-        changed = exporter.changed_since_sent([p for p in tracker.hot_pages() if p not in dirty])
+        comparer.start()
+        changed = exporter.changed_since_sent(list(range(size // PAGE)))
+        comparer.join()
         report.check_seconds = time.monotonic() - check_start
         report.check_pages_changed = len(changed)
+        dirty = set(host_dirty)
         final = sorted(dirty | set(changed))
+        marks = {"check": time.monotonic() - stop_at}
         run_pass(final, False)
+        marks["final_pass"] = time.monotonic() - stop_at
         exporter.finish()
         sink.close()
         receiver.join(timeout=120)
@@ -332,7 +336,9 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         receive_summary: TransferSummary = imported["summary"]
         if receive_summary.outcome != "ok":
             raise MigrationError(f"import ended as {receive_summary.outcome}")
+        marks["target_verified"] = time.monotonic() - stop_at
         report.device_state_seconds = _migrate_device_state(source, target)
+        marks["device_state"] = time.monotonic() - stop_at
         if config.verify_ram:
             verify_start = time.monotonic()
             differing = _differing_pages(source_ram, target_ram)
@@ -346,6 +352,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         serial_before = len(target.serial_text())
         target.qmp("cont")
         resumed_target = True
+        marks["cont"] = time.monotonic() - stop_at - report.verify_seconds
+        report.switchover_ms = {k: round(1000 * v) for k, v in marks.items()}
         report.downtime_seconds = time.monotonic() - stop_at - report.verify_seconds
         report.total_seconds = time.monotonic() - started - report.verify_seconds
         report.guest_state = "running on target"

@@ -212,7 +212,9 @@ class Exporter:
         self.kind, self.helpers, self.firmware, self.work_dir = kind, helpers, firmware, work_dir
         self.summary = TransferSummary("export", kind, helpers, self.size, work_dir=str(work_dir))
         self._failure = _Failure()
-        self._frames: queue.Queue[ct.Frame | None] = queue.Queue(maxsize=4 * helpers)
+        # One frame per helper in flight: what is queued must still be imported
+        # after a live migration stops the guest.
+        self._frames: queue.Queue[ct.Frame | None] = queue.Queue(maxsize=helpers)
         self._digest = ct.PlainDigest()
         self._stack = ExitStack()
         self._backends: list[Backend] = []
