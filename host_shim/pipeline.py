@@ -600,7 +600,11 @@ def import_ram(
                     )
                 if digest.hexdigest() != totals.plain_digest:
                     raise TransferError("plain pages do not match the DONE frame's digest")
-                target_map.flush()
+                if mode == "replace":
+                    # Durable before the rename; in place (live migration),
+                    # QEMU reads the same page cache and waiting for the disk
+                    # would only lengthen the downtime.
+                    target_map.flush()
                 summary.private_pages = sum(records)
                 summary.shared_pages = shared
                 summary.excluded_pages = totals.excluded_pages
