@@ -79,6 +79,7 @@ class MigrationReport:
     check_seconds: float = 0.0
     check_pages_changed: int = 0
     switchover_ms: dict[str, int] = field(default_factory=dict)  # milestones after 'stop'
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # milestones after 'started'
     setup_seconds: float = 0.0
     passes: list[PassReport] = field(default_factory=list)
     ram_identical: bool | None = None
@@ -166,18 +167,20 @@ class DirtyTracker:
     def __init__(self, ram: Path, size: int) -> None:
         self._file = ram.open("rb")
         self._live = np.memmap(self._file, dtype=np.uint64, mode="r", shape=(size // PAGE, PAGE // 8))
-        self._sent = np.zeros_like(self._live)
+        # Filled batch by batch as pages are sent (np.empty: no upfront cost).
+        self._sent = np.empty_like(self._live)
+        self._lock = threading.Lock()
 
-    def mark_all_sent(self) -> None:
-        """Record the current contents of every page (before a full pass)."""
-        np.copyto(self._sent, self._live)
+    def record(self, pages: list[int]) -> None:
+        """Remember these pages as they are now, just before a helper reads
+        them: a later write shows up as a difference."""
+        index = np.asarray(pages, dtype=np.int64)
+        with self._lock:
+            self._sent[index] = self._live[index]
 
     def take_dirty(self) -> list[int]:
-        """Pages that changed since they were last recorded; record them now
-        (before they are sent: a change after this point shows up next time)."""
-        dirty = np.flatnonzero(np.any(self._live != self._sent, axis=1))
-        self._sent[dirty] = self._live[dirty]
-        return [int(p) for p in dirty]
+        """Pages whose content differs from what was last recorded."""
+        return [int(p) for p in np.flatnonzero(np.any(self._live != self._sent, axis=1))]
 
     def close(self) -> None:
         del self._live
@@ -287,17 +290,18 @@ def migrate(config: MigrationConfig) -> MigrationReport:
             Exporter(source_ram, key, sink, kind=config.helper, helpers=config.helpers,
                      firmware=config.image, work_dir=work / "source-helpers")
         )
+        report.phase_seconds["source_helpers_start"] = time.monotonic() - started
         tracker = DirtyTracker(source_ram, size)
         stack.callback(tracker.close)
 
         def run_pass(pages: list[int], running: bool) -> None:
+            report.phase_seconds[f"pass_{len(report.passes) + 1}_start"] = time.monotonic() - started
             meter = Progress(f"pass {len(report.passes) + 1}", len(pages), enabled=config.progress)
-            stats = exporter.send(pages, meter)
+            stats = exporter.send(pages, meter, tracker.record)
             meter.finish()
             report.passes.append(PassReport(len(report.passes) + 1, stats.pages, stats.zero_pages,
                                             stats.stream_bytes, stats.seconds, running))
 
-        tracker.mark_all_sent()
         run_pass(list(range(size // PAGE)), True)
         while len(report.passes) < config.max_passes:
             dirty_pages = tracker.take_dirty()

@@ -301,8 +301,15 @@ class Exporter:
         written = _check("EXPORT_BEGIN", *backend.call("EXPORT_BEGIN", IO_AT, self.record))[0]
         self._put(ct.Frame(ct.KIND_STREAM_HEADER, index, bytes(backend.data[IO_AT : IO_AT + written])))
 
-    def send(self, pages: list[int], meter: Progress | None = None) -> PassStats:
-        """One pass: the given page numbers through the helpers, in parallel."""
+    def send(
+        self,
+        pages: list[int],
+        meter: Progress | None = None,
+        before_batch: Callable[[list[int]], None] | None = None,
+    ) -> PassStats:
+        """One pass: the given page numbers through the helpers, in parallel.
+        ``before_batch`` sees each batch's page numbers just before its helper
+        reads them (live migration snapshots them there)."""
         started = time.monotonic()
         sizes = [0] * self.helpers
         # A page always travels in the same shard: shards are applied in
@@ -321,6 +328,8 @@ class Exporter:
                 data[LIST_AT : LIST_AT + 8 * len(chunk)] = struct.pack(
                     f"<{len(chunk)}Q", *(p * self.page for p in chunk)
                 )
+                if before_batch is not None:
+                    before_batch(chunk)
                 written, _, zero = _check(
                     "EXPORT_BATCH",
                     *backend.call("EXPORT_BATCH", LIST_AT, len(chunk), IO_AT, len(chunk) * self.record),
