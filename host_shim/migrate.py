@@ -285,7 +285,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         started = time.monotonic()
 
         sink = cast(IO[bytes], send_sock.makefile("wb", buffering=256 * 1024))
-        stack.callback(sink.close)
+        # After a failure the other end may be gone: flushing must not raise.
+        stack.callback(_close_quietly, sink)
         exporter = stack.enter_context(
             Exporter(source_ram, key, sink, kind=config.helper, helpers=config.helpers,
                      firmware=config.image, work_dir=work / "source-helpers")
@@ -390,6 +391,11 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         # Every QEMU and helper this run started stops here, by its own pid.
         stack.close()
     return report
+
+
+def _close_quietly(stream: IO[bytes]) -> None:
+    with suppress(OSError):
+        stream.close()
 
 
 def _differing_pages(a: Path, b: Path) -> list[int]:
