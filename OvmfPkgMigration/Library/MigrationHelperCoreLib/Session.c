@@ -333,6 +333,40 @@ InternalRecordHeader (
 }
 
 /**
+  The checks EXPORT_BEGIN and IMPORT_BEGIN share: a session may start, the
+  helper has a key, the argument span is inside the data area.
+
+  @param[in] Context  The helper context.
+  @param[in] Arg      Offset and size of the span.
+
+  @return OVMF_MH_STATUS_SUCCESS or the failure status.
+**/
+STATIC
+UINT32
+InternalCheckSessionStart (
+  IN OVMF_MH_HELPER_CONTEXT  *Context,
+  IN CONST UINT64            *Arg
+  )
+{
+  OVMF_MH_SESSION  *Session;
+
+  Session = InternalSession (Context);
+  if ((Session->State != OVMF_MH_SESSION_IDLE) && (Session->State != OVMF_MH_SESSION_COMPLETE)) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  if (!Session->KeyLoaded) {
+    return OVMF_MH_STATUS_NO_KEY;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
   EXPORT_BEGIN: draw a salt, derive the session, write the stream header.
 
   @param[in,out] Context  The helper context.
@@ -351,18 +385,12 @@ InternalExportBegin (
   OVMF_MH_SESSION        *Session;
   OVMF_MH_STREAM_HEADER  *Header;
   UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
+  UINT32                 Status;
 
   Session = InternalSession (Context);
-  if ((Session->State != OVMF_MH_SESSION_IDLE) && (Session->State != OVMF_MH_SESSION_COMPLETE)) {
-    return OVMF_MH_STATUS_BAD_STATE;
-  }
-
-  if (!Session->KeyLoaded) {
-    return OVMF_MH_STATUS_NO_KEY;
-  }
-
-  if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
-    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  Status  = InternalCheckSessionStart (Context, Arg);
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    return Status;
   }
 
   if (Arg[1] < sizeof (OVMF_MH_STREAM_HEADER)) {
@@ -684,18 +712,12 @@ InternalImportBegin (
   OVMF_MH_SESSION        *Session;
   OVMF_MH_STREAM_HEADER  *Header;
   UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
+  UINT32                 Status;
 
   Session = InternalSession (Context);
-  if ((Session->State != OVMF_MH_SESSION_IDLE) && (Session->State != OVMF_MH_SESSION_COMPLETE)) {
-    return OVMF_MH_STATUS_BAD_STATE;
-  }
-
-  if (!Session->KeyLoaded) {
-    return OVMF_MH_STATUS_NO_KEY;
-  }
-
-  if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
-    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  Status  = InternalCheckSessionStart (Context, Arg);
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    return Status;
   }
 
   Session->State = OVMF_MH_SESSION_FAILED;
