@@ -13,11 +13,15 @@ from host_shim.boot import resolve_image
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser(
         "bench",
-        help="measure page-crypto speed (host core vs OpenSSL, firmware under TCG)",
+        help="side-by-side speed: page crypto, transfer pipeline, live migration",
         description=(
             "crypto: the host-built core (the firmware's C sources) against OpenSSL through "
             "pyca cryptography on the same 4 KiB pages in one run, as MB/s and ratios; then the "
-            "firmware helper's export and import rate under QEMU TCG through the mailbox."
+            "firmware helper's export and import rate under QEMU TCG through the mailbox. "
+            "pipeline: the reference-helper pipeline against raw AEAD and the helper alone, and "
+            "1 against N firmware helpers, next to a plain copy of the same RAM file. "
+            "migrate: plain QEMU migration of the test guest against ovmf-mh with 1 and N helpers. "
+            "All numbers are measured side by side in one run; the machine's load moves them."
         ),
     )
     bench_sub = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
