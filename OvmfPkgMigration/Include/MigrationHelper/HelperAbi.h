@@ -171,6 +171,7 @@ typedef struct {
 #define OVMF_MH_STATUS_WINDOW_NOT_RAM         0x10A
 #define OVMF_MH_STATUS_NO_FW_CFG_MEMORY_MAP   0x10B ///< etc/e820 missing or malformed
 #define OVMF_MH_STATUS_HELPER_RAM             0x10C ///< Helper VM RAM does not cover helper memory
+#define OVMF_MH_STATUS_SEV_UNSUPPORTED        0x10D ///< SEV is active; this helper cannot map C-bit clear yet
 #define OVMF_MH_STATUS_UNEXPECTED             0x1FF
 
 #pragma pack(1)

@@ -226,6 +226,7 @@ MigrationHelperStatusName (
     case OVMF_MH_STATUS_WINDOW_NOT_RAM:        return "WINDOW_NOT_RAM";
     case OVMF_MH_STATUS_NO_FW_CFG_MEMORY_MAP:  return "NO_FW_CFG_MEMORY_MAP";
     case OVMF_MH_STATUS_HELPER_RAM:            return "HELPER_RAM";
+    case OVMF_MH_STATUS_SEV_UNSUPPORTED:       return "SEV_UNSUPPORTED";
     case OVMF_MH_STATUS_UNEXPECTED:            return "UNEXPECTED";
     default:                                   return "UNKNOWN";
   }

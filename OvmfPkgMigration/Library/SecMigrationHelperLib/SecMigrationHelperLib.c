@@ -10,6 +10,7 @@
   SPDX-License-Identifier: BSD-2-Clause-Patent
 **/
 
+#include <Library/MemEncryptSevLib.h>
 #include <Library/QemuFwCfgLib.h>
 
 #include "SecMigrationHelperInternal.h"
@@ -148,6 +149,23 @@ InternalHelperRun (
         );
     }
 
+    InternalHelperHalt ();
+  }
+
+  //
+  // Under SEV the shared area would have to be mapped with the C-bit clear
+  // and the guest window with it set. This helper runs on SEC's identity map
+  // and does neither yet, so it refuses rather than talk through memory the
+  // host cannot read (or, worse, expose private pages). The one place the
+  // C-bit logic belongs is here, guarded by this detection.
+  //
+  if (MemEncryptSevIsEnabled ()) {
+    InternalHelperLog (
+      "ovmf-mh: request rejected: %a (0x%x): SEV is active and this helper does not map the shared area "
+      "with the C-bit clear yet; halting\n",
+      MigrationHelperStatusName (OVMF_MH_STATUS_SEV_UNSUPPORTED),
+      OVMF_MH_STATUS_SEV_UNSUPPORTED
+      );
     InternalHelperHalt ();
   }
 
