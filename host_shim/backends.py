@@ -18,17 +18,19 @@ image is an error that says how to build it.
 from __future__ import annotations
 
 import mmap
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Protocol
 
 from helper import abi
-from helper.reference import ReferenceHelper
+from helper.reference import ReferenceHelper, SaltSource
 from host_shim.errors import SetupError
 from host_shim.helper_vm import MIB, HelperSpec, HelperVM
 from host_shim.hostcore_helper import HostCoreHelper
 from host_shim.keys import secret_record
+from host_shim.mailbox import command_code
 
 KINDS = ("firmware", "reference", "host-core")
 DATA_SIZE = 16 * MIB - 4096
@@ -45,9 +47,15 @@ class Backend(Protocol):
 
 
 class ReferenceBackend:
-    def __init__(self, window: mmap.mmap | bytearray, key: bytes | None, data_size: int = DATA_SIZE) -> None:
+    def __init__(
+        self,
+        window: mmap.mmap | bytearray,
+        key: bytes | None,
+        data_size: int = DATA_SIZE,
+        salt_source: SaltSource = os.urandom,
+    ) -> None:
         secret = bytearray(secret_record(key)) if key is not None else None
-        self.helper = ReferenceHelper(window, bytearray(data_size), secret)
+        self.helper = ReferenceHelper(window, bytearray(data_size), secret, salt_source=salt_source)
 
     @property
     def data(self) -> memoryview:
@@ -58,7 +66,7 @@ class ReferenceBackend:
         return self.helper.window
 
     def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]:
-        code = command if isinstance(command, int) else abi.load().const(f"OVMF_MH_CMD_{command}")
+        code = command if isinstance(command, int) else command_code(command)
         return self.helper.dispatch(code, args)
 
     def release(self) -> None:

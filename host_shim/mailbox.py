@@ -86,11 +86,6 @@ class Mailbox:
         # the helper polls these words concurrently.
         self._words[self._off[field] // 4] = value
 
-    def clear(self) -> None:
-        """Zero the header before the helper starts, so that stale contents of
-        the RAM file can never look like a READY helper."""
-        self._view[: self._layout.size] = bytes(self._layout.size)
-
     def wait_published(self, timeout: float) -> dict[str, Any]:
         """Wait until the helper publishes any state (READY, HALTED, FAULT...)."""
         a = abi.load()

@@ -221,8 +221,6 @@ class Exporter:
         self._writer: threading.Thread | None = None
         self._window: memoryview | None = None
         self._started = time.monotonic()
-        # Which helper sent each page last (-1: none): CHECK_PAGES asks it.
-        self.last_sender = [-1] * (self.size // self.page)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -335,8 +333,6 @@ class Exporter:
                     *backend.call("EXPORT_BATCH", LIST_AT, len(chunk), IO_AT, len(chunk) * self.record),
                 )[:3]
                 zeros[index] += zero
-                for number in chunk:
-                    self.last_sender[number] = index
                 sizes[index] += ct.FRAME_HEADER.size + written
                 self._put(ct.Frame(ct.KIND_RECORDS, index, bytes(data[IO_AT : IO_AT + written])))
                 if meter is not None:
@@ -355,14 +351,11 @@ class Exporter:
         """Of ``pages``, those whose content differs from what their helper
         last sent (CHECK_PAGES, a keyed hash inside the helper: exact even
         when a page changed and changed back while it was being read)."""
+        # A page only ever travels in its own shard, so that helper is the one
+        # to ask; a page it never sent it reports as changed.
         by_shard: list[list[int]] = [[] for _ in range(self.helpers)]
-        changed: list[int] = []
         for number in pages:
-            sender = self.last_sender[number]
-            if sender < 0:
-                changed.append(number)
-            else:
-                by_shard[sender].append(number)
+            by_shard[self.shard_of(number)].append(number)
         found: list[list[int]] = [[] for _ in range(self.helpers)]
 
         def work(index: int, backend: Backend) -> None:
@@ -378,7 +371,7 @@ class Exporter:
                 found[index].extend(p for p, flag in zip(chunk, flags, strict=True) if flag)
 
         self._run_shards(work)
-        return changed + [p for shard in found for p in shard]
+        return [p for shard in found for p in shard]
 
     def send_plain(self, pages: list[int], meter: Progress | None = None) -> None:
         """Shared pages, as plain frames (they are not confidential)."""

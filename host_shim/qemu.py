@@ -18,7 +18,6 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,9 +62,6 @@ class QemuConfig:
     extra_args: list[str] = field(default_factory=list)
     incoming: str | None = None
 
-    def accel_name(self) -> str:
-        return self.accel
-
 
 @dataclass(frozen=True)
 class QemuLogs:
@@ -104,8 +100,6 @@ class QemuLogs:
             "stderr": self.stderr,
         }
 
-    def describe(self) -> str:
-        return "\n".join(f"  {name:9} {path}" for name, path in self.as_dict().items())
 
 
 def qemu_binary() -> str:
@@ -375,17 +369,3 @@ def _read_text(path: Path) -> str:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
-
-
-def tail(path: Path, lines: int = 20) -> Iterator[str]:
-    text = _read_text(path).splitlines()
-    yield from text[-lines:]
-
-
-def describe_failure(vm: QemuVM) -> str:
-    """Paths of the VM's artefacts, for error messages and test failures."""
-    return f"QEMU {vm.name} artefacts in {vm.work_dir}:\n{vm.logs.describe()}"
-
-
-def format_argv(argv: Sequence[str]) -> str:
-    return shlex.join(argv)

@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Protocol
 
 from helper import abi
-from helper.reference import ReferenceHelper, SaltSource
+from helper.reference import SaltSource
 from host_shim import paths
-from host_shim.backends import FirmwareBackend
+from host_shim.backends import FirmwareBackend, ReferenceBackend
 from host_shim.build import build_firmware
 from host_shim.helper_vm import HelperSpec, HelperVM
 from host_shim.hostcore_helper import HostCoreHelper
-from host_shim.keys import secret_record
 
 
 class Endpoint(Protocol):
@@ -76,32 +75,9 @@ class EndpointSpec:
 EndpointFactory = Callable[[EndpointSpec], AbstractContextManager[Endpoint]]
 
 
-def command_code(command: str | int) -> int:
-    """``"EXPORT_BATCH"`` -> OVMF_MH_CMD_EXPORT_BATCH; an int passes through."""
-    if isinstance(command, int):
-        return command
-    return abi.load().const(f"OVMF_MH_CMD_{command}")
-
-
-class ReferenceEndpoint:
+def ReferenceEndpoint(spec: EndpointSpec, salt_source: SaltSource = os.urandom) -> ReferenceBackend:
     """The Python reference helper (helper/reference.py) in-process."""
-
-    def __init__(self, spec: EndpointSpec, salt_source: SaltSource = os.urandom) -> None:
-        secret = bytearray(secret_record(spec.transport_key)) if spec.transport_key is not None else None
-        self.helper = ReferenceHelper(
-            bytearray(spec.window_size), bytearray(spec.data_size), secret, salt_source=salt_source
-        )
-
-    @property
-    def data(self) -> memoryview:
-        return self.helper.data
-
-    @property
-    def window(self) -> memoryview:
-        return self.helper.window
-
-    def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]:
-        return self.helper.dispatch(command_code(command), args)
+    return ReferenceBackend(bytearray(spec.window_size), spec.transport_key, spec.data_size, salt_source)
 
 
 @contextmanager
