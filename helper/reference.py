@@ -123,13 +123,25 @@ class SealedPages:
     """CHECK_PAGES' memory: the exact bytes an export session sealed for
     each page. The firmware keeps a keyed 64-bit NH hash per page instead
     (Session.c); both give the same answers except that this one never
-    collides (the hash does with probability about 2^-32)."""
+    collides (the hash does with probability about 2^-32).
+
+    The copies live in chunks of stream.SNAPSHOT_CHUNK_SIZE allocated when
+    a page in them is first sealed, so a helper that serves one shard of a
+    guest holds copies of that shard only."""
 
     def __init__(self, window_pages: int) -> None:
         self.tracked = min(window_pages, MAX_TRACKED_PAGES)
-        # Zero-filled lazily by the OS: only pages actually sealed cost memory.
-        self.copy = bytearray(window_pages * s.PAGE_SIZE)
+        chunks = -(-window_pages * s.PAGE_SIZE // s.SNAPSHOT_CHUNK_SIZE)
+        self.chunks: list[bytearray] = [_UNSEALED] * chunks
         self.sent = bytearray(window_pages)
+
+    def prepare(self, offsets: Sequence[int]) -> list[bytearray]:
+        """Allocate the chunks ``offsets`` fall in; the list write_records takes."""
+        for offset in offsets:
+            index = offset // s.SNAPSHOT_CHUNK_SIZE
+            if self.chunks[index] is _UNSEALED:
+                self.chunks[index] = bytearray(s.SNAPSHOT_CHUNK_SIZE)
+        return self.chunks
 
     def record(self, offsets: Sequence[int]) -> None:
         for offset in offsets:
@@ -137,15 +149,20 @@ class SealedPages:
 
     def changed(self, offsets: Sequence[int], window: memoryview) -> list[int]:
         """1 per page whose current content is not what was last sealed."""
-        copy = memoryview(self.copy)
         flags = []
         for offset in offsets:
             number = offset // s.PAGE_SIZE
             if number >= self.tracked or not self.sent[number]:
                 flags.append(1)
             else:
-                flags.append(int(window[offset : offset + s.PAGE_SIZE] != copy[offset : offset + s.PAGE_SIZE]))
+                chunk = self.chunks[offset // s.SNAPSHOT_CHUNK_SIZE]
+                current = window[offset : offset + s.PAGE_SIZE]
+                flags.append(int(not chunk.startswith(current, offset % s.SNAPSHOT_CHUNK_SIZE)))
         return flags
+
+
+#: Placeholder of a snapshot chunk no page of which was sealed yet.
+_UNSEALED = bytearray()
 
 
 @dataclass
@@ -322,7 +339,8 @@ class ReferenceHelper:
             raise _refuse("BUFFER_TOO_SMALL")
         # Every check passed: the records go straight into the output range.
         session = self._export_session()
-        written, zero_pages = session.writer.write_records(self.window, offsets, out, memoryview(session.sealed.copy))
+        snapshots = session.sealed.prepare(offsets)
+        written, zero_pages = session.writer.write_records(self.window, offsets, out, snapshots)
         session.sealed.record(offsets)
         return written, count, zero_pages
 

@@ -344,6 +344,11 @@ def record_tag(record: Bytes) -> bytes:
 # --- the writer ---------------------------------------------------------------
 
 
+#: Granularity of write_records' snapshots: a helper allocates snapshot memory
+#: only for the chunks it seals pages in. A power of two.
+SNAPSHOT_CHUNK_SIZE = 2 * 1024 * 1024
+
+
 class StreamWriter:
     """The source side: header, then records with sequence 1, 2, ..., then END.
 
@@ -377,13 +382,18 @@ class StreamWriter:
         return bytes(out[:written])
 
     def write_records(
-        self, window: memoryview, offsets: Sequence[int], out: memoryview, snapshots: memoryview | None = None
+        self,
+        window: memoryview,
+        offsets: Sequence[int],
+        out: memoryview,
+        snapshots: Sequence[bytearray] | None = None,
     ) -> tuple[int, int]:
         """Seal one record per page ``window[offset : offset + PAGE_SIZE]``, in
         the order of ``offsets``, back to back into ``out``; return (bytes
-        written, ZERO records among them). With ``snapshots`` (as large as
-        the window), also leave the exact bytes each record sealed there, at
-        the page's own offset.
+        written, ZERO records among them). With ``snapshots``, also leave the
+        exact bytes each record sealed there: guest offset ``o`` at
+        ``snapshots[o // SNAPSHOT_CHUNK_SIZE][o % SNAPSHOT_CHUNK_SIZE:]``
+        (the caller has allocated every chunk the offsets touch).
 
         The caller has checked every offset against the window and that
         ``out`` holds ``len(offsets)`` PAGE records.
@@ -396,12 +406,14 @@ class StreamWriter:
         offsets: Sequence[int],
         out: memoryview,
         base: int,
-        snapshots: memoryview | None = None,
+        snapshots: Sequence[bytearray] | None = None,
     ) -> tuple[int, int]:
         """write_records, reading the page of GuestOffset ``offset`` at
         ``window[offset - base]``."""
         page = self._page
         page_view = memoryview(page)
+        shift = SNAPSHOT_CHUNK_SIZE.bit_length() - 1
+        mask = SNAPSHOT_CHUNK_SIZE - 1
         record = self._page_record
         view = memoryview(record)
         nonce_, head, body, tag = (
@@ -429,10 +441,18 @@ class StreamWriter:
         try:
             for offset in offsets:
                 start = offset - base
-                page_view[:] = window[start : start + PAGE_SIZE]
                 if snapshots is not None:
-                    snapshots[offset : offset + PAGE_SIZE] = page_view
-                if page == ZERO_PAGE:
+                    # The snapshot is the private copy: sealed, zero-checked
+                    # and remembered are the same bytes, copied once.
+                    chunk, at = snapshots[offset >> shift], offset & mask
+                    chunk[at : at + PAGE_SIZE] = window[start : start + PAGE_SIZE]
+                    plain = memoryview(chunk)[at : at + PAGE_SIZE]
+                    is_zero = chunk.startswith(ZERO_PAGE, at)  # a memcmp, unlike memoryview ==
+                else:
+                    plain = page_view
+                    plain[:] = window[start : start + PAGE_SIZE]
+                    is_zero = page == ZERO_PAGE
+                if is_zero:
                     pack_into(zero, 0, sequence, RECORD_ZERO, 0, sequence, offset, session_id)
                     encrypt_into(zero_nonce, b"", zero_head, zero_tag)
                     end = pos + ZERO_RECORD_SIZE
@@ -441,7 +461,7 @@ class StreamWriter:
                     zeros += 1
                 else:
                     pack_into(record, 0, sequence, RECORD_PAGE, PAGE_SIZE, sequence, offset, session_id)
-                    encrypt_into(nonce_, page, head, body)
+                    encrypt_into(nonce_, plain, head, body)
                     end = pos + PAGE_RECORD_SIZE
                     out[pos:end] = whole
                     digest = sha256(digest + tag).digest()

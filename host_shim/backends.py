@@ -7,8 +7,10 @@ pipeline, the conformance suite and the benchmarks use only this.
 
 * ``firmware``: the built OVMF image in helper mode under QEMU, guest RAM
   file as its second NUMA node (DESIGN.md mirror-VM emulation);
-* ``reference``: the Python reference helper (helper/reference.py) over a
-  mapping of the same RAM file;
+* ``reference``: the Python reference helper (helper/reference.py) in a
+  process of its own (helper/serve.py) behind the same kind of mailbox, so
+  that it works while the host writes (``ReferenceBackend`` is the same
+  helper in-process, for the conformance suite and the benchmarks);
 * ``host-core``: the firmware's C dispatcher built for the host.
 
 There is no fallback between them: asking for ``firmware`` without a built
@@ -30,7 +32,8 @@ from host_shim.errors import SetupError
 from host_shim.helper_vm import MIB, HelperSpec, HelperVM
 from host_shim.hostcore_helper import HostCoreHelper
 from host_shim.keys import secret_record
-from host_shim.mailbox import command_code
+from host_shim.mailbox import Mailbox, command_code
+from host_shim.reference_process import ReferenceHelperProcess
 
 KINDS = ("firmware", "reference", "host-core")
 DATA_SIZE = 16 * MIB - 4096
@@ -74,14 +77,23 @@ class ReferenceBackend:
         self.helper.data.release()
 
 
-class FirmwareBackend:
-    """A helper VM; ``call`` raises MailboxError when the VM dies or stalls."""
+class MailboxBackend:
+    """A helper behind a shared mailbox: a firmware helper VM or a reference
+    helper process. ``call`` raises MailboxError when the helper dies or stalls."""
 
-    def __init__(self, vm: HelperVM, window: mmap.mmap | None, data_size: int, timeout: float = 60.0) -> None:
-        self.vm = vm
+    def __init__(
+        self,
+        mailbox: Mailbox,
+        memory: mmap.mmap,
+        mailbox_base: int,
+        window: mmap.mmap | None,
+        data_size: int,
+        timeout: float = 60.0,
+    ) -> None:
+        self.mailbox = mailbox
         self.timeout = timeout
-        base = vm.spec.mailbox_base + abi.load().const("OVMF_MH_MAILBOX_HEADER_SIZE")
-        self._data = memoryview(vm.memory)[base : base + data_size]
+        base = mailbox_base + abi.load().const("OVMF_MH_MAILBOX_HEADER_SIZE")
+        self._data = memoryview(memory)[base : base + data_size]
         self._window = memoryview(window) if window is not None else memoryview(b"")
 
     @property
@@ -93,13 +105,28 @@ class FirmwareBackend:
         return self._window
 
     def call(self, command: str | int, *args: int) -> tuple[int, tuple[int, ...]]:
-        assert self.vm.mailbox is not None
-        response = self.vm.mailbox.post_and_wait(command, tuple(args), timeout=self.timeout)
+        response = self.mailbox.post_and_wait(command, tuple(args), timeout=self.timeout)
         return response.status, response.results
 
     def release(self) -> None:
         self._data.release()
         self._window.release()
+
+
+def FirmwareBackend(vm: HelperVM, window: mmap.mmap | None, data_size: int) -> MailboxBackend:
+    """The mailbox of a helper VM that reached READY."""
+    if vm.mailbox is None:
+        raise SetupError(f"{vm.name}: not started")
+    return MailboxBackend(vm.mailbox, vm.memory, vm.spec.mailbox_base, window, data_size)
+
+
+def ReferenceProcessBackend(
+    process: ReferenceHelperProcess, window: mmap.mmap | None, data_size: int
+) -> MailboxBackend:
+    """The mailbox of a reference helper process that reached READY."""
+    if process.mailbox is None:
+        raise SetupError(f"{process.name}: not started")
+    return MailboxBackend(process.mailbox, process.memory, process.mailbox_base, window, data_size)
 
 
 @contextmanager
@@ -147,10 +174,18 @@ def open_backends(
                 stack.callback(backend.release)
                 backends.append(backend)
         elif kind == "reference":
-            for _ in range(count):
-                reference = ReferenceBackend(window, key)
-                stack.callback(reference.release)
-                backends.append(reference)
+            processes = [
+                stack.enter_context(
+                    ReferenceHelperProcess(ram, key, work_dir / f"helper-{index}", f"helper-{index}",
+                                           target=writable, mailbox_size=DATA_SIZE + 4096)
+                )
+                for index in range(count)
+            ]
+            for process in processes:
+                process.wait_ready(60)
+                backend = ReferenceProcessBackend(process, window, DATA_SIZE)
+                stack.callback(backend.release)
+                backends.append(backend)
         else:
             for _ in range(count):
                 core = HostCoreHelper(window, key, data_size=DATA_SIZE)

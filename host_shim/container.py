@@ -82,10 +82,10 @@ class FileHeader:
 class Frame:
     kind: int
     shard: int
-    payload: bytes
+    payload: bytes | memoryview
 
     def encode(self) -> bytes:
-        return FRAME_HEADER.pack(self.kind, self.shard, len(self.payload)) + self.payload
+        return FRAME_HEADER.pack(self.kind, self.shard, len(self.payload)) + bytes(self.payload)
 
 
 @dataclass

@@ -77,7 +77,7 @@ class MailboxError(OvmfMhError):
         if status is not None:
             parts.append(f"status {status_name or '?'} ({status:#x})")
         if log is not None:
-            parts.append(f"debugcon log: {log}")
+            parts.append(f"helper log: {log}")
         super().__init__("; ".join(parts))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -156,7 +157,10 @@ class HelperVM:
             self.mailbox.release()
         self.mailbox = None
         if self._map is not None:
-            self._map.close()
+            # A writer thread stuck on a dead sink may still hold a view of the
+            # shared area; the mapping then goes when that view does.
+            with suppress(BufferError):
+                self._map.close()
             self._map = None
         if self._file is not None:
             self._file.close()

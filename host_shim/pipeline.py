@@ -3,9 +3,11 @@ stream, import a transfer stream into a RAM file (docs/transfer-format.md).
 
 Export: N helpers each own one helper stream ("shard"); private pages are
 dealt to them in batches of MaxBatchPages, round robin, one thread per
-helper; a writer thread puts frames on the sink as they come, so reading
-guest pages (inside the helpers), encryption and writing overlap. Shared
-pages (from a page map) travel as plain frames, excluded pages not at all.
+helper. Each helper's data area holds two output regions: while the helper
+seals the next batch into one, a writer thread puts the other on the sink
+straight from the shared mapping (no copy), so reading guest pages (inside
+the helpers), encryption and writing overlap. Shared pages (from a page
+map) travel as plain frames, excluded pages not at all.
 
 Import: the reader parses frames (hostile input, bounded), hands each
 shard's frames to that shard's helper thread through a bounded queue (back
@@ -43,6 +45,8 @@ from host_shim.progress import Progress
 
 LIST_AT = 0
 IO_AT = 64 * 1024
+#: Output regions per helper for EXPORT_BATCH: one being sealed, one being written.
+OUTPUT_REGIONS = 2
 
 PAGE_PRIVATE = 0
 PAGE_SHARED = 1
@@ -67,6 +71,10 @@ class TransferSummary:
     stream_bytes: int = 0
     seconds: float = 0.0
     helper_start_seconds: float = 0.0  # part of ``seconds`` spent starting helpers
+    # Part of ``seconds`` from all helpers READY to the last page verified
+    # (import) or the DONE frame written (export): without starting and
+    # stopping helpers and without making the import durable.
+    transfer_seconds: float = 0.0
     error: str | None = None
     work_dir: str | None = None
     shard_records: list[int] = field(default_factory=list)
@@ -212,9 +220,11 @@ class Exporter:
         self.kind, self.helpers, self.firmware, self.work_dir = kind, helpers, firmware, work_dir
         self.summary = TransferSummary("export", kind, helpers, self.size, work_dir=str(work_dir))
         self._failure = _Failure()
-        # One frame per helper in flight: what is queued must still be imported
-        # after a live migration stops the guest.
-        self._frames: queue.Queue[ct.Frame | None] = queue.Queue(maxsize=helpers)
+        # One frame per helper queued (and at most OUTPUT_REGIONS per helper
+        # not yet written): what is in flight must still be imported after a
+        # live migration stops the guest.
+        self._frames: queue.Queue[tuple[ct.Frame, Callable[[], None] | None] | None] = queue.Queue(maxsize=helpers)
+        self._free_regions: list[queue.Queue[int]] = []
         self._digest = ct.PlainDigest()
         self._stack = ExitStack()
         self._backends: list[Backend] = []
@@ -230,6 +240,7 @@ class Exporter:
                 open_backends(self.kind, self.helpers, self.src, self.key, self.work_dir,
                               firmware=self.firmware, writable=False)
             )
+            self._free_regions = [self._output_regions(backend) for backend in self._backends]
             raw = self._stack.enter_context(self.src.open("rb"))
             window_map = self._stack.enter_context(mmap.mmap(raw.fileno(), self.size, access=mmap.ACCESS_READ))
             self._window = memoryview(window_map)
@@ -250,6 +261,12 @@ class Exporter:
         self._failure.event.set()
         if self._writer is not None:
             self._writer.join(timeout=30)
+        # Frames never written hold views of the helpers' shared areas.
+        with suppress(queue.Empty):
+            while True:
+                item = self._frames.get_nowait()
+                if item is not None and isinstance(item[0].payload, memoryview):
+                    item[0].payload.release()
         self._stack.close()
         self.summary.seconds = time.monotonic() - self._started
 
@@ -269,17 +286,45 @@ class Exporter:
                 continue
             if frame is None:
                 return
-            if frame.kind == ct.KIND_PLAIN_PAGE:
-                self._digest.update(frame.payload)
-            # Header and payload separately: no copy of the payload.
-            self._write(ct.FRAME_HEADER.pack(frame.kind, frame.shard, len(frame.payload)))
-            self._write(frame.payload)
+            item, written = frame
+            try:
+                if item.kind == ct.KIND_PLAIN_PAGE:
+                    self._digest.update(item.payload)
+                # Header and payload separately: no copy of the payload.
+                self._write(ct.FRAME_HEADER.pack(item.kind, item.shard, len(item.payload)))
+                self._write(item.payload)
+            finally:
+                if isinstance(item.payload, memoryview):
+                    item.payload.release()
+            if written is not None:
+                written()
 
-    def _put(self, frame: ct.Frame) -> None:
+    def _put(self, frame: ct.Frame, written: Callable[[], None] | None = None) -> None:
+        """Queue a frame for the writer; ``written`` runs once it is on the sink."""
         while not self._failure.event.is_set():
             with suppress(queue.Full):
-                self._frames.put(frame, timeout=0.1)
+                self._frames.put((frame, written), timeout=0.1)
                 return
+        if isinstance(frame.payload, memoryview):
+            frame.payload.release()
+        self._failure.raise_if_set()
+        raise TransferError("export stopped")
+
+    def _output_regions(self, backend: Backend) -> queue.Queue[int]:
+        size = -(-self.batch * self.record // self.page) * self.page
+        if IO_AT + OUTPUT_REGIONS * size > len(backend.data):
+            raise TransferError(f"a helper's data area ({len(backend.data)} bytes) cannot hold "
+                                f"{OUTPUT_REGIONS} output regions of {size} bytes")
+        free: queue.Queue[int] = queue.Queue()
+        for region in range(OUTPUT_REGIONS):
+            free.put(IO_AT + region * size)
+        return free
+
+    def _take_region(self, index: int) -> int:
+        """An output region of helper ``index`` that the writer is done with."""
+        while not self._failure.event.is_set():
+            with suppress(queue.Empty):
+                return self._free_regions[index].get(timeout=0.1)
         self._failure.raise_if_set()
         raise TransferError("export stopped")
 
@@ -296,8 +341,13 @@ class Exporter:
     # -- helper commands ----------------------------------------------------------------
 
     def _begin(self, index: int, backend: Backend) -> None:
-        written = _check("EXPORT_BEGIN", *backend.call("EXPORT_BEGIN", IO_AT, self.record))[0]
-        self._put(ct.Frame(ct.KIND_STREAM_HEADER, index, bytes(backend.data[IO_AT : IO_AT + written])))
+        region = self._take_region(index)
+        try:
+            written = _check("EXPORT_BEGIN", *backend.call("EXPORT_BEGIN", region, self.record))[0]
+            header = bytes(backend.data[region : region + written])
+        finally:
+            self._free_regions[index].put(region)
+        self._put(ct.Frame(ct.KIND_STREAM_HEADER, index, header))
 
     def send(
         self,
@@ -326,15 +376,22 @@ class Exporter:
                 data[LIST_AT : LIST_AT + 8 * len(chunk)] = struct.pack(
                     f"<{len(chunk)}Q", *(p * self.page for p in chunk)
                 )
+                region = self._take_region(index)
                 if before_batch is not None:
                     before_batch(chunk)
-                written, _, zero = _check(
-                    "EXPORT_BATCH",
-                    *backend.call("EXPORT_BATCH", LIST_AT, len(chunk), IO_AT, len(chunk) * self.record),
-                )[:3]
+                try:
+                    written, _, zero = _check(
+                        "EXPORT_BATCH",
+                        *backend.call("EXPORT_BATCH", LIST_AT, len(chunk), region, len(chunk) * self.record),
+                    )[:3]
+                except BaseException:
+                    self._free_regions[index].put(region)
+                    raise
                 zeros[index] += zero
                 sizes[index] += ct.FRAME_HEADER.size + written
-                self._put(ct.Frame(ct.KIND_RECORDS, index, bytes(data[IO_AT : IO_AT + written])))
+                # The writer returns the region once the records are on the sink.
+                self._put(ct.Frame(ct.KIND_RECORDS, index, data[region : region + written]),
+                          lambda free=self._free_regions[index], region=region: free.put(region))  # type: ignore[misc]
                 if meter is not None:
                     meter.advance(len(chunk))
 
@@ -366,8 +423,14 @@ class Exporter:
                 data[LIST_AT : LIST_AT + 8 * len(chunk)] = struct.pack(
                     f"<{len(chunk)}Q", *(p * self.page for p in chunk)
                 )
-                _check("CHECK_PAGES", *backend.call("CHECK_PAGES", LIST_AT, len(chunk), IO_AT))
-                flags = bytes(data[IO_AT : IO_AT + len(chunk)])
+                # The flags go into a free output region: the other may still
+                # hold records on their way to the sink.
+                region = self._take_region(index)
+                try:
+                    _check("CHECK_PAGES", *backend.call("CHECK_PAGES", LIST_AT, len(chunk), region))
+                    flags = bytes(data[region : region + len(chunk)])
+                finally:
+                    self._free_regions[index].put(region)
                 found[index].extend(p for p, flag in zip(chunk, flags, strict=True) if flag)
 
         self._run_shards(work)
@@ -389,8 +452,13 @@ class Exporter:
         """End every helper's stream and write the DONE frame."""
 
         def end(index: int, backend: Backend) -> None:
-            written = _check("EXPORT_END", *backend.call("EXPORT_END", IO_AT, self.record))[0]
-            self._put(ct.Frame(ct.KIND_STREAM_END, index, bytes(backend.data[IO_AT : IO_AT + written])))
+            region = self._take_region(index)
+            try:
+                written = _check("EXPORT_END", *backend.call("EXPORT_END", region, self.record))[0]
+                end_record = bytes(backend.data[region : region + written])
+            finally:
+                self._free_regions[index].put(region)
+            self._put(ct.Frame(ct.KIND_STREAM_END, index, end_record))
 
         self._run_shards(end)
         self._put_and_drain()
@@ -400,6 +468,7 @@ class Exporter:
         done = ct.Frame(ct.KIND_DONE, 0, totals.encode())
         self._write(done.encode())
         self.sink.flush()
+        self.summary.transfer_seconds = time.monotonic() - self._started - self.summary.helper_start_seconds
         self.summary.outcome = "ok"
         return self.summary
 
@@ -570,7 +639,7 @@ def import_ram(
                             shared += 1
                             meter.advance(1)
                         elif frame.kind == ct.KIND_DONE:
-                            totals = ct.Totals.decode(frame.payload)
+                            totals = ct.Totals.decode(bytes(frame.payload))
                         else:
                             while not failure.event.is_set():
                                 with suppress(queue.Full):
@@ -602,6 +671,7 @@ def import_ram(
                     )
                 if digest.hexdigest() != totals.plain_digest:
                     raise TransferError("plain pages do not match the DONE frame's digest")
+                summary.transfer_seconds = time.monotonic() - started - summary.helper_start_seconds
                 if mode == "replace":
                     # Durable before the rename; in place (live migration),
                     # QEMU reads the same page cache and waiting for the disk

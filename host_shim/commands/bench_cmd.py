@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     pipeline = bench_sub.add_parser("pipeline", help="transfer pipeline speed and helper scaling")
     pipeline.add_argument("--guest-mib", type=int, default=128, help="random guest RAM to move (default 128)")
     pipeline.add_argument("--helpers", type=int, default=2, help="N for the N-helper run (default 2)")
+    pipeline.add_argument("--rounds", type=int, default=3,
+                          help="alternating rounds of the 1- and N-helper runs, best counts (default 3)")
     pipeline.add_argument("--no-firmware", action="store_true", help="reference pipeline only")
     pipeline.add_argument("--image", help="firmware image (default: the DEBUG build)")
     pipeline.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -68,7 +70,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     image = None if args.no_firmware else resolve_image(Path(args.image) if args.image else None)
-    results = bench_pipeline(guest_mib=args.guest_mib, helpers=args.helpers, firmware=image)
+    results = bench_pipeline(guest_mib=args.guest_mib, helpers=args.helpers, firmware=image, rounds=args.rounds)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -1,0 +1,155 @@
+"""The reference helper in a process of its own (helper/serve.py), driven
+through the same mailbox client as a firmware helper VM.
+
+Its memory file is laid out like a helper VM's RAM: the host writes the
+emulated launch secret at OVMF_MH_SECRET_PAGE_BASE before the process
+starts, and the mailbox sits at OVMF_MH_MAILBOX_MIN_BASE. The work folder
+keeps the command line, the pid and the process's log; the process is
+stopped by SHUTDOWN and, if that does not end it, killed by its own pid.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import signal
+import subprocess
+import sys
+from contextlib import suppress
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from helper import abi
+from host_shim import paths
+from host_shim.errors import MailboxError, SetupError
+from host_shim.keys import secret_page_base, secret_record
+from host_shim.mailbox import Mailbox
+
+log = logging.getLogger(__name__)
+
+
+class ReferenceHelperProcess:
+    """One reference helper process over one guest RAM file. Context manager."""
+
+    def __init__(
+        self,
+        guest_ram: Path,
+        key: bytes | None,
+        work_dir: Path,
+        name: str = "reference",
+        *,
+        target: bool,
+        mailbox_size: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.guest_ram = guest_ram
+        self.key = key
+        self.work_dir = work_dir
+        self.name = name
+        self.target = target
+        self.mailbox_base = abi.load().const("OVMF_MH_MAILBOX_MIN_BASE")
+        self.mailbox_size = mailbox_size
+        self.memory_file = work_dir / "helper-own.ram"
+        self.log_file = work_dir / "reference-helper.log"
+        self.mailbox: Mailbox | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._file: IO[bytes] | None = None
+        self._map: mmap.mmap | None = None
+
+    def __enter__(self) -> ReferenceHelperProcess:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def memory(self) -> mmap.mmap:
+        if self._map is None:
+            raise SetupError(f"{self.name}: not started")
+        return self._map
+
+    def command(self) -> list[str]:
+        argv = [
+            sys.executable, "-m", "helper.serve",
+            "--memory", str(self.memory_file),
+            "--mailbox-base", hex(self.mailbox_base),
+            "--mailbox-size", hex(self.mailbox_size),
+            "--guest-ram", str(self.guest_ram),
+        ]
+        return argv + (["--target"] if self.target else [])
+
+    def start(self) -> None:
+        """Lay out the memory file, start the process; does not wait for READY."""
+        if not self.guest_ram.is_file():
+            raise SetupError(f"guest RAM file {self.guest_ram} does not exist")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        # A fresh sparse file: all zero, so no stale mailbox can look READY.
+        self.memory_file.unlink(missing_ok=True)
+        with self.memory_file.open("wb") as f:
+            f.truncate(self.mailbox_base + self.mailbox_size)
+        self._file = self.memory_file.open("r+b")
+        self._map = mmap.mmap(self._file.fileno(), 0)
+        if self.key is not None:
+            record = secret_record(self.key)
+            self._map[secret_page_base() : secret_page_base() + len(record)] = record
+        argv = self.command()
+        (self.work_dir / "command-line.txt").write_text(" ".join(argv) + "\n")
+        env = dict(os.environ, PYTHONPATH=str(paths.REPO_ROOT))
+        with self.log_file.open("wb") as out:
+            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                          cwd=paths.REPO_ROOT, env=env)
+        (self.work_dir / "pid").write_text(f"{self._proc.pid}\n")
+        self.mailbox = Mailbox(self._map, self.mailbox_base, self.mailbox_size,
+                               is_alive=self.is_running, debugcon=self.log_file)
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        if self.mailbox is None:
+            raise SetupError(f"{self.name}: not started")
+        try:
+            return self.mailbox.wait_ready(timeout)
+        except MailboxError as exc:
+            exc.args = (f"{exc.args[0]}; reference helper log {self.log_file}",)
+            raise
+
+    def close(self, soft_timeout: float = 5.0) -> int | None:
+        """SHUTDOWN through the mailbox, then SIGKILL to the process's own pid."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None and self.mailbox is not None:
+            with suppress(MailboxError):
+                self.mailbox.post_and_wait("SHUTDOWN", timeout=soft_timeout)
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=soft_timeout)
+        if proc is not None and proc.poll() is None:
+            log.warning("%s: reference helper pid %d did not stop; killing it", self.name, proc.pid)
+            with suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        if self.mailbox is not None:
+            self.mailbox.release()
+            self.mailbox = None
+        if self._map is not None:
+            # A writer thread stuck on a dead sink may still hold a view of the
+            # shared area; the mapping then goes when that view does.
+            with suppress(BufferError):
+                self._map.close()
+            self._map = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.memory_file.unlink(missing_ok=True)
+        return None if proc is None else proc.returncode
