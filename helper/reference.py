@@ -22,9 +22,12 @@ Order of the checks, for every command (the first failing check answers):
    range and the output range (OUT_OF_BOUNDS), then every list entry
    (BAD_PAGE), then the capacity for ``count`` full PAGE records
    (BUFFER_TOO_SMALL);
-   EXPORT_BEGIN/EXPORT_END: the output range (OUT_OF_BOUNDS), then capacity
-   for the header or end record (BUFFER_TOO_SMALL), then (EXPORT_BEGIN) the
+   EXPORT_BEGIN/EXPORT_END: the output range (OUT_OF_BOUNDS), then
+   (EXPORT_BEGIN) unknown flag bits (INVALID_PARAMETER), then capacity for
+   the header or end record (BUFFER_TOO_SMALL), then (EXPORT_BEGIN) the
    entropy source (NO_ENTROPY);
+   CHECK_PAGES: an export session that was not begun with TRACK_PAGES
+   answers BAD_STATE at step 3;
    IMPORT_*: the input range (OUT_OF_BOUNDS), then (IMPORT_BATCH) size above
    MaxBatchPages full PAGE records (BATCH_TOO_LARGE);
 6. IMPORT_*: the stream checks of docs/stream-format.md in its order, record
@@ -71,6 +74,8 @@ SECRET_SIGNATURE = _A.const("OVMF_MH_SECRET_SIGNATURE")
 SECRET_VERSION = _A.const("OVMF_MH_SECRET_VERSION")
 
 MAX_TRACKED_PAGES = _A.const("OVMF_MH_MAX_TRACKED_PAGES")
+EXPORT_TRACK_PAGES = _A.const("OVMF_MH_EXPORT_TRACK_PAGES")
+EXPORT_FLAGS_KNOWN = _A.const("OVMF_MH_EXPORT_FLAGS_KNOWN")
 CMD = {name: _A.const(f"OVMF_MH_CMD_{name}") for name in _A.names_with_prefix("OVMF_MH_CMD_").values()}
 STATUS = {name: _A.const(f"OVMF_MH_STATUS_{name}") for name in _A.names_with_prefix("OVMF_MH_STATUS_").values()}
 SESSION = {name: _A.const(f"OVMF_MH_SESSION_{name}") for name in _A.names_with_prefix("OVMF_MH_SESSION_").values()}
@@ -168,7 +173,7 @@ _UNSEALED = bytearray()
 @dataclass
 class _Export:
     writer: s.StreamWriter
-    sealed: SealedPages
+    sealed: SealedPages | None  # None: not tracked (no TRACK_PAGES)
 
 
 @dataclass
@@ -308,10 +313,12 @@ class ReferenceHelper:
     # --- export ---------------------------------------------------------------
 
     def _export_begin(self, args: tuple[int, ...]) -> tuple[int, ...]:
-        out_offset, capacity = args[0], args[1]
+        out_offset, capacity, flags = args[:3]
         self._require_state("IDLE", "COMPLETE")
         key = self._require_key()
         out = self._region(out_offset, capacity)
+        if flags & ~EXPORT_FLAGS_KNOWN:
+            raise _refuse("INVALID_PARAMETER")
         if capacity < s.STREAM_HEADER_SIZE:
             raise _refuse("BUFFER_TOO_SMALL")
         salt = self._salt_source(s.SALT_SIZE)
@@ -321,7 +328,8 @@ class ReferenceHelper:
             raise ValueError(f"salt_source returned {len(salt)} bytes, not {s.SALT_SIZE}")
         writer = s.StreamWriter(key, salt, len(self.window))
         out[: len(writer.header)] = writer.header
-        self._session = _Export(writer, SealedPages(len(self.window) // s.PAGE_SIZE))
+        tracked = SealedPages(len(self.window) // s.PAGE_SIZE) if flags & EXPORT_TRACK_PAGES else None
+        self._session = _Export(writer, tracked)
         self._state = SESSION["EXPORTING"]
         return (len(writer.header),)
 
@@ -339,14 +347,18 @@ class ReferenceHelper:
             raise _refuse("BUFFER_TOO_SMALL")
         # Every check passed: the records go straight into the output range.
         session = self._export_session()
-        snapshots = session.sealed.prepare(offsets)
+        snapshots = session.sealed.prepare(offsets) if session.sealed is not None else None
         written, zero_pages = session.writer.write_records(self.window, offsets, out, snapshots)
-        session.sealed.record(offsets)
+        if session.sealed is not None:
+            session.sealed.record(offsets)
         return written, count, zero_pages
 
     def _check_pages(self, args: tuple[int, ...]) -> tuple[int, ...]:
         list_offset, count, out_offset = args[:3]
         self._require_state("EXPORTING")
+        sealed = self._export_session().sealed
+        if sealed is None:  # an untracked export has nothing to compare against
+            raise _refuse("BAD_STATE")
         if count > MAX_BATCH_PAGES:
             raise _refuse("BATCH_TOO_LARGE")
         page_list = bytes(self._region(list_offset, count * _PAGE_LIST_ENTRY))
@@ -354,7 +366,7 @@ class ReferenceHelper:
         offsets = struct.unpack(f"<{count}Q", page_list)
         if not self._pages_ok(offsets):
             raise _refuse("BAD_PAGE")
-        flags = self._export_session().sealed.changed(offsets, self.window)
+        flags = sealed.changed(offsets, self.window)
         out[:count] = bytes(flags)
         return (sum(flags),)
 

@@ -289,7 +289,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         stack.callback(_close_quietly, sink)
         exporter = stack.enter_context(
             Exporter(source_ram, key, sink, kind=config.helper, helpers=config.helpers,
-                     firmware=config.image, work_dir=work / "source-helpers")
+                     firmware=config.image, work_dir=work / "source-helpers", track_pages=True)
         )
         report.phase_seconds["source_helpers_start"] = time.monotonic() - started
         tracker = DirtyTracker(source_ram, size)

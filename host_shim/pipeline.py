@@ -211,8 +211,12 @@ class Exporter:
         helpers: int = 1,
         firmware: Path | None = None,
         work_dir: Path,
+        track_pages: bool = False,
     ) -> None:
         self.page, self.batch, self.record = _geometry()
+        # Only live migration asks CHECK_PAGES; tracking costs every helper
+        # bookkeeping per page (a copy of each page, in the reference helper).
+        self._begin_flags = abi.load().const("OVMF_MH_EXPORT_TRACK_PAGES") if track_pages else 0
         self.size = src.stat().st_size
         if self.size == 0 or self.size % self.page:
             raise TransferError(f"{src}: size {self.size} is not a positive multiple of {self.page}")
@@ -343,7 +347,7 @@ class Exporter:
     def _begin(self, index: int, backend: Backend) -> None:
         region = self._take_region(index)
         try:
-            written = _check("EXPORT_BEGIN", *backend.call("EXPORT_BEGIN", region, self.record))[0]
+            written = _check("EXPORT_BEGIN", *backend.call("EXPORT_BEGIN", region, self.record, self._begin_flags))[0]
             header = bytes(backend.data[region : region + written])
         finally:
             self._free_regions[index].put(region)
@@ -407,7 +411,8 @@ class Exporter:
     def changed_since_sent(self, pages: list[int]) -> list[int]:
         """Of ``pages``, those whose content differs from what their helper
         last sent (CHECK_PAGES, a keyed hash inside the helper: exact even
-        when a page changed and changed back while it was being read)."""
+        when a page changed and changed back while it was being read).
+        Needs an Exporter made with ``track_pages=True``."""
         # A page only ever travels in its own shard, so that helper is the one
         # to ask; a page it never sent it reports as changed.
         by_shard: list[list[int]] = [[] for _ in range(self.helpers)]

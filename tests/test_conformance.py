@@ -143,8 +143,11 @@ class Stream:
         return self.header + b"".join(self.batches) + self.end
 
 
-def export_begin(ep: Endpoint) -> bytes:
-    written = ok(ep, "EXPORT_BEGIN", OUT_AT, s.STREAM_HEADER_SIZE)[0]
+TRACK_PAGES = A.const("OVMF_MH_EXPORT_TRACK_PAGES")
+
+
+def export_begin(ep: Endpoint, flags: int = 0) -> bytes:
+    written = ok(ep, "EXPORT_BEGIN", OUT_AT, s.STREAM_HEADER_SIZE, flags)[0]
     assert written == s.STREAM_HEADER_SIZE
     return bytes(ep.data[OUT_AT : OUT_AT + written])
 
@@ -922,6 +925,9 @@ CHECK_ORDER: dict[str, tuple[str, str, tuple[int, ...], str]] = {
     "list bounds before out bounds": ("EXPORTING", "EXPORT_BATCH", (D, 1, D, 1), "OUT_OF_BOUNDS"),
     "out bounds before capacity": ("EXPORTING", "EXPORT_BATCH", (LIST_AT, 1, D - 10, 20), "OUT_OF_BOUNDS"),
     "bounds before capacity": ("IDLE", "EXPORT_BEGIN", (D - 10, 20), "OUT_OF_BOUNDS"),
+    "bounds before flags": ("IDLE", "EXPORT_BEGIN", (D - 10, 20, 2), "OUT_OF_BOUNDS"),
+    "flags before capacity": ("IDLE", "EXPORT_BEGIN", (OUT_AT, 20, 2), "INVALID_PARAMETER"),
+    "untracked before check arguments": ("EXPORTING", "CHECK_PAGES", (U64_MAX, MAX_BATCH + 1, U64_MAX), "BAD_STATE"),
     "empty range at the end is in bounds": ("IDLE", "EXPORT_BEGIN", (D, 0), "BUFFER_TOO_SMALL"),
     "pages before capacity": ("EXPORTING", "EXPORT_BATCH", (LIST_AT, 1, OUT_AT, 0), "BAD_PAGE"),
     "end bounds before end record": ("IMPORTING", "IMPORT_END", (D, 1), "OUT_OF_BOUNDS"),
@@ -1179,7 +1185,7 @@ def test_reference_dispatch_never_raises(
         assert len(results) == 6 and all(0 <= r <= U64_MAX for r in results)
 
 
-# --- CHECK_PAGES (ABI 1.2) -----------------------------------------------------------
+# --- CHECK_PAGES (ABI 1.2; tracking opt-in since 1.3) ---------------------------------
 
 
 def check_pages(ep: Endpoint, offsets: Sequence[int], expected: str = "SUCCESS") -> list[int]:
@@ -1197,7 +1203,7 @@ def test_check_pages_tells_changed_from_unchanged(endpoint: Endpoint) -> None:
     sent = [0, PAGE, 2 * PAGE, 9 * PAGE]
     fill(endpoint, 0, os.urandom(3 * PAGE))
     fill(endpoint, 9 * PAGE, bytes(PAGE))  # a ZERO record is remembered too
-    export_begin(endpoint)
+    export_begin(endpoint, TRACK_PAGES)
     export_batch(endpoint, sent)
     assert check_pages(endpoint, sent) == [0, 0, 0, 0]
     # One bit in one page; a page never sent in this session.
@@ -1215,7 +1221,7 @@ def test_check_pages_tells_changed_from_unchanged(endpoint: Endpoint) -> None:
 
 def test_check_pages_refuses_bad_arguments(endpoint: Endpoint) -> None:
     expect(endpoint, "BAD_STATE", "CHECK_PAGES", LIST_AT, 1, OUT_AT)
-    export_begin(endpoint)
+    export_begin(endpoint, TRACK_PAGES)
     expect(endpoint, "BATCH_TOO_LARGE", "CHECK_PAGES", LIST_AT, MAX_BATCH + 1, OUT_AT)
     expect(endpoint, "OUT_OF_BOUNDS", "CHECK_PAGES", 2**64 - 8, 1, OUT_AT)
     expect(endpoint, "OUT_OF_BOUNDS", "CHECK_PAGES", LIST_AT, 2, SPEC.data_size - 1)
@@ -1224,3 +1230,31 @@ def test_check_pages_refuses_bad_arguments(endpoint: Endpoint) -> None:
     # A session that is not exporting has nothing to compare against.
     export_end(endpoint)
     expect(endpoint, "BAD_STATE", "CHECK_PAGES", LIST_AT, 1, OUT_AT)
+
+
+def test_check_pages_needs_a_tracked_export(endpoint: Endpoint) -> None:
+    """Without TRACK_PAGES the session keeps nothing to compare against: the
+    check is refused (never answered "unchanged"), the stream is unaffected,
+    and the next export may ask for tracking."""
+    fill(endpoint, 0, os.urandom(2 * PAGE))
+    header = export_begin(endpoint)
+    batch = export_batch(endpoint, [0, PAGE])
+    put(endpoint, struct.pack("<Q", 0), LIST_AT)
+    expect(endpoint, "BAD_STATE", "CHECK_PAGES", LIST_AT, 1, OUT_AT)
+    assert session_state(endpoint) == "EXPORTING"
+    stream = Stream(header, [batch], export_end(endpoint))
+    reference = ReferenceEndpoint(SPEC)
+    assert import_stream(reference, stream) == 2
+    export_begin(endpoint, TRACK_PAGES)
+    export_batch(endpoint, [0])
+    assert check_pages(endpoint, [0, PAGE]) == [0, 1]
+
+
+@pytest.mark.parametrize("flags", [0x2, 0x80, 1 << 63, U64_MAX])
+def test_export_begin_refuses_unknown_flags(endpoint: Endpoint, flags: int) -> None:
+    sentinel = b"\x5a" * s.STREAM_HEADER_SIZE
+    put(endpoint, sentinel)
+    assert expect(endpoint, "INVALID_PARAMETER", "EXPORT_BEGIN", OUT_AT, s.STREAM_HEADER_SIZE, flags) == (0,) * 6
+    assert bytes(endpoint.data[OUT_AT : OUT_AT + len(sentinel)]) == sentinel
+    assert session_state(endpoint) == "IDLE"
+    export_begin(endpoint, TRACK_PAGES)

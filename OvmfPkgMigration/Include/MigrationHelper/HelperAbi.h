@@ -21,7 +21,7 @@
 // meaning; the minor number when commands or capabilities are added.
 //
 #define OVMF_MH_ABI_MAJOR  1
-#define OVMF_MH_ABI_MINOR  2
+#define OVMF_MH_ABI_MINOR  3
 
 #define OVMF_MH_PAGE_SIZE  0x1000
 
@@ -106,19 +106,27 @@ typedef struct {
 #define OVMF_MH_MAX_TRACKED_PAGES  0x80000
 
 //
+// EXPORT_BEGIN Arg2 flags (ABI 1.3). TRACK_PAGES: remember what each page
+// looked like when sealed, for CHECK_PAGES; only live migration asks, so a
+// plain export does without the per-page bookkeeping. Other bits must be 0.
+//
+#define OVMF_MH_EXPORT_TRACK_PAGES  0x1
+#define OVMF_MH_EXPORT_FLAGS_KNOWN  0x1
+
+//
 // Commands (OVMF_MH_MAILBOX_HEADER.Command).
 //
 #define OVMF_MH_CMD_NOP         0     ///< Round trip only
 #define OVMF_MH_CMD_QUERY       1     ///< Results: counters, see docs/mailbox.md
 #define OVMF_MH_CMD_SHUTDOWN    2     ///< Acknowledge, then power the helper VM off
 #define OVMF_MH_CMD_RESET       3     ///< Abandon the session (keeps the transport key)
-#define OVMF_MH_CMD_EXPORT_BEGIN  4   ///< Arg0 out offset, Arg1 capacity -> stream header
+#define OVMF_MH_CMD_EXPORT_BEGIN  4   ///< Arg0 out offset, Arg1 capacity, Arg2 flags -> stream header
 #define OVMF_MH_CMD_EXPORT_BATCH  5   ///< Arg0 list offset, Arg1 count, Arg2 out offset, Arg3 capacity
 #define OVMF_MH_CMD_EXPORT_END    6   ///< Arg0 out offset, Arg1 capacity -> end record
 #define OVMF_MH_CMD_IMPORT_BEGIN  7   ///< Arg0 in offset, Arg1 size: stream header
 #define OVMF_MH_CMD_IMPORT_BATCH  8   ///< Arg0 in offset, Arg1 size: records
 #define OVMF_MH_CMD_IMPORT_END    9   ///< Arg0 in offset, Arg1 size: end record
-#define OVMF_MH_CMD_CHECK_PAGES   10  ///< Arg0 list offset, Arg1 count, Arg2 out offset: changed since sent?
+#define OVMF_MH_CMD_CHECK_PAGES   10  ///< Arg0 list offset, Arg1 count, Arg2 out offset: changed since sent? (tracked exports)
 
 //
 // Capability bits (OVMF_MH_MAILBOX_HEADER.Capabilities and image info).

@@ -370,7 +370,7 @@ InternalCheckSessionStart (
   EXPORT_BEGIN: draw a salt, derive the session, write the stream header.
 
   @param[in,out] Context  The helper context.
-  @param[in]     Arg      Out offset, capacity.
+  @param[in]     Arg      Out offset, capacity, flags (OVMF_MH_EXPORT_*).
   @param[out]    Result   Bytes written.
 
   @return OVMF_MH_STATUS_* value.
@@ -391,6 +391,10 @@ InternalExportBegin (
   Status  = InternalCheckSessionStart (Context, Arg);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
     return Status;
+  }
+
+  if ((Arg[2] & ~(UINT64)OVMF_MH_EXPORT_FLAGS_KNOWN) != 0) {
+    return OVMF_MH_STATUS_INVALID_PARAMETER;
   }
 
   if (Arg[1] < sizeof (OVMF_MH_STREAM_HEADER)) {
@@ -418,9 +422,13 @@ InternalExportBegin (
     return OVMF_MH_STATUS_UNEXPECTED;
   }
 
-  ZeroMem (Session->PageHash, sizeof (Session->PageHash));
-  ZeroMem (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
-  Session->ZeroPageHash = InternalPageHash (Session->PageHashKey, Session->PageBuffer);
+  Session->TrackPages = (BOOLEAN)((Arg[2] & OVMF_MH_EXPORT_TRACK_PAGES) != 0);
+  if (Session->TrackPages) {
+    ZeroMem (Session->PageHash, sizeof (Session->PageHash));
+    ZeroMem (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
+    Session->ZeroPageHash = InternalPageHash (Session->PageHashKey, Session->PageBuffer);
+  }
+
   Header->Magic      = OVMF_MH_STREAM_MAGIC;
   Header->Version    = OVMF_MH_STREAM_VERSION;
   Header->HeaderSize = sizeof (OVMF_MH_STREAM_HEADER);
@@ -514,7 +522,7 @@ InternalExportBatch (
     //
     CopyMem (Session->PageBuffer, (VOID *)(Context->GuestWindow + Session->PageList[Index]), OVMF_MH_PAGE_SIZE);
     IsZero = InternalIsZero (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
-    if (Session->PageList[Index] / OVMF_MH_PAGE_SIZE < OVMF_MH_MAX_TRACKED_PAGES) {
+    if (Session->TrackPages && (Session->PageList[Index] / OVMF_MH_PAGE_SIZE < OVMF_MH_MAX_TRACKED_PAGES)) {
       //
       // All zero pages share one hash, computed at EXPORT_BEGIN.
       //
@@ -642,7 +650,10 @@ InternalCheckPages (
   CONST UINT8      *Page;
 
   Session = InternalSession (Context);
-  if (Session->State != OVMF_MH_SESSION_EXPORTING) {
+  //
+  // An untracked export has nothing to compare against.
+  //
+  if ((Session->State != OVMF_MH_SESSION_EXPORTING) || !Session->TrackPages) {
     return OVMF_MH_STATUS_BAD_STATE;
   }
 

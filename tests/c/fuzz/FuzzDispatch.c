@@ -295,11 +295,14 @@ ExportStream (
   UINT64  Out;
   UINT64  Touched;
   UINT32  Status;
+  BOOLEAN Tracked;
 
   Call (Source, OVMF_MH_CMD_RESET, Arg, Result, TRUE);
-  Arg[0] = 0;
-  Arg[1] = STREAM_HEADER;
-  Status = Call (Source, OVMF_MH_CMD_EXPORT_BEGIN, Arg, Result, TRUE);
+  Tracked = (BOOLEAN)Below (2);
+  Arg[0]  = 0;
+  Arg[1]  = STREAM_HEADER;
+  Arg[2]  = Tracked ? OVMF_MH_EXPORT_TRACK_PAGES : 0;
+  Status  = Call (Source, OVMF_MH_CMD_EXPORT_BEGIN, Arg, Result, TRUE);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
     Fail ("export begin", Status);
   }
@@ -327,25 +330,33 @@ ExportStream (
 
   //
   // CHECK_PAGES: pages just sent are unchanged; touching one changes it.
+  // An untracked export refuses the check.
   //
   Arg[0] = 0;
   Arg[1] = Count;
   Arg[2] = Out;
   Status = Call (Source, OVMF_MH_CMD_CHECK_PAGES, Arg, Result, TRUE);
-  if ((Status != OVMF_MH_STATUS_SUCCESS) || (Result[0] != 0)) {
-    Fail ("CHECK_PAGES reports a page that did not change", Result[0]);
+  if (!Tracked) {
+    if (Status != OVMF_MH_STATUS_BAD_STATE) {
+      Fail ("CHECK_PAGES answered for an untracked export", Status);
+    }
+  } else {
+    if ((Status != OVMF_MH_STATUS_SUCCESS) || (Result[0] != 0)) {
+      Fail ("CHECK_PAGES reports a page that did not change", Result[0]);
+    }
+
+    Touched                  = Pages[0] + Below (PAGE);
+    Source->Window[Touched] ^= 0x40;
+    List[0]                  = Pages[0];
+    Arg[1]                   = 1;
+    Status                   = Call (Source, OVMF_MH_CMD_CHECK_PAGES, Arg, Result, TRUE);
+    if ((Status != OVMF_MH_STATUS_SUCCESS) || (Result[0] != 1) || (Source->Context.Data[Out] != 1)) {
+      Fail ("CHECK_PAGES misses a changed page", Result[0]);
+    }
+
+    Source->Window[Touched] ^= 0x40;
   }
 
-  Touched                  = Pages[0] + Below (PAGE);
-  Source->Window[Touched] ^= 0x40;
-  List[0]                  = Pages[0];
-  Arg[1]  = 1;
-  Status  = Call (Source, OVMF_MH_CMD_CHECK_PAGES, Arg, Result, TRUE);
-  if ((Status != OVMF_MH_STATUS_SUCCESS) || (Result[0] != 1) || (Source->Context.Data[Out] != 1)) {
-    Fail ("CHECK_PAGES misses a changed page", Result[0]);
-  }
-
-  Source->Window[Touched] ^= 0x40;
   Arg[0] = 0;
   Arg[1] = END_RECORD;
   Status = Call (Source, OVMF_MH_CMD_EXPORT_END, Arg, Result, TRUE);
