@@ -374,9 +374,9 @@ def bench_pipeline(
                 ocb.encrypt(nonce, view[index * PAGE : (index + 1) * PAGE], ad)
 
         results["raw_aead_mbps"] = _mbps(size, _best(2, raw))
-        alone = [_reference_alone(src, key, work) for _ in range(rounds)]
-        ref_one, ref_n = [], []
+        alone, ref_one, ref_n = [], [], []
         for _ in range(rounds):
+            alone.append(_reference_alone(src, key, work))
             ref_one.append(_pipeline_run("reference", 1, src, key, work, None))
             ref_n.append(_pipeline_run("reference", helpers, src, key, work, None))
         reference, reference_n = _best_runs(ref_one), _best_runs(ref_n)

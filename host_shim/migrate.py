@@ -39,7 +39,7 @@ from host_shim import container as ct
 from host_shim import guest
 from host_shim.errors import OvmfMhError, QemuError
 from host_shim.keys import read_key
-from host_shim.pipeline import Exporter, TransferSummary, import_ram
+from host_shim.pipeline import Exporter, PageNumbers, TransferSummary, import_ram
 from host_shim.progress import Progress
 from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
 
@@ -171,7 +171,7 @@ class DirtyTracker:
         self._sent = np.empty_like(self._live)
         self._lock = threading.Lock()
 
-    def record(self, pages: list[int]) -> None:
+    def record(self, pages: PageNumbers) -> None:
         """Remember these pages as they are now, just before a helper reads
         them: a later write shows up as a difference."""
         index = np.asarray(pages, dtype=np.int64)

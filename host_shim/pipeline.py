@@ -27,7 +27,6 @@ from __future__ import annotations
 import mmap
 import os
 import queue
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +34,9 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
+import numpy.typing as npt
 
 from helper import abi
 from host_shim import container as ct
@@ -51,6 +53,9 @@ OUTPUT_REGIONS = 2
 PAGE_PRIVATE = 0
 PAGE_SHARED = 1
 PAGE_EXCLUDED = 2
+
+#: Page numbers, as the hot loop uses them: no Python work per page.
+PageNumbers = npt.NDArray[np.uint64]
 
 
 class TransferError(OvmfMhError):
@@ -125,12 +130,18 @@ def load_page_map(path: Path | None, pages: int) -> bytes | None:
     return data
 
 
-def _plan(pages: int, page_map: bytes | None) -> tuple[list[int], list[int], int]:
+def _plan(pages: int, page_map: bytes | None) -> tuple[PageNumbers, list[int], int]:
     if page_map is None:
-        return list(range(pages)), [], 0
-    private = [i for i, v in enumerate(page_map) if v == PAGE_PRIVATE]
-    shared = [i for i, v in enumerate(page_map) if v == PAGE_SHARED]
+        return np.arange(pages, dtype=np.uint64), [], 0
+    states = np.frombuffer(page_map, dtype=np.uint8)
+    private = np.flatnonzero(states == PAGE_PRIVATE).astype(np.uint64)
+    shared = [int(p) for p in np.flatnonzero(states == PAGE_SHARED)]
     return private, shared, pages - len(private) - len(shared)
+
+
+def _pack_offsets(chunk: PageNumbers, page: int) -> bytes:
+    """A page list as the helpers read it: little-endian UINT64 guest offsets."""
+    return (chunk * np.uint64(page)).astype("<u8").tobytes()
 
 
 def _check(command: str, status: int, results: tuple[int, ...]) -> tuple[int, ...]:
@@ -355,9 +366,9 @@ class Exporter:
 
     def send(
         self,
-        pages: list[int],
+        pages: PageNumbers | list[int],
         meter: Progress | None = None,
-        before_batch: Callable[[list[int]], None] | None = None,
+        before_batch: Callable[[PageNumbers], None] | None = None,
     ) -> PassStats:
         """One pass: the given page numbers through the helpers, in parallel.
         ``before_batch`` sees each batch's page numbers just before its helper
@@ -367,9 +378,7 @@ class Exporter:
         # A page always travels in the same shard: shards are applied in
         # parallel on the target, so only within one shard is a re-sent page
         # guaranteed to land after its older copy.
-        mine: list[list[int]] = [[] for _ in range(self.helpers)]
-        for number in pages:
-            mine[self.shard_of(number)].append(number)
+        mine = self._by_shard(pages)
         zeros = [0] * self.helpers
 
         def work(index: int, backend: Backend) -> None:
@@ -377,9 +386,7 @@ class Exporter:
             own = mine[index]
             for chunk in (own[i : i + self.batch] for i in range(0, len(own), self.batch)):
                 self._failure.raise_if_set()
-                data[LIST_AT : LIST_AT + 8 * len(chunk)] = struct.pack(
-                    f"<{len(chunk)}Q", *(p * self.page for p in chunk)
-                )
+                data[LIST_AT : LIST_AT + 8 * len(chunk)] = _pack_offsets(chunk, self.page)
                 region = self._take_region(index)
                 if before_batch is not None:
                     before_batch(chunk)
@@ -408,26 +415,29 @@ class Exporter:
         """The helper that carries page ``number``, the same in every pass."""
         return (number // self.batch) % self.helpers
 
-    def changed_since_sent(self, pages: list[int]) -> list[int]:
+    def _by_shard(self, pages: PageNumbers | list[int]) -> list[PageNumbers]:
+        """``pages`` split by shard_of, each part in the original order."""
+        numbers = np.asarray(pages, dtype=np.uint64)
+        shards = (numbers // np.uint64(self.batch)) % np.uint64(self.helpers)
+        return [numbers[shards == index] for index in range(self.helpers)]
+
+    def changed_since_sent(self, pages: PageNumbers | list[int]) -> list[int]:
         """Of ``pages``, those whose content differs from what their helper
         last sent (CHECK_PAGES, a keyed hash inside the helper: exact even
         when a page changed and changed back while it was being read).
         Needs an Exporter made with ``track_pages=True``."""
         # A page only ever travels in its own shard, so that helper is the one
         # to ask; a page it never sent it reports as changed.
-        by_shard: list[list[int]] = [[] for _ in range(self.helpers)]
-        for number in pages:
-            by_shard[self.shard_of(number)].append(number)
-        found: list[list[int]] = [[] for _ in range(self.helpers)]
+        by_shard = self._by_shard(pages)
+        found: list[PageNumbers] = [np.empty(0, dtype=np.uint64)] * self.helpers
 
         def work(index: int, backend: Backend) -> None:
             data = backend.data
             mine = by_shard[index]
+            changed = []
             for start in range(0, len(mine), self.batch):
                 chunk = mine[start : start + self.batch]
-                data[LIST_AT : LIST_AT + 8 * len(chunk)] = struct.pack(
-                    f"<{len(chunk)}Q", *(p * self.page for p in chunk)
-                )
+                data[LIST_AT : LIST_AT + 8 * len(chunk)] = _pack_offsets(chunk, self.page)
                 # The flags go into a free output region: the other may still
                 # hold records on their way to the sink.
                 region = self._take_region(index)
@@ -436,10 +446,12 @@ class Exporter:
                     flags = bytes(data[region : region + len(chunk)])
                 finally:
                     self._free_regions[index].put(region)
-                found[index].extend(p for p, flag in zip(chunk, flags, strict=True) if flag)
+                changed.append(chunk[np.frombuffer(flags, dtype=np.uint8) != 0])
+            if changed:
+                found[index] = np.concatenate(changed)
 
         self._run_shards(work)
-        return [p for shard in found for p in shard]
+        return [int(p) for p in np.concatenate(found)]
 
     def send_plain(self, pages: list[int], meter: Progress | None = None) -> None:
         """Shared pages, as plain frames (they are not confidential)."""
@@ -510,7 +522,8 @@ def export_ram(
     page, _, _ = _geometry()
     size = src.stat().st_size
     pages = size // page if size % page == 0 else 0
-    private, shared, excluded = _plan(pages, load_page_map(page_map, pages)) if pages else ([], [], 0)
+    # A size that is not whole pages: the Exporter reports it, before the map.
+    private, shared, excluded = _plan(pages, load_page_map(page_map, pages) if pages else None)
     meter = Progress("export", len(private) + len(shared), enabled=progress)
     exporter = Exporter(src, key, sink, kind=kind, helpers=helpers, firmware=firmware, work_dir=work_dir)
     try:
