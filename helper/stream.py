@@ -355,11 +355,15 @@ class StreamWriter:
     Holds the sequence counter and the chain so that every record a caller
     emits is numbered and chained exactly once.
 
-    Every record is built in the writer's private buffers: the page is copied
-    once (the zero check and the encryption see the same bytes, as in the
-    firmware's page snapshot), the header that is the associated data is packed
-    there, and the tag the chain absorbs is read from there, never back from
-    an output buffer someone else can write to.
+    Every record is built in the writer's private buffers: the header that is
+    the associated data is packed there, and the tag the chain absorbs is read
+    from there, never back from an output buffer someone else can write to.
+    With snapshots (CHECK_PAGES tracking) every page is copied once, so that
+    the zero check, the encryption and what CHECK_PAGES remembers are the
+    same bytes. Without, a page whose first 8 bytes are not zero is certainly
+    not a ZERO record and is sealed straight from the window, one copy fewer;
+    only a page that may be all zero is copied before the check (a page that
+    changes meanwhile yields a record of one of its states either way).
     """
 
     def __init__(self, transport_key: Bytes, salt: Bytes, guest_size: int) -> None:
@@ -414,6 +418,7 @@ class StreamWriter:
         page_view = memoryview(page)
         shift = SNAPSHOT_CHUNK_SIZE.bit_length() - 1
         mask = SNAPSHOT_CHUNK_SIZE - 1
+        first_words = window.cast("Q")  # one load tells most non-zero pages
         record = self._page_record
         view = memoryview(record)
         nonce_, head, body, tag = (
@@ -448,6 +453,9 @@ class StreamWriter:
                     chunk[at : at + PAGE_SIZE] = window[start : start + PAGE_SIZE]
                     plain = memoryview(chunk)[at : at + PAGE_SIZE]
                     is_zero = chunk.startswith(ZERO_PAGE, at)  # a memcmp, unlike memoryview ==
+                elif first_words[start >> 3]:
+                    plain = window[start : start + PAGE_SIZE]
+                    is_zero = False
                 else:
                     plain = page_view
                     plain[:] = window[start : start + PAGE_SIZE]
@@ -472,6 +480,7 @@ class StreamWriter:
             self.next_sequence = sequence
             self.record_count += sequence - first
             page_view[:] = ZERO_PAGE  # no guest plaintext left behind
+            first_words.release()
         return pos, zeros
 
     def end_record(self) -> bytes:

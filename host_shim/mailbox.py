@@ -164,7 +164,7 @@ class Mailbox:
         # pages) is rarely overslept.
         work = (code, padded[1])
         head_start = 0.8 * self._fastest.get(work, 0.0)
-        if head_start > 0.002:
+        if head_start > 0.0005:
             time.sleep(min(head_start, timeout))
         while self._words[response_index] != self._seq:
             spins += 1
