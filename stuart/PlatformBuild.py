@@ -108,7 +108,7 @@ class PlatformBuilder(UefiBuilder, BuildSettingsManager):
         self.env.SetValue("BLD_*_SMM_REQUIRE", "FALSE", "ovmf-mh platform")
         return 0
 
-    def SetPlatformDefaultEnv(self) -> list:
+    def SetPlatformDefaultEnv(self) -> list[object]:
         return []
 
     def PlatformPreBuild(self) -> int:

@@ -108,8 +108,8 @@ def open_firmware(spec: EndpointSpec) -> Iterator[Endpoint]:
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="firmware-", dir=root))
     guest = work / "guest.ram"
-    with guest.open("wb") as f:
-        f.truncate(spec.window_size)
+    with guest.open("wb") as new:
+        new.truncate(spec.window_size)
     page = abi.load().const("OVMF_MH_PAGE_SIZE")
     mailbox_size = -(-(spec.data_size + page) // page) * page
     helper_spec = HelperSpec(image, mailbox_size=mailbox_size, guest_ram=guest, key=spec.transport_key)

@@ -83,8 +83,8 @@ def test_every_constant_matches_gcc(gcc_view: dict[str, str]) -> None:
     parsed = abi.load()
     for name, value in parsed.constants.items():
         assert int(gcc_view[f"const {name}"]) == value, name
-    for name, value in parsed.strings.items():
-        assert gcc_view[f"string {name}"] == value, name
+    for name, text in parsed.strings.items():
+        assert gcc_view[f"string {name}"] == text, name
 
 
 def test_signatures_spell_what_the_docs_say() -> None:

@@ -26,11 +26,12 @@ def _common(parser: argparse.ArgumentParser, direction: str) -> None:
     parser.add_argument("--key", type=Path, required=True, help="transport key file (ovmf-mh keygen)")
     parser.add_argument(
         "--helper", choices=KINDS, default="firmware",
-        help="helper implementation (default firmware: the image 'ovmf-mh build' made; "
-        "there is no silent fallback to the reference helper)",
+        help="helper implementation: firmware (default; helper VMs of the image 'ovmf-mh build' made, "
+        "never a silent fallback), reference (the Python reference helper, one process per shard) "
+        "or host-core (the firmware's C dispatcher built for the host, in-process)",
     )
     parser.add_argument("--image", type=Path, help="firmware image (default: the DEBUG build)")
-    parser.add_argument("--work-dir", type=Path, help="folder for helper VM logs (default: a new temp folder)")
+    parser.add_argument("--work-dir", type=Path, help="folder for the helpers' logs (default: a new temp folder)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress line on stderr (default: when stderr is a terminal)")
