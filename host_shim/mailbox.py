@@ -100,7 +100,7 @@ class Mailbox:
             if header["Signature"] == signature and header["State"] != a.const("OVMF_MH_STATE_NONE"):
                 return header
             if not self._is_alive():
-                raise MailboxError("helper VM exited before publishing its mailbox", log=self.debugcon)
+                raise MailboxError("helper exited before publishing its mailbox", log=self.debugcon)
             if time.monotonic() > deadline:
                 raise HelperTimeout(
                     f"helper did not publish its mailbox within {timeout:.1f} s", log=self.debugcon
@@ -170,7 +170,7 @@ class Mailbox:
             spins += 1
             if spins > 200:
                 if not self._is_alive():
-                    raise MailboxError("helper VM exited while serving", command=command, log=self.debugcon)
+                    raise MailboxError("helper exited while serving", command=command, log=self.debugcon)
                 if time.monotonic() > deadline:
                     raise HelperTimeout(
                         f"no response within {timeout:.1f} s", command=command, log=self.debugcon

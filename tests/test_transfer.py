@@ -283,6 +283,54 @@ def test_helper_killed_mid_transfer_fails_fast_and_marks_nothing_complete(
     assert not list(work_dir.glob(".dst.ram.ovmf-mh-partial"))
 
 
+#: Source helper kind -> (guest MiB, pid file, "ready" log, text in the log once ready).
+KILL_TARGETS = {
+    "firmware": (64, "qemu.pid", "debugcon.log", "READY"),
+    "reference": (256, "pid", "reference-helper.log", "READY"),
+}
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("helper", list(KILL_TARGETS))
+def test_source_helper_killed_mid_export_leaves_no_stream(
+    firmware: Path, work_dir: Path, key: Path, helper: str
+) -> None:
+    """SIGKILL to the source helper once the stream is being written: the
+    export fails within a bound, names the exit, and OUT never appears."""
+    mib, pid_name, log_name, ready = KILL_TARGETS[helper]
+    src = work_dir / "src.ram"
+    src.write_bytes(os.urandom(mib * MIB))
+    out = work_dir / "stream.omh"
+    partial = work_dir / ".stream.omh.partial"
+    exp_work = work_dir / "exp"
+    proc = subprocess.Popen(
+        [*OVMF_MH, "export", "--ram", str(src), "--key", str(key), "--out", str(out), "--helper", helper,
+         "--work-dir", str(exp_work)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        helper_dir = exp_work / "helper-0"
+        deadline = time.monotonic() + 60
+        # Mid-transfer for sure: helper READY and several MiB of the stream written.
+        while not ((helper_dir / log_name).exists() and ready in (helper_dir / log_name).read_text(errors="replace")
+                   and partial.exists() and partial.stat().st_size > 4 * MIB):
+            assert time.monotonic() < deadline, "the export never got going"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.002)
+        os.kill(int((helper_dir / pid_name).read_text()), signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - killed < 15, "the failure took too long to report"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert "exited" in err
+    assert not out.exists()
+    assert not partial.exists()
+
+
 @pytest.mark.qemu
 def test_send_and_receive_over_tcp(firmware: Path, work_dir: Path, key: Path) -> None:
     src = make_ram(work_dir / "src.ram", "mixed", 1024)
