@@ -84,7 +84,7 @@ _RECORD_PREFIX = struct.Struct("<IIQQ")  # Type, PayloadSize, Sequence, GuestOff
 _RECORD_STRUCT = RECORD_HEADER.struct
 _NONCE = struct.Struct(f"<{NONCE_SIZE - 8}xQ")  # zero bytes, then UINT64_LE(sequence)
 #: A nonce immediately followed by the record header it belongs to (the writer's buffers).
-_NONCE_AND_RECORD = struct.Struct(_NONCE.format + _RECORD_STRUCT.format.lstrip("<"))
+NONCE_AND_RECORD = struct.Struct(_NONCE.format + _RECORD_STRUCT.format.lstrip("<"))
 if tuple(f.name for f in RECORD_HEADER.fields) != ("Type", "PayloadSize", "Sequence", "GuestOffset", "SessionId"):
     raise ImportError("OVMF_MH_RECORD_HEADER fields changed; update _RECORD_STRUCT users in helper/stream.py")
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -436,7 +436,7 @@ class StreamWriter:
             zview[NONCE_SIZE + RECORD_HEADER_SIZE :],
         )
         zero_whole = zview[NONCE_SIZE:]
-        pack_into = _NONCE_AND_RECORD.pack_into
+        pack_into = NONCE_AND_RECORD.pack_into
         encrypt_into = self.cipher.aead.encrypt_into
         sha256 = hashlib.sha256
         session_id = self.cipher.session_id

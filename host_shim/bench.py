@@ -344,7 +344,8 @@ def _reference_alone(src: Path, key: bytes, work: Path) -> float:
 
 
 def bench_pipeline(
-    *, guest_mib: int = 128, helpers: int = 2, firmware: Path | None = None, rounds: int = 3
+    *, guest_mib: int = 128, helpers: int = 2, firmware: Path | None = None, rounds: int = 3,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """The shim's overhead and the helpers' scaling, side by side in one run.
 
@@ -395,6 +396,10 @@ def bench_pipeline(
         results[f"ratio_reference_{helpers}_vs_raw_aead"] = (
             reference_n["export_mbps"] / results["raw_aead_mbps"]
         )
+        if profile:
+            from host_shim.profile_reference import profile_reference
+
+            results["reference_profile_us_per_page"] = profile_reference(src)
         if firmware is not None:
             runs_one, runs_n = [], []
             for _ in range(rounds):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from host_shim.bench import bench_crypto, bench_pipeline, format_pipeline_report, format_report
 from host_shim.boot import resolve_image
+from host_shim.profile_reference import format_profile
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -40,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     pipeline.add_argument("--rounds", type=int, default=3,
                           help="alternating rounds of the 1- and N-helper runs, best counts (default 3)")
     pipeline.add_argument("--no-firmware", action="store_true", help="reference pipeline only")
+    pipeline.add_argument("--profile", action="store_true",
+                          help="also time each step of the reference helper's per-page work")
     pipeline.add_argument("--image", help="firmware image (default: the DEBUG build)")
     pipeline.add_argument("--json", action="store_true", help="print the results as JSON")
     pipeline.set_defaults(handler=run_pipeline)
@@ -70,11 +73,14 @@ def run_pipeline(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     image = None if args.no_firmware else resolve_image(Path(args.image) if args.image else None)
-    results = bench_pipeline(guest_mib=args.guest_mib, helpers=args.helpers, firmware=image, rounds=args.rounds)
+    results = bench_pipeline(guest_mib=args.guest_mib, helpers=args.helpers, firmware=image, rounds=args.rounds,
+                             profile=args.profile)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print("\n".join(format_pipeline_report(results)))
+        if "reference_profile_us_per_page" in results:
+            print("\n".join(format_profile(results["reference_profile_us_per_page"])))
     return 0
 
 
