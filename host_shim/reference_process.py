@@ -43,15 +43,16 @@ class ReferenceHelperProcess:
         target: bool,
         mailbox_size: int = 16 * 1024 * 1024,
     ) -> None:
-        self.guest_ram = guest_ram
+        # Absolute: the process runs in the source tree, not in the caller's directory.
+        self.guest_ram = guest_ram.absolute()
         self.key = key
-        self.work_dir = work_dir
+        self.work_dir = work_dir.absolute()
         self.name = name
         self.target = target
         self.mailbox_base = abi.load().const("OVMF_MH_MAILBOX_MIN_BASE")
         self.mailbox_size = mailbox_size
-        self.memory_file = work_dir / "helper-own.ram"
-        self.log_file = work_dir / "reference-helper.log"
+        self.memory_file = self.work_dir / "helper-own.ram"
+        self.log_file = self.work_dir / "reference-helper.log"
         self.mailbox: Mailbox | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._file: IO[bytes] | None = None
@@ -120,11 +121,7 @@ class ReferenceHelperProcess:
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
         if self.mailbox is None:
             raise SetupError(f"{self.name}: not started")
-        try:
-            return self.mailbox.wait_ready(timeout)
-        except MailboxError as exc:
-            exc.args = (f"{exc.args[0]}; reference helper log {self.log_file}",)
-            raise
+        return self.mailbox.wait_ready(timeout)  # its errors name the log
 
     def close(self, soft_timeout: float = 5.0) -> int | None:
         """SHUTDOWN through the mailbox, then SIGKILL to the process's own pid."""

@@ -283,6 +283,23 @@ def test_helper_killed_mid_transfer_fails_fast_and_marks_nothing_complete(
     assert not list(work_dir.glob(".dst.ram.ovmf-mh-partial"))
 
 
+@pytest.mark.qemu
+@pytest.mark.parametrize("helper", ["firmware", "reference"])
+def test_relative_paths_work_from_any_directory(
+    firmware: Path, work_dir: Path, key: Path, helper: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paths as a user types them, relative to where the command runs (the
+    helpers themselves run elsewhere)."""
+    make_ram(work_dir / "src.ram", "mixed", 512)
+    (work_dir / "k.key").write_bytes(key.read_bytes())
+    monkeypatch.chdir(work_dir)
+    assert cli("export", "--ram", "src.ram", "--key", "k.key", "--out", "s.omh", "--helper", helper,
+               "--work-dir", "exp") == 0
+    assert cli("import", "--ram", "dst.ram", "--key", "k.key", "--in", "s.omh", "--helper", helper,
+               "--work-dir", "imp") == 0
+    assert digest(work_dir / "dst.ram") == digest(work_dir / "src.ram")
+
+
 #: Source helper kind -> (guest MiB, pid file, "ready" log, text in the log once ready).
 KILL_TARGETS = {
     "firmware": (64, "qemu.pid", "debugcon.log", "READY"),
