@@ -349,6 +349,45 @@ def test_source_helper_killed_mid_export_leaves_no_stream(
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize("helper", list(KILL_TARGETS))
+def test_interrupted_export_stops_its_helpers_and_leaves_no_stream(
+    firmware: Path, work_dir: Path, key: Path, helper: str
+) -> None:
+    """Ctrl-C (SIGINT to ovmf-mh) while the stream is being written: exit
+    130, the helper stopped, neither OUT nor its partial file left."""
+    mib, pid_name, _, _ = KILL_TARGETS[helper]
+    src = work_dir / "src.ram"
+    src.write_bytes(os.urandom(mib * MIB))
+    out = work_dir / "stream.omh"
+    partial = work_dir / ".stream.omh.partial"
+    exp_work = work_dir / "exp"
+    proc = subprocess.Popen(
+        [*OVMF_MH, "export", "--ram", str(src), "--key", str(key), "--out", str(out), "--helper", helper,
+         "--work-dir", str(exp_work)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (partial.exists() and partial.stat().st_size > 4 * MIB):
+            assert time.monotonic() < deadline, "the export never got going"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert not out.exists()
+    assert not partial.exists()
+    helper_pid = int((exp_work / "helper-0" / pid_name).read_text())
+    status = Path(f"/proc/{helper_pid}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text(), "the helper outlived the export"
+
+
+@pytest.mark.qemu
 def test_send_and_receive_over_tcp(firmware: Path, work_dir: Path, key: Path) -> None:
     src = make_ram(work_dir / "src.ram", "mixed", 1024)
     dst = work_dir / "dst.ram"

@@ -148,6 +148,12 @@ def run_export(args: argparse.Namespace) -> int:
     except OvmfMhError as exc:
         partial.unlink(missing_ok=True)
         return _report(args, summary, exc, "export")
+    except OSError as exc:  # the stream's own file: disk full, no permission...
+        partial.unlink(missing_ok=True)
+        return _report(args, summary, OvmfMhError(f"cannot write {args.out}: {exc.strerror or exc}"), "export")
+    except BaseException:  # Ctrl-C: the helpers are stopped on the way out; no half stream stays
+        partial.unlink(missing_ok=True)
+        raise
     return _report(args, summary, None, "export")
 
 
