@@ -139,6 +139,13 @@ def _plan(pages: int, page_map: bytes | None) -> tuple[PageNumbers, list[int], i
     return private, shared, pages - len(private) - len(shared)
 
 
+def _check_source(src: Path, helpers: int) -> None:
+    if not 1 <= helpers <= ct.MAX_SHARDS:
+        raise TransferError(f"--helpers {helpers}: a transfer has 1 to {ct.MAX_SHARDS} shards, one per helper")
+    if not src.is_file():
+        raise TransferError(f"guest RAM file {src} does not exist or is not a regular file")
+
+
 def _pack_offsets(chunk: PageNumbers, page: int) -> bytes:
     """A page list as the helpers read it: little-endian UINT64 guest offsets."""
     return (chunk * np.uint64(page)).astype("<u8").tobytes()
@@ -228,6 +235,7 @@ class Exporter:
         # Only live migration asks CHECK_PAGES; tracking costs every helper
         # bookkeeping per page (a copy of each page, in the reference helper).
         self._begin_flags = abi.load().const("OVMF_MH_EXPORT_TRACK_PAGES") if track_pages else 0
+        _check_source(src, helpers)
         self.size = src.stat().st_size
         if self.size == 0 or self.size % self.page:
             raise TransferError(f"{src}: size {self.size} is not a positive multiple of {self.page}")
@@ -520,6 +528,7 @@ def export_ram(
 ) -> TransferSummary:
     """Write the transfer stream of RAM file ``src`` to ``sink`` (one pass)."""
     page, _, _ = _geometry()
+    _check_source(src, helpers)
     size = src.stat().st_size
     pages = size // page if size % page == 0 else 0
     # A size that is not whole pages: the Exporter reports it, before the map.
@@ -549,6 +558,8 @@ def _prepare_target(dst: Path, guest_size: int, mode: str) -> Path:
                 f"{dst} must exist with the stream's guest size ({guest_size} bytes) for in-place import"
             )
         return dst
+    if dst.exists() and not dst.is_file():
+        raise TransferError(f"{dst} is not a regular file")
     if dst.exists() and dst.stat().st_size != guest_size:
         raise TransferError(
             f"{dst} has {dst.stat().st_size} bytes; the stream carries a {guest_size}-byte guest"

@@ -207,6 +207,37 @@ def test_page_map_sends_shared_pages_plain_and_skips_excluded(firmware: Path, wo
         assert result[page] == (bytes(PAGE) if state == 2 else source[page]), n
 
 
+#: Arguments (SRC, DST, KEY, OUT and IN stand for files the test makes) -> the error's text.
+BAD_ARGUMENTS = {
+    "missing RAM file": (["export", "--ram", "nope.ram", "--key", "KEY", "--out", "OUT"],
+                         "guest RAM file nope.ram does not exist"),
+    "RAM is a directory": (["export", "--ram", ".", "--key", "KEY", "--out", "OUT"], "not a regular file"),
+    "no helpers": (["export", "--ram", "SRC", "--key", "KEY", "--out", "OUT", "--helpers", "0"],
+                   "a transfer has 1 to 64 shards"),
+    "more helpers than shards": (["export", "--ram", "SRC", "--key", "KEY", "--out", "OUT", "--helpers", "65"],
+                                 "a transfer has 1 to 64 shards"),
+    "output folder missing": (["export", "--ram", "SRC", "--key", "KEY", "--out", "no/such/dir/s.omh"],
+                              "cannot write no/such/dir/s.omh"),
+    "missing stream": (["import", "--ram", "DST", "--key", "KEY", "--in", "nope.omh"], "cannot read nope.omh"),
+    "target is a directory": (["import", "--ram", ".", "--key", "KEY", "--in", "IN"], "is not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_arguments_get_a_clear_error_and_leave_nothing(
+    work_dir: Path, key: Path, case: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_ram(work_dir / "src.ram", "mixed", 16)
+    stream = export(work_dir, key, work_dir / "src.ram", "reference", 1, "in.omh")
+    monkeypatch.chdir(work_dir)
+    names = {"SRC": "src.ram", "DST": "dst.ram", "KEY": str(key), "OUT": "out.omh", "IN": str(stream)}
+    argv, message = BAD_ARGUMENTS[case]
+    before = sorted(p.name for p in work_dir.iterdir())
+    assert cli(*[names.get(a, a) for a in argv], "--helper", "reference", "--work-dir", "w") == 1
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in work_dir.iterdir() if p.name != "w") == before
+
+
 def test_bad_page_map_is_refused(work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = make_ram(work_dir / "src.ram", "random", 16)
     (work_dir / "map.bin").write_bytes(bytes([0, 3] + [0] * 14))

@@ -148,9 +148,10 @@ def run_export(args: argparse.Namespace) -> int:
     except OvmfMhError as exc:
         partial.unlink(missing_ok=True)
         return _report(args, summary, exc, "export")
-    except OSError as exc:  # the stream's own file: disk full, no permission...
+    except OSError as exc:  # disk full, no permission, a directory that is not there...
         partial.unlink(missing_ok=True)
-        return _report(args, summary, OvmfMhError(f"cannot write {args.out}: {exc.strerror or exc}"), "export")
+        where = args.out if exc.filename in (None, str(partial)) else exc.filename
+        return _report(args, summary, OvmfMhError(f"cannot write {where}: {exc.strerror or exc}"), "export")
     except BaseException:  # Ctrl-C: the helpers are stopped on the way out; no half stream stays
         partial.unlink(missing_ok=True)
         raise
