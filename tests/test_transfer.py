@@ -7,9 +7,11 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -475,6 +477,64 @@ def test_receiver_failure_is_reported_to_the_sender(firmware: Path, work_dir: Pa
     assert sender.returncode == 1 and receiver.returncode == 1
     assert "receiver reports failure" in sender.stderr
     assert not dst.exists()
+
+
+def test_receiver_gives_up_on_a_sender_that_stalls(work_dir: Path, key: Path) -> None:
+    """A sender that connects, starts the stream and then hangs (without
+    closing): the receiver fails after --idle-timeout, creates no DST and
+    stops its helpers."""
+    dst = work_dir / "dst.ram"
+    receiver = subprocess.Popen(
+        [*OVMF_MH, "receive", "--ram", str(dst), "--key", str(key), "--listen", "127.0.0.1:0",
+         "--helper", "reference", "--idle-timeout", "1", "--work-dir", str(work_dir / "recv")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert receiver.stderr is not None
+        match = re.search(r"listening on (\S+):(\d+)", receiver.stderr.readline())
+        assert match
+        with socket.create_connection((match.group(1), int(match.group(2)))) as stalled:
+            stalled.sendall(ct.FileHeader(64 * PAGE, 1).encode())
+            started = time.monotonic()
+            _, err = receiver.communicate(timeout=60)
+            assert time.monotonic() - started < 15
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+    assert receiver.returncode == 1
+    assert "the sender sent nothing for 1 s" in err
+    assert not dst.exists() and not (work_dir / ".dst.ram.ovmf-mh-partial").exists()
+    helper_pid = int((work_dir / "recv" / "helper-0" / "pid").read_text())
+    status = Path(f"/proc/{helper_pid}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text(), "the helper outlived the receiver"
+
+
+def test_sender_gives_up_on_a_receiver_that_never_answers(work_dir: Path, key: Path) -> None:
+    """A receiver that takes the whole stream but never sends a verdict nor
+    closes: the sender fails after --idle-timeout instead of hanging."""
+    src = make_ram(work_dir / "src.ram", "mixed", 64)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        received = bytearray()
+
+        def swallow() -> None:
+            conn, _ = server.accept()
+            with conn:
+                while chunk := conn.recv(65536):
+                    received.extend(chunk)
+                time.sleep(10)  # connection open, no verdict
+
+        thread = threading.Thread(target=swallow, daemon=True)
+        thread.start()
+        sender = subprocess.run(
+            [*OVMF_MH, "send", "--ram", str(src), "--key", str(key), "--to", f"127.0.0.1:{port}",
+             "--helper", "reference", "--idle-timeout", "1"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert sender.returncode == 1
+    assert "sent no verdict for 1 s" in sender.stderr
+    assert received.startswith(b"OMHXFER1")
 
 
 @settings(max_examples=300, deadline=None)

@@ -20,6 +20,9 @@ from host_shim.keys import read_key
 from host_shim.pipeline import TransferSummary, export_ram, import_ram
 
 VERDICT_LIMIT = 65536
+#: Seconds without progress on the connection before either end gives up: a
+#: peer that hangs (rather than closing) must not hang this end forever.
+IDLE_TIMEOUT = 120.0
 
 
 def _common(parser: argparse.ArgumentParser, direction: str) -> None:
@@ -74,7 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     send.add_argument("--ram", type=Path, required=True)
     send.add_argument("--to", required=True, metavar="HOST:PORT")
-    send.add_argument("--connect-timeout", type=float, default=30.0)
+    send.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to connect (default 30)")
+    send.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
+                      help="give up when the receiver takes no data, or sends no verdict, for this many "
+                      f"seconds (default {IDLE_TIMEOUT:.0f})")
     _common(send, "export")
     send.set_defaults(handler=run_send)
 
@@ -85,7 +91,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     receive.add_argument("--ram", type=Path, required=True)
     receive.add_argument("--listen", required=True, metavar="HOST:PORT")
-    receive.add_argument("--accept-timeout", type=float, default=300.0)
+    receive.add_argument("--accept-timeout", type=float, default=300.0,
+                         help="seconds to wait for the sender to connect (default 300)")
+    receive.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
+                         help="give up when the sender sends nothing for this many seconds "
+                         f"(default {IDLE_TIMEOUT:.0f})")
     _common(receive, "import")
     receive.set_defaults(handler=run_receive)
 
@@ -178,13 +188,17 @@ def run_send(args: argparse.Namespace) -> int:
     summary: TransferSummary | None = None
     try:
         with socket.create_connection(_address(args.to), timeout=args.connect_timeout) as sock:
-            sock.settimeout(None)
+            sock.settimeout(args.idle_timeout)
             with cast(IO[bytes], sock.makefile("wb", buffering=1024 * 1024)) as sink:
                 summary = export_ram(args.ram, key, sink, kind=args.helper, helpers=args.helpers,
                                      firmware=_firmware(args), work_dir=work, page_map=args.page_map,
                                      progress=args.progress)
             sock.shutdown(socket.SHUT_WR)
             verdict = _read_verdict(sock)
+    except TimeoutError:
+        return _report(args, summary, OvmfMhError(
+            f"connection to {args.to}: the receiver took no data and sent no verdict for "
+            f"{args.idle_timeout:.0f} s"), "send")
     except OSError as exc:
         return _report(args, summary, OvmfMhError(f"connection to {args.to} failed: {exc}"), "send")
     except OvmfMhError as exc:
@@ -223,7 +237,7 @@ def run_receive(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _report(args, None, OvmfMhError(f"cannot listen on {args.listen}: {exc}"), "receive")
     with conn:
-        conn.settimeout(None)
+        conn.settimeout(args.idle_timeout)
         summary: TransferSummary | None = None
         error: OvmfMhError | None = None
         try:
@@ -232,6 +246,10 @@ def run_receive(args: argparse.Namespace) -> int:
                                      firmware=_firmware(args), work_dir=work, progress=args.progress)
         except OvmfMhError as exc:
             error = exc
+        except TimeoutError:
+            error = OvmfMhError(f"the sender sent nothing for {args.idle_timeout:.0f} s; import abandoned")
+        except OSError as exc:
+            error = OvmfMhError(f"connection from the sender failed: {exc}")
         verdict = summary.as_json() if summary else {"outcome": "failed", "error": str(error)}
         with suppress(OSError):
             conn.sendall(json.dumps(verdict).encode())
