@@ -222,6 +222,9 @@ BAD_ARGUMENTS = {
                               "cannot write no/such/dir/s.omh"),
     "missing stream": (["import", "--ram", "DST", "--key", "KEY", "--in", "nope.omh"], "cannot read nope.omh"),
     "target is a directory": (["import", "--ram", ".", "--key", "KEY", "--in", "IN"], "is not a regular file"),
+    "stream over its own RAM": (["export", "--ram", "SRC", "--key", "KEY", "--out", "./SRC"],
+                                "is the guest RAM file itself"),
+    "RAM over its own stream": (["import", "--ram", "IN", "--key", "KEY", "--in", "IN"], "is the stream itself"),
 }
 
 
@@ -232,12 +235,13 @@ def test_bad_arguments_get_a_clear_error_and_leave_nothing(
     make_ram(work_dir / "src.ram", "mixed", 16)
     stream = export(work_dir, key, work_dir / "src.ram", "reference", 1, "in.omh")
     monkeypatch.chdir(work_dir)
-    names = {"SRC": "src.ram", "DST": "dst.ram", "KEY": str(key), "OUT": "out.omh", "IN": str(stream)}
+    names = {"SRC": "src.ram", "./SRC": "./src.ram", "DST": "dst.ram", "KEY": str(key), "OUT": "out.omh",
+             "IN": str(stream)}
     argv, message = BAD_ARGUMENTS[case]
-    before = sorted(p.name for p in work_dir.iterdir())
+    before = {p.name: p.stat().st_size for p in work_dir.iterdir()}
     assert cli(*[names.get(a, a) for a in argv], "--helper", "reference", "--work-dir", "w") == 1
     assert message in capsys.readouterr().err
-    assert sorted(p.name for p in work_dir.iterdir() if p.name != "w") == before
+    assert {p.name: p.stat().st_size for p in work_dir.iterdir() if p.name != "w"} == before
 
 
 def test_bad_page_map_is_refused(work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]) -> None:

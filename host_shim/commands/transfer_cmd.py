@@ -143,8 +143,14 @@ def _address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
 def run_export(args: argparse.Namespace) -> int:
     key = read_key(args.key)
+    if _same_file(args.ram, args.out):
+        raise OvmfMhError(f"--out {args.out} is the guest RAM file itself; the stream would replace it")
     work = _work_dir(args, "export")
     partial = args.out.with_name(f".{args.out.name}.partial")
     summary: TransferSummary | None = None
@@ -170,6 +176,8 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     key = read_key(args.key)
+    if _same_file(args.ram, args.stream):
+        raise OvmfMhError(f"--ram {args.ram} is the stream itself; the guest RAM would replace it")
     work = _work_dir(args, "import")
     try:
         with args.stream.open("rb") as source:
