@@ -141,6 +141,11 @@ class MigrationConfig:
     verify_ram: bool = True
     heartbeat_timeout: float = 20.0
     progress: bool | None = None
+    # Where the source and target RAM files live: None keeps them in the work
+    # folder (and after the run); a folder such as /dev/shm holds them for the
+    # run only. tmpfs spares QEMU and the helpers the disk file system's page
+    # faults and writeback (docs/migration.md).
+    ram_dir: Path | None = None
     # Called right after the target is resumed (failure-injection tests).
     after_switchover: Callable[[QemuVM, QemuVM], None] | None = None
 
@@ -237,13 +242,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
                              work_dir=str(work))
     size = config.guest_mib * MIB
     key = read_key(config.key_file) if config.key_file else os.urandom(32)
-    source_ram, target_ram = work / "source.ram", work / "target.ram"
-    for ram in (source_ram, target_ram):
-        ram.unlink(missing_ok=True)
-        with ram.open("wb") as f:
-            f.truncate(size)
-
     stack = ExitStack()
+    source_ram, target_ram = _ram_files(stack, work, config.ram_dir, size)
     source = stack.enter_context(QemuVM(guest_config(config.image, source_ram, size, incoming=False,
                                                      workload_mib=config.workload_mib),
                                         work / "source", "source"))
@@ -393,6 +393,26 @@ def migrate(config: MigrationConfig) -> MigrationReport:
     return report
 
 
+def _ram_files(stack: ExitStack, work: Path, ram_dir: Path | None, size: int) -> tuple[Path, Path]:
+    """Fresh sparse source and target RAM files of ``size`` bytes. In
+    ``ram_dir`` they get unique names and are deleted when ``stack`` closes
+    (after the QEMUs it stops); in the work folder they stay for inspection."""
+    if ram_dir is None:
+        files = (work / "source.ram", work / "target.ram")
+    else:
+        if not ram_dir.is_dir():
+            raise MigrationError(f"--ram-dir {ram_dir} is not a folder")
+        prefix = f"ovmf-mh-{os.getpid()}-{work.name}"
+        files = (ram_dir / f"{prefix}-source.ram", ram_dir / f"{prefix}-target.ram")
+        for ram in files:
+            stack.callback(ram.unlink, missing_ok=True)
+    for ram in files:
+        ram.unlink(missing_ok=True)
+        with ram.open("wb") as f:
+            f.truncate(size)
+    return files
+
+
 def _close_quietly(stream: IO[bytes]) -> None:
     with suppress(OSError):
         stream.close()
@@ -409,17 +429,16 @@ def write_report(report: MigrationReport, path: Path) -> None:
     path.write_text(json.dumps(report.as_json(), indent=2))
 
 
-def plain_qemu_migration(image: Path, work: Path, guest_mib: int, workload_mib: int) -> dict[str, Any]:
+def plain_qemu_migration(
+    image: Path, work: Path, guest_mib: int, workload_mib: int, ram_dir: Path | None = None
+) -> dict[str, Any]:
     """The baseline: QEMU's own migration of the same guest, RAM through
     QEMU's stream (no helpers, no confidentiality). Times from QEMU's stats."""
     work.mkdir(parents=True, exist_ok=True)
     size = guest_mib * MIB
-    rams = {name: work / f"{name}.ram" for name in ("source", "target")}
-    for ram in rams.values():
-        ram.unlink(missing_ok=True)
-        with ram.open("wb") as f:
-            f.truncate(size)
     with ExitStack() as stack:
+        source_ram, target_ram = _ram_files(stack, work, ram_dir, size)
+        rams = {"source": source_ram, "target": target_ram}
         source = stack.enter_context(QemuVM(
             guest_config(image, rams["source"], size, incoming=False, workload_mib=workload_mib),
             work / "source", "plain-source"))
@@ -453,13 +472,16 @@ def plain_qemu_migration(image: Path, work: Path, guest_mib: int, workload_mib: 
 
 
 def bench_migrate(image: Path, work: Path, *, guest_mib: int = 256, workload_mib: int = 64,
-                  helpers: int = 2) -> dict[str, Any]:
-    """Plain QEMU migration and ovmf-mh migration of the same guest, in one run."""
-    results: dict[str, Any] = {"guest_mib": guest_mib, "workload_mib": workload_mib}
-    results["plain"] = plain_qemu_migration(image, work / "plain", guest_mib, workload_mib)
+                  helpers: int = 2, ram_dir: Path | None = None) -> dict[str, Any]:
+    """Plain QEMU migration and ovmf-mh migration of the same guest, in one
+    run, all with their RAM files in the same place."""
+    results: dict[str, Any] = {"guest_mib": guest_mib, "workload_mib": workload_mib,
+                               "ram_dir": str(ram_dir) if ram_dir else "work folder"}
+    results["plain"] = plain_qemu_migration(image, work / "plain", guest_mib, workload_mib, ram_dir)
     for count in sorted({1, helpers}):
         report = migrate(MigrationConfig(image=image, work_dir=work / f"ovmf-mh-{count}", helpers=count,
-                                         guest_mib=guest_mib, workload_mib=workload_mib, progress=False))
+                                         guest_mib=guest_mib, workload_mib=workload_mib, progress=False,
+                                         ram_dir=ram_dir))
         if report.outcome != "ok":
             raise MigrationError(f"ovmf-mh migration with {count} helper(s) failed: {report.error}")
         results[f"ovmf_mh_{count}"] = report.as_json()

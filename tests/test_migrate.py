@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,6 +29,25 @@ def test_live_migration_keeps_the_guest_running_and_its_memory_intact(firmware: 
     assert not report.passes[-1].guest_running and all(p.guest_running for p in report.passes[:-1])
     assert 0 < report.downtime_seconds < report.total_seconds
     assert "CORRUPTION" not in (work_dir / "target" / "serial.log").read_text(errors="replace")
+
+
+def test_reference_helpers_with_ram_files_on_tmpfs(firmware: Path, work_dir: Path) -> None:
+    """The reference helper processes as helpers, the RAM files in a tmpfs
+    folder for the run only: the same exact result, and nothing left there."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm on this machine")
+    ram_dir = Path(tempfile.mkdtemp(prefix="ovmf-mh-test-", dir=shm))
+    try:
+        report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helper="reference", helpers=1,
+                                         progress=False, ram_dir=ram_dir))
+        assert report.outcome == "ok", "\n".join(report.describe())
+        assert report.ram_identical is True
+        assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
+        assert list(ram_dir.iterdir()) == []
+        assert not list(work_dir.glob("*.ram"))
+    finally:
+        shutil.rmtree(ram_dir, ignore_errors=True)
 
 
 def test_target_helper_killed_mid_migration_leaves_the_source_running(firmware: Path, work_dir: Path) -> None:

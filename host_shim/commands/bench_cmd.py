@@ -53,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     mig.add_argument("--helpers", type=int, default=2, help="N for the N-helper run (default 2)")
     mig.add_argument("--image", help="firmware image (default: the DEBUG build)")
     mig.add_argument("--work-dir", type=Path, help="folder for logs (default: a new temp folder)")
+    mig.add_argument("--ram-dir", type=Path,
+                     help="RAM files of every run here for the run only, e.g. /dev/shm (default: work folder)")
     mig.add_argument("--json", action="store_true")
     mig.set_defaults(handler=run_migrate)
 
@@ -92,12 +94,13 @@ def run_migrate(args: argparse.Namespace) -> int:
     image = resolve_image(Path(args.image) if args.image else None)
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-migrate-"))).resolve()
     results = bench_migrate(image, work, guest_mib=args.guest_mib, workload_mib=args.workload_mib,
-                            helpers=args.helpers)
+                            helpers=args.helpers, ram_dir=args.ram_dir)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     plain = results["plain"]
-    print(f"live migration of a {args.guest_mib} MiB guest ({args.workload_mib} MiB workload), logs in {work}")
+    print(f"live migration of a {args.guest_mib} MiB guest ({args.workload_mib} MiB workload), logs in {work}, "
+          f"RAM files in {results['ram_dir']}")
     print(f"  plain QEMU (RAM through QEMU, no helpers): total {plain['total_seconds']:.2f} s, "
           f"downtime {1000 * plain['downtime_seconds']:.0f} ms, {plain['transferred_bytes'] / 1e6:.0f} MB")
     for count in sorted({1, args.helpers}):

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--no-verify-ram", action="store_true",
                         help="skip comparing the RAM files at switchover")
     parser.add_argument("--work-dir", type=Path, help="folder for logs and RAM files (default: new temp folder)")
+    parser.add_argument("--ram-dir", type=Path,
+                        help="keep the two guest RAM files here for the run only, e.g. /dev/shm (tmpfs: "
+                        "faster, no disk page faults); default: in the work folder, kept afterwards")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     parser.set_defaults(handler=run)
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         converge_pages=args.converge_pages,
         verify_ram=not args.no_verify_ram,
         progress=args.progress,
+        ram_dir=args.ram_dir,
     )
     report = migrate(config)
     write_report(report, work / "report.json")
