@@ -113,20 +113,26 @@ class MailboxBackend:
         self._window.release()
 
 
-def FirmwareBackend(vm: HelperVM, window: mmap.mmap | None, data_size: int) -> MailboxBackend:
-    """The mailbox of a helper VM that reached READY."""
-    if vm.mailbox is None:
-        raise SetupError(f"{vm.name}: not started")
-    return MailboxBackend(vm.mailbox, vm.memory, vm.spec.mailbox_base, window, data_size)
+class MailboxHelper(Protocol):
+    """What a helper VM and a reference helper process both offer the host."""
+
+    name: str
+
+    @property
+    def mailbox(self) -> Mailbox | None: ...
+
+    @property
+    def memory(self) -> mmap.mmap: ...
+
+    @property
+    def mailbox_base(self) -> int: ...
 
 
-def ReferenceProcessBackend(
-    process: ReferenceHelperProcess, window: mmap.mmap | None, data_size: int
-) -> MailboxBackend:
-    """The mailbox of a reference helper process that reached READY."""
-    if process.mailbox is None:
-        raise SetupError(f"{process.name}: not started")
-    return MailboxBackend(process.mailbox, process.memory, process.mailbox_base, window, data_size)
+def mailbox_backend(helper: MailboxHelper, window: mmap.mmap | None, data_size: int) -> MailboxBackend:
+    """The backend of a helper VM or reference helper process that reached READY."""
+    if helper.mailbox is None:
+        raise SetupError(f"{helper.name}: not started")
+    return MailboxBackend(helper.mailbox, helper.memory, helper.mailbox_base, window, data_size)
 
 
 @contextmanager
@@ -170,7 +176,7 @@ def open_backends(
                 vms.append(vm)
             for vm in vms:
                 vm.wait_ready(60)
-                backend = FirmwareBackend(vm, window, DATA_SIZE)
+                backend = mailbox_backend(vm, window, DATA_SIZE)
                 stack.callback(backend.release)
                 backends.append(backend)
         elif kind == "reference":
@@ -183,7 +189,7 @@ def open_backends(
             ]
             for process in processes:
                 process.wait_ready(60)
-                backend = ReferenceProcessBackend(process, window, DATA_SIZE)
+                backend = mailbox_backend(process, window, DATA_SIZE)
                 stack.callback(backend.release)
                 backends.append(backend)
         else:

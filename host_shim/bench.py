@@ -30,11 +30,17 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESOCB3
 
 from helper import abi
+from helper.stream import PAGE_RECORD_SIZE
 from host_shim import hostcore
 from host_shim.helper_vm import MIB, HelperSpec, HelperVM
 from host_shim.hostcore_helper import HostCoreHelper
 
 PAGE = 4096
+
+
+def _page_list(first: int, count: int) -> bytes:
+    """EXPORT_BATCH's page list for pages first .. first + count - 1."""
+    return struct.pack(f"<{count}Q", *range(first * PAGE, (first + count) * PAGE, PAGE))
 
 
 def _best(rounds: int, run: Callable[[], object]) -> float:
@@ -72,7 +78,7 @@ def _host_raw(data: bytes, pages: int, rounds: int, portable: bool) -> float:
 def _host_dispatch(data: bytes, pages: int, rounds: int) -> tuple[float, float]:
     """EXPORT_BATCH and IMPORT_BATCH rates through the host-built dispatcher."""
     batch = abi.load().const("OVMF_MH_MAX_BATCH_PAGES")
-    record = 40 + PAGE + 16
+    record = PAGE_RECORD_SIZE
     key = os.urandom(32)
     source_window = bytearray(data)
     target_window = bytearray(len(data))
@@ -88,7 +94,7 @@ def _host_dispatch(data: bytes, pages: int, rounds: int) -> tuple[float, float]:
             stream.append(bytes(source.data[:88]))
             for start in range(0, pages, batch):
                 count = min(batch, pages - start)
-                source.data[: 8 * count] = struct.pack(f"<{count}Q", *range(start * PAGE, (start + count) * PAGE, PAGE))
+                source.data[: 8 * count] = _page_list(start, count)
                 status, res = source.call("EXPORT_BATCH", 0, count, 65536, count * record)
                 if status:
                     raise RuntimeError(f"EXPORT_BATCH status {status:#x}")
@@ -154,7 +160,7 @@ def _firmware(image: Path, guest_mib: int, work: Path) -> dict[str, float]:
     through another; MB/s of each, verified byte for byte."""
     a = abi.load()
     batch = a.const("OVMF_MH_MAX_BATCH_PAGES")
-    record = 40 + PAGE + 16
+    record = PAGE_RECORD_SIZE
     size = guest_mib * MIB
     pages = size // PAGE
     source_ram, target_ram = work / "source.ram", work / "target.ram"
@@ -182,8 +188,7 @@ def _firmware(image: Path, guest_mib: int, work: Path) -> dict[str, float]:
         batches = 0
         for first in range(0, pages, batch):
             count = min(batch, pages - first)
-            src.memory[src_data : src_data + 8 * count] = struct.pack(
-                f"<{count}Q", *range(first * PAGE, (first + count) * PAGE, PAGE))
+            src.memory[src_data : src_data + 8 * count] = _page_list(first, count)
             res = src.mailbox.call("EXPORT_BATCH", (0, count, out_offset, count * record), timeout=120)
             chunks.append(bytes(src.memory[src_data + out_offset : src_data + out_offset + res.results[0]]))
             batches += 1
@@ -313,26 +318,24 @@ def _reference_alone(src: Path, key: bytes, work: Path) -> float:
     """The pipeline's reference helper process driven directly: EXPORT_BEGIN,
     EXPORT_BATCH over every page, EXPORT_END, nothing written anywhere. What
     the pipeline would reach if the shim cost nothing."""
-    from host_shim.backends import DATA_SIZE, ReferenceProcessBackend
+    from host_shim.backends import DATA_SIZE, mailbox_backend
     from host_shim.pipeline import IO_AT, LIST_AT
     from host_shim.reference_process import ReferenceHelperProcess
 
     batch = abi.load().const("OVMF_MH_MAX_BATCH_PAGES")
-    record = 40 + PAGE + 16
+    record = PAGE_RECORD_SIZE
     pages = src.stat().st_size // PAGE
     with ReferenceHelperProcess(src, key, work / "reference-alone", target=False,
                                 mailbox_size=DATA_SIZE + PAGE) as process:
         process.wait_ready(60)
-        backend = ReferenceProcessBackend(process, None, DATA_SIZE)
+        backend = mailbox_backend(process, None, DATA_SIZE)
         try:
             start = time.perf_counter()
             if backend.call("EXPORT_BEGIN", IO_AT, record)[0]:
                 raise RuntimeError("reference EXPORT_BEGIN failed")
             for first in range(0, pages, batch):
                 count = min(batch, pages - first)
-                backend.data[LIST_AT : LIST_AT + 8 * count] = struct.pack(
-                    f"<{count}Q", *range(first * PAGE, (first + count) * PAGE, PAGE)
-                )
+                backend.data[LIST_AT : LIST_AT + 8 * count] = _page_list(first, count)
                 status, _ = backend.call("EXPORT_BATCH", LIST_AT, count, IO_AT, count * record)
                 if status:
                     raise RuntimeError(f"reference EXPORT_BATCH status {status:#x}")

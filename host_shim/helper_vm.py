@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import mmap
 import os
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -18,7 +17,7 @@ from typing import Any
 
 from helper import abi
 from host_shim.errors import MailboxError, QemuError, SetupError
-from host_shim.keys import secret_page_base, secret_record
+from host_shim.helper_memory import HelperMemory
 from host_shim.mailbox import Mailbox
 from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
 from host_shim.request import HelperRequest, fw_cfg_name
@@ -62,8 +61,7 @@ class HelperVM:
         self.name = name
         self.own_ram = work_dir / "helper-own.ram"
         self.request_file = work_dir / "request.bin"
-        self._file: Any = None
-        self._map: mmap.mmap | None = None
+        self._memory: HelperMemory | None = None
         self.mailbox: Mailbox | None = None
         self.ready_header: dict[str, Any] | None = None
         memory = [MemoryBackend("own", self.own_ram, spec.own_ram_size)]
@@ -103,16 +101,7 @@ class HelperVM:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         blob = self.spec.request_override or self.spec.request().encode()
         self.request_file.write_bytes(blob)
-        # A fresh sparse file: all zero, so no stale mailbox can look READY.
-        self.own_ram.unlink(missing_ok=True)
-        with self.own_ram.open("wb") as f:
-            f.truncate(self.spec.own_ram_size)
-        self._file = self.own_ram.open("r+b")
-        self._map = mmap.mmap(self._file.fileno(), self.spec.own_ram_size)
-        if self.spec.key is not None:
-            record = secret_record(self.spec.key)
-            base = secret_page_base()
-            self._map[base : base + len(record)] = record
+        self._memory = HelperMemory(self.own_ram, self.spec.own_ram_size, self.spec.key)
         if self.spec.mailbox_base + self.spec.mailbox_size > self.spec.own_ram_size:
             # Only deliberately broken requests (tests) get here: the helper
             # must refuse them, and the host has no mapping of that mailbox.
@@ -120,7 +109,7 @@ class HelperVM:
             self.vm.start()
             return
         self.mailbox = Mailbox(
-            self._map,
+            self._memory.map,
             self.spec.mailbox_base,
             self.spec.mailbox_size,
             is_alive=self.vm.is_running,
@@ -147,24 +136,20 @@ class HelperVM:
 
     @property
     def memory(self) -> mmap.mmap:
-        if self._map is None:
+        if self._memory is None:
             raise QemuError(f"{self.name}: not started")
-        return self._map
+        return self._memory.map
+
+    @property
+    def mailbox_base(self) -> int:
+        return self.spec.mailbox_base
 
     def close(self) -> None:
         self.vm.stop()
         if self.mailbox is not None:
             self.mailbox.release()
         self.mailbox = None
-        if self._map is not None:
-            # A writer thread stuck on a dead sink may still hold a view of the
-            # shared area; the mapping then goes when that view does.
-            with suppress(BufferError):
-                self._map.close()
-            self._map = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        # The RAM file holds nothing worth keeping once the VM is gone.
-        if self.own_ram.exists() and os.environ.get("OVMF_MH_KEEP_RAM") != "1":
-            self.own_ram.unlink()
+        if self._memory is not None:
+            # The RAM file holds nothing worth keeping once the VM is gone.
+            self._memory.close(keep=os.environ.get("OVMF_MH_KEEP_RAM") == "1")
+            self._memory = None

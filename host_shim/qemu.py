@@ -14,7 +14,6 @@ import logging
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,7 @@ from typing import Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from host_shim.errors import QemuError, SetupError
+from host_shim.process import kill_if_running
 
 log = logging.getLogger(__name__)
 
@@ -326,11 +326,8 @@ class QemuVM:
                 self._qmp.cmd("quit")
             with suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=soft_timeout)
-        if proc is not None and proc.poll() is None:
-            log.warning("%s: QEMU pid %d did not quit; killing it", self.name, proc.pid)
-            with suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        if proc is not None:
+            kill_if_running(proc, f"{self.name}: QEMU")
         if self._qmp is not None:
             with suppress(Exception):
                 self._qmp.close()

@@ -10,24 +10,21 @@ stopped by SHUTDOWN and, if that does not end it, killed by its own pid.
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
-import signal
 import subprocess
 import sys
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from helper import abi
 from host_shim import paths
 from host_shim.errors import MailboxError, SetupError
-from host_shim.keys import secret_page_base, secret_record
+from host_shim.helper_memory import HelperMemory
 from host_shim.mailbox import Mailbox
-
-log = logging.getLogger(__name__)
+from host_shim.process import kill_if_running
 
 
 class ReferenceHelperProcess:
@@ -55,8 +52,7 @@ class ReferenceHelperProcess:
         self.log_file = self.work_dir / "reference-helper.log"
         self.mailbox: Mailbox | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._file: IO[bytes] | None = None
-        self._map: mmap.mmap | None = None
+        self._memory: HelperMemory | None = None
 
     def __enter__(self) -> ReferenceHelperProcess:
         try:
@@ -80,9 +76,9 @@ class ReferenceHelperProcess:
 
     @property
     def memory(self) -> mmap.mmap:
-        if self._map is None:
+        if self._memory is None:
             raise SetupError(f"{self.name}: not started")
-        return self._map
+        return self._memory.map
 
     def command(self) -> list[str]:
         argv = [
@@ -99,15 +95,7 @@ class ReferenceHelperProcess:
         if not self.guest_ram.is_file():
             raise SetupError(f"guest RAM file {self.guest_ram} does not exist")
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        # A fresh sparse file: all zero, so no stale mailbox can look READY.
-        self.memory_file.unlink(missing_ok=True)
-        with self.memory_file.open("wb") as f:
-            f.truncate(self.mailbox_base + self.mailbox_size)
-        self._file = self.memory_file.open("r+b")
-        self._map = mmap.mmap(self._file.fileno(), 0)
-        if self.key is not None:
-            record = secret_record(self.key)
-            self._map[secret_page_base() : secret_page_base() + len(record)] = record
+        self._memory = HelperMemory(self.memory_file, self.mailbox_base + self.mailbox_size, self.key)
         argv = self.command()
         (self.work_dir / "command-line.txt").write_text(" ".join(argv) + "\n")
         env = dict(os.environ, PYTHONPATH=str(paths.REPO_ROOT))
@@ -115,7 +103,7 @@ class ReferenceHelperProcess:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                           cwd=paths.REPO_ROOT, env=env)
         (self.work_dir / "pid").write_text(f"{self._proc.pid}\n")
-        self.mailbox = Mailbox(self._map, self.mailbox_base, self.mailbox_size,
+        self.mailbox = Mailbox(self._memory.map, self.mailbox_base, self.mailbox_size,
                                is_alive=self.is_running, debugcon=self.log_file)
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
@@ -131,22 +119,12 @@ class ReferenceHelperProcess:
                 self.mailbox.post_and_wait("SHUTDOWN", timeout=soft_timeout)
             with suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=soft_timeout)
-        if proc is not None and proc.poll() is None:
-            log.warning("%s: reference helper pid %d did not stop; killing it", self.name, proc.pid)
-            with suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        if proc is not None:
+            kill_if_running(proc, f"{self.name}: reference helper")
         if self.mailbox is not None:
             self.mailbox.release()
             self.mailbox = None
-        if self._map is not None:
-            # A writer thread stuck on a dead sink may still hold a view of the
-            # shared area; the mapping then goes when that view does.
-            with suppress(BufferError):
-                self._map.close()
-            self._map = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self.memory_file.unlink(missing_ok=True)
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
         return None if proc is None else proc.returncode

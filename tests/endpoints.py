@@ -30,7 +30,7 @@ from typing import Protocol
 from helper import abi
 from helper.reference import SaltSource
 from host_shim import paths
-from host_shim.backends import FirmwareBackend, ReferenceBackend
+from host_shim.backends import ReferenceBackend, mailbox_backend
 from host_shim.build import build_firmware
 from host_shim.helper_vm import HelperSpec, HelperVM
 from host_shim.hostcore_helper import HostCoreHelper
@@ -117,7 +117,7 @@ def open_firmware(spec: EndpointSpec) -> Iterator[Endpoint]:
         helper_spec, work, "conformance"
     ) as vm:
         vm.wait_ready(30)
-        endpoint = FirmwareBackend(vm, window, spec.data_size)
+        endpoint = mailbox_backend(vm, window, spec.data_size)
         try:
             yield endpoint
         finally:

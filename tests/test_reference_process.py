@@ -19,7 +19,7 @@ import pytest
 from helper import abi
 from helper.serve import REFERENCE_BUILD_ID
 from host_shim import paths
-from host_shim.backends import MailboxBackend, ReferenceBackend, ReferenceProcessBackend
+from host_shim.backends import MailboxBackend, ReferenceBackend, mailbox_backend
 from host_shim.errors import MailboxError
 from host_shim.mailbox import status_name
 from host_shim.reference_process import ReferenceHelperProcess
@@ -44,7 +44,7 @@ def source(tmp_path: Path) -> Iterator[tuple[ReferenceHelperProcess, MailboxBack
     with ReferenceHelperProcess(guest, KEY, tmp_path / "helper", target=False,
                                 mailbox_size=DATA_SIZE + PAGE) as process:
         process.wait_ready(30)
-        backend = ReferenceProcessBackend(process, None, DATA_SIZE)
+        backend = mailbox_backend(process, None, DATA_SIZE)
         try:
             yield process, backend
         finally:
