@@ -183,9 +183,9 @@ class DirtyTracker:
         with self._lock:
             self._sent[index] = self._live[index]
 
-    def take_dirty(self) -> list[int]:
-        """Pages whose content differs from what was last recorded."""
-        return [int(p) for p in np.flatnonzero(np.any(self._live != self._sent, axis=1))]
+    def take_dirty(self) -> PageNumbers:
+        """Pages whose content differs from what was last recorded, ascending."""
+        return np.flatnonzero(np.any(self._live != self._sent, axis=1)).astype(np.uint64)
 
     def close(self) -> None:
         del self._live
@@ -295,7 +295,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         tracker = DirtyTracker(source_ram, size)
         stack.callback(tracker.close)
 
-        def run_pass(pages: list[int], running: bool) -> None:
+        def run_pass(pages: PageNumbers, running: bool) -> None:
             report.phase_seconds[f"pass_{len(report.passes) + 1}_start"] = time.monotonic() - started
             meter = Progress(f"pass {len(report.passes) + 1}", len(pages), enabled=config.progress)
             stats = exporter.send(pages, meter, tracker.record)
@@ -303,7 +303,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
             report.passes.append(PassReport(len(report.passes) + 1, stats.pages, stats.zero_pages,
                                             stats.stream_bytes, stats.seconds, running))
 
-        run_pass(list(range(size // PAGE)), True)
+        every_page = np.arange(size // PAGE, dtype=np.uint64)
+        run_pass(every_page, True)
         while len(report.passes) < config.max_passes:
             dirty_pages = tracker.take_dirty()
             run_pass(dirty_pages, True)
@@ -320,16 +321,15 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         # comparison on the host can see (CHECK_PAGES, docs/migration.md).
         # Both run at once: numpy's comparison releases the GIL while the
         # helpers hash.
-        host_dirty: list[int] = []
-        comparer = threading.Thread(target=lambda: host_dirty.extend(tracker.take_dirty()), daemon=True)
+        host_dirty: list[PageNumbers] = []
+        comparer = threading.Thread(target=lambda: host_dirty.append(tracker.take_dirty()), daemon=True)
         check_start = time.monotonic()
         comparer.start()
-        changed = exporter.changed_since_sent(list(range(size // PAGE)))
+        changed = exporter.changed_since_sent(every_page)
         comparer.join()
         report.check_seconds = time.monotonic() - check_start
         report.check_pages_changed = len(changed)
-        dirty = set(host_dirty)
-        final = sorted(dirty | set(changed))
+        final = np.unique(np.concatenate([changed, *host_dirty]))
         marks = {"check": time.monotonic() - stop_at}
         run_pass(final, False)
         marks["final_pass"] = time.monotonic() - stop_at

@@ -139,13 +139,6 @@ def _plan(pages: int, page_map: bytes | None) -> tuple[PageNumbers, list[int], i
     return private, shared, pages - len(private) - len(shared)
 
 
-def _check_source(src: Path, helpers: int) -> None:
-    if not 1 <= helpers <= ct.MAX_SHARDS:
-        raise TransferError(f"--helpers {helpers}: a transfer has 1 to {ct.MAX_SHARDS} shards, one per helper")
-    if not src.is_file():
-        raise TransferError(f"guest RAM file {src} does not exist or is not a regular file")
-
-
 def _pack_offsets(chunk: PageNumbers, page: int) -> bytes:
     """A page list as the helpers read it: little-endian UINT64 guest offsets."""
     return (chunk * np.uint64(page)).astype("<u8").tobytes()
@@ -235,7 +228,10 @@ class Exporter:
         # Only live migration asks CHECK_PAGES; tracking costs every helper
         # bookkeeping per page (a copy of each page, in the reference helper).
         self._begin_flags = abi.load().const("OVMF_MH_EXPORT_TRACK_PAGES") if track_pages else 0
-        _check_source(src, helpers)
+        if not 1 <= helpers <= ct.MAX_SHARDS:
+            raise TransferError(f"--helpers {helpers}: a transfer has 1 to {ct.MAX_SHARDS} shards, one per helper")
+        if not src.is_file():
+            raise TransferError(f"guest RAM file {src} does not exist or is not a regular file")
         self.size = src.stat().st_size
         if self.size == 0 or self.size % self.page:
             raise TransferError(f"{src}: size {self.size} is not a positive multiple of {self.page}")
@@ -429,7 +425,7 @@ class Exporter:
         shards = (numbers // np.uint64(self.batch)) % np.uint64(self.helpers)
         return [numbers[shards == index] for index in range(self.helpers)]
 
-    def changed_since_sent(self, pages: PageNumbers | list[int]) -> list[int]:
+    def changed_since_sent(self, pages: PageNumbers | list[int]) -> PageNumbers:
         """Of ``pages``, those whose content differs from what their helper
         last sent (CHECK_PAGES, a keyed hash inside the helper: exact even
         when a page changed and changed back while it was being read).
@@ -459,7 +455,7 @@ class Exporter:
                 found[index] = np.concatenate(changed)
 
         self._run_shards(work)
-        return [int(p) for p in np.concatenate(found)]
+        return np.concatenate(found)
 
     def send_plain(self, pages: list[int], meter: Progress | None = None) -> None:
         """Shared pages, as plain frames (they are not confidential)."""
@@ -527,14 +523,11 @@ def export_ram(
     progress: bool | None = None,
 ) -> TransferSummary:
     """Write the transfer stream of RAM file ``src`` to ``sink`` (one pass)."""
-    page, _, _ = _geometry()
-    _check_source(src, helpers)
-    size = src.stat().st_size
-    pages = size // page if size % page == 0 else 0
-    # A size that is not whole pages: the Exporter reports it, before the map.
-    private, shared, excluded = _plan(pages, load_page_map(page_map, pages) if pages else None)
-    meter = Progress("export", len(private) + len(shared), enabled=progress)
+    # Checks the arguments and the RAM file; starts nothing before __enter__.
     exporter = Exporter(src, key, sink, kind=kind, helpers=helpers, firmware=firmware, work_dir=work_dir)
+    pages = exporter.size // exporter.page
+    private, shared, excluded = _plan(pages, load_page_map(page_map, pages))
+    meter = Progress("export", len(private) + len(shared), enabled=progress)
     try:
         with exporter:
             exporter.send(private, meter)
