@@ -32,7 +32,7 @@ from host_shim.errors import SetupError
 from host_shim.helper_vm import MIB, HelperSpec, HelperVM
 from host_shim.hostcore_helper import HostCoreHelper
 from host_shim.keys import secret_record
-from host_shim.mailbox import Mailbox, command_code
+from host_shim.mailbox import DEFAULT_TIMEOUT, Mailbox, command_code
 from host_shim.reference_process import ReferenceHelperProcess
 
 KINDS = ("firmware", "reference", "host-core")
@@ -88,13 +88,17 @@ class MailboxBackend:
         mailbox_base: int,
         window: mmap.mmap | None,
         data_size: int,
-        timeout: float = 60.0,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.mailbox = mailbox
         self.timeout = timeout
         base = mailbox_base + abi.load().const("OVMF_MH_MAILBOX_HEADER_SIZE")
         self._data = memoryview(memory)[base : base + data_size]
         self._window = memoryview(window) if window is not None else memoryview(b"")
+
+    @property
+    def label(self) -> str:
+        return self.mailbox.label
 
     @property
     def data(self) -> memoryview:
@@ -128,11 +132,13 @@ class MailboxHelper(Protocol):
     def mailbox_base(self) -> int: ...
 
 
-def mailbox_backend(helper: MailboxHelper, window: mmap.mmap | None, data_size: int) -> MailboxBackend:
+def mailbox_backend(
+    helper: MailboxHelper, window: mmap.mmap | None, data_size: int, timeout: float = DEFAULT_TIMEOUT
+) -> MailboxBackend:
     """The backend of a helper VM or reference helper process that reached READY."""
     if helper.mailbox is None:
         raise SetupError(f"{helper.name}: not started")
-    return MailboxBackend(helper.mailbox, helper.memory, helper.mailbox_base, window, data_size)
+    return MailboxBackend(helper.mailbox, helper.memory, helper.mailbox_base, window, data_size, timeout)
 
 
 @contextmanager
@@ -145,12 +151,16 @@ def open_backends(
     *,
     firmware: Path | None = None,
     writable: bool = True,
+    mailbox_timeout: float = DEFAULT_TIMEOUT,
 ) -> Iterator[list[Backend]]:
     """Start ``count`` helpers of one kind over the guest RAM file ``ram``.
 
     Firmware helpers boot in parallel and must all reach READY; any failure
     stops every helper already started (by pid) before the error propagates.
+    ``mailbox_timeout`` bounds every command: a helper that answers none
+    within it (stopped, wedged) fails the transfer.
     """
+    side = "target" if writable else "source"
     if kind not in KINDS:
         raise SetupError(f"unknown helper kind {kind!r}; choose one of {', '.join(KINDS)}")
     if count < 1:
@@ -172,24 +182,24 @@ def open_backends(
             vms = []
             for index in range(count):
                 spec = HelperSpec(firmware, guest_ram=ram, key=key, mailbox_size=DATA_SIZE + 4096)
-                vm = stack.enter_context(HelperVM(spec, work_dir / f"helper-{index}", f"helper-{index}"))
+                vm = stack.enter_context(HelperVM(spec, work_dir / f"helper-{index}", f"{side} helper-{index}"))
                 vms.append(vm)
             for vm in vms:
                 vm.wait_ready(60)
-                backend = mailbox_backend(vm, window, DATA_SIZE)
+                backend = mailbox_backend(vm, window, DATA_SIZE, mailbox_timeout)
                 stack.callback(backend.release)
                 backends.append(backend)
         elif kind == "reference":
             processes = [
                 stack.enter_context(
-                    ReferenceHelperProcess(ram, key, work_dir / f"helper-{index}", f"helper-{index}",
+                    ReferenceHelperProcess(ram, key, work_dir / f"helper-{index}", f"{side} helper-{index}",
                                            target=writable, mailbox_size=DATA_SIZE + 4096)
                 )
                 for index in range(count)
             ]
             for process in processes:
                 process.wait_ready(60)
-                backend = mailbox_backend(process, window, DATA_SIZE)
+                backend = mailbox_backend(process, window, DATA_SIZE, mailbox_timeout)
                 stack.callback(backend.release)
                 backends.append(backend)
         else:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from types import FrameType
 
-from host_shim.errors import OvmfMhError
+from host_shim.errors import OvmfMhError, Terminated
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -50,6 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end a command like Ctrl-C: every helper and QEMU
+    it started is stopped, temporary files removed, exit code 128 + signal.
+    A second signal while stopping is ignored (stopping is bounded)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        for other in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(other, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -62,14 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # an error; QemuVM records QMP traffic in each VM's qmp.log instead.
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     handler: Handler = args.handler
+    _stop_on_signals()
     try:
         return handler(args)
     except OvmfMhError as exc:
         print(f"ovmf-mh {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"ovmf-mh {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"ovmf-mh {args.command}: stopped by {signal.Signals(signum).name}; every helper and QEMU "
+              "it started is stopped and its temporary files are removed", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

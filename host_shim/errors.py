@@ -83,3 +83,11 @@ class MailboxError(OvmfMhError):
 
 class HelperTimeout(MailboxError):
     """The helper did not become ready or did not answer in time."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP: the command stops like on Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

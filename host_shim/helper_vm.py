@@ -9,7 +9,7 @@ GPA own_ram_size + X. The fw_cfg request names the mailbox and that window.
 from __future__ import annotations
 
 import mmap
-import os
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +27,8 @@ DEFAULT_OWN_RAM = 64 * MIB
 DEFAULT_MAILBOX_SIZE = 16 * MIB
 # QEMU rounds the machine's RAM size up to 8 KiB; NUMA nodes must add up to it.
 QEMU_RAM_ALIGNMENT = 8192
+#: Seconds a helper gets to answer SHUTDOWN and power off when it is closed.
+SHUTDOWN_TIMEOUT = 2.0
 
 
 @dataclass
@@ -59,12 +61,12 @@ class HelperVM:
         self.spec = spec
         self.work_dir = work_dir
         self.name = name
-        self.own_ram = work_dir / "helper-own.ram"
         self.request_file = work_dir / "request.bin"
         self._memory: HelperMemory | None = None
         self.mailbox: Mailbox | None = None
         self.ready_header: dict[str, Any] | None = None
-        memory = [MemoryBackend("own", self.own_ram, spec.own_ram_size)]
+        # The own-RAM file is made at start, in a private folder (helper_memory.py).
+        memory = [MemoryBackend("own", Path("/nonexistent"), spec.own_ram_size)]
         if spec.guest_ram is not None:
             guest_size = spec.guest_ram.stat().st_size
             if guest_size == 0 or guest_size % QEMU_RAM_ALIGNMENT:
@@ -85,7 +87,11 @@ class HelperVM:
         )
 
     def __enter__(self) -> HelperVM:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(
@@ -101,21 +107,26 @@ class HelperVM:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         blob = self.spec.request_override or self.spec.request().encode()
         self.request_file.write_bytes(blob)
-        self._memory = HelperMemory(self.own_ram, self.spec.own_ram_size, self.spec.key)
-        if self.spec.mailbox_base + self.spec.mailbox_size > self.spec.own_ram_size:
-            # Only deliberately broken requests (tests) get here: the helper
-            # must refuse them, and the host has no mapping of that mailbox.
-            self.mailbox = None
-            self.vm.start()
-            return
-        self.mailbox = Mailbox(
-            self._memory.map,
-            self.spec.mailbox_base,
-            self.spec.mailbox_size,
-            is_alive=self.vm.is_running,
-            debugcon=self.vm.logs.debugcon,
-        )
+        self._memory = HelperMemory(self.spec.own_ram_size, self.spec.key)
+        self.vm.config.memory[0] = MemoryBackend("own", self._memory.path, self.spec.own_ram_size)
+        if self.spec.mailbox_base + self.spec.mailbox_size <= self.spec.own_ram_size:
+            self.mailbox = Mailbox(
+                self._memory.map,
+                self.spec.mailbox_base,
+                self.spec.mailbox_size,
+                is_alive=self.vm.is_running,
+                debugcon=self.vm.logs.debugcon,
+                label=f"{self.name} (helper VM)",
+            )
+        # else: only deliberately broken requests (tests) get here: the helper
+        # must refuse them, and the host has no mapping of that mailbox.
         self.vm.start()
+        # QMP answers only once QEMU has mapped its memory backends: the file
+        # holding the key loses its name now.
+        self._memory.unlink()
+        if self.mailbox is not None:
+            self.mailbox.label = f"{self.name} (helper VM, QEMU pid {self.vm.pid})"
+            self.mailbox.pid = self.vm.pid
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
         if self.mailbox is None:
@@ -145,11 +156,16 @@ class HelperVM:
         return self.spec.mailbox_base
 
     def close(self) -> None:
+        """SHUTDOWN (the helper wipes its keys and powers off) when it is idle
+        and answering, then QMP quit and SIGKILL, each bounded in time."""
+        if self.mailbox is not None and self.ready_header is not None:
+            self.mailbox.shutdown_if_idle(SHUTDOWN_TIMEOUT)
+            with suppress(QemuError):
+                self.vm.wait_exit(SHUTDOWN_TIMEOUT)
         self.vm.stop()
         if self.mailbox is not None:
             self.mailbox.release()
         self.mailbox = None
         if self._memory is not None:
-            # The RAM file holds nothing worth keeping once the VM is gone.
-            self._memory.close(keep=os.environ.get("OVMF_MH_KEEP_RAM") == "1")
+            self._memory.close()
             self._memory = None

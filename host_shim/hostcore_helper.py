@@ -81,6 +81,10 @@ class HostCoreHelper:
         self.header_view.release()
         self.data.release()
         self.window.release()
+        # The ctypes array made by from_buffer() holds an export of the
+        # caller's mmap until it goes: without this, closing the mmap raises
+        # BufferError.
+        self._window_buffer = None
 
     def __enter__(self) -> HostCoreHelper:
         return self

@@ -13,12 +13,19 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from helper import abi
 from host_shim.errors import HelperTimeout, MailboxError
+from host_shim.reaper import process_state
+
+#: Seconds a helper may take to answer one command before the host gives up
+#: on it (docs/mailbox.md; --mailbox-timeout). A full batch takes tens of
+#: milliseconds under TCG, so this only trips on a helper that stalled.
+DEFAULT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ class Mailbox:
         *,
         is_alive: Callable[[], bool] = lambda: True,
         debugcon: Path | None = None,
+        label: str = "helper",
     ) -> None:
         a = abi.load()
         self._layout = a.layout("OVMF_MH_MAILBOX_HEADER")
@@ -65,6 +73,11 @@ class Mailbox:
         self.size = size
         self._is_alive = is_alive
         self.debugcon = debugcon
+        #: Names the helper in errors: which one, what kind, which pid.
+        self.label = label
+        self.pid: int | None = None
+        #: True while a command is posted and not answered.
+        self.busy = False
         self._seq = 0
         self._off = {f.name: f.offset for f in self._layout.fields}
         #: The shortest time each (command, Arg[1]) took so far. Arg[1] is the
@@ -100,10 +113,11 @@ class Mailbox:
             if header["Signature"] == signature and header["State"] != a.const("OVMF_MH_STATE_NONE"):
                 return header
             if not self._is_alive():
-                raise MailboxError("helper exited before publishing its mailbox", log=self.debugcon)
+                raise MailboxError(f"{self.label} exited before publishing its mailbox", log=self.debugcon)
             if time.monotonic() > deadline:
                 raise HelperTimeout(
-                    f"helper did not publish its mailbox within {timeout:.1f} s", log=self.debugcon
+                    f"{self.label} did not publish its mailbox within {timeout:.1f} s{self._state()}",
+                    log=self.debugcon,
                 )
             time.sleep(0.002)
 
@@ -127,13 +141,13 @@ class Mailbox:
         self._seq = self._u32("ResponseSeq")
         return header
 
-    def call(self, command: str, args: tuple[int, ...] = (), timeout: float = 10.0) -> Response:
+    def call(self, command: str, args: tuple[int, ...] = (), timeout: float = DEFAULT_TIMEOUT) -> Response:
         """Post one command and wait for its response; raise MailboxError on a
         non-success status, HelperTimeout when the helper does not answer."""
         response = self.post_and_wait(command, args, timeout)
         if response.status != abi.load().const("OVMF_MH_STATUS_SUCCESS"):
             raise MailboxError(
-                "helper refused the command",
+                f"{self.label} refused the command",
                 command=command,
                 status=response.status,
                 status_name=status_name(response.status),
@@ -141,8 +155,30 @@ class Mailbox:
             )
         return response
 
-    def post_and_wait(self, command: str | int, args: tuple[int, ...] = (), timeout: float = 10.0) -> Response:
+    def _state(self) -> str:
+        state = process_state(self.pid) if self.pid is not None else None
+        return f" (pid {self.pid} is stopped, e.g. by SIGSTOP)" if state in ("T", "t") else ""
+
+    def shutdown_if_idle(self, timeout: float) -> None:
+        """Ask the helper to wipe its keys and end (SHUTDOWN), unless a
+        command is still in flight or the helper does not answer in time."""
+        if self.busy or not self._is_alive() or self._state():
+            return
+        with suppress(MailboxError):
+            self.post_and_wait("SHUTDOWN", timeout=timeout)
+
+    def post_and_wait(
+        self, command: str | int, args: tuple[int, ...] = (), timeout: float = DEFAULT_TIMEOUT
+    ) -> Response:
         """Post a command (name or raw code) and return whatever status it got."""
+        self.busy = True
+        try:
+            response = self._post_and_wait(command, args, timeout)
+        finally:
+            self.busy = False
+        return response
+
+    def _post_and_wait(self, command: str | int, args: tuple[int, ...], timeout: float) -> Response:
         a = abi.load()
         count = a.const("OVMF_MH_ARG_COUNT")
         if len(args) > count:
@@ -170,10 +206,12 @@ class Mailbox:
             spins += 1
             if spins > 200:
                 if not self._is_alive():
-                    raise MailboxError("helper exited while serving", command=command, log=self.debugcon)
+                    raise MailboxError(f"{self.label} exited while serving", command=command, log=self.debugcon)
                 if time.monotonic() > deadline:
                     raise HelperTimeout(
-                        f"no response within {timeout:.1f} s", command=command, log=self.debugcon
+                        f"{self.label} gave no response within the mailbox timeout of {timeout:.1f} s"
+                        f"{self._state()}; if the machine is merely slow, raise --mailbox-timeout",
+                        command=command, log=self.debugcon,
                     )
                 # Sleeping releases the GIL for other helpers' threads; the
                 # nap grows with the wait (at most 2% of it, 0.5 ms), so long

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack, suppress
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
@@ -36,9 +34,10 @@ from typing import IO, Any, cast
 import numpy as np
 
 from host_shim import container as ct
-from host_shim import guest
+from host_shim import guest, process
 from host_shim.errors import OvmfMhError, QemuError
 from host_shim.keys import read_key
+from host_shim.mailbox import DEFAULT_TIMEOUT
 from host_shim.pipeline import Exporter, PageNumbers, TransferSummary, import_ram
 from host_shim.progress import Progress
 from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
@@ -148,6 +147,55 @@ class MigrationConfig:
     ram_dir: Path | None = None
     # Called right after the target is resumed (failure-injection tests).
     after_switchover: Callable[[QemuVM, QemuVM], None] | None = None
+    # Seconds a helper may take to answer one command (docs/mailbox.md).
+    mailbox_timeout: float = DEFAULT_TIMEOUT
+
+
+#: How often the watch looks at the two guest QEMUs and the target side.
+WATCH_INTERVAL = 0.1
+
+
+class _Watch:
+    """Looks at both guest QEMUs and the target side every WATCH_INTERVAL
+    while the migration runs: a QEMU that dies, or a target side that fails,
+    stops the run at once (through ``on_fault``) instead of at the next step
+    that happens to need it. ``phase`` says what the run was doing."""
+
+    def __init__(self, vms: list[QemuVM], target_error: Callable[[], BaseException | None]) -> None:
+        self.vms = vms
+        self.phase = "start-up"
+        self.started = time.monotonic()
+        self.fault: MigrationError | None = None
+        self.on_fault: Callable[[MigrationError], None] = lambda error: None
+        self._target_error = target_error
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="migrate-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL):
+            message = None
+            for vm in self.vms:
+                if vm.pid is not None and not vm.is_running():
+                    message = f"{vm.describe()}"
+                    break
+            else:
+                error = self._target_error()
+                if error is not None:
+                    message = f"the target side failed: {error}"
+            if message is not None:
+                self.fault = MigrationError(
+                    f"{message}, during {self.phase} ({time.monotonic() - self.started:.1f} s into the run)")
+                self.on_fault(self.fault)
+                return
+
+    def check(self) -> None:
+        if self.fault is not None:
+            raise self.fault
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
 
 
 def guest_config(image: Path, ram: Path, size: int, *, incoming: bool, workload_mib: int) -> QemuConfig:
@@ -207,24 +255,32 @@ def _wait_for(vm: QemuVM, needle: str, timeout: float, after: int = 0) -> str:
 def _migrate_device_state(source: QemuVM, target: QemuVM) -> float:
     started = time.monotonic()
     # AF_UNIX paths are short; work folders can be deep.
-    channel = Path(tempfile.mkdtemp(prefix="ovmf-mh-mig-")) / "device-state.sock"
-    for vm in (source, target):
-        vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-    target.qmp("migrate-incoming", uri=f"unix:{channel}")
-    source.qmp("migrate", uri=f"unix:{channel}")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        status = source.qmp("query-migrate").get("status")
-        if status == "completed":
-            break
-        if status in ("failed", "cancelled"):
-            raise source.error(f"QEMU device-state migration {status}")
-        time.sleep(0.005)
-    else:
-        raise source.error("QEMU device-state migration did not complete within 60 s")
-    while target.qmp("query-status").get("status") == "inmigrate":
-        time.sleep(0.005)
-    shutil.rmtree(channel.parent, ignore_errors=True)
+    folder = process.temp_dir("ovmf-mh-mig-")
+    channel = folder / "device-state.sock"
+    try:
+        for vm in (source, target):
+            vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        target.qmp("migrate-incoming", uri=f"unix:{channel}")
+        source.qmp("migrate", uri=f"unix:{channel}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            status = source.qmp("query-migrate").get("status")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise source.error(f"QEMU device-state migration {status}")
+            time.sleep(0.005)
+        else:
+            raise source.error("QEMU device-state migration did not complete within 60 s")
+        while target.qmp("query-status").get("status") == "inmigrate":
+            time.sleep(0.005)
+    except QemuError as exc:
+        for vm in (target, source):
+            if not vm.is_running():
+                raise MigrationError(f"{vm.describe()}, while the device state moved") from exc
+        raise
+    finally:
+        process.remove(folder)
     return time.monotonic() - started
 
 
@@ -268,6 +324,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
                         target_ram, key, stream, kind=config.helper, firmware=config.image,
                         work_dir=work / "target-helpers", mode="in-place", progress=False,
                         expect=ct.FileHeader(size, config.helpers), on_ready=ready.set,
+                        mailbox_timeout=config.mailbox_timeout,
                     )
                 except BaseException as exc:
                     imported["error"] = exc
@@ -277,8 +334,12 @@ def migrate(config: MigrationConfig) -> MigrationReport:
 
         receiver = threading.Thread(target=receive, name="migrate-receive", daemon=True)
         receiver.start()
+        watch = _Watch([source, target], lambda: cast(BaseException | None, imported.get("error")))
+        stack.callback(watch.close)
+        watch.phase = "the target helpers' start"
         if not ready.wait(120) or "error" in imported:
             raise MigrationError(f"target helpers did not start: {imported.get('error')}")
+        watch.check()
         # The target side is prepared, as a plain migration's target QEMU is
         # before 'migrate': the migration proper starts here.
         report.setup_seconds = time.monotonic() - prepare_start
@@ -287,15 +348,21 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         sink = cast(IO[bytes], send_sock.makefile("wb", buffering=256 * 1024))
         # After a failure the other end may be gone: flushing must not raise.
         stack.callback(_close_quietly, sink)
+        watch.phase = "the source helpers' start"
         exporter = stack.enter_context(
             Exporter(source_ram, key, sink, kind=config.helper, helpers=config.helpers,
-                     firmware=config.image, work_dir=work / "source-helpers", track_pages=True)
+                     firmware=config.image, work_dir=work / "source-helpers", track_pages=True,
+                     mailbox_timeout=config.mailbox_timeout)
         )
+        # From now on a fault stops the helpers' work at their next step.
+        watch.on_fault = exporter.abort
+        watch.check()
         report.phase_seconds["source_helpers_start"] = time.monotonic() - started
         tracker = DirtyTracker(source_ram, size)
         stack.callback(tracker.close)
 
         def run_pass(pages: PageNumbers, running: bool) -> None:
+            watch.phase = f"{'pre-copy' if running else 'the final'} pass {len(report.passes) + 1}"
             report.phase_seconds[f"pass_{len(report.passes) + 1}_start"] = time.monotonic() - started
             meter = Progress(f"pass {len(report.passes) + 1}", len(pages), enabled=config.progress)
             stats = exporter.send(pages, meter, tracker.record)
@@ -311,7 +378,10 @@ def migrate(config: MigrationConfig) -> MigrationReport:
             if len(dirty_pages) <= config.converge_pages:
                 break
 
-        # Switchover: from here until cont, the guest runs nowhere.
+        # Switchover: from here until cont, the guest runs nowhere. Never for
+        # a target side that is already gone.
+        watch.check()
+        watch.phase = "switchover (source guest stopped)"
         stop_at = time.monotonic()
         source.qmp("stop")
         stopped = True
@@ -335,13 +405,18 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         marks["final_pass"] = time.monotonic() - stop_at
         exporter.finish()
         sink.close()
-        receiver.join(timeout=120)
+        watch.phase = "the target helpers' verification"
+        deadline = time.monotonic() + 120
+        while receiver.is_alive() and time.monotonic() < deadline and watch.fault is None:
+            receiver.join(timeout=WATCH_INTERVAL)
+        watch.check()
         if "error" in imported or "summary" not in imported:
             raise MigrationError(f"target helpers did not verify the stream: {imported.get('error', 'timeout')}")
         receive_summary: TransferSummary = imported["summary"]
         if receive_summary.outcome != "ok":
             raise MigrationError(f"import ended as {receive_summary.outcome}")
         marks["target_verified"] = time.monotonic() - stop_at
+        watch.phase = "the device-state move"
         report.device_state_seconds = _migrate_device_state(source, target)
         marks["device_state"] = time.monotonic() - stop_at
         if config.verify_ram:
@@ -355,8 +430,10 @@ def migrate(config: MigrationConfig) -> MigrationReport:
                     f"first {[hex(p * PAGE) for p in differing[:8]]}"
                 )
         serial_before = len(target.serial_text())
+        watch.check()
         target.qmp("cont")
         resumed_target = True
+        watch.close()
         marks["cont"] = time.monotonic() - stop_at - report.verify_seconds
         report.switchover_ms = {k: round(1000 * v) for k, v in marks.items()}
         report.downtime_seconds = time.monotonic() - stop_at - report.verify_seconds
@@ -378,6 +455,12 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         # The target side's reason beats the broken pipe it caused on this side.
         cause = imported.get("error") if "imported" in locals() else None
         report.error = str(cause) if cause is not None and not isinstance(exc, MigrationError) else str(exc)
+        fault = watch.fault if "watch" in locals() else None
+        if fault is not None and fault is not exc:
+            # The watch saw the first cause; what failed after it is its consequence.
+            report.error = f"{fault} (then: {exc})"
+        if not resumed_target and not source.is_running():
+            report.guest_state = f"lost: {source.describe()}"
         if not resumed_target and source.is_running():
             with suppress(OvmfMhError):
                 if stopped:
@@ -405,12 +488,22 @@ def _ram_files(stack: ExitStack, work: Path, ram_dir: Path | None, size: int) ->
         prefix = f"ovmf-mh-{os.getpid()}-{work.name}"
         files = (ram_dir / f"{prefix}-source.ram", ram_dir / f"{prefix}-target.ram")
         for ram in files:
-            stack.callback(ram.unlink, missing_ok=True)
+            process.remove_on_exit(ram)
+            stack.callback(process.remove, ram)
     for ram in files:
         ram.unlink(missing_ok=True)
         with ram.open("wb") as f:
             f.truncate(size)
     return files
+
+
+@contextmanager
+def _temp_folder(prefix: str) -> Iterator[Path]:
+    folder = process.temp_dir(prefix)
+    try:
+        yield folder
+    finally:
+        process.remove(folder)
 
 
 def _close_quietly(stream: IO[bytes]) -> None:
@@ -446,7 +539,7 @@ def plain_qemu_migration(
         target = stack.enter_context(QemuVM(
             guest_config(image, rams["target"], size, incoming=True, workload_mib=workload_mib),
             work / "target", "plain-target"))
-        channel = Path(tempfile.mkdtemp(prefix="ovmf-mh-mig-")) / "migration.sock"
+        channel = stack.enter_context(_temp_folder("ovmf-mh-mig-")) / "migration.sock"
         target.qmp("migrate-incoming", uri=f"unix:{channel}")
         source.qmp("migrate", uri=f"unix:{channel}")
         deadline = time.monotonic() + 300

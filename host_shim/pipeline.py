@@ -42,7 +42,7 @@ from helper import abi
 from host_shim import container as ct
 from host_shim.backends import Backend, open_backends
 from host_shim.errors import MailboxError, OvmfMhError
-from host_shim.mailbox import status_name
+from host_shim.mailbox import DEFAULT_TIMEOUT, status_name
 from host_shim.progress import Progress
 
 LIST_AT = 0
@@ -60,6 +60,25 @@ PageNumbers = npt.NDArray[np.uint64]
 
 class TransferError(OvmfMhError):
     """A transfer failed; nothing was marked complete."""
+
+
+#: Statuses of IMPORT_BEGIN that a stream sealed under another key produces.
+WRONG_KEY_STATUSES = ("BAD_HEADER", "AUTH_FAILED")
+
+
+def partial_summary(error: BaseException) -> TransferSummary | None:
+    """What a failed transfer really did before it failed (see _attach), also
+    for an error raised while handling the transfer's own."""
+    for candidate in (error, error.__context__):
+        summary = getattr(candidate, "transfer_summary", None)
+        if isinstance(summary, TransferSummary):
+            return summary
+    return None
+
+
+def _attach(error: BaseException, summary: TransferSummary) -> None:
+    if partial_summary(error) is None:
+        error.transfer_summary = summary  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -97,8 +116,9 @@ class TransferSummary:
 
     def describe(self) -> str:
         rate = self.pages / self.seconds if self.seconds else 0.0
+        done = "" if self.outcome == "ok" else " before the failure"
         text = (
-            f"{self.direction} {self.outcome}: {self.pages} pages ({self.private_pages} private through "
+            f"{self.direction} {self.outcome}{done}: {self.pages} pages ({self.private_pages} private through "
             f"{self.helpers} {self.helper} helper(s), {self.shared_pages} shared, {self.excluded_pages} "
             f"excluded, {self.zero_pages} zero), {self.stream_bytes} stream bytes in {self.seconds:.2f} s "
             f"({rate:.0f} pages/s)"
@@ -144,10 +164,17 @@ def _pack_offsets(chunk: PageNumbers, page: int) -> bytes:
     return (chunk * np.uint64(page)).astype("<u8").tobytes()
 
 
-def _check(command: str, status: int, results: tuple[int, ...]) -> tuple[int, ...]:
+def _call(backend: Backend, command: str, *args: int) -> tuple[int, ...]:
+    """Run one helper command; a refusal raises MailboxError naming the helper."""
+    status, results = backend.call(command, *args)
     if status != 0:
-        raise MailboxError(f"helper refused {command}", command=command, status=status,
-                           status_name=status_name(status))
+        who = getattr(backend, "label", "helper")
+        name = status_name(status)
+        hint = ""
+        if command == "IMPORT_BEGIN" and name in WRONG_KEY_STATUSES:
+            hint = ("; the stream header does not authenticate under this key: most likely the sender used "
+                    "another key (check --key on both sides), else the stream is damaged")
+        raise MailboxError(f"{who} refused {command}{hint}", command=command, status=status, status_name=name)
     return results
 
 
@@ -223,6 +250,7 @@ class Exporter:
         firmware: Path | None = None,
         work_dir: Path,
         track_pages: bool = False,
+        mailbox_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.page, self.batch, self.record = _geometry()
         # Only live migration asks CHECK_PAGES; tracking costs every helper
@@ -237,8 +265,10 @@ class Exporter:
             raise TransferError(f"{src}: size {self.size} is not a positive multiple of {self.page}")
         self.src, self.key, self.sink = src, key, sink
         self.kind, self.helpers, self.firmware, self.work_dir = kind, helpers, firmware, work_dir
+        self.mailbox_timeout = mailbox_timeout
         self.summary = TransferSummary("export", kind, helpers, self.size, work_dir=str(work_dir))
         self._failure = _Failure()
+        self._count_lock = threading.Lock()
         # One frame per helper queued (and at most OUTPUT_REGIONS per helper
         # not yet written): what is in flight must still be imported after a
         # live migration stops the guest.
@@ -257,7 +287,7 @@ class Exporter:
         try:
             self._backends = self._stack.enter_context(
                 open_backends(self.kind, self.helpers, self.src, self.key, self.work_dir,
-                              firmware=self.firmware, writable=False)
+                              firmware=self.firmware, writable=False, mailbox_timeout=self.mailbox_timeout)
             )
             self._free_regions = [self._output_regions(backend) for backend in self._backends]
             raw = self._stack.enter_context(self.src.open("rb"))
@@ -275,6 +305,11 @@ class Exporter:
 
     def __exit__(self, *exc: object) -> None:
         self._close()
+
+    def abort(self, error: BaseException) -> None:
+        """Stop every helper thread at its next step with ``error`` (another
+        thread saw the transfer fail: a dead peer, a dead QEMU)."""
+        self._failure.set(error)
 
     def _close(self) -> None:
         self._failure.event.set()
@@ -362,7 +397,7 @@ class Exporter:
     def _begin(self, index: int, backend: Backend) -> None:
         region = self._take_region(index)
         try:
-            written = _check("EXPORT_BEGIN", *backend.call("EXPORT_BEGIN", region, self.record, self._begin_flags))[0]
+            written = _call(backend, "EXPORT_BEGIN", region, self.record, self._begin_flags)[0]
             header = bytes(backend.data[region : region + written])
         finally:
             self._free_regions[index].put(region)
@@ -395,24 +430,26 @@ class Exporter:
                 if before_batch is not None:
                     before_batch(chunk)
                 try:
-                    written, _, zero = _check(
-                        "EXPORT_BATCH",
-                        *backend.call("EXPORT_BATCH", LIST_AT, len(chunk), region, len(chunk) * self.record),
+                    written, _, zero = _call(
+                        backend, "EXPORT_BATCH", LIST_AT, len(chunk), region, len(chunk) * self.record
                     )[:3]
                 except BaseException:
                     self._free_regions[index].put(region)
                     raise
                 zeros[index] += zero
                 sizes[index] += ct.FRAME_HEADER.size + written
+                with self._count_lock:
+                    self.summary.private_pages += len(chunk)
                 # The writer returns the region once the records are on the sink.
                 self._put(ct.Frame(ct.KIND_RECORDS, index, data[region : region + written]),
                           lambda free=self._free_regions[index], region=region: free.put(region))  # type: ignore[misc]
                 if meter is not None:
                     meter.advance(len(chunk))
 
-        self._run_shards(work)
-        self.summary.private_pages += len(pages)
-        self.summary.zero_pages += sum(zeros)
+        try:
+            self._run_shards(work)
+        finally:
+            self.summary.zero_pages += sum(zeros)
         return PassStats(len(pages), sum(zeros), sum(sizes), time.monotonic() - started)
 
     def shard_of(self, number: int) -> int:
@@ -446,7 +483,7 @@ class Exporter:
                 # hold records on their way to the sink.
                 region = self._take_region(index)
                 try:
-                    _check("CHECK_PAGES", *backend.call("CHECK_PAGES", LIST_AT, len(chunk), region))
+                    _call(backend, "CHECK_PAGES", LIST_AT, len(chunk), region)
                     flags = bytes(data[region : region + len(chunk)])
                 finally:
                     self._free_regions[index].put(region)
@@ -465,9 +502,9 @@ class Exporter:
             offset = number * self.page
             payload = ct.PLAIN_PAGE.pack(offset) + bytes(self._window[offset : offset + self.page])
             self._put(ct.Frame(ct.KIND_PLAIN_PAGE, 0, payload))
+            self.summary.shared_pages += 1
             if meter is not None:
                 meter.advance(1)
-        self.summary.shared_pages += len(pages)
 
     def finish(self, excluded_pages: int = 0) -> TransferSummary:
         """End every helper's stream and write the DONE frame."""
@@ -475,7 +512,7 @@ class Exporter:
         def end(index: int, backend: Backend) -> None:
             region = self._take_region(index)
             try:
-                written = _check("EXPORT_END", *backend.call("EXPORT_END", region, self.record))[0]
+                written = _call(backend, "EXPORT_END", region, self.record)[0]
                 end_record = bytes(backend.data[region : region + written])
             finally:
                 self._free_regions[index].put(region)
@@ -521,10 +558,13 @@ def export_ram(
     work_dir: Path,
     page_map: Path | None = None,
     progress: bool | None = None,
+    mailbox_timeout: float = DEFAULT_TIMEOUT,
 ) -> TransferSummary:
-    """Write the transfer stream of RAM file ``src`` to ``sink`` (one pass)."""
+    """Write the transfer stream of RAM file ``src`` to ``sink`` (one pass).
+    On failure the exception carries what was done (``partial_summary``)."""
     # Checks the arguments and the RAM file; starts nothing before __enter__.
-    exporter = Exporter(src, key, sink, kind=kind, helpers=helpers, firmware=firmware, work_dir=work_dir)
+    exporter = Exporter(src, key, sink, kind=kind, helpers=helpers, firmware=firmware, work_dir=work_dir,
+                        mailbox_timeout=mailbox_timeout)
     pages = exporter.size // exporter.page
     private, shared, excluded = _plan(pages, load_page_map(page_map, pages))
     meter = Progress("export", len(private) + len(shared), enabled=progress)
@@ -533,8 +573,9 @@ def export_ram(
             exporter.send(private, meter)
             exporter.send_plain(shared, meter)
             summary = exporter.finish(excluded)
-    except OvmfMhError as exc:
+    except BaseException as exc:
         exporter.summary.error = str(exc)
+        _attach(exc, exporter.summary)
         raise
     finally:
         meter.finish()
@@ -577,6 +618,7 @@ def import_ram(
     progress: bool | None = None,
     expect: ct.FileHeader | None = None,
     on_ready: Callable[[], None] | None = None,
+    mailbox_timeout: float = DEFAULT_TIMEOUT,
 ) -> TransferSummary:
     """Read a transfer stream from ``source`` into RAM file ``dst``; raises
     TransferError (or the helper's MailboxError) unless everything verified.
@@ -584,6 +626,8 @@ def import_ram(
     With ``expect`` (the shard count and guest size the caller knows), the
     target helpers start and ``on_ready`` is called before a single byte of
     the stream is read: the receiving side is up before any page moves.
+    On failure the exception carries what was done (``partial_summary``):
+    pages applied by the helpers before it, none of them kept in ``replace`` mode.
     """
     page, _, _ = _geometry()
     header = expect if expect is not None else ct.read_file_header(source)
@@ -600,6 +644,7 @@ def import_ram(
     completed = [False] * header.shards
     records = [0] * header.shards
     zero_pages = [0] * header.shards
+    applied_pages = [0] * header.shards
     # Short queues: what is in flight must be imported before a switchover.
     queues: list[queue.Queue[ct.Frame | None]] = [queue.Queue(maxsize=1) for _ in range(header.shards)]
 
@@ -617,27 +662,28 @@ def import_ram(
                 if frame.kind == ct.KIND_STREAM_HEADER:
                     if began:
                         raise TransferError(f"shard {index}: second stream header")
-                    _check("IMPORT_BEGIN", *backend.call("IMPORT_BEGIN", IO_AT, len(frame.payload)))
+                    _call(backend, "IMPORT_BEGIN", IO_AT, len(frame.payload))
                     began = True
                 elif not began:
                     raise TransferError(f"shard {index}: {ct.KIND_NAMES[frame.kind]} before the stream header")
                 elif frame.kind == ct.KIND_RECORDS:
-                    applied, written = _check(
-                        "IMPORT_BATCH", *backend.call("IMPORT_BATCH", IO_AT, len(frame.payload))
-                    )[:2]
+                    applied, written = _call(backend, "IMPORT_BATCH", IO_AT, len(frame.payload))[:2]
                     zero_pages[index] += applied - written
+                    applied_pages[index] += applied
                     meter.advance(applied)
                 else:
-                    records[index] = _check("IMPORT_END", *backend.call("IMPORT_END", IO_AT, len(frame.payload)))[0]
+                    records[index] = _call(backend, "IMPORT_END", IO_AT, len(frame.payload))[0]
                     completed[index] = True
 
         return run
 
     succeeded = False
+    shared_pages_seen = [0]
     started = time.monotonic()
     with _timed(summary):
         try:
-            with open_backends(kind, header.shards, target, key, work_dir, firmware=firmware) as backends, \
+            with open_backends(kind, header.shards, target, key, work_dir, firmware=firmware,
+                               mailbox_timeout=mailbox_timeout) as backends, \
                     target.open("r+b") as raw, mmap.mmap(raw.fileno(), header.guest_size) as target_map:
                 summary.helper_start_seconds = time.monotonic() - started
                 if on_ready is not None:
@@ -659,6 +705,7 @@ def import_ram(
                             digest.update(frame.payload)
                             target_map[offset : offset + page] = frame.payload[ct.PLAIN_PAGE.size :]
                             shared += 1
+                            shared_pages_seen[0] = shared
                             meter.advance(1)
                         elif frame.kind == ct.KIND_DONE:
                             totals = ct.Totals.decode(bytes(frame.payload))
@@ -709,8 +756,13 @@ def import_ram(
                     os.fsync(f.fileno())
                 os.replace(target, dst)
             succeeded = True
-        except OvmfMhError as exc:
+        except BaseException as exc:
             summary.error = str(exc)
+            if not succeeded:
+                summary.private_pages = sum(applied_pages)
+                summary.shared_pages = shared_pages_seen[0]
+                summary.zero_pages = sum(zero_pages)
+                _attach(exc, summary)
             raise
         finally:
             meter.finish()

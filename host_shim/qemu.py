@@ -15,7 +15,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -25,13 +24,18 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from host_shim import process
 from host_shim.errors import QemuError, SetupError
-from host_shim.process import kill_if_running
+from host_shim.process import describe_exit, is_stopped, kill_if_running
 
 log = logging.getLogger(__name__)
 
 QEMU_BINARY = os.environ.get("OVMF_MH_QEMU", "qemu-system-x86_64")
 DEBUGCON_PORT = 0x402
+#: Seconds any QMP command may take: a stopped or wedged QEMU must not hang the shim.
+QMP_TIMEOUT = 10.0
+#: Seconds QEMU gets to act on QMP 'quit' before it is killed by its pid.
+QUIT_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True)
@@ -226,7 +230,7 @@ class QemuVM:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         for stale in (self.logs.debugcon, self.logs.serial):
             stale.unlink(missing_ok=True)
-        self._socket_dir = Path(tempfile.mkdtemp(prefix="ovmf-mh-qmp-"))
+        self._socket_dir = process.temp_dir("ovmf-mh-qmp-")
         self.qmp_socket = self._socket_dir / "qmp.sock"
         vars_copy = None
         if self.config.firmware_vars is not None:
@@ -238,7 +242,7 @@ class QemuVM:
         stderr = self.logs.stderr.open("wb")
         log.debug("%s: starting %s", self.name, shlex.join(self.argv))
         self.started_at = time.monotonic()
-        self._proc = subprocess.Popen(
+        self._proc = process.spawn(
             self.argv,
             stdin=subprocess.DEVNULL,
             stdout=stderr,
@@ -267,6 +271,7 @@ class QemuVM:
                     last_error = exc
                     qmp.close()
                 else:
+                    qmp.settimeout(QMP_TIMEOUT)
                     self._qmp = qmp
                     self.qmp("query-status")
                     return
@@ -305,6 +310,12 @@ class QemuVM:
     def exit_code(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
 
+    def describe(self) -> str:
+        """'target QEMU pid 123, killed by SIGKILL': for messages."""
+        if self._proc is None:
+            return f"{self.name} QEMU (not started)"
+        return f"{self.name} QEMU pid {self._proc.pid}, {describe_exit(self._proc.poll())}"
+
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -317,12 +328,14 @@ class QemuVM:
         except subprocess.TimeoutExpired:
             raise self.error(f"QEMU did not exit within {timeout:.0f} s") from None
 
-    def stop(self, soft_timeout: float = 5.0) -> int | None:
-        """Shut QEMU down: QMP 'quit', then SIGKILL to its own pid."""
+    def stop(self, soft_timeout: float = QUIT_TIMEOUT) -> int | None:
+        """Shut QEMU down: QMP 'quit', then SIGKILL to its own pid. Bounded:
+        a stopped QEMU is killed at once, a wedged one after ``soft_timeout``."""
         proc = self._proc
-        if proc is not None and proc.poll() is None and self._qmp is not None:
+        if proc is not None and proc.poll() is None and self._qmp is not None and not is_stopped(proc):
             with suppress(Exception):
                 self._log_qmp(">", {"execute": "quit"})
+                self._qmp.settimeout(soft_timeout)
                 self._qmp.cmd("quit")
             with suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=soft_timeout)
@@ -335,7 +348,7 @@ class QemuVM:
         if self._qmp_log is not None:
             self._qmp_log.close()
         if self._socket_dir is not None:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            process.remove(self._socket_dir)
             self._socket_dir = None
         return proc.returncode if proc is not None else None
 

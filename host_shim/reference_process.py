@@ -20,11 +20,11 @@ from types import TracebackType
 from typing import Any
 
 from helper import abi
-from host_shim import paths
-from host_shim.errors import MailboxError, SetupError
+from host_shim import paths, process
+from host_shim.errors import SetupError
 from host_shim.helper_memory import HelperMemory
 from host_shim.mailbox import Mailbox
-from host_shim.process import kill_if_running
+from host_shim.process import is_stopped, kill_if_running
 
 
 class ReferenceHelperProcess:
@@ -48,7 +48,6 @@ class ReferenceHelperProcess:
         self.target = target
         self.mailbox_base = abi.load().const("OVMF_MH_MAILBOX_MIN_BASE")
         self.mailbox_size = mailbox_size
-        self.memory_file = self.work_dir / "helper-own.ram"
         self.log_file = self.work_dir / "reference-helper.log"
         self.mailbox: Mailbox | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -83,7 +82,7 @@ class ReferenceHelperProcess:
     def command(self) -> list[str]:
         argv = [
             sys.executable, "-m", "helper.serve",
-            "--memory", str(self.memory_file),
+            "--memory", str(self._memory.path if self._memory else "-"),
             "--mailbox-base", hex(self.mailbox_base),
             "--mailbox-size", hex(self.mailbox_size),
             "--guest-ram", str(self.guest_ram),
@@ -95,30 +94,37 @@ class ReferenceHelperProcess:
         if not self.guest_ram.is_file():
             raise SetupError(f"guest RAM file {self.guest_ram} does not exist")
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._memory = HelperMemory(self.memory_file, self.mailbox_base + self.mailbox_size, self.key)
+        self._memory = HelperMemory(self.mailbox_base + self.mailbox_size, self.key)
         argv = self.command()
         (self.work_dir / "command-line.txt").write_text(" ".join(argv) + "\n")
         env = dict(os.environ, PYTHONPATH=str(paths.REPO_ROOT))
         with self.log_file.open("wb") as out:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                          cwd=paths.REPO_ROOT, env=env)
+            self._proc = process.spawn(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                       cwd=paths.REPO_ROOT, env=env)
         (self.work_dir / "pid").write_text(f"{self._proc.pid}\n")
         self.mailbox = Mailbox(self._memory.map, self.mailbox_base, self.mailbox_size,
-                               is_alive=self.is_running, debugcon=self.log_file)
+                               is_alive=self.is_running, debugcon=self.log_file,
+                               label=f"{self.name} (reference helper pid {self._proc.pid})")
+        self.mailbox.pid = self._proc.pid
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
         if self.mailbox is None:
             raise SetupError(f"{self.name}: not started")
-        return self.mailbox.wait_ready(timeout)  # its errors name the log
+        header = self.mailbox.wait_ready(timeout)  # its errors name the log
+        # The process has mapped its memory file: the key loses its name now.
+        if self._memory is not None:
+            self._memory.unlink()
+        return header
 
-    def close(self, soft_timeout: float = 5.0) -> int | None:
-        """SHUTDOWN through the mailbox, then SIGKILL to the process's own pid."""
+    def close(self, soft_timeout: float = 2.0) -> int | None:
+        """SHUTDOWN through the mailbox (skipped when a command is in flight
+        or the process is stopped), then SIGKILL to the process's own pid."""
         proc = self._proc
         if proc is not None and proc.poll() is None and self.mailbox is not None:
-            with suppress(MailboxError):
-                self.mailbox.post_and_wait("SHUTDOWN", timeout=soft_timeout)
-            with suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=soft_timeout)
+            self.mailbox.shutdown_if_idle(soft_timeout)
+            if not is_stopped(proc):
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=soft_timeout)
         if proc is not None:
             kill_if_running(proc, f"{self.name}: reference helper")
         if self.mailbox is not None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
+from host_shim import process
 from host_shim.backends import KINDS
 from host_shim.boot import resolve_image
+from host_shim.mailbox import DEFAULT_TIMEOUT
 from host_shim.migrate import MigrationConfig, migrate, write_report
 
 
@@ -44,13 +45,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--ram-dir", type=Path,
                         help="keep the two guest RAM files here for the run only, e.g. /dev/shm (tmpfs: "
                         "faster, no disk page faults); default: in the work folder, kept afterwards")
+    parser.add_argument("--mailbox-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="give up on a helper that answers no command for this many seconds (stopped or "
+                        f"wedged; a dead helper or QEMU is seen within 0.1 s) (default {DEFAULT_TIMEOUT:.0f})")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-migrate-"))).resolve()
+    # A temporary work folder stays after the run (logs, report, RAM files
+    # unless --ram-dir) but not after the command is killed: the reaper
+    # removes it unless the run reached its report.
+    work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
     config = MigrationConfig(
         image=resolve_image(args.image),
         work_dir=work,
@@ -64,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
         verify_ram=not args.no_verify_ram,
         progress=args.progress,
         ram_dir=args.ram_dir,
+        mailbox_timeout=args.mailbox_timeout,
     )
     report = migrate(config)
+    if args.work_dir is None:
+        process.keep(work)
     write_report(report, work / "report.json")
     if args.json:
         print(json.dumps(report.as_json(), indent=2))

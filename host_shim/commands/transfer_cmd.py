@@ -5,19 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import sys
-import tempfile
 from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any, cast
 
-from host_shim import paths
+from host_shim import paths, process
 from host_shim.backends import KINDS
 from host_shim.errors import OvmfMhError
 from host_shim.keys import read_key
-from host_shim.pipeline import TransferSummary, export_ram, import_ram
+from host_shim.mailbox import DEFAULT_TIMEOUT
+from host_shim.pipeline import TransferSummary, export_ram, import_ram, partial_summary
 
 VERDICT_LIMIT = 65536
 #: Seconds without progress on the connection before either end gives up: a
@@ -34,7 +33,12 @@ def _common(parser: argparse.ArgumentParser, direction: str) -> None:
         "or host-core (the firmware's C dispatcher built for the host, in-process)",
     )
     parser.add_argument("--image", type=Path, help="firmware image (default: the DEBUG build)")
-    parser.add_argument("--work-dir", type=Path, help="folder for the helpers' logs (default: a new temp folder)")
+    parser.add_argument("--work-dir", type=Path,
+                        help="folder for the helpers' logs (default: a new temp folder, removed unless the "
+                        "command fails)")
+    parser.add_argument("--mailbox-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="give up on a helper that answers no command for this many seconds (stopped or "
+                        f"wedged; a dead helper is seen at once) (default {DEFAULT_TIMEOUT:.0f})")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress line on stderr (default: when stderr is a terminal)")
@@ -105,9 +109,15 @@ def _work_dir(args: argparse.Namespace, label: str) -> Path:
         args.work_dir.mkdir(parents=True, exist_ok=True)
         work = Path(args.work_dir).resolve()
     else:
-        work = Path(tempfile.mkdtemp(prefix=f"ovmf-mh-{label}-"))
+        # Removed by the reaper if the command dies; kept on a failure it reports.
+        work = process.temp_dir(f"ovmf-mh-{label}-")
     args.resolved_work_dir = work
     return work
+
+
+def _helper_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"kind": args.helper, "helpers": args.helpers, "firmware": _firmware(args),
+            "progress": args.progress, "mailbox_timeout": args.mailbox_timeout}
 
 
 def _firmware(args: argparse.Namespace) -> Path | None:
@@ -117,16 +127,23 @@ def _firmware(args: argparse.Namespace) -> Path | None:
 
 
 def _report(args: argparse.Namespace, summary: TransferSummary | None, error: OvmfMhError | None,
-            direction: str) -> int:
+            direction: str, cause: BaseException | None = None) -> int:
+    """Print the summary (what was really done, also on failure) and pick the exit code."""
     work = getattr(args, "resolved_work_dir", None)
-    if error is None and args.work_dir is None and work is not None:
-        # A temporary work folder only matters when something failed.
-        shutil.rmtree(work, ignore_errors=True)
+    if args.work_dir is None and work is not None:
+        if error is None:
+            process.remove(work)  # a temporary work folder only matters when something failed
+        else:
+            process.keep(work)  # the report names it: the helpers' logs say what happened
+    for failed in (error, cause):
+        if summary is None and failed is not None:
+            summary = partial_summary(failed)
     if summary is None:
         summary = TransferSummary(direction, args.helper, args.helpers or 0, 0, error=str(error),
                                   work_dir=str(work) if work else None)
     elif error is not None and summary.error is None:
         summary.error = str(error)
+    summary.direction = direction
     if error is not None:
         summary.outcome = "failed"
     if args.json:
@@ -156,9 +173,7 @@ def run_export(args: argparse.Namespace) -> int:
     summary: TransferSummary | None = None
     try:
         with partial.open("wb") as sink:
-            summary = export_ram(args.ram, key, sink, kind=args.helper, helpers=args.helpers,
-                                 firmware=_firmware(args), work_dir=work, page_map=args.page_map,
-                                 progress=args.progress)
+            summary = export_ram(args.ram, key, sink, work_dir=work, page_map=args.page_map, **_helper_options(args))
             os.fsync(sink.fileno())
         os.replace(partial, args.out)
     except OvmfMhError as exc:
@@ -167,7 +182,7 @@ def run_export(args: argparse.Namespace) -> int:
     except OSError as exc:  # disk full, no permission, a directory that is not there...
         partial.unlink(missing_ok=True)
         where = args.out if exc.filename in (None, str(partial)) else exc.filename
-        return _report(args, summary, OvmfMhError(f"cannot write {where}: {exc.strerror or exc}"), "export")
+        return _report(args, summary, OvmfMhError(f"cannot write {where}: {exc.strerror or exc}"), "export", exc)
     except BaseException:  # Ctrl-C: the helpers are stopped on the way out; no half stream stays
         partial.unlink(missing_ok=True)
         raise
@@ -181,8 +196,7 @@ def run_import(args: argparse.Namespace) -> int:
     work = _work_dir(args, "import")
     try:
         with args.stream.open("rb") as source:
-            summary = import_ram(args.ram, key, source, kind=args.helper, helpers=args.helpers,
-                                 firmware=_firmware(args), work_dir=work, progress=args.progress)
+            summary = import_ram(args.ram, key, source, work_dir=work, **_helper_options(args))
     except OSError as exc:
         return _report(args, None, OvmfMhError(f"cannot read {args.stream}: {exc.strerror}"), "import")
     except OvmfMhError as exc:
@@ -195,26 +209,50 @@ def run_send(args: argparse.Namespace) -> int:
     work = _work_dir(args, "send")
     summary: TransferSummary | None = None
     try:
-        with socket.create_connection(_address(args.to), timeout=args.connect_timeout) as sock:
+        sock = socket.create_connection(_address(args.to), timeout=args.connect_timeout)
+    except OSError as exc:
+        return _report(args, None, OvmfMhError(
+            f"cannot connect to the receiver at {args.to}: {exc.strerror or exc}; is 'ovmf-mh receive' "
+            "listening there?"), "send")
+    try:
+        with sock:
             sock.settimeout(args.idle_timeout)
-            with cast(IO[bytes], sock.makefile("wb", buffering=1024 * 1024)) as sink:
-                summary = export_ram(args.ram, key, sink, kind=args.helper, helpers=args.helpers,
-                                     firmware=_firmware(args), work_dir=work, page_map=args.page_map,
-                                     progress=args.progress)
+            sink = cast(IO[bytes], sock.makefile("wb", buffering=1024 * 1024))
+            try:
+                summary = export_ram(args.ram, key, sink, work_dir=work, page_map=args.page_map,
+                                     **_helper_options(args))
+                sink.close()
+            except BaseException:
+                # Closing the buffered sink would flush into a dead or stalled
+                # connection (another idle timeout): drop the connection first.
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                with suppress(OSError):
+                    sink.close()
+                raise
             sock.shutdown(socket.SHUT_WR)
             verdict = _read_verdict(sock)
-    except TimeoutError:
+    except TimeoutError as exc:
         return _report(args, summary, OvmfMhError(
-            f"connection to {args.to}: the receiver took no data and sent no verdict for "
-            f"{args.idle_timeout:.0f} s"), "send")
+            f"the receiver at {args.to} took no data and sent no verdict for {args.idle_timeout:g} s "
+            "(--idle-timeout); it is stalled or overloaded; the transfer is abandoned"), "send", exc)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        return _report(args, summary, _peer_gone(args, exc), "send", exc)
     except OSError as exc:
-        return _report(args, summary, OvmfMhError(f"connection to {args.to} failed: {exc}"), "send")
+        return _report(args, summary, OvmfMhError(f"connection to the receiver at {args.to} failed: {exc}"),
+                       "send", exc)
     except OvmfMhError as exc:
         return _report(args, summary, exc, "send")
     if verdict.get("outcome") != "ok":
         return _report(args, summary, OvmfMhError(f"receiver reports failure: {verdict.get('error')}"), "send")
     summary.direction = "send"
     return _report(args, summary, None, "send")
+
+
+def _peer_gone(args: argparse.Namespace, exc: OSError) -> OvmfMhError:
+    return OvmfMhError(
+        f"the receiver at {args.to} closed the connection during the transfer ({exc.strerror or exc}): it "
+        "stopped or failed; its own output says why; nothing was imported there")
 
 
 def _read_verdict(sock: socket.socket) -> dict[str, Any]:
@@ -233,34 +271,67 @@ def _read_verdict(sock: socket.socket) -> dict[str, Any]:
     return verdict
 
 
+class _CountingReader:
+    """The connection's reader, noting how much arrived and whether it ended."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.bytes = 0
+        self.ended = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.bytes += len(data)
+        if size and len(data) < size:
+            self.ended = True
+        return data
+
+
 def run_receive(args: argparse.Namespace) -> int:
     key = read_key(args.key)
     work = _work_dir(args, "receive")
     host, port = _address(args.listen)
     try:
-        with socket.create_server((host, port)) as server:
-            server.settimeout(args.accept_timeout)
-            print(f"listening on {host}:{server.getsockname()[1]}", file=sys.stderr, flush=True)
-            conn, _ = server.accept()
+        server = socket.create_server((host, port))
     except OSError as exc:
-        return _report(args, None, OvmfMhError(f"cannot listen on {args.listen}: {exc}"), "receive")
+        return _report(args, None, OvmfMhError(f"cannot listen on {args.listen}: {exc.strerror or exc}"), "receive")
+    with server:
+        server.settimeout(args.accept_timeout)
+        print(f"listening on {host}:{server.getsockname()[1]}", file=sys.stderr, flush=True)
+        try:
+            conn, peer = server.accept()
+        except TimeoutError:
+            return _report(args, None, OvmfMhError(
+                f"no sender connected to {args.listen} within {args.accept_timeout:g} s (--accept-timeout)"),
+                "receive")
     with conn:
         conn.settimeout(args.idle_timeout)
         summary: TransferSummary | None = None
         error: OvmfMhError | None = None
+        cause: BaseException | None = None
+        reader: _CountingReader | None = None
         try:
-            with cast(IO[bytes], conn.makefile("rb", buffering=1024 * 1024)) as source:
-                summary = import_ram(args.ram, key, source, kind=args.helper, helpers=args.helpers,
-                                     firmware=_firmware(args), work_dir=work, progress=args.progress)
+            with cast(IO[bytes], conn.makefile("rb", buffering=1024 * 1024)) as raw:
+                reader = _CountingReader(raw)
+                summary = import_ram(args.ram, key, cast(IO[bytes], reader), work_dir=work,
+                                     **_helper_options(args))
         except OvmfMhError as exc:
-            error = exc
-        except TimeoutError:
-            error = OvmfMhError(f"the sender sent nothing for {args.idle_timeout:.0f} s; import abandoned")
+            error, cause = exc, exc
+            if reader is not None and reader.ended:
+                error = OvmfMhError(
+                    f"the sender {peer[0]}:{peer[1]} closed the connection after {reader.bytes} bytes, before the "
+                    f"end of the stream: it stopped or failed (its own output says why); nothing was kept "
+                    f"({exc})")
+        except TimeoutError as exc:
+            cause = exc
+            error = OvmfMhError(f"the sender sent nothing for {args.idle_timeout:g} s (--idle-timeout); "
+                                "import abandoned, nothing was kept")
         except OSError as exc:
-            error = OvmfMhError(f"connection from the sender failed: {exc}")
+            cause = exc
+            error = OvmfMhError(f"the connection from the sender failed: {exc.strerror or exc}; nothing was kept")
         verdict = summary.as_json() if summary else {"outcome": "failed", "error": str(error)}
         with suppress(OSError):
             conn.sendall(json.dumps(verdict).encode())
     if summary is not None:
         summary.direction = "receive"
-    return _report(args, summary, error, "receive")
+    return _report(args, summary, error, "receive", cause)

@@ -200,6 +200,16 @@ InternalHelperFault (
     Rip
     );
   if (Private->Magic == SEC_MH_PRIVATE_MAGIC) {
+    //
+    // A helper that failed keeps no key: its private copy, the session keys
+    // and the launch-secret page (if the fault came before it was read) are
+    // wiped before the host can see the FAULT state. The magic is set only
+    // after the request was validated, so both areas are helper RAM. It is
+    // cleared first: a fault while wiping halts at once instead of looping.
+    //
+    Private->Magic = 0;
+    MigrationHelperWipeKeys (&Private->Context);
+    ZeroMem ((VOID *)(UINTN)OVMF_MH_SECRET_PAGE_BASE, OVMF_MH_PAGE_SIZE);
     MigrationHelperPublishHalt (
       Private->Context.Header,
       Private->Context.BuildId,
