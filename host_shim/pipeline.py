@@ -40,6 +40,7 @@ import numpy.typing as npt
 
 from helper import abi
 from host_shim import container as ct
+from host_shim import process
 from host_shim.backends import Backend, open_backends
 from host_shim.errors import MailboxError, OvmfMhError
 from host_shim.mailbox import DEFAULT_TIMEOUT, status_name
@@ -600,6 +601,7 @@ def _prepare_target(dst: Path, guest_size: int, mode: str) -> Path:
         )
     partial = dst.with_name(f".{dst.name}.ovmf-mh-partial")
     partial.unlink(missing_ok=True)
+    process.remove_on_exit(partial)  # even if the import is killed
     with partial.open("wb") as f:
         f.truncate(guest_size)
     return partial
@@ -755,6 +757,7 @@ def import_ram(
                 with target.open("rb") as f:
                     os.fsync(f.fileno())
                 os.replace(target, dst)
+                process.keep(target)
             succeeded = True
         except BaseException as exc:
             summary.error = str(exc)
@@ -767,6 +770,6 @@ def import_ram(
         finally:
             meter.finish()
             if mode == "replace" and not succeeded:
-                target.unlink(missing_ok=True)
+                process.remove(target)
     summary.outcome = "ok"
     return summary

@@ -141,8 +141,8 @@ def _report(args: argparse.Namespace, summary: TransferSummary | None, error: Ov
     if summary is None:
         summary = TransferSummary(direction, args.helper, args.helpers or 0, 0, error=str(error),
                                   work_dir=str(work) if work else None)
-    elif error is not None and summary.error is None:
-        summary.error = str(error)
+    elif error is not None:
+        summary.error = str(error)  # the command's own words beat the low-level cause
     summary.direction = direction
     if error is not None:
         summary.outcome = "failed"
@@ -170,12 +170,14 @@ def run_export(args: argparse.Namespace) -> int:
         raise OvmfMhError(f"--out {args.out} is the guest RAM file itself; the stream would replace it")
     work = _work_dir(args, "export")
     partial = args.out.with_name(f".{args.out.name}.partial")
+    process.remove_on_exit(partial)  # even if the export is killed
     summary: TransferSummary | None = None
     try:
         with partial.open("wb") as sink:
             summary = export_ram(args.ram, key, sink, work_dir=work, page_map=args.page_map, **_helper_options(args))
             os.fsync(sink.fileno())
         os.replace(partial, args.out)
+        process.keep(partial)
     except OvmfMhError as exc:
         partial.unlink(missing_ok=True)
         return _report(args, summary, exc, "export")
@@ -326,6 +328,10 @@ def run_receive(args: argparse.Namespace) -> int:
             cause = exc
             error = OvmfMhError(f"the sender sent nothing for {args.idle_timeout:g} s (--idle-timeout); "
                                 "import abandoned, nothing was kept")
+        except ConnectionResetError as exc:
+            cause = exc
+            error = OvmfMhError(f"the sender {peer[0]}:{peer[1]} closed the connection (reset) before the end of the "
+                                "stream: it stopped or failed (its own output says why); nothing was kept")
         except OSError as exc:
             cause = exc
             error = OvmfMhError(f"the connection from the sender failed: {exc.strerror or exc}; nothing was kept")
