@@ -21,6 +21,7 @@ write changes it. The host never interprets the bytes, it only compares.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -41,6 +42,8 @@ from host_shim.mailbox import DEFAULT_TIMEOUT
 from host_shim.pipeline import Exporter, PageNumbers, TransferSummary, import_ram
 from host_shim.progress import Progress
 from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
+
+log = logging.getLogger(__name__)
 
 PAGE = 4096
 MIB = 1024 * 1024
@@ -186,6 +189,9 @@ class _Watch:
             if message is not None:
                 self.fault = MigrationError(
                     f"{message}, during {self.phase} ({time.monotonic() - self.started:.1f} s into the run)")
+                # Said at once: stopping the rest (and checking that the
+                # source guest goes on) takes a while longer.
+                log.warning("migrate: %s; stopping the migration", self.fault)
                 self.on_fault(self.fault)
                 return
 
@@ -250,6 +256,15 @@ def _wait_for(vm: QemuVM, needle: str, timeout: float, after: int = 0) -> str:
             raise vm.error(f"QEMU exited while waiting for {needle!r} on the serial console")
         time.sleep(0.05)
     raise vm.error(f"no {needle!r} on the serial console within {timeout:.0f} s")
+
+
+def _check_answers(target: QemuVM) -> None:
+    """The target QEMU must answer QMP before the source guest stops for it."""
+    try:
+        target.qmp("query-status")
+    except QemuError as exc:
+        state = "it is stopped (SIGSTOP?)" if target.is_stopped() else "it does not answer"
+        raise MigrationError(f"{target.describe()}: {state}; the source guest was not stopped") from exc
 
 
 def _migrate_device_state(source: QemuVM, target: QemuVM) -> float:
@@ -381,6 +396,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         # Switchover: from here until cont, the guest runs nowhere. Never for
         # a target side that is already gone.
         watch.check()
+        _check_answers(target)
         watch.phase = "switchover (source guest stopped)"
         stop_at = time.monotonic()
         source.qmp("stop")

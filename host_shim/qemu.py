@@ -319,6 +319,10 @@ class QemuVM:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def is_stopped(self) -> bool:
+        """Running but stopped (SIGSTOP): it answers nothing."""
+        return self._proc is not None and is_stopped(self._proc)
+
     def wait_exit(self, timeout: float) -> int:
         """Wait for QEMU to exit by itself; raise QemuError on timeout."""
         if self._proc is None:
