@@ -9,6 +9,7 @@ from pathlib import Path
 from host_shim import process
 from host_shim.backends import KINDS
 from host_shim.boot import resolve_image
+from host_shim.errors import OvmfMhError
 from host_shim.mailbox import DEFAULT_TIMEOUT
 from host_shim.migrate import MigrationConfig, migrate, write_report
 
@@ -73,7 +74,12 @@ def run(args: argparse.Namespace) -> int:
         ram_dir=args.ram_dir,
         mailbox_timeout=args.mailbox_timeout,
     )
-    report = migrate(config)
+    try:
+        report = migrate(config)
+    except OvmfMhError:
+        if args.work_dir is None:
+            process.keep(work)  # the error names logs in it
+        raise
     if args.work_dir is None:
         process.keep(work)
     write_report(report, work / "report.json")
