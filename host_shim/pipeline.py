@@ -117,9 +117,9 @@ class TransferSummary:
 
     def describe(self) -> str:
         rate = self.pages / self.seconds if self.seconds else 0.0
-        done = "" if self.outcome == "ok" else " before the failure"
+        done = "" if self.outcome == "ok" else " done before the failure"
         text = (
-            f"{self.direction} {self.outcome}{done}: {self.pages} pages ({self.private_pages} private through "
+            f"{self.direction} {self.outcome}: {self.pages} pages{done} ({self.private_pages} private through "
             f"{self.helpers} {self.helper} helper(s), {self.shared_pages} shared, {self.excluded_pages} "
             f"excluded, {self.zero_pages} zero), {self.stream_bytes} stream bytes in {self.seconds:.2f} s "
             f"({rate:.0f} pages/s)"
