@@ -328,6 +328,24 @@ def test_command_killed_mid_transfer_leaves_nothing(
             c.stop()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["SIGHUP", "SIGINT"])
+def test_hangup_and_interrupt_stop_like_sigterm(sandbox: Sandbox, stream: tuple[Path, Path], signum: int) -> None:
+    """SIGHUP (a closed terminal) and SIGINT (Ctrl-C) end an export like
+    SIGTERM: exit 128 + signal, a message, nothing left."""
+    (victim,) = start_transfer(sandbox, "export", "reference", stream)
+    try:
+        victim.wait_pages(MIDWAY_PAGES)
+        started = victim.descendants()
+        os.kill(victim.proc.pid, signum)
+        code, seconds = victim.wait_exit(TERM_BOUND)
+        name = signal.Signals(signum).name
+        assert code == 128 + signum and f"stopped by {name}" in victim.stderr, victim.stderr
+        gone = assert_clean(sandbox, started, KILL_BOUND)
+        record(f"export killed by {name} mid-transfer", seconds, code, victim.stderr, gone)
+    finally:
+        victim.stop()
+
+
 # --- a helper or a peer dies or stalls ------------------------------------------------------
 
 
