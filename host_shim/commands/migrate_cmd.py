@@ -9,8 +9,8 @@ from pathlib import Path
 from host_shim import process
 from host_shim.backends import KINDS
 from host_shim.boot import resolve_image
+from host_shim.commands.options import add_mailbox_timeout
 from host_shim.errors import OvmfMhError
-from host_shim.mailbox import DEFAULT_TIMEOUT
 from host_shim.migrate import MigrationConfig, migrate, write_report
 
 
@@ -46,9 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--ram-dir", type=Path,
                         help="keep the two guest RAM files here for the run only, e.g. /dev/shm (tmpfs: "
                         "faster, no disk page faults); default: in the work folder, kept afterwards")
-    parser.add_argument("--mailbox-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help="give up on a helper that answers no command for this many seconds (stopped or "
-                        f"wedged; a dead helper or QEMU is seen within 0.1 s) (default {DEFAULT_TIMEOUT:.0f})")
+    add_mailbox_timeout(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     parser.set_defaults(handler=run)

@@ -13,9 +13,9 @@ from typing import IO, Any, cast
 
 from host_shim import paths, process
 from host_shim.backends import KINDS
+from host_shim.commands.options import add_mailbox_timeout
 from host_shim.errors import OvmfMhError
 from host_shim.keys import read_key
-from host_shim.mailbox import DEFAULT_TIMEOUT
 from host_shim.pipeline import TransferSummary, export_ram, import_ram, partial_summary
 
 VERDICT_LIMIT = 65536
@@ -36,9 +36,7 @@ def _common(parser: argparse.ArgumentParser, direction: str) -> None:
     parser.add_argument("--work-dir", type=Path,
                         help="folder for the helpers' logs (default: a new temp folder, removed unless the "
                         "command fails)")
-    parser.add_argument("--mailbox-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help="give up on a helper that answers no command for this many seconds (stopped or "
-                        f"wedged; a dead helper is seen at once) (default {DEFAULT_TIMEOUT:.0f})")
+    add_mailbox_timeout(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress line on stderr (default: when stderr is a terminal)")
