@@ -158,8 +158,8 @@ class HelperVM:
     def close(self) -> None:
         """SHUTDOWN (the helper wipes its keys and powers off) when it is idle
         and answering, then QMP quit and SIGKILL, each bounded in time."""
-        if self.mailbox is not None and self.ready_header is not None:
-            self.mailbox.shutdown_if_idle(SHUTDOWN_TIMEOUT)
+        if (self.mailbox is not None and self.ready_header is not None
+                and self.mailbox.shutdown_if_idle(SHUTDOWN_TIMEOUT)):
             with suppress(QemuError):
                 self.vm.wait_exit(SHUTDOWN_TIMEOUT)
         self.vm.stop()

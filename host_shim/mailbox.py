@@ -159,13 +159,15 @@ class Mailbox:
         state = process_state(self.pid) if self.pid is not None else None
         return f" (pid {self.pid} is stopped, e.g. by SIGSTOP)" if state in ("T", "t") else ""
 
-    def shutdown_if_idle(self, timeout: float) -> None:
+    def shutdown_if_idle(self, timeout: float) -> bool:
         """Ask the helper to wipe its keys and end (SHUTDOWN), unless a
-        command is still in flight or the helper does not answer in time."""
+        command is still in flight or the helper is stopped. True when the
+        helper accepted it (and so ends by itself)."""
         if self.busy or not self._is_alive() or self._state():
-            return
+            return False
         with suppress(MailboxError):
-            self.post_and_wait("SHUTDOWN", timeout=timeout)
+            return self.post_and_wait("SHUTDOWN", timeout=timeout).status == 0
+        return False
 
     def post_and_wait(
         self, command: str | int, args: tuple[int, ...] = (), timeout: float = DEFAULT_TIMEOUT

@@ -24,7 +24,7 @@ from host_shim import paths, process
 from host_shim.errors import SetupError
 from host_shim.helper_memory import HelperMemory
 from host_shim.mailbox import Mailbox
-from host_shim.process import is_stopped, kill_if_running
+from host_shim.process import kill_if_running
 
 
 class ReferenceHelperProcess:
@@ -120,11 +120,10 @@ class ReferenceHelperProcess:
         """SHUTDOWN through the mailbox (skipped when a command is in flight
         or the process is stopped), then SIGKILL to the process's own pid."""
         proc = self._proc
-        if proc is not None and proc.poll() is None and self.mailbox is not None:
-            self.mailbox.shutdown_if_idle(soft_timeout)
-            if not is_stopped(proc):
-                with suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=soft_timeout)
+        if (proc is not None and proc.poll() is None and self.mailbox is not None
+                and self.mailbox.shutdown_if_idle(soft_timeout)):
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=soft_timeout)
         if proc is not None:
             kill_if_running(proc, f"{self.name}: reference helper")
         if self.mailbox is not None:
