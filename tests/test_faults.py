@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -143,15 +144,18 @@ def sandbox(work_dir: Path) -> Iterator[Sandbox]:
     shm_base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else work_dir
     shm = shm_base / f"ovmf-mh-faults-{os.getpid()}-{work_dir.name[-40:]}"
     shutil.rmtree(shm, ignore_errors=True)
-    for folder in (work_dir / "tmp", shm / "runtime", shm / "ram"):
+    for folder in (shm / "runtime", shm / "ram"):
         folder.mkdir(parents=True)
+    # Short: QMP sockets go in TMPDIR, and AF_UNIX paths are limited to 108 bytes.
+    tmp = Path(tempfile.mkdtemp(prefix="omh-faults-", dir="/tmp"))
     key = work_dir / "transport.key"
     subprocess.run([*OVMF_MH, "keygen", "--out", str(key)], check=True)
-    box = Sandbox(work_dir, work_dir / "tmp", shm, key)
+    box = Sandbox(work_dir, tmp, shm, key)
     try:
         yield box
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def key_holders(box: Sandbox) -> list[Path]:
@@ -159,7 +163,7 @@ def key_holders(box: Sandbox) -> list[Path]:
     key file itself), its TMPDIR and runtime folder, and anything in
     /dev/shm written since the run started."""
     needle = box.key.read_bytes()
-    candidates = [p for folder in (box.root, box.shm) for p in folder.rglob("*")
+    candidates = [p for folder in (box.root, box.tmp, box.shm) for p in folder.rglob("*")
                   if p.is_file() and not p.is_symlink() and p != box.key]
     for entry in Path("/dev/shm").iterdir():
         try:
