@@ -86,8 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
-        print(f"ovmf-mh {args.command}: stopped by {signal.Signals(signum).name}; every helper and QEMU "
-              "it started is stopped and its temporary files are removed", file=sys.stderr)
+        print(f"ovmf-mh {args.command}: interrupted: stopped by {signal.Signals(signum).name}; every helper "
+              "and QEMU it started is stopped and its temporary files are removed", file=sys.stderr)
         return 128 + signum
 
 
