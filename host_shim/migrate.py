@@ -263,8 +263,9 @@ def _check_answers(target: QemuVM) -> None:
     try:
         target.qmp("query-status")
     except QemuError as exc:
-        state = "it is stopped (SIGSTOP?)" if target.is_stopped() else "it does not answer"
-        raise MigrationError(f"{target.describe()}: {state}; the source guest was not stopped") from exc
+        state = "is stopped (SIGSTOP?) and" if target.is_stopped() else "is running but"
+        raise MigrationError(f"{target.name} QEMU pid {target.pid} {state} does not answer QMP before the "
+                             "switchover; the source guest was not stopped") from exc
 
 
 def _migrate_device_state(source: QemuVM, target: QemuVM) -> float:

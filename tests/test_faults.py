@@ -604,7 +604,7 @@ def test_target_qemu_fault_in_precopy_never_stops_the_source(firmware: Path, san
         assert '"execute": "stop"' not in qmp, "the source guest was stopped for a dead target"
         gone = assert_clean(sandbox, started, KILL_BOUND)
         record(f"migrate: target QEMU {fault} in pre-copy", seen if seen is not None else seconds, code,
-               report["error"], gone)
+               f"error: {report['error']}", gone)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(target, signal.SIGCONT)
