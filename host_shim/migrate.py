@@ -450,7 +450,6 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         watch.check()
         target.qmp("cont")
         resumed_target = True
-        watch.close()
         marks["cont"] = time.monotonic() - stop_at - report.verify_seconds
         report.switchover_ms = {k: round(1000 * v) for k, v in marks.items()}
         report.downtime_seconds = time.monotonic() - stop_at - report.verify_seconds

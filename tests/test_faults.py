@@ -609,3 +609,26 @@ def test_target_qemu_fault_in_precopy_never_stops_the_source(firmware: Path, san
         with contextlib.suppress(ProcessLookupError):
             os.kill(target, signal.SIGCONT)
         victim.stop()
+
+
+@pytest.mark.qemu
+def test_source_qemu_killed_in_precopy_is_reported_at_once(firmware: Path, sandbox: Sandbox) -> None:
+    """The source guest QEMU killed during pre-copy: seen within 1 s, the
+    report says the guest is lost with that QEMU, nothing is left."""
+    work = sandbox.root / "migrate-work"
+    victim = start_migrate(sandbox, "--work-dir", work, "--json")
+    try:
+        started = victim.descendants()
+        source = int((work / "source" / "qemu.pid").read_text())
+        os.kill(source, signal.SIGKILL)
+        seen = _fault_seen(victim, time.monotonic(), "stopping the migration", 5)
+        assert seen < 1.0, f"the dead source was seen after {seen:.2f} s"
+        code, _ = victim.wait_exit(60)
+        report = json.loads(victim.proc.communicate()[0])
+        assert code == 1
+        assert f"source QEMU pid {source}, killed by SIGKILL" in report["error"], report["error"]
+        assert report["guest_state"].startswith(f"lost: source QEMU pid {source}"), report
+        gone = assert_clean(sandbox, started, KILL_BOUND)
+        record("migrate: source QEMU SIGKILL in pre-copy", seen, code, f"error: {report['error']}", gone)
+    finally:
+        victim.stop()
