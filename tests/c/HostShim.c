@@ -16,7 +16,9 @@
 
 #include "HostShim.h"
 
-STATIC UINT32  mHostShimCpuid1EcxClear = 0;
+STATIC UINT32   mHostShimCpuid1EcxClear = 0;
+STATIC UINT32   mHostShimCpuidCache[2][4];
+STATIC BOOLEAN  mHostShimCpuidCached[2];
 
 void
 host_shim_set_cpuid1_ecx_clear (
@@ -118,11 +120,30 @@ AsmCpuidEx (
   UINT32  Ecx;
   UINT32  Edx;
 
-  __asm__ __volatile__ (
-    "cpuid"
-    : "=a" (Eax), "=b" (Ebx), "=c" (Ecx), "=d" (Edx)
-    : "a" (Index), "c" (SubIndex)
-    );
+  //
+  // Leaves 0 and 1 are asked for on every export session; under a
+  // hypervisor each CPUID is a VM exit, so they are read once.
+  //
+  if ((Index <= 1) && (SubIndex == 0) && mHostShimCpuidCached[Index]) {
+    Eax = mHostShimCpuidCache[Index][0];
+    Ebx = mHostShimCpuidCache[Index][1];
+    Ecx = mHostShimCpuidCache[Index][2];
+    Edx = mHostShimCpuidCache[Index][3];
+  } else {
+    __asm__ __volatile__ (
+      "cpuid"
+      : "=a" (Eax), "=b" (Ebx), "=c" (Ecx), "=d" (Edx)
+      : "a" (Index), "c" (SubIndex)
+      );
+    if ((Index <= 1) && (SubIndex == 0)) {
+      mHostShimCpuidCache[Index][0] = Eax;
+      mHostShimCpuidCache[Index][1] = Ebx;
+      mHostShimCpuidCache[Index][2] = Ecx;
+      mHostShimCpuidCache[Index][3] = Edx;
+      mHostShimCpuidCached[Index]   = TRUE;
+    }
+  }
+
   if (Index == 1) {
     Ecx &= ~mHostShimCpuid1EcxClear;
   }

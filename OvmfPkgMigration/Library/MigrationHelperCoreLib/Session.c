@@ -386,6 +386,7 @@ InternalExportBegin (
   OVMF_MH_STREAM_HEADER  *Header;
   UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
   UINT32                 Status;
+  UINT64                 TrackedPages;
 
   Session = InternalSession (Context);
   Status  = InternalCheckSessionStart (Context, Arg);
@@ -407,24 +408,38 @@ InternalExportBegin (
     return OVMF_MH_STATUS_NO_ENTROPY;
   }
 
-  if (!InternalStartSession (Session, Header->Salt) ||
-      !MigrationHelperHkdfSha256 (
-         Header->Salt,
-         OVMF_MH_SALT_SIZE,
-         Session->TransportKey,
-         OVMF_MH_KEY_SIZE,
-         (CONST UINT8 *)OVMF_MH_PAGE_HASH_INFO,
-         sizeof (OVMF_MH_PAGE_HASH_INFO) - 1,
-         (UINT8 *)Session->PageHashKey,
-         sizeof (Session->PageHashKey)
-         ))
-  {
+  if (!InternalStartSession (Session, Header->Salt)) {
     return OVMF_MH_STATUS_UNEXPECTED;
   }
 
+  //
+  // The page-hash key and table serve CHECK_PAGES only: an untracked export
+  // derives no key (128 HMAC blocks) and clears no table. Of the table, only
+  // the entries of pages inside the guest window can ever be set or read.
+  //
   Session->TrackPages = (BOOLEAN)((Arg[2] & OVMF_MH_EXPORT_TRACK_PAGES) != 0);
   if (Session->TrackPages) {
-    ZeroMem (Session->PageHash, sizeof (Session->PageHash));
+    if (!MigrationHelperHkdfSha256 (
+           Header->Salt,
+           OVMF_MH_SALT_SIZE,
+           Session->TransportKey,
+           OVMF_MH_KEY_SIZE,
+           (CONST UINT8 *)OVMF_MH_PAGE_HASH_INFO,
+           sizeof (OVMF_MH_PAGE_HASH_INFO) - 1,
+           (UINT8 *)Session->PageHashKey,
+           sizeof (Session->PageHashKey)
+           ))
+    {
+      Session->TrackPages = FALSE;
+      return OVMF_MH_STATUS_UNEXPECTED;
+    }
+
+    TrackedPages = Context->GuestWindowSize / OVMF_MH_PAGE_SIZE;
+    if (TrackedPages > OVMF_MH_MAX_TRACKED_PAGES) {
+      TrackedPages = OVMF_MH_MAX_TRACKED_PAGES;
+    }
+
+    ZeroMem (Session->PageHash, (UINTN)TrackedPages * sizeof (Session->PageHash[0]));
     ZeroMem (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
     Session->ZeroPageHash = InternalPageHash (Session->PageHashKey, Session->PageBuffer);
   }

@@ -1,8 +1,9 @@
 /** @file
   Fuzz driver for the mailbox dispatcher (host only).
 
-  Two helper contexts, a source and a target, each with its own mailbox and
-  guest window, all surrounded by PROT_NONE guard pages: a read or write one
+  Two helper contexts, a source and a target, each with its own mailbox,
+  guest window and private memory, all surrounded by PROT_NONE guard pages
+  (FuzzCommon.c, shared with the libFuzzer harnesses): a read or write one
   byte outside the memory the dispatcher was configured with faults. Built
   with ASan/UBSan. Each iteration is one of:
 
@@ -12,11 +13,9 @@
     mutated (bit flips, dropped, duplicated, swapped or truncated records,
     foreign headers) and the target imports it.
 
-  After every command the driver checks the invariants: the status is one
-  the ABI defines; the data area changed only inside the output span of an
-  export command; the target's guest window changed only on IMPORT_BATCH;
-  a mutated stream never completes; an untouched stream always does and
-  reproduces the source pages exactly.
+  After every command FuzzCall() checks the invariants (FuzzCommon.h); on top
+  of them this driver checks that a mutated stream never completes and that
+  an untouched stream always does and reproduces the source pages exactly.
 
   Usage: FuzzDispatch SEED ITERATIONS
 
@@ -26,25 +25,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#undef NULL
 
-#include <Base.h>
-#include <Library/MigrationHelperCoreLib.h>
+#include "FuzzCommon.h"
 
-#define PAGE           4096ULL
+#define PAGE           FUZZ_PAGE
 #define WINDOW_PAGES   64ULL
-#define MAILBOX_SIZE   (OVMF_MH_MAILBOX_HEADER_SIZE + 512ULL * 1024)
-#define RECORD_MAX     (40ULL + PAGE + 16ULL)
-#define END_RECORD     96ULL
-#define STREAM_HEADER  88ULL
-
-typedef struct {
-  OVMF_MH_HELPER_CONTEXT    Context;
-  UINT8                     *Mailbox;
-  UINT8                     *Window;
-  UINT32                    Seq;
-} FUZZ_HELPER;
+#define DATA_SIZE      (512ULL * 1024)
+#define RECORD_MAX     FUZZ_RECORD_MAX
+#define END_RECORD     FUZZ_END_RECORD
+#define STREAM_HEADER  FUZZ_STREAM_HEADER
 
 STATIC UINT64  mRng;
 
@@ -67,164 +56,6 @@ Below (
   )
 {
   return (Bound == 0) ? 0 : Next () % Bound;
-}
-
-STATIC
-VOID
-Fail (
-  CONST CHAR8  *What,
-  UINT64       Detail
-  )
-{
-  fprintf (stderr, "FUZZ INVARIANT BROKEN: %s (0x%llx)\n", What, (unsigned long long)Detail);
-  abort ();
-}
-
-/**
-  Map Size bytes with a PROT_NONE guard page on each side.
-**/
-STATIC
-UINT8 *
-GuardedMap (
-  UINT64  Size
-  )
-{
-  UINT8  *Base;
-
-  Base = mmap (NULL, Size + 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (Base == MAP_FAILED) {
-    Fail ("mmap", Size);
-  }
-
-  mprotect (Base, PAGE, PROT_NONE);
-  mprotect (Base + PAGE + Size, PAGE, PROT_NONE);
-  return Base + PAGE;
-}
-
-STATIC
-VOID
-CreateHelper (
-  FUZZ_HELPER  *Helper,
-  CONST UINT8  *Key
-  )
-{
-  OVMF_MH_SECRET  *Secret;
-  UINT8           *SecretPage;
-
-  memset (Helper, 0, sizeof (*Helper));
-  Helper->Mailbox                 = GuardedMap (MAILBOX_SIZE);
-  Helper->Window                  = GuardedMap (WINDOW_PAGES * PAGE);
-  Helper->Context.Header          = (volatile OVMF_MH_MAILBOX_HEADER *)Helper->Mailbox;
-  Helper->Context.Data            = Helper->Mailbox + OVMF_MH_MAILBOX_HEADER_SIZE;
-  Helper->Context.DataSize        = MAILBOX_SIZE - OVMF_MH_MAILBOX_HEADER_SIZE;
-  Helper->Context.GuestWindow     = Helper->Window;
-  Helper->Context.GuestWindowSize = WINDOW_PAGES * PAGE;
-  Helper->Context.Private         = GuardedMap (OVMF_MH_CORE_PRIVATE_SIZE);
-  Helper->Context.PrivateSize     = OVMF_MH_CORE_PRIVATE_SIZE;
-  if (!MigrationHelperInitialize (&Helper->Context)) {
-    Fail ("initialize", 0);
-  }
-
-  SecretPage = GuardedMap (PAGE);
-  Secret     = (OVMF_MH_SECRET *)SecretPage;
-  Secret->Signature = OVMF_MH_SECRET_SIGNATURE;
-  Secret->Version   = 1;
-  Secret->KeySize   = OVMF_MH_KEY_SIZE;
-  memcpy (Secret->Key, Key, OVMF_MH_KEY_SIZE);
-  if (!MigrationHelperLoadSecret (&Helper->Context, SecretPage, PAGE)) {
-    Fail ("load secret", 0);
-  }
-
-  for (UINT64 Index = 0; Index < PAGE; Index++) {
-    if (SecretPage[Index] != 0) {
-      Fail ("secret page not wiped", Index);
-    }
-  }
-
-  MigrationHelperPublishReady (&Helper->Context);
-}
-
-STATIC
-BOOLEAN
-KnownStatus (
-  UINT32  Status
-  )
-{
-  return (BOOLEAN)(Status <= OVMF_MH_STATUS_NO_ENTROPY ||
-                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_SESSION_FAILED));
-}
-
-/**
-  Post a command, serve it, check the generic invariants, return the status.
-**/
-STATIC
-UINT32
-Call (
-  FUZZ_HELPER  *Helper,
-  UINT32       Command,
-  UINT64       *Arg,
-  UINT64       *Result,
-  BOOLEAN      CheckData
-  )
-{
-  volatile OVMF_MH_MAILBOX_HEADER  *Header;
-  static UINT8                     DataBefore[MAILBOX_SIZE];
-  static UINT8                     WindowBefore[WINDOW_PAGES * PAGE];
-  UINT64                           Index;
-  UINT64                           OutStart;
-  UINT64                           OutEnd;
-
-  Header = Helper->Context.Header;
-  memcpy (DataBefore, (VOID *)Helper->Context.Data, Helper->Context.DataSize);
-  memcpy (WindowBefore, Helper->Window, sizeof (WindowBefore));
-  Header->Command = Command;
-  for (Index = 0; Index < OVMF_MH_ARG_COUNT; Index++) {
-    Header->Arg[Index] = Arg[Index];
-  }
-
-  Header->CommandSeq = ++Helper->Seq;
-  if (!MigrationHelperServeOne (&Helper->Context) || (Header->ResponseSeq != Helper->Seq)) {
-    Fail ("command not served", Command);
-  }
-
-  Helper->Context.ShutdownRequested = FALSE;
-  if (!KnownStatus (Header->Status)) {
-    Fail ("unknown status", Header->Status);
-  }
-
-  for (Index = 0; Index < OVMF_MH_RESULT_COUNT; Index++) {
-    Result[Index] = Header->Result[Index];
-  }
-
-  //
-  // Export commands may write only [out offset, out offset + capacity).
-  //
-  OutStart = 1;
-  OutEnd   = 0;
-  if ((Command == OVMF_MH_CMD_EXPORT_BEGIN) || (Command == OVMF_MH_CMD_EXPORT_END)) {
-    OutStart = Arg[0];
-    OutEnd   = Arg[0] + Arg[1];
-  } else if (Command == OVMF_MH_CMD_EXPORT_BATCH) {
-    OutStart = Arg[2];
-    OutEnd   = Arg[2] + Arg[3];
-  } else if (Command == OVMF_MH_CMD_CHECK_PAGES) {
-    OutStart = Arg[2];
-    OutEnd   = Arg[2] + Arg[1];
-  }
-
-  if (CheckData) {
-    for (Index = 0; Index < Helper->Context.DataSize; Index++) {
-      if ((DataBefore[Index] != Helper->Context.Data[Index]) && !((Index >= OutStart) && (Index < OutEnd))) {
-        Fail ("data area written outside the output span", Index);
-      }
-    }
-  }
-
-  if ((Command != OVMF_MH_CMD_IMPORT_BATCH) && (memcmp (WindowBefore, Helper->Window, sizeof (WindowBefore)) != 0)) {
-    Fail ("guest window written by a command other than IMPORT_BATCH", Command);
-  }
-
-  return Header->Status;
 }
 
 STATIC
@@ -272,7 +103,7 @@ HostileCommand (
     //
     Command = OVMF_MH_CMD_QUERY;
   }
-  Call (Helper, Command, Arg, Result, TRUE);
+  FuzzCall (Helper, Command, Arg, Result);
 }
 
 /**
@@ -297,14 +128,14 @@ ExportStream (
   UINT32  Status;
   BOOLEAN Tracked;
 
-  Call (Source, OVMF_MH_CMD_RESET, Arg, Result, TRUE);
+  FuzzCall (Source, OVMF_MH_CMD_RESET, Arg, Result);
   Tracked = (BOOLEAN)Below (2);
   Arg[0]  = 0;
   Arg[1]  = STREAM_HEADER;
   Arg[2]  = Tracked ? OVMF_MH_EXPORT_TRACK_PAGES : 0;
-  Status  = Call (Source, OVMF_MH_CMD_EXPORT_BEGIN, Arg, Result, TRUE);
+  Status  = FuzzCall (Source, OVMF_MH_CMD_EXPORT_BEGIN, Arg, Result);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
-    Fail ("export begin", Status);
+    FuzzFail ("export begin", Status);
   }
 
   memcpy (Stream, (VOID *)Source->Context.Data, STREAM_HEADER);
@@ -320,9 +151,9 @@ ExportStream (
   Arg[1] = Count;
   Arg[2] = Out;
   Arg[3] = Count * RECORD_MAX;
-  Status = Call (Source, OVMF_MH_CMD_EXPORT_BATCH, Arg, Result, TRUE);
+  Status = FuzzCall (Source, OVMF_MH_CMD_EXPORT_BATCH, Arg, Result);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
-    Fail ("export batch", Status);
+    FuzzFail ("export batch", Status);
   }
 
   memcpy (Stream + Size, (VOID *)(Source->Context.Data + Out), Result[0]);
@@ -335,23 +166,23 @@ ExportStream (
   Arg[0] = 0;
   Arg[1] = Count;
   Arg[2] = Out;
-  Status = Call (Source, OVMF_MH_CMD_CHECK_PAGES, Arg, Result, TRUE);
+  Status = FuzzCall (Source, OVMF_MH_CMD_CHECK_PAGES, Arg, Result);
   if (!Tracked) {
     if (Status != OVMF_MH_STATUS_BAD_STATE) {
-      Fail ("CHECK_PAGES answered for an untracked export", Status);
+      FuzzFail ("CHECK_PAGES answered for an untracked export", Status);
     }
   } else {
     if ((Status != OVMF_MH_STATUS_SUCCESS) || (Result[0] != 0)) {
-      Fail ("CHECK_PAGES reports a page that did not change", Result[0]);
+      FuzzFail ("CHECK_PAGES reports a page that did not change", Result[0]);
     }
 
     Touched                  = Pages[0] + Below (PAGE);
     Source->Window[Touched] ^= 0x40;
     List[0]                  = Pages[0];
     Arg[1]                   = 1;
-    Status                   = Call (Source, OVMF_MH_CMD_CHECK_PAGES, Arg, Result, TRUE);
+    Status                   = FuzzCall (Source, OVMF_MH_CMD_CHECK_PAGES, Arg, Result);
     if ((Status != OVMF_MH_STATUS_SUCCESS) || (Result[0] != 1) || (Source->Context.Data[Out] != 1)) {
-      Fail ("CHECK_PAGES misses a changed page", Result[0]);
+      FuzzFail ("CHECK_PAGES misses a changed page", Result[0]);
     }
 
     Source->Window[Touched] ^= 0x40;
@@ -359,9 +190,9 @@ ExportStream (
 
   Arg[0] = 0;
   Arg[1] = END_RECORD;
-  Status = Call (Source, OVMF_MH_CMD_EXPORT_END, Arg, Result, TRUE);
+  Status = FuzzCall (Source, OVMF_MH_CMD_EXPORT_END, Arg, Result);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
-    Fail ("export end", Status);
+    FuzzFail ("export end", Status);
   }
 
   memcpy (Stream + Size, (VOID *)Source->Context.Data, END_RECORD);
@@ -473,35 +304,35 @@ RoundTrip (
     Size = Mutate (Stream, Size, Count, &Mutated);
   }
 
-  Call (Target, OVMF_MH_CMD_RESET, Arg, Result, TRUE);
+  FuzzCall (Target, OVMF_MH_CMD_RESET, Arg, Result);
   memcpy ((VOID *)Target->Context.Data, Stream, Size);
   Arg[0] = 0;
   Arg[1] = STREAM_HEADER;
-  Status = Call (Target, OVMF_MH_CMD_IMPORT_BEGIN, Arg, Result, TRUE);
+  Status = FuzzCall (Target, OVMF_MH_CMD_IMPORT_BEGIN, Arg, Result);
   if (Status == OVMF_MH_STATUS_SUCCESS) {
     BatchSize = (Size >= STREAM_HEADER + END_RECORD) ? Size - STREAM_HEADER - END_RECORD : 0;
     Arg[0]    = STREAM_HEADER;
     Arg[1]    = BatchSize;
-    Status    = Call (Target, OVMF_MH_CMD_IMPORT_BATCH, Arg, Result, TRUE);
+    Status    = FuzzCall (Target, OVMF_MH_CMD_IMPORT_BATCH, Arg, Result);
     if (Status == OVMF_MH_STATUS_SUCCESS) {
       Arg[0] = STREAM_HEADER + BatchSize;
       Arg[1] = Size - Arg[0];
-      Status = Call (Target, OVMF_MH_CMD_IMPORT_END, Arg, Result, TRUE);
+      Status = FuzzCall (Target, OVMF_MH_CMD_IMPORT_END, Arg, Result);
     }
   }
 
   if (Mutated && (Status == OVMF_MH_STATUS_SUCCESS)) {
-    Fail ("a tampered stream completed", Size);
+    FuzzFail ("a tampered stream completed", Size);
   }
 
   if (!Mutated) {
     if (Status != OVMF_MH_STATUS_SUCCESS) {
-      Fail ("an intact stream failed", Status);
+      FuzzFail ("an intact stream failed", Status);
     }
 
     for (Index = 0; Index < Count; Index++) {
       if (memcmp (Target->Window + Pages[Index], Source->Window + Pages[Index], PAGE) != 0) {
-        Fail ("imported page differs", Pages[Index]);
+        FuzzFail ("imported page differs", Pages[Index]);
       }
     }
   }
@@ -515,7 +346,6 @@ main (
 {
   FUZZ_HELPER  Source;
   FUZZ_HELPER  Target;
-  UINT8        Key[OVMF_MH_KEY_SIZE];
   UINT64       Iterations;
   UINT64       Iteration;
   UINT64       Index;
@@ -527,12 +357,9 @@ main (
 
   mRng       = strtoull (Argv[1], NULL, 0) * 2654435761ULL + 1;
   Iterations = strtoull (Argv[2], NULL, 0);
-  for (Index = 0; Index < sizeof (Key); Index++) {
-    Key[Index] = (UINT8)Next ();
-  }
-
-  CreateHelper (&Source, Key);
-  CreateHelper (&Target, Key);
+  FuzzSeedRandom (mRng, MAX_UINT64);
+  FuzzCreateHelper (&Source, DATA_SIZE, WINDOW_PAGES);
+  FuzzCreateHelper (&Target, DATA_SIZE, WINDOW_PAGES);
   for (Index = 0; Index < WINDOW_PAGES * PAGE; Index++) {
     Source.Window[Index] = (UINT8)Next ();
   }

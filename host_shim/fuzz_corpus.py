@@ -1,0 +1,262 @@
+"""Seed corpora and the dictionary for the libFuzzer harnesses (tests/c/fuzz).
+
+Everything is generated, nothing is typed in by hand:
+
+* ``stream`` seeds are real streams: the reference helper (helper/reference.py)
+  exports pages under the harnesses' fixed key, exactly as ``ovmf-mh export``
+  drives a helper, and the reference helper imports each one back before it
+  is kept (so every seed is a stream the firmware must accept).
+* ``mailbox`` seeds encode command sequences (FuzzMailbox.c's input format)
+  that the reference helper served successfully on the harness's own window:
+  export sessions with and without TRACK_PAGES and CHECK_PAGES, the stream
+  forwarded to the target and imported, replays, resets, tampering.
+* ``request`` seeds are the fw_cfg requests helper VMs get
+  (host_shim/helper_vm.py through host_shim/request.py) with e820 tables as
+  QEMU builds them for those VMs.
+* The dictionary holds the ABI's magic values, command codes, record types
+  and sizes, taken from HelperAbi.h through helper/abi.py.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+from helper import abi
+from helper.reference import CMD, STATUS, ReferenceHelper
+from host_shim.helper_vm import DEFAULT_MAILBOX_SIZE, DEFAULT_OWN_RAM
+from host_shim.keys import secret_record
+from host_shim.request import HelperRequest
+
+PAGE = 4096
+#: The harnesses' fixed transport key (FUZZ_KEY_BYTE in FuzzCommon.h).
+FUZZ_KEY = bytes(range(32))
+#: FuzzMailbox.c's helpers.
+MAILBOX_WINDOW_PAGES = 8
+MAILBOX_DATA_SIZE = 32 * 1024
+#: FuzzStream.c's helper.
+STREAM_WINDOW_PAGES = 16
+E820_RAM = 1
+E820_RESERVED = 2
+
+
+def mailbox_pattern() -> bytes:
+    """The source window FuzzMailbox.c starts every input with (mPattern)."""
+    out = bytearray(MAILBOX_WINDOW_PAGES * PAGE)
+    for index in range(len(out)):
+        if (index // PAGE) % 4:
+            out[index] = (index * 131 + (index >> 12) * 7 + 1) & 0xFF
+    return bytes(out)
+
+
+def _salts() -> Iterator[bytes]:
+    counter = 0
+    while True:
+        counter += 1
+        yield counter.to_bytes(4, "little") * 8
+
+
+def _helper(window: bytearray, data: bytearray, keyed: bool = True) -> ReferenceHelper:
+    salts = _salts()
+    secret = bytearray(secret_record(FUZZ_KEY)) if keyed else None
+    return ReferenceHelper(window, data, secret, salt_source=lambda size: next(salts)[:size])
+
+
+def _call(helper: ReferenceHelper, command: str, *args: int) -> tuple[int, ...]:
+    status, results = helper.dispatch(CMD[command], [*args, *[0] * (6 - len(args))])
+    if status != STATUS["SUCCESS"]:
+        raise RuntimeError(f"reference helper refused {command}{args}: status {status:#x}")
+    return results
+
+
+def export_stream(window: bytes, pages: list[int], tracked: bool = False) -> bytes:
+    """A real stream of ``pages`` (page numbers) of ``window``, sealed under FUZZ_KEY."""
+    data = bytearray(len(pages) * (PAGE + 56) + 4096)
+    helper = _helper(bytearray(window), data)
+    header = _call(helper, "EXPORT_BEGIN", 0, 88, 1 if tracked else 0)[0]
+    stream = bytes(data[:header])
+    struct.pack_into(f"<{len(pages)}Q", data, 0, *(p * PAGE for p in pages))
+    out = len(pages) * 8
+    written = _call(helper, "EXPORT_BATCH", 0, len(pages), out, len(data) - out)[0]
+    stream += bytes(data[out : out + written])
+    end = _call(helper, "EXPORT_END", 0, 96)[0]
+    stream += bytes(data[:end])
+    _verify(stream, len(window))
+    return stream
+
+
+def _verify(stream: bytes, window_size: int) -> None:
+    """Import the stream with the reference helper: every seed must verify."""
+    data = bytearray(stream)
+    helper = _helper(bytearray(window_size), data)
+    _call(helper, "IMPORT_BEGIN", 0, 88)
+    _call(helper, "IMPORT_BATCH", 88, len(stream) - 88 - 96)
+    _call(helper, "IMPORT_END", len(stream) - 96, 96)
+
+
+# --- FuzzMailbox.c input encoding -------------------------------------------
+
+
+def _arg(value: int) -> bytes:
+    if value < 32:
+        return bytes([value])
+    if value < 0x10000:
+        return bytes([0x20]) + struct.pack("<H", value)
+    return bytes([0x80]) + struct.pack("<Q", value)
+
+
+def _cmd(helper: int, command: str, *args: int) -> bytes:
+    padded = [*args, *[0] * (4 - len(args))]
+    return bytes([helper << 7 | CMD[command]]) + b"".join(_arg(a) for a in padded)
+
+
+def _page_list(helper: int, offset: int, pages: list[int]) -> bytes:
+    return bytes([helper << 7 | 13]) + struct.pack("<HB", offset, len(pages)) + bytes(pages)
+
+
+def _forward(from_helper: int, source: int, target: int, length: int) -> bytes:
+    return bytes([from_helper << 7 | 14]) + struct.pack("<HHH", source, target, length)
+
+
+def _poke(helper: int, page: int, offset: int, value: int) -> bytes:
+    return bytes([helper << 7 | 15, page]) + struct.pack("<HB", offset, value)
+
+
+def _write(helper: int, offset: int, payload: bytes) -> bytes:
+    return bytes([helper << 7 | 12]) + struct.pack("<HB", offset, len(payload)) + payload
+
+
+def mailbox_sequence(pages: list[int], tracked: bool, tail: str) -> bytes:
+    """Export ``pages`` on the source, forward the stream, import it on the
+    target; ``tail`` adds a variant (see :func:`mailbox_seeds`). The sizes
+    come from the reference helper serving the same sequence."""
+    window = bytearray(mailbox_pattern())
+    data = bytearray(MAILBOX_DATA_SIZE)
+    source = _helper(window, data)
+    list_at, out_at, check_at, end_at = 0x0, 0x100, 0x7000, 0x7200
+    seq = bytes([0])
+    seq += _cmd(0, "EXPORT_BEGIN", 0, 88, 1 if tracked else 0)
+    _call(source, "EXPORT_BEGIN", 0, 88, 1 if tracked else 0)
+    seq += _forward(0, 0, 0, 88)
+    seq += _page_list(0, list_at, pages)
+    struct.pack_into(f"<{len(pages)}Q", data, list_at, *(p * PAGE for p in pages))
+    capacity = len(pages) * (PAGE + 56)
+    seq += _cmd(0, "EXPORT_BATCH", list_at, len(pages), out_at, capacity)
+    written = _call(source, "EXPORT_BATCH", list_at, len(pages), out_at, capacity)[0]
+    if tracked:
+        seq += _cmd(0, "CHECK_PAGES", list_at, len(pages), check_at)
+        _call(source, "CHECK_PAGES", list_at, len(pages), check_at)
+        if tail == "changed":
+            seq += _poke(0, pages[0], 100, 0x77) + _cmd(0, "CHECK_PAGES", list_at, len(pages), check_at)
+    seq += _forward(0, out_at, 88, written)
+    seq += _cmd(0, "EXPORT_END", end_at, 96)
+    seq += _forward(0, end_at, 88 + written, 96)
+    if tail == "tamper":
+        seq += _write(1, 88 + 40 + 7, b"\x01")
+    seq += _cmd(1, "IMPORT_BEGIN", 0, 88)
+    seq += _cmd(1, "IMPORT_BATCH", 88, written)
+    if tail == "reset":
+        seq += _cmd(1, "RESET")
+    seq += _cmd(1, "IMPORT_END", 88 + written, 96)
+    if tail == "replay":
+        seq += _cmd(1, "IMPORT_BEGIN", 0, 88) + _cmd(1, "IMPORT_BATCH", 88, written)
+    seq += _cmd(1, "QUERY") + _cmd(0, "QUERY")
+    return seq
+
+
+def mailbox_seeds() -> dict[str, bytes]:
+    seeds: dict[str, bytes] = {}
+    for pages in ([1], [0, 1, 2], [3, 4, 5, 6, 7]):
+        for tracked in (False, True):
+            for tail in ("", "changed", "tamper", "reset", "replay"):
+                if tail == "changed" and not tracked:
+                    continue
+                name = f"seq-{len(pages)}p-{'tracked' if tracked else 'plain'}-{tail or 'clean'}"
+                seeds[name] = mailbox_sequence(pages, tracked, tail)
+    seeds["hostile-commands"] = (
+        bytes([2])
+        + _cmd(1, "IMPORT_BATCH", 0, 0xFFFF)
+        + _cmd(0, "EXPORT_BATCH", 0, 513, 0, 0)
+        + _cmd(0, "EXPORT_BEGIN", MAILBOX_DATA_SIZE - 8, 88)
+        + _cmd(0, "EXPORT_BEGIN", 0, 88, 2)
+        + _cmd(0, "SHUTDOWN")
+        + _cmd(0, "QUERY")
+    )
+    seeds["no-key-target"] = bytes([1]) + _cmd(1, "IMPORT_BEGIN", 0, 88) + _cmd(1, "EXPORT_BEGIN", 0, 88)
+    return seeds
+
+
+def stream_seeds() -> dict[str, bytes]:
+    window = bytearray(STREAM_WINDOW_PAGES * PAGE)
+    for page in range(STREAM_WINDOW_PAGES):
+        if page % 3:
+            window[page * PAGE : (page + 1) * PAGE] = bytes([(page * 29 + i) & 0xFF for i in range(PAGE)])
+    seeds: dict[str, bytes] = {}
+    for pages in ([0], [1, 2, 3], [5, 0, 9, 4, 14, 15, 1, 2]):
+        stream = export_stream(bytes(window), pages)
+        for control in (0x00, 0x01, 0x02, 0x08, 0x10, 0x20):
+            seeds[f"stream-{len(pages)}p-c{control:02x}"] = bytes([control]) + stream
+    return seeds
+
+
+def request_seeds() -> dict[str, bytes]:
+    mib = 1024 * 1024
+
+    def e820(*entries: tuple[int, int, int]) -> bytes:
+        return b"".join(struct.pack("<QQI", base, size, kind) for base, size, kind in entries)
+
+    reserved = (0xFEFFC000, 0x4000, E820_RESERVED)
+    seeds: dict[str, bytes] = {}
+    for window in (0, 16 * mib, 256 * mib):
+        request = HelperRequest(
+            mailbox_base=abi.load().const("OVMF_MH_MAILBOX_MIN_BASE"),
+            mailbox_size=DEFAULT_MAILBOX_SIZE,
+            guest_window_base=DEFAULT_OWN_RAM if window else 0,
+            guest_window_size=window,
+        ).encode()
+        ram = DEFAULT_OWN_RAM + window
+        seeds[f"request-window-{window // mib}m"] = bytes([0]) + request + e820((0, ram, E820_RAM), reserved)
+        seeds[f"request-window-{window // mib}m-split"] = (
+            bytes([0]) + request + e820((0, DEFAULT_OWN_RAM, E820_RAM), (DEFAULT_OWN_RAM, window or mib, E820_RAM))
+        )
+    bad = HelperRequest(mailbox_base=0x1800800, mailbox_size=DEFAULT_MAILBOX_SIZE).encode()
+    seeds["request-misaligned"] = bytes([0]) + bad + e820((0, DEFAULT_OWN_RAM, E820_RAM))
+    seeds["request-short-blob"] = bytes([0xF0, 40]) + bad[:40] + e820((0, DEFAULT_OWN_RAM, E820_RAM))
+    return seeds
+
+
+SEEDS = {"mailbox": mailbox_seeds, "stream": stream_seeds, "request": request_seeds}
+
+
+def write_seeds(target: str, directory: Path) -> int:
+    """Write the seeds of one harness into ``directory``; return how many."""
+    directory.mkdir(parents=True, exist_ok=True)
+    seeds = SEEDS[target]()
+    for name, blob in seeds.items():
+        (directory / name).write_bytes(blob)
+    return len(seeds)
+
+
+def dictionary() -> str:
+    """A libFuzzer dictionary of the ABI's magic values, codes and sizes."""
+    a = abi.load()
+    entries: dict[str, bytes] = {}
+
+    def add(name: str, value: int, width: int) -> None:
+        entries[f"{name.lower()}_{width}"] = value.to_bytes(width, "little")
+
+    for name, value in sorted(a.constants.items()):
+        short = name.removeprefix("OVMF_MH_")
+        if short.endswith(("SIGNATURE", "MAGIC")) or short.startswith("IMAGE_INFO_SIGNATURE"):
+            width = 8 if value > 0xFFFFFFFF else 4
+            add(short, value, width)
+        elif short.startswith(("CMD_", "RECORD_", "STREAM_VERSION", "EXPORT_", "STATUS_")):
+            add(short, value, 4)
+        elif short.startswith(("MAX_BATCH", "PAGE_SIZE", "MAILBOX_MIN", "MAILBOX_MAX", "ADDRESS_LIMIT",
+                               "PRIVATE_", "SECRET_PAGE")):
+            add(short, value, 8)
+    for name in ("OVMF_MH_STREAM_HEADER", "OVMF_MH_RECORD_HEADER", "OVMF_MH_REQUEST"):
+        add(name.removeprefix("OVMF_MH_") + "_SIZE", a.layout(name).size, 4)
+    lines = [key + '="' + "".join(f"\\x{b:02x}" for b in blob) + '"' for key, blob in entries.items()]
+    return "# generated from HelperAbi.h by host_shim/fuzz_corpus.py\n" + "\n".join(lines) + "\n"

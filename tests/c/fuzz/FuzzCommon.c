@@ -1,0 +1,696 @@
+/** @file
+  Shared fuzzing support (host only): guarded helper contexts, a
+  deterministic RDRAND stand-in and the invariant checks of FuzzCall().
+  See FuzzCommon.h.
+
+  SPDX-License-Identifier: BSD-2-Clause-Patent
+**/
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "FuzzCommon.h"
+
+#define CHAIN_LABEL_TEXT  OVMF_MH_CHAIN_LABEL
+#define KDF_INFO_TEXT     OVMF_MH_KDF_INFO
+
+STATIC UINT64  mFuzzRandom;
+STATIC UINT64  mFuzzRandomLeft = MAX_UINT64;
+STATIC UINT8   mFuzzZeroPage[FUZZ_PAGE];
+STATIC INT32   mFuzzTrace = -1;   ///< FUZZ_TRACE set: print every command and its status
+
+VOID
+FuzzFail (
+  IN CONST CHAR8  *What,
+  IN UINT64       Detail
+  )
+{
+  fprintf (stderr, "FUZZ INVARIANT BROKEN: %s (0x%llx)\n", What, (unsigned long long)Detail);
+  abort ();
+}
+
+UINT8 *
+FuzzGuardedMap (
+  IN UINT64  Size
+  )
+{
+  UINT64  Rounded;
+  UINT8   *Base;
+
+  Rounded = (Size + FUZZ_PAGE - 1) & ~(FUZZ_PAGE - 1);
+  Base    = mmap (NULL, Rounded + 2 * FUZZ_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (Base == MAP_FAILED) {
+    FuzzFail ("mmap", Size);
+  }
+
+  if ((mprotect (Base, FUZZ_PAGE, PROT_NONE) != 0) ||
+      (mprotect (Base + FUZZ_PAGE + Rounded, FUZZ_PAGE, PROT_NONE) != 0))
+  {
+    FuzzFail ("mprotect", Size);
+  }
+
+  return Base + FUZZ_PAGE + (Rounded - Size);
+}
+
+VOID
+FuzzSeedRandom (
+  IN UINT64  Seed,
+  IN UINT64  FailAfter
+  )
+{
+  mFuzzRandom     = Seed * 0x9E3779B97F4A7C15ULL + 1;
+  mFuzzRandomLeft = FailAfter;
+}
+
+/**
+  Deterministic stand-in for BaseLib's AsmRdRand64, so that a fuzz input
+  replays exactly (the salt of an export depends on it) and so that an input
+  can make RDRAND fail (FuzzSeedRandom).
+
+  @param[out] Rand  Receives the number.
+
+  @retval TRUE   Rand is valid.
+  @retval FALSE  The seeded number of draws is used up.
+**/
+BOOLEAN
+EFIAPI
+AsmRdRand64 (
+  OUT UINT64  *Rand
+  )
+{
+  if (mFuzzRandomLeft == 0) {
+    *Rand = 0;
+    return FALSE;
+  }
+
+  if (mFuzzRandomLeft != MAX_UINT64) {
+    mFuzzRandomLeft--;
+  }
+
+  mFuzzRandom ^= mFuzzRandom << 13;
+  mFuzzRandom ^= mFuzzRandom >> 7;
+  mFuzzRandom ^= mFuzzRandom << 17;
+  *Rand        = mFuzzRandom;
+  return TRUE;
+}
+
+/**
+  Write the fixed key as a launch secret and let the helper take it.
+
+  @param[in,out] Helper  The helper.
+**/
+STATIC
+VOID
+InternalLoadKey (
+  IN OUT FUZZ_HELPER  *Helper
+  )
+{
+  OVMF_MH_SECRET  *Secret;
+  UINT64          Index;
+
+  memset (Helper->SecretPage, 0, FUZZ_PAGE);
+  Secret            = (OVMF_MH_SECRET *)Helper->SecretPage;
+  Secret->Signature = OVMF_MH_SECRET_SIGNATURE;
+  Secret->Version   = OVMF_MH_SECRET_VERSION;
+  Secret->KeySize   = OVMF_MH_KEY_SIZE;
+  for (Index = 0; Index < OVMF_MH_KEY_SIZE; Index++) {
+    Secret->Key[Index] = FUZZ_KEY_BYTE (Index);
+  }
+
+  if (!MigrationHelperLoadSecret (&Helper->Context, Helper->SecretPage, FUZZ_PAGE)) {
+    FuzzFail ("load secret", 0);
+  }
+
+  if (memcmp (Helper->SecretPage, mFuzzZeroPage, FUZZ_PAGE) != 0) {
+    FuzzFail ("secret page not wiped", 0);
+  }
+}
+
+VOID
+FuzzCreateHelper (
+  OUT FUZZ_HELPER  *Helper,
+  IN  UINT64       DataSize,
+  IN  UINT64       WindowPages
+  )
+{
+  memset (Helper, 0, sizeof (*Helper));
+  Helper->Mailbox                 = FuzzGuardedMap (OVMF_MH_MAILBOX_HEADER_SIZE + DataSize);
+  Helper->WindowSize              = WindowPages * FUZZ_PAGE;
+  Helper->Window                  = FuzzGuardedMap (Helper->WindowSize);
+  Helper->SecretPage              = FuzzGuardedMap (FUZZ_PAGE);
+  Helper->Context.Header          = (volatile OVMF_MH_MAILBOX_HEADER *)Helper->Mailbox;
+  Helper->Context.Data            = Helper->Mailbox + OVMF_MH_MAILBOX_HEADER_SIZE;
+  Helper->Context.DataSize        = DataSize;
+  Helper->Context.GuestWindow     = Helper->Window;
+  Helper->Context.GuestWindowSize = Helper->WindowSize;
+  Helper->Context.Private         = FuzzGuardedMap (OVMF_MH_CORE_PRIVATE_SIZE);
+  Helper->Context.PrivateSize     = OVMF_MH_CORE_PRIVATE_SIZE;
+  Helper->DataBefore              = FuzzGuardedMap (DataSize);
+  Helper->WindowBefore            = FuzzGuardedMap (Helper->WindowSize);
+  Helper->WindowExpected          = FuzzGuardedMap (Helper->WindowSize);
+
+  if (!MigrationHelperInitialize (&Helper->Context)) {
+    FuzzFail ("initialize", 0);
+  }
+
+  InternalLoadKey (Helper);
+  MigrationHelperPublishReady (&Helper->Context);
+}
+
+VOID
+FuzzResetHelper (
+  IN OUT FUZZ_HELPER  *Helper,
+  IN     CONST UINT8  *Pattern,
+  IN     BOOLEAN      LoadKey
+  )
+{
+  volatile OVMF_MH_MAILBOX_HEADER  *Header;
+  OVMF_MH_SESSION                  *Session;
+
+  //
+  // Only what an input can have changed is redone: the key after SHUTDOWN
+  // or a key-less input, the header after SHUTDOWN. The session always
+  // goes back to IDLE through RESET, as the host would do it.
+  //
+  Session = InternalSession (&Helper->Context);
+  if (LoadKey && !Session->KeyLoaded) {
+    InternalLoadKey (Helper);
+  } else if (!LoadKey && Session->KeyLoaded) {
+    MigrationHelperWipeKeys (&Helper->Context);
+  }
+
+  Header = Helper->Context.Header;
+  if (Helper->ShutDown || (Header->State != OVMF_MH_STATE_READY) ||
+      (((Header->Capabilities & OVMF_MH_CAP_KEY_LOADED) != 0) != Session->KeyLoaded))
+  {
+    MigrationHelperPublishReady (&Helper->Context);
+    Helper->Seq = 0;
+  }
+
+  Header->Command    = OVMF_MH_CMD_RESET;
+  Header->CommandSeq = ++Helper->Seq;
+  if (!MigrationHelperServeOne (&Helper->Context) || (Header->Status != OVMF_MH_STATUS_SUCCESS)) {
+    FuzzFail ("reset between inputs", Header->Status);
+  }
+
+  Helper->ShadowOpen = FALSE;
+  Helper->ShutDown   = FALSE;
+  memset ((VOID *)Helper->Context.Data, 0, Helper->Context.DataSize);
+  if (Pattern != NULL) {
+    memcpy (Helper->Window, Pattern, Helper->WindowSize);
+  } else {
+    memset (Helper->Window, 0, Helper->WindowSize);
+  }
+}
+
+/**
+  Take the observable session state.
+
+  @param[in]  Helper  The helper.
+  @param[out] View    The snapshot.
+**/
+STATIC
+VOID
+InternalView (
+  IN  FUZZ_HELPER        *Helper,
+  OUT FUZZ_SESSION_VIEW  *View
+  )
+{
+  OVMF_MH_SESSION  *Session;
+
+  Session = InternalSession (&Helper->Context);
+  memset (View, 0, sizeof (*View));
+  View->State        = Session->State;
+  View->KeyLoaded    = Session->KeyLoaded;
+  View->KeyReady     = Session->KeyReady;
+  View->TrackPages   = Session->TrackPages;
+  View->NextSequence = Session->NextSequence;
+  View->RecordCount  = Session->RecordCount;
+  memcpy (View->SessionId, Session->SessionId, sizeof (View->SessionId));
+  memcpy (View->Chain, Session->Chain, sizeof (View->Chain));
+  memcpy (View->TransportKey, Session->TransportKey, sizeof (View->TransportKey));
+}
+
+/**
+  Tell whether a status is a refusal: the command was turned down by its
+  parameter, state or key checks and must have changed nothing.
+
+  @param[in] Command  Command code.
+  @param[in] Status   Its status.
+
+  @retval TRUE  A refusal.
+**/
+STATIC
+BOOLEAN
+InternalRefused (
+  IN UINT32  Command,
+  IN UINT32  Status
+  )
+{
+  switch (Status) {
+    case OVMF_MH_STATUS_UNSUPPORTED:
+    case OVMF_MH_STATUS_INVALID_PARAMETER:
+    case OVMF_MH_STATUS_BAD_STATE:
+    case OVMF_MH_STATUS_NO_KEY:
+    case OVMF_MH_STATUS_OUT_OF_BOUNDS:
+    case OVMF_MH_STATUS_BUFFER_TOO_SMALL:
+    case OVMF_MH_STATUS_NO_ENTROPY:
+    case OVMF_MH_STATUS_SESSION_FAILED:
+      return TRUE;
+    case OVMF_MH_STATUS_BAD_PAGE:
+    case OVMF_MH_STATUS_BATCH_TOO_LARGE:
+      //
+      // In IMPORT_BATCH these also name a bad record: the session fails.
+      //
+      return (BOOLEAN)(Command != OVMF_MH_CMD_IMPORT_BATCH);
+    default:
+      return FALSE;
+  }
+}
+
+STATIC
+BOOLEAN
+InternalKnownStatus (
+  IN UINT32  Status
+  )
+{
+  return (BOOLEAN)(Status <= OVMF_MH_STATUS_NO_ENTROPY ||
+                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_SESSION_FAILED));
+}
+
+STATIC
+VOID
+InternalNonce (
+  IN  UINT64  Sequence,
+  OUT UINT8   *Nonce
+  )
+{
+  memset (Nonce, 0, OVMF_MH_NONCE_SIZE);
+  memcpy (Nonce + 4, &Sequence, sizeof (Sequence));
+}
+
+/**
+  The checker's own session: derive the key from the fixed transport key and
+  the salt of the header the helper accepted, and verify that header.
+
+  @param[in,out] Helper  The helper.
+  @param[in]     Header  The stream header as it was in the data area.
+**/
+STATIC
+VOID
+InternalShadowOpen (
+  IN OUT FUZZ_HELPER                  *Helper,
+  IN     CONST OVMF_MH_STREAM_HEADER  *Header
+  )
+{
+  UINT8                   Key[OVMF_MH_KEY_SIZE];
+  UINT8                   Okm[OVMF_MH_KEY_SIZE + OVMF_MH_SESSION_ID_SIZE];
+  UINT8                   Nonce[OVMF_MH_NONCE_SIZE];
+  OVMF_MH_SHA256_CONTEXT  Chain;
+  UINT64                  Index;
+
+  for (Index = 0; Index < OVMF_MH_KEY_SIZE; Index++) {
+    Key[Index] = FUZZ_KEY_BYTE (Index);
+  }
+
+  if (!MigrationHelperHkdfSha256 (
+         Header->Salt,
+         OVMF_MH_SALT_SIZE,
+         Key,
+         sizeof (Key),
+         (CONST UINT8 *)KDF_INFO_TEXT,
+         sizeof (KDF_INFO_TEXT) - 1,
+         Okm,
+         sizeof (Okm)
+         ) ||
+      !MigrationHelperOcbInit (&Helper->ShadowKey, Okm, OVMF_MH_KEY_SIZE, TRUE))
+  {
+    FuzzFail ("checker key schedule", 0);
+  }
+
+  memcpy (Helper->ShadowSessionId, Okm + OVMF_MH_KEY_SIZE, OVMF_MH_SESSION_ID_SIZE);
+  InternalNonce (0, Nonce);
+  if ((Header->Magic != OVMF_MH_STREAM_MAGIC) || (Header->Version != OVMF_MH_STREAM_VERSION) ||
+      (Header->HeaderSize != sizeof (*Header)) || (Header->Flags != 0) ||
+      (memcmp (Header->SessionId, Helper->ShadowSessionId, OVMF_MH_SESSION_ID_SIZE) != 0) ||
+      !MigrationHelperOcbDecrypt (
+         &Helper->ShadowKey,
+         Nonce,
+         (CONST UINT8 *)Header,
+         OFFSET_OF (OVMF_MH_STREAM_HEADER, Tag),
+         NULL,
+         0,
+         Header->Tag,
+         NULL
+         ))
+  {
+    FuzzFail ("IMPORT_BEGIN accepted a header that does not verify", 0);
+  }
+
+  MigrationHelperSha256Init (&Chain);
+  MigrationHelperSha256Update (&Chain, (CONST UINT8 *)CHAIN_LABEL_TEXT, sizeof (CHAIN_LABEL_TEXT) - 1);
+  MigrationHelperSha256Update (&Chain, Helper->ShadowSessionId, OVMF_MH_SESSION_ID_SIZE);
+  MigrationHelperSha256Final (&Chain, Helper->ShadowChain);
+  Helper->ShadowNext = 1;
+  Helper->ShadowOpen = TRUE;
+}
+
+/**
+  Replay, with the checker's key, the records the helper says it applied,
+  and build the window they must have produced.
+
+  @param[in,out] Helper   The helper.
+  @param[in]     Batch    The batch as it was in the data area.
+  @param[in]     Size     Its size.
+  @param[in]     Applied  Records the helper reports applied.
+
+  @return Bytes those records span.
+**/
+STATIC
+UINT64
+InternalShadowApply (
+  IN OUT FUZZ_HELPER  *Helper,
+  IN     CONST UINT8  *Batch,
+  IN     UINT64       Size,
+  IN     UINT64       Applied
+  )
+{
+  STATIC UINT8            Plain[OVMF_MH_PAGE_SIZE];
+  OVMF_MH_RECORD_HEADER   Record;
+  OVMF_MH_SHA256_CONTEXT  Chain;
+  UINT8                   Nonce[OVMF_MH_NONCE_SIZE];
+  UINT64                  Position;
+  UINT64                  RecordSize;
+  UINT64                  Index;
+
+  Position = 0;
+  for (Index = 0; Index < Applied; Index++) {
+    if (!Helper->ShadowOpen) {
+      FuzzFail ("records applied outside a verified import session", Applied);
+    }
+
+    if (Size - Position < sizeof (Record)) {
+      FuzzFail ("more records applied than the batch holds", Applied);
+    }
+
+    memcpy (&Record, Batch + Position, sizeof (Record));
+    if (!(((Record.Type == OVMF_MH_RECORD_PAGE) && (Record.PayloadSize == OVMF_MH_PAGE_SIZE)) ||
+          ((Record.Type == OVMF_MH_RECORD_ZERO) && (Record.PayloadSize == 0))))
+    {
+      FuzzFail ("a malformed record was applied", Index);
+    }
+
+    RecordSize = sizeof (Record) + Record.PayloadSize + OVMF_MH_TAG_SIZE;
+    if ((Size - Position < RecordSize) ||
+        (memcmp (Record.SessionId, Helper->ShadowSessionId, OVMF_MH_SESSION_ID_SIZE) != 0) ||
+        (Record.Sequence != Helper->ShadowNext) ||
+        ((Record.GuestOffset & (OVMF_MH_PAGE_SIZE - 1)) != 0) ||
+        (Record.GuestOffset >= Helper->WindowSize))
+    {
+      FuzzFail ("a record out of sequence, session or window was applied", Record.Sequence);
+    }
+
+    InternalNonce (Record.Sequence, Nonce);
+    if (!MigrationHelperOcbDecrypt (
+           &Helper->ShadowKey,
+           Nonce,
+           (CONST UINT8 *)&Record,
+           sizeof (Record),
+           Batch + Position + sizeof (Record),
+           Record.PayloadSize,
+           Batch + Position + sizeof (Record) + Record.PayloadSize,
+           Plain
+           ))
+    {
+      FuzzFail ("a record that does not authenticate was applied", Record.Sequence);
+    }
+
+    if (Record.Type == OVMF_MH_RECORD_PAGE) {
+      memcpy (Helper->WindowExpected + Record.GuestOffset, Plain, OVMF_MH_PAGE_SIZE);
+    } else {
+      memset (Helper->WindowExpected + Record.GuestOffset, 0, OVMF_MH_PAGE_SIZE);
+    }
+
+    MigrationHelperSha256Init (&Chain);
+    MigrationHelperSha256Update (&Chain, Helper->ShadowChain, OVMF_MH_DIGEST_SIZE);
+    MigrationHelperSha256Update (&Chain, Batch + Position + sizeof (Record) + Record.PayloadSize, OVMF_MH_TAG_SIZE);
+    MigrationHelperSha256Final (&Chain, Helper->ShadowChain);
+    Helper->ShadowNext++;
+    Position += RecordSize;
+  }
+
+  return Position;
+}
+
+/**
+  IMPORT_END succeeded: the checker must be able to verify the end record.
+
+  @param[in] Helper  The helper.
+  @param[in] End     The end record as it was in the data area.
+  @param[in] Size    Its size.
+  @param[in] Count   Record count the helper reported.
+**/
+STATIC
+VOID
+InternalShadowEnd (
+  IN FUZZ_HELPER  *Helper,
+  IN CONST UINT8  *End,
+  IN UINT64       Size,
+  IN UINT64       Count
+  )
+{
+  OVMF_MH_RECORD_HEADER  Record;
+  OVMF_MH_END_PAYLOAD    Payload;
+  UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
+
+  if (!Helper->ShadowOpen || (Size != FUZZ_END_RECORD)) {
+    FuzzFail ("an import completed without a verified session or end record", Size);
+  }
+
+  memcpy (&Record, End, sizeof (Record));
+  InternalNonce (Helper->ShadowNext, Nonce);
+  if ((Record.Type != OVMF_MH_RECORD_END) || (Record.PayloadSize != sizeof (Payload)) ||
+      (Record.Sequence != Helper->ShadowNext) ||
+      (memcmp (Record.SessionId, Helper->ShadowSessionId, OVMF_MH_SESSION_ID_SIZE) != 0) ||
+      !MigrationHelperOcbDecrypt (
+         &Helper->ShadowKey,
+         Nonce,
+         End,
+         sizeof (Record),
+         End + sizeof (Record),
+         sizeof (Payload),
+         End + sizeof (Record) + sizeof (Payload),
+         (UINT8 *)&Payload
+         ) ||
+      (Payload.RecordCount != Helper->ShadowNext - 1) || (Count != Payload.RecordCount) ||
+      (memcmp (Payload.ChainDigest, Helper->ShadowChain, OVMF_MH_DIGEST_SIZE) != 0))
+  {
+    FuzzFail ("IMPORT_END accepted an end record that does not prove the stream", Count);
+  }
+}
+
+/**
+  Tell whether a span lies inside the data area (the checker's own test).
+**/
+STATIC
+BOOLEAN
+InternalInData (
+  IN FUZZ_HELPER  *Helper,
+  IN UINT64       Offset,
+  IN UINT64       Size
+  )
+{
+  return (BOOLEAN)((Offset <= Helper->Context.DataSize) && (Size <= Helper->Context.DataSize - Offset));
+}
+
+UINT32
+FuzzCall (
+  IN OUT FUZZ_HELPER  *Helper,
+  IN     UINT32       Command,
+  IN     CONST UINT64 *Arg,
+  OUT    UINT64       *Result
+  )
+{
+  volatile OVMF_MH_MAILBOX_HEADER  *Header;
+  OVMF_MH_SESSION                  *Session;
+  FUZZ_SESSION_VIEW                Before;
+  FUZZ_SESSION_VIEW                After;
+  UINT64                           Index;
+  UINT64                           OutStart;
+  UINT64                           OutEnd;
+  UINT64                           DataSize;
+  UINT32                           Status;
+  CONST UINT8                      *Data;
+
+  Header   = Helper->Context.Header;
+  Session  = InternalSession (&Helper->Context);
+  DataSize = Helper->Context.DataSize;
+  Data     = (CONST UINT8 *)Helper->Context.Data;
+  InternalView (Helper, &Before);
+  memcpy (Helper->DataBefore, Data, DataSize);
+  memcpy (Helper->WindowBefore, Helper->Window, Helper->WindowSize);
+
+  Header->Command = Command;
+  for (Index = 0; Index < OVMF_MH_ARG_COUNT; Index++) {
+    Header->Arg[Index] = Arg[Index];
+  }
+
+  Header->CommandSeq = ++Helper->Seq;
+  if (!MigrationHelperServeOne (&Helper->Context) || (Header->ResponseSeq != Helper->Seq)) {
+    FuzzFail ("command not served", Command);
+  }
+
+  Status = Header->Status;
+  for (Index = 0; Index < OVMF_MH_RESULT_COUNT; Index++) {
+    Result[Index] = Header->Result[Index];
+  }
+
+  if (mFuzzTrace < 0) {
+    mFuzzTrace = (getenv ("FUZZ_TRACE") != NULL) ? 1 : 0;
+  }
+
+  if (mFuzzTrace == 1) {
+    fprintf (
+      stderr,
+      "helper %p: command %u (0x%llx 0x%llx 0x%llx 0x%llx) -> status 0x%x results 0x%llx 0x%llx, session %u\n",
+      (VOID *)Helper,
+      Command,
+      (unsigned long long)Arg[0],
+      (unsigned long long)Arg[1],
+      (unsigned long long)Arg[2],
+      (unsigned long long)Arg[3],
+      Status,
+      (unsigned long long)Result[0],
+      (unsigned long long)Result[1],
+      Session->State
+      );
+  }
+
+  InternalView (Helper, &After);
+  if (!InternalKnownStatus (Status)) {
+    FuzzFail ("unknown status", Status);
+  }
+
+  if (Header->SessionState != Session->State) {
+    FuzzFail ("published session state differs from the session's", Header->SessionState);
+  }
+
+  //
+  // A refused command changes nothing at all.
+  //
+  if (InternalRefused (Command, Status)) {
+    if (memcmp (&Before, &After, sizeof (Before)) != 0) {
+      FuzzFail ("a refused command changed the session", Command);
+    }
+
+    if (memcmp (Helper->DataBefore, Data, DataSize) != 0) {
+      FuzzFail ("a refused command wrote the data area", Command);
+    }
+  }
+
+  if ((Status >= OVMF_MH_STATUS_BAD_RECORD) && (Status <= OVMF_MH_STATUS_SESSION_FAILED) &&
+      (Session->State != OVMF_MH_SESSION_FAILED))
+  {
+    FuzzFail ("a stream failure left the session usable", Status);
+  }
+
+  //
+  // Export commands and CHECK_PAGES may write only [out offset, out offset
+  // + capacity); everything else writes nothing into the data area.
+  //
+  OutStart = 0;
+  OutEnd   = 0;
+  if ((Command == OVMF_MH_CMD_EXPORT_BEGIN) || (Command == OVMF_MH_CMD_EXPORT_END)) {
+    OutStart = Arg[0];
+    OutEnd   = Arg[0] + Arg[1];
+  } else if (Command == OVMF_MH_CMD_EXPORT_BATCH) {
+    OutStart = Arg[2];
+    OutEnd   = Arg[2] + Arg[3];
+  } else if (Command == OVMF_MH_CMD_CHECK_PAGES) {
+    OutStart = Arg[2];
+    OutEnd   = Arg[2] + Arg[1];
+  }
+
+  if (OutEnd < OutStart) {
+    OutEnd = MAX_UINT64;
+  }
+
+  if (OutStart > DataSize) {
+    OutStart = DataSize;
+  }
+
+  if (OutEnd > DataSize) {
+    OutEnd = DataSize;
+  }
+
+  if ((memcmp (Helper->DataBefore, Data, OutStart) != 0) ||
+      (memcmp (Helper->DataBefore + OutEnd, Data + OutEnd, DataSize - OutEnd) != 0))
+  {
+    FuzzFail ("data area written outside the output span", Command);
+  }
+
+  //
+  // The guest window: only IMPORT_BATCH writes it, and only what the
+  // checker can authenticate itself.
+  //
+  if (Command == OVMF_MH_CMD_IMPORT_BATCH) {
+    memcpy (Helper->WindowExpected, Helper->WindowBefore, Helper->WindowSize);
+    if ((Result[0] != 0) && !InternalInData (Helper, Arg[0], Arg[1])) {
+      FuzzFail ("records applied from outside the data area", Arg[0]);
+    }
+
+    Index = InternalShadowApply (Helper, Helper->DataBefore + (Result[0] != 0 ? Arg[0] : 0), Arg[1], Result[0]);
+    if ((Status == OVMF_MH_STATUS_SUCCESS) && (Index != Arg[1])) {
+      FuzzFail ("IMPORT_BATCH succeeded without applying every byte", Index);
+    }
+
+    if (memcmp (Helper->WindowExpected, Helper->Window, Helper->WindowSize) != 0) {
+      FuzzFail ("guest window holds a byte no authenticated record carried", Result[0]);
+    }
+  } else if (memcmp (Helper->WindowBefore, Helper->Window, Helper->WindowSize) != 0) {
+    FuzzFail ("guest window written by a command other than IMPORT_BATCH", Command);
+  }
+
+  if ((Command == OVMF_MH_CMD_IMPORT_BATCH) && (Status == OVMF_MH_STATUS_SUCCESS) && !Helper->ShadowOpen) {
+    FuzzFail ("IMPORT_BATCH succeeded outside a verified import session", Arg[1]);
+  }
+
+  if ((Command == OVMF_MH_CMD_IMPORT_BEGIN) && (Status == OVMF_MH_STATUS_SUCCESS)) {
+    if ((Arg[1] != FUZZ_STREAM_HEADER) || !InternalInData (Helper, Arg[0], Arg[1])) {
+      FuzzFail ("IMPORT_BEGIN accepted a header span that is not one header", Arg[1]);
+    }
+
+    InternalShadowOpen (Helper, (CONST OVMF_MH_STREAM_HEADER *)(Helper->DataBefore + Arg[0]));
+  }
+
+  if ((Command == OVMF_MH_CMD_IMPORT_END) && (Status == OVMF_MH_STATUS_SUCCESS)) {
+    if (!InternalInData (Helper, Arg[0], Arg[1])) {
+      FuzzFail ("IMPORT_END read outside the data area", Arg[0]);
+    }
+
+    InternalShadowEnd (Helper, Helper->DataBefore + Arg[0], Arg[1], Result[0]);
+  }
+
+  if (Session->State != OVMF_MH_SESSION_IMPORTING) {
+    Helper->ShadowOpen = FALSE;
+  }
+
+  if (Command == OVMF_MH_CMD_SHUTDOWN) {
+    if (memcmp (Session->TransportKey, mFuzzZeroPage, OVMF_MH_KEY_SIZE) != 0) {
+      FuzzFail ("SHUTDOWN left the transport key in memory", 0);
+    }
+
+    if (Session->KeyLoaded || Session->KeyReady || !Helper->Context.ShutdownRequested ||
+        (Header->State != OVMF_MH_STATE_SHUTDOWN))
+    {
+      FuzzFail ("SHUTDOWN left key material or did not shut down", Status);
+    }
+
+    Helper->ShutDown = TRUE;
+  }
+
+  Helper->Context.ShutdownRequested = FALSE;
+  return Status;
+}

@@ -1,0 +1,251 @@
+/** @file
+  libFuzzer harness: the mailbox dispatcher of two helpers (a source and a
+  target), driven by a command sequence encoded in the input. Session states
+  persist within one input; every input starts from freshly reset helpers.
+  FuzzCall() checks the invariants after every command (FuzzCommon.h).
+
+  Input: one flag byte, then steps until the input ends. A step is an
+  operation byte: bit 7 picks the helper (0 source, 1 target), the low four
+  bits the operation:
+
+    0..10  the command of that code, then four argument encodings
+    11     a raw 32-bit command code, then four argument encodings
+    12     write bytes into the data area: u16 offset, u8 length, bytes
+    13     write a page list: u16 offset, u8 count, one page byte each
+    14     copy between the helpers' data areas (the host forwarding a
+           stream): u16 from, u16 to, u16 length
+    15     the host changes guest memory: u8 page, u16 offset, u8 value
+
+  An argument encoding is one byte T (class T >> 5, L = T & 31):
+    0 L; 1 u16; 2 DataSize - L; 3 L * record size (L < 16) or a table of
+    ABI sizes; 4 u64; 5 MAX_UINT64 - L; 6 1 << (2L); 7 the helper's last
+    Result[L % 6].
+
+  Flag byte: bit 0 target without a key; bit 1 RDRAND fails after (flag >>
+  2) draws.
+
+  SPDX-License-Identifier: BSD-2-Clause-Patent
+**/
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "FuzzCommon.h"
+
+#define WINDOW_PAGES  8ULL
+#define DATA_SIZE     (32ULL * 1024)
+#define MAX_STEPS     32
+
+typedef struct {
+  CONST UINT8    *Data;
+  UINTN          Size;
+  UINTN          Position;
+} FUZZ_INPUT;
+
+STATIC FUZZ_HELPER  mHelpers[2];
+STATIC UINT8        mPattern[WINDOW_PAGES * FUZZ_PAGE];
+STATIC UINT64       mLastResult[2][OVMF_MH_RESULT_COUNT];
+STATIC BOOLEAN      mReady;
+STATIC BOOLEAN      mTargetKeyless;
+STATIC BOOLEAN      mDirty[2] = { TRUE, TRUE };   ///< The last input touched the helper
+
+STATIC CONST UINT64  mSizes[16] = {
+  FUZZ_STREAM_HEADER, FUZZ_END_RECORD, 40, 56, FUZZ_RECORD_MAX, FUZZ_PAGE, 8, OVMF_MH_MAX_BATCH_PAGES,
+  OVMF_MH_MAX_BATCH_PAGES + 1, OVMF_MH_MAX_BATCH_PAGES * FUZZ_RECORD_MAX, WINDOW_PAGES * FUZZ_PAGE,
+  WINDOW_PAGES * FUZZ_PAGE - FUZZ_PAGE, FUZZ_PAGE - 1, OVMF_MH_MAX_TRACKED_PAGES * FUZZ_PAGE, 72, 0x8000
+};
+
+STATIC
+UINT64
+HarnessTake (
+  IN OUT FUZZ_INPUT  *Input,
+  IN     UINTN       Bytes
+  )
+{
+  UINT64  Value;
+  UINTN   Index;
+
+  Value = 0;
+  for (Index = 0; Index < Bytes; Index++) {
+    if (Input->Position < Input->Size) {
+      Value |= (UINT64)Input->Data[Input->Position++] << (8 * Index);
+    }
+  }
+
+  return Value;
+}
+
+STATIC
+UINT64
+HarnessArgument (
+  IN OUT FUZZ_INPUT  *Input,
+  IN     UINTN       Which
+  )
+{
+  UINT64  Tag;
+  UINT64  Low;
+
+  Tag = HarnessTake (Input, 1);
+  Low = Tag & 31;
+  switch (Tag >> 5) {
+    case 0:  return Low;
+    case 1:  return HarnessTake (Input, 2);
+    case 2:  return DATA_SIZE - Low;
+    case 3:  return (Low < 16) ? Low * FUZZ_RECORD_MAX : mSizes[Low - 16];
+    case 4:  return HarnessTake (Input, 8);
+    case 5:  return MAX_UINT64 - Low;
+    case 6:  return 1ULL << (2 * Low);
+    default: return mLastResult[Which][Low % OVMF_MH_RESULT_COUNT];
+  }
+}
+
+STATIC
+UINT64
+HarnessPage (
+  IN UINT64  Byte
+  )
+{
+  STATIC CONST UINT64  Hostile[16] = {
+    WINDOW_PAGES * FUZZ_PAGE, WINDOW_PAGES * FUZZ_PAGE - FUZZ_PAGE + 1, MAX_UINT64, 1, FUZZ_PAGE - 1,
+    MAX_UINT64 - FUZZ_PAGE + 1, 1ULL << 63, OVMF_MH_MAX_TRACKED_PAGES * FUZZ_PAGE, 2 * WINDOW_PAGES * FUZZ_PAGE,
+    FUZZ_PAGE / 2, MAX_UINT64 & ~(FUZZ_PAGE - 1), 0x100000000ULL, 8, 0, FUZZ_PAGE * (WINDOW_PAGES - 1), 0x1000000
+  };
+
+  return (Byte < 0xF0) ? (Byte % WINDOW_PAGES) * FUZZ_PAGE : Hostile[Byte & 15];
+}
+
+STATIC
+VOID
+HarnessSetUp (
+  VOID
+  )
+{
+  UINT64  Index;
+
+  for (Index = 0; Index < sizeof (mPattern); Index++) {
+    //
+    // Every fourth page zero (ZERO records), the others distinct bytes.
+    //
+    mPattern[Index] = ((Index / FUZZ_PAGE) % 4 == 0) ? 0 : (UINT8)(Index * 131 + (Index >> 12) * 7 + 1);
+  }
+
+  FuzzCreateHelper (&mHelpers[0], DATA_SIZE, WINDOW_PAGES);
+  FuzzCreateHelper (&mHelpers[1], DATA_SIZE, WINDOW_PAGES);
+  mReady = TRUE;
+}
+
+int
+LLVMFuzzerTestOneInput (
+  const uint8_t  *Data,
+  size_t         Size
+  )
+{
+  FUZZ_INPUT   Input;
+  FUZZ_HELPER  *Helper;
+  UINT64       Arg[OVMF_MH_ARG_COUNT];
+  UINT64       Flags;
+  UINT64       Op;
+  UINT64       Which;
+  UINT64       Offset;
+  UINT64       Length;
+  UINT64       From;
+  UINT64       Index;
+  UINT32       Command;
+  UINTN        Steps;
+  UINT8        *Target;
+
+  if (!mReady) {
+    HarnessSetUp ();
+  }
+
+  Input.Data     = Data;
+  Input.Size     = Size;
+  Input.Position = 0;
+  Flags          = HarnessTake (&Input, 1);
+  FuzzSeedRandom (Size, ((Flags & 2) != 0) ? (Flags >> 2) : MAX_UINT64);
+  //
+  // Only a helper the last input touched (or whose key state changes) needs
+  // the reset; an untouched one is already in the start state.
+  //
+  if (mDirty[0]) {
+    FuzzResetHelper (&mHelpers[0], mPattern, TRUE);
+  }
+
+  if (mDirty[1] || (mTargetKeyless != ((Flags & 1) != 0))) {
+    FuzzResetHelper (&mHelpers[1], NULL, (BOOLEAN)((Flags & 1) == 0));
+    mTargetKeyless = (BOOLEAN)((Flags & 1) != 0);
+  }
+
+  mDirty[0] = FALSE;
+  mDirty[1] = FALSE;
+  memset (mLastResult, 0, sizeof (mLastResult));
+
+  for (Steps = 0; (Steps < MAX_STEPS) && (Input.Position < Input.Size); Steps++) {
+    Op     = HarnessTake (&Input, 1);
+    Which  = Op >> 7;
+    Helper = &mHelpers[Which];
+    Target = (UINT8 *)Helper->Context.Data;
+    mDirty[Which] = TRUE;
+    switch (Op & 15) {
+      case 12:
+        Offset = HarnessTake (&Input, 2);
+        Length = HarnessTake (&Input, 1);
+        for (Index = 0; Index < Length; Index++) {
+          Target[(Offset + Index) % DATA_SIZE] = (UINT8)HarnessTake (&Input, 1);
+        }
+
+        break;
+
+      case 13:
+        Offset = HarnessTake (&Input, 2) & ~7ULL;
+        Length = HarnessTake (&Input, 1);
+        for (Index = 0; Index < Length; Index++) {
+          UINT64  Page = HarnessPage (HarnessTake (&Input, 1));
+
+          memcpy (Target + (Offset + Index * 8) % DATA_SIZE, &Page, sizeof (Page));
+        }
+
+        break;
+
+      case 14:
+        From   = HarnessTake (&Input, 2);
+        Offset = HarnessTake (&Input, 2);
+        Length = HarnessTake (&Input, 2);
+        if ((From + Length <= DATA_SIZE) && (Offset + Length <= DATA_SIZE)) {
+          memcpy ((UINT8 *)mHelpers[1 - Which].Context.Data + Offset, Target + From, Length);
+          mDirty[1 - Which] = TRUE;
+        }
+
+        break;
+
+      case 15:
+        Offset = (HarnessTake (&Input, 1) % WINDOW_PAGES) * FUZZ_PAGE + (HarnessTake (&Input, 2) % FUZZ_PAGE);
+        Helper->Window[Offset] = (UINT8)HarnessTake (&Input, 1);
+        break;
+
+      default:
+        Command = (UINT32)(Op & 15);
+        if (Command == 11) {
+          Command = (UINT32)HarnessTake (&Input, 4);
+        }
+
+        memset (Arg, 0, sizeof (Arg));
+        for (Index = 0; Index < 4; Index++) {
+          Arg[Index] = HarnessArgument (&Input, (UINTN)Which);
+        }
+
+        if (Helper->ShutDown) {
+          //
+          // The helper VM is off after SHUTDOWN; nothing serves the mailbox.
+          //
+          break;
+        }
+
+        FuzzCall (Helper, Command, Arg, mLastResult[Which]);
+        break;
+    }
+  }
+
+  return 0;
+}
