@@ -20,6 +20,7 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  #
         bench_cmd,
         boot_cmd,
         build_cmd,
+        fuzz_cmd,
         inspect_cmd,
         keygen_cmd,
         migrate_cmd,
@@ -34,6 +35,7 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  #
         transfer_cmd.register,
         migrate_cmd.register,
         bench_cmd.register,
+        fuzz_cmd.register,
     ]
 
 

@@ -1,73 +1,396 @@
-"""Build and run the dispatcher fuzz driver (tests/c/fuzz/FuzzDispatch.c).
+"""Build and run the fuzzers of the helper core (tests/c/fuzz).
 
-The driver links the same core sources as the firmware with ASan/UBSan and
-puts PROT_NONE guard pages around every buffer the dispatcher is given; see
-its file header for the invariants it checks.
+Two kinds, both over the firmware's own core sources and the shared guarded
+helpers and invariant checks of ``tests/c/fuzz/FuzzCommon.c``:
 
-Long run (documented in docs/testing.md)::
+* libFuzzer harnesses, one per attack surface (:data:`TARGETS`), built with
+  clang and ``-fsanitize=fuzzer,address,undefined``; ``ovmf-mh fuzz`` runs
+  them, the test suite runs each briefly and replays the regression inputs
+  under ``tests/fuzz-regressions/<target>/``;
+* the random scenario driver ``FuzzDispatch.c`` (gcc, ASan/UBSan), kept for
+  its end-to-end checks (an intact stream always imports and reproduces the
+  source pages).
 
-    .venv/bin/python -m host_shim.fuzz --seed 1 --iterations 1000000
+The dispatcher, session and request-validation sources and the harness are
+instrumented for coverage feedback; the crypto primitives (checked against
+pyca ``cryptography`` elsewhere), the host shim and the checker are built with
+the sanitizers only, so that their inner loops do not drown the feedback
+and the speed. Binaries are cached under ``.cache/fuzz`` by a hash of the
+compiler, the flags and every source and header.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from host_shim import hostcore
+from host_shim import fuzz_corpus, hostcore
+from host_shim.errors import OvmfMhError
 
-DRIVER = hostcore.REPO_ROOT / "tests" / "c" / "fuzz" / "FuzzDispatch.c"
-HOST_SHIMS = ("HostShim.c", "HostShimRandom.c")
-CFLAGS = [
+FUZZ_DIR = hostcore.REPO_ROOT / "tests" / "c" / "fuzz"
+CACHE_DIR = hostcore.REPO_ROOT / ".cache" / "fuzz"
+REGRESSION_DIR = hostcore.REPO_ROOT / "tests" / "fuzz-regressions"
+COMMON = FUZZ_DIR / "FuzzCommon.c"
+#: Core sources whose coverage guides the fuzzer (the rest is crypto).
+GUIDED_CORE = ("MailboxDispatch.c", "Session.c", "RequestValidation.c")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    source: str
+    max_len: int
+    surface: str
+    core_files: tuple[str, ...]  # the core sources this surface lives in (coverage is reported on them)
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("mailbox", "FuzzMailbox.c", 600, "mailbox dispatcher of a source and a target helper, command sequences",
+               ("MailboxDispatch.c", "Session.c")),
+        Target("stream", "FuzzStream.c", 40000, "stream import (header, records, END; CHECK_PAGES) under a fixed key",
+               ("Session.c",)),
+        Target("request", "FuzzRequest.c", 1024, "fw_cfg request validation against an e820 table",
+               ("RequestValidation.c",)),
+    )
+}
+#: Attack surfaces without a harness yet, and why.
+MISSING = {"page-tables": "the page-table builder does not exist in the core yet"}
+
+BASE_CFLAGS = (
+    "-g", "-O2", "-fno-omit-frame-pointer", "-fshort-wchar", "-fno-strict-aliasing", "-fno-common",
+    "-DEFIAPI=__attribute__((ms_abi))", "-Wall", "-Werror",
+)
+SANITIZERS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=all")
+COVERAGE_FLAGS = ("-fprofile-instr-generate", "-fcoverage-mapping")
+DRIVER_CFLAGS = (
     "-g", "-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
     "-fno-omit-frame-pointer", "-fshort-wchar", "-Wall", "-Werror",
-]
+)
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1:allocator_may_return_null=1",
+    "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+}
 
 
-def build() -> Path:
-    """Build (or reuse) the sanitized fuzz driver; return the binary path."""
+class FuzzError(OvmfMhError):
+    """A fuzzer could not be built or run."""
+
+
+def _tool(*names: str) -> str:
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise FuzzError(
+        f"none of {', '.join(names)} found on PATH; stuart/bootstrap.sh installs clang-14, "
+        "libclang-rt-14-dev and llvm-14 (libFuzzer and the sanitizer runtimes)"
+    )
+
+
+def clang() -> str:
+    return _tool("clang-14", "clang")
+
+
+def target(name: str) -> Target:
+    if name not in TARGETS:
+        missing = f" ({MISSING[name]})" if name in MISSING else ""
+        raise FuzzError(f"unknown fuzz target {name!r}{missing}; targets: {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def _digest(compiler: str, flags: Sequence[str], files: Sequence[Path]) -> str:
+    identity = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    digest = hashlib.sha256(identity.encode())
+    for item in flags:
+        digest.update(item.encode() + b"\0")
+    for path in (*files, *hostcore._tracked_headers(), FUZZ_DIR / "FuzzCommon.h"):
+        digest.update(str(path.relative_to(hostcore.REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:24]
+
+
+def _compile(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise FuzzError(f"build failed (exit {result.returncode}): {' '.join(command)}\n{result.stderr}")
+
+
+def build(name: str, variant: str = "fuzz") -> Path:
+    """Build (or reuse) a harness; return the binary.
+
+    ``fuzz``: libFuzzer + ASan/UBSan. ``coverage``: libFuzzer + source-based
+    coverage (no sanitizers), to replay a corpus and report line coverage.
+    """
+    spec = target(name)
+    compiler = clang()
     core = sorted(hostcore.CORE_LIB_DIR.glob("*.c"))
-    shims = [hostcore.HARNESS_DIR / name for name in HOST_SHIMS]
-    files = [*core, *shims, DRIVER]
-    includes = hostcore.include_dirs()
-    digest = hashlib.sha256(" ".join(CFLAGS).encode())
-    for path in (*files, *hostcore._tracked_headers()):
-        digest.update(str(path).encode() + b"\0" + path.read_bytes())
-    output = hostcore.CACHE_DIR / f"fuzz-dispatch-{digest.hexdigest()[:24]}"
+    guided = [p for p in core if p.name in GUIDED_CORE] + [FUZZ_DIR / spec.source]
+    plain = [p for p in core if p.name not in GUIDED_CORE] + [hostcore.HARNESS_DIR / "HostShim.c", COMMON]
+    includes = [f"-I{p}" for p in (*hostcore.include_dirs(), FUZZ_DIR)]
+    if variant == "fuzz":
+        guided_flags = [*BASE_CFLAGS, *SANITIZERS, "-fsanitize=fuzzer-no-link"]
+        plain_flags = [*BASE_CFLAGS, *SANITIZERS]
+        link_flags = [*BASE_CFLAGS, *SANITIZERS, "-fsanitize=fuzzer"]
+    elif variant == "coverage":
+        guided_flags = [*BASE_CFLAGS, *COVERAGE_FLAGS, "-fsanitize=fuzzer-no-link"]
+        plain_flags = [*BASE_CFLAGS, *COVERAGE_FLAGS]
+        link_flags = [*BASE_CFLAGS, *COVERAGE_FLAGS, "-fsanitize=fuzzer"]
+    else:
+        raise FuzzError(f"unknown build variant {variant!r}")
+    output = CACHE_DIR / f"{name}-{variant}-{_digest(compiler, guided_flags + plain_flags, guided + plain)}"
+    if output.is_file():
+        return output
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix=".build-") as temporary:
+        objects = []
+        for flags, sources in ((guided_flags, guided), (plain_flags, plain)):
+            for source in sources:
+                obj = Path(temporary) / f"{source.stem}.o"
+                _compile([compiler, *flags, *includes, "-c", str(source), "-o", str(obj)])
+                objects.append(str(obj))
+        partial = Path(temporary) / "binary"
+        _compile([compiler, *link_flags, *objects, "-o", str(partial)])
+        os.replace(partial, output)
+    return output
+
+
+def seed_dir(name: str) -> Path:
+    """The seed corpus of a harness, generated by host_shim/fuzz_corpus.py."""
+    target(name)
+    generator = Path(fuzz_corpus.__file__).read_bytes() + hostcore.PACKAGE_INCLUDE.joinpath(
+        "MigrationHelper", "HelperAbi.h").read_bytes()
+    directory = CACHE_DIR / "seeds" / f"{name}-{hashlib.sha256(generator).hexdigest()[:16]}"
+    if not directory.is_dir():
+        partial = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=f".seeds-{name}-"))
+        fuzz_corpus.write_seeds(name, partial)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(partial, directory)
+        except OSError:  # a concurrent generator won the race
+            shutil.rmtree(partial, ignore_errors=True)
+    return directory
+
+
+def dictionary() -> Path:
+    text = fuzz_corpus.dictionary()
+    path = CACHE_DIR / f"abi-{hashlib.sha256(text.encode()).hexdigest()[:16]}.dict"
+    if not path.is_file():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
+
+
+def regression_inputs(name: str) -> list[Path]:
+    """Inputs kept from findings (and hand-picked corner cases) for a harness."""
+    directory = REGRESSION_DIR / name
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")) \
+        if directory.is_dir() else []
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key, value in SANITIZER_ENV.items():
+        env.setdefault(key, value)
+    return env
+
+
+def replay(name: str, inputs: Sequence[Path], timeout: float | None = 600) -> subprocess.CompletedProcess[str]:
+    """Run a harness once over each input (files or directories); exit 0: no finding."""
+    return subprocess.run(
+        [str(build(name)), "-runs=0" if any(p.is_dir() for p in inputs) else "-runs=1", *map(str, inputs)],
+        capture_output=True, text=True, check=False, timeout=timeout, env=_env(),
+    )
+
+
+def reproducer(name: str, artifact: Path) -> str:
+    return f".venv/bin/ovmf-mh fuzz --target {name} --replay {artifact}"
+
+
+@dataclass
+class FuzzRun:
+    target: str
+    seconds: float
+    executions: int = 0
+    cpu_seconds: float = 0.0
+    edges: int = 0
+    corpus_size: int = 0
+    findings: list[Path] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+    line_coverage: dict[str, tuple[int, int]] | None = None
+
+    @property
+    def per_second(self) -> float:
+        return self.executions / self.seconds if self.seconds else 0.0
+
+    @property
+    def per_cpu_second(self) -> float:
+        return self.executions / self.cpu_seconds if self.cpu_seconds else 0.0
+
+    def summary(self) -> str:
+        line = (
+            f"{self.target}: {self.executions} executions in {self.seconds:.1f} s "
+            f"({self.per_second:.0f}/s; {self.per_cpu_second:.0f} per CPU second), "
+            f"coverage {self.edges} edges, corpus {self.corpus_size}, findings {len(self.findings)}"
+        )
+        if self.line_coverage:
+            for name in TARGETS[self.target].core_files:
+                covered, total = self.line_coverage.get(name, (0, 0))
+                line += f"\n  line coverage {name}: {percent(covered, total)} ({covered}/{total})"
+            covered = sum(c for c, _ in self.line_coverage.values())
+            total = sum(t for _, t in self.line_coverage.values())
+            line += f"\n  line coverage of the whole core (crypto included): {percent(covered, total)}"
+        return line
+
+
+def percent(covered: int, total: int) -> str:
+    return f"{100.0 * covered / max(total, 1):.1f} %"
+
+
+_STATS = re.compile(r"stat::(\w+):\s+(\d+)")
+_COV = re.compile(r"#\d+\s+\w+\s+cov: (\d+) ft: \d+ corp: (\d+)/")
+_ARTIFACT = re.compile(r"Test unit written to (\S+)")
+
+
+def run(
+    name: str,
+    work_dir: Path,
+    *,
+    seconds: float | None = None,
+    runs: int | None = None,
+    seed: int = 1,
+    jobs: int = 1,
+) -> FuzzRun:
+    """Fuzz one harness with ``jobs`` processes (seeds seed .. seed+jobs-1)
+    sharing one corpus under ``work_dir``; findings land in
+    ``work_dir/findings``. Stops after ``seconds`` or ``runs`` executions per
+    process, or at the first finding of a process."""
+    spec = target(name)
+    binary = build(name)
+    corpus = work_dir / "corpus"
+    findings = work_dir / "findings"
+    corpus.mkdir(parents=True, exist_ok=True)
+    findings.mkdir(parents=True, exist_ok=True)
+    limits = []
+    if seconds is not None:
+        limits.append(f"-max_total_time={max(1, int(seconds))}")
+    if runs is not None:
+        limits.append(f"-runs={runs}")
+    processes = []
+    dictionary_path, seeds = dictionary(), seed_dir(name)
+    before = os.times()
+    started = time.monotonic()
+    for job in range(jobs):
+        log = work_dir / f"fuzz-{job}.log"
+        command = [
+            str(binary), f"-seed={seed + job}", *limits, f"-max_len={spec.max_len}", f"-dict={dictionary_path}",
+            "-print_final_stats=1", "-timeout=60", "-reload=1", f"-artifact_prefix={findings}/",
+            str(corpus), str(seeds),
+        ]
+        handle = log.open("w")
+        processes.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=_env()), log, handle))
+    result = FuzzRun(target=name, seconds=0.0)
+    try:
+        for process, log, handle in processes:
+            process.wait()
+            handle.close()
+            result.logs.append(log)
+    finally:
+        for process, _, handle in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            handle.close()
+    result.seconds = time.monotonic() - started
+    after = os.times()
+    result.cpu_seconds = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    for log in result.logs:
+        text = log.read_text(errors="replace")
+        stats = dict(_STATS.findall(text))
+        result.executions += int(stats.get("number_of_executed_units", 0))
+        if "number_of_executed_units" not in stats:
+            done = re.findall(r"^#(\d+)", text, flags=re.MULTILINE)
+            result.executions += int(done[-1]) if done else 0
+        cov = _COV.findall(text)
+        if cov:
+            result.edges = max(result.edges, int(cov[-1][0]))
+            result.corpus_size = max(result.corpus_size, int(cov[-1][1]))
+        result.findings += [Path(p) for p in _ARTIFACT.findall(text)]
+    return result
+
+
+def line_coverage(name: str, inputs: Sequence[Path], work_dir: Path) -> dict[str, tuple[int, int]]:
+    """Replay ``inputs`` (corpus directories) on the coverage build; return
+    {core file: (lines covered, lines)} from llvm-cov."""
+    binary = build(name, "coverage")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    raw = work_dir / f"{name}.profraw"
+    data = work_dir / f"{name}.profdata"
+    env = dict(os.environ, LLVM_PROFILE_FILE=str(raw))
+    result = subprocess.run([str(binary), "-runs=0", *map(str, inputs)], capture_output=True, text=True,
+                            check=False, env=env)
+    if result.returncode != 0 or not raw.is_file():
+        raise FuzzError(f"coverage replay of {name} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    profdata = _tool("llvm-profdata-14", "llvm-profdata")
+    llvm_cov = _tool("llvm-cov-14", "llvm-cov")
+    subprocess.run([profdata, "merge", "-sparse", str(raw), "-o", str(data)], check=True, capture_output=True)
+    exported = subprocess.run(
+        [llvm_cov, "export", "-summary-only", f"-instr-profile={data}", str(binary)],
+        capture_output=True, text=True, check=True,
+    )
+    files: dict[str, tuple[int, int]] = {}
+    for entry in json.loads(exported.stdout)["data"][0]["files"]:
+        path = Path(entry["filename"])
+        if path.parent.name == hostcore.CORE_LIB_DIR.name:
+            lines = entry["summary"]["lines"]
+            files[path.name] = (int(lines["covered"]), int(lines["count"]))
+    return files
+
+
+# --- the random scenario driver (FuzzDispatch.c) ----------------------------
+
+
+def build_driver() -> Path:
+    """Build (or reuse) the sanitized scenario driver; return the binary path."""
+    core = sorted(hostcore.CORE_LIB_DIR.glob("*.c"))
+    files = [*core, hostcore.HARNESS_DIR / "HostShim.c", COMMON, FUZZ_DIR / "FuzzDispatch.c"]
+    output = CACHE_DIR / f"fuzz-dispatch-{_digest('gcc', DRIVER_CFLAGS, files)}"
     if output.is_file():
         return output
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_suffix(".partial")
-    command = ["gcc", *CFLAGS, *(f"-I{p}" for p in includes), *map(str, files), "-o", str(partial)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise hostcore.HostLibBuildError(command, result.returncode, result.stderr)
+    includes = [f"-I{p}" for p in (*hostcore.include_dirs(), FUZZ_DIR)]
+    _compile(["gcc", *DRIVER_CFLAGS, *includes, *map(str, files), "-o", str(partial)])
     os.replace(partial, output)
     return output
 
 
-def run(seed: int, iterations: int, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the driver; the caller checks returncode (0: no invariant broken)."""
-    env = dict(os.environ)
-    env.setdefault("ASAN_OPTIONS", "detect_leaks=0:abort_on_error=1")
-    env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
+def run_driver(seed: int, iterations: int, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the scenario driver; the caller checks returncode (0: no invariant broken)."""
     return subprocess.run(
-        [str(build()), str(seed), str(iterations)],
-        capture_output=True, text=True, check=False, timeout=timeout, env=env,
+        [str(build_driver()), str(seed), str(iterations)],
+        capture_output=True, text=True, check=False, timeout=timeout, env=_env(),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Fuzz the mailbox dispatcher (ASan/UBSan, guard pages).")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=100000)
+    """``python -m host_shim.fuzz``: a long run of the scenario driver."""
+    parser = argparse.ArgumentParser(description="Run the random scenario driver FuzzDispatch.c (ASan/UBSan).")
+    parser.add_argument("--seed", type=int, default=1, help="driver seed (default: 1)")
+    parser.add_argument("--iterations", type=int, default=100000, help="scenarios to run (default: 100000)")
     args = parser.parse_args(argv)
-    result = run(args.seed, args.iterations)
+    result = run_driver(args.seed, args.iterations)
     sys.stdout.write(result.stdout)
     sys.stderr.write(result.stderr)
     return result.returncode

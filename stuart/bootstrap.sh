@@ -24,6 +24,8 @@ as_root() {
 
 packages=(qemu-system-x86 qemu-utils nasm acpica-tools uuid-dev dpkg-dev ovmf
           build-essential python3-venv cpio)
+# libFuzzer harnesses (tests/c/fuzz): clang, its fuzzer/sanitizer runtimes, llvm-cov
+packages+=(clang-14 libclang-rt-14-dev llvm-14)
 
 apt_updated=0
 apt_update_once() {
