@@ -11,7 +11,9 @@
     0..10  the command of that code, then four argument encodings
     11     a raw 32-bit command code, then four argument encodings
     12     write bytes into the data area: u16 offset, u8 length, bytes
-    13     write a page list: u16 offset, u8 count, one page byte each
+    13     write a page list: u16 offset, u8 count, then per page one byte
+           (below 0xE0: a window page; 0xE0..0xFE: a hostile offset; 0xFF:
+           eight bytes follow)
     14     copy between the helpers' data areas (the host forwarding a
            stream): u16 from, u16 to, u16 length
     15     the host changes guest memory: u8 page, u16 offset, u8 value
@@ -103,16 +105,32 @@ HarnessArgument (
 STATIC
 UINT64
 HarnessPage (
-  IN UINT64  Byte
+  IN OUT FUZZ_INPUT  *Input
   )
 {
-  STATIC CONST UINT64  Hostile[16] = {
-    WINDOW_PAGES * FUZZ_PAGE, WINDOW_PAGES * FUZZ_PAGE - FUZZ_PAGE + 1, MAX_UINT64, 1, FUZZ_PAGE - 1,
-    MAX_UINT64 - FUZZ_PAGE + 1, 1ULL << 63, OVMF_MH_MAX_TRACKED_PAGES * FUZZ_PAGE, 2 * WINDOW_PAGES * FUZZ_PAGE,
-    FUZZ_PAGE / 2, MAX_UINT64 & ~(FUZZ_PAGE - 1), 0x100000000ULL, 8, 0, FUZZ_PAGE * (WINDOW_PAGES - 1), 0x1000000
+  STATIC CONST UINT64  Hostile[31] = {
+    WINDOW_PAGES * FUZZ_PAGE, WINDOW_PAGES * FUZZ_PAGE, WINDOW_PAGES * FUZZ_PAGE, WINDOW_PAGES * FUZZ_PAGE + FUZZ_PAGE,
+    WINDOW_PAGES * FUZZ_PAGE - FUZZ_PAGE + 1, WINDOW_PAGES * FUZZ_PAGE - 1, WINDOW_PAGES * FUZZ_PAGE - 8,
+    MAX_UINT64, MAX_UINT64 - FUZZ_PAGE + 1, MAX_UINT64 & ~(FUZZ_PAGE - 1), 1ULL << 63, (1ULL << 63) - FUZZ_PAGE,
+    1, 8, FUZZ_PAGE / 2, FUZZ_PAGE - 1, FUZZ_PAGE + 1,
+    OVMF_MH_MAX_TRACKED_PAGES * FUZZ_PAGE, OVMF_MH_MAX_TRACKED_PAGES * FUZZ_PAGE - FUZZ_PAGE,
+    2 * WINDOW_PAGES * FUZZ_PAGE, 0x100000000ULL, 0x100000000ULL - FUZZ_PAGE, 0x1000000,
+    0 - WINDOW_PAGES * FUZZ_PAGE, 0 - FUZZ_PAGE, 0 - 2 * FUZZ_PAGE, MAX_UINT64 / FUZZ_PAGE * FUZZ_PAGE - WINDOW_PAGES * FUZZ_PAGE,
+    FUZZ_PAGE * (WINDOW_PAGES - 1), 0, FUZZ_PAGE * WINDOW_PAGES * 512, 0x8000000000000000ULL + WINDOW_PAGES * FUZZ_PAGE
   };
+  UINT64               Byte;
 
-  return (Byte < 0xF0) ? (Byte % WINDOW_PAGES) * FUZZ_PAGE : Hostile[Byte & 15];
+  //
+  // Below 0xE0 a page inside the window; 0xE0..0xFE a hostile offset (the
+  // window's end several times: off-by-one bugs live there); 0xFF the next
+  // eight input bytes as they are.
+  //
+  Byte = HarnessTake (Input, 1);
+  if (Byte < 0xE0) {
+    return (Byte % WINDOW_PAGES) * FUZZ_PAGE;
+  }
+
+  return (Byte < 0xFF) ? Hostile[Byte - 0xE0] : HarnessTake (Input, 8);
 }
 
 STATIC
@@ -201,7 +219,7 @@ LLVMFuzzerTestOneInput (
         Offset = HarnessTake (&Input, 2) & ~7ULL;
         Length = HarnessTake (&Input, 1);
         for (Index = 0; Index < Length; Index++) {
-          UINT64  Page = HarnessPage (HarnessTake (&Input, 1));
+          UINT64  Page = HarnessPage (&Input);
 
           memcpy (Target + (Offset + Index * 8) % DATA_SIZE, &Page, sizeof (Page));
         }
