@@ -195,8 +195,9 @@ def dictionary() -> Path:
 def regression_inputs(name: str) -> list[Path]:
     """Inputs kept from findings (and hand-picked corner cases) for a harness."""
     directory = REGRESSION_DIR / name
-    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")) \
-        if directory.is_dir() else []
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def _env() -> dict[str, str]:

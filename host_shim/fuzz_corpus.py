@@ -216,12 +216,12 @@ def request_seeds() -> dict[str, bytes]:
             guest_window_size=window,
         ).encode()
         ram = DEFAULT_OWN_RAM + window
-        seeds[f"request-window-{window // mib}m"] = bytes([0]) + request + e820((0, ram, E820_RAM), reserved)
+        seeds[f"request-window-{window // mib}m"] = bytes([0, 0]) + request + e820((0, ram, E820_RAM), reserved)
         seeds[f"request-window-{window // mib}m-split"] = (
-            bytes([0]) + request + e820((0, DEFAULT_OWN_RAM, E820_RAM), (DEFAULT_OWN_RAM, window or mib, E820_RAM))
+            bytes([0, 0]) + request + e820((0, DEFAULT_OWN_RAM, E820_RAM), (DEFAULT_OWN_RAM, window or mib, E820_RAM))
         )
     bad = HelperRequest(mailbox_base=0x1800800, mailbox_size=DEFAULT_MAILBOX_SIZE).encode()
-    seeds["request-misaligned"] = bytes([0]) + bad + e820((0, DEFAULT_OWN_RAM, E820_RAM))
+    seeds["request-misaligned"] = bytes([0, 0]) + bad + e820((0, DEFAULT_OWN_RAM, E820_RAM))
     seeds["request-short-blob"] = bytes([0xF0, 40]) + bad[:40] + e820((0, DEFAULT_OWN_RAM, E820_RAM))
     return seeds
 

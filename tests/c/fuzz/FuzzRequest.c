@@ -2,8 +2,9 @@
   libFuzzer harness: fw_cfg request validation (MigrationHelperValidateRequest)
   against an e820 table.
 
-  Input: byte 0 chooses the blob size (below 0xF0: 48 bytes, the right size;
-  otherwise byte 1 is the size), then the blob, then e820 entries of 20
+  Input: byte 0 chooses the blob size (below 0xF0: 48 bytes, the right size,
+  and byte 1 nudges the four address fields; otherwise byte 1 is the size),
+  then the blob, then e820 entries of 20
   bytes (base, length, type) as QEMU's etc/e820 file holds them. The RAM
   ranges are taken from the table as the SEC platform code does
   (HelperPlatform.c: type 1 entries, whole entries, at most 32); that step
@@ -173,12 +174,12 @@ LLVMFuzzerTestOneInput (
     mUsable     = (BOOLEAN *)FuzzGuardedMap (sizeof (BOOLEAN));
   }
 
-  if (Size < 1) {
+  if (Size < 2) {
     return 0;
   }
 
-  BlobSize = (Data[0] < 0xF0) ? sizeof (OVMF_MH_REQUEST) : ((Size > 1) ? Data[1] : 0);
-  Header   = (Data[0] < 0xF0) ? 1 : 2;
+  BlobSize = (Data[0] < 0xF0) ? sizeof (OVMF_MH_REQUEST) : Data[1];
+  Header   = 2;
   if (Size < Header + BlobSize) {
     return 0;
   }
@@ -188,6 +189,22 @@ LLVMFuzzerTestOneInput (
   //
   Blob = mBlobPages + 256 - BlobSize;
   memcpy (Blob, Data + Header, BlobSize);
+  if (Data[0] < 0xF0) {
+    //
+    // Two bits per address field (MailboxBase, MailboxSize, GuestWindowBase,
+    // GuestWindowSize): keep, minus a page, plus a page, minus one. Bounds
+    // are where off-by-one bugs live; this puts every field one mutation
+    // away from both sides of every boundary a seed sits on.
+    //
+    for (Index = 0; Index < 4; Index++) {
+      STATIC CONST UINT64  Nudge[4] = { 0, 0 - FUZZ_PAGE, FUZZ_PAGE, MAX_UINT64 };
+      UINT64               Field;
+
+      memcpy (&Field, Blob + OFFSET_OF (OVMF_MH_REQUEST, MailboxBase) + Index * 8, sizeof (Field));
+      Field += Nudge[(Data[1] >> (2 * Index)) & 3];
+      memcpy (Blob + OFFSET_OF (OVMF_MH_REQUEST, MailboxBase) + Index * 8, &Field, sizeof (Field));
+    }
+  }
 
   //
   // etc/e820 as the SEC platform code reads it.
