@@ -12,8 +12,9 @@
     11     a raw 32-bit command code, then four argument encodings
     12     write bytes into the data area: u16 offset, u8 length, bytes
     13     write a page list: u16 offset, u8 count, then per page one byte
-           (below 0xE0: a window page; 0xE0..0xFE: a hostile offset; 0xFF:
-           eight bytes follow)
+           (bits 0..2 a page, bits 3..7 below 16 nothing more, else a
+           boundary, misaligned or wrapping variant; 0xF8..0xFF: eight
+           bytes follow), see HarnessPage()
     14     copy between the helpers' data areas (the host forwarding a
            stream): u16 from, u16 to, u16 length
     15     the host changes guest memory: u8 page, u16 offset, u8 value
@@ -108,29 +109,31 @@ HarnessPage (
   IN OUT FUZZ_INPUT  *Input
   )
 {
-  STATIC CONST UINT64  Hostile[31] = {
-    WINDOW_PAGES * FUZZ_PAGE, WINDOW_PAGES * FUZZ_PAGE, WINDOW_PAGES * FUZZ_PAGE, WINDOW_PAGES * FUZZ_PAGE + FUZZ_PAGE,
-    WINDOW_PAGES * FUZZ_PAGE - FUZZ_PAGE + 1, WINDOW_PAGES * FUZZ_PAGE - 1, WINDOW_PAGES * FUZZ_PAGE - 8,
-    MAX_UINT64, MAX_UINT64 - FUZZ_PAGE + 1, MAX_UINT64 & ~(FUZZ_PAGE - 1), 1ULL << 63, (1ULL << 63) - FUZZ_PAGE,
-    1, 8, FUZZ_PAGE / 2, FUZZ_PAGE - 1, FUZZ_PAGE + 1,
-    OVMF_MH_MAX_TRACKED_PAGES * FUZZ_PAGE, OVMF_MH_MAX_TRACKED_PAGES * FUZZ_PAGE - FUZZ_PAGE,
-    2 * WINDOW_PAGES * FUZZ_PAGE, 0x100000000ULL, 0x100000000ULL - FUZZ_PAGE, 0x1000000,
-    0 - WINDOW_PAGES * FUZZ_PAGE, 0 - FUZZ_PAGE, 0 - 2 * FUZZ_PAGE, MAX_UINT64 / FUZZ_PAGE * FUZZ_PAGE - WINDOW_PAGES * FUZZ_PAGE,
-    FUZZ_PAGE * (WINDOW_PAGES - 1), 0, FUZZ_PAGE * WINDOW_PAGES * 512, 0x8000000000000000ULL + WINDOW_PAGES * FUZZ_PAGE
-  };
-  UINT64               Byte;
+  UINT64  Byte;
+  UINT64  Page;
 
   //
-  // Below 0xE0 a page inside the window; 0xE0..0xFE a hostile offset (the
-  // window's end several times: off-by-one bugs live there); 0xFF the next
-  // eight input bytes as they are.
+  // Low three bits: a page number; the high bits say what to make of it.
+  // One bit flip turns a valid page of a seed into the page right past the
+  // window's end, a misaligned or a wrapping offset: bounds are where
+  // off-by-one bugs live.
   //
   Byte = HarnessTake (Input, 1);
-  if (Byte < 0xE0) {
-    return (Byte % WINDOW_PAGES) * FUZZ_PAGE;
+  Page = (Byte & 7) * FUZZ_PAGE;
+  switch (Byte >> 3) {
+    case 16: return WINDOW_PAGES * FUZZ_PAGE + Page;
+    case 17: return Page + 1;
+    case 18: return WINDOW_PAGES * FUZZ_PAGE - Page - 1;
+    case 19: return 0 - FUZZ_PAGE - Page;
+    case 20: return (1ULL << 63) + Page;
+    case 21: return (OVMF_MH_MAX_TRACKED_PAGES - 1) * FUZZ_PAGE + Page;
+    case 22: return 0x100000000ULL - FUZZ_PAGE + Page;
+    case 23: return Page + FUZZ_PAGE / 2;
+    case 24: return (UINT64)WINDOW_PAGES * FUZZ_PAGE * (1 + (Byte & 7));
+    case 25: return MAX_UINT64 - Page;
+    case 31: return HarnessTake (Input, 8);
+    default: return (Byte >> 3 < 16) ? Page : Page + (WINDOW_PAGES << (Byte >> 3)) * FUZZ_PAGE;
   }
-
-  return (Byte < 0xFF) ? Hostile[Byte - 0xE0] : HarnessTake (Input, 8);
 }
 
 STATIC
