@@ -332,22 +332,36 @@ def run(
 
 
 def line_coverage(name: str, inputs: Sequence[Path], work_dir: Path) -> dict[str, tuple[int, int]]:
-    """Replay ``inputs`` (corpus directories) on the coverage build; return
-    {core file: (lines covered, lines)} from llvm-cov."""
-    binary = build(name, "coverage")
+    """Replay ``inputs`` (corpus folders or files) on the coverage build;
+    return {core file: (lines covered, lines)} from llvm-cov."""
+    return union_line_coverage({name: inputs}, work_dir)
+
+
+def union_line_coverage(corpora: dict[str, Sequence[Path]], work_dir: Path) -> dict[str, tuple[int, int]]:
+    """Line coverage of the core by several harnesses together: each replays
+    its inputs on its coverage build, the profiles are merged and llvm-cov
+    counts a line covered when any harness ran it."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    raw = work_dir / f"{name}.profraw"
-    data = work_dir / f"{name}.profdata"
-    env = dict(os.environ, LLVM_PROFILE_FILE=str(raw))
-    result = subprocess.run([str(binary), "-runs=0", *map(str, inputs)], capture_output=True, text=True,
-                            check=False, env=env)
-    if result.returncode != 0 or not raw.is_file():
-        raise FuzzError(f"coverage replay of {name} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
     profdata = _tool("llvm-profdata-14", "llvm-profdata")
     llvm_cov = _tool("llvm-cov-14", "llvm-cov")
-    subprocess.run([profdata, "merge", "-sparse", str(raw), "-o", str(data)], check=True, capture_output=True)
+    binaries: list[str] = []
+    raws: list[str] = []
+    for name, inputs in corpora.items():
+        binary = build(name, "coverage")
+        raw = work_dir / f"{name}.profraw"
+        raw.unlink(missing_ok=True)
+        env = dict(os.environ, LLVM_PROFILE_FILE=str(raw))
+        result = subprocess.run([str(binary), "-runs=0", *map(str, inputs)], capture_output=True, text=True,
+                                check=False, env=env)
+        if result.returncode != 0 or not raw.is_file():
+            raise FuzzError(f"coverage replay of {name} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+        binaries.append(str(binary))
+        raws.append(str(raw))
+    data = work_dir / "merged.profdata"
+    subprocess.run([profdata, "merge", "-sparse", *raws, "-o", str(data)], check=True, capture_output=True)
+    objects = [binaries[0], *(arg for b in binaries[1:] for arg in ("-object", b))]
     exported = subprocess.run(
-        [llvm_cov, "export", "-summary-only", f"-instr-profile={data}", str(binary)],
+        [llvm_cov, "export", "-summary-only", f"-instr-profile={data}", *objects],
         capture_output=True, text=True, check=True,
     )
     files: dict[str, tuple[int, int]] = {}

@@ -75,6 +75,16 @@ def run(args: argparse.Namespace) -> int:
         for artifact in result.findings:
             print(f"  finding {artifact}; reproduce: {fuzz.reproducer(name, artifact)}")
         found += len(result.findings)
+    names = args.target or list(fuzz.TARGETS)
+    if args.coverage and len(names) > 1:
+        union = fuzz.union_line_coverage(
+            {name: [args.work_dir / name / "corpus", fuzz.seed_dir(name)] for name in names},
+            args.work_dir / "coverage",
+        )
+        for file, (covered, total) in sorted(union.items()):
+            if total:
+                print(f"core line coverage, all targets together: {file} {fuzz.percent(covered, total)} "
+                      f"({covered}/{total})")
     for name, why in fuzz.MISSING.items():
         print(f"{name}: no harness ({why})")
     return 1 if found else 0
