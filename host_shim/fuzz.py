@@ -208,9 +208,14 @@ def _env() -> dict[str, str]:
 
 
 def replay(name: str, inputs: Sequence[Path], timeout: float | None = 600) -> subprocess.CompletedProcess[str]:
-    """Run a harness once over each input (files or directories); exit 0: no finding."""
+    """Run a harness once over each input (files, or folders of them); exit 0: no finding."""
+    files: list[Path] = []
+    for path in inputs:
+        files += sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise FuzzError(f"no inputs to replay in {', '.join(map(str, inputs))}")
     return subprocess.run(
-        [str(build(name)), "-runs=0" if any(p.is_dir() for p in inputs) else "-runs=1", *map(str, inputs)],
+        [str(build(name)), *map(str, files)],
         capture_output=True, text=True, check=False, timeout=timeout, env=_env(),
     )
 

@@ -32,6 +32,8 @@ def test_seed_corpus_and_regression_inputs_replay_clean(name: str) -> None:
     inputs = [fuzz.seed_dir(name), *fuzz.regression_inputs(name)]
     result = fuzz.replay(name, inputs)
     assert result.returncode == 0, result.stderr[-4000:]
+    expected = len(list(fuzz.seed_dir(name).iterdir())) + len(fuzz.regression_inputs(name))
+    assert result.stderr.count("\nExecuted ") == expected, result.stderr[-4000:]
 
 
 def test_every_harness_has_regression_inputs() -> None:
