@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--seconds", type=float, default=60.0,
                         help="wall-clock seconds per target (default: 60)")
     parser.add_argument("--runs", type=int, default=None,
-                        help="stop each process after this many executions instead (default: no limit)")
+                        help="also stop each process after this many executions "
+                             "(default: no limit; --seconds still applies)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="fuzzing processes per target, sharing one corpus (default: 1)")
     parser.add_argument("--seed", type=int, default=1,
