@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from host_shim import paths, platform_dsc
 from host_shim.build_errors import first_error
@@ -100,6 +101,17 @@ def _inputs_digest(target: str, edk2: Path) -> str:
     for script in (PLATFORM_BUILD, Path(platform_dsc.__file__)):
         digest.update(script.read_bytes())
     return digest.hexdigest()
+
+
+def read_build_record(image: Path) -> dict[str, Any] | None:
+    """The record `ovmf-mh build` wrote next to an image's FV folder (which
+    EDK2 tree, tool chain, target, build id), or None for other images."""
+    stamp = image.resolve().parent.parent / "ovmf-mh-build.json"
+    try:
+        record = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def build_firmware(target: str = "DEBUG", *, force: bool = False, show_progress: bool = True) -> Path:
