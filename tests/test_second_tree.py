@@ -61,7 +61,7 @@ def test_second_tree_build_is_its_own(second_tree: Path, second_firmware: Path) 
     assert conf == template
     record = read_build_record(second_firmware)
     assert record is not None
-    assert record["edk2"] == str(second_tree)
+    assert record["edk2"] == str(second_tree.resolve())
     assert record["tool_chain"] == paths.tool_chain_tag(second_tree)
     assert record["edk2_version"].startswith("Debian edk2 ")
     inspect = subprocess.run(
@@ -69,7 +69,7 @@ def test_second_tree_build_is_its_own(second_tree: Path, second_firmware: Path) 
     )
     report = json.loads(inspect.stdout)
     assert report["helper_present"]
-    assert report["build_record"]["edk2"] == str(second_tree)
+    assert report["build_record"]["edk2"] == str(second_tree.resolve())
     assert report["helper"]["build_id"] == record["build_id"]
 
 

@@ -76,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
 def print_build_record(report: ImageReport, record: dict[str, Any] | None, out: TextIO) -> None:
     """Which EDK2 tree an image came from, from `ovmf-mh build`'s record beside it."""
     if record is None:
-        out.write("\nBuilt from: unknown (no ovmf-mh-build.json beside the FV folder)\n")
-        return
+        return  # not an image `ovmf-mh build` made (or its record is gone)
     matches = report.helper is not None and report.helper.build_id == record.get("build_id")
     out.write(f"\nBuilt from (ovmf-mh-build.json){'' if matches else ' - build id DIFFERS from the image'}:\n")
     out.write(f"  EDK2 tree:         {record.get('edk2')} ({record.get('edk2_version', 'version not recorded')})\n")
