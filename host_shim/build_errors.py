@@ -28,8 +28,12 @@ _MAX_CHARS = 400
 
 
 def first_error(lines: Iterable[str]) -> str | None:
-    """The first real error line of a build's output, or None."""
-    cleaned = [_LEVEL_PREFIX.sub("", line.rstrip("\n")).strip() for line in lines]
+    """The first real error line of a build's output, or None. stuart's
+    DEBUG lines are its environment probes (e.g. `cargo make --version`
+    answering "error: no such command"), never the build's error."""
+    cleaned = [
+        _LEVEL_PREFIX.sub("", line.rstrip("\n")).strip() for line in lines if not line.startswith("DEBUG - ")
+    ]
     for pattern in _PATTERNS:
         for line in cleaned:
             if pattern.search(line) and not _is_noise(line):

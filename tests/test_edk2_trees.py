@@ -54,6 +54,7 @@ def test_each_tree_has_its_own_workspace(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_first_error_prefers_the_compiler_line() -> None:
     log = [
+        "DEBUG - error: no such command: `make`\n",
         "INFO - Building ... SecMain.inf [X64]\n",
         'INFO - "gcc" -MMD -Werror=implicit -c -o SecMain.obj SecMain.c\n',
         "INFO - SecMain.c:12:3: error: implicit declaration of function 'Foo'\n",
@@ -62,8 +63,8 @@ def test_first_error_prefers_the_compiler_line() -> None:
         " : error 7000: Failed to execute command\n",
     ]
     assert first_error(log) == "SecMain.c:12:3: error: implicit declaration of function 'Foo'"
-    assert first_error(log[3:]) == " : error 7000: Failed to execute command".strip()
-    assert first_error(log[3:4]) == "make: *** [GNUmakefile:400: SecMain.obj] Error 1"
+    assert first_error(log[4:]) == " : error 7000: Failed to execute command".strip()
+    assert first_error(log[4:5]) == "make: *** [GNUmakefile:400: SecMain.obj] Error 1"
     assert first_error(["ld: x.o: in function `y':\n", "x.c:(.text+0x1): undefined reference to `Z'\n"]) == (
         "x.c:(.text+0x1): undefined reference to `Z'"
     )
