@@ -1,8 +1,10 @@
 """Find the line that says why a BaseTools or EDK2 build failed.
 
 A failing build prints hundreds of lines, and its last ones (stuart's
-"Build Process Exception", make's "Error 2") only say that it failed. The
-first compiler, linker, make or EDK2 build-tool error is the one to show.
+"Build Process Exception", make's "Error 2", collect2's "ld returned 1 exit
+status") only say that it failed. The first compiler, assembler, linker or
+EDK2 build-tool error is the one to show; make's own line only when there is
+none of those.
 """
 
 from __future__ import annotations
@@ -10,20 +12,22 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-# In order of preference: the earliest line matching the first pattern that
-# matches anywhere wins.
-_PATTERNS = (
+# The earliest line matching any of these is the cause.
+_CAUSE = re.compile(
     # gcc/clang/nasm/iasl: "file.c:12:3: error: ...", "fatal error: ...".
-    re.compile(r"(?:^|\s|:)(?:fatal )?error:\s", re.IGNORECASE),
-    # ld: "undefined reference to `X'", "multiple definition of".
-    re.compile(r"undefined reference to|multiple definition of|ld(?:\.\w+)?: cannot find"),
-    # EDK2 build tools: "...OvmfPkgX64.dsc(123): error 4000: Instance of library class ...".
-    re.compile(r"\berror [0-9A-F]{4}:", re.IGNORECASE),
-    # make: "make[2]: *** [GNUmakefile:12: x.o] Error 1", "No rule to make target".
-    re.compile(r"\bmake(?:\[\d+\])?: \*\*\*"),
+    r"(?:^|\s|:)(?:fatal )?error:\s"
+    # ld: "undefined reference to `X'", "multiple definition of", a missing library.
+    r"|undefined reference to|multiple definition of|ld(?:\.\w+)?: cannot find"
+    # EDK2 build tools: "OvmfPkgX64.dsc(123): error 4000: Instance of library class ...".
+    r"|\berror [0-9A-F]{4}:",
+    re.IGNORECASE,
 )
+# Lines that only report that an earlier step failed.
+_CONSEQUENCE = re.compile(r"collect2: error: ld returned|\berror 7000: Failed to execute command", re.IGNORECASE)
+# make: "make[2]: *** [GNUmakefile:12: x.o] Error 1", "No rule to make target".
+_MAKE = re.compile(r"\bmake(?:\[\d+\])?: \*\*\*")
 # stuart prefixes its console lines with the level; drop it before matching.
-_LEVEL_PREFIX = re.compile(r"^(?:INFO|ERROR|WARNING|CRITICAL|DEBUG|SECTION|PROGRESS) - ")
+_LEVEL_PREFIX = re.compile(r"^(?:INFO|ERROR|WARNING|CRITICAL|SECTION|PROGRESS) - ")
 _MAX_CHARS = 400
 
 
@@ -34,14 +38,11 @@ def first_error(lines: Iterable[str]) -> str | None:
     cleaned = [
         _LEVEL_PREFIX.sub("", line.rstrip("\n")).strip() for line in lines if not line.startswith("DEBUG - ")
     ]
-    for pattern in _PATTERNS:
+    commands = ("gcc ", "cc ", "g++ ", '"gcc"', "$ ")
+    for pattern in (_CAUSE, _MAKE, _CONSEQUENCE):
         for line in cleaned:
-            if pattern.search(line) and not _is_noise(line):
+            if line.startswith(commands):  # an echoed command line, flags and all
+                continue
+            if pattern.search(line) and (pattern is _CONSEQUENCE or not _CONSEQUENCE.search(line)):
                 return line[:_MAX_CHARS]
     return None
-
-
-def _is_noise(line: str) -> bool:
-    # Command lines echoed by make contain "-Werror" or "error" in paths; flags
-    # and file names are not errors.
-    return line.startswith(("gcc ", "cc ", "g++ ", '"gcc"', "$ ")) or "-Werror=" in line.split(" error:")[0]

@@ -63,11 +63,19 @@ def test_first_error_prefers_the_compiler_line() -> None:
         " : error 7000: Failed to execute command\n",
     ]
     assert first_error(log) == "SecMain.c:12:3: error: implicit declaration of function 'Foo'"
-    assert first_error(log[4:]) == " : error 7000: Failed to execute command".strip()
+    assert first_error(log[4:]) == "make: *** [GNUmakefile:400: SecMain.obj] Error 1"
+    assert first_error(log[5:]) == ": error 7000: Failed to execute command"
     assert first_error(log[4:5]) == "make: *** [GNUmakefile:400: SecMain.obj] Error 1"
-    assert first_error(["ld: x.o: in function `y':\n", "x.c:(.text+0x1): undefined reference to `Z'\n"]) == (
-        "x.c:(.text+0x1): undefined reference to `Z'"
-    )
+    link = [
+        "INFO - /usr/bin/ld: x.o: in function `y':\n",
+        "INFO - x.c:52: undefined reference to `InternalZ'\n",
+        "INFO - collect2: error: ld returned 1 exit status\n",
+        "INFO - make: *** [GNUmakefile:9: Sec.dll] Error 1\n",
+        "INFO -  : error 7000: Failed to execute command\n",
+    ]
+    assert first_error(link) == "x.c:52: undefined reference to `InternalZ'"
+    assert first_error(link[2:]) == "make: *** [GNUmakefile:9: Sec.dll] Error 1"
+    assert first_error(link[2:3]) == "collect2: error: ld returned 1 exit status"
     assert first_error(["all fine\n", "WARNING - something\n"]) is None
 
 
