@@ -246,12 +246,19 @@ class DirtyTracker:
         self._file.close()
 
 
+def _complete_lines(text: str) -> str:
+    """text up to its last newline: the guest may be mid-way through a line."""
+    return text[: text.rfind("\n") + 1]
+
+
 def _wait_for(vm: QemuVM, needle: str, timeout: float, after: int = 0) -> str:
+    """The first complete serial line (after offset ``after``) containing needle."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        text = vm.serial_text()[after:]
+        text = _complete_lines(vm.serial_text()[after:])
         if needle in text:
-            return text[text.index(needle):].splitlines()[0]
+            index = text.index(needle)
+            return text[index : text.index("\n", index)].rstrip("\r")
         if not vm.is_running():
             raise vm.error(f"QEMU exited while waiting for {needle!r} on the serial console")
         time.sleep(0.05)

@@ -9,6 +9,9 @@
 # Works offline: the scopes leave out 'edk2-build' and 'ovmf', whose ext_deps
 # download nasm and iasl; Debian's nasm and iasl on PATH are used instead.
 # The EDK2 tree is $EDK2_PATH or Debian's edk2 source package in .cache/.
+# Each tree has its own workspace Build/<tree>-<digest>/ (Conf/, output, logs)
+# and brings its own BaseTools and Python build tools: the workspace holds no
+# EDK2 tree, so stuart's scan finds no other tree's tool settings.
 #
 # SPDX-License-Identifier: BSD-2-Clause-Patent
 ##
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from edk2toolext.environment import shell_environment
 from edk2toolext.environment.uefi_build import UefiBuilder
+from edk2toolext.environment.var_dict import VarDict
 from edk2toolext.invocables.edk2_platform_build import BuildSettingsManager
 from edk2toolext.invocables.edk2_setup import RequiredSubmodule, SetupSettingsManager
 from edk2toolext.invocables.edk2_update import UpdateSettingsManager
@@ -36,18 +40,37 @@ ARCHITECTURES = ("X64",)
 TARGETS = paths.TARGETS
 
 
+def _workspace() -> str:
+    workspace = paths.tree_build_root()
+    workspace.mkdir(parents=True, exist_ok=True)
+    return str(workspace)
+
+
 def _packages_path() -> list[str]:
     # The derived DSC is written here during SetPlatformEnv; stuart checks
     # that every packages path entry exists before that.
-    paths.PLATFORM_ROOT.mkdir(parents=True, exist_ok=True)
-    return [str(paths.edk2_tree()), str(REPO_ROOT), str(paths.PLATFORM_ROOT)]
+    platform = paths.platform_root()
+    platform.mkdir(parents=True, exist_ok=True)
+    return [str(paths.edk2_tree()), str(REPO_ROOT), str(platform)]
+
+
+def _use_tree_tools(env: VarDict) -> None:
+    """Take BaseTools, its Python build tools and its Conf/ templates from the
+    active tree (what the tree's own *_path_env.yaml files would set)."""
+    base_tools = str(paths.edk2_tree() / "BaseTools")
+    shell = shell_environment.GetEnvironment()
+    shell.set_shell_var("EDK_TOOLS_PATH", base_tools)
+    shell.set_shell_var("BASE_TOOLS_PATH", base_tools)
+    env.SetValue("EDK_TOOLS_PATH", base_tools, "ovmf-mh: the EDK2 tree's BaseTools")
+    shell.insert_path(os.path.join(base_tools, "BinWrappers", "PosixLike"))
+    shell.insert_pypath(os.path.join(base_tools, "Source", "Python"))
 
 
 class SettingsManager(UpdateSettingsManager, SetupSettingsManager):
     """stuart_setup and stuart_update: nothing to fetch, everything is local."""
 
     def GetWorkspaceRoot(self) -> str:
-        return str(REPO_ROOT)
+        return _workspace()
 
     def GetPackagesPath(self) -> list[str]:
         return _packages_path()
@@ -73,7 +96,7 @@ class PlatformBuilder(UefiBuilder, BuildSettingsManager):
     """stuart_build: derive the platform DSC, build it, optionally boot it."""
 
     def GetWorkspaceRoot(self) -> str:
-        return str(REPO_ROOT)
+        return _workspace()
 
     def GetPackagesPath(self) -> list[str]:
         return _packages_path()
@@ -93,14 +116,15 @@ class PlatformBuilder(UefiBuilder, BuildSettingsManager):
         if target not in TARGETS:
             logging.critical("TARGET=%s is not one of %s", target, ", ".join(TARGETS))
             return 1
+        _use_tree_tools(self.env)
         build_id = platform_dsc.write_platform(
-            paths.edk2_tree(), paths.PLATFORM_ROOT, paths.PACKAGE_DIR, target
+            paths.edk2_tree(), paths.platform_root(), paths.PACKAGE_DIR, target
         )
         logging.info("ovmf-mh helper build id %s", build_id.hex)
         self.env.SetValue("OVMF_MH_BUILD_ID", build_id.hex, "ovmf-mh platform")
         self.env.SetValue("ACTIVE_PLATFORM", platform_dsc.PLATFORM_DSC, "ovmf-mh platform")
         self.env.SetValue("TARGET_ARCH", "X64", "ovmf-mh platform")
-        self.env.SetValue("TOOL_CHAIN_TAG", paths.TOOL_CHAIN, "ovmf-mh platform")
+        self.env.SetValue("TOOL_CHAIN_TAG", paths.tool_chain_tag(), "ovmf-mh platform: the tree's tag")
         self.env.SetValue("PRODUCT_NAME", "OVMF-MH", "ovmf-mh platform")
         # Debian's patches make ShellPkg need SecureBootVariableLib, which the
         # OVMF DSC maps only with SECURE_BOOT_ENABLE; the helper needs no shell.
@@ -126,7 +150,7 @@ class PlatformBuilder(UefiBuilder, BuildSettingsManager):
         from host_shim.boot import BootMode, boot_image
 
         target = self.env.GetValue("TARGET")
-        work = paths.BUILD_ROOT / "flashrom"
+        work = paths.tree_build_root() / "flashrom"
         outcome = boot_image(
             paths.firmware_code(target),
             mode=BootMode.NORMAL,

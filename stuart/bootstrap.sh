@@ -10,6 +10,9 @@
 #   4. A Debian cloud kernel and busybox-static for the boot tests, in
 #      .cache/guest.
 #   5. The project virtual environment in .venv.
+#   6. A second EDK2 tree for the tests: the newest edk2 source package Debian
+#      serves (chosen by asking the registry, see host_shim/edk2_debian.py),
+#      in .cache/edk2-newest. OVMF_MH_SECOND_TREE=0 skips it.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -84,8 +87,9 @@ else
         mkdir -p "$edk2_src.partial"
         log "fetching Debian's edk2 source package (apt-get source edk2)"
         (cd "$edk2_src.partial" && apt-get source -qq edk2 >&2) || {
-            log "apt-get source edk2 failed. Set EDK2_PATH to an EDK2 tree (edk2-stable202211 or"
-            log "newer, with submodules) or make a deb-src entry reachable, then run again."
+            log "apt-get source edk2 failed. Set EDK2_PATH to an EDK2 tree (edk2-stable202211 to"
+            log "current upstream, with submodules; see docs/build.md) or make a deb-src entry"
+            log "reachable, then run again."
             exit 1
         }
         rm -rf "$edk2_src"
@@ -126,5 +130,11 @@ if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install -q --upgrade pip >&2
     "$venv/bin/python" -m pip install -q -e "$repo[dev]" >&2
     touch "$stamp"
+fi
+
+# --- second EDK2 tree: the newest edk2 source package Debian serves --------
+if [ "${OVMF_MH_SECOND_TREE:-1}" != 0 ]; then
+    (cd "$repo" && "$venv/bin/python" -m host_shim.edk2_debian >/dev/null) \
+        || log "no second EDK2 tree (see the lines above); tests/test_second_tree.py will skip"
 fi
 log "system set-up complete"

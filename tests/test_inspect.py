@@ -32,11 +32,12 @@ from host_shim.inspect_image import (
 )
 
 STOCK_IMAGE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-BUILD_LOGS = (
-    paths.BUILD_ROOT / "ovmf-mh-build-DEBUG.log",
-    paths.BUILD_ROOT / "BUILDLOG_OvmfMh.txt",
-)
 FW_CFG_NAME = "opt/ovmf-mh/request"
+
+
+def build_logs() -> tuple[Path, Path]:
+    """The active tree's build logs: ours (per target), then stuart's."""
+    return (paths.build_log("DEBUG"), paths.tree_build_root() / "Build" / "BUILDLOG_OvmfMh.txt")
 
 
 # --- inputs ------------------------------------------------------------------
@@ -64,13 +65,13 @@ def stock_image() -> Path:
 def logged_build_id() -> str:
     """The build id the DEBUG build logged: its own log first (per target), then
     stuart's BUILDLOG_OvmfMh.txt (whichever target ran last)."""
-    for log in BUILD_LOGS:
+    for log in build_logs():
         if log.is_file():
             ids = re.findall(r"ovmf-mh helper build id ([0-9a-f]{32})", log.read_text())
             if ids:
                 return str(ids[-1])
     pytest.fail(
-        f"no 'ovmf-mh helper build id' line in {' or '.join(map(str, BUILD_LOGS))}: run `ovmf-mh build`",
+        f"no 'ovmf-mh helper build id' line in {' or '.join(map(str, build_logs()))}: run `ovmf-mh build`",
         pytrace=False,
     )
 

@@ -16,9 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "Build OVMF X64 with the ovmf-mh SEC helper through stuart "
             "(stuart/PlatformBuild.py), or reuse the existing build when its inputs "
             "(helper sources, target, upstream DSC, build scripts) are unchanged. "
-            "The EDK2 tree is $EDK2_PATH or Debian's edk2 source package fetched by "
-            "stuart/bootstrap.sh. Progress goes to stderr; the build log is kept in "
-            "Build/ovmf-mh-build-TARGET.log. The last line of stdout is the absolute "
+            "The EDK2 tree is $EDK2_PATH (any tree from edk2-stable202211 to current "
+            "upstream, with submodules) or Debian's edk2 source package fetched by "
+            "stuart/bootstrap.sh; each tree builds in its own Build/<tree>-<digest>/ "
+            "with its own BaseTools, Conf/ and tool-chain tag (GCC5, or GCC where the "
+            "tree has no GCC5). Progress goes to stderr; the build log is kept in "
+            "Build/<tree>-<digest>/ovmf-mh-build-TARGET.log, and a failure names the "
+            "first error line and its log. The last line of stdout is the absolute "
             "path of OVMF_CODE.fd."
         ),
     )

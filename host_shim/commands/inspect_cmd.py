@@ -7,8 +7,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+from host_shim.build import read_build_record
 from host_shim.inspect_image import ImageReport, inspect_image
 
 DESCRIPTION = """\
@@ -22,7 +23,10 @@ it and report:
   - whether the SEC module carries the ovmf-mh migration helper (the
     OVMF_MH_IMAGE_INFO record of HelperAbi.h) and, if so, the helper ABI
     version, capabilities, build id, the fw_cfg file name the helper reacts to,
-    the launch-secret page base and the lowest address allowed for the mailbox.
+    the launch-secret page base and the lowest address allowed for the mailbox;
+  - for an image `ovmf-mh build` made, the EDK2 tree (path and version) and
+    tool-chain tag it was built with, from ovmf-mh-build.json beside its FV
+    folder ("build_record" in --json, null for other images).
 
 Exit status: 0 for a firmware image, with or without the helper (the report
 says which); 2 when the file is not a firmware image this tool understands
@@ -31,7 +35,7 @@ says which); 2 when the file is not a firmware image this tool understands
 
 EPILOG = """\
 examples:
-  ovmf-mh inspect Build/OvmfMhX64/DEBUG_GCC5/FV/OVMF_CODE.fd
+  ovmf-mh inspect "$(ovmf-mh build)"
   ovmf-mh inspect --json /usr/share/OVMF/OVMF_CODE_4M.fd | jq .helper_present
 """
 
@@ -57,12 +61,26 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``ovmf-mh inspect``. ImageFormatError (exit code 2) propagates
     to the dispatcher, which prints it."""
     report = inspect_image(args.image)
+    record = read_build_record(args.image)
     if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=2)
+        document = report.to_json()
+        document["build_record"] = record
+        json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         print_report(report, sys.stdout)
+        print_build_record(report, record, sys.stdout)
     return 0
+
+
+def print_build_record(report: ImageReport, record: dict[str, Any] | None, out: TextIO) -> None:
+    """Which EDK2 tree an image came from, from `ovmf-mh build`'s record beside it."""
+    if record is None:
+        return  # not an image `ovmf-mh build` made (or its record is gone)
+    matches = report.helper is not None and report.helper.build_id == record.get("build_id")
+    out.write(f"\nBuilt from (ovmf-mh-build.json){'' if matches else ' - build id DIFFERS from the image'}:\n")
+    out.write(f"  EDK2 tree:         {record.get('edk2')} ({record.get('edk2_version', 'version not recorded')})\n")
+    out.write(f"  tool chain:        {record.get('tool_chain', 'not recorded')}, target {record.get('target')}\n")
 
 
 def _hex(value: int | None, width: int = 8) -> str:

@@ -12,7 +12,6 @@
 #include <Library/CpuLib.h>
 #include <Library/IoLib.h>
 #include <Library/PciLib.h>
-#include <Library/QemuFwCfgLib.h>
 
 #include "SecMigrationHelperInternal.h"
 
@@ -44,13 +43,13 @@ InternalHelperReadRamRanges (
   OUT UINTN                 *RangeCount
   )
 {
-  FIRMWARE_CONFIG_ITEM  Item;
-  UINTN                 Size;
-  UINTN                 Index;
-  EFI_E820_ENTRY64      Entry;
+  UINT16            Item;
+  UINTN             Size;
+  UINTN             Index;
+  EFI_E820_ENTRY64  Entry;
 
   *RangeCount = 0;
-  if (RETURN_ERROR (QemuFwCfgFindFile ("etc/e820", &Item, &Size)) ||
+  if (RETURN_ERROR (InternalFwCfgFindFile ("etc/e820", &Item, &Size)) ||
       (Size == 0) ||
       (Size % sizeof (Entry) != 0) ||
       (Size / sizeof (Entry) > SEC_MH_MAX_RAM_RANGES))
@@ -58,9 +57,9 @@ InternalHelperReadRamRanges (
     return RETURN_NOT_FOUND;
   }
 
-  QemuFwCfgSelectItem (Item);
+  InternalFwCfgSelect (Item);
   for (Index = 0; Index < Size / sizeof (Entry); Index++) {
-    QemuFwCfgReadBytes (sizeof (Entry), &Entry);
+    InternalFwCfgRead (sizeof (Entry), &Entry);
     if (Entry.Type == EfiAcpiAddressRangeMemory) {
       Ranges[*RangeCount].Base = Entry.BaseAddr;
       Ranges[*RangeCount].Size = Entry.Length;

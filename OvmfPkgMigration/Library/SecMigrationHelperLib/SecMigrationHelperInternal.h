@@ -52,6 +52,57 @@ InternalHelperLog (
   );
 
 /**
+  Tell whether QEMU's fw_cfg device answers on the I/O ports.
+
+  @retval TRUE   The signature item reads "QEMU".
+  @retval FALSE  No fw_cfg device.
+**/
+BOOLEAN
+InternalFwCfgIsPresent (
+  VOID
+  );
+
+/**
+  Find a named file in the fw_cfg file directory.
+
+  @param[in]  Name  NUL-terminated ASCII name, shorter than QEMU_FW_CFG_FNAME_SIZE.
+  @param[out] Item  Receives the file's item selector.
+  @param[out] Size  Receives the file's size in bytes.
+
+  @retval RETURN_SUCCESS            The file exists.
+  @retval RETURN_NOT_FOUND          No such file (or no fw_cfg device).
+  @retval RETURN_INVALID_PARAMETER  Name is too long to be a fw_cfg file name.
+**/
+RETURN_STATUS
+InternalFwCfgFindFile (
+  IN  CONST CHAR8  *Name,
+  OUT UINT16       *Item,
+  OUT UINTN        *Size
+  );
+
+/**
+  Select a fw_cfg item; the next reads start at its first byte.
+
+  @param[in] Item  Item selector.
+**/
+VOID
+InternalFwCfgSelect (
+  IN UINT16  Item
+  );
+
+/**
+  Read bytes from the selected fw_cfg item.
+
+  @param[in]  Size    Number of bytes.
+  @param[out] Buffer  Receives Size bytes.
+**/
+VOID
+InternalFwCfgRead (
+  IN  UINTN  Size,
+  OUT VOID   *Buffer
+  );
+
+/**
   Read the helper VM's RAM ranges from fw_cfg "etc/e820".
 
   @param[out] Ranges      Receives up to SEC_MH_MAX_RAM_RANGES ranges.

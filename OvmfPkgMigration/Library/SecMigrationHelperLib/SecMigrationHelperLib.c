@@ -11,7 +11,6 @@
 **/
 
 #include <Library/MemEncryptSevLib.h>
-#include <Library/QemuFwCfgLib.h>
 
 #include "SecMigrationHelperInternal.h"
 
@@ -89,7 +88,7 @@ InternalServeForever (
 STATIC
 VOID
 InternalHelperRun (
-  IN FIRMWARE_CONFIG_ITEM  Item,
+  IN UINT16  Item,
   IN UINTN                 Size
   )
 {
@@ -124,8 +123,8 @@ InternalHelperRun (
   // A blob of the wrong size is never read: the size check alone rejects it.
   //
   if (Size == sizeof (Blob)) {
-    QemuFwCfgSelectItem (Item);
-    QemuFwCfgReadBytes (sizeof (Blob), &Blob);
+    InternalFwCfgSelect (Item);
+    InternalFwCfgRead (sizeof (Blob), &Blob);
   }
 
   Status = MigrationHelperValidateRequest (&Blob, Size, Ranges, RangeCount, &Request, &MailboxUsable);
@@ -227,14 +226,10 @@ SecMigrationHelperLibConstructor (
   VOID
   )
 {
-  FIRMWARE_CONFIG_ITEM  Item;
-  UINTN                 Size;
+  UINT16  Item;
+  UINTN   Size;
 
-  if (!QemuFwCfgIsAvailable ()) {
-    return RETURN_SUCCESS;
-  }
-
-  if (RETURN_ERROR (QemuFwCfgFindFile (OVMF_MH_REQUEST_FW_CFG_NAME, &Item, &Size))) {
+  if (RETURN_ERROR (InternalFwCfgFindFile (OVMF_MH_REQUEST_FW_CFG_NAME, &Item, &Size))) {
     return RETURN_SUCCESS;
   }
 
