@@ -36,6 +36,22 @@ ARCHITECTURES = ("X64",)
 TARGETS = paths.TARGETS
 
 
+def _basetools_env(edk2: Path) -> None:
+    """Set what the EDK2 tree's BaseTools *_env.yaml files set, when stuart did
+    not find them: stuart scans only the workspace and does not follow
+    symlinks, so a tree outside it (EDK2_PATH, a symlinked .cache) is missed."""
+    env = shell_environment.GetEnvironment()
+    if env.get_shell_var("EDK_TOOLS_PATH"):
+        return
+    tools = edk2 / "BaseTools"
+    logging.info("EDK2 BaseTools environment from %s (outside the workspace scan)", tools)
+    env.set_shell_var("EDK_TOOLS_PATH", str(tools))
+    env.set_build_var("EDK_TOOLS_PATH", str(tools))
+    env.set_shell_var("BASE_TOOLS_PATH", str(tools))
+    env.insert_path(str(tools / "BinWrappers" / "PosixLike"))
+    env.insert_pypath(str(tools / "Source" / "Python"))
+
+
 def _packages_path() -> list[str]:
     # The derived DSC is written here during SetPlatformEnv; stuart checks
     # that every packages path entry exists before that.
@@ -93,6 +109,7 @@ class PlatformBuilder(UefiBuilder, BuildSettingsManager):
         if target not in TARGETS:
             logging.critical("TARGET=%s is not one of %s", target, ", ".join(TARGETS))
             return 1
+        _basetools_env(paths.edk2_tree())
         build_id = platform_dsc.write_platform(
             paths.edk2_tree(), paths.PLATFORM_ROOT, paths.PACKAGE_DIR, target
         )
