@@ -20,6 +20,7 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  #
         build_cmd,
         inspect_cmd,
         keygen_cmd,
+        measure_cmd,
         migrate_cmd,
         transfer_cmd,
     )
@@ -28,6 +29,7 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  #
         build_cmd.register,
         boot_cmd.register,
         inspect_cmd.register,
+        measure_cmd.register,
         keygen_cmd.register,
         transfer_cmd.register,
         migrate_cmd.register,

@@ -41,7 +41,8 @@ from edk2toollib.uefi.pi_firmware_volume import (  # type: ignore[import-untyped
 )
 
 from helper import abi as abi_module
-from host_shim.errors import ImageFormatError
+from host_shim.errors import ImageFormatError, SevMetadataError
+from host_shim.sev_metadata import FOUR_GB, SevLaunchInfo, read_sev_launch_info
 
 REPORT_FORMAT = "ovmf-mh-inspect/1"
 
@@ -167,6 +168,19 @@ class ImageReport:
     tool_abi_major: int
     tool_abi_minor: int
     notes: tuple[str, ...] = field(default=())
+    sev_launch: SevLaunchInfo | None = None  # None: the SEV table is corrupt (see notes)
+
+    @property
+    def sec_measured(self) -> bool | None:
+        """Whether the SEC module (and so the helper) lies inside the flash
+        range every SEV mode measures (the whole image, mapped to end at 4 GiB);
+        None when there is no SEC module in flash or no SEV table."""
+        if self.sec is None or self.sec.flash_address is None or not self.sev_launch:
+            return None
+        if not self.sev_launch.has_table:
+            return None
+        start = FOUR_GB - self.size
+        return start <= self.sec.flash_address and self.sec.flash_address + self.sec.image_size <= FOUR_GB
 
     @property
     def sec_found(self) -> bool:
@@ -189,6 +203,8 @@ class ImageReport:
             "helper": _helper_json(self.helper) if self.helper else None,
             "tool_abi": {"major": self.tool_abi_major, "minor": self.tool_abi_minor},
             "notes": list(self.notes),
+            "sev_launch": self.sev_launch.to_json() if self.sev_launch else None,
+            "sec_in_measured_range": self.sec_measured,
         }
 
 
@@ -863,6 +879,11 @@ def _inspect_data(data: bytes, source: str) -> ImageReport:
                 f"file is mapped below 4 GiB ({flash_address:#x})"
             )
         helper = _read_helper(image, notes)
+    sev_launch: SevLaunchInfo | None = None
+    try:
+        sev_launch = read_sev_launch_info(data)
+    except SevMetadataError as exc:
+        notes.append(f"SEV metadata is corrupt: {exc}")
     return ImageReport(
         path=source,
         size=len(data),
@@ -872,6 +893,7 @@ def _inspect_data(data: bytes, source: str) -> ImageReport:
         tool_abi_major=a.const("OVMF_MH_ABI_MAJOR"),
         tool_abi_minor=a.const("OVMF_MH_ABI_MINOR"),
         notes=tuple(notes),
+        sev_launch=sev_launch,
     )
 
 
