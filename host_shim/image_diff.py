@@ -166,10 +166,10 @@ class _Comparer:
             other = {src: k for k, src in self.b.buffer_source.items()}
             if decoded[0] != other.get(index):
                 self.out.append(
-                    Difference(start, length, path + names, "compressed payloads do not line up (layouts differ)")
+                    Difference(start, length, (*path, *names), "compressed payloads do not line up (layouts differ)")
                 )
                 return
-            self.compare(decoded[0], path + (*names, f"LZMA payload #{decoded[0]}"))
+            self.compare(decoded[0], (*path, *names, f"LZMA payload #{decoded[0]}"))
             return
         what = f"bytes differ: '{_text(self.a.buffers[buffer], start, length)}'"
         if inner.kind == "section" and inner.type in (EFI_SECTION_PE32, EFI_SECTION_TE):
@@ -177,7 +177,7 @@ class _Comparer:
             image = self.a.buffers[buffer][inner.start + header : inner.end]
             field = _pe_field(image, start - inner.start - header, inner.type)
             what = f"{field}; {what}"
-        self.out.append(Difference(start, length, path + names, what))
+        self.out.append(Difference(start, length, (*path, *names), what))
 
 
 def compare_bytes(a: bytes, b: bytes, name_a: str = "a", name_b: str = "b") -> list[Difference]:

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sevsnpmeasure import guest as snp_guest  # type: ignore[import-untyped]
-from sevsnpmeasure import vcpu_types  # type: ignore[import-untyped]
-from sevsnpmeasure.sev_mode import SevMode  # type: ignore[import-untyped]
-from sevsnpmeasure.vmm_types import VMMType  # type: ignore[import-untyped]
+from sevsnpmeasure import guest as snp_guest
+from sevsnpmeasure import vcpu_types
+from sevsnpmeasure.sev_mode import SevMode
+from sevsnpmeasure.vmm_types import VMMType
 
 from host_shim.errors import OvmfMhError, SevMetadataError
 from host_shim.inspect_image import inspect_image

@@ -7,8 +7,8 @@ import argparse
 import json
 import sys
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TextIO
 
 from host_shim.inspect_image import ImageReport, inspect_image
