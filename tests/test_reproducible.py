@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pefile  # type: ignore[import-untyped]
 import pytest
 
-from host_shim import repro
+from host_shim import paths, repro
 from host_shim.image_diff import compare_bytes
 from host_shim.inspect_image import inspect_bytes, inspect_image
 
@@ -80,3 +81,22 @@ def test_identical_images_have_no_difference_and_sizes_are_compared(firmware: Pa
     [diff] = compare_bytes(data, data + bytes(4096))
     assert "sizes differ" in diff.what
     assert inspect_image(firmware).sec is not None
+
+
+def test_genfw_wrapper_names_workspace_paths_relative(tmp_path: Path) -> None:
+    """stuart/genfw-relative runs GenFw from the workspace with workspace
+    paths made relative (the CodeView record keeps no folder), others untouched."""
+    fake = tmp_path / "bin" / "GenFw"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\npwd\nfor a do echo "$a"; done\n')
+    fake.chmod(0o755)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    wrapper = paths.REPO_ROOT / "stuart" / "genfw-relative"
+    argv = [str(wrapper), "-e", "PEIM", "-o", f"{workspace}/Build/a b/X.efi", f"{workspace}/Build/X.dll"]
+    argv.append("/elsewhere/Y")
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "WORKSPACE": str(workspace)}
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [str(workspace), "-e", "PEIM", "-o", "Build/a b/X.efi", "Build/X.dll", "/elsewhere/Y"]
+    failed = subprocess.run(argv, env={"PATH": env["PATH"]}, capture_output=True, text=True)
+    assert failed.returncode != 0 and "WORKSPACE is not set" in failed.stderr
