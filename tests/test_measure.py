@@ -9,15 +9,19 @@ stock images come from the `ovmf` package that stuart/bootstrap.sh installs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import launch_reference as ref
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sevsnpmeasure import vcpu_types
 
 from host_shim import cli, paths
+from host_shim.errors import SevMetadataError
 from host_shim.inspect_image import inspect_image
 from host_shim.measure import Mode
 from host_shim.sev_metadata import read_sev_launch_info
@@ -200,3 +204,25 @@ def test_measure_copies_nothing_and_reads_a_combined_image(tmp_path: Path, capsy
     assert result["digest"] == expected(copy.read_bytes(), Mode.SNP, 1, "EPYC-v4")
     assert result["measured_range"] == [2**32 - copy.stat().st_size, 2**32]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["OVMF.fd"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_hostile_reset_vector_tables(data: st.DataObject) -> None:
+    """Random bytes written over the table, its footer and the SEV metadata of
+    a real image: the reader either parses it or raises SevMetadataError
+    (which inspect turns into a note and measure into exit 2), never anything else."""
+    image = bytearray(_STOCK_TAIL)
+    info = read_sev_launch_info(bytes(image))
+    assert info.metadata_offset is not None
+    targets = [len(image) - 32 - 18, len(image) - 32 - 200, info.metadata_offset]
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.sampled_from(targets)) + data.draw(st.integers(0, 200))
+        value = data.draw(st.binary(min_size=1, max_size=4))
+        image[at : at + len(value)] = value
+    with contextlib.suppress(SevMetadataError):
+        read_sev_launch_info(bytes(image))
+
+
+#: The last 64 KiB of Debian's 2 MiB image: its reset vector, table and metadata.
+_STOCK_TAIL = STOCK_SNP.read_bytes()[-0x10000:] if STOCK_SNP.is_file() else bytes(0x10000)
