@@ -114,17 +114,14 @@ def _pe_field(image: bytes, offset: int, kind: int) -> str:
     debug_dir = pe.OPTIONAL_HEADER.DATA_DIRECTORY[pefile.DIRECTORY_ENTRY["IMAGE_DIRECTORY_ENTRY_DEBUG"]]
     if debug_dir.VirtualAddress and debug_dir.Size:
         dir_off = pe.get_offset_from_rva(debug_dir.VirtualAddress)
-        if dir_off <= offset < dir_off + debug_dir.Size:
-            return "debug directory entry"
-        for index in range(debug_dir.Size // 28):
-            entry = image[dir_off + 28 * index : dir_off + 28 * (index + 1)]
-            if len(entry) < 28:
-                break
-            _chars, stamp, _maj, _min, dtype, size, _rva, raw = struct.unpack("<IIHHIIII", entry)
-            del stamp
+        entry = image[dir_off : dir_off + 28]
+        if len(entry) == 28:
+            _chars, _stamp, _major, _minor, dtype, size, _rva, raw = struct.unpack("<IIHHIIII", entry)
             if raw <= offset < raw + size:
-                signature = image[raw : raw + 4]
-                return f"debug data type {dtype} ({signature.decode('ascii', 'replace')} CodeView record: image path)"
+                signature = image[raw : raw + 4].decode("ascii", "replace")
+                return f"debug data type {dtype} ({signature} CodeView record: the image's build path)"
+        if dir_off <= offset < dir_off + max(debug_dir.Size, 28):
+            return "debug directory entry (its SizeOfData: the CodeView path's length)"
     for section in pe.sections:
         start = section.PointerToRawData
         if start <= offset < start + section.SizeOfRawData:
@@ -175,7 +172,8 @@ class _Comparer:
         if inner.kind == "section" and inner.type in (EFI_SECTION_PE32, EFI_SECTION_TE):
             header = 8 if self.a.buffers[buffer][inner.start : inner.start + 3] == b"\xff\xff\xff" else 4
             image = self.a.buffers[buffer][inner.start + header : inner.end]
-            field = _pe_field(image, start - inner.start - header, inner.type)
+            at = start - inner.start - header
+            field = "section header (the section's size)" if at < 0 else _pe_field(image, at, inner.type)
             what = f"{field}; {what}"
         self.out.append(Difference(start, length, (*path, *names), what))
 
