@@ -171,10 +171,10 @@ def _print_launch(report: ImageReport, line: Callable[[str], None]) -> None:
             end = section.gpa + section.size - 1
             how = SECTION_MEASUREMENT.get(section.type, "unknown type: QEMU refuses it")
             line(f"    {section.gpa:#010x}..{end:#010x} {section.type_name:<17} {how}")
-    carried = "the SEC module and the migration helper in it" if report.helper else "the SEC module"
+    carried = "the SEC module and the migration helper in it lie" if report.helper else "the SEC module lies"
     measured = {
-        True: f"yes: {carried} lie in the measured flash",
-        False: f"NO: {carried} lie outside the measured flash",
+        True: f"yes: {carried} in the measured flash",
+        False: f"NO: {carried} outside the measured flash",
         None: "unknown (no SEC module in flash)",
     }[report.sec_measured]
     line(f"  SEC measured:      {measured}")
