@@ -98,7 +98,7 @@ def _inputs_digest(target: str, edk2: Path) -> str:
     build_id = platform_dsc.compute_build_id(paths.PACKAGE_DIR, target, upstream)
     digest = hashlib.sha256(build_id.value)
     digest.update(str(edk2).encode())
-    for script in (PLATFORM_BUILD, Path(platform_dsc.__file__)):
+    for script in (PLATFORM_BUILD, Path(platform_dsc.__file__), PLATFORM_BUILD.parent / "genfw-relative"):
         digest.update(script.read_bytes())
     return digest.hexdigest()
 

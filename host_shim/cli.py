@@ -23,6 +23,7 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  #
         fuzz_cmd,
         inspect_cmd,
         keygen_cmd,
+        measure_cmd,
         migrate_cmd,
         transfer_cmd,
     )
@@ -31,6 +32,7 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  #
         build_cmd.register,
         boot_cmd.register,
         inspect_cmd.register,
+        measure_cmd.register,
         keygen_cmd.register,
         transfer_cmd.register,
         migrate_cmd.register,

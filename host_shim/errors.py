@@ -33,6 +33,13 @@ class ImageFormatError(OvmfMhError):
     exit_code = 2
 
 
+class SevMetadataError(OvmfMhError):
+    """A firmware image lacks the SEV metadata a launch measurement needs, or
+    carries it corrupt."""
+
+    exit_code = 2
+
+
 class QemuError(OvmfMhError):
     """QEMU failed to start, died, or misbehaved."""
 

@@ -41,7 +41,8 @@ from edk2toollib.uefi.pi_firmware_volume import (  # type: ignore[import-untyped
 )
 
 from helper import abi as abi_module
-from host_shim.errors import ImageFormatError
+from host_shim.errors import ImageFormatError, SevMetadataError
+from host_shim.sev_metadata import FOUR_GB, SevLaunchInfo, read_sev_launch_info
 
 REPORT_FORMAT = "ovmf-mh-inspect/1"
 
@@ -91,6 +92,7 @@ EFI_SECTION_COMPRESSION = 0x01
 EFI_SECTION_GUID_DEFINED = 0x02
 EFI_SECTION_PE32 = 0x10
 EFI_SECTION_TE = 0x12
+EFI_SECTION_USER_INTERFACE = 0x15
 EFI_SECTION_FIRMWARE_VOLUME_IMAGE = 0x17
 EFI_GUIDED_SECTION_PROCESSING_REQUIRED = 0x01
 SECTION_EXTENDED_SIZE = 0xFFFFFF
@@ -166,6 +168,19 @@ class ImageReport:
     tool_abi_major: int
     tool_abi_minor: int
     notes: tuple[str, ...] = field(default=())
+    sev_launch: SevLaunchInfo | None = None  # None: the SEV table is corrupt (see notes)
+
+    @property
+    def sec_measured(self) -> bool | None:
+        """Whether the SEC module (and so the helper) lies inside the flash
+        range every SEV mode measures (the whole image, mapped to end at 4 GiB);
+        None when there is no SEC module in flash or no SEV table."""
+        if self.sec is None or self.sec.flash_address is None or not self.sev_launch:
+            return None
+        if not self.sev_launch.has_table:
+            return None
+        start = FOUR_GB - self.size
+        return start <= self.sec.flash_address and self.sec.flash_address + self.sec.image_size <= FOUR_GB
 
     @property
     def sec_found(self) -> bool:
@@ -188,6 +203,8 @@ class ImageReport:
             "helper": _helper_json(self.helper) if self.helper else None,
             "tool_abi": {"major": self.tool_abi_major, "minor": self.tool_abi_minor},
             "notes": list(self.notes),
+            "sev_launch": self.sev_launch.to_json() if self.sev_launch else None,
+            "sec_in_measured_range": self.sec_measured,
         }
 
 
@@ -231,6 +248,20 @@ class _SecCandidate:
     image_offset: int | None  # file offset of the section data, when in flash
 
 
+@dataclass(frozen=True)
+class Span:
+    """Where one FFS file or section lies: ``buffer`` 0 is the image file,
+    n > 0 the n-th decoded (LZMA) section payload, made by span ``source``."""
+
+    buffer: int
+    start: int
+    end: int
+    kind: str  # "file" or "section"
+    type: int  # FFS file type or section type
+    file_guid: uuid.UUID
+    volume: int
+
+
 @dataclass
 class _Buffer:
     """Bytes being walked and where they sit in the image file (None when
@@ -238,6 +269,7 @@ class _Buffer:
 
     data: bytes
     image_offset: int | None
+    index: int = 0
 
     def file_offset(self, offset: int) -> int | None:
         return None if self.image_offset is None else self.image_offset + offset
@@ -249,10 +281,17 @@ class _Walker:
         self.sec: list[_SecCandidate] = []
         self.notes: list[str] = []
         self.decompressed = 0
+        # Where every file and section lies, for tools that map an offset to
+        # what holds it (host_shim/image_diff.py).
+        self.spans: list[Span] = []
+        self.buffers: list[bytes] = []
+        self.buffer_source: dict[int, int] = {}  # buffer index -> span index
+        self.ui_names: dict[uuid.UUID, str] = {}
 
     # -- firmware volumes --
 
     def scan_flash(self, data: bytes) -> None:
+        self.buffers.append(data)
         buf = _Buffer(data, 0)
         pos = 0
         while True:
@@ -401,6 +440,7 @@ class _Walker:
             valid = top_bit in (EFI_FILE_DATA_VALID, EFI_FILE_MARKED_FOR_UPDATE)
             if valid and file_type != EFI_FV_FILETYPE_FFS_PAD:
                 count += 1
+                self.spans.append(Span(buf.index, offset, offset + size, "file", file_type, file_guid, volume))
                 if file_type in _SECTIONED_FILE_TYPES:
                     self.walk_sections(
                         buf,
@@ -448,6 +488,10 @@ class _Walker:
                     f"{where}: section size {size:#x} does not fit in its file ({end - offset:#x} bytes left)"
                 )
             body, body_end = offset + header_size, offset + size
+            self.spans.append(Span(buf.index, offset, body_end, "section", section_type, file_guid, volume))
+            if section_type == EFI_SECTION_USER_INTERFACE:
+                raw_name = data[body:body_end].decode("utf-16-le", errors="replace")
+                self.ui_names[file_guid] = raw_name.split("\0", 1)[0]
             if section_type == EFI_SECTION_FIRMWARE_VOLUME_IMAGE:
                 self.walk_volume(
                     buf,
@@ -537,8 +581,10 @@ class _Walker:
         name = _GUIDED_SECTION_NAMES.get(guid, str(guid))
         if guid == LZMA_SECTION_GUID:
             inner = self._lzma(data[payload_start:end], where)
+            self.buffer_source[len(self.buffers)] = len(self.spans) - 1
+            self.buffers.append(inner)
             self.walk_sections(
-                _Buffer(inner, None),
+                _Buffer(inner, None, len(self.buffers) - 1),
                 0,
                 len(inner),
                 file_guid=file_guid,
@@ -833,6 +879,11 @@ def _inspect_data(data: bytes, source: str) -> ImageReport:
                 f"file is mapped below 4 GiB ({flash_address:#x})"
             )
         helper = _read_helper(image, notes)
+    sev_launch: SevLaunchInfo | None = None
+    try:
+        sev_launch = read_sev_launch_info(data)
+    except SevMetadataError as exc:
+        notes.append(f"SEV metadata is corrupt: {exc}")
     return ImageReport(
         path=source,
         size=len(data),
@@ -842,4 +893,36 @@ def _inspect_data(data: bytes, source: str) -> ImageReport:
         tool_abi_major=a.const("OVMF_MH_ABI_MAJOR"),
         tool_abi_minor=a.const("OVMF_MH_ABI_MINOR"),
         notes=tuple(notes),
+        sev_launch=sev_launch,
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every FFS file and section of an image and the decoded payloads they
+    hold, in walk order (see :class:`Span`)."""
+
+    spans: tuple[Span, ...]
+    buffers: tuple[bytes, ...]
+    buffer_source: dict[int, int]
+    ui_names: dict[uuid.UUID, str]
+    volumes: tuple[FirmwareVolumeInfo, ...]
+
+
+def image_layout(data: bytes, source: str = "<bytes>") -> Layout:
+    """Walk an image as :func:`inspect_bytes` does and return where each file
+    and section lies; raise ImageFormatError if it is not a firmware image."""
+    walker = _Walker()
+    try:
+        walker.scan_flash(data)
+    except ImageFormatError as exc:
+        raise ImageFormatError(f"{source}: {exc}") from exc
+    if not walker.volumes:
+        raise ImageFormatError(f"{source}: not a firmware image: no firmware volume header (_FVH) found")
+    return Layout(
+        spans=tuple(walker.spans),
+        buffers=tuple(walker.buffers),
+        buffer_source=dict(walker.buffer_source),
+        ui_names=dict(walker.ui_names),
+        volumes=tuple(fv for fv in walker.volumes if fv is not None),
     )

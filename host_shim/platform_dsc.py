@@ -11,6 +11,12 @@ or the derivation fails loudly:
    ``NULL|...SecMigrationHelperLib.inf`` line that links the detector in.
 3. In the same block, a ``<PcdsFixedAtBuild>`` section setting
    ``PcdMigrationHelperBuildId`` to the build id.
+4. At the end, a ``[BuildOptions]`` section that keeps the folders of this
+   build out of the image (docs/measured-launch.md, "Reproducible build"):
+   ``-ffile-prefix-map=ROOT/=`` for the workspace and every packages path
+   entry (``__FILE__`` in ASSERTs becomes package-relative), and GenFw run
+   through ``stuart/genfw-relative``, which names the image it converts
+   relative to the workspace (the CodeView path in each PE debug directory).
 
 ``tests/test_platform_dsc.py`` checks that the difference is exactly this.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,8 +80,23 @@ def _replace_define(text: str, name: str, value: str) -> str:
     return pattern.sub(lambda m: m.group(1) + value, text, count=1)
 
 
-def derive_platform_dsc(upstream_text: str, build_id: BuildId) -> str:
-    """Return the platform DSC text: upstream plus the documented edits."""
+def reproducible_build_options(source_roots: Sequence[Path], genfw: Path) -> str:
+    """The [BuildOptions] section of edit 4. Each root is mapped with and
+    without symlinks resolved; the longest prefixes come last, because GCC
+    applies the last matching -ffile-prefix-map."""
+    roots = sorted({str(r) for root in source_roots for r in (root, root.resolve())}, key=len)
+    maps = " ".join(f"-ffile-prefix-map={root.rstrip('/')}/=" for root in roots)
+    return (
+        "\n# ovmf-mh: no folder of this build in the image (reproducible build)\n"
+        "[BuildOptions]\n"
+        f"  GCC:*_*_*_CC_FLAGS = {maps}\n"
+        f"  GCC:*_*_*_GENFW_PATH = {genfw}\n"
+    )
+
+
+def derive_platform_dsc(upstream_text: str, build_id: BuildId, build_options: str = "") -> str:
+    """Return the platform DSC text: upstream plus the documented edits
+    (``build_options``, from :func:`reproducible_build_options`, is edit 4)."""
     text = _replace_define(upstream_text, "PLATFORM_NAME", PLATFORM_NAME)
     text = _replace_define(text, "OUTPUT_DIRECTORY", OUTPUT_DIRECTORY)
 
@@ -112,16 +134,25 @@ def derive_platform_dsc(upstream_text: str, build_id: BuildId) -> str:
         new_body = body[:split] + added_libs + body[split:] + added_pcds
         return f"{indent}OvmfPkg/Sec/SecMain.inf {{\n{new_body}{indent}}}"
 
-    return block.sub(edit, text, count=1)
+    text = block.sub(edit, text, count=1)
+    if build_options:
+        text = text.rstrip("\n") + "\n" + build_options
+    return text
 
 
-def write_platform(edk2_path: Path, platform_root: Path, package_dir: Path, target: str) -> BuildId:
+def write_platform(
+    edk2_path: Path,
+    platform_root: Path,
+    package_dir: Path,
+    target: str,
+    build_options: str = "",
+) -> BuildId:
     """Write the derived DSC under platform_root; return the build id it carries."""
     upstream = (edk2_path / UPSTREAM_DSC).read_text()
     build_id = compute_build_id(package_dir, target, upstream)
     out = platform_root / PLATFORM_DSC
     out.parent.mkdir(parents=True, exist_ok=True)
-    derived = derive_platform_dsc(upstream, build_id)
+    derived = derive_platform_dsc(upstream, build_id, build_options)
     # Rewriting an unchanged file would make the EDK2 build redo its AutoGen.
     if not out.exists() or out.read_text() != derived:
         out.write_text(derived)

@@ -36,6 +36,8 @@ if str(REPO_ROOT) not in sys.path:
 from host_shim import paths, platform_dsc  # noqa: E402
 
 SCOPES = ("ovmf-mh",)
+# GenFw, naming the image it converts relative to the workspace.
+GENFW_WRAPPER = REPO_ROOT / "stuart" / "genfw-relative"
 ARCHITECTURES = ("X64",)
 TARGETS = paths.TARGETS
 
@@ -117,8 +119,11 @@ class PlatformBuilder(UefiBuilder, BuildSettingsManager):
             logging.critical("TARGET=%s is not one of %s", target, ", ".join(TARGETS))
             return 1
         _use_tree_tools(self.env)
+        build_options = platform_dsc.reproducible_build_options(
+            [REPO_ROOT, Path(_workspace()), *(Path(p) for p in _packages_path())], GENFW_WRAPPER
+        )
         build_id = platform_dsc.write_platform(
-            paths.edk2_tree(), paths.platform_root(), paths.PACKAGE_DIR, target
+            paths.edk2_tree(), paths.platform_root(), paths.PACKAGE_DIR, target, build_options
         )
         logging.info("ovmf-mh helper build id %s", build_id.hex)
         self.env.SetValue("OVMF_MH_BUILD_ID", build_id.hex, "ovmf-mh platform")

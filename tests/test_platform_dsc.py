@@ -63,3 +63,26 @@ def test_build_id_tracks_sources_and_target(tmp_path: Path, upstream: str) -> No
     assert first != platform_dsc.compute_build_id(package, "RELEASE", upstream)
     (package / "A.c").write_text("int b;\n")
     assert first != platform_dsc.compute_build_id(package, "DEBUG", upstream)
+
+
+def test_reproducible_build_options(tmp_path: Path, upstream: str) -> None:
+    """Edit 4: every root is mapped to nothing, the more specific (longer)
+    prefixes last because GCC applies the last matching map, symlinked roots
+    also under their real path; GenFw goes through the wrapper."""
+    real_tree = tmp_path / "shared" / "edk2"
+    real_tree.mkdir(parents=True)
+    workspace = tmp_path / "ws"
+    (workspace / ".cache").mkdir(parents=True)
+    (workspace / ".cache" / "edk2").symlink_to(real_tree)
+    wrapper = workspace / "stuart" / "genfw-relative"
+    options = platform_dsc.reproducible_build_options([workspace / ".cache" / "edk2", workspace], wrapper)
+    derived = platform_dsc.derive_platform_dsc(upstream, platform_dsc.BuildId(bytes(16)), options)
+    assert derived.endswith(options)
+    lines = [line.strip() for line in options.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[0] == "[BuildOptions]"
+    flags = lines[1].removeprefix("GCC:*_*_*_CC_FLAGS = ").split()
+    mapped = [flag.removeprefix("-ffile-prefix-map=").removesuffix("=") for flag in flags]
+    assert mapped == sorted(mapped, key=len)
+    assert set(mapped) == {f"{workspace}/", f"{workspace}/.cache/edk2/", f"{real_tree}/"}
+    assert mapped.index(f"{workspace}/") < mapped.index(f"{workspace}/.cache/edk2/")
+    assert lines[2] == f"GCC:*_*_*_GENFW_PATH = {wrapper}"

@@ -6,11 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 from host_shim.build import read_build_record
 from host_shim.inspect_image import ImageReport, inspect_image
+from host_shim.sev_metadata import ENTRY_NAMES, FOUR_GB, SECTION_MEASUREMENT
 
 DESCRIPTION = """\
 Read an OVMF flash image (OVMF_CODE.fd, or the combined OVMF.fd) without running
@@ -20,6 +23,11 @@ it and report:
     files, including the volumes nested in LZMA-compressed sections;
   - its SEC module: file GUID, PE32/TE, image base, whether it is linked to run
     in place at its flash address;
+  - what an AMD SEV launch measurement of the image depends on: the OVMF
+    reset-vector table (SEV-ES reset block, kernel-hashes table, launch-secret
+    block), the SEV metadata sections an SNP launch pre-validates, and
+    whether the SEC module (the helper) lies inside the measured range
+    (docs/measured-launch.md);
   - whether the SEC module carries the ovmf-mh migration helper (the
     OVMF_MH_IMAGE_INFO record of HelperAbi.h) and, if so, the helper ABI
     version, capabilities, build id, the fw_cfg file name the helper reacts to,
@@ -138,8 +146,53 @@ def print_report(report: ImageReport, out: TextIO) -> None:
             line(f"  fw_cfg request:    {', '.join(helper.fw_cfg_names)}")
             line(f"  secret page base:  {_hex(helper.secret_page_base)}")
             line(f"  mailbox min base:  {_hex(helper.mailbox_min_base)}")
+    line()
+    _print_launch(report, line)
     if report.notes:
         line()
         line("Notes:")
         for note in report.notes:
             line(f"  - {note}")
+
+
+def _print_launch(report: ImageReport, line: Callable[[str], None]) -> None:
+    info = report.sev_launch
+    if info is None:
+        line("SEV launch measurement: the OVMF table is corrupt (see notes)")
+        return
+    if not info.has_table:
+        line("SEV launch measurement: no OVMF reset-vector table (no SEV metadata; `measure` refuses this image)")
+        return
+    line(f"SEV launch measurement (measured range {info.image_gpa:#x}..{FOUR_GB - 1:#x}, the whole image):")
+    names = ", ".join(ENTRY_NAMES.get(uuid.UUID(guid), guid) for guid in info.table)
+    line(f"  OVMF table:        {names}")
+    reset = "absent (no SEV-ES/SNP launch)" if info.sev_es_ap_reset_ip is None else _hex(info.sev_es_ap_reset_ip)
+    line(f"  SEV-ES reset:      AP reset IP {reset}")
+    if info.hash_table is None:
+        hashes = "no SEV hash table block"
+    elif info.hash_table[0] == 0:
+        hashes = "hash table block with base 0: -kernel/-initrd/-append are not measured"
+    else:
+        base, size = info.hash_table
+        hashes = f"page at {base:#x} ({size:#x} bytes)" + ("" if info.kernel_hashes_snp else "; no SNP section")
+    line(f"  kernel hashes:     {hashes}")
+    if info.secret_block is None or info.secret_block[0] == 0:
+        secret = "none (OVMF declares no LAUNCH_SECRET page)"
+    else:
+        secret = f"page at {info.secret_block[0]:#x} ({info.secret_block[1]:#x} bytes)"
+    line(f"  SEV secret block:  {secret}")
+    if not info.sections:
+        line("  SNP metadata:      absent (no SEV-SNP launch)")
+    else:
+        line(f"  SNP metadata:      {len(info.sections)} sections at file offset {_hex(info.metadata_offset)}")
+        for section in info.sections:
+            end = section.gpa + section.size - 1
+            how = SECTION_MEASUREMENT.get(section.type, "unknown type: QEMU refuses it")
+            line(f"    {section.gpa:#010x}..{end:#010x} {section.type_name:<17} {how}")
+    carried = "the SEC module and the migration helper in it lie" if report.helper else "the SEC module lies"
+    measured = {
+        True: f"yes: {carried} in the measured flash",
+        False: f"NO: {carried} outside the measured flash",
+        None: "unknown (no SEC module in flash)",
+    }[report.sec_measured]
+    line(f"  SEC measured:      {measured}")
