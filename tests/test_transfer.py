@@ -165,15 +165,31 @@ def _tamper(kind: str, frames: list[tuple[int, int, bytes]]) -> list[tuple[int, 
     return out
 
 
-TAMPERING = ["flipped-bit", "moved-page", "dropped-batch", "duplicated-batch", "reordered-batches",
-             "truncated", "no-done", "wrong-shard"]
+#: Tampering -> the reasons a refusal may give (docs/stream-format.md and
+#: docs/transfer-format.md): a helper's status for what only a helper can see,
+#: the container parser's message for a stream that ends early. A batch moved
+#: to the other shard is seen by whichever shard's helper reads first: the
+#: one it was moved to (foreign session) or the one it was taken from (gap).
+REFUSALS = {
+    "flipped-bit": {"status AUTH_FAILED"},
+    "moved-page": {"status AUTH_FAILED"},  # the page offset is in the AD
+    "dropped-batch": {"status SEQUENCE_GAP"},
+    "duplicated-batch": {"status SEQUENCE_REPLAY"},
+    "reordered-batches": {"status SEQUENCE_GAP"},
+    "truncated": {"stream truncated inside a frame header"},
+    "no-done": {"stream truncated inside a frame header"},
+    "wrong-shard": {"status WRONG_SESSION", "status SEQUENCE_GAP"},
+}
+TAMPERING = list(REFUSALS)
+#: Helper kind -> the log in each helper's work folder that shows it started.
+HELPER_LOGS = {"firmware": "debugcon.log", "reference": "reference-helper.log"}
 
 
 @pytest.mark.qemu
 @pytest.mark.parametrize("helper", ["firmware", "reference"])
 @pytest.mark.parametrize("tampering", TAMPERING)
 def test_tampered_stream_is_refused_and_dst_untouched(
-    firmware: Path, work_dir: Path, key: Path, helper: str, tampering: str
+    firmware: Path, work_dir: Path, key: Path, helper: str, tampering: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     src = make_ram(work_dir / "src.ram", "random", 2048)
     stream = export(work_dir, key, src, "reference", 2)
@@ -182,9 +198,20 @@ def test_tampered_stream_is_refused_and_dst_untouched(
     dst = work_dir / "dst.ram"
     dst.write_bytes(b"\x5a" * (2048 * PAGE))
     before = digest(dst)
+    capsys.readouterr()
     assert import_(work_dir, key, bad, dst, helper) == 1
+    err = capsys.readouterr().err
     assert digest(dst) == before, "a failed import changed DST"
     assert not list(work_dir.glob(".dst.ram.ovmf-mh-partial"))
+    # Refused for the reason this tampering provokes...
+    reasons = REFUSALS[tampering]
+    assert any(reason in err for reason in reasons), f"expected one of {reasons}:\n{err}"
+    if any(reason.startswith("status ") for reason in reasons):
+        assert "helper refused IMPORT_BATCH" in err, err
+    # ...by helpers that really started (both shards' helpers reached READY).
+    for shard in (0, 1):
+        log = work_dir / "import-dst.ram" / f"helper-{shard}" / HELPER_LOGS[helper]
+        assert "READY" in log.read_text(errors="replace"), f"helper {shard} never became ready: {log}"
 
 
 @pytest.mark.qemu
@@ -261,13 +288,16 @@ def test_bad_page_map_is_refused(work_dir: Path, key: Path, capsys: pytest.Captu
     assert not (work_dir / "s.omh").exists()
 
 
-@pytest.mark.qemu
-def test_firmware_helper_refuses_a_ram_size_qemu_cannot_map(
+def test_ram_size_qemu_cannot_map_is_refused_before_any_helper_starts(
     firmware: Path, work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """3 pages: QEMU maps a memory backend only in multiples of 8 KiB, so the
+    host refuses before it starts a firmware helper (none ever runs)."""
     src = make_ram(work_dir / "src.ram", "random", 3)
     assert cli("export", "--ram", src, "--key", key, "--out", work_dir / "s.omh", "--work-dir", work_dir / "e") == 1
     assert "multiple of 8 KiB" in capsys.readouterr().err
+    assert not list((work_dir / "e").rglob("qemu-cmdline.txt")), "a helper VM was started"
+    assert not (work_dir / "s.omh").exists()
 
 
 def test_firmware_helper_without_image_says_how_to_build(
