@@ -10,9 +10,7 @@ import re
 from helper import abi
 from host_shim import paths
 from host_shim.backends import MailboxBackend
-from host_shim.helper_vm import HelperVM
-from host_shim.mailbox import Mailbox
-from host_shim.reference_process import ReferenceHelperProcess
+from host_shim.mailbox import DEFAULT_TIMEOUT, Mailbox
 
 DOCS = paths.REPO_ROOT / "docs"
 #: How code reads an environment variable: os.environ.get("X"), os.environ["X"],
@@ -77,11 +75,11 @@ def test_mailbox_doc_states_the_abi_version_of_the_header() -> None:
 def test_mailbox_doc_states_the_host_timeouts_of_the_code() -> None:
     section = (DOCS / "mailbox.md").read_text().split("## Timeouts", 1)[1]
     flat = " ".join(section.split())
-    transfer = _default(MailboxBackend.__init__, "timeout")
-    command = _default(Mailbox.post_and_wait, "timeout")
-    assert _default(Mailbox.call, "timeout") == command
-    ready = _default(HelperVM.wait_ready, "timeout")
-    assert _default(ReferenceHelperProcess.wait_ready, "timeout") == ready
-    assert f"the `timeout` default of `MailboxBackend`, currently {transfer:g} s per command" in flat
-    assert f"their `timeout` default, currently {command:g} s" in flat
-    assert f"up to {ready:g} s when a helper kind is started" in flat
+    assert _default(Mailbox.call, "timeout") == _default(Mailbox.post_and_wait, "timeout") == DEFAULT_TIMEOUT
+    assert _default(MailboxBackend.__init__, "timeout") == DEFAULT_TIMEOUT
+    assert f"`DEFAULT_TIMEOUT` in `host_shim/mailbox.py`, currently {DEFAULT_TIMEOUT:g} s" in flat
+    assert "`--mailbox-timeout SECONDS`" in flat
+    ready = re.search(r"waits up to (\d+) s for `READY` when a transfer or migration starts its helpers", flat)
+    assert ready is not None
+    backends = (paths.REPO_ROOT / "host_shim" / "backends.py").read_text()
+    assert f"wait_ready({ready.group(1)})" in backends
