@@ -572,7 +572,9 @@ def test_sender_gives_up_on_a_receiver_that_never_answers(work_dir: Path, key: P
 def _valid_streams() -> tuple[bytes, ...]:
     """Real transfer streams of the reference helper: 1 and 2 shards, private,
     zero and shared (plain) pages. Seeds of the container fuzz test."""
-    work = Path(tempfile.mkdtemp(prefix="fuzz-seeds-", dir=paths.REPO_ROOT / "work"))
+    root = paths.REPO_ROOT / "work"
+    root.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fuzz-seeds-", dir=root))
     try:
         key = work / "k.key"
         assert main(["keygen", "--out", str(key)]) == 0
