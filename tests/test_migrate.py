@@ -65,6 +65,17 @@ def _commands_served(own_ram: Path) -> int:
     return served
 
 
+def _own_ram(helper_dir: Path) -> Path:
+    """The helper VM's own RAM file, through its QEMU's open descriptor (the
+    file lives in a private folder and may be unlinked once QEMU maps it: it
+    holds the key)."""
+    pid = int((helper_dir / "qemu.pid").read_text())
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        if "helper-own.ram" in os.readlink(fd):
+            return fd
+    raise ValueError(f"QEMU {pid} has no helper-own.ram open")
+
+
 #: Commands the target helper must have served before the kill: IMPORT_BEGIN
 #: and at least 3 IMPORT_BATCH of 512 pages (a full first pass of the 256 MiB
 #: guest is 128 batches): pages are certainly moving.
@@ -79,9 +90,9 @@ def test_target_helper_killed_mid_migration_leaves_the_source_running(firmware: 
     def kill_target_helper() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            own_ram, pid_file = helper_dir / "helper-own.ram", helper_dir / "qemu.pid"
+            pid_file = helper_dir / "qemu.pid"
             try:
-                served = _commands_served(own_ram) if pid_file.exists() else 0
+                served = _commands_served(_own_ram(helper_dir)) if pid_file.exists() else 0
             except (OSError, ValueError):  # not created yet, or already gone
                 served = 0
             if served >= SERVED_BEFORE_KILL:
