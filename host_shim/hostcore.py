@@ -44,7 +44,6 @@ PACKAGE_INCLUDE = PACKAGE_DIR / "Include"
 CORE_LIB_DIR = PACKAGE_DIR / "Library" / "MigrationHelperCoreLib"
 HARNESS_DIR = REPO_ROOT / "tests" / "c"
 CACHE_DIR = REPO_ROOT / ".cache" / "hostlib"
-EXCLUDE_ENV = "MH_HOSTLIB_EXCLUDE"
 
 #: Flags every variant uses: the parts of EDK2's GCC5 flags that change the
 #: meaning of the code (wchar size, aliasing, calling convention).
@@ -224,16 +223,14 @@ def load(
     variant: str = "release",
     *,
     extra_cflags: Sequence[str] = (),
-    exclude: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
 ) -> ctypes.CDLL:
     """Build if needed and load the host library (once per process and options).
 
-    ``exclude`` defaults to the comma-separated file names in
-    ``$MH_HOSTLIB_EXCLUDE`` (empty: build everything), an escape hatch for
-    working around a colleague's half-finished source file.
+    ``exclude`` names .c files to leave out (tests that build a variant
+    without one file); nothing outside the call's arguments changes what is
+    built.
     """
-    if exclude is None:
-        exclude = [name for name in os.environ.get(EXCLUDE_ENV, "").split(",") if name]
     return _load_cached(variant, tuple(extra_cflags), tuple(sorted(exclude)))
 
 

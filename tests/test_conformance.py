@@ -40,6 +40,8 @@ from hypothesis import strategies as st
 from helper import abi
 from helper import stream as s
 from helper.reference import MAX_IMPORT_BATCH_SIZE, ReferenceHelper, SaltSource
+from host_shim.backends import MailboxBackend
+from host_shim.errors import HelperTimeout, MailboxError
 from host_shim.keys import secret_record
 
 A = abi.load()
@@ -949,8 +951,23 @@ def test_key_is_checked_before_bounds(keyless_endpoint: Endpoint) -> None:
 
 
 def test_shutdown(endpoint: Endpoint) -> None:
-    """Last command of the test: a firmware helper powers off after it."""
+    """SHUTDOWN wipes the key material: a helper in the middle of an export
+    answers SUCCESS, and an in-process helper then finds no key for a new
+    session. A firmware helper publishes State SHUTDOWN and powers its VM off:
+    a later command finds its QEMU gone (not a timeout)."""
+    ok(endpoint, "EXPORT_BEGIN", OUT_AT, PAGE)
     ok(endpoint, "SHUTDOWN")
+    if isinstance(endpoint, MailboxBackend):
+        assert endpoint.mailbox.header()["State"] == A.const("OVMF_MH_STATE_SHUTDOWN")
+        with pytest.raises(MailboxError, match="exited") as error:
+            endpoint.mailbox.post_and_wait("NOP", (), timeout=60)
+        assert not isinstance(error.value, HelperTimeout), "the helper VM did not power off"
+    else:
+        # (The session state SHUTDOWN leaves is not specified: the reference
+        # says IDLE, the C dispatcher keeps EXPORTING. RESET makes it IDLE and
+        # keeps the transport key, so only a wiped key gives NO_KEY here.)
+        ok(endpoint, "RESET")
+        expect(endpoint, "NO_KEY", "EXPORT_BEGIN", OUT_AT, PAGE)
 
 
 # --- the reference helper only -------------------------------------------------------------------

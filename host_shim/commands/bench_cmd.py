@@ -28,11 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench_sub = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
     crypto = bench_sub.add_parser("crypto", help="page crypto speed")
     crypto.add_argument("--pages", type=int, default=2048, help="pages per native run (default 2048)")
-    crypto.add_argument("--rounds", type=int, default=5, help="timed repetitions, best counts")
-    crypto.add_argument("--guest-mib", type=int, default=64, help="guest RAM for the firmware run")
-    crypto.add_argument("--no-firmware", action="store_true", help="skip the QEMU run")
+    crypto.add_argument("--rounds", type=int, default=5, help="timed repetitions, best counts (default 5)")
+    crypto.add_argument("--guest-mib", type=int, default=64, help="guest RAM for the firmware run (default 64)")
+    crypto.add_argument("--no-firmware", action="store_true", help="skip the QEMU run (default: run it)")
     crypto.add_argument("--image", help="firmware image (default: the DEBUG build)")
-    crypto.add_argument("--json", action="store_true", help="print the results as JSON")
+    crypto.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     crypto.set_defaults(handler=run_crypto)
 
     pipeline = bench_sub.add_parser("pipeline", help="transfer pipeline speed and helper scaling")
@@ -40,22 +40,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     pipeline.add_argument("--helpers", type=int, default=2, help="N for the N-helper run (default 2)")
     pipeline.add_argument("--rounds", type=int, default=3,
                           help="alternating rounds of the 1- and N-helper runs, best counts (default 3)")
-    pipeline.add_argument("--no-firmware", action="store_true", help="reference pipeline only")
+    pipeline.add_argument("--no-firmware", action="store_true",
+                          help="reference pipeline only (default: also 1 and N firmware helpers)")
     pipeline.add_argument("--profile", action="store_true",
-                          help="also time each step of the reference helper's per-page work")
+                          help="also time each step of the reference helper's per-page work (default: off)")
     pipeline.add_argument("--image", help="firmware image (default: the DEBUG build)")
-    pipeline.add_argument("--json", action="store_true", help="print the results as JSON")
+    pipeline.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     pipeline.set_defaults(handler=run_pipeline)
 
     mig = bench_sub.add_parser("migrate", help="live migration: plain QEMU against ovmf-mh, 1 and N helpers")
-    mig.add_argument("--guest-mib", type=int, default=256)
-    mig.add_argument("--workload-mib", type=int, default=64)
+    mig.add_argument("--guest-mib", type=int, default=256, help="guest RAM (default 256)")
+    mig.add_argument("--workload-mib", type=int, default=64,
+                     help="memory the guest's workload keeps rewriting (default 64)")
     mig.add_argument("--helpers", type=int, default=2, help="N for the N-helper run (default 2)")
     mig.add_argument("--image", help="firmware image (default: the DEBUG build)")
     mig.add_argument("--work-dir", type=Path, help="folder for logs (default: a new temp folder)")
     mig.add_argument("--ram-dir", type=Path,
                      help="RAM files of every run here for the run only, e.g. /dev/shm (default: work folder)")
-    mig.add_argument("--json", action="store_true")
+    mig.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     mig.set_defaults(handler=run_migrate)
 
 

@@ -22,11 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "QEMU runs under TCG; its command line and logs stay in the work folder."
         ),
     )
-    parser.add_argument("--mode", choices=[m.value for m in BootMode], required=True)
+    parser.add_argument("--mode", choices=[m.value for m in BootMode], required=True,
+                        help="normal: boot the guest without a helper request; helper: boot into the helper")
     parser.add_argument("--image", type=Path, help="OVMF code image (default: the DEBUG build)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     parser.add_argument("--work-dir", type=Path, help="folder for QEMU logs (default: a new temp folder)")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary (default: text)")
     parser.set_defaults(handler=run)
 
 

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "path of OVMF_CODE.fd."
         ),
     )
-    parser.add_argument("--target", choices=paths.TARGETS, default="DEBUG", help="EDK2 build target")
+    parser.add_argument("--target", choices=paths.TARGETS, default="DEBUG", help="EDK2 build target (default DEBUG)")
     parser.add_argument("--force", action="store_true", help="run stuart even when up to date")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(handler=run)

@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     parser.add_argument("--image", type=Path, help="firmware image (default: the DEBUG build)")
     parser.add_argument("--key", type=Path, help="transport key (default: a fresh one for this run)")
-    parser.add_argument("--helper", choices=KINDS, default="firmware", help="helper implementation")
+    parser.add_argument("--helper", choices=KINDS, default="firmware",
+                        help="helper implementation on both sides (default firmware; --image is the guests' "
+                        "firmware whatever the helper kind)")
     parser.add_argument("--helpers", type=int, default=1,
                         help="helpers per side (default 1: on a 2-core machine more TCG helpers compete "
                         "with the guest for the CPUs)")
@@ -47,8 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="keep the two guest RAM files here for the run only, e.g. /dev/shm (tmpfs: "
                         "faster, no disk page faults); default: in the work folder, kept afterwards")
     add_mailbox_timeout(parser)
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (default: text)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress lines on stderr (default: when stderr is a terminal)")
     parser.set_defaults(handler=run)
 
 

@@ -14,7 +14,7 @@ from typing import IO, Any, cast
 from host_shim import paths, process
 from host_shim.backends import KINDS
 from host_shim.commands.options import add_mailbox_timeout
-from host_shim.errors import OvmfMhError
+from host_shim.errors import OvmfMhError, SetupError
 from host_shim.keys import read_key
 from host_shim.pipeline import TransferSummary, export_ram, import_ram, partial_summary
 
@@ -32,18 +32,22 @@ def _common(parser: argparse.ArgumentParser, direction: str) -> None:
         "never a silent fallback), reference (the Python reference helper, one process per shard) "
         "or host-core (the firmware's C dispatcher built for the host, in-process)",
     )
-    parser.add_argument("--image", type=Path, help="firmware image (default: the DEBUG build)")
+    parser.add_argument("--image", type=Path,
+                        help="firmware image of --helper firmware (default: the DEBUG build); refused with "
+                        "the other helper kinds, which run no firmware")
     parser.add_argument("--work-dir", type=Path,
                         help="folder for the helpers' logs (default: a new temp folder, removed unless the "
                         "command fails)")
     add_mailbox_timeout(parser)
-    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout (default: text)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress line on stderr (default: when stderr is a terminal)")
     if direction == "export":
-        parser.add_argument("--helpers", type=int, default=1, help="helpers in parallel, one shard each")
+        parser.add_argument("--helpers", type=int, default=1,
+                            help="helpers in parallel, one shard each, 1 to 64 (default 1)")
         parser.add_argument("--page-map", type=Path,
-                            help="one byte per guest page: 0 private (helpers), 1 shared (plain), 2 excluded")
+                            help="one byte per guest page: 0 private (helpers), 1 shared (plain), 2 excluded "
+                            "(default: every page private)")
     else:
         parser.add_argument("--helpers", type=int, help="must equal the stream's shard count (default: that)")
 
@@ -51,9 +55,9 @@ def _common(parser: argparse.ArgumentParser, direction: str) -> None:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     export = sub.add_parser(
         "export", help="guest RAM file -> transfer stream file, through source helpers",
-        description="Read guest RAM file SRC through source helpers and write the encrypted transfer "
-        "stream (docs/transfer-format.md) to STREAM. The stream is written to a temporary name and "
-        "renamed only when complete.",
+        description="Read the guest RAM file --ram through source helpers and write the encrypted transfer "
+        "stream (docs/transfer-format.md) to --out. The stream is written to a hidden temporary name next "
+        "to --out and renamed only when complete.",
     )
     export.add_argument("--ram", type=Path, required=True, help="guest RAM file (memory-backend-file)")
     export.add_argument("--out", type=Path, required=True, help="transfer stream to write")
@@ -62,10 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     imp = sub.add_parser(
         "import", help="transfer stream file -> guest RAM file, through target helpers",
-        description="Write the pages of a transfer stream into guest RAM file DST through target helpers. "
-        "Exit 0 only after every helper verified its end-of-stream proof. Pages land in a hidden "
-        "temporary file next to DST that is renamed over DST only after full verification; on failure "
-        "DST is left untouched.",
+        description="Write the pages of the transfer stream --in into the guest RAM file --ram through target "
+        "helpers. Exit 0 only after every helper verified its end-of-stream proof. Pages land in a hidden "
+        "temporary file next to --ram that is renamed over it only after full verification; on failure "
+        "--ram is left untouched.",
     )
     imp.add_argument("--ram", type=Path, required=True, help="guest RAM file to create or replace")
     imp.add_argument("--in", dest="stream", type=Path, required=True, help="transfer stream to read")
@@ -74,11 +78,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     send = sub.add_parser(
         "send", help="guest RAM file -> TCP, through source helpers",
-        description="Like export, but streams to a receiver at HOST:PORT (TCP back pressure) and exits 0 "
-        "only when the receiver reports a verified import.",
+        description="Like export, but streams the guest RAM file --ram to a receiver at --to HOST:PORT "
+        "(TCP back pressure) and exits 0 only when the receiver reports a verified import.",
     )
-    send.add_argument("--ram", type=Path, required=True)
-    send.add_argument("--to", required=True, metavar="HOST:PORT")
+    send.add_argument("--ram", type=Path, required=True, help="guest RAM file to send (memory-backend-file)")
+    send.add_argument("--to", required=True, metavar="HOST:PORT",
+                      help="the receiver's address ('ovmf-mh receive --listen' prints it)")
     send.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to connect (default 30)")
     send.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
                       help="give up when the receiver takes no data, or sends no verdict, for this many "
@@ -88,11 +93,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     receive = sub.add_parser(
         "receive", help="TCP -> guest RAM file, through target helpers",
-        description="Accept one sender on HOST:PORT, import its stream like 'import', then tell the "
-        "sender the outcome.",
+        description="Accept one sender on --listen HOST:PORT, import its stream into the guest RAM file "
+        "--ram like 'import', then tell the sender the outcome.",
     )
-    receive.add_argument("--ram", type=Path, required=True)
-    receive.add_argument("--listen", required=True, metavar="HOST:PORT")
+    receive.add_argument("--ram", type=Path, required=True, help="guest RAM file to create or replace")
+    receive.add_argument("--listen", required=True, metavar="HOST:PORT",
+                         help="address to listen on; port 0 picks a free port, printed on stderr")
     receive.add_argument("--accept-timeout", type=float, default=300.0,
                          help="seconds to wait for the sender to connect (default 300)")
     receive.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
@@ -120,6 +126,10 @@ def _helper_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _firmware(args: argparse.Namespace) -> Path | None:
     if args.helper != "firmware":
+        if args.image is not None:
+            # Refused rather than ignored: the user meant some firmware to run.
+            raise SetupError(f"--image {args.image} applies to --helper firmware only; "
+                             f"--helper {args.helper} runs no firmware")
         return None
     return (args.image or paths.firmware_code("DEBUG")).resolve()
 
@@ -163,6 +173,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    _firmware(args)  # first: a refused --image leaves nothing behind
     key = read_key(args.key)
     if _same_file(args.ram, args.out):
         raise OvmfMhError(f"--out {args.out} is the guest RAM file itself; the stream would replace it")
@@ -190,6 +201,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    _firmware(args)  # first: a refused --image leaves nothing behind
     key = read_key(args.key)
     if _same_file(args.ram, args.stream):
         raise OvmfMhError(f"--ram {args.ram} is the stream itself; the guest RAM would replace it")
@@ -205,6 +217,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_send(args: argparse.Namespace) -> int:
+    _firmware(args)  # first: a refused --image leaves nothing behind
     key = read_key(args.key)
     work = _work_dir(args, "send")
     summary: TransferSummary | None = None
@@ -288,6 +301,7 @@ class _CountingReader:
 
 
 def run_receive(args: argparse.Namespace) -> int:
+    _firmware(args)  # first: a refused --image leaves nothing behind
     key = read_key(args.key)
     work = _work_dir(args, "receive")
     host, port = _address(args.listen)

@@ -1,0 +1,99 @@
+"""The command line: every option of every command and subcommand has help
+text (with its default stated where it has one), every --help runs, and an
+option that does not apply is refused rather than silently ignored."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from host_shim.cli import build_parser, main
+
+OVMF_MH = Path(sys.executable).parent / "ovmf-mh"
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[
+        tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """The parser and, recursively, every subcommand's parser, with its words."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _parsers(child, (*path, name))
+
+
+PARSERS = dict(_parsers(build_parser()))
+
+
+def _options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        yield action
+
+
+def _has_default(action: argparse.Action) -> bool:
+    """Whether the option has a default a user should be told: not a flag
+    that is simply off, not a required option, not "nothing"."""
+    if action.required or action.default in (None, False, argparse.SUPPRESS):
+        return False
+    return not isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+
+
+def test_the_walk_finds_every_command() -> None:
+    commands = {path for path in PARSERS if path}
+    assert {("build",), ("boot",), ("inspect",), ("keygen",), ("export",), ("import",), ("send",),
+            ("receive",), ("migrate",), ("bench",), ("bench", "crypto"), ("bench", "pipeline"),
+            ("bench", "migrate")} <= commands
+
+
+@pytest.mark.parametrize("path", list(PARSERS), ids=lambda p: " ".join(p) or "ovmf-mh")
+def test_every_option_has_help_with_its_default(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    parser = PARSERS[path]
+    missing = [a.dest for a in _options(parser) if not (a.help or "").strip()]
+    assert not missing, f"ovmf-mh {' '.join(path)}: options without help text: {missing}"
+    silent = [a.option_strings[0] for a in _options(parser)
+              if _has_default(a) and "default" not in (a.help or "").lower()]
+    assert not silent, f"ovmf-mh {' '.join(path)}: help does not state the default of {silent}"
+    with pytest.raises(SystemExit) as exit_:
+        main([*path, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ovmf-mh")
+    for action in _options(parser):
+        for option in action.option_strings:
+            assert option in out, f"{option} missing from ovmf-mh {' '.join(path)} --help"
+
+
+def test_the_installed_command_prints_its_help() -> None:
+    result = subprocess.run([str(OVMF_MH), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ovmf-mh")
+    for command in ("build", "boot", "inspect", "keygen", "export", "import", "send", "receive", "migrate",
+                    "bench"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["export", "import", "send", "receive"])
+def test_image_with_a_helper_that_runs_no_firmware_is_refused(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key, ram, stream = tmp_path / "k.key", tmp_path / "src.ram", tmp_path / "s.omh"
+    assert main(["keygen", "--out", str(key)]) == 0
+    ram.write_bytes(bytes(8192))
+    stream.write_bytes(b"")
+    where = {"export": ["--out", str(stream)], "import": ["--in", str(stream)],
+             "send": ["--to", "127.0.0.1:9"], "receive": ["--listen", "127.0.0.1:0"]}[command]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    code = main([command, "--ram", str(ram), "--key", str(key), *where, "--helper", "reference",
+                 "--image", str(tmp_path / "some.fd"), "--work-dir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "--image" in err and "applies to --helper firmware only" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "a refused command left files behind"
