@@ -155,6 +155,15 @@ class Mailbox:
             )
         return response
 
+    def _fault(self, command: str) -> MailboxError:
+        """The helper took a CPU exception: it wiped its keys, published FAULT
+        with the vector and the faulting RIP, and halted (docs/mailbox.md)."""
+        header = self.header()
+        return MailboxError(
+            f"{self.label} took a CPU exception (vector {header['HaltReason']}, RIP {header['FaultAddress']:#x}) "
+            "while serving, wiped its keys and halted; this is a helper defect, its log has the details",
+            command=command, log=self.debugcon)
+
     def _state(self) -> str:
         state = process_state(self.pid) if self.pid is not None else None
         return f" (pid {self.pid} is stopped, e.g. by SIGSTOP)" if state in ("T", "t") else ""
@@ -209,6 +218,8 @@ class Mailbox:
             if spins > 200:
                 if not self._is_alive():
                     raise MailboxError(f"{self.label} exited while serving", command=command, log=self.debugcon)
+                if self._u32("State") == a.const("OVMF_MH_STATE_FAULT"):
+                    raise self._fault(command)
                 if time.monotonic() > deadline:
                     raise HelperTimeout(
                         f"{self.label} gave no response within the mailbox timeout of {timeout:.1f} s"

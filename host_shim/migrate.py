@@ -156,6 +156,10 @@ class MigrationConfig:
 
 #: How often the watch looks at the two guest QEMUs and the target side.
 WATCH_INTERVAL = 0.1
+#: How long a guest QEMU may stay stopped (state T in /proc/PID/stat: SIGSTOP,
+#: a debugger) before the watch calls it a fault. A stopped QEMU answers no
+#: QMP command, so waiting longer only delays the failure.
+STOPPED_GRACE = 0.3
 
 
 class _Watch:
@@ -176,12 +180,21 @@ class _Watch:
         self._thread.start()
 
     def _run(self) -> None:
+        stopped_since: dict[str, float] = {}
         while not self._stop.wait(WATCH_INTERVAL):
             message = None
             for vm in self.vms:
                 if vm.pid is not None and not vm.is_running():
                     message = f"{vm.describe()}"
                     break
+                if vm.is_stopped():
+                    since = stopped_since.setdefault(vm.name, time.monotonic())
+                    if time.monotonic() - since >= STOPPED_GRACE:
+                        message = (f"{vm.name} QEMU pid {vm.pid} is stopped (state T: SIGSTOP or a debugger) "
+                                   "and can answer nothing")
+                        break
+                else:
+                    stopped_since.pop(vm.name, None)
             else:
                 error = self._target_error()
                 if error is not None:
@@ -484,7 +497,10 @@ def migrate(config: MigrationConfig) -> MigrationReport:
             report.error = f"{fault} (then: {exc})"
         if not resumed_target and not source.is_running():
             report.guest_state = f"lost: {source.describe()}"
-        if not resumed_target and source.is_running():
+        elif not resumed_target and source.is_stopped():
+            # It answers no QMP command; the run's end kills it with the rest.
+            report.guest_state = f"lost: source QEMU pid {source.pid} is stopped and ends with the run"
+        elif not resumed_target:
             with suppress(OvmfMhError):
                 if stopped:
                     source.qmp("cont")

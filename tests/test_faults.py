@@ -26,6 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from helper import abi
+from host_shim.errors import MailboxError
+from host_shim.helper_vm import HelperSpec, HelperVM
 from host_shim.reaper import process_state, start_time
 
 MIB = 1024 * 1024
@@ -453,17 +456,65 @@ def test_peer_stopped_fails_after_the_idle_timeout_not_twice_it(
             assert code == 1, survivor.stderr
             assert STALL_TIMEOUT <= seconds < STALL_TIMEOUT + STALL_SLACK, f"took {seconds:.2f} s"
             assert f"for {STALL_TIMEOUT:g} s (--idle-timeout)" in survivor.stderr, survivor.stderr
+            # The survivor names the stalled end.
+            named = "the sender 127.0.0.1:" if stalled == "send" else f"the receiver at 127.0.0.1:{port}"
+            assert named in survivor.stderr, survivor.stderr
             os.kill(victim.proc.pid, signal.SIGCONT)
+            continued = time.monotonic()
+            # The continued end finds its peer gone at its next read or
+            # write, says so, and fails: it never reports a success.
             assert victim.wait_exit(DEATH_BOUND + STALL_TIMEOUT + 10)[0] == 1, victim.stderr
+            ended = time.monotonic() - continued
+            assert ended < DEATH_BOUND, f"the continued {stalled} took {ended:.2f} s: {victim.stderr}"
+            peer_gone = ("the receiver at 127.0.0.1:" if stalled == "send" else "the sender 127.0.0.1:")
+            assert peer_gone in victim.stderr and "closed the connection" in victim.stderr, victim.stderr
             # Both failed: their temporary work folders stay, with the logs
             # they name; nothing else does.
             gone = assert_clean(sandbox, started, KILL_BOUND, survivor.stderr + victim.stderr)
             record(f"{stalled} stopped (SIGSTOP) mid-transfer, --idle-timeout {STALL_TIMEOUT:g}: its peer",
                    seconds, code, survivor.stderr, gone)
+            record(f"{stalled} stopped (SIGSTOP), then continued (SIGCONT) after its peer failed", ended, 1,
+                   victim.stderr, gone)
         finally:
             sender.stop()
     finally:
         receiver.stop()
+
+
+@pytest.mark.qemu
+def test_export_stopped_waits_and_completes(sandbox: Sandbox) -> None:
+    """SIGSTOP to export itself for longer than its mailbox timeout: its
+    helpers wait for it (they have no timeout of their own, docs/testing.md),
+    nothing fails while it is stopped; after SIGCONT it completes (exit 0) and
+    its output imports to the same bytes, and nothing is left."""
+    src = random_ram(sandbox, RAM_MIB)
+    out = sandbox.root / "out.omh"
+    victim = sandbox.launch("export", "export", "--ram", src, "--out", out, "--key", sandbox.key,
+                            "--helper", "reference", "--progress", "--mailbox-timeout", str(STALL_TIMEOUT))
+    try:
+        victim.wait_pages(MIDWAY_PAGES)
+        started = victim.descendants()
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        time.sleep(STALL_TIMEOUT + 1)
+        assert sorted(alive(started)) == sorted(started), "a helper gave up while export was stopped"
+        os.kill(victim.proc.pid, signal.SIGCONT)
+        code, seconds = victim.wait_exit(120)
+        assert code == 0, victim.stderr
+        assert "mailbox timeout" not in victim.stderr, victim.stderr
+        dst = sandbox.root / "dst.ram"
+        check = sandbox.launch("import", "import", "--ram", dst, "--in", out, "--key", sandbox.key,
+                               "--helper", "reference")
+        assert check.wait_exit(120)[0] == 0, check.stderr
+        assert dst.read_bytes() == src.read_bytes()
+        for path in (out, dst, src):
+            path.unlink()
+        gone = assert_clean(sandbox, started, KILL_BOUND)
+        record(f"export stopped (SIGSTOP) {STALL_TIMEOUT + 1:g} s, longer than --mailbox-timeout "
+               f"{STALL_TIMEOUT:g}, then continued", seconds, code, "(none: it completes; output verified)", gone)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim.proc.pid, signal.SIGCONT)
+        victim.stop()
 
 
 # --- key bytes, messages, helper kinds ---------------------------------------------------------
@@ -503,6 +554,36 @@ def test_firmware_helper_leaves_no_key_bytes(firmware: Path, sandbox: Sandbox, e
         assert_clean(sandbox, {}, 0)
     finally:
         export.stop()
+
+
+@pytest.mark.qemu
+def test_firmware_helper_wipes_its_keys_on_a_cpu_exception(firmware: Path, work_dir: Path) -> None:
+    """A real CPU exception in the production image: an NMI (QMP inject-nmi)
+    enters the SEC helper's IDT stub for vector 2 and InternalHelperFault,
+    the same path as any fault. Before it the helper's RAM holds its private
+    copy of the key (the search can find it); after FAULT is published it
+    holds the key nowhere, FAULT names vector 2, and the next command fails
+    at once saying the helper took a CPU exception."""
+    key = os.urandom(32)
+    with HelperVM(HelperSpec(firmware, key=key), work_dir / "helper", "helper-0") as helper:
+        helper.wait_ready()
+        assert helper.mailbox is not None
+        assert helper.memory.find(key) != -1, "no private key copy before the fault: the check could not fail"
+        helper.vm.qmp("inject-nmi")
+        fault = abi.load().const("OVMF_MH_STATE_FAULT")
+        deadline = time.monotonic() + 10
+        while helper.mailbox.header()["State"] != fault:
+            assert time.monotonic() < deadline, f"no FAULT within 10 s: {helper.vm.debugcon_text()}"
+            time.sleep(0.01)
+        header = helper.mailbox.header()
+        assert header["HaltReason"] == 2, header
+        assert helper.memory.find(key) == -1, "key bytes left in the helper's RAM after FAULT"
+        assert "FAULT: exception 2" in helper.vm.debugcon_text()
+        asked = time.monotonic()
+        with pytest.raises(MailboxError, match=r"took a CPU exception \(vector 2, RIP 0x[0-9a-f]+\)"):
+            helper.mailbox.call("NOP", timeout=STALL_TIMEOUT)
+        assert time.monotonic() - asked < 1.0
+    assert not helper.vm.is_running()
 
 
 @pytest.mark.parametrize("command", ["export", "import"])
@@ -579,10 +660,10 @@ def _fault_seen(command: Command, since: float, needle: str, timeout: float) -> 
 @pytest.mark.qemu
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 def test_target_qemu_fault_in_precopy_never_stops_the_source(firmware: Path, sandbox: Sandbox, fault: str) -> None:
-    """The target guest QEMU killed (or stopped) during pre-copy: a dead one
-    is seen within 1 s, a stopped one when it does not answer QMP before
-    the switchover; either way the source guest is never stopped, keeps
-    beating, the report names the target QEMU, and nothing is left."""
+    """The target guest QEMU killed (or stopped) during pre-copy: seen
+    within 1 s (a stopped one: state T for 0.3 s); the source guest is never
+    stopped, keeps beating, the report names the target QEMU, and nothing
+    is left."""
     work = sandbox.root / "migrate-work"
     victim = start_migrate(sandbox, "--work-dir", work, "--json")
     try:
@@ -590,20 +671,20 @@ def test_target_qemu_fault_in_precopy_never_stops_the_source(firmware: Path, san
         target = int((work / "target" / "qemu.pid").read_text())
         os.kill(target, signal.SIGKILL if fault == "SIGKILL" else signal.SIGSTOP)
         killed = time.monotonic()
-        seen = None
-        if fault == "SIGKILL":
-            seen = _fault_seen(victim, killed, "stopping the migration", 5)
-            assert seen < 1.0, f"the dead target was seen after {seen:.2f} s"
-        code, seconds = victim.wait_exit(120)
+        seen = _fault_seen(victim, killed, "stopping the migration", 5)
+        assert seen < 1.0, f"the target's {fault} was seen after {seen:.2f} s"
+        code, _ = victim.wait_exit(120)
         report = json.loads(victim.proc.communicate()[0])
         assert code == 1
-        assert f"target QEMU pid {target}" in report["error"], report["error"]
+        said = "killed by SIGKILL" if fault == "SIGKILL" else "is stopped (state T"
+        assert f"target QEMU pid {target}{',' if fault == 'SIGKILL' else ''} {said}" in report["error"], report
+        assert "during pre-copy pass" in report["error"], report["error"]
         assert report["guest_state"] == "running on source", report
         assert report["source_heartbeat_after_failure"]
         qmp = (work / "source" / "qmp.log").read_text()
         assert '"execute": "stop"' not in qmp, "the source guest was stopped for a dead target"
         gone = assert_clean(sandbox, started, KILL_BOUND)
-        record(f"migrate: target QEMU {fault} in pre-copy", seen if seen is not None else seconds, code,
+        record(f"migrate: target QEMU {fault} in pre-copy", seen, code,
                f"error: {report['error']}", gone)
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -612,23 +693,35 @@ def test_target_qemu_fault_in_precopy_never_stops_the_source(firmware: Path, san
 
 
 @pytest.mark.qemu
-def test_source_qemu_killed_in_precopy_is_reported_at_once(firmware: Path, sandbox: Sandbox) -> None:
-    """The source guest QEMU killed during pre-copy: seen within 1 s, the
-    report says the guest is lost with that QEMU, nothing is left."""
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_source_qemu_fault_in_precopy_is_reported_at_once(firmware: Path, sandbox: Sandbox, fault: str) -> None:
+    """The source guest QEMU killed (or stopped, for longer than the QMP
+    timeout would allow) during pre-copy: seen within 1 s, the command fails
+    within DEATH_BOUND of that, the report names the source QEMU and the
+    step and says the guest is lost with it; a stopped one is killed by pid,
+    nothing is left."""
     work = sandbox.root / "migrate-work"
     victim = start_migrate(sandbox, "--work-dir", work, "--json")
+    source = int((work / "source" / "qemu.pid").read_text())
     try:
         started = victim.descendants()
-        source = int((work / "source" / "qemu.pid").read_text())
-        os.kill(source, signal.SIGKILL)
-        seen = _fault_seen(victim, time.monotonic(), "stopping the migration", 5)
-        assert seen < 1.0, f"the dead source was seen after {seen:.2f} s"
+        os.kill(source, getattr(signal, fault))
+        faulted = time.monotonic()
+        seen = _fault_seen(victim, faulted, "stopping the migration", 5)
+        assert seen < 1.0, f"the source's {fault} was seen after {seen:.2f} s"
         code, _ = victim.wait_exit(60)
+        ended = time.monotonic() - faulted
+        assert ended < 1.0 + DEATH_BOUND, f"migrate ended {ended:.2f} s after the fault"
         report = json.loads(victim.proc.communicate()[0])
         assert code == 1
-        assert f"source QEMU pid {source}, killed by SIGKILL" in report["error"], report["error"]
+        said = ", killed by SIGKILL" if fault == "SIGKILL" else " is stopped (state T"
+        assert f"source QEMU pid {source}{said}" in report["error"], report["error"]
+        assert "during pre-copy pass" in report["error"], report["error"]
         assert report["guest_state"].startswith(f"lost: source QEMU pid {source}"), report
         gone = assert_clean(sandbox, started, KILL_BOUND)
-        record("migrate: source QEMU SIGKILL in pre-copy", seen, code, f"error: {report['error']}", gone)
+        record(f"migrate: source QEMU {fault} in pre-copy (seen; ended {ended:.2f} s)", seen, code,
+               f"error: {report['error']}", gone)
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(source, signal.SIGCONT)
         victim.stop()

@@ -338,8 +338,9 @@ def run_receive(args: argparse.Namespace) -> int:
                     f"({exc})")
         except TimeoutError as exc:
             cause = exc
-            error = OvmfMhError(f"the sender sent nothing for {args.idle_timeout:g} s (--idle-timeout); "
-                                "import abandoned, nothing was kept")
+            error = OvmfMhError(f"the sender {peer[0]}:{peer[1]} sent nothing for {args.idle_timeout:g} s "
+                                "(--idle-timeout): it is stalled (stopped?) or overloaded; import abandoned, "
+                                "nothing was kept")
         except ConnectionResetError as exc:
             cause = exc
             error = OvmfMhError(f"the sender {peer[0]}:{peer[1]} closed the connection (reset) before the end of the "
