@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -556,34 +557,65 @@ def test_firmware_helper_leaves_no_key_bytes(firmware: Path, sandbox: Sandbox, e
         export.stop()
 
 
+def _gdb_packet(sock: socket.socket, body: str) -> str:
+    """One GDB remote-protocol request to QEMU's gdbstub and its reply."""
+    sock.sendall(f"${body}#{sum(body.encode()) & 0xFF:02x}".encode())
+    reply = b""
+    while not re.search(rb"\$[^#]*#[0-9a-f]{2}", reply):
+        chunk = sock.recv(4096)
+        assert chunk, f"gdbstub closed the connection after {reply!r}"
+        reply += chunk
+    sock.sendall(b"+")
+    return reply.decode(errors="replace")
+
+
+#: A non-canonical address: fetching from it is a general-protection fault.
+NON_CANONICAL = 0x8000_0000_0000_0000
+
+
 @pytest.mark.qemu
 def test_firmware_helper_wipes_its_keys_on_a_cpu_exception(firmware: Path, work_dir: Path) -> None:
-    """A real CPU exception in the production image: an NMI (QMP inject-nmi)
-    enters the SEC helper's IDT stub for vector 2 and InternalHelperFault,
-    the same path as any fault. Before it the helper's RAM holds its private
-    copy of the key (the search can find it); after FAULT is published it
-    holds the key nowhere, FAULT names vector 2, and the next command fails
-    at once saying the helper took a CPU exception."""
+    """A real CPU exception in the production image, with no test-only
+    switch in it: through QEMU's gdbstub the test sets the idle helper's RIP
+    to a non-canonical address; the vCPU takes #GP (vector 13, with an error
+    code) through the helper's own IDT into InternalHelperFault. Before it
+    the helper's RAM holds its private copy of the key (so the search can
+    fail); after FAULT is published it holds the key nowhere, FAULT names
+    vector 13 and that RIP, and the next command fails at once saying the
+    helper took a CPU exception."""
     key = os.urandom(32)
-    with HelperVM(HelperSpec(firmware, key=key), work_dir / "helper", "helper-0") as helper:
-        helper.wait_ready()
-        assert helper.mailbox is not None
-        assert helper.memory.find(key) != -1, "no private key copy before the fault: the check could not fail"
-        helper.vm.qmp("inject-nmi")
-        fault = abi.load().const("OVMF_MH_STATE_FAULT")
-        deadline = time.monotonic() + 10
-        while helper.mailbox.header()["State"] != fault:
-            assert time.monotonic() < deadline, f"no FAULT within 10 s: {helper.vm.debugcon_text()}"
-            time.sleep(0.01)
-        header = helper.mailbox.header()
-        assert header["HaltReason"] == 2, header
-        assert helper.memory.find(key) == -1, "key bytes left in the helper's RAM after FAULT"
-        assert "FAULT: exception 2" in helper.vm.debugcon_text()
-        asked = time.monotonic()
-        with pytest.raises(MailboxError, match=r"took a CPU exception \(vector 2, RIP 0x[0-9a-f]+\)"):
-            helper.mailbox.call("NOP", timeout=STALL_TIMEOUT)
-        assert time.monotonic() - asked < 1.0
-    assert not helper.vm.is_running()
+    gdb = Path(tempfile.mkdtemp(prefix="omh-gdb-", dir="/tmp")) / "gdb.sock"
+    helper = HelperVM(HelperSpec(firmware, key=key), work_dir / "helper", "helper-0")
+    helper.vm.config.extra_args.extend(["-gdb", f"unix:{gdb},server=on,wait=off"])
+    try:
+        with helper, socket.socket(socket.AF_UNIX) as sock:
+            helper.wait_ready()
+            assert helper.mailbox is not None
+            assert helper.memory.find(key) != -1, "no private key copy before the fault: the check could not fail"
+            sock.settimeout(10)
+            sock.connect(str(gdb))
+            _gdb_packet(sock, "?")  # QEMU stops the vCPU for the debugger
+            # QEMU writes registers only for a client that read the target description.
+            _gdb_packet(sock, "qSupported:xmlRegisters=i386")
+            assert "x86-64" in _gdb_packet(sock, "qXfer:features:read:target.xml:0,ffb")
+            assert "$OK#" in _gdb_packet(sock, "P10=" + NON_CANONICAL.to_bytes(8, "little").hex())  # rip
+            sock.sendall(b"$c#63")
+            fault = abi.load().const("OVMF_MH_STATE_FAULT")
+            deadline = time.monotonic() + 10
+            while helper.mailbox.header()["State"] != fault:
+                assert time.monotonic() < deadline, f"no FAULT within 10 s: {helper.vm.debugcon_text()}"
+                time.sleep(0.01)
+            header = helper.mailbox.header()
+            assert (header["HaltReason"], header["FaultAddress"]) == (13, NON_CANONICAL), header
+            assert helper.memory.find(key) == -1, f"key bytes left in the helper's RAM at {helper.memory.find(key):#x}"
+            assert f"FAULT: exception 13, error code 0x0, RIP {NON_CANONICAL:#x}" in helper.vm.debugcon_text()
+            asked = time.monotonic()
+            with pytest.raises(MailboxError, match=rf"took a CPU exception \(vector 13, RIP {NON_CANONICAL:#x}\)"):
+                helper.mailbox.call("NOP", timeout=STALL_TIMEOUT)
+            assert time.monotonic() - asked < 1.0
+        assert not helper.vm.is_running()
+    finally:
+        shutil.rmtree(gdb.parent, ignore_errors=True)
 
 
 @pytest.mark.parametrize("command", ["export", "import"])
