@@ -681,6 +681,32 @@ def test_migrate_killed_during_precopy_leaves_nothing(firmware: Path, sandbox: S
         victim.stop()
 
 
+@pytest.mark.qemu
+def test_migrate_stopped_pauses_and_completes(firmware: Path, sandbox: Sandbox) -> None:
+    """SIGSTOP to migrate itself in pre-copy for longer than its mailbox
+    timeout: its guest QEMUs and helpers wait (a pause, docs/testing.md);
+    after SIGCONT the migration completes (the guest runs on the target) and
+    nothing is left."""
+    victim = start_migrate(sandbox, "--json", "--mailbox-timeout", str(STALL_TIMEOUT))
+    try:
+        started = victim.descendants()
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        time.sleep(STALL_TIMEOUT + 1)
+        assert sorted(alive(started)) == sorted(started), "a helper or QEMU ended while migrate was stopped"
+        os.kill(victim.proc.pid, signal.SIGCONT)
+        code, seconds = victim.wait_exit(240)
+        report = json.loads(victim.proc.communicate()[0])
+        assert code == 0, f"{report.get('error')}: {victim.stderr}"
+        assert report["outcome"] == "ok" and report["guest_state"] == "running on target", report
+        gone = assert_clean(sandbox, started, KILL_BOUND)
+        record(f"migrate stopped (SIGSTOP) {STALL_TIMEOUT + 1:g} s in pre-copy, then continued", seconds, code,
+               "(none: it completes, guest running on target)", gone)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim.proc.pid, signal.SIGCONT)
+        victim.stop()
+
+
 def _fault_seen(command: Command, since: float, needle: str, timeout: float) -> float:
     """Seconds from ``since`` until ``needle`` appears on the command's stderr."""
     while needle not in command.stderr:
