@@ -687,7 +687,10 @@ def test_migrate_stopped_pauses_and_completes(firmware: Path, sandbox: Sandbox) 
     timeout: its guest QEMUs and helpers wait (a pause, docs/testing.md);
     after SIGCONT the migration completes (the guest runs on the target) and
     nothing is left."""
-    victim = start_migrate(sandbox, "--json", "--mailbox-timeout", str(STALL_TIMEOUT))
+    # Its work folder (logs, report) stays after a run that reached its
+    # report: in the test's own folder, not in TMPDIR.
+    victim = start_migrate(sandbox, "--json", "--mailbox-timeout", str(STALL_TIMEOUT), "--work-dir",
+                           sandbox.root / "migrate-work")
     try:
         started = victim.descendants()
         os.kill(victim.proc.pid, signal.SIGSTOP)
