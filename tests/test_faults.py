@@ -482,6 +482,19 @@ def test_peer_stopped_fails_after_the_idle_timeout_not_twice_it(
         receiver.stop()
 
 
+def pause(command: Command, seconds: float) -> dict[int, int]:
+    """SIGSTOP to the command itself for ``seconds``, then SIGCONT: a pause.
+    Every process it started must still be there at the end of it (they
+    wait for it, having no timeout of their own). Returns them."""
+    started = command.descendants()
+    os.kill(command.proc.pid, signal.SIGSTOP)
+    time.sleep(seconds)
+    ended = sorted(set(started) - set(alive(started)))
+    os.kill(command.proc.pid, signal.SIGCONT)
+    assert not ended, f"{ended} ended while {command.name} was stopped"
+    return started
+
+
 @pytest.mark.qemu
 def test_export_stopped_waits_and_completes(sandbox: Sandbox) -> None:
     """SIGSTOP to export itself for longer than its mailbox timeout: its
@@ -494,11 +507,7 @@ def test_export_stopped_waits_and_completes(sandbox: Sandbox) -> None:
                             "--helper", "reference", "--progress", "--mailbox-timeout", str(STALL_TIMEOUT))
     try:
         victim.wait_pages(MIDWAY_PAGES)
-        started = victim.descendants()
-        os.kill(victim.proc.pid, signal.SIGSTOP)
-        time.sleep(STALL_TIMEOUT + 1)
-        assert sorted(alive(started)) == sorted(started), "a helper gave up while export was stopped"
-        os.kill(victim.proc.pid, signal.SIGCONT)
+        started = pause(victim, STALL_TIMEOUT + 1)
         code, seconds = victim.wait_exit(120)
         assert code == 0, victim.stderr
         assert "mailbox timeout" not in victim.stderr, victim.stderr
@@ -692,11 +701,7 @@ def test_migrate_stopped_pauses_and_completes(firmware: Path, sandbox: Sandbox) 
     victim = start_migrate(sandbox, "--json", "--mailbox-timeout", str(STALL_TIMEOUT), "--work-dir",
                            sandbox.root / "migrate-work")
     try:
-        started = victim.descendants()
-        os.kill(victim.proc.pid, signal.SIGSTOP)
-        time.sleep(STALL_TIMEOUT + 1)
-        assert sorted(alive(started)) == sorted(started), "a helper or QEMU ended while migrate was stopped"
-        os.kill(victim.proc.pid, signal.SIGCONT)
+        started = pause(victim, STALL_TIMEOUT + 1)
         code, seconds = victim.wait_exit(240)
         report = json.loads(victim.proc.communicate()[0])
         assert code == 0, f"{report.get('error')}: {victim.stderr}"
