@@ -269,12 +269,21 @@ class QemuVM:
                     qmp.connect()
                 except Exception as exc:
                     last_error = exc
-                    qmp.close()
-                else:
-                    qmp.settimeout(QMP_TIMEOUT)
-                    self._qmp = qmp
+                    # Closing a half-open connection to a QEMU that just died
+                    # raises the connection's own EOFError again.
+                    with suppress(Exception):
+                        qmp.close()
+                    time.sleep(0.02)
+                    continue
+                qmp.settimeout(QMP_TIMEOUT)
+                self._qmp = qmp
+                try:
                     self.qmp("query-status")
-                    return
+                except QemuError:
+                    if self.exit_code() is not None:
+                        raise self.error("QEMU exited during start-up") from None
+                    raise
+                return
             time.sleep(0.02)
         raise self.error(f"QMP did not answer within {timeout:.0f} s ({last_error})")
 

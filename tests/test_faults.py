@@ -791,3 +791,44 @@ def test_source_qemu_fault_in_precopy_is_reported_at_once(firmware: Path, sandbo
         with contextlib.suppress(ProcessLookupError):
             os.kill(source, signal.SIGCONT)
         victim.stop()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1])
+def test_qemu_killed_while_qmp_connects_is_a_clean_start_up_error(
+    firmware: Path, work_dir: Path, delay: float
+) -> None:
+    """A QEMU that dies while the shim connects to its QMP socket (the race a
+    helper killed right after start-up hits) is reported as a QemuError that
+    says it exited, never as a traceback out of the QMP library."""
+    import threading
+
+    from host_shim.errors import QemuError
+    from host_shim.qemu import QemuConfig, QemuVM
+
+    vm = QemuVM(QemuConfig(firmware_code=firmware, memory_mib=64), work_dir, "killed-at-start")
+
+    def kill_when_socket_appears() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pid = vm.pid
+            if pid is not None and vm.qmp_socket.exists():
+                time.sleep(delay)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.001)
+
+    killer = threading.Thread(target=kill_when_socket_appears)
+    killer.start()
+    try:
+        vm.start()
+    except QemuError as exc:
+        assert "exited" in str(exc), str(exc)
+    else:
+        # The connection won the race; the kill then ends QEMU right after.
+        assert vm.wait_exit(10) == -signal.SIGKILL
+    finally:
+        killer.join()
+        vm.stop()
+    assert not vm.is_running()
