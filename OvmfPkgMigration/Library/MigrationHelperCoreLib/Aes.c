@@ -313,15 +313,28 @@ MigrationHelperSecureZero (
   IN  UINTN  Size
   )
 {
-  volatile UINT8  *Bytes;
-  UINTN           Index;
+  volatile UINT8   *Bytes;
+  volatile UINT64  *Words;
+  UINTN            Index;
 
   if (Buffer == NULL) {
     return;
   }
 
+  //
+  // Whole 64-bit words while the buffer is 8-byte aligned (key schedules,
+  // hash contexts), then the remaining bytes one by one.
+  //
   Bytes = (volatile UINT8 *)Buffer;
-  for (Index = 0; Index < Size; Index++) {
+  Index = 0;
+  if (((UINTN)Buffer & (sizeof (UINT64) - 1)) == 0) {
+    Words = (volatile UINT64 *)Buffer;
+    for ( ; Size - Index >= sizeof (UINT64); Index += sizeof (UINT64)) {
+      Words[Index / sizeof (UINT64)] = 0;
+    }
+  }
+
+  for ( ; Index < Size; Index++) {
     Bytes[Index] = 0;
   }
 

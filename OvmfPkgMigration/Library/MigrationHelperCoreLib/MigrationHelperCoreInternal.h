@@ -46,6 +46,7 @@ struct OVMF_MH_SESSION {
   UINT8                    PageBuffer[OVMF_MH_PAGE_SIZE];
   UINT32                   PageHashKey[OVMF_MH_PAGE_HASH_KEY_SIZE / sizeof (UINT32)];
   BOOLEAN                  TrackPages;                   ///< EXPORT_BEGIN asked for OVMF_MH_EXPORT_TRACK_PAGES
+  BOOLEAN                  PageHashKeyReady;             ///< PageHashKey and ZeroPageHash derived for this session
   UINT64                   ZeroPageHash;                 ///< Hash of an all-zero page
   UINT64                   PageHash[OVMF_MH_MAX_TRACKED_PAGES];   ///< 0: not sent in this session
 };

@@ -416,32 +416,18 @@ InternalExportBegin (
   // The page-hash key and table serve CHECK_PAGES only: an untracked export
   // derives no key (128 HMAC blocks) and clears no table. Of the table, only
   // the entries of pages inside the guest window can ever be set or read.
+  // The key itself is derived when the first tracked EXPORT_BATCH needs it
+  // (InternalPageHashKeyReady), from this salt and the same transport key.
   //
-  Session->TrackPages = (BOOLEAN)((Arg[2] & OVMF_MH_EXPORT_TRACK_PAGES) != 0);
+  Session->TrackPages       = (BOOLEAN)((Arg[2] & OVMF_MH_EXPORT_TRACK_PAGES) != 0);
+  Session->PageHashKeyReady = FALSE;
   if (Session->TrackPages) {
-    if (!MigrationHelperHkdfSha256 (
-           Header->Salt,
-           OVMF_MH_SALT_SIZE,
-           Session->TransportKey,
-           OVMF_MH_KEY_SIZE,
-           (CONST UINT8 *)OVMF_MH_PAGE_HASH_INFO,
-           sizeof (OVMF_MH_PAGE_HASH_INFO) - 1,
-           (UINT8 *)Session->PageHashKey,
-           sizeof (Session->PageHashKey)
-           ))
-    {
-      Session->TrackPages = FALSE;
-      return OVMF_MH_STATUS_UNEXPECTED;
-    }
-
     TrackedPages = Context->GuestWindowSize / OVMF_MH_PAGE_SIZE;
     if (TrackedPages > OVMF_MH_MAX_TRACKED_PAGES) {
       TrackedPages = OVMF_MH_MAX_TRACKED_PAGES;
     }
 
     ZeroMem (Session->PageHash, (UINTN)TrackedPages * sizeof (Session->PageHash[0]));
-    ZeroMem (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
-    Session->ZeroPageHash = InternalPageHash (Session->PageHashKey, Session->PageBuffer);
   }
 
   Header->Magic      = OVMF_MH_STREAM_MAGIC;
@@ -466,6 +452,47 @@ InternalExportBegin (
   Session->State = OVMF_MH_SESSION_EXPORTING;
   Result[0]      = sizeof (*Header);
   return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  Derive the page-hash key of a tracked export and the hash of an all-zero
+  page, once per session: HKDF from the stream header's salt and the
+  transport key (neither changes during a session). A session that never
+  hashes a page never derives the key.
+
+  @param[in,out] Session  An exporting session with TrackPages set.
+
+  @retval TRUE   PageHashKey and ZeroPageHash are ready.
+  @retval FALSE  Derivation failed (cannot happen with valid sizes).
+**/
+STATIC
+BOOLEAN
+InternalPageHashKeyReady (
+  IN OUT OVMF_MH_SESSION  *Session
+  )
+{
+  if (Session->PageHashKeyReady) {
+    return TRUE;
+  }
+
+  if (!MigrationHelperHkdfSha256 (
+         Session->StreamHeader.Salt,
+         OVMF_MH_SALT_SIZE,
+         Session->TransportKey,
+         OVMF_MH_KEY_SIZE,
+         (CONST UINT8 *)OVMF_MH_PAGE_HASH_INFO,
+         sizeof (OVMF_MH_PAGE_HASH_INFO) - 1,
+         (UINT8 *)Session->PageHashKey,
+         sizeof (Session->PageHashKey)
+         ))
+  {
+    return FALSE;
+  }
+
+  ZeroMem (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
+  Session->ZeroPageHash     = InternalPageHash (Session->PageHashKey, Session->PageBuffer);
+  Session->PageHashKeyReady = TRUE;
+  return TRUE;
 }
 
 /**
@@ -525,6 +552,10 @@ InternalExportBatch (
     return OVMF_MH_STATUS_BUFFER_TOO_SMALL;
   }
 
+  if (Session->TrackPages && (Count > 0) && !InternalPageHashKeyReady (Session)) {
+    return OVMF_MH_STATUS_UNEXPECTED;
+  }
+
   Out       = (UINT8 *)(Context->Data + Arg[2]);
   Written   = 0;
   ZeroPages = 0;
@@ -539,7 +570,7 @@ InternalExportBatch (
     IsZero = InternalIsZero (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
     if (Session->TrackPages && (Session->PageList[Index] / OVMF_MH_PAGE_SIZE < OVMF_MH_MAX_TRACKED_PAGES)) {
       //
-      // All zero pages share one hash, computed at EXPORT_BEGIN.
+      // All zero pages share one hash, computed with the key.
       //
       Session->PageHash[Session->PageList[Index] / OVMF_MH_PAGE_SIZE] =
         IsZero ? Session->ZeroPageHash : InternalPageHash (Session->PageHashKey, Session->PageBuffer);

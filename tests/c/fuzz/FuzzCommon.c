@@ -148,8 +148,9 @@ FuzzCreateHelper (
   Helper->Context.Private         = FuzzGuardedMap (OVMF_MH_CORE_PRIVATE_SIZE);
   Helper->Context.PrivateSize     = OVMF_MH_CORE_PRIVATE_SIZE;
   Helper->DataBefore              = FuzzGuardedMap (DataSize);
-  Helper->WindowBefore            = FuzzGuardedMap (Helper->WindowSize);
   Helper->WindowExpected          = FuzzGuardedMap (Helper->WindowSize);
+  Helper->DataStale               = TRUE;
+  Helper->WindowStale             = TRUE;
 
   if (!MigrationHelperInitialize (&Helper->Context)) {
     FuzzFail ("initialize", 0);
@@ -195,8 +196,10 @@ FuzzResetHelper (
     FuzzFail ("reset between inputs", Header->Status);
   }
 
-  Helper->ShadowOpen = FALSE;
-  Helper->ShutDown   = FALSE;
+  Helper->ShadowOpen  = FALSE;
+  Helper->ShutDown    = FALSE;
+  Helper->DataStale   = TRUE;
+  Helper->WindowStale = TRUE;
   memset ((VOID *)Helper->Context.Data, 0, Helper->Context.DataSize);
   if (Pattern != NULL) {
     memcpy (Helper->Window, Pattern, Helper->WindowSize);
@@ -529,8 +532,19 @@ FuzzCall (
   DataSize = Helper->Context.DataSize;
   Data     = (CONST UINT8 *)Helper->Context.Data;
   InternalView (Helper, &Before);
-  memcpy (Helper->DataBefore, Data, DataSize);
-  memcpy (Helper->WindowBefore, Helper->Window, Helper->WindowSize);
+  //
+  // DataBefore and WindowExpected hold the data area and the window as they
+  // were after the last command (the checks below prove them equal then, and
+  // the output span is copied over); they are taken afresh only when the
+  // harness wrote since, or does not say when it writes.
+  //
+  if (!Helper->HostMarksWrites || Helper->DataStale) {
+    memcpy (Helper->DataBefore, Data, DataSize);
+  }
+
+  if (!Helper->HostMarksWrites || Helper->WindowStale) {
+    memcpy (Helper->WindowExpected, Helper->Window, Helper->WindowSize);
+  }
 
   Header->Command = Command;
   for (Index = 0; Index < OVMF_MH_ARG_COUNT; Index++) {
@@ -636,7 +650,6 @@ FuzzCall (
   // checker can authenticate itself.
   //
   if (Command == OVMF_MH_CMD_IMPORT_BATCH) {
-    memcpy (Helper->WindowExpected, Helper->WindowBefore, Helper->WindowSize);
     if ((Result[0] != 0) && !InternalInData (Helper, Arg[0], Arg[1])) {
       FuzzFail ("records applied from outside the data area", Arg[0]);
     }
@@ -649,7 +662,7 @@ FuzzCall (
     if (memcmp (Helper->WindowExpected, Helper->Window, Helper->WindowSize) != 0) {
       FuzzFail ("guest window holds a byte no authenticated record carried", Result[0]);
     }
-  } else if (memcmp (Helper->WindowBefore, Helper->Window, Helper->WindowSize) != 0) {
+  } else if (memcmp (Helper->WindowExpected, Helper->Window, Helper->WindowSize) != 0) {
     FuzzFail ("guest window written by a command other than IMPORT_BATCH", Command);
   }
 
@@ -691,6 +704,13 @@ FuzzCall (
     Helper->ShutDown = TRUE;
   }
 
+  //
+  // Everything outside the output span was proven unchanged, the window
+  // equal to WindowExpected: the copies hold the state after this command.
+  //
+  memcpy (Helper->DataBefore + OutStart, Data + OutStart, OutEnd - OutStart);
+  Helper->DataStale                 = FALSE;
+  Helper->WindowStale               = FALSE;
   Helper->Context.ShutdownRequested = FALSE;
   return Status;
 }

@@ -61,9 +61,11 @@ typedef struct {
   UINT8                     *SecretPage;
   UINT32                    Seq;
   BOOLEAN                   ShutDown;         ///< SHUTDOWN served; the VM would be off
-  UINT8                     *DataBefore;
-  UINT8                     *WindowBefore;
-  UINT8                     *WindowExpected;
+  UINT8                     *DataBefore;      ///< The data area before the command being checked
+  UINT8                     *WindowExpected;  ///< The window before the command, then as it must be after
+  BOOLEAN                   HostMarksWrites;  ///< The harness sets DataStale/WindowStale whenever it writes
+  BOOLEAN                   DataStale;        ///< The data area was written since the last command
+  BOOLEAN                   WindowStale;      ///< The window was written since the last command
   BOOLEAN                   ShadowOpen;       ///< Checker holds the import session key
   OVMF_MH_OCB_KEY           ShadowKey;
   UINT8                     ShadowSessionId[OVMF_MH_SESSION_ID_SIZE];

@@ -153,6 +153,8 @@ HarnessSetUp (
 
   FuzzCreateHelper (&mHelpers[0], DATA_SIZE, WINDOW_PAGES);
   FuzzCreateHelper (&mHelpers[1], DATA_SIZE, WINDOW_PAGES);
+  mHelpers[0].HostMarksWrites = TRUE;
+  mHelpers[1].HostMarksWrites = TRUE;
   mReady = TRUE;
 }
 
@@ -216,6 +218,8 @@ LLVMFuzzerTestOneInput (
           Target[(Offset + Index) % DATA_SIZE] = (UINT8)HarnessTake (&Input, 1);
         }
 
+        Helper->DataStale = TRUE;
+
         break;
 
       case 13:
@@ -227,6 +231,8 @@ LLVMFuzzerTestOneInput (
           memcpy (Target + (Offset + Index * 8) % DATA_SIZE, &Page, sizeof (Page));
         }
 
+        Helper->DataStale = TRUE;
+
         break;
 
       case 14:
@@ -235,7 +241,8 @@ LLVMFuzzerTestOneInput (
         Length = HarnessTake (&Input, 2);
         if ((From + Length <= DATA_SIZE) && (Offset + Length <= DATA_SIZE)) {
           memcpy ((UINT8 *)mHelpers[1 - Which].Context.Data + Offset, Target + From, Length);
-          mDirty[1 - Which] = TRUE;
+          mDirty[1 - Which]               = TRUE;
+          mHelpers[1 - Which].DataStale = TRUE;
         }
 
         break;
@@ -243,6 +250,7 @@ LLVMFuzzerTestOneInput (
       case 15:
         Offset = (HarnessTake (&Input, 1) % WINDOW_PAGES) * FUZZ_PAGE + (HarnessTake (&Input, 2) % FUZZ_PAGE);
         Helper->Window[Offset] = (UINT8)HarnessTake (&Input, 1);
+        Helper->WindowStale    = TRUE;
         break;
 
       default:

@@ -80,6 +80,7 @@ HarnessCheckPages (
 
   List = (UINT64 *)mHelper.Context.Data;
   memcpy (List, Pages, Count * sizeof (UINT64));
+  mHelper.DataStale = TRUE;
   Out    = 8 * 1024;
   Arg[0] = 0;
   Arg[1] = Count;
@@ -95,6 +96,7 @@ HarnessCheckPages (
   }
 
   mHelper.Window[Pages[0] + 17] ^= 0x5a;
+  mHelper.WindowStale            = TRUE;
   Arg[1] = 1;
   if ((FuzzCall (&mHelper, OVMF_MH_CMD_CHECK_PAGES, Arg, Result) != OVMF_MH_STATUS_SUCCESS) ||
       (Result[0] != 1) || (mHelper.Context.Data[Out] != 1))
@@ -190,7 +192,8 @@ LLVMFuzzerTestOneInput (
 
   if (!mReady) {
     FuzzCreateHelper (&mHelper, DATA_SIZE, WINDOW_PAGES);
-    mReady = TRUE;
+    mHelper.HostMarksWrites = TRUE;
+    mReady                  = TRUE;
   }
 
   if (Size == 0) {
@@ -202,6 +205,7 @@ LLVMFuzzerTestOneInput (
   FuzzSeedRandom (Size, MAX_UINT64);
   FuzzResetHelper (&mHelper, NULL, TRUE);
   memcpy ((VOID *)mHelper.Context.Data, Data + 1, StreamSize);
+  mHelper.DataStale = TRUE;
   if ((HarnessImport (Control, StreamSize) == OVMF_MH_STATUS_SUCCESS) && ((Control & 0x08) != 0)) {
     //
     // A replayed stream: the same header starts a fresh session (the host
@@ -209,6 +213,7 @@ LLVMFuzzerTestOneInput (
     // what authenticated.
     //
     memcpy ((VOID *)mHelper.Context.Data, Data + 1, StreamSize);
+    mHelper.DataStale = TRUE;
     HarnessImport (Control & 0x07, StreamSize);
   }
 
