@@ -280,6 +280,10 @@ class QemuVM:
                 try:
                     self.qmp("query-status")
                 except QemuError:
+                    # A QEMU killed just now closes its socket before the
+                    # kernel reports its exit: give the exit a moment to land.
+                    with suppress(QemuError):
+                        self.wait_exit(1.0)
                     if self.exit_code() is not None:
                         raise self.error("QEMU exited during start-up") from None
                     raise
