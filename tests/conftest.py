@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 from collections.abc import Generator, Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,33 @@ def work_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
     path.mkdir(parents=True)
     request.node.ovmf_mh_work_dir = path
     yield path
+
+
+@pytest.fixture(autouse=True)
+def private_tmpdir(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """Each test gets its own short TMPDIR (QMP socket paths must stay under
+    108 bytes). A command that fails keeps its temporary work folder for its
+    logs, by design; after the test whatever was kept moves into the test's
+    work folder, and the private TMPDIR is removed: no run leaves folders in
+    /tmp."""
+    tmp_path_factory.getbasetemp()  # fixed before TMPDIR changes, so it outlives this test
+    tmp = Path(tempfile.mkdtemp(prefix="omh-test-"))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    try:
+        yield tmp
+    finally:
+        work = getattr(request.node, "ovmf_mh_work_dir", None)
+        kept = sorted(tmp.iterdir()) if tmp.is_dir() else []
+        if work is not None and kept:
+            dest = Path(work) / "kept-tmp"
+            dest.mkdir(exist_ok=True)
+            for path in kept:
+                with suppress(OSError, shutil.Error):
+                    shutil.move(str(path), str(dest / path.name))
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.hookimpl(wrapper=True)

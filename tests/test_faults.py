@@ -150,6 +150,12 @@ def alive(processes: dict[int, int]) -> list[int]:
 @pytest.fixture
 def sandbox(work_dir: Path) -> Iterator[Sandbox]:
     shm_base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else work_dir
+    # A pytest killed outright (SIGKILL, a CI timeout) runs no finaliser:
+    # sweep the folders of runs whose process is gone.
+    for stale in shm_base.glob("ovmf-mh-faults-*-*"):
+        pid = stale.name.split("-")[3]
+        if pid.isdigit() and int(pid) != os.getpid() and process_state(int(pid)) is None:
+            shutil.rmtree(stale, ignore_errors=True)
     shm = shm_base / f"ovmf-mh-faults-{os.getpid()}-{work_dir.name[-40:]}"
     shutil.rmtree(shm, ignore_errors=True)
     for folder in (shm / "runtime", shm / "ram"):
