@@ -95,11 +95,27 @@ class Command:
         found = re.findall(r"(\d+)/\d+ pages", self.stderr)
         return int(found[-1]) if found else 0
 
+    def pages_total(self) -> int:
+        found = re.findall(r"\d+/(\d+) pages", self.stderr)
+        return int(found[-1]) if found else 0
+
     def wait_pages(self, pages: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while self.pages_done() < pages:
             assert self.proc.poll() is None, f"{self.name} ended early: {self.stderr}"
             assert time.monotonic() < deadline, f"{self.name} made no progress: {self.stderr}"
+            time.sleep(0.01)
+
+    def helpers(self, timeout: float = 120) -> list[int]:
+        """Pids of its helpers (helper VMs or reference processes), once it runs one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [pid for pid in self.descendants()
+                     if "helper.serve" in _cmdline(pid) or "qemu-system" in _cmdline(pid)]
+            if found:
+                return found
+            assert self.proc.poll() is None, f"{self.name} ended early: {self.stderr}"
+            assert time.monotonic() < deadline, f"{self.name} started no helper: {self.stderr}"
             time.sleep(0.01)
 
     def descendants(self) -> dict[int, int]:
@@ -248,17 +264,44 @@ def _cmdline(pid: int) -> str:
 
 
 def random_ram(box: Sandbox, mib: int, name: str = "src.ram") -> Path:
+    """Random bytes, no page zero (a zero page costs the helper nothing)."""
     path = box.root / name
-    path.write_bytes(os.urandom(mib * MIB))
+    with path.open("wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(MIB))
     return path
 
 
 # --- the commands, killed -----------------------------------------------------------------
 
-#: 64 MiB through one reference helper takes about 3 s here: long enough to be
-#: killed mid-transfer (after 2048 pages), short enough for the suite.
-RAM_MIB = 64
-MIDWAY_PAGES = 2048
+
+@contextlib.contextmanager
+def midway(command: Command) -> Iterator[list[int]]:
+    """Wait until the command's first progress line, then stop (SIGSTOP) its
+    helpers: each mailbox command waits for a helper, so the transfer is held
+    where it is, however fast the machine, while the test sets up its fault
+    inside the block. On leaving it the helpers that still run are continued
+    (SIGCONT). Yields their pids."""
+    helpers = command.helpers()
+    command.wait_pages(1)
+    for pid in helpers:
+        os.kill(pid, signal.SIGSTOP)
+    done, total = command.pages_done(), command.pages_total()
+    try:
+        assert command.proc.poll() is None and 0 < done < total, (
+            f"{command.name} was not midway when its helpers were stopped ({done}/{total} pages): "
+            f"{command.stderr}")
+        yield helpers
+    finally:
+        for pid in helpers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+#: 128 MiB through one reference helper: 0.5 s on an idle fast machine, 6 s on
+#: a loaded one. A fault test never races the transfer's end: it waits for
+#: the first progress line and then stops the helper (midway()), which holds
+#: the transfer where it is until the fault is set up.
+RAM_MIB = 128
 
 
 @pytest.fixture(scope="module")
@@ -322,10 +365,10 @@ def test_command_killed_mid_transfer_leaves_nothing(
     commands = start_transfer(sandbox, command, "reference", stream)
     victim = commands[0]
     try:
-        victim.wait_pages(MIDWAY_PAGES)
-        started = {pid: t for c in commands for pid, t in c.descendants().items()}
-        assert len(started) >= 2 * len(commands), "each command runs a reaper and a helper"
-        os.kill(victim.proc.pid, signum)
+        with midway(victim):
+            started = {pid: t for c in commands for pid, t in c.descendants().items()}
+            assert len(started) >= 2 * len(commands), "each command runs a reaper and a helper"
+            os.kill(victim.proc.pid, signum)
         code, seconds = victim.wait_exit(TERM_BOUND if signum == signal.SIGTERM else KILL_BOUND)
         assert code == -signal.SIGKILL if signum == signal.SIGKILL else code == 128 + signum
         if signum == signal.SIGTERM:
@@ -352,9 +395,9 @@ def test_hangup_and_interrupt_stop_like_sigterm(sandbox: Sandbox, stream: tuple[
     SIGTERM: exit 128 + signal, a message, nothing left."""
     (victim,) = start_transfer(sandbox, "export", "reference", stream)
     try:
-        victim.wait_pages(MIDWAY_PAGES)
-        started = victim.descendants()
-        os.kill(victim.proc.pid, signum)
+        with midway(victim):
+            started = victim.descendants()
+            os.kill(victim.proc.pid, signum)
         code, seconds = victim.wait_exit(TERM_BOUND)
         name = signal.Signals(signum).name
         assert code == 128 + signum and f"stopped by {name}" in victim.stderr, victim.stderr
@@ -373,15 +416,6 @@ def need_image(request: pytest.FixtureRequest, helper: str) -> None:
         request.getfixturevalue("firmware")
 
 
-def helper_pid(box: Sandbox, command: Command) -> int:
-    """The pid of the command's (first) helper: a QEMU or a reference process."""
-    for pid in command.descendants():
-        line = _cmdline(pid)
-        if "helper.serve" in line or "qemu-system" in line:
-            return pid
-    pytest.fail(f"{command.name} runs no helper")
-
-
 @pytest.mark.qemu
 @pytest.mark.parametrize("helper", ["reference", "firmware"])
 @pytest.mark.parametrize("command", ["export", "import"])
@@ -394,9 +428,9 @@ def test_helper_killed_is_seen_at_once(
     need_image(request, helper)
     (victim,) = start_transfer(sandbox, command, helper, stream)
     try:
-        victim.wait_pages(MIDWAY_PAGES)
-        started = victim.descendants()
-        os.kill(helper_pid(sandbox, victim), signal.SIGKILL)
+        with midway(victim) as helpers:
+            started = victim.descendants()
+            os.kill(helpers[0], signal.SIGKILL)
         code, seconds = victim.wait_exit(DEATH_BOUND + 10)
         assert code == 1, victim.stderr
         assert seconds < DEATH_BOUND, f"took {seconds:.2f} s: {victim.stderr}"
@@ -423,10 +457,13 @@ def test_helper_stopped_fails_within_the_mailbox_timeout(
                             sandbox.root / "out.omh", "--key", sandbox.key, "--helper", helper, "--progress",
                             "--mailbox-timeout", str(STALL_TIMEOUT))
     try:
-        victim.wait_pages(MIDWAY_PAGES)
-        started = victim.descendants()
-        pid = helper_pid(sandbox, victim)
+        # midway() stops the helper; the test keeps it stopped.
+        helpers = victim.helpers()
+        victim.wait_pages(1)
+        pid = helpers[0]
         os.kill(pid, signal.SIGSTOP)
+        assert victim.proc.poll() is None and victim.pages_done() < victim.pages_total(), victim.stderr
+        started = victim.descendants()
         code, seconds = victim.wait_exit(STALL_TIMEOUT + STALL_SLACK + 10)
         assert code == 1, victim.stderr
         assert STALL_TIMEOUT <= seconds < STALL_TIMEOUT + STALL_SLACK, f"took {seconds:.2f} s"
@@ -460,9 +497,9 @@ def test_peer_stopped_fails_after_the_idle_timeout_not_twice_it(
                                 *common)
         victim, survivor = (receiver, sender) if stalled == "receive" else (sender, receiver)
         try:
-            survivor.wait_pages(MIDWAY_PAGES)
-            started = {**victim.descendants(), **survivor.descendants()}
-            os.kill(victim.proc.pid, signal.SIGSTOP)
+            with midway(victim):
+                started = {**victim.descendants(), **survivor.descendants()}
+                os.kill(victim.proc.pid, signal.SIGSTOP)
             code, seconds = survivor.wait_exit(STALL_TIMEOUT + STALL_SLACK + 15)
             assert code == 1, survivor.stderr
             assert STALL_TIMEOUT <= seconds < STALL_TIMEOUT + STALL_SLACK, f"took {seconds:.2f} s"
@@ -492,16 +529,22 @@ def test_peer_stopped_fails_after_the_idle_timeout_not_twice_it(
         receiver.stop()
 
 
-def pause(command: Command, seconds: float) -> dict[int, int]:
-    """SIGSTOP to the command itself for ``seconds``, then SIGCONT: a pause.
-    Every process it started must still be there at the end of it (they
-    wait for it, having no timeout of their own). Returns them."""
-    started = command.descendants()
-    os.kill(command.proc.pid, signal.SIGSTOP)
+def hold(command: Command, started: dict[int, int], seconds: float) -> None:
+    """Keep the stopped (SIGSTOP) command stopped ``seconds`` more, then
+    SIGCONT: a pause. Every process it started must still be there at the
+    end of it (they wait for it, having no timeout of their own)."""
     time.sleep(seconds)
     ended = sorted(set(started) - set(alive(started)))
     os.kill(command.proc.pid, signal.SIGCONT)
     assert not ended, f"{ended} ended while {command.name} was stopped"
+
+
+def pause(command: Command, seconds: float) -> dict[int, int]:
+    """SIGSTOP to the command itself for ``seconds``, then SIGCONT. Returns
+    the processes it had started."""
+    started = command.descendants()
+    os.kill(command.proc.pid, signal.SIGSTOP)
+    hold(command, started, seconds)
     return started
 
 
@@ -516,8 +559,10 @@ def test_export_stopped_waits_and_completes(sandbox: Sandbox) -> None:
     victim = sandbox.launch("export", "export", "--ram", src, "--out", out, "--key", sandbox.key,
                             "--helper", "reference", "--progress", "--mailbox-timeout", str(STALL_TIMEOUT))
     try:
-        victim.wait_pages(MIDWAY_PAGES)
-        started = pause(victim, STALL_TIMEOUT + 1)
+        with midway(victim):
+            started = victim.descendants()
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+        hold(victim, started, STALL_TIMEOUT + 1)
         code, seconds = victim.wait_exit(120)
         assert code == 0, victim.stderr
         assert "mailbox timeout" not in victim.stderr, victim.stderr
@@ -553,9 +598,9 @@ def test_firmware_helper_leaves_no_key_bytes(firmware: Path, sandbox: Sandbox, e
                             "--helper", "firmware", "--progress")
     try:
         if ending == "SIGKILL":
-            export.wait_pages(MIDWAY_PAGES)
-            started = export.descendants()
-            os.kill(export.proc.pid, signal.SIGKILL)
+            with midway(export):
+                started = export.descendants()
+                os.kill(export.proc.pid, signal.SIGKILL)
             export.wait_exit(KILL_BOUND)
             assert_clean(sandbox, started, KILL_BOUND)
             return
