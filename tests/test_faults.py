@@ -107,11 +107,14 @@ class Command:
             time.sleep(0.01)
 
     def helpers(self, timeout: float = 120) -> list[int]:
-        """Pids of its helpers (helper VMs or reference processes), once it runs one."""
+        """Pids of its helpers, once it runs one: its reference helper
+        processes if it has any (migrate's guest QEMUs are not helpers),
+        else its QEMUs (helper VMs)."""
         deadline = time.monotonic() + timeout
         while True:
-            found = [pid for pid in self.descendants()
-                     if "helper.serve" in _cmdline(pid) or "qemu-system" in _cmdline(pid)]
+            lines = {pid: _cmdline(pid) for pid in self.descendants()}
+            found = ([pid for pid, line in lines.items() if "helper.serve" in line]
+                     or [pid for pid, line in lines.items() if "qemu-system" in line])
             if found:
                 return found
             assert self.proc.poll() is None, f"{self.name} ended early: {self.stderr}"
@@ -539,15 +542,6 @@ def hold(command: Command, started: dict[int, int], seconds: float) -> None:
     assert not ended, f"{ended} ended while {command.name} was stopped"
 
 
-def pause(command: Command, seconds: float) -> dict[int, int]:
-    """SIGSTOP to the command itself for ``seconds``, then SIGCONT. Returns
-    the processes it had started."""
-    started = command.descendants()
-    os.kill(command.proc.pid, signal.SIGSTOP)
-    hold(command, started, seconds)
-    return started
-
-
 @pytest.mark.qemu
 def test_export_stopped_waits_and_completes(sandbox: Sandbox) -> None:
     """SIGSTOP to export itself for longer than its mailbox timeout: its
@@ -717,8 +711,9 @@ MIGRATE_MIDWAY_PAGES = 8192
 
 def start_migrate(box: Sandbox, *extra: str | Path) -> Command:
     """`ovmf-mh migrate` with reference helpers (the firmware is not the
-    point here) and its RAM files in the sandbox's tmpfs folder, stopped
-    once its first pass is well under way."""
+    point here) and its RAM files in the sandbox's tmpfs folder, returned
+    once its first pass is well under way (the tests then hold it there
+    with midway())."""
     command = box.launch("migrate", "migrate", "--helper", "reference", "--key", box.key, "--ram-dir",
                          box.ram_dir, "--progress", *extra)
     command.wait_pages(MIGRATE_MIDWAY_PAGES, timeout=240)
@@ -733,9 +728,10 @@ def test_migrate_killed_during_precopy_leaves_nothing(firmware: Path, sandbox: S
     work folder and every socket folder are removed; no key bytes anywhere."""
     victim = start_migrate(sandbox)
     try:
-        started = victim.descendants()
-        assert sum("qemu-system" in _cmdline(pid) for pid in started) == 2, "source and target QEMU"
-        os.kill(victim.proc.pid, signum)
+        with midway(victim):
+            started = victim.descendants()
+            assert sum("qemu-system" in _cmdline(pid) for pid in started) == 2, "source and target QEMU"
+            os.kill(victim.proc.pid, signum)
         code, seconds = victim.wait_exit(TERM_BOUND)
         if signum == signal.SIGTERM:
             assert code == 128 + signum and "stopped by SIGTERM" in victim.stderr, victim.stderr
@@ -756,7 +752,10 @@ def test_migrate_stopped_pauses_and_completes(firmware: Path, sandbox: Sandbox) 
     victim = start_migrate(sandbox, "--json", "--mailbox-timeout", str(STALL_TIMEOUT), "--work-dir",
                            sandbox.root / "migrate-work")
     try:
-        started = pause(victim, STALL_TIMEOUT + 1)
+        with midway(victim):
+            started = victim.descendants()
+            os.kill(victim.proc.pid, signal.SIGSTOP)
+        hold(victim, started, STALL_TIMEOUT + 1)
         code, seconds = victim.wait_exit(240)
         report = json.loads(victim.proc.communicate()[0])
         assert code == 0, f"{report.get('error')}: {victim.stderr}"
@@ -788,10 +787,11 @@ def test_target_qemu_fault_in_precopy_never_stops_the_source(firmware: Path, san
     work = sandbox.root / "migrate-work"
     victim = start_migrate(sandbox, "--work-dir", work, "--json")
     try:
-        started = victim.descendants()
         target = int((work / "target" / "qemu.pid").read_text())
-        os.kill(target, signal.SIGKILL if fault == "SIGKILL" else signal.SIGSTOP)
-        killed = time.monotonic()
+        with midway(victim):
+            started = victim.descendants()
+            os.kill(target, signal.SIGKILL if fault == "SIGKILL" else signal.SIGSTOP)
+            killed = time.monotonic()
         seen = _fault_seen(victim, killed, "stopping the migration", 5)
         assert seen < 1.0, f"the target's {fault} was seen after {seen:.2f} s"
         code, _ = victim.wait_exit(120)
@@ -825,9 +825,10 @@ def test_source_qemu_fault_in_precopy_is_reported_at_once(firmware: Path, sandbo
     victim = start_migrate(sandbox, "--work-dir", work, "--json")
     source = int((work / "source" / "qemu.pid").read_text())
     try:
-        started = victim.descendants()
-        os.kill(source, getattr(signal, fault))
-        faulted = time.monotonic()
+        with midway(victim):
+            started = victim.descendants()
+            os.kill(source, getattr(signal, fault))
+            faulted = time.monotonic()
         seen = _fault_seen(victim, faulted, "stopping the migration", 5)
         assert seen < 1.0, f"the source's {fault} was seen after {seen:.2f} s"
         code, _ = victim.wait_exit(60)
