@@ -64,6 +64,7 @@ class MailboxServer:
         secret.release()
         self._served = 0
         self._failed = 0
+        self._ready_seq = 0
 
     def release(self) -> None:
         self.helper.window.release()
@@ -90,6 +91,10 @@ class MailboxServer:
             MaxBatchPages=_A.const("OVMF_MH_MAX_BATCH_PAGES"),
             SessionState=self.helper.session_state,
         )
+        # The host may post its first command as soon as it sees READY: the
+        # sequence number to serve after is taken before, never after (a
+        # command posted between READY and the first read would be lost).
+        self._ready_seq: int = self._words[_OFF["CommandSeq"] // 4]
         # Everything but State first, State last: the host waits on it.
         state = _OFF["State"]
         self._view[:state] = identity[:state]
@@ -118,7 +123,7 @@ class MailboxServer:
 
     def run(self, host_alive: Callable[[], bool] = lambda: True) -> int:
         """The serve loop: spin briefly after each response, then nap."""
-        last = self._words[_OFF["CommandSeq"] // 4]
+        last = self._ready_seq
         idle_since = time.perf_counter()
         while True:
             answered = self.serve_one(last)

@@ -153,3 +153,44 @@ def test_the_helper_does_not_outlive_its_host(tmp_path: Path) -> None:
     finally:
         if Path(f"/proc/{pid}").exists():
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_command_posted_right_after_ready_is_served() -> None:
+    """The host may post its first command the moment it sees READY, before
+    the helper's serve loop has read the mailbox: that command is served,
+    not lost (a lost IMPORT_BEGIN once cost a transfer its mailbox timeout)."""
+    import mmap
+    import threading
+
+    from helper.serve import MailboxServer
+
+    header = A.layout("OVMF_MH_MAILBOX_HEADER")
+    offsets = {f.name: f.offset for f in header.fields}
+    base = A.const("OVMF_MH_MAILBOX_MIN_BASE")
+    size = A.const("OVMF_MH_MAILBOX_HEADER_SIZE") + PAGE
+    memory = mmap.mmap(-1, base + size)
+    window = mmap.mmap(-1, 16 * PAGE)
+    server = MailboxServer(memory, base, size, window)
+    try:
+        server.publish_ready()
+        words = memoryview(memory)[base : base + A.const("OVMF_MH_MAILBOX_HEADER_SIZE")].cast("I")
+        assert words[offsets["State"] // 4] == A.const("OVMF_MH_STATE_READY")
+
+        def post(seq: int, command: str) -> None:
+            words[offsets["Command"] // 4] = A.const(f"OVMF_MH_CMD_{command}")
+            words[offsets["CommandSeq"] // 4] = seq
+
+        post(1, "NOP")  # before the serve loop runs
+        loop = threading.Thread(target=server.run, daemon=True)
+        loop.start()
+        deadline = time.monotonic() + 10
+        while words[offsets["ResponseSeq"] // 4] != 1:
+            assert time.monotonic() < deadline, "the command posted right after READY was never answered"
+            time.sleep(0.001)
+        assert words[offsets["Status"] // 4] == A.const("OVMF_MH_STATUS_SUCCESS")
+        post(2, "SHUTDOWN")
+        loop.join(10)
+        assert not loop.is_alive()
+        words.release()
+    finally:
+        server.release()
