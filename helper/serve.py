@@ -64,7 +64,7 @@ class MailboxServer:
         secret.release()
         self._served = 0
         self._failed = 0
-        self._ready_seq = 0
+        self._ready_seq: int = 0
 
     def release(self) -> None:
         self.helper.window.release()
@@ -94,7 +94,7 @@ class MailboxServer:
         # The host may post its first command as soon as it sees READY: the
         # sequence number to serve after is taken before, never after (a
         # command posted between READY and the first read would be lost).
-        self._ready_seq: int = self._words[_OFF["CommandSeq"] // 4]
+        self._ready_seq = self._words[_OFF["CommandSeq"] // 4]
         # Everything but State first, State last: the host waits on it.
         state = _OFF["State"]
         self._view[:state] = identity[:state]
