@@ -70,7 +70,8 @@ def test_every_field_is_required(missing: str) -> None:
 
 
 def test_messages_round_trip() -> None:
-    data = mp.encode("verdict", ok=True, reason="", private_pages=3, shared_pages=0, ram_digest=["00"])
+    data = mp.encode("verdict", ok=True, reason="", private_pages=3, shared_pages=0, ram_digest=["00"],
+                     digest_ms=5)
     (length,) = mp.LENGTH.unpack(data[:4])
     assert length == len(data) - 4
     message = mp.decode(data[4:])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from host_shim import process
@@ -105,4 +106,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_json(), indent=2))
     else:
         print("\n".join(report.describe()))
-    return 0 if report.outcome == "ok" else 1
+    if report.outcome != "ok":
+        print(f"ovmf-mh migrate: error: {report.error}; the guest is {report.guest_state}", file=sys.stderr)
+        return 1
+    return 0
