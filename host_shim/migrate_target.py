@@ -149,7 +149,7 @@ def run_target(config: TargetConfig, server: socket.socket | None = None) -> Tar
             report.error = str(exc)
             if channel is not None:
                 report.phase = channel.phase
-                if not isinstance(exc, mp.PeerGone):
+                if not isinstance(exc, mp.PeerGone) and not channel.phase.endswith("(refused)"):
                     # The source learns why at once, instead of by a broken pipe.
                     with suppress(OvmfMhError):
                         channel.send("error", phase=channel.phase, reason=str(exc)[: mp.MAX_TEXT])

@@ -211,6 +211,7 @@ def test_target_killed_mid_pre_copy_leaves_the_source_guest_running(
     # Seen through the connection, not through the idle timeout (10 s).
     assert exit_seconds < 60
     assert _all_gone(work_dir, 15) == []
+    print(f"target killed: source exited 1 after {exit_seconds:.2f} s; {source.stderr().splitlines()[-1]}")
     assert list(ram_dir.iterdir()) == []
 
 
@@ -234,3 +235,4 @@ def test_source_killed_mid_pre_copy_the_target_never_resumes(
     assert exit_seconds < 60
     assert _all_gone(work_dir, 15) == []
     assert list(ram_dir.iterdir()) == []
+    print(f"source killed: target exited 1 after {exit_seconds:.2f} s; {target.stderr().splitlines()[-1]}")
