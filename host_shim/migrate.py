@@ -368,7 +368,11 @@ def migrate(config: MigrationConfig) -> MigrationReport:
     try:
         report = _migrate_source(config, key, server.getsockname()[:2])
     finally:
-        # The source's end closed the connection: the target side ends too.
+        # A source that never connected leaves the target waiting in accept:
+        # shutting the listening socket down wakes it. Once connected, the
+        # source's end closed the connection, and the target side ends too.
+        with suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
         target.join(timeout=60)
     if results:
         report.target = results[0].as_json()

@@ -298,7 +298,8 @@ def _watch_import(channel: mp.Channel, target: QemuVM, receiver: threading.Threa
             stopped_since = stopped_since or time.monotonic()
             if time.monotonic() - stopped_since > 0.3:
                 channel.abandon()
-                raise MigrationError(f"target QEMU pid {target.pid} is stopped (SIGSTOP?) during pre-copy")
+                raise MigrationError(f"target QEMU pid {target.pid} is stopped (state T: SIGSTOP or a debugger) "
+                                     "and can answer nothing, during pre-copy")
         else:
             stopped_since = None
         if time.monotonic() >= next_progress and receiver.is_alive():

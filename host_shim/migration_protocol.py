@@ -189,8 +189,8 @@ class Channel:
             raise ProtocolError(f"the peer {self.peer} sent a malformed message during {self.phase}: {exc}",
                                 peer=self.peer, phase=self.phase) from None
         if message.type in ("error", "abort") and message.type not in expected:
-            where = f" during its {message['phase']}" if message.type == "error" else ""
-            raise PeerFailed(f"the peer {self.peer} failed{where} ({self.phase} here): {message['reason']}",
+            theirs = f" (its phase: {message['phase']})" if message.type == "error" else ""
+            raise PeerFailed(f"the peer {self.peer} failed during {self.phase}{theirs}: {message['reason']}",
                              peer=self.peer, phase=self.phase)
         if message.type not in expected:
             raise ProtocolError(f"the peer {self.peer} sent {message.type!r} during {self.phase}, expected "

@@ -130,7 +130,8 @@ def test_the_peers_error_is_raised_with_its_reason() -> None:
     channel, peer = _pair()
     with peer:
         peer.sendall(mp.encode("error", phase="pre-copy", reason="helper 0 exited"))
-        with pytest.raises(mp.PeerFailed, match=r"failed during its pre-copy .*helper 0 exited"):
+        expected = r"failed during the handshake \(its phase: pre-copy\): helper 0 exited"
+        with pytest.raises(mp.PeerFailed, match=expected):
             channel.receive("verdict")
     channel.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,13 +33,14 @@ class Program:
     """One ovmf-mh command in its own process, its output in files of the
     test's work folder."""
 
-    def __init__(self, argv: list[str], work: Path, name: str) -> None:
+    def __init__(self, argv: list[str], work: Path, name: str, prefix: tuple[str, ...] = ()) -> None:
         work.mkdir(parents=True, exist_ok=True)
         self.stdout_path = work / f"{name}.stdout"
         self.stderr_path = work / f"{name}.stderr"
         self._stdout: IO[bytes] = self.stdout_path.open("wb")
         self._stderr: IO[bytes] = self.stderr_path.open("wb")
-        self.proc = subprocess.Popen([str(OVMF_MH), *argv], stdout=self._stdout, stderr=self._stderr)
+        # 'ip netns exec' execs the command: the pid is ovmf-mh's own.
+        self.proc = subprocess.Popen([*prefix, str(OVMF_MH), *argv], stdout=self._stdout, stderr=self._stderr)
 
     @property
     def pid(self) -> int:
@@ -107,14 +109,15 @@ def _all_gone(work: Path, timeout: float) -> list[int]:
         time.sleep(0.1)
 
 
-def _target(programs: list[Program], work: Path, key: Path, ram_dir: Path, *extra: str) -> tuple[Program, int]:
-    program = Program(["migrate-incoming", "--listen", "127.0.0.1:0", "--key", str(key), "--work-dir",
+def _target(programs: list[Program], work: Path, key: Path, ram_dir: Path, *extra: str, host: str = "127.0.0.1",
+            prefix: tuple[str, ...] = ()) -> tuple[Program, int]:
+    program = Program(["migrate-incoming", "--listen", f"{host}:0", "--key", str(key), "--work-dir",
                        str(work / "target"), "--ram-dir", str(ram_dir), "--json", "--idle-timeout", "10",
-                       *extra], work, "migrate-incoming")
+                       *extra], work, "migrate-incoming", prefix)
     programs.append(program)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", program.stderr())
+        found = re.search(rf"listening on {re.escape(host)}:(\d+)", program.stderr())
         if found:
             return program, int(found.group(1))
         assert program.proc.poll() is None, f"migrate-incoming exited: {program.stderr()}"
@@ -122,10 +125,11 @@ def _target(programs: list[Program], work: Path, key: Path, ram_dir: Path, *extr
     raise AssertionError(f"migrate-incoming did not listen; {program.stderr_path}")
 
 
-def _source(programs: list[Program], work: Path, key: Path, port: int, ram_dir: Path) -> Program:
-    program = Program(["migrate", "--to", f"127.0.0.1:{port}", "--key", str(key), "--work-dir",
+def _source(programs: list[Program], work: Path, key: Path, port: int, ram_dir: Path, host: str = "127.0.0.1",
+            prefix: tuple[str, ...] = ()) -> Program:
+    program = Program(["migrate", "--to", f"{host}:{port}", "--key", str(key), "--work-dir",
                        str(work / "source"), "--ram-dir", str(ram_dir), "--helpers", "1", "--json",
-                       "--idle-timeout", "10", "--no-progress"], work, "migrate")
+                       "--idle-timeout", "10", "--no-progress"], work, "migrate", prefix)
     programs.append(program)
     return program
 
@@ -236,3 +240,97 @@ def test_source_killed_mid_pre_copy_the_target_never_resumes(
     assert _all_gone(work_dir, 15) == []
     assert list(ram_dir.iterdir()) == []
     print(f"source killed: target exited 1 after {exit_seconds:.2f} s; {target.stderr().splitlines()[-1]}")
+
+
+TARGET_ADDRESS = "10.231.0.1"
+SOURCE_ADDRESS = "10.231.0.2"
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[tuple[str, str, str]]:
+    """Two network namespaces joined by a veth pair, 10.231.0.1/24 (target)
+    and 10.231.0.2/24 (source): the target's namespace, the source's, and
+    the target's end of the link. Deleted afterwards, also on failure."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root ('ip netns add')")
+    if shutil.which("ip") is None:
+        pytest.skip("no 'ip' command (iproute2) on this machine")
+    tag = f"omh{os.getpid() % 100000}"
+    target_ns, source_ns = f"{tag}-t", f"{tag}-s"
+    target_link, source_link = f"{tag}t", f"{tag}s"
+    steps = [
+        ["ip", "netns", "add", target_ns],
+        ["ip", "netns", "add", source_ns],
+        ["ip", "link", "add", target_link, "type", "veth", "peer", "name", source_link],
+        ["ip", "link", "set", target_link, "netns", target_ns],
+        ["ip", "link", "set", source_link, "netns", source_ns],
+        ["ip", "-n", target_ns, "addr", "add", f"{TARGET_ADDRESS}/24", "dev", target_link],
+        ["ip", "-n", source_ns, "addr", "add", f"{SOURCE_ADDRESS}/24", "dev", source_link],
+        ["ip", "-n", target_ns, "link", "set", target_link, "up"],
+        ["ip", "-n", source_ns, "link", "set", source_link, "up"],
+        ["ip", "-n", target_ns, "link", "set", "lo", "up"],
+        ["ip", "-n", source_ns, "link", "set", "lo", "up"],
+    ]
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot set up two network namespaces: {' '.join(step)}: {done.stderr.strip()}")
+        yield target_ns, source_ns, target_link
+    finally:
+        for ns in (target_ns, source_ns):  # the veth pair goes with them
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", target_link], capture_output=True)
+
+
+def test_migration_between_two_network_namespaces(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program],
+        two_hosts: tuple[str, str, str]) -> None:
+    target_ns, source_ns, _ = two_hosts
+    target, port = _target(programs, work_dir, key, ram_dir, "--no-keep-running", host=TARGET_ADDRESS,
+                           prefix=("ip", "netns", "exec", target_ns))
+    source = _source(programs, work_dir, key, port, ram_dir, host=TARGET_ADDRESS,
+                     prefix=("ip", "netns", "exec", source_ns))
+    assert source.wait(timeout=600) == 0, f"{source.stderr_path}: {source.stderr()[-2000:]}"
+    assert target.wait(timeout=60) == 0, f"{target.stderr_path}: {target.stderr()[-2000:]}"
+    report = _report(source)
+    assert report["outcome"] == "ok" and report["ram_identical"] is True
+    assert "errors=0" in report["target_heartbeat"]
+    target_report = _report(target)
+    assert target_report["peer"].startswith(f"{SOURCE_ADDRESS}:")
+    assert target_report["guest_state"] == "running here"
+    assert _all_gone(work_dir, 10) == []
+    assert list(ram_dir.iterdir()) == []
+
+
+def test_link_down_mid_pre_copy(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program],
+        two_hosts: tuple[str, str, str]) -> None:
+    """The cable is cut: neither side hears a close, both see the silence
+    (--idle-timeout 10 s). The source guest goes on; the target never resumes."""
+    target_ns, source_ns, target_link = two_hosts
+    target, port = _target(programs, work_dir, key, ram_dir, host=TARGET_ADDRESS,
+                           prefix=("ip", "netns", "exec", target_ns))
+    source = _source(programs, work_dir, key, port, ram_dir, host=TARGET_ADDRESS,
+                     prefix=("ip", "netns", "exec", source_ns))
+    _wait_for_pre_copy(work_dir, source)
+    subprocess.run(["ip", "-n", target_ns, "link", "set", target_link, "down"], check=True)
+    cut_at = time.monotonic()
+    assert source.wait(timeout=120) == 1, source.stderr()
+    source_seconds = time.monotonic() - cut_at
+    assert target.wait(timeout=120) == 1, target.stderr()
+    target_seconds = time.monotonic() - cut_at
+    report = _report(source)
+    assert report["guest_state"] == "running on source", report
+    assert "errors=0" in report["source_heartbeat_after_failure"]
+    assert f"target {TARGET_ADDRESS}:{port}" in report["error"], report["error"]
+    target_report = _report(target)
+    assert target_report["guest_state"] == "never resumed here", target_report
+    assert target_report["phase"] == "pre-copy" and target_report["peer"].startswith(f"{SOURCE_ADDRESS}:")
+    assert '"cont"' not in (work_dir / "target" / "target" / "qmp.log").read_text()
+    # The idle timeout (10 s) plus stopping, with generous slack for a loaded machine.
+    assert source_seconds < 90 and target_seconds < 90
+    assert _all_gone(work_dir, 15) == []
+    assert list(ram_dir.iterdir()) == []
+    print(f"link down: source exited 1 after {source_seconds:.2f} s ({source.stderr().splitlines()[-1]}); "
+          f"target exited 1 after {target_seconds:.2f} s ({target.stderr().splitlines()[-1]})")
