@@ -291,13 +291,12 @@ def _watch_import(channel: mp.Channel, target: QemuVM, receiver: threading.Threa
     stopped_since: float | None = None
     while receiver.is_alive():
         receiver.join(timeout=WATCH_INTERVAL)
+        # No abandon() here: the source should read why before the cut.
         if not target.is_running():
-            channel.abandon()
             raise MigrationError(f"{target.describe()}, during pre-copy")
         if target.is_stopped():
             stopped_since = stopped_since or time.monotonic()
             if time.monotonic() - stopped_since > 0.3:
-                channel.abandon()
                 raise MigrationError(f"target QEMU pid {target.pid} is stopped (state T: SIGSTOP or a debugger) "
                                      "and can answer nothing, during pre-copy")
         else:
