@@ -180,7 +180,9 @@ class MigrationConfig:
     idle_timeout: float = 15.0
 
 
-#: How often the watch looks at the two guest QEMUs and the target side.
+#: Seconds the target may take to prepare (QEMU, helpers) before it answers.
+PREPARE_TIMEOUT = 120.0
+#: How often the watch looks at the source QEMU and the target side.
 WATCH_INTERVAL = 0.1
 #: How long a guest QEMU may stay stopped (state T in /proc/PID/stat: SIGSTOP,
 #: a debugger) before the watch calls it a fault. A stopped QEMU answers no
@@ -327,7 +329,9 @@ def _handshake(channel: mp.Channel, description: GuestDescription) -> int:
     channel.phase = "the guest description"
     channel.send("describe", guest=description.as_json())
     channel.phase = "the target's preparation"
-    answer = channel.receive("accept", "refuse")
+    # Its QEMU and helpers start first (and, on a fresh host, the test
+    # guest's workload is compiled): longer than a silence in a stream.
+    answer = channel.receive("accept", "refuse", timeout=max(PREPARE_TIMEOUT, channel.idle_timeout))
     if answer.type == "refuse":
         raise MigrationError(f"the {channel.peer} refused the guest description: field {answer['field']!r}: "
                              f"{answer['reason']}")
@@ -526,7 +530,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         report.total_seconds = time.monotonic() - started - report.verify_seconds
         report.guest_state = "running on target"
         channel.phase = "the target's first heartbeat"
-        running = channel.receive("running")
+        # The target waits for the guest's first heartbeat before it says so.
+        running = channel.receive("running", timeout=channel.idle_timeout + PREPARE_TIMEOUT)
         report.target_heartbeat = running["heartbeat"]
         report.outcome = "ok"
     except (OvmfMhError, OSError) as exc:

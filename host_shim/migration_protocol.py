@@ -154,8 +154,10 @@ class Channel:
         self.writer = cast(IO[bytes], sock.makefile("wb", buffering=256 * 1024))
         self._send_lock = threading.Lock()
 
-    def gone(self, exc: BaseException | None) -> PeerGone:
-        if isinstance(exc, TimeoutError):
+    def gone(self, exc: BaseException | None, timeout: float | None = None) -> PeerGone:
+        if isinstance(exc, TimeoutError) and timeout is not None:
+            how = f"did not answer within {timeout:g} s"
+        elif isinstance(exc, TimeoutError):
             how = f"sent nothing and took nothing for {self.idle_timeout:g} s (--idle-timeout)"
         elif exc is None or isinstance(exc, ct.ContainerError):
             how = "closed the connection"
@@ -172,9 +174,20 @@ class Channel:
             except (OSError, ValueError) as exc:
                 raise self.gone(exc) from exc
 
-    def receive(self, *expected: str) -> Message:
+    def receive(self, *expected: str, timeout: float | None = None) -> Message:
         """The next message, which must be one of ``expected``, or the
-        peer's ``error``/``abort``, raised as PeerFailed."""
+        peer's ``error``/``abort``, raised as PeerFailed. ``timeout``
+        replaces the idle timeout for a step the peer may take long over
+        without a word (starting its QEMU and helpers, say)."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        try:
+            return self._receive(expected, timeout)
+        finally:
+            if timeout is not None:
+                self.sock.settimeout(self.idle_timeout)
+
+    def _receive(self, expected: tuple[str, ...], timeout: float | None) -> Message:
         try:
             (length,) = LENGTH.unpack(ct.read_exact(self.reader, LENGTH.size, "a message length"))
             if not 0 < length <= MAX_MESSAGE:
@@ -182,7 +195,7 @@ class Channel:
                                     f"{self.phase} (at most {MAX_MESSAGE})", peer=self.peer, phase=self.phase)
             data = ct.read_exact(self.reader, length, "a control message")
         except (OSError, ValueError, ct.ContainerError) as exc:
-            raise self.gone(exc) from exc
+            raise self.gone(exc, timeout) from exc
         try:
             message = decode(data)
         except ProtocolError as exc:

@@ -212,3 +212,11 @@ def test_the_target_drops_a_source_that_sends_garbage(tmp_path: Path) -> None:
     report, _ = _run_target_against(tmp_path, talk)
     assert report.outcome == "failed"
     assert report.error is not None and "control message" in report.error
+
+
+def test_a_step_with_its_own_timeout_says_so_and_the_idle_timeout_returns() -> None:
+    channel, peer = _pair(idle=7.0)
+    with peer, pytest.raises(mp.PeerGone, match=r"did not answer within 0.2 s"):
+        channel.receive("accept", timeout=0.2)
+    assert channel.sock.gettimeout() == 7.0
+    channel.close()
