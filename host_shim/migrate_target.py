@@ -232,7 +232,7 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
         # A stream that stops short is the source going away, not a forgery.
         if isinstance(error, OSError) or (isinstance(error, ct.ContainerError) and "truncated" in str(error)):
             raise channel.gone(error)
-        raise MigrationError(f"the page stream did not verify: {error}")
+        raise MigrationError(f"the import failed: {error}")
     summary: TransferSummary = imported["summary"]
     report.private_pages = summary.private_pages
     report.shared_pages = summary.shared_pages
