@@ -242,6 +242,61 @@ def test_source_killed_mid_pre_copy_the_target_never_resumes(
     print(f"source killed: target exited 1 after {exit_seconds:.2f} s; {target.stderr().splitlines()[-1]}")
 
 
+def _wait_for_source_stop(work: Path, program: Program, timeout: float = 600) -> None:
+    """Until the source role stopped its guest for the switchover (its QMP log)."""
+    qmp_log = work / "source" / "source" / "qmp.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert program.proc.poll() is None, f"{program.stderr_path}: {program.stderr()[-2000:]}"
+        with suppress(OSError):
+            if '"execute": "stop"' in qmp_log.read_text():
+                return
+        time.sleep(0.005)
+    raise AssertionError("the source never stopped its guest")
+
+
+def test_target_killed_in_the_switchover_resumes_the_source(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, ram_dir)
+    _wait_for_source_stop(work_dir, source)
+    os.kill(target.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert source.wait(timeout=120) == 1, source.stderr()
+    exit_seconds = time.monotonic() - killed_at
+    report = _report(source)
+    assert report["guest_state"] == "running on source", report
+    assert "errors=0" in report["source_heartbeat_after_failure"]
+    assert f"target 127.0.0.1:{port}" in report["error"], report["error"]
+    qmp = (work_dir / "source" / "source" / "qmp.log").read_text()
+    assert '"execute": "cont"' in qmp, "the source guest was not resumed"
+    assert exit_seconds < 60
+    assert _all_gone(work_dir, 15) == []
+    assert list(ram_dir.iterdir()) == []
+    print(f"target killed in the switchover: source exited 1 after {exit_seconds:.2f} s; "
+          f"{source.stderr().splitlines()[-1]}")
+
+
+def test_source_killed_in_the_switchover_the_target_never_resumes(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, ram_dir)
+    _wait_for_source_stop(work_dir, source)
+    os.kill(source.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert target.wait(timeout=120) == 1, target.stderr()
+    exit_seconds = time.monotonic() - killed_at
+    report = _report(target)
+    assert report["guest_state"] == "never resumed here", report
+    assert "closed the connection" in report["error"], report
+    assert '"cont"' not in (work_dir / "target" / "target" / "qmp.log").read_text(), "the target was resumed"
+    assert exit_seconds < 60
+    assert _all_gone(work_dir, 15) == []
+    assert list(ram_dir.iterdir()) == []
+    print(f"source killed in the switchover: target exited 1 after {exit_seconds:.2f} s in phase "
+          f"{report['phase']!r}; {target.stderr().splitlines()[-1]}")
+
+
 TARGET_ADDRESS = "10.231.0.1"
 SOURCE_ADDRESS = "10.231.0.2"
 
