@@ -237,6 +237,10 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     report.private_pages = summary.private_pages
     report.shared_pages = summary.shared_pages
     channel.phase = "the verdict"
+    # A target QEMU that no longer answers QMP (a wedged main loop) would
+    # fail only after the commit, when the source can no longer resume:
+    # found now, the source resumes its guest.
+    target.qmp("query-status")
     # The digest is the emulation's check (docs/migration.md), timed so the
     # source can leave it out of the downtime.
     digest_start = time.monotonic()
