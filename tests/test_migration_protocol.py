@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +221,17 @@ def test_a_step_with_its_own_timeout_says_so_and_the_idle_timeout_returns() -> N
         channel.receive("accept", timeout=0.2)
     assert channel.sock.gettimeout() == 7.0
     channel.close()
+
+
+def test_the_one_machine_demo_ends_its_target_role_when_the_source_never_connects(tmp_path: Path) -> None:
+    """The source role fails before it connects (no firmware image): the
+    target role, waiting in accept in a thread, ends with it at once
+    instead of after --accept-timeout."""
+    from host_shim.errors import OvmfMhError
+    from host_shim.migrate import MigrationConfig, migrate
+
+    started = time.monotonic()
+    with pytest.raises(OvmfMhError, match="not found"):
+        migrate(MigrationConfig(image=tmp_path / "missing.fd", work_dir=tmp_path / "work", progress=False))
+    assert time.monotonic() - started < 30
+    assert not [t for t in threading.enumerate() if t.name == "migrate-target"]
