@@ -306,7 +306,7 @@ def _watch_import(channel: mp.Channel, target: QemuVM, receiver: threading.Threa
         else:
             stopped_since = None
         if time.monotonic() >= next_progress and receiver.is_alive():
-            channel.send("progress", pages=reader.bytes)
+            channel.send("progress", stream_bytes=reader.bytes)
             next_progress = time.monotonic() + PROGRESS_INTERVAL
 
 

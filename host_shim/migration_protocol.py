@@ -38,7 +38,7 @@ MESSAGE_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "describe": {"guest": dict},
     "accept": {"device_state_port": int},
     "refuse": {"field": str, "reason": str},
-    "progress": {"pages": int},
+    "progress": {"stream_bytes": int},
     "verdict": {"ok": bool, "reason": str, "private_pages": int, "shared_pages": int, "ram_digest": list,
                 "digest_ms": int},
     "commit": {},

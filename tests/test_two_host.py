@@ -232,7 +232,9 @@ def test_source_killed_mid_pre_copy_the_target_never_resumes(
     assert report["outcome"] == "failed"
     assert report["guest_state"] == "never resumed here", report
     assert report["phase"] == "pre-copy", report
-    assert report["peer"].startswith("127.0.0.1:") and "closed the connection" in report["error"]
+    # A clean close or a reset, as the kernel closed the killed program's socket.
+    assert report["peer"].startswith("127.0.0.1:")
+    assert re.search(r"(closed|broke) the connection", report["error"]), report["error"]
     assert "during pre-copy" in target.stderr()
     qmp_log = (work_dir / "target" / "target" / "qmp.log").read_text()
     assert '"cont"' not in qmp_log, "the target QEMU was resumed"
@@ -288,7 +290,7 @@ def test_source_killed_in_the_switchover_the_target_never_resumes(
     exit_seconds = time.monotonic() - killed_at
     report = _report(target)
     assert report["guest_state"] == "never resumed here", report
-    assert "closed the connection" in report["error"], report
+    assert re.search(r"(closed|broke) the connection", report["error"]), report
     assert '"cont"' not in (work_dir / "target" / "target" / "qmp.log").read_text(), "the target was resumed"
     assert exit_seconds < 60
     assert _all_gone(work_dir, 15) == []
