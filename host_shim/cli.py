@@ -25,6 +25,7 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  #
         keygen_cmd,
         measure_cmd,
         migrate_cmd,
+        migrate_incoming_cmd,
         transfer_cmd,
     )
 
@@ -36,6 +37,7 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  #
         keygen_cmd.register,
         transfer_cmd.register,
         migrate_cmd.register,
+        migrate_incoming_cmd.register,
         bench_cmd.register,
         fuzz_cmd.register,
     ]

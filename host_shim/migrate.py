@@ -10,6 +10,10 @@ migration moves only device state (``x-ignore-shared``), the target helpers
 verify every end-of-stream proof, and only then does the target ``cont``.
 Before that point any failure resumes the source and says why.
 
+This module is the source role; the target role is host_shim/migrate_target.py,
+reached over TCP (docs/migration-protocol.md): in another program on
+another host (``--to``), or in a thread of this one over loopback.
+
 Dirty pages are found by comparing the source RAM file with a host copy of
 what it held when each page was last sent (numpy, page granular). This
 needs no QEMU patch and no guest cooperation, and it also holds when guest
@@ -30,28 +34,41 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
 import numpy as np
 
-from host_shim import container as ct
 from host_shim import guest, process
-from host_shim.errors import OvmfMhError, QemuError
+from host_shim import migration_protocol as mp
+from host_shim.errors import OvmfMhError
+from host_shim.guest_description import (
+    ACCELERATORS,
+    CPUS,
+    GUEST_KINDS,
+    MACHINES,
+    GuestDescription,
+    firmware_digest,
+)
 from host_shim.keys import read_key
 from host_shim.mailbox import DEFAULT_TIMEOUT
-from host_shim.pipeline import Exporter, PageNumbers, TransferSummary, import_ram
+from host_shim.migrate_target import TargetConfig, TargetReport, listen, run_target
+from host_shim.migration_vm import (
+    DIGEST_PARTS,
+    MIB,
+    PAGE,
+    MigrationError,
+    guest_config,
+    ram_digest,
+    ram_file,
+    wait_for_serial,
+)
+from host_shim.pipeline import Exporter, PageNumbers
 from host_shim.progress import Progress
-from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
+from host_shim.qemu import QemuVM
 
 log = logging.getLogger(__name__)
 
-PAGE = 4096
-MIB = 1024 * 1024
 MIN_GUEST_MIB = 256
-
-
-class MigrationError(OvmfMhError):
-    """The migration failed; the report says where and in which state the guest is."""
 
 
 @dataclass
@@ -90,6 +107,8 @@ class MigrationReport:
     guest_state: str = "unknown"
     error: str | None = None
     work_dir: str = ""
+    # The target role's own report, when this command ran it (one machine).
+    target: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -148,13 +167,22 @@ class MigrationConfig:
     # run only. tmpfs spares QEMU and the helpers the disk file system's page
     # faults and writeback (docs/migration.md).
     ram_dir: Path | None = None
-    # Called right after the target is resumed (failure-injection tests).
-    after_switchover: Callable[[QemuVM, QemuVM], None] | None = None
+    # Called with the target QEMU right after it is resumed (failure-injection
+    # tests; one machine only).
+    after_switchover: Callable[[QemuVM], None] | None = None
     # Seconds a helper may take to answer one command (docs/mailbox.md).
     mailbox_timeout: float = DEFAULT_TIMEOUT
+    # `ovmf-mh migrate-incoming` at this address; None runs the target role
+    # in this process over loopback TCP.
+    target: tuple[str, int] | None = None
+    connect_timeout: float = 30.0
+    # Seconds the peer may stay silent (or take nothing) before it counts as gone.
+    idle_timeout: float = 15.0
 
 
-#: How often the watch looks at the two guest QEMUs and the target side.
+#: Seconds the target may take to prepare (QEMU, helpers) before it answers.
+PREPARE_TIMEOUT = 120.0
+#: How often the watch looks at the source QEMU and the target side.
 WATCH_INTERVAL = 0.1
 #: How long a guest QEMU may stay stopped (state T in /proc/PID/stat: SIGSTOP,
 #: a debugger) before the watch calls it a fault. A stopped QEMU answers no
@@ -163,7 +191,7 @@ STOPPED_GRACE = 0.3
 
 
 class _Watch:
-    """Looks at both guest QEMUs and the target side every WATCH_INTERVAL
+    """Looks at the guest QEMU(s) and the target side every WATCH_INTERVAL
     while the migration runs: a QEMU that dies, or a target side that fails,
     stops the run at once (through ``on_fault``) instead of at the next step
     that happens to need it. ``phase`` says what the run was doing."""
@@ -195,13 +223,16 @@ class _Watch:
                         break
                 else:
                     stopped_since.pop(vm.name, None)
+            if message is not None:
+                message = f"{message}, during {self.phase}"
             else:
                 error = self._target_error()
-                if error is not None:
-                    message = f"the target side failed: {error}"
+                if isinstance(error, mp.ProtocolError):
+                    message = str(error)  # it names the peer and the phase
+                elif error is not None:
+                    message = f"the target side failed: {error}, during {self.phase}"
             if message is not None:
-                self.fault = MigrationError(
-                    f"{message}, during {self.phase} ({time.monotonic() - self.started:.1f} s into the run)")
+                self.fault = MigrationError(f"{message} ({time.monotonic() - self.started:.1f} s into the run)")
                 # Said at once: stopping the rest (and checking that the
                 # source guest goes on) takes a while longer.
                 log.warning("migrate: %s; stopping the migration", self.fault)
@@ -215,22 +246,6 @@ class _Watch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=1)
-
-
-def guest_config(image: Path, ram: Path, size: int, *, incoming: bool, workload_mib: int) -> QemuConfig:
-    """Source and target differ only in their RAM file and -incoming."""
-    from host_shim.boot import vars_for
-
-    return QemuConfig(
-        firmware_code=image,
-        firmware_vars=vars_for(image),
-        memory=[MemoryBackend("ram", ram, size)],
-        kernel=guest.kernel(),
-        initrd=guest.workload_initramfs(workload_mib),
-        append=guest.KERNEL_APPEND,
-        incoming="defer" if incoming else None,
-        extra_args=["-S"] if incoming else [],
-    )
 
 
 class DirtyTracker:
@@ -259,134 +274,155 @@ class DirtyTracker:
         self._file.close()
 
 
-def _complete_lines(text: str) -> str:
-    """text up to its last newline: the guest may be mid-way through a line."""
-    return text[: text.rfind("\n") + 1]
-
-
 def _wait_for(vm: QemuVM, needle: str, timeout: float, after: int = 0) -> str:
-    """The first complete serial line (after offset ``after``) containing needle."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = _complete_lines(vm.serial_text()[after:])
-        if needle in text:
-            index = text.index(needle)
-            return text[index : text.index("\n", index)].rstrip("\r")
-        if not vm.is_running():
-            raise vm.error(f"QEMU exited while waiting for {needle!r} on the serial console")
-        time.sleep(0.05)
-    raise vm.error(f"no {needle!r} on the serial console within {timeout:.0f} s")
+    return wait_for_serial(vm, needle, timeout, after)
 
 
-def _check_answers(target: QemuVM) -> None:
-    """The target QEMU must answer QMP before the source guest stops for it."""
+class _TargetListener:
+    """Reads what the target says during pre-copy and the switchover, in
+    its own thread: its progress (it is alive), its verdict, or its error.
+    Silence past the idle timeout, a closed connection or an error message
+    make ``error`` set, which the watch turns into a stop of the run."""
+
+    def __init__(self, channel: mp.Channel) -> None:
+        self.channel = channel
+        self.verdict: mp.Message | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="migrate-target-listener", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                message = self.channel.receive("progress", "verdict")
+                if message.type == "verdict":
+                    self.verdict = message
+                    return
+        except BaseException as exc:
+            self.error = exc
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+def _connect(config: MigrationConfig, address: tuple[str, int]) -> mp.Channel:
+    peer = f"target {address[0]}:{address[1]}"
     try:
-        target.qmp("query-status")
-    except QemuError as exc:
-        state = "is stopped (SIGSTOP?) and" if target.is_stopped() else "is running but"
-        raise MigrationError(f"{target.name} QEMU pid {target.pid} {state} does not answer QMP before the "
-                             "switchover; the source guest was not stopped") from exc
+        sock = socket.create_connection(address, timeout=config.connect_timeout)
+    except OSError as exc:
+        raise MigrationError(f"cannot connect to the {peer}: {exc.strerror or exc}; is 'ovmf-mh "
+                             "migrate-incoming' listening there?") from exc
+    return mp.Channel(sock, peer, config.idle_timeout)
 
 
-def _migrate_device_state(source: QemuVM, target: QemuVM) -> float:
-    started = time.monotonic()
-    # AF_UNIX paths are short; work folders can be deep.
-    folder = process.temp_dir("ovmf-mh-mig-")
-    channel = folder / "device-state.sock"
-    try:
-        for vm in (source, target):
-            vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-        target.qmp("migrate-incoming", uri=f"unix:{channel}")
-        source.qmp("migrate", uri=f"unix:{channel}")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            status = source.qmp("query-migrate").get("status")
-            if status == "completed":
-                break
-            if status in ("failed", "cancelled"):
-                raise source.error(f"QEMU device-state migration {status}")
-            time.sleep(0.005)
-        else:
-            raise source.error("QEMU device-state migration did not complete within 60 s")
-        while target.qmp("query-status").get("status") == "inmigrate":
-            time.sleep(0.005)
-    except QemuError as exc:
-        for vm in (target, source):
-            if not vm.is_running():
-                raise MigrationError(f"{vm.describe()}, while the device state moved") from exc
-        raise
-    finally:
-        process.remove(folder)
-    return time.monotonic() - started
+def _handshake(channel: mp.Channel, description: GuestDescription) -> int:
+    """Hello, guest description, the target's answer: the port of its QEMU's
+    incoming migration (device state), once its QEMU and helpers are up."""
+    channel.send("hello", protocol=mp.PROTOCOL, versions=list(mp.VERSIONS))
+    welcome = channel.receive("welcome")
+    if welcome["protocol"] != mp.PROTOCOL or welcome["version"] not in mp.VERSIONS:
+        raise mp.ProtocolError(f"the {channel.peer} chose {welcome['protocol'][:40]!r} version "
+                               f"{welcome['version']}; this source speaks {mp.PROTOCOL} {list(mp.VERSIONS)}")
+    channel.phase = "the guest description"
+    channel.send("describe", guest=description.as_json())
+    channel.phase = "the target's preparation"
+    # Its QEMU and helpers start first (and, on a fresh host, the test
+    # guest's workload is compiled): longer than a silence in a stream.
+    answer = channel.receive("accept", "refuse", timeout=max(PREPARE_TIMEOUT, channel.idle_timeout))
+    if answer.type == "refuse":
+        raise MigrationError(f"the {channel.peer} refused the guest description: field {answer['field']!r}: "
+                             f"{answer['reason']}")
+    port: int = answer["device_state_port"]
+    if not 1 <= port <= 65535:
+        raise mp.ProtocolError(f"the {channel.peer} named device-state port {port}")
+    return port
 
 
 def migrate(config: MigrationConfig) -> MigrationReport:
-    """Run one live migration; never leaves the guest half-resumed."""
-    work = config.work_dir
-    work.mkdir(parents=True, exist_ok=True)
+    """Run one live migration; never leaves the guest half-resumed. With
+    ``config.target`` the target is `ovmf-mh migrate-incoming` at that
+    address; without, this function runs the target role itself, in a
+    thread, over loopback TCP: the same protocol, the same code."""
     if config.guest_mib < MIN_GUEST_MIB or config.workload_mib > config.guest_mib // 2:
         raise MigrationError(
             f"the test guest needs at least {MIN_GUEST_MIB} MiB (its kernel and initramfs do not start "
             f"under OVMF in less) and a workload of at most half of it; got {config.guest_mib} MiB "
             f"with a {config.workload_mib} MiB workload"
         )
+    if config.target is not None:
+        if config.key_file is None:
+            raise MigrationError("--to needs --key FILE: the guest owner's transport key, the same file on "
+                                 "both hosts (it never crosses the connection)")
+        return _migrate_source(config, read_key(config.key_file), config.target)
+    key = read_key(config.key_file) if config.key_file else os.urandom(32)
+    hook = config.after_switchover
+    target_config = TargetConfig(
+        image=config.image, work_dir=config.work_dir, key=key, helper=config.helper, helpers=config.helpers,
+        ram_dir=config.ram_dir, idle_timeout=config.idle_timeout, heartbeat_timeout=config.heartbeat_timeout,
+        mailbox_timeout=config.mailbox_timeout, keep_running=False, after_resume=hook,
+    )
+    server = listen(("127.0.0.1", 0))
+    results: list[TargetReport] = []
+    target = threading.Thread(target=lambda: results.append(run_target(target_config, server)),
+                              name="migrate-target", daemon=True)
+    target.start()
+    try:
+        report = _migrate_source(config, key, server.getsockname()[:2])
+    finally:
+        # A source that never connected leaves the target waiting in accept:
+        # shutting the listening socket down wakes it. Once connected, the
+        # source's end closed the connection, and the target side ends too.
+        with suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
+        target.join(timeout=60)
+    if results:
+        report.target = results[0].as_json()
+    return report
+
+
+def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int]) -> MigrationReport:
+    work = config.work_dir
+    work.mkdir(parents=True, exist_ok=True)
     report = MigrationReport(helper=config.helper, helpers=config.helpers, guest_mib=config.guest_mib,
                              work_dir=str(work))
     size = config.guest_mib * MIB
-    key = read_key(config.key_file) if config.key_file else os.urandom(32)
     stack = ExitStack()
-    source_ram, target_ram = _ram_files(stack, work, config.ram_dir, size)
+    source_ram = ram_file(stack, work, config.ram_dir, "source", size)
     source = stack.enter_context(QemuVM(guest_config(config.image, source_ram, size, incoming=False,
                                                      workload_mib=config.workload_mib),
                                         work / "source", "source"))
     stopped = False
+    stream_done = False
+    committed = False
     resumed_target = False
+    channel: mp.Channel | None = None
+    listener: _TargetListener | None = None
+    watch: _Watch | None = None
     try:
         _wait_for(source, guest.HEARTBEAT, 120)
         prepare_start = time.monotonic()
-        target = stack.enter_context(QemuVM(guest_config(config.image, target_ram, size, incoming=True,
-                                                         workload_mib=config.workload_mib),
-                                            work / "target", "target"))
-        send_sock, receive_sock = socket.socketpair()
-        stack.callback(send_sock.close)
-        stack.callback(receive_sock.close)
-        ready = threading.Event()
-        imported: dict[str, Any] = {}
-
-        def receive() -> None:
-            with cast(IO[bytes], receive_sock.makefile("rb", buffering=256 * 1024)) as stream:
-                try:
-                    imported["summary"] = import_ram(
-                        target_ram, key, stream, kind=config.helper, firmware=config.image,
-                        work_dir=work / "target-helpers", mode="in-place", progress=False,
-                        expect=ct.FileHeader(size, config.helpers), on_ready=ready.set,
-                        mailbox_timeout=config.mailbox_timeout,
-                    )
-                except BaseException as exc:
-                    imported["error"] = exc
-                    ready.set()
-                    with suppress(OSError):
-                        receive_sock.shutdown(socket.SHUT_RDWR)
-
-        receiver = threading.Thread(target=receive, name="migrate-receive", daemon=True)
-        receiver.start()
-        watch = _Watch([source, target], lambda: cast(BaseException | None, imported.get("error")))
+        channel = _connect(config, address)
+        stack.callback(channel.close)
+        description = GuestDescription(
+            guest=GUEST_KINDS[0], machine=MACHINES[0], accel=ACCELERATORS[0], cpu=CPUS[0],
+            memory_mib=config.guest_mib, workload_mib=config.workload_mib, shards=config.helpers,
+            firmware_sha256=firmware_digest(config.image))
+        device_state_port = _handshake(channel, description)
+        listener = _TargetListener(channel)
+        target_listener = listener
+        watch = _Watch([source], lambda: target_listener.error)
         stack.callback(watch.close)
-        watch.phase = "the target helpers' start"
-        if not ready.wait(120) or "error" in imported:
-            raise MigrationError(f"target helpers did not start: {imported.get('error')}")
-        watch.check()
         # The target side is prepared, as a plain migration's target QEMU is
         # before 'migrate': the migration proper starts here.
         report.setup_seconds = time.monotonic() - prepare_start
         started = time.monotonic()
 
-        sink = cast(IO[bytes], send_sock.makefile("wb", buffering=256 * 1024))
-        # After a failure the other end may be gone: flushing must not raise.
-        stack.callback(_close_quietly, sink)
-        watch.phase = "the source helpers' start"
+        watch.phase = channel.phase = "the source helpers' start"
         exporter = stack.enter_context(
-            Exporter(source_ram, key, sink, kind=config.helper, helpers=config.helpers,
+            Exporter(source_ram, key, channel.writer, kind=config.helper, helpers=config.helpers,
                      firmware=config.image, work_dir=work / "source-helpers", track_pages=True,
                      mailbox_timeout=config.mailbox_timeout)
         )
@@ -398,7 +434,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         stack.callback(tracker.close)
 
         def run_pass(pages: PageNumbers, running: bool) -> None:
-            watch.phase = f"{'pre-copy' if running else 'the final'} pass {len(report.passes) + 1}"
+            assert watch is not None and channel is not None
+            watch.phase = channel.phase = f"{'pre-copy' if running else 'the final'} pass {len(report.passes) + 1}"
             report.phase_seconds[f"pass_{len(report.passes) + 1}_start"] = time.monotonic() - started
             meter = Progress(f"pass {len(report.passes) + 1}", len(pages), enabled=config.progress)
             stats = exporter.send(pages, meter, tracker.record)
@@ -414,11 +451,10 @@ def migrate(config: MigrationConfig) -> MigrationReport:
             if len(dirty_pages) <= config.converge_pages:
                 break
 
-        # Switchover: from here until cont, the guest runs nowhere. Never for
-        # a target side that is already gone.
+        # Switchover: from here until the target resumes, the guest runs
+        # nowhere. Never for a target that is already gone or silent.
         watch.check()
-        _check_answers(target)
-        watch.phase = "switchover (source guest stopped)"
+        watch.phase = channel.phase = "switchover (source guest stopped)"
         stop_at = time.monotonic()
         source.qmp("stop")
         stopped = True
@@ -441,66 +477,85 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         run_pass(final, False)
         marks["final_pass"] = time.monotonic() - stop_at
         exporter.finish()
-        sink.close()
-        watch.phase = "the target helpers' verification"
-        deadline = time.monotonic() + 120
-        while receiver.is_alive() and time.monotonic() < deadline and watch.fault is None:
-            receiver.join(timeout=WATCH_INTERVAL)
+        channel.writer.flush()
+        stream_done = True
+        watch.phase = channel.phase = "the target helpers' verification"
+        while listener.alive() and watch.fault is None:
+            listener.join(timeout=WATCH_INTERVAL)
         watch.check()
-        if "error" in imported or "summary" not in imported:
-            raise MigrationError(f"target helpers did not verify the stream: {imported.get('error', 'timeout')}")
-        receive_summary: TransferSummary = imported["summary"]
-        if receive_summary.outcome != "ok":
-            raise MigrationError(f"import ended as {receive_summary.outcome}")
-        marks["target_verified"] = time.monotonic() - stop_at
-        watch.phase = "the device-state move"
-        report.device_state_seconds = _migrate_device_state(source, target)
-        marks["device_state"] = time.monotonic() - stop_at
+        verdict = listener.verdict
+        if verdict is None:
+            raise MigrationError(f"the {channel.peer} sent no verdict: {listener.error}")
+        if not verdict["ok"]:
+            raise MigrationError(f"the {channel.peer} did not verify the stream: {verdict['reason']}")
+        marks["target_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
         if config.verify_ram:
+            # After the verdict, not while the target verifies: on one
+            # machine the two would compete for the CPUs and slow the part
+            # that is downtime.
             verify_start = time.monotonic()
-            differing = _differing_pages(source_ram, target_ram)
+            differing = _differing_parts(ram_digest(source_ram, size), verdict["ram_digest"], size)
             report.ram_identical = not differing
-            report.verify_seconds = time.monotonic() - verify_start
+            # Not downtime: the target's digest (before its verdict) and the source's.
+            report.verify_seconds = verdict["digest_ms"] / 1000 + time.monotonic() - verify_start
             if differing:
-                raise MigrationError(
-                    f"target RAM differs from the source RAM at switchover in {len(differing)} page(s), "
-                    f"first {[hex(p * PAGE) for p in differing[:8]]}"
-                )
-        serial_before = len(target.serial_text())
+                message = (f"target RAM differs from the source RAM at switchover in {len(differing)} of "
+                           f"{DIGEST_PARTS} parts, first at {[hex(p) for p in differing[:8]]}")
+                with suppress(OvmfMhError):
+                    channel.send("abort", reason=message)
+                raise MigrationError(message)
+        watch.phase = channel.phase = "the device-state move"
+        report.device_state_seconds = _migrate_device_state(source, address[0], device_state_port)
+        marks["device_state"] = time.monotonic() - stop_at - report.verify_seconds
         watch.check()
-        target.qmp("cont")
+        # The point of no return: once the target may resume the guest, the
+        # source must not (two running copies of one guest are worse than
+        # one lost one).
+        channel.phase = "the target's resume"
+        committed = True
+        channel.send("commit")
+        channel.receive("resumed")
         resumed_target = True
         marks["cont"] = time.monotonic() - stop_at - report.verify_seconds
         report.switchover_ms = {k: round(1000 * v) for k, v in marks.items()}
         report.downtime_seconds = time.monotonic() - stop_at - report.verify_seconds
         report.total_seconds = time.monotonic() - started - report.verify_seconds
         report.guest_state = "running on target"
-        if config.after_switchover is not None:
-            config.after_switchover(source, target)
-        try:
-            report.target_heartbeat = _wait_for(target, guest.HEARTBEAT, config.heartbeat_timeout,
-                                                after=serial_before)
-        except QemuError as exc:
-            report.guest_state = "lost: the target QEMU failed after switchover"
-            raise MigrationError(f"target QEMU failed after switchover: {exc}") from exc
-        if guest.CORRUPTION in target.serial_text():
-            report.guest_state = "running on target, reporting corruption"
-            raise MigrationError("the workload reports CORRUPTION on the target")
+        channel.phase = "the target's first heartbeat"
+        # The target waits for the guest's first heartbeat before it says so.
+        running = channel.receive("running", timeout=channel.idle_timeout + PREPARE_TIMEOUT)
+        report.target_heartbeat = running["heartbeat"]
         report.outcome = "ok"
     except (OvmfMhError, OSError) as exc:
-        # The target side's reason beats the broken pipe it caused on this side.
-        cause = imported.get("error") if "imported" in locals() else None
-        report.error = str(cause) if cause is not None and not isinstance(exc, MigrationError) else str(exc)
-        fault = watch.fault if "watch" in locals() else None
+        # The target's reason beats the broken pipe it caused on this side.
+        if listener is not None and listener.error is None and listener.alive():
+            listener.join(timeout=1.0)
+        cause = listener.error if listener is not None else None
+        report.error = str(cause) if cause is not None and not isinstance(exc, (MigrationError, mp.PeerFailed)) \
+            else str(exc)
+        fault = watch.fault if watch is not None else None
         if fault is not None and fault is not exc:
             # The watch saw the first cause; what failed after it is its consequence.
             report.error = f"{fault} (then: {exc})"
-        if not resumed_target and not source.is_running():
+        if channel is not None and stream_done and not committed and not isinstance(exc, mp.ProtocolError):
+            # The target learns at once why it will not resume (mid-stream,
+            # the cut connection says it: a message there would read as a
+            # malformed frame).
+            with suppress(OvmfMhError):
+                channel.send("abort", reason=report.error[: mp.MAX_TEXT])
+        if channel is not None:
+            channel.abandon()
+        if resumed_target:
+            report.guest_state = "lost: the target failed after it resumed the guest"
+        elif committed:
+            report.guest_state = ("unknown: the target was told to resume and did not confirm; the source "
+                                  "guest stayed stopped and ends with the run")
+        elif not source.is_running():
             report.guest_state = f"lost: {source.describe()}"
-        elif not resumed_target and source.is_stopped():
+        elif source.is_stopped():
             # It answers no QMP command; the run's end kills it with the rest.
             report.guest_state = f"lost: source QEMU pid {source.pid} is stopped and ends with the run"
-        elif not resumed_target:
+        else:
             with suppress(OvmfMhError):
                 if stopped:
                     source.qmp("cont")
@@ -515,25 +570,32 @@ def migrate(config: MigrationConfig) -> MigrationReport:
     return report
 
 
-def _ram_files(stack: ExitStack, work: Path, ram_dir: Path | None, size: int) -> tuple[Path, Path]:
-    """Fresh sparse source and target RAM files of ``size`` bytes. In
-    ``ram_dir`` they get unique names and are deleted when ``stack`` closes
-    (after the QEMUs it stops); in the work folder they stay for inspection."""
-    if ram_dir is None:
-        files = (work / "source.ram", work / "target.ram")
-    else:
-        if not ram_dir.is_dir():
-            raise MigrationError(f"--ram-dir {ram_dir} is not a folder")
-        prefix = f"ovmf-mh-{os.getpid()}-{work.name}"
-        files = (ram_dir / f"{prefix}-source.ram", ram_dir / f"{prefix}-target.ram")
-        for ram in files:
-            process.remove_on_exit(ram)
-            stack.callback(process.remove, ram)
-    for ram in files:
-        ram.unlink(missing_ok=True)
-        with ram.open("wb") as f:
-            f.truncate(size)
-    return files
+def _differing_parts(source: list[str], target: list[Any], size: int) -> list[int]:
+    """Offsets of the RAM digest parts that differ (all, if the target's
+    list is not a list of DIGEST_PARTS strings)."""
+    part = size // DIGEST_PARTS
+    if len(target) != DIGEST_PARTS:
+        return [i * part for i in range(DIGEST_PARTS)]
+    return [i * part for i, (a, b) in enumerate(zip(source, target, strict=True)) if a != b]
+
+
+def _migrate_device_state(source: QemuVM, host: str, port: int) -> float:
+    """QEMU's own migration, guest RAM skipped (x-ignore-shared): only
+    device state and the small ROM/flash blocks go, to the port the target
+    named in its answer."""
+    started = time.monotonic()
+    bracketed = f"[{host}]" if ":" in host else host
+    source.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    source.qmp("migrate", uri=f"tcp:{bracketed}:{port}")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = source.qmp("query-migrate").get("status")
+        if status == "completed":
+            return time.monotonic() - started
+        if status in ("failed", "cancelled"):
+            raise source.error(f"QEMU device-state migration to {host}:{port} {status}")
+        time.sleep(0.005)
+    raise source.error("QEMU device-state migration did not complete within 60 s")
 
 
 @contextmanager
@@ -569,8 +631,7 @@ def plain_qemu_migration(
     work.mkdir(parents=True, exist_ok=True)
     size = guest_mib * MIB
     with ExitStack() as stack:
-        source_ram, target_ram = _ram_files(stack, work, ram_dir, size)
-        rams = {"source": source_ram, "target": target_ram}
+        rams = {role: ram_file(stack, work, ram_dir, role, size) for role in ("source", "target")}
         source = stack.enter_context(QemuVM(
             guest_config(image, rams["source"], size, incoming=False, workload_mib=workload_mib),
             work / "source", "plain-source"))

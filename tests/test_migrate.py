@@ -118,7 +118,7 @@ def test_target_helper_killed_mid_migration_leaves_the_source_running(firmware: 
 
 
 def test_target_qemu_dying_after_switchover_is_reported(firmware: Path, work_dir: Path) -> None:
-    def kill_target(source: QemuVM, target: QemuVM) -> None:
+    def kill_target(target: QemuVM) -> None:
         assert target.pid is not None
         os.kill(target.pid, signal.SIGKILL)
 

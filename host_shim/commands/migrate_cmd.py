@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from host_shim import process
@@ -12,6 +13,7 @@ from host_shim.boot import resolve_image
 from host_shim.commands.options import add_mailbox_timeout
 from host_shim.errors import OvmfMhError
 from host_shim.migrate import MigrationConfig, migrate, write_report
+from host_shim.migration_protocol import parse_address
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -19,18 +21,31 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "migrate",
         help="live-migrate a running guest from a source QEMU to a target QEMU through the helpers",
         description=(
+            "With --to HOST:PORT this is the source host's half: the target host runs 'ovmf-mh "
+            "migrate-incoming' there. Without --to, both halves run in this command, the target's in a "
+            "thread, over loopback TCP: the same protocol (docs/migration-protocol.md). "
             "Boot the test guest (Debian cloud kernel, busybox initramfs and a workload that keeps "
             "rewriting and checking a pattern in guest memory) on a source QEMU with its RAM in a "
             "shared file, start a target QEMU with -incoming defer and its own RAM file, start the "
             "target helpers, then pre-copy guest memory through source and target helpers (full pass, "
             "then dirty passes), stop the source, send the last pages, move device state with QEMU's "
             "migration (x-ignore-shared), verify every end-of-stream proof and only then resume the "
-            "target. Exit 0 only when the target runs and its heartbeat continues. Both QEMUs are "
-            "shut down when the command ends. See docs/migration.md."
+            "target. Exit 0 only when the target runs and its heartbeat continues. The source QEMU (and, "
+            "without --to, the target QEMU) is shut down when the command ends. See docs/migration.md."
         ),
     )
     parser.add_argument("--image", type=Path, help="firmware image (default: the DEBUG build)")
-    parser.add_argument("--key", type=Path, help="transport key (default: a fresh one for this run)")
+    parser.add_argument("--to", metavar="HOST:PORT",
+                        help="migrate to 'ovmf-mh migrate-incoming' listening there (default: none, both "
+                        "halves in this command over loopback)")
+    parser.add_argument("--key", type=Path,
+                        help="transport key file, the same on both hosts; required with --to (default "
+                        "without --to: a fresh one for this run)")
+    parser.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="give up connecting to the target after this long (default 30)")
+    parser.add_argument("--idle-timeout", type=float, default=15.0, metavar="SECONDS",
+                        help="the target counts as gone when it says nothing (it reports progress every "
+                        "second) or takes no data for this long (default 15)")
     parser.add_argument("--helper", choices=KINDS, default="firmware",
                         help="helper implementation on both sides (default firmware; --image is the guests' "
                         "firmware whatever the helper kind)")
@@ -74,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         ram_dir=args.ram_dir,
         mailbox_timeout=args.mailbox_timeout,
+        target=parse_address(args.to, "--to") if args.to else None,
+        connect_timeout=args.connect_timeout,
+        idle_timeout=args.idle_timeout,
     )
     try:
         report = migrate(config)
@@ -88,4 +106,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_json(), indent=2))
     else:
         print("\n".join(report.describe()))
-    return 0 if report.outcome == "ok" else 1
+    if report.outcome != "ok":
+        print(f"ovmf-mh migrate: error: {report.error}; the guest is {report.guest_state}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,333 @@
+"""The target role of a migration (`ovmf-mh migrate-incoming`, and the
+target half of the one-machine `ovmf-mh migrate`): wait for one source,
+check its guest description, prepare the target QEMU and helpers, import
+the page stream, say whether every end-of-stream proof verified, and resume
+the guest only when the source commits (docs/migration-protocol.md).
+
+The target never resumes a guest whose stream did not verify or whose
+source did not commit; whatever fails, every QEMU and helper it started is
+stopped by its own pid and its RAM file in --ram-dir is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, cast
+
+from host_shim import container as ct
+from host_shim import guest
+from host_shim import migration_protocol as mp
+from host_shim.errors import OvmfMhError, QemuError
+from host_shim.guest_description import DescriptionError, GuestDescription, firmware_digest, validate
+from host_shim.mailbox import DEFAULT_TIMEOUT
+from host_shim.migration_vm import MIB, MigrationError, guest_config, ram_digest, ram_file, wait_for_serial
+from host_shim.pipeline import TransferSummary, import_ram
+from host_shim.qemu import QemuVM
+
+log = logging.getLogger(__name__)
+
+#: How often the target tells the source it is alive during the stream.
+PROGRESS_INTERVAL = 1.0
+WATCH_INTERVAL = 0.1
+
+
+@dataclass
+class TargetConfig:
+    image: Path
+    work_dir: Path
+    key: bytes
+    listen: tuple[str, int] = ("127.0.0.1", 0)
+    helper: str = "firmware"
+    helpers: int = 1
+    ram_dir: Path | None = None
+    accept_timeout: float = 300.0
+    idle_timeout: float = 15.0
+    heartbeat_timeout: float = 20.0
+    mailbox_timeout: float = DEFAULT_TIMEOUT
+    # After the guest runs here: stay in the foreground running it until
+    # SIGINT/SIGTERM (True), or stop it and return (the one-machine demo).
+    keep_running: bool = True
+    # Told the bound address once listening (port 0 picks a free one).
+    on_listening: Callable[[tuple[str, int]], None] | None = None
+    # Called right after the target is resumed (failure-injection tests).
+    after_resume: Callable[[QemuVM], None] | None = None
+
+
+@dataclass
+class TargetReport:
+    outcome: str = "failed"
+    peer: str = ""
+    phase: str = "waiting for a source"
+    guest: dict[str, Any] | None = None
+    guest_state: str = "not started"
+    setup_seconds: float = 0.0
+    stream_bytes: int = 0
+    private_pages: int = 0
+    shared_pages: int = 0
+    target_heartbeat: str | None = None
+    error: str | None = None
+    work_dir: str = ""
+    logs: dict[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> list[str]:
+        lines = [f"migrate-incoming {self.outcome}: source {self.peer or '(none)'}; guest is {self.guest_state}"]
+        if self.guest:
+            lines.append(f"  guest: {json.dumps(self.guest, sort_keys=True)}")
+        if self.stream_bytes:
+            lines.append(f"  stream: {self.stream_bytes} bytes, {self.private_pages} private and "
+                         f"{self.shared_pages} shared pages verified; prepared in {self.setup_seconds:.2f} s")
+        if self.target_heartbeat:
+            lines.append(f"  heartbeat on this host: {self.target_heartbeat}")
+        if self.error:
+            lines.append(f"  error during {self.phase}: {self.error}")
+        lines.append(f"  logs in {self.work_dir}")
+        return lines
+
+
+class _CountingReader:
+    """The stream as it arrives, counted for the progress messages."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.bytes += len(data)
+        return data
+
+
+def listen(address: tuple[str, int]) -> socket.socket:
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise MigrationError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+def run_target(config: TargetConfig, server: socket.socket | None = None) -> TargetReport:
+    """One incoming migration, from accept to the guest running here (and,
+    with keep_running, until SIGINT/SIGTERM). Never raises for a failed
+    migration: the report says what failed, in which phase, from whom."""
+    work = config.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    report = TargetReport(work_dir=str(work))
+    server = server or listen(config.listen)
+    channel: mp.Channel | None = None
+    with ExitStack() as stack:
+        try:
+            with server:
+                bound = server.getsockname()[:2]
+                if config.on_listening is not None:
+                    config.on_listening((bound[0], bound[1]))
+                server.settimeout(config.accept_timeout)
+                try:
+                    conn, address = server.accept()
+                except TimeoutError:
+                    raise MigrationError(f"no source connected to {bound[0]}:{bound[1]} within "
+                                         f"{config.accept_timeout:g} s (--accept-timeout)") from None
+            report.peer = f"{address[0]}:{address[1]}"
+            channel = mp.Channel(conn, report.peer, config.idle_timeout)
+            stack.callback(channel.close)
+            description = _handshake(channel, config, report)
+            target = _receive_guest(channel, config, report, description, stack, bound[0])
+            if config.keep_running:
+                _serve_guest(report, target)
+        except (OvmfMhError, OSError) as exc:
+            report.error = str(exc)
+            if channel is not None:
+                report.phase = channel.phase
+                if not isinstance(exc, mp.PeerGone) and not channel.phase.endswith("(refused)"):
+                    # The source learns why at once, instead of by a broken pipe.
+                    with suppress(OvmfMhError):
+                        channel.send("error", phase=channel.phase, reason=str(exc)[: mp.MAX_TEXT])
+                channel.abandon()
+            if "never resumed" in report.guest_state:
+                report.guest_state = "never resumed here"
+        # Every QEMU and helper stops here, by its own pid; RAM files in
+        # --ram-dir go with them.
+    return report
+
+
+def _handshake(channel: mp.Channel, config: TargetConfig, report: TargetReport) -> GuestDescription:
+    hello = channel.receive("hello")
+    versions = [v for v in hello["versions"] if isinstance(v, int) and not isinstance(v, bool)]
+    common = sorted(set(versions) & set(mp.VERSIONS))
+    if hello["protocol"] != mp.PROTOCOL or not common:
+        raise mp.ProtocolError(f"the source {channel.peer} speaks {hello['protocol'][:40]!r} versions "
+                               f"{hello['versions'][:8]}; this target speaks {mp.PROTOCOL} {list(mp.VERSIONS)}")
+    channel.send("welcome", protocol=mp.PROTOCOL, version=common[-1])
+    channel.phase = "the guest description"
+    message = channel.receive("describe")
+    try:
+        description = validate(message["guest"], firmware_sha256=firmware_digest(config.image),
+                               shards=config.helpers)
+    except DescriptionError as exc:
+        channel.send("refuse", field=exc.field, reason=exc.reason[: mp.MAX_TEXT])
+        channel.phase = "the guest description (refused)"
+        raise MigrationError(f"refused the guest description of the source {channel.peer}: {exc}") from None
+    report.guest = description.as_json()
+    return description
+
+
+def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetReport,
+                   description: GuestDescription, stack: ExitStack, listen_host: str) -> QemuVM:
+    """Prepare, import, verify, and resume on the source's commit. Returns
+    the target QEMU, running the guest."""
+    work = config.work_dir
+    size = description.memory_mib * MIB
+    channel.phase = "the target's preparation"
+    prepare_start = time.monotonic()
+    ram = ram_file(stack, work, config.ram_dir, "target", size)
+    target = stack.enter_context(QemuVM(guest_config(config.image, ram, size, incoming=True,
+                                                     workload_mib=description.workload_mib),
+                                        work / "target", "target"))
+    report.logs = {"target_qemu": str(target.work_dir)}
+    report.guest_state = "waiting for the stream (never resumed)"
+    target.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    device_state_port = _listen_for_device_state(target, listen_host)
+
+    reader = _CountingReader(channel.reader)
+    ready = threading.Event()
+    imported: dict[str, Any] = {}
+
+    def receive() -> None:
+        try:
+            imported["summary"] = import_ram(
+                ram, config.key, cast(IO[bytes], reader), kind=config.helper, firmware=config.image,
+                work_dir=work / "target-helpers", mode="in-place", progress=False,
+                expect=ct.FileHeader(size, description.shards), on_ready=ready.set,
+                mailbox_timeout=config.mailbox_timeout,
+            )
+        except BaseException as exc:
+            imported["error"] = exc
+            ready.set()
+
+    receiver = threading.Thread(target=receive, name="migrate-incoming-receive", daemon=True)
+    receiver.start()
+    # Should anything below fail, the import stops reading at once.
+    stack.callback(channel.abandon)
+    ready.wait()
+    if "error" in imported:
+        raise MigrationError(f"the target helpers did not start: {imported['error']}")
+    report.setup_seconds = time.monotonic() - prepare_start
+    channel.send("accept", device_state_port=device_state_port)
+    channel.phase = "pre-copy"
+    _watch_import(channel, target, receiver, reader)
+    report.stream_bytes = reader.bytes
+    if "error" in imported:
+        error = imported["error"]
+        # A stream that stops short is the source going away, not a forgery.
+        if isinstance(error, OSError) or (isinstance(error, ct.ContainerError) and "truncated" in str(error)):
+            raise channel.gone(error)
+        raise MigrationError(f"the import failed: {error}")
+    summary: TransferSummary = imported["summary"]
+    report.private_pages = summary.private_pages
+    report.shared_pages = summary.shared_pages
+    channel.phase = "the verdict"
+    # A target QEMU that no longer answers QMP (a wedged main loop) would
+    # fail only after the commit, when the source can no longer resume:
+    # found now, the source resumes its guest.
+    target.qmp("query-status")
+    # The digest is the emulation's check (docs/migration.md), timed so the
+    # source can leave it out of the downtime.
+    digest_start = time.monotonic()
+    digest = ram_digest(ram, size)
+    digest_ms = round(1000 * (time.monotonic() - digest_start))
+    channel.send("verdict", ok=True, reason="", private_pages=summary.private_pages,
+                 shared_pages=summary.shared_pages, ram_digest=digest, digest_ms=digest_ms)
+    report.guest_state = "verified, waiting for the source's commit (never resumed)"
+    channel.phase = "switchover"
+    channel.receive("commit")
+    channel.phase = "the device-state move"
+    _wait_for_device_state(target)
+    serial_before = len(target.serial_text())
+    channel.phase = "resume"
+    target.qmp("cont")
+    report.guest_state = "running here"
+    channel.send("resumed")
+    if config.after_resume is not None:
+        config.after_resume(target)
+    channel.phase = "the first heartbeat after resume"
+    try:
+        report.target_heartbeat = wait_for_serial(target, guest.HEARTBEAT, config.heartbeat_timeout,
+                                                  after=serial_before)
+    except QemuError as exc:
+        report.guest_state = "lost: the target QEMU failed after switchover"
+        raise MigrationError(f"target QEMU failed after switchover: {exc}") from exc
+    if guest.CORRUPTION in target.serial_text():
+        report.guest_state = "running here, reporting corruption"
+        raise MigrationError("the workload reports CORRUPTION on the target")
+    channel.send("running", heartbeat=report.target_heartbeat[: mp.MAX_TEXT])
+    channel.phase = "running the guest"
+    report.outcome = "ok"
+    return target
+
+
+def _listen_for_device_state(target: QemuVM, host: str) -> int:
+    """QEMU's own migration channel for device state, on a free port of the
+    control connection's address; the port goes to the source in ``accept``."""
+    bracketed = f"[{host}]" if ":" in host else host
+    target.qmp("migrate-incoming", uri=f"tcp:{bracketed}:0")
+    for entry in target.qmp("query-migrate").get("socket-address", []):
+        if entry.get("type") == "inet":
+            return int(entry["port"])
+    raise MigrationError("the target QEMU did not say which port its incoming migration listens on")
+
+
+def _watch_import(channel: mp.Channel, target: QemuVM, receiver: threading.Thread,
+                  reader: _CountingReader) -> None:
+    """Wait for the import, telling the source every PROGRESS_INTERVAL that
+    this side is alive; a target QEMU that dies or stops ends the import."""
+    next_progress = time.monotonic() + PROGRESS_INTERVAL
+    stopped_since: float | None = None
+    while receiver.is_alive():
+        receiver.join(timeout=WATCH_INTERVAL)
+        # No abandon() here: the source should read why before the cut.
+        if not target.is_running():
+            raise MigrationError(f"{target.describe()}, during pre-copy")
+        if target.is_stopped():
+            stopped_since = stopped_since or time.monotonic()
+            if time.monotonic() - stopped_since > 0.3:
+                raise MigrationError(f"target QEMU pid {target.pid} is stopped (state T: SIGSTOP or a debugger) "
+                                     "and can answer nothing, during pre-copy")
+        else:
+            stopped_since = None
+        if time.monotonic() >= next_progress and receiver.is_alive():
+            channel.send("progress", stream_bytes=reader.bytes)
+            next_progress = time.monotonic() + PROGRESS_INTERVAL
+
+
+def _wait_for_device_state(target: QemuVM) -> None:
+    deadline = time.monotonic() + 60
+    while target.qmp("query-status").get("status") == "inmigrate":
+        if time.monotonic() > deadline:
+            raise MigrationError("the device state did not arrive within 60 s of the source's commit")
+        time.sleep(0.005)
+
+
+def _serve_guest(report: TargetReport, target: QemuVM) -> None:
+    """Run the guest in the foreground until SIGINT/SIGTERM (a normal end:
+    the guest stops with the command) or until its QEMU dies (a failure)."""
+    log.info("migrate-incoming: the guest runs here (QEMU pid %s); SIGINT or SIGTERM stops it", target.pid)
+    try:
+        while target.is_running():
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        report.guest_state = "ran here until stopped on request"
+        return
+    report.outcome = "failed"
+    report.guest_state = f"lost: {target.describe()}"
+    raise MigrationError(f"{target.describe()} while running the guest")

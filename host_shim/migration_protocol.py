@@ -1,0 +1,231 @@
+"""The control connection between `ovmf-mh migrate --to` (source) and
+`ovmf-mh migrate-incoming` (target): framing and strict parsing of its
+messages (docs/migration-protocol.md).
+
+A message is a 4-byte big-endian length followed by that many bytes of
+UTF-8 JSON: one object whose "type" names the message. The peer is
+untrusted: lengths are bounded before anything is read, duplicate keys,
+NaN/Infinity, unknown types and unknown or missing fields are refused, and
+every value is checked for its type and range by the receiver.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import IO, Any, cast
+
+from host_shim import container as ct
+from host_shim.errors import OvmfMhError
+
+PROTOCOL = "ovmf-mh-migration"
+#: Versions this program speaks; a later one may add the target helpers'
+#: per-migration randomness and a migration id bound into every shard.
+VERSIONS = (1,)
+LENGTH = struct.Struct(">I")
+#: No control message comes near this; a length above it is refused unread.
+MAX_MESSAGE = 16 * 1024
+MAX_TEXT = 1024
+
+#: The fields each message type carries: name -> JSON type(s). Exactly these.
+MESSAGE_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "hello": {"protocol": str, "versions": list},
+    "welcome": {"protocol": str, "version": int},
+    "describe": {"guest": dict},
+    "accept": {"device_state_port": int},
+    "refuse": {"field": str, "reason": str},
+    "progress": {"stream_bytes": int},
+    "verdict": {"ok": bool, "reason": str, "private_pages": int, "shared_pages": int, "ram_digest": list,
+                "digest_ms": int},
+    "commit": {},
+    "abort": {"reason": str},
+    "resumed": {},
+    "running": {"heartbeat": str},
+    "error": {"phase": str, "reason": str},
+}
+
+
+class ProtocolError(OvmfMhError):
+    """The peer sent something the protocol does not allow, or went away."""
+
+    def __init__(self, message: str, *, peer: str = "", phase: str = "") -> None:
+        self.peer = peer
+        self.phase = phase
+        super().__init__(message)
+
+
+class PeerGone(ProtocolError):
+    """The connection ended, was reset, or stayed silent past the idle timeout."""
+
+
+class PeerFailed(ProtocolError):
+    """The peer said it failed (an ``error`` or ``abort`` message)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    type: str
+    fields: dict[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.fields[name]
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
+    """One JSON object, strictly: UTF-8, no duplicate keys, no NaN/Infinity."""
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_object,
+                           parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} is not a JSON object")
+    return value
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    # bool is an int in Python; the protocol keeps them apart.
+    if isinstance(value, bool) and kind is not bool:
+        return False
+    return isinstance(value, kind)
+
+
+def decode(data: bytes) -> Message:
+    body = parse_json_object(data, "a control message")
+    kind = body.pop("type", None)
+    if not isinstance(kind, str) or kind not in MESSAGE_FIELDS:
+        raise ProtocolError(f"unknown control message type {str(kind)[:40]!r}")
+    expected = MESSAGE_FIELDS[kind]
+    unknown = sorted(set(body) - set(expected))
+    missing = sorted(set(expected) - set(body))
+    if unknown or missing:
+        raise ProtocolError(f"{kind} message: unknown field(s) {unknown}, missing field(s) {missing}")
+    for name, value_type in expected.items():
+        value = body[name]
+        if not _is(value, value_type):
+            raise ProtocolError(f"{kind} message: field {name!r} has the wrong type")
+        if isinstance(value, str) and len(value) > MAX_TEXT:
+            raise ProtocolError(f"{kind} message: field {name!r} longer than {MAX_TEXT} characters")
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < 2**63:
+            raise ProtocolError(f"{kind} message: field {name!r} out of range")
+    return Message(kind, body)
+
+
+def encode(kind: str, **fields: Any) -> bytes:
+    if kind not in MESSAGE_FIELDS or set(fields) != set(MESSAGE_FIELDS[kind]):
+        raise ValueError(f"malformed {kind} message: {sorted(fields)}")
+    body = json.dumps({"type": kind, **fields}, separators=(",", ":"), allow_nan=False).encode()
+    if len(body) > MAX_MESSAGE:
+        raise ValueError(f"{kind} message of {len(body)} bytes exceeds {MAX_MESSAGE}")
+    return LENGTH.pack(len(body)) + body
+
+
+class Channel:
+    """One control connection: messages both ways, the page stream from the
+    source to the target in between. Sends are serialised (the target's
+    progress messages come from their own thread). The socket's timeout is
+    the idle timeout: a read or write that waits longer means the peer went
+    silent."""
+
+    def __init__(self, sock: socket.socket, peer: str, idle_timeout: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.idle_timeout = idle_timeout
+        self.phase = "the handshake"
+        sock.settimeout(idle_timeout)
+        self.reader = cast(IO[bytes], sock.makefile("rb", buffering=256 * 1024))
+        self.writer = cast(IO[bytes], sock.makefile("wb", buffering=256 * 1024))
+        self._send_lock = threading.Lock()
+
+    def gone(self, exc: BaseException | None, timeout: float | None = None) -> PeerGone:
+        if isinstance(exc, TimeoutError) and timeout is not None:
+            how = f"did not answer within {timeout:g} s"
+        elif isinstance(exc, TimeoutError):
+            how = f"sent nothing and took nothing for {self.idle_timeout:g} s (--idle-timeout)"
+        elif exc is None or isinstance(exc, ct.ContainerError):
+            how = "closed the connection"
+        else:
+            how = f"broke the connection ({getattr(exc, 'strerror', None) or exc})"
+        return PeerGone(f"the peer {self.peer} {how} during {self.phase}", peer=self.peer, phase=self.phase)
+
+    def send(self, kind: str, **fields: Any) -> None:
+        data = encode(kind, **fields)
+        with self._send_lock:
+            try:
+                self.writer.write(data)
+                self.writer.flush()
+            except (OSError, ValueError) as exc:
+                raise self.gone(exc) from exc
+
+    def receive(self, *expected: str, timeout: float | None = None) -> Message:
+        """The next message, which must be one of ``expected``, or the
+        peer's ``error``/``abort``, raised as PeerFailed. ``timeout``
+        replaces the idle timeout for a step the peer may take long over
+        without a word (starting its QEMU and helpers, say)."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        try:
+            return self._receive(expected, timeout)
+        finally:
+            if timeout is not None:
+                self.sock.settimeout(self.idle_timeout)
+
+    def _receive(self, expected: tuple[str, ...], timeout: float | None) -> Message:
+        try:
+            (length,) = LENGTH.unpack(ct.read_exact(self.reader, LENGTH.size, "a message length"))
+            if not 0 < length <= MAX_MESSAGE:
+                raise ProtocolError(f"the peer {self.peer} announced a {length}-byte control message during "
+                                    f"{self.phase} (at most {MAX_MESSAGE})", peer=self.peer, phase=self.phase)
+            data = ct.read_exact(self.reader, length, "a control message")
+        except (OSError, ValueError, ct.ContainerError) as exc:
+            raise self.gone(exc, timeout) from exc
+        try:
+            message = decode(data)
+        except ProtocolError as exc:
+            raise ProtocolError(f"the peer {self.peer} sent a malformed message during {self.phase}: {exc}",
+                                peer=self.peer, phase=self.phase) from None
+        if message.type in ("error", "abort") and message.type not in expected:
+            theirs = f" (its phase: {message['phase']})" if message.type == "error" else ""
+            raise PeerFailed(f"the peer {self.peer} failed during {self.phase}{theirs}: {message['reason']}",
+                             peer=self.peer, phase=self.phase)
+        if message.type not in expected:
+            raise ProtocolError(f"the peer {self.peer} sent {message.type!r} during {self.phase}, expected "
+                                f"{' or '.join(expected)}", peer=self.peer, phase=self.phase)
+        return message
+
+    def close(self) -> None:
+        for stream in (self.writer, self.reader):
+            with suppress(OSError, ValueError):
+                stream.close()
+        self.abandon()
+        self.sock.close()
+
+    def abandon(self) -> None:
+        """Cut the connection now (both directions), without flushing into a
+        peer that may be stalled: the other side sees it at once."""
+        with suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def parse_address(text: str, option: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise OvmfMhError(f"{option}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)

@@ -1,0 +1,90 @@
+"""What both migration roles share: the test guest's QEMU configuration,
+its RAM file, its serial console, and the digest of a RAM file that lets the
+source check the target's copy at switchover (docs/migration.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from host_shim import guest, process
+from host_shim.errors import OvmfMhError
+from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
+
+PAGE = 4096
+MIB = 1024 * 1024
+#: The RAM digest has this many parts, whatever the guest size: a mismatch
+#: names the region, and the verdict message stays small.
+DIGEST_PARTS = 256
+
+
+class MigrationError(OvmfMhError):
+    """The migration failed; the report says where and in which state the guest is."""
+
+
+def guest_config(image: Path, ram: Path, size: int, *, incoming: bool, workload_mib: int) -> QemuConfig:
+    """Source and target differ only in their RAM file and -incoming."""
+    from host_shim.boot import vars_for
+
+    return QemuConfig(
+        firmware_code=image,
+        firmware_vars=vars_for(image),
+        memory=[MemoryBackend("ram", ram, size)],
+        kernel=guest.kernel(),
+        initrd=guest.workload_initramfs(workload_mib),
+        append=guest.KERNEL_APPEND,
+        incoming="defer" if incoming else None,
+        extra_args=["-S"] if incoming else [],
+    )
+
+
+def ram_file(stack: ExitStack, work: Path, ram_dir: Path | None, role: str, size: int) -> Path:
+    """A fresh sparse RAM file of ``size`` bytes for ``role``. In ``ram_dir``
+    it gets a unique name and is deleted when ``stack`` closes (after the
+    QEMU it stops); in the work folder it stays for inspection."""
+    if ram_dir is None:
+        path = work / f"{role}.ram"
+    else:
+        if not ram_dir.is_dir():
+            raise MigrationError(f"--ram-dir {ram_dir} is not a folder")
+        path = ram_dir / f"ovmf-mh-{os.getpid()}-{work.name}-{role}.ram"
+        process.remove_on_exit(path)
+        stack.callback(process.remove, path)
+    path.unlink(missing_ok=True)
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+def ram_digest(path: Path, size: int) -> list[str]:
+    """DIGEST_PARTS BLAKE2b digests of equal parts of a RAM file: a
+    comparison of bytes, as SEV would allow for ciphertext, never an
+    interpretation of them."""
+    part = size // DIGEST_PARTS
+    digests = []
+    with path.open("rb") as f:
+        for _ in range(DIGEST_PARTS):
+            digests.append(hashlib.blake2b(f.read(part), digest_size=8).hexdigest())
+    return digests
+
+
+def _complete_lines(text: str) -> str:
+    """text up to its last newline: the guest may be mid-way through a line."""
+    return text[: text.rfind("\n") + 1]
+
+
+def wait_for_serial(vm: QemuVM, needle: str, timeout: float, after: int = 0) -> str:
+    """The first complete serial line (after offset ``after``) containing needle."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = _complete_lines(vm.serial_text()[after:])
+        if needle in text:
+            index = text.index(needle)
+            return text[index : text.index("\n", index)].rstrip("\r")
+        if not vm.is_running():
+            raise vm.error(f"QEMU exited while waiting for {needle!r} on the serial console")
+        time.sleep(0.05)
+    raise vm.error(f"no {needle!r} on the serial console within {timeout:.0f} s")

@@ -1,0 +1,237 @@
+"""The two-host migration's control connection and guest description,
+without QEMU: hostile descriptions and malformed messages are refused with
+the field or the reason named (docs/migration-protocol.md)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from host_shim import migration_protocol as mp
+from host_shim.guest_description import DescriptionError, firmware_digest, validate
+from host_shim.migrate_target import TargetConfig, TargetReport, run_target
+
+DIGEST = "ab" * 32
+
+
+def _good() -> dict[str, Any]:
+    return {"guest": "ovmf-mh-test-guest", "machine": "q35", "accel": "tcg", "cpu": "max", "memory_mib": 256,
+            "workload_mib": 64, "shards": 1, "firmware_sha256": DIGEST}
+
+
+def test_a_good_description_is_accepted_as_sent() -> None:
+    description = validate(_good(), firmware_sha256=DIGEST, shards=1)
+    assert description.as_json() == _good()
+
+
+HOSTILE: list[tuple[str, dict[str, Any], str, str]] = [
+    ("unknown field", {"extra_args": ["-monitor", "stdio"]}, "extra_args", "unknown field"),
+    ("shell in the machine", {"machine": "q35; rm -rf /"}, "machine", "not one of q35"),
+    ("another accelerator", {"accel": "kvm"}, "accel", "not one of tcg"),
+    ("another CPU", {"cpu": "host"}, "cpu", "not one of max"),
+    ("another guest", {"guest": "/etc/passwd"}, "guest", "not one of"),
+    ("memory as text", {"memory_mib": "256"}, "memory_mib", "must be an integer"),
+    ("memory as a boolean", {"memory_mib": True}, "memory_mib", "must be an integer"),
+    ("memory as a float", {"memory_mib": 256.0}, "memory_mib", "must be an integer"),
+    ("too little memory", {"memory_mib": 16}, "memory_mib", "outside 256..2048"),
+    ("huge memory", {"memory_mib": 2**62}, "memory_mib", "outside 256..2048"),
+    ("negative workload", {"workload_mib": -1}, "workload_mib", "outside 1..128"),
+    ("workload over half", {"workload_mib": 129}, "workload_mib", "outside 1..128"),
+    ("shards out of range", {"shards": 65}, "shards", "outside 1..64"),
+    ("shards not the target's", {"shards": 2}, "shards", "this target runs 1 helper(s)"),
+    ("digest not hex", {"firmware_sha256": "../../" + "a" * 58}, "firmware_sha256", "hexadecimal"),
+    ("digest upper case", {"firmware_sha256": "AB" * 32}, "firmware_sha256", "hexadecimal"),
+    ("other firmware", {"firmware_sha256": "cd" * 32}, "firmware_sha256", "device state would not fit"),
+    ("machine as a list", {"machine": ["q35"]}, "machine", "list is not one of"),
+]
+
+
+@pytest.mark.parametrize(("change", "field", "reason"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_descriptions_are_refused_naming_the_field(change: dict[str, Any], field: str, reason: str) -> None:
+    body = _good() | change
+    with pytest.raises(DescriptionError) as caught:
+        validate(body, firmware_sha256=DIGEST, shards=1)
+    assert caught.value.field == field
+    assert reason in caught.value.reason
+
+
+@pytest.mark.parametrize("missing", sorted(_good()))
+def test_every_field_is_required(missing: str) -> None:
+    body = _good()
+    del body[missing]
+    with pytest.raises(DescriptionError) as caught:
+        validate(body, firmware_sha256=DIGEST, shards=1)
+    assert (caught.value.field, caught.value.reason) == (missing, "missing")
+
+
+def test_messages_round_trip() -> None:
+    data = mp.encode("verdict", ok=True, reason="", private_pages=3, shared_pages=0, ram_digest=["00"],
+                     digest_ms=5)
+    (length,) = mp.LENGTH.unpack(data[:4])
+    assert length == len(data) - 4
+    message = mp.decode(data[4:])
+    assert message.type == "verdict" and message["private_pages"] == 3
+
+
+MALFORMED: list[tuple[str, bytes, str]] = [
+    ("not JSON", b"\xff\xfe", "not valid JSON"),
+    ("a list", b"[1]", "not a JSON object"),
+    ("duplicate key", b'{"type":"accept","device_state_port":1,"device_state_port":2}', "duplicate key"),
+    ("NaN", b'{"type":"progress","stream_bytes":NaN}', "not allowed"),
+    ("unknown type", b'{"type":"exec"}', "unknown control message type"),
+    ("no type", b'{"pages":1}', "unknown control message type"),
+    ("extra field", b'{"type":"commit","then":"rm"}', "unknown field(s) ['then']"),
+    ("missing field", b'{"type":"accept"}', "missing field(s) ['device_state_port']"),
+    ("wrong type", b'{"type":"accept","device_state_port":"22"}', "wrong type"),
+    ("bool for int", b'{"type":"accept","device_state_port":true}', "wrong type"),
+    ("negative", b'{"type":"progress","stream_bytes":-1}', "out of range"),
+    ("long text", json.dumps({"type": "abort", "reason": "x" * 5000}).encode(), "longer than"),
+    ("deep nesting", b'{"type":"describe","guest":' + b"[" * 100000 + b"]" * 100000 + b"}", "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("data", "reason"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_malformed_messages_are_refused(data: bytes, reason: str) -> None:
+    with pytest.raises(mp.ProtocolError, match=None) as caught:
+        mp.decode(data)
+    assert reason in str(caught.value)
+
+
+def _pair(idle: float = 5.0) -> tuple[mp.Channel, socket.socket]:
+    ours, theirs = socket.socketpair()
+    return mp.Channel(ours, "peer test", idle), theirs
+
+
+def test_an_oversized_length_is_refused_before_reading() -> None:
+    channel, peer = _pair()
+    with peer:
+        peer.sendall(mp.LENGTH.pack(1 << 30))
+        with pytest.raises(mp.ProtocolError, match="announced a 1073741824-byte control message"):
+            channel.receive("hello")
+    channel.close()
+
+
+def test_an_unexpected_message_names_what_was_expected() -> None:
+    channel, peer = _pair()
+    with peer:
+        peer.sendall(mp.encode("commit"))
+        channel.phase = "pre-copy"
+        with pytest.raises(mp.ProtocolError, match="sent 'commit' during pre-copy, expected verdict"):
+            channel.receive("verdict")
+    channel.close()
+
+
+def test_the_peers_error_is_raised_with_its_reason() -> None:
+    channel, peer = _pair()
+    with peer:
+        peer.sendall(mp.encode("error", phase="pre-copy", reason="helper 0 exited"))
+        expected = r"failed during the handshake \(its phase: pre-copy\): helper 0 exited"
+        with pytest.raises(mp.PeerFailed, match=expected):
+            channel.receive("verdict")
+    channel.close()
+
+
+def test_a_closed_connection_names_the_peer_and_the_phase() -> None:
+    channel, peer = _pair()
+    peer.close()
+    channel.phase = "switchover"
+    with pytest.raises(mp.PeerGone, match="the peer peer test closed the connection during switchover"):
+        channel.receive("commit")
+    channel.close()
+
+
+def test_a_silent_peer_is_gone_after_the_idle_timeout() -> None:
+    channel, peer = _pair(idle=0.2)
+    with peer, pytest.raises(mp.PeerGone, match=r"sent nothing and took nothing for 0.2 s"):
+        channel.receive("progress")
+    channel.close()
+
+
+def _run_target_against(tmp_path: Path, talk: Any) -> tuple[TargetReport, Any]:
+    """run_target in a thread, a scripted source talking to it; no QEMU is
+    ever started unless the description is accepted."""
+    image = tmp_path / "image.fd"
+    image.write_bytes(b"not really firmware")
+    address: list[tuple[str, int]] = []
+    listening = threading.Event()
+
+    def on_listening(bound: tuple[str, int]) -> None:
+        address.append(bound)
+        listening.set()
+
+    config = TargetConfig(image=image, work_dir=tmp_path / "target", key=bytes(32), idle_timeout=5,
+                          accept_timeout=10, keep_running=False, on_listening=on_listening)
+    reports: list[TargetReport] = []
+    thread = threading.Thread(target=lambda: reports.append(run_target(config)), daemon=True)
+    thread.start()
+    assert listening.wait(10)
+    with socket.create_connection(address[0], timeout=10) as sock:
+        channel = mp.Channel(sock, "target", 5)
+        answer = talk(channel, firmware_digest(image))
+    thread.join(timeout=20)
+    assert reports, "the target role did not end"
+    return reports[0], answer
+
+
+def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: Path) -> None:
+    def talk(channel: mp.Channel, digest: str) -> mp.Message:
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 7])
+        assert channel.receive("welcome")["version"] == 1
+        channel.send("describe", guest=_good() | {"firmware_sha256": digest, "machine": "pc; reboot"})
+        return channel.receive("refuse")
+
+    report, answer = _run_target_against(tmp_path, talk)
+    assert answer["field"] == "machine" and "not one of q35" in answer["reason"]
+    assert report.outcome == "failed"
+    assert report.error is not None and "'machine'" in report.error
+    assert report.phase.startswith("the guest description")
+    assert report.guest_state == "not started"
+    assert not (tmp_path / "target" / "target").exists(), "a QEMU work folder was made"
+
+
+def test_the_target_refuses_a_source_without_a_common_version(tmp_path: Path) -> None:
+    def talk(channel: mp.Channel, digest: str) -> mp.Message:
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[2, 3])
+        return channel.receive("error")
+
+    report, answer = _run_target_against(tmp_path, talk)
+    assert "versions [2, 3]" in answer["reason"] and answer["phase"] == "the handshake"
+    assert report.outcome == "failed" and report.peer.startswith("127.0.0.1:")
+
+
+def test_the_target_drops_a_source_that_sends_garbage(tmp_path: Path) -> None:
+    def talk(channel: mp.Channel, digest: str) -> bytes:
+        channel.sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        return channel.sock.recv(100)
+
+    report, _ = _run_target_against(tmp_path, talk)
+    assert report.outcome == "failed"
+    assert report.error is not None and "control message" in report.error
+
+
+def test_a_step_with_its_own_timeout_says_so_and_the_idle_timeout_returns() -> None:
+    channel, peer = _pair(idle=7.0)
+    with peer, pytest.raises(mp.PeerGone, match=r"did not answer within 0.2 s"):
+        channel.receive("accept", timeout=0.2)
+    assert channel.sock.gettimeout() == 7.0
+    channel.close()
+
+
+def test_the_one_machine_demo_ends_its_target_role_when_the_source_never_connects(tmp_path: Path) -> None:
+    """The source role fails before it connects (no firmware image): the
+    target role, waiting in accept in a thread, ends with it at once
+    instead of after --accept-timeout."""
+    from host_shim.errors import OvmfMhError
+    from host_shim.migrate import MigrationConfig, migrate
+
+    started = time.monotonic()
+    with pytest.raises(OvmfMhError, match="not found"):
+        migrate(MigrationConfig(image=tmp_path / "missing.fd", work_dir=tmp_path / "work", progress=False))
+    assert time.monotonic() - started < 30
+    assert not [t for t in threading.enumerate() if t.name == "migrate-target"]

@@ -1,0 +1,393 @@
+"""Migration between two programs, as between two hosts: `ovmf-mh
+migrate-incoming` in one process, `ovmf-mh migrate --to` in another, over
+loopback TCP; and each of them killed mid pre-copy (docs/migration-protocol.md).
+
+Every process a test starts is ended by its own pid, also when the test
+fails; every QEMU the programs started must be gone afterwards (found by
+the pid files in their work folders)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+pytestmark = [pytest.mark.qemu, pytest.mark.firmware]
+
+OVMF_MH = Path(sys.executable).parent / "ovmf-mh"
+
+
+class Program:
+    """One ovmf-mh command in its own process, its output in files of the
+    test's work folder."""
+
+    def __init__(self, argv: list[str], work: Path, name: str, prefix: tuple[str, ...] = ()) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        self.stdout_path = work / f"{name}.stdout"
+        self.stderr_path = work / f"{name}.stderr"
+        self._stdout: IO[bytes] = self.stdout_path.open("wb")
+        self._stderr: IO[bytes] = self.stderr_path.open("wb")
+        # 'ip netns exec' execs the command: the pid is ovmf-mh's own.
+        self.proc = subprocess.Popen([*prefix, str(OVMF_MH), *argv], stdout=self._stdout, stderr=self._stderr)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def end(self) -> None:
+        """SIGKILL by its own pid if it still runs (its reaper stops its QEMUs)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self._stdout.close()
+        self._stderr.close()
+
+
+@pytest.fixture
+def programs(work_dir: Path) -> Iterator[list[Program]]:
+    started: list[Program] = []
+    yield started
+    for program in started:
+        program.end()
+    # QEMUs that a killed program's reaper did not stop yet, by their own pids.
+    for pid in _qemu_pids(work_dir):
+        if _alive(pid):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def key(work_dir: Path) -> Path:
+    path = work_dir / "transport.key"
+    subprocess.run([str(OVMF_MH), "keygen", "--out", str(path)], check=True, capture_output=True)
+    return path
+
+
+def _qemu_pids(work: Path) -> list[int]:
+    pids = []
+    for pid_file in work.rglob("qemu.pid"):
+        with suppress(ValueError, OSError):
+            pids.append(int(pid_file.read_text()))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _all_gone(work: Path, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in _qemu_pids(work) if _alive(pid)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _target(programs: list[Program], work: Path, key: Path, ram_dir: Path, *extra: str, host: str = "127.0.0.1",
+            prefix: tuple[str, ...] = ()) -> tuple[Program, int]:
+    program = Program(["migrate-incoming", "--listen", f"{host}:0", "--key", str(key), "--work-dir",
+                       str(work / "target"), "--ram-dir", str(ram_dir), "--json", "--idle-timeout", "10",
+                       *extra], work, "migrate-incoming", prefix)
+    programs.append(program)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = re.search(rf"listening on {re.escape(host)}:(\d+)", program.stderr())
+        if found:
+            return program, int(found.group(1))
+        assert program.proc.poll() is None, f"migrate-incoming exited: {program.stderr()}"
+        time.sleep(0.05)
+    raise AssertionError(f"migrate-incoming did not listen; {program.stderr_path}")
+
+
+def _source(programs: list[Program], work: Path, key: Path, port: int, ram_dir: Path, host: str = "127.0.0.1",
+            prefix: tuple[str, ...] = ()) -> Program:
+    program = Program(["migrate", "--to", f"{host}:{port}", "--key", str(key), "--work-dir",
+                       str(work / "source"), "--ram-dir", str(ram_dir), "--helpers", "1", "--json",
+                       "--idle-timeout", "10", "--no-progress"], work, "migrate", prefix)
+    programs.append(program)
+    return program
+
+
+@pytest.fixture
+def ram_dir() -> Iterator[Path]:
+    """The RAM files of both programs, on tmpfs: nothing may stay there."""
+    path = Path(tempfile.mkdtemp(prefix="omh-ram-", dir="/dev/shm"))
+    yield path
+    for leftover in path.iterdir():
+        leftover.unlink()
+    path.rmdir()
+
+
+def _report(program: Program) -> dict[str, Any]:
+    text = program.stdout()
+    try:
+        report: dict[str, Any] = json.loads(text)
+    except ValueError:
+        raise AssertionError(f"no JSON report on stdout; stderr {program.stderr_path}: {program.stderr()}") from None
+    return report
+
+
+def test_two_programs_migrate_the_guest_and_the_target_keeps_it_running(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, ram_dir)
+    assert source.wait(timeout=600) == 0, f"{source.stderr_path}: {source.stderr()[-2000:]}"
+    report = _report(source)
+    assert report["outcome"] == "ok" and report["guest_state"] == "running on target"
+    assert report["ram_identical"] is True
+    assert report["target_heartbeat"] is not None and "errors=0" in report["target_heartbeat"]
+    assert report["passes"][0]["pages"] == 256 * 256
+    assert not report["passes"][-1]["guest_running"]
+    # The source's QEMU is gone; the target's runs the guest, beating.
+    target_qemu = int((work_dir / "target" / "target" / "qemu.pid").read_text())
+    assert not _alive(int((work_dir / "source" / "source" / "qemu.pid").read_text()))
+    assert target.proc.poll() is None and _alive(target_qemu)
+    serial = work_dir / "target" / "target" / "serial.log"
+    beats = serial.read_text(errors="replace").count("HB seq=")
+    deadline = time.monotonic() + 30
+    while serial.read_text(errors="replace").count("HB seq=") < beats + 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert serial.read_text(errors="replace").count("HB seq=") >= beats + 2, "the guest stopped beating"
+    assert "CORRUPTION" not in serial.read_text(errors="replace")
+    os.kill(target.pid, signal.SIGTERM)
+    assert target.wait(timeout=60) == 0, target.stderr()
+    target_report = _report(target)
+    assert target_report["outcome"] == "ok" and target_report["peer"].startswith("127.0.0.1:")
+    assert target_report["guest_state"] == "ran here until stopped on request"
+    assert _all_gone(work_dir, 10) == []
+    assert list(ram_dir.iterdir()) == []
+
+
+def _wait_for_pre_copy(work: Path, program: Program, timeout: float = 300) -> None:
+    """Until the source sent part of its first pass: its helper's mailbox
+    served commands and the target's stream log says pages arrived."""
+    deadline = time.monotonic() + timeout
+    pid_file = work / "target" / "target-helpers" / "helper-0" / "qemu.pid"
+    while time.monotonic() < deadline:
+        assert program.proc.poll() is None, f"{program.stderr_path}: {program.stderr()[-2000:]}"
+        if pid_file.exists() and (work / "source" / "source-helpers" / "helper-0" / "qemu.pid").exists():
+            # Both helpers run: the stream flows within a second of it.
+            time.sleep(2.0)
+            return
+        time.sleep(0.05)
+    raise AssertionError("pre-copy never started")
+
+
+def test_target_killed_mid_pre_copy_leaves_the_source_guest_running(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, ram_dir)
+    _wait_for_pre_copy(work_dir, source)
+    os.kill(target.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert source.wait(timeout=120) == 1, source.stderr()
+    exit_seconds = time.monotonic() - killed_at
+    report = _report(source)
+    assert report["guest_state"] == "running on source", report
+    assert report["source_heartbeat_after_failure"] and "errors=0" in report["source_heartbeat_after_failure"]
+    assert f"target 127.0.0.1:{port}" in report["error"] and "pass" in report["error"], report["error"]
+    # Seen through the connection, not through the idle timeout (10 s).
+    assert exit_seconds < 60
+    assert _all_gone(work_dir, 15) == []
+    print(f"target killed: source exited 1 after {exit_seconds:.2f} s; {source.stderr().splitlines()[-1]}")
+    assert list(ram_dir.iterdir()) == []
+
+
+def test_source_killed_mid_pre_copy_the_target_never_resumes(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, ram_dir)
+    _wait_for_pre_copy(work_dir, source)
+    os.kill(source.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert target.wait(timeout=120) == 1, target.stderr()
+    exit_seconds = time.monotonic() - killed_at
+    report = _report(target)
+    assert report["outcome"] == "failed"
+    assert report["guest_state"] == "never resumed here", report
+    assert report["phase"] == "pre-copy", report
+    # A clean close or a reset, as the kernel closed the killed program's socket.
+    assert report["peer"].startswith("127.0.0.1:")
+    assert re.search(r"(closed|broke) the connection", report["error"]), report["error"]
+    assert "during pre-copy" in target.stderr()
+    qmp_log = (work_dir / "target" / "target" / "qmp.log").read_text()
+    assert '"cont"' not in qmp_log, "the target QEMU was resumed"
+    assert exit_seconds < 60
+    assert _all_gone(work_dir, 15) == []
+    assert list(ram_dir.iterdir()) == []
+    print(f"source killed: target exited 1 after {exit_seconds:.2f} s; {target.stderr().splitlines()[-1]}")
+
+
+def _wait_for_source_stop(work: Path, program: Program, timeout: float = 600) -> None:
+    """Until the source role stopped its guest for the switchover (its QMP log)."""
+    qmp_log = work / "source" / "source" / "qmp.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert program.proc.poll() is None, f"{program.stderr_path}: {program.stderr()[-2000:]}"
+        with suppress(OSError):
+            if '"execute": "stop"' in qmp_log.read_text():
+                return
+        time.sleep(0.005)
+    raise AssertionError("the source never stopped its guest")
+
+
+def test_target_killed_in_the_switchover_resumes_the_source(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, ram_dir)
+    _wait_for_source_stop(work_dir, source)
+    os.kill(target.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert source.wait(timeout=120) == 1, source.stderr()
+    exit_seconds = time.monotonic() - killed_at
+    report = _report(source)
+    assert report["guest_state"] == "running on source", report
+    assert "errors=0" in report["source_heartbeat_after_failure"]
+    assert f"target 127.0.0.1:{port}" in report["error"], report["error"]
+    qmp = (work_dir / "source" / "source" / "qmp.log").read_text()
+    assert '"execute": "cont"' in qmp, "the source guest was not resumed"
+    assert exit_seconds < 60
+    assert _all_gone(work_dir, 15) == []
+    assert list(ram_dir.iterdir()) == []
+    print(f"target killed in the switchover: source exited 1 after {exit_seconds:.2f} s; "
+          f"{source.stderr().splitlines()[-1]}")
+
+
+def test_source_killed_in_the_switchover_the_target_never_resumes(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, ram_dir)
+    _wait_for_source_stop(work_dir, source)
+    os.kill(source.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert target.wait(timeout=120) == 1, target.stderr()
+    exit_seconds = time.monotonic() - killed_at
+    report = _report(target)
+    assert report["guest_state"] == "never resumed here", report
+    assert re.search(r"(closed|broke) the connection", report["error"]), report
+    assert '"cont"' not in (work_dir / "target" / "target" / "qmp.log").read_text(), "the target was resumed"
+    assert exit_seconds < 60
+    assert _all_gone(work_dir, 15) == []
+    assert list(ram_dir.iterdir()) == []
+    print(f"source killed in the switchover: target exited 1 after {exit_seconds:.2f} s in phase "
+          f"{report['phase']!r}; {target.stderr().splitlines()[-1]}")
+
+
+TARGET_ADDRESS = "10.231.0.1"
+SOURCE_ADDRESS = "10.231.0.2"
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[tuple[str, str, str]]:
+    """Two network namespaces joined by a veth pair, 10.231.0.1/24 (target)
+    and 10.231.0.2/24 (source): the target's namespace, the source's, and
+    the target's end of the link. Deleted afterwards, also on failure."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root ('ip netns add')")
+    if shutil.which("ip") is None:
+        pytest.skip("no 'ip' command (iproute2) on this machine")
+    tag = f"omh{os.getpid() % 100000}"
+    target_ns, source_ns = f"{tag}-t", f"{tag}-s"
+    target_link, source_link = f"{tag}t", f"{tag}s"
+    steps = [
+        ["ip", "netns", "add", target_ns],
+        ["ip", "netns", "add", source_ns],
+        ["ip", "link", "add", target_link, "type", "veth", "peer", "name", source_link],
+        ["ip", "link", "set", target_link, "netns", target_ns],
+        ["ip", "link", "set", source_link, "netns", source_ns],
+        ["ip", "-n", target_ns, "addr", "add", f"{TARGET_ADDRESS}/24", "dev", target_link],
+        ["ip", "-n", source_ns, "addr", "add", f"{SOURCE_ADDRESS}/24", "dev", source_link],
+        ["ip", "-n", target_ns, "link", "set", target_link, "up"],
+        ["ip", "-n", source_ns, "link", "set", source_link, "up"],
+        ["ip", "-n", target_ns, "link", "set", "lo", "up"],
+        ["ip", "-n", source_ns, "link", "set", "lo", "up"],
+    ]
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot set up two network namespaces: {' '.join(step)}: {done.stderr.strip()}")
+        yield target_ns, source_ns, target_link
+    finally:
+        for ns in (target_ns, source_ns):  # the veth pair goes with them
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", target_link], capture_output=True)
+
+
+def test_migration_between_two_network_namespaces(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program],
+        two_hosts: tuple[str, str, str]) -> None:
+    target_ns, source_ns, _ = two_hosts
+    target, port = _target(programs, work_dir, key, ram_dir, "--no-keep-running", host=TARGET_ADDRESS,
+                           prefix=("ip", "netns", "exec", target_ns))
+    source = _source(programs, work_dir, key, port, ram_dir, host=TARGET_ADDRESS,
+                     prefix=("ip", "netns", "exec", source_ns))
+    assert source.wait(timeout=600) == 0, f"{source.stderr_path}: {source.stderr()[-2000:]}"
+    assert target.wait(timeout=60) == 0, f"{target.stderr_path}: {target.stderr()[-2000:]}"
+    report = _report(source)
+    assert report["outcome"] == "ok" and report["ram_identical"] is True
+    assert "errors=0" in report["target_heartbeat"]
+    target_report = _report(target)
+    assert target_report["peer"].startswith(f"{SOURCE_ADDRESS}:")
+    assert target_report["guest_state"] == "running here"
+    assert _all_gone(work_dir, 10) == []
+    assert list(ram_dir.iterdir()) == []
+
+
+def test_link_down_mid_pre_copy(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program],
+        two_hosts: tuple[str, str, str]) -> None:
+    """The cable is cut: neither side hears a close, both see the silence
+    (--idle-timeout 10 s). The source guest goes on; the target never resumes."""
+    target_ns, source_ns, target_link = two_hosts
+    target, port = _target(programs, work_dir, key, ram_dir, host=TARGET_ADDRESS,
+                           prefix=("ip", "netns", "exec", target_ns))
+    source = _source(programs, work_dir, key, port, ram_dir, host=TARGET_ADDRESS,
+                     prefix=("ip", "netns", "exec", source_ns))
+    _wait_for_pre_copy(work_dir, source)
+    subprocess.run(["ip", "-n", target_ns, "link", "set", target_link, "down"], check=True)
+    cut_at = time.monotonic()
+    assert source.wait(timeout=120) == 1, source.stderr()
+    source_seconds = time.monotonic() - cut_at
+    assert target.wait(timeout=120) == 1, target.stderr()
+    target_seconds = time.monotonic() - cut_at
+    report = _report(source)
+    assert report["guest_state"] == "running on source", report
+    assert "errors=0" in report["source_heartbeat_after_failure"]
+    assert f"target {TARGET_ADDRESS}:{port}" in report["error"], report["error"]
+    target_report = _report(target)
+    assert target_report["guest_state"] == "never resumed here", target_report
+    assert target_report["phase"] == "pre-copy" and target_report["peer"].startswith(f"{SOURCE_ADDRESS}:")
+    assert '"cont"' not in (work_dir / "target" / "target" / "qmp.log").read_text()
+    # The idle timeout (10 s) plus stopping, with generous slack for a loaded machine.
+    assert source_seconds < 90 and target_seconds < 90
+    assert _all_gone(work_dir, 15) == []
+    assert list(ram_dir.iterdir()) == []
+    print(f"link down: source exited 1 after {source_seconds:.2f} s ({source.stderr().splitlines()[-1]}); "
+          f"target exited 1 after {target_seconds:.2f} s ({target.stderr().splitlines()[-1]})")
