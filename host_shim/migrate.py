@@ -352,6 +352,9 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         stack.callback(receive_sock.close)
         ready = threading.Event()
         imported: dict[str, Any] = {}
+        # The target helpers' challenge nonces: the source helpers bind their
+        # streams to them, so the target accepts this migration's streams only.
+        nonces: list[bytes] = []
 
         def receive() -> None:
             with cast(IO[bytes], receive_sock.makefile("rb", buffering=256 * 1024)) as stream:
@@ -360,7 +363,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
                         target_ram, key, stream, kind=config.helper, firmware=config.image,
                         work_dir=work / "target-helpers", mode="in-place", progress=False,
                         expect=ct.FileHeader(size, config.helpers), on_ready=ready.set,
-                        mailbox_timeout=config.mailbox_timeout,
+                        mailbox_timeout=config.mailbox_timeout, challenge=nonces.extend,
                     )
                 except BaseException as exc:
                     imported["error"] = exc
@@ -388,7 +391,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         exporter = stack.enter_context(
             Exporter(source_ram, key, sink, kind=config.helper, helpers=config.helpers,
                      firmware=config.image, work_dir=work / "source-helpers", track_pages=True,
-                     mailbox_timeout=config.mailbox_timeout)
+                     mailbox_timeout=config.mailbox_timeout, challenge=lambda: list(nonces))
         )
         # From now on a fault stops the helpers' work at their next step.
         watch.on_fault = exporter.abort

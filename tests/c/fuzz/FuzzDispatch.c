@@ -133,6 +133,9 @@ ExportStream (
   Arg[0]  = 0;
   Arg[1]  = STREAM_HEADER;
   Arg[2]  = Tracked ? OVMF_MH_EXPORT_TRACK_PAGES : 0;
+  Arg[3]  = 0;                  // the migration id: whatever the data area holds
+  Arg[4]  = 0;
+  Arg[5]  = 1;
   Status  = FuzzCall (Source, OVMF_MH_CMD_EXPORT_BEGIN, Arg, Result);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
     FuzzFail ("export begin", Status);
@@ -308,6 +311,8 @@ RoundTrip (
   memcpy ((VOID *)Target->Context.Data, Stream, Size);
   Arg[0] = 0;
   Arg[1] = STREAM_HEADER;
+  Arg[2] = 0;
+  Arg[3] = 1;
   Status = FuzzCall (Target, OVMF_MH_CMD_IMPORT_BEGIN, Arg, Result);
   if (Status == OVMF_MH_STATUS_SUCCESS) {
     BatchSize = (Size >= STREAM_HEADER + END_RECORD) ? Size - STREAM_HEADER - END_RECORD : 0;
