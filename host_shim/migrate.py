@@ -363,7 +363,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
                         target_ram, key, stream, kind=config.helper, firmware=config.image,
                         work_dir=work / "target-helpers", mode="in-place", progress=False,
                         expect=ct.FileHeader(size, config.helpers), on_ready=ready.set,
-                        mailbox_timeout=config.mailbox_timeout, challenge=nonces.extend,
+                        mailbox_timeout=config.mailbox_timeout,
+                        challenge=lambda given, _size: nonces.extend(given),
                     )
                 except BaseException as exc:
                     imported["error"] = exc

@@ -136,6 +136,8 @@ class TransferSummary:
     error: str | None = None
     work_dir: str | None = None
     shard_records: list[int] = field(default_factory=list)
+    #: The streams were bound to the target helpers' challenge nonces.
+    bound: bool = False
 
     @property
     def pages(self) -> int:
@@ -343,6 +345,7 @@ class Exporter:
                 if len(self._nonces) != self.helpers:
                     raise TransferError(f"the target sent {len(self._nonces)} challenge nonce(s) for "
                                         f"{self.helpers} shard(s)")
+                self.summary.bound = True
             self._writer = _thread(self._write_frames, self._failure, "export-writer")
             self._run_shards(lambda index, backend: self._begin(index, backend))
         except BaseException:
@@ -698,7 +701,7 @@ def import_ram(
     expect: ct.FileHeader | None = None,
     on_ready: Callable[[], None] | None = None,
     mailbox_timeout: float = DEFAULT_TIMEOUT,
-    challenge: Callable[[Nonces], None] | None = None,
+    challenge: Callable[[Nonces, int], None] | None = None,
 ) -> TransferSummary:
     """Read a transfer stream from ``source`` into RAM file ``dst``; raises
     TransferError (or the helper's MailboxError) unless everything verified.
@@ -711,7 +714,8 @@ def import_ram(
 
     With ``challenge``, every target helper draws a nonce (IMPORT_CHALLENGE)
     once the helpers run, before ``on_ready`` and before a frame is read;
-    ``challenge`` gets them (in shard order) to pass to the source. The
+    ``challenge`` gets them (in shard order) and the guest size, to pass
+    to the source. The
     helpers then accept only streams bound to their own nonce. In any case
     the import succeeds only after target helper 0 committed every shard's
     receipt (IMPORT_COMMIT).
@@ -777,7 +781,8 @@ def import_ram(
                     target.open("r+b") as raw, mmap.mmap(raw.fileno(), header.guest_size) as target_map:
                 summary.helper_start_seconds = time.monotonic() - started
                 if challenge is not None:
-                    challenge(_challenge_all(backends))
+                    challenge(_challenge_all(backends), header.guest_size)
+                    summary.bound = True
                 if on_ready is not None:
                     on_ready()
                 if expect is not None and ct.read_file_header(source) != expect:

@@ -280,7 +280,7 @@ InternalKnownStatus (
   )
 {
   return (BOOLEAN)(Status <= OVMF_MH_STATUS_NO_ENTROPY ||
-                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_SESSION_FAILED));
+                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_BAD_RECEIPT));
 }
 
 STATIC
