@@ -739,11 +739,15 @@ def test_container_bounds_frames_before_reading_them() -> None:
 # --- one migration: shards bound together, to one target, at its guest size -------------------
 
 
-def _refusal(work_dir: Path, key: Path, bad: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    """Import ``bad`` with reference helpers: it must fail, leave no DST; return stderr."""
+#: Target helpers of the hostile-container tests: both kinds (firmware under QEMU).
+TARGETS = [pytest.param("reference"), pytest.param("firmware", marks=pytest.mark.qemu)]
+
+
+def _refusal(work_dir: Path, key: Path, bad: Path, capsys: pytest.CaptureFixture[str], helper: str) -> str:
+    """Import ``bad`` with ``helper`` helpers: it must fail, leave no DST; return stderr."""
     dst = work_dir / "dst.ram"
     capsys.readouterr()
-    assert import_(work_dir, key, bad, dst, "reference") == 1
+    assert import_(work_dir, key, bad, dst, helper) == 1
     err = capsys.readouterr().err
     assert not dst.exists() and not list(work_dir.glob(".dst.ram.ovmf-mh-partial"))
     return err
@@ -765,43 +769,53 @@ def _header(guest_size: int, shards: int) -> bytes:
     return ct.FileHeader(guest_size, shards).encode()
 
 
+@pytest.mark.parametrize("helper", TARGETS)
 def test_dropped_shard_with_count_and_totals_fixed_up_is_refused(
-    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]
+    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str], helper: str
 ) -> None:
     src = make_ram(work_dir / "src.ram", "random", 2048)
     _, frames = _frames(export(work_dir, key, src, "reference", 2))
     kept = _shard_frames(frames, 0)
     bad = _write(work_dir / "bad.omh", _header(2048 * PAGE, 1), [*kept, _done(frames, 1024)])
-    err = _refusal(work_dir, key, bad, capsys)
+    err = _refusal(work_dir, key, bad, capsys, helper)
     assert "refused IMPORT_BEGIN" in err and "status WRONG_SHARD" in err, err
 
 
-def test_duplicated_shard_is_refused(work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("helper", TARGETS)
+def test_duplicated_shard_is_refused(
+    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str], helper: str
+) -> None:
     """Shard 0 also stands in for shard 1 (the same pages twice, counts fixed up)."""
     src = make_ram(work_dir / "src.ram", "random", 2048)
     _, frames = _frames(export(work_dir, key, src, "reference", 2))
     shard0 = _shard_frames(frames, 0)
     twice = [*shard0, *[(k, 1, p) for k, _, p in shard0], _done(frames, 2048)]
-    err = _refusal(work_dir, key, _write(work_dir / "bad.omh", _header(2048 * PAGE, 2), twice), capsys)
+    err = _refusal(work_dir, key, _write(work_dir / "bad.omh", _header(2048 * PAGE, 2), twice), capsys, helper)
     assert "refused IMPORT_BEGIN" in err and "status WRONG_SHARD" in err, err
 
 
-def test_shard_of_another_export_is_refused(work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("helper", TARGETS)
+def test_shard_of_another_export_is_refused(
+    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str], helper: str
+) -> None:
     """Two exports of the same RAM; shard 1 of the second replaces shard 1 of the
     first. Every shard verifies on its own; the commit sees two migrations."""
     src = make_ram(work_dir / "src.ram", "random", 2048)
     header, first = _frames(export(work_dir, key, src, "reference", 2, "a.omh"))
     _, second = _frames(export(work_dir, key, src, "reference", 2, "b.omh"))
     mixed = [*_shard_frames(first, 0), *_shard_frames(second, 1), _done(first, 2048)]
-    err = _refusal(work_dir, key, _write(work_dir / "bad.omh", header, mixed), capsys)
+    err = _refusal(work_dir, key, _write(work_dir / "bad.omh", header, mixed), capsys, helper)
     assert "refused IMPORT_COMMIT" in err and "status WRONG_MIGRATION" in err, err
 
 
-def test_container_guest_size_lie_is_refused(work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("helper", TARGETS)
+def test_container_guest_size_lie_is_refused(
+    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str], helper: str
+) -> None:
     """The container claims a larger guest than the one the helpers sealed."""
     src = make_ram(work_dir / "src.ram", "random", 64)
     _, frames = _frames(export(work_dir, key, src, "reference", 1))
-    err = _refusal(work_dir, key, _write(work_dir / "bad.omh", _header(128 * PAGE, 1), frames), capsys)
+    err = _refusal(work_dir, key, _write(work_dir / "bad.omh", _header(128 * PAGE, 1), frames), capsys, helper)
     assert "refused IMPORT_BEGIN" in err and "status GUEST_SIZE_MISMATCH" in err, err
 
 
