@@ -820,11 +820,11 @@ def test_container_guest_size_lie_is_refused(
 
 
 def _challenged_import(work_dir: Path, key: Path, stream: Path, dst: Path, helpers: int,
-                       pages: int) -> tuple[subprocess.Popen[str], Path]:
+                       pages: int, helper: str = "reference") -> tuple[subprocess.Popen[str], Path]:
     """``ovmf-mh import --challenge-out`` started; returns it once its challenge exists."""
     challenge = work_dir / f"{dst.name}.challenge"
     importer = subprocess.Popen(
-        [*OVMF_MH, "import", "--ram", str(dst), "--key", str(key), "--in", str(stream), "--helper", "reference",
+        [*OVMF_MH, "import", "--ram", str(dst), "--key", str(key), "--in", str(stream), "--helper", helper,
          "--helpers", str(helpers), "--guest-size", str(pages * PAGE), "--challenge-out", str(challenge),
          "--wait", "120", "--json", "--work-dir", str(work_dir / f"import-{dst.name}")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -837,11 +837,12 @@ def _challenged_import(work_dir: Path, key: Path, stream: Path, dst: Path, helpe
     return importer, challenge
 
 
-def test_bound_file_transfer_and_replay_of_the_old_stream(work_dir: Path, key: Path) -> None:
+@pytest.mark.parametrize("helper", TARGETS)
+def test_bound_file_transfer_and_replay_of_the_old_stream(work_dir: Path, key: Path, helper: str) -> None:
     src = make_ram(work_dir / "src.ram", "mixed", 1024)
     stream = work_dir / "bound.omh"
     dst = work_dir / "dst.ram"
-    importer, challenge = _challenged_import(work_dir, key, stream, dst, 2, 1024)
+    importer, challenge = _challenged_import(work_dir, key, stream, dst, 2, 1024, helper)
     try:
         export(work_dir, key, src, "reference", 2, "bound.omh", "--challenge", challenge)
         out, err = importer.communicate(timeout=120)
@@ -854,7 +855,7 @@ def test_bound_file_transfer_and_replay_of_the_old_stream(work_dir: Path, key: P
     assert digest(dst) == digest(src)
     # The complete old stream, replayed to a fresh challenged import: refused.
     again = work_dir / "again.ram"
-    replay, _ = _challenged_import(work_dir, key, stream, again, 2, 1024)
+    replay, _ = _challenged_import(work_dir, key, stream, again, 2, 1024, helper)
     try:
         out, _ = replay.communicate(timeout=120)
     finally:
@@ -866,11 +867,12 @@ def test_bound_file_transfer_and_replay_of_the_old_stream(work_dir: Path, key: P
     assert not again.exists()
 
 
-def test_unbound_stream_to_a_challenged_import_is_refused(work_dir: Path, key: Path) -> None:
+@pytest.mark.parametrize("helper", TARGETS)
+def test_unbound_stream_to_a_challenged_import_is_refused(work_dir: Path, key: Path, helper: str) -> None:
     src = make_ram(work_dir / "src.ram", "random", 64)
     stream = export(work_dir, key, src, "reference", 1)
     dst = work_dir / "dst.ram"
-    importer, _ = _challenged_import(work_dir, key, stream, dst, 1, 64)
+    importer, _ = _challenged_import(work_dir, key, stream, dst, 1, 64, helper)
     try:
         out, _ = importer.communicate(timeout=120)
     finally:
