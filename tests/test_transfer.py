@@ -498,6 +498,8 @@ def test_send_and_receive_over_tcp(firmware: Path, work_dir: Path, key: Path) ->
     assert sender.returncode == 0, sender.stderr
     assert receiver.returncode == 0, err
     assert '"outcome": "ok"' in out and '"outcome": "ok"' in sender.stdout
+    # Every send is bound to the receiver's helpers (their challenge on the connection).
+    assert '"bound": true' in out and '"bound": true' in sender.stdout
     assert digest(dst) == digest(src)
 
 
