@@ -23,9 +23,18 @@ Order of the checks, for every command (the first failing check answers):
    (BAD_PAGE), then the capacity for ``count`` full PAGE records
    (BUFFER_TOO_SMALL);
    EXPORT_BEGIN/EXPORT_END: the output range (OUT_OF_BOUNDS), then
-   (EXPORT_BEGIN) unknown flag bits (INVALID_PARAMETER), then capacity for
-   the header or end record (BUFFER_TOO_SMALL), then (EXPORT_BEGIN) the
-   entropy source (NO_ENTROPY);
+   (EXPORT_BEGIN) unknown flag bits, a shard count outside
+   1..OVMF_MH_MAX_SHARDS or a shard index not below it (INVALID_PARAMETER),
+   the binding input range (OUT_OF_BOUNDS), then capacity for the header or
+   end record (BUFFER_TOO_SMALL), then (EXPORT_BEGIN) the entropy source
+   (NO_ENTROPY);
+   IMPORT_CHALLENGE: the output range (OUT_OF_BOUNDS), capacity for a nonce
+   (BUFFER_TOO_SMALL), the entropy source (NO_ENTROPY, which also drops an
+   earlier challenge);
+   IMPORT_RECEIPT/IMPORT_COMMIT: BAD_STATE unless the session is COMPLETE
+   after an import; then the range (OUT_OF_BOUNDS); then the receipt
+   capacity (BUFFER_TOO_SMALL) or a commit input that is not exactly
+   ShardCount receipts (INVALID_PARAMETER);
    CHECK_PAGES: an export session that was not begun with TRACK_PAGES
    answers BAD_STATE at step 3;
    IMPORT_*: the input range (OUT_OF_BOUNDS), then (IMPORT_BATCH) size above
@@ -33,14 +42,21 @@ Order of the checks, for every command (the first failing check answers):
 6. IMPORT_*: the stream checks of docs/stream-format.md in its order, record
    by record; records before the failing one stay applied. IMPORT_BATCH also
    refuses a record after MaxBatchPages records with BATCH_TOO_LARGE.
+   IMPORT_BEGIN, once the header authenticated: GUEST_SIZE_MISMATCH,
+   WRONG_SHARD, UNBOUND_STREAM, NONCE_MISMATCH (Result[0] = the header's
+   GuestSize); IMPORT_COMMIT, receipt by receipt: WRONG_SHARD,
+   WRONG_MIGRATION, BAD_RECEIPT.
 
 Checks 1-5 look only at arguments (and the page list) and leave the session
 as it was; an export failure writes nothing. A failed check of step 6 leaves
-the import session FAILED.
+the import session FAILED. A challenge is good for one IMPORT_BEGIN, whatever
+its outcome; RESET and EXPORT_BEGIN drop it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hmac
 import mmap
 import os
 import struct
@@ -76,6 +92,7 @@ SECRET_VERSION = _A.const("OVMF_MH_SECRET_VERSION")
 MAX_TRACKED_PAGES = _A.const("OVMF_MH_MAX_TRACKED_PAGES")
 EXPORT_TRACK_PAGES = _A.const("OVMF_MH_EXPORT_TRACK_PAGES")
 EXPORT_FLAGS_KNOWN = _A.const("OVMF_MH_EXPORT_FLAGS_KNOWN")
+EXPORT_BOUND = _A.const("OVMF_MH_EXPORT_BOUND")
 CMD = {name: _A.const(f"OVMF_MH_CMD_{name}") for name in _A.names_with_prefix("OVMF_MH_CMD_").values()}
 STATUS = {name: _A.const(f"OVMF_MH_STATUS_{name}") for name in _A.names_with_prefix("OVMF_MH_STATUS_").values()}
 SESSION = {name: _A.const(f"OVMF_MH_SESSION_{name}") for name in _A.names_with_prefix("OVMF_MH_SESSION_").values()}
@@ -179,6 +196,16 @@ class _Export:
 @dataclass
 class _Import:
     verifier: s.StreamVerifier
+    binding: s.Binding
+
+
+@dataclass(frozen=True)
+class _Imported:
+    """What a completed import vouches for in its receipt."""
+
+    binding: s.Binding
+    record_count: int
+    chain_digest: bytes
 
 
 class ReferenceHelper:
@@ -212,6 +239,10 @@ class ReferenceHelper:
         self._transport_key = read_and_wipe_secret(secret) if secret is not None else None
         self._state = SESSION["IDLE"]
         self._session: _Export | _Import | None = None
+        #: IMPORT_CHALLENGE's nonce until the next IMPORT_BEGIN uses it.
+        self._challenge: bytes | None = None
+        #: The completed import IMPORT_RECEIPT and IMPORT_COMMIT speak for.
+        self._imported: _Imported | None = None
         #: IMPORT_BATCH's private copy of its input, allocated at first use and reused.
         self._import_buffer: memoryview | None = None
         self.shutdown_requested = False
@@ -227,6 +258,9 @@ class ReferenceHelper:
             CMD["IMPORT_BATCH"]: self._import_batch,
             CMD["IMPORT_END"]: self._import_end,
             CMD["CHECK_PAGES"]: self._check_pages,
+            CMD["IMPORT_CHALLENGE"]: self._import_challenge,
+            CMD["IMPORT_RECEIPT"]: self._import_receipt,
+            CMD["IMPORT_COMMIT"]: self._import_commit,
         }
 
     # --- public view ---------------------------------------------------------
@@ -242,7 +276,7 @@ class ReferenceHelper:
     @property
     def capabilities(self) -> int:
         caps = 0
-        for name in ("QUERY", "SHUTDOWN", "EXPORT", "IMPORT", "CHECK_PAGES"):
+        for name in ("QUERY", "SHUTDOWN", "EXPORT", "IMPORT", "CHECK_PAGES", "BINDING"):
             caps |= _A.const(f"OVMF_MH_CAP_{name}")
         if self.key_loaded:
             caps |= _A.const("OVMF_MH_CAP_KEY_LOADED")
@@ -308,17 +342,24 @@ class ReferenceHelper:
 
     def _reset(self, args: tuple[int, ...]) -> tuple[int, ...]:
         self._end_session("IDLE")
+        self._challenge = None
+        self._imported = None
         return ()
 
     # --- export ---------------------------------------------------------------
 
     def _export_begin(self, args: tuple[int, ...]) -> tuple[int, ...]:
-        out_offset, capacity, flags = args[:3]
+        out_offset, capacity, flags, binding_offset, shard_index, shard_count = args[:6]
         self._require_state("IDLE", "COMPLETE")
         key = self._require_key()
         out = self._region(out_offset, capacity)
         if flags & ~EXPORT_FLAGS_KNOWN:
             raise _refuse("INVALID_PARAMETER")
+        if not 0 < shard_count <= s.MAX_SHARDS or shard_index >= shard_count:
+            raise _refuse("INVALID_PARAMETER")
+        bound = bool(flags & EXPORT_BOUND)
+        binding_size = shard_count * s.CHALLENGE_SIZE if bound else s.MIGRATION_ID_SIZE
+        binding_input = bytes(self._region(binding_offset, binding_size))  # private copy
         if capacity < s.STREAM_HEADER_SIZE:
             raise _refuse("BUFFER_TOO_SMALL")
         salt = self._salt_source(s.SALT_SIZE)
@@ -326,7 +367,14 @@ class ReferenceHelper:
             raise _refuse("NO_ENTROPY")
         if len(salt) != s.SALT_SIZE:
             raise ValueError(f"salt_source returned {len(salt)} bytes, not {s.SALT_SIZE}")
-        writer = s.StreamWriter(key, salt, len(self.window))
+        if bound:
+            nonces = [binding_input[i : i + s.CHALLENGE_SIZE] for i in range(0, binding_size, s.CHALLENGE_SIZE)]
+            binding = s.Binding.bound(nonces, shard_index)
+        else:
+            binding = s.Binding.unbound(binding_input, shard_index, shard_count)
+        self._challenge = None
+        self._imported = None
+        writer = s.StreamWriter(key, salt, len(self.window), binding)
         out[: len(writer.header)] = writer.header
         tracked = SealedPages(len(self.window) // s.PAGE_SIZE) if flags & EXPORT_TRACK_PAGES else None
         self._session = _Export(writer, tracked)
@@ -400,19 +448,103 @@ class ReferenceHelper:
     # --- import ---------------------------------------------------------------
 
     def _import_begin(self, args: tuple[int, ...]) -> tuple[int, ...]:
-        in_offset, size = args[0], args[1]
+        in_offset, size, shard_index, shard_count = args[:4]
         self._require_state("IDLE", "COMPLETE")
         key = self._require_key()
         # Private copy; one byte more than a header is enough to see a wrong size.
         header = bytes(self._region(in_offset, size)[: s.STREAM_HEADER_SIZE + 1])
+        challenge, self._challenge = self._challenge, None  # good for one IMPORT_BEGIN
+        self._imported = None
         try:
             verifier = s.StreamVerifier.from_header(key, header, len(self.window))
         except s.VerifyError as error:
             self._end_session("FAILED")
             raise _Refused(error.status) from None
-        self._session = _Import(verifier)
+        h = s.decode_stream_header(header)
+        refusal = self._misdirected(h, shard_index, shard_count, challenge)
+        if refusal is not None:
+            self._end_session("FAILED")
+            raise _Refused(STATUS[refusal], (h.guest_size,))
+        self._session = _Import(verifier, h.binding)
         self._state = SESSION["IMPORTING"]
-        return (s.decode_stream_header(header).guest_size,)
+        return (h.guest_size,)
+
+    def _misdirected(self, h: s.StreamHeader, shard_index: int, shard_count: int,
+                     challenge: bytes | None) -> str | None:
+        """Why an authentic header is not meant for this helper now, or None."""
+        if h.guest_size != len(self.window):
+            return "GUEST_SIZE_MISMATCH"
+        if not 0 < h.shard_count <= s.MAX_SHARDS or h.shard_index >= h.shard_count or (
+            (h.shard_index, h.shard_count) != (shard_index, shard_count)
+        ):
+            return "WRONG_SHARD"
+        bound = bool(h.flags & s.STREAM_BOUND)
+        if challenge is not None and not bound:
+            return "UNBOUND_STREAM"
+        if bound and (challenge is None or h.target_nonce != challenge):
+            return "NONCE_MISMATCH"
+        return None
+
+    def _import_challenge(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        out_offset, capacity = args[0], args[1]
+        self._require_state("IDLE", "COMPLETE")
+        self._require_key()
+        out = self._region(out_offset, capacity)
+        if capacity < s.CHALLENGE_SIZE:
+            raise _refuse("BUFFER_TOO_SMALL")
+        nonce = self._salt_source(s.CHALLENGE_SIZE)
+        if nonce is None:
+            self._challenge = None
+            raise _refuse("NO_ENTROPY")
+        if len(nonce) != s.CHALLENGE_SIZE:
+            raise ValueError(f"salt_source returned {len(nonce)} bytes, not {s.CHALLENGE_SIZE}")
+        self._challenge = bytes(nonce)
+        self._imported = None
+        out[: s.CHALLENGE_SIZE] = self._challenge
+        return (s.CHALLENGE_SIZE,)
+
+    def _own_receipt(self) -> s.Receipt:
+        """The receipt of the completed import (BAD_STATE without one)."""
+        if self._state != SESSION["COMPLETE"] or self._imported is None:
+            raise _refuse("BAD_STATE")
+        done = self._imported
+        receipt = s.Receipt(done.binding.migration_id, done.binding.shard_index, done.binding.shard_count,
+                            done.binding.flags, done.record_count, done.chain_digest)
+        return dataclasses.replace(receipt, mac=s.receipt_mac(self._require_key(), receipt))
+
+    def _import_receipt(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        out_offset, capacity = args[0], args[1]
+        own = self._own_receipt()
+        out = self._region(out_offset, capacity)
+        if capacity < s.RECEIPT_SIZE:
+            raise _refuse("BUFFER_TOO_SMALL")
+        out[: s.RECEIPT_SIZE] = own.pack()
+        return (s.RECEIPT_SIZE,)
+
+    def _import_commit(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        in_offset, size = args[0], args[1]
+        own = self._own_receipt()
+        data = self._region(in_offset, size)
+        if size != own.shard_count * s.RECEIPT_SIZE:
+            raise _refuse("INVALID_PARAMETER")
+        receipts = bytes(data)  # private copy
+        key = self._require_key()
+        for index in range(own.shard_count):
+            receipt = s.Receipt.decode(receipts[index * s.RECEIPT_SIZE : (index + 1) * s.RECEIPT_SIZE])
+            refusal = None
+            if (receipt.shard_index, receipt.shard_count) != (index, own.shard_count):
+                refusal = "WRONG_SHARD"
+            elif (receipt.migration_id, receipt.flags, receipt.reserved) != (own.migration_id, own.flags, 0):
+                refusal = "WRONG_MIGRATION"
+            elif not hmac.compare_digest(s.receipt_mac(key, receipt), receipt.mac) or (
+                index == own.shard_index and receipt != own
+            ):
+                refusal = "BAD_RECEIPT"
+            if refusal is not None:
+                self._imported = None
+                self._end_session("FAILED")
+                raise _refuse(refusal)
+        return (own.shard_count,)
 
     def _import_batch(self, args: tuple[int, ...]) -> tuple[int, ...]:
         in_offset, size = args[0], args[1]
@@ -440,7 +572,9 @@ class ReferenceHelper:
         except s.VerifyError as error:
             self._end_session("FAILED")
             raise _Refused(error.status) from None
+        binding = self._import_session().binding
         self._end_session("COMPLETE")
+        self._imported = _Imported(binding, count, verifier.chain_digest)
         return (count,)
 
     def _import_failed(self, error: s.VerifyError, applied: int, pages: int) -> _Refused:
@@ -451,8 +585,11 @@ class ReferenceHelper:
         return _Refused(error.status, (applied, pages, failing))
 
     def _import_verifier(self) -> s.StreamVerifier:
+        return self._import_session().verifier
+
+    def _import_session(self) -> _Import:
         assert isinstance(self._session, _Import), "IMPORTING without an import session"
-        return self._session.verifier
+        return self._session
 
 
 def _check_args(args: Sequence[int]) -> tuple[int, ...]:

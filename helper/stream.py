@@ -52,6 +52,13 @@ NONCE_SIZE = _A.const("OVMF_MH_NONCE_SIZE")
 DIGEST_SIZE = _A.const("OVMF_MH_DIGEST_SIZE")
 STREAM_MAGIC = _A.const("OVMF_MH_STREAM_MAGIC")
 STREAM_VERSION = _A.const("OVMF_MH_STREAM_VERSION")
+STREAM_BOUND = _A.const("OVMF_MH_STREAM_BOUND")
+STREAM_FLAGS_KNOWN = _A.const("OVMF_MH_STREAM_FLAGS_KNOWN")
+MIGRATION_ID_SIZE = _A.const("OVMF_MH_MIGRATION_ID_SIZE")
+CHALLENGE_SIZE = _A.const("OVMF_MH_CHALLENGE_SIZE")
+MAX_SHARDS = _A.const("OVMF_MH_MAX_SHARDS")
+BINDING_OFFSET = _A.const("OVMF_MH_STREAM_BINDING_OFFSET")
+BINDING_SIZE = _A.const("OVMF_MH_STREAM_BINDING_SIZE")
 
 RECORD_PAGE = _A.const("OVMF_MH_RECORD_PAGE")
 RECORD_ZERO = _A.const("OVMF_MH_RECORD_ZERO")
@@ -60,6 +67,10 @@ RECORD_END = _A.const("OVMF_MH_RECORD_END")
 STREAM_HEADER = _A.layout("OVMF_MH_STREAM_HEADER")
 RECORD_HEADER = _A.layout("OVMF_MH_RECORD_HEADER")
 END_PAYLOAD = _A.layout("OVMF_MH_END_PAYLOAD")
+RECEIPT = _A.layout("OVMF_MH_RECEIPT")
+RECEIPT_SIZE = RECEIPT.size
+#: Bytes of a receipt covered by its MAC (everything before ``Mac``).
+RECEIPT_MAC_OFFSET = RECEIPT.offset("Mac")
 
 STREAM_HEADER_SIZE = STREAM_HEADER.size
 RECORD_HEADER_SIZE = RECORD_HEADER.size
@@ -76,6 +87,9 @@ END_RECORD_SIZE = RECORD_HEADER_SIZE + END_PAYLOAD_SIZE + TAG_SIZE
 # The two labels of docs/stream-format.md ("Key schedule", "End payload").
 KDF_INFO = abi.load().strings["OVMF_MH_KDF_INFO"].encode()
 CHAIN_LABEL = abi.load().strings["OVMF_MH_CHAIN_LABEL"].encode()
+RECEIPT_INFO = abi.load().strings["OVMF_MH_RECEIPT_INFO"].encode()
+if (STREAM_HEADER.offset("Flags"), STREAM_HEADER.offset("Salt")) != (BINDING_OFFSET, BINDING_OFFSET + BINDING_SIZE):
+    raise ImportError("OVMF_MH_STREAM_BINDING_* do not frame Flags..TargetNonce of the stream header")
 OKM_SIZE = KEY_SIZE + SESSION_ID_SIZE
 
 _STATUS = _A.names_with_prefix("OVMF_MH_STATUS_")
@@ -132,15 +146,120 @@ class SessionKeys:
     session_id: bytes
 
 
-def derive_session(transport_key: Bytes, salt: Bytes) -> SessionKeys:
-    """OKM = HKDF-SHA256(IKM = TK, salt, info = KDF_INFO, L = 48); K = OKM[0:32],
-    SessionId = OKM[32:48]."""
+@dataclass(frozen=True)
+class Binding:
+    """The fields of a stream header that tie it to one migration and one
+    shard (Flags through TargetNonce, docs/stream-format.md): authenticated
+    by the header tag and mixed into the key schedule."""
+
+    flags: int
+    shard_index: int
+    shard_count: int
+    migration_id: bytes
+    target_nonce: bytes
+
+    @classmethod
+    def bound(cls, nonces: Sequence[Bytes], shard_index: int) -> Binding:
+        """Bound to the targets' challenge nonces (in shard order): the
+        migration id is SHA-256 over all of them, the target nonce is the
+        one of ``shard_index``."""
+        joined = b"".join(bytes(n) for n in nonces)
+        if not 1 <= len(nonces) <= MAX_SHARDS or len(joined) != len(nonces) * CHALLENGE_SIZE:
+            raise ValueError(f"1 to {MAX_SHARDS} nonces of {CHALLENGE_SIZE} bytes each")
+        if not 0 <= shard_index < len(nonces):
+            raise ValueError(f"shard index {shard_index} outside 0..{len(nonces) - 1}")
+        return cls(STREAM_BOUND, shard_index, len(nonces), migration_id(nonces), bytes(nonces[shard_index]))
+
+    @classmethod
+    def unbound(cls, migration: Bytes, shard_index: int, shard_count: int) -> Binding:
+        """Not bound to any target: the migration id is the host's choice."""
+        if len(migration) != MIGRATION_ID_SIZE:
+            raise ValueError(f"a migration id is {MIGRATION_ID_SIZE} bytes")
+        if not 0 <= shard_index < shard_count <= MAX_SHARDS:
+            raise ValueError(f"shard {shard_index} of {shard_count}")
+        return cls(0, shard_index, shard_count, bytes(migration), bytes(CHALLENGE_SIZE))
+
+    @property
+    def is_bound(self) -> bool:
+        return bool(self.flags & STREAM_BOUND)
+
+    def pack(self) -> bytes:
+        """The BINDING_SIZE header bytes at BINDING_OFFSET."""
+        start, end = BINDING_OFFSET, BINDING_OFFSET + BINDING_SIZE
+        return STREAM_HEADER.pack(
+            Flags=self.flags,
+            ShardIndex=self.shard_index,
+            ShardCount=self.shard_count,
+            MigrationId=self.migration_id,
+            TargetNonce=self.target_nonce,
+        )[start:end]
+
+
+def migration_id(nonces: Sequence[Bytes]) -> bytes:
+    """SHA-256 over the targets' challenge nonces in shard order."""
+    return hashlib.sha256(b"".join(bytes(n) for n in nonces)).digest()
+
+
+def derive_session(transport_key: Bytes, salt: Bytes, binding: Bytes) -> SessionKeys:
+    """OKM = HKDF-SHA256(IKM = TK, salt, info = KDF_INFO || binding, L = 48);
+    K = OKM[0:32], SessionId = OKM[32:48]. ``binding`` is the BINDING_SIZE
+    header bytes (``Binding.pack()``)."""
     if len(transport_key) != KEY_SIZE:
         raise ValueError(f"transport key must be {KEY_SIZE} bytes")
     if len(salt) != SALT_SIZE:
         raise ValueError(f"salt must be {SALT_SIZE} bytes")
-    okm = HKDF(algorithm=hashes.SHA256(), length=OKM_SIZE, salt=bytes(salt), info=KDF_INFO).derive(bytes(transport_key))
+    if len(binding) != BINDING_SIZE:
+        raise ValueError(f"binding must be {BINDING_SIZE} bytes")
+    info = KDF_INFO + bytes(binding)
+    okm = HKDF(algorithm=hashes.SHA256(), length=OKM_SIZE, salt=bytes(salt), info=info).derive(bytes(transport_key))
     return SessionKeys(key=okm[:KEY_SIZE], session_id=okm[KEY_SIZE:])
+
+
+# --- receipts -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """``OVMF_MH_RECEIPT``: what a target helper vouches for after IMPORT_END."""
+
+    migration_id: bytes
+    shard_index: int
+    shard_count: int
+    flags: int
+    record_count: int
+    chain_digest: bytes
+    mac: bytes = b""
+    reserved: int = 0
+
+    def body(self) -> bytes:
+        """The bytes the MAC covers."""
+        return RECEIPT.pack(
+            MigrationId=self.migration_id,
+            ShardIndex=self.shard_index,
+            ShardCount=self.shard_count,
+            Flags=self.flags,
+            Reserved=self.reserved,
+            RecordCount=self.record_count,
+            ChainDigest=self.chain_digest,
+        )[:RECEIPT_MAC_OFFSET]
+
+    def pack(self) -> bytes:
+        return self.body() + self.mac
+
+    @classmethod
+    def decode(cls, data: Bytes) -> Receipt:
+        f = RECEIPT.unpack(data)
+        return cls(f["MigrationId"], f["ShardIndex"], f["ShardCount"], f["Flags"], f["RecordCount"],
+                   f["ChainDigest"], f["Mac"], f["Reserved"])
+
+
+def receipt_mac(transport_key: Bytes, receipt: Receipt) -> bytes:
+    """HMAC-SHA256(ReceiptKey, body), ReceiptKey = HKDF-SHA256(IKM = TK,
+    salt = MigrationId, info = RECEIPT_INFO, L = 32); the key is dropped at
+    once."""
+    key = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=receipt.migration_id,
+               info=RECEIPT_INFO).derive(bytes(transport_key))
+    return hmac.new(key, receipt.body(), hashlib.sha256).digest()
 
 
 def nonce(sequence: int) -> bytes:
@@ -180,10 +299,18 @@ class StreamHeader:
     version: int
     header_size: int
     flags: int
+    shard_index: int
+    shard_count: int
+    migration_id: bytes
+    target_nonce: bytes
     salt: bytes
     session_id: bytes
     guest_size: int
     tag: bytes
+
+    @property
+    def binding(self) -> Binding:
+        return Binding(self.flags, self.shard_index, self.shard_count, self.migration_id, self.target_nonce)
 
 
 @dataclass(frozen=True)
@@ -221,6 +348,10 @@ def decode_stream_header(data: Bytes) -> StreamHeader:
         version=f["Version"],
         header_size=f["HeaderSize"],
         flags=f["Flags"],
+        shard_index=f["ShardIndex"],
+        shard_count=f["ShardCount"],
+        migration_id=f["MigrationId"],
+        target_nonce=f["TargetNonce"],
         salt=f["Salt"],
         session_id=f["SessionId"],
         guest_size=f["GuestSize"],
@@ -293,13 +424,17 @@ class StreamCipher:
 
     # stream header
 
-    def seal_header(self, salt: Bytes, guest_size: int) -> bytes:
-        """The 88-byte stream header; its tag covers bytes 0..71 (empty plaintext)."""
+    def seal_header(self, salt: Bytes, guest_size: int, binding: Binding) -> bytes:
+        """The stream header; its tag covers every byte before it (empty plaintext)."""
         ad = STREAM_HEADER.pack(
             Magic=STREAM_MAGIC,
             Version=STREAM_VERSION,
             HeaderSize=STREAM_HEADER_SIZE,
-            Flags=0,
+            Flags=binding.flags,
+            ShardIndex=binding.shard_index,
+            ShardCount=binding.shard_count,
+            MigrationId=binding.migration_id,
+            TargetNonce=binding.target_nonce,
             Salt=bytes(salt),
             SessionId=self.session_id,
             GuestSize=guest_size,
@@ -366,9 +501,9 @@ class StreamWriter:
     changes meanwhile yields a record of one of its states either way).
     """
 
-    def __init__(self, transport_key: Bytes, salt: Bytes, guest_size: int) -> None:
-        self.cipher = StreamCipher(derive_session(transport_key, salt))
-        self.header = self.cipher.seal_header(salt, guest_size)
+    def __init__(self, transport_key: Bytes, salt: Bytes, guest_size: int, binding: Binding) -> None:
+        self.cipher = StreamCipher(derive_session(transport_key, salt, binding.pack()))
+        self.header = self.cipher.seal_header(salt, guest_size, binding)
         self.next_sequence = 1
         self.record_count = 0
         self._chain = ChainDigest(self.cipher.session_id)
@@ -530,9 +665,11 @@ class StreamVerifier:
         if len(header) != STREAM_HEADER_SIZE:
             raise VerifyError.named("BAD_HEADER", f"{len(header)} bytes, expected {STREAM_HEADER_SIZE}")
         h = decode_stream_header(header)
-        if (h.magic, h.version, h.header_size, h.flags) != (STREAM_MAGIC, STREAM_VERSION, STREAM_HEADER_SIZE, 0):
+        if (h.magic, h.version, h.header_size) != (STREAM_MAGIC, STREAM_VERSION, STREAM_HEADER_SIZE) or (
+            h.flags & ~STREAM_FLAGS_KNOWN
+        ):
             raise VerifyError.named("BAD_HEADER", "magic, version, size or flags")
-        cipher = StreamCipher(derive_session(transport_key, h.salt))
+        cipher = StreamCipher(derive_session(transport_key, h.salt, h.binding.pack()))
         if not hmac.compare_digest(cipher.session_id, h.session_id):
             raise VerifyError.named("BAD_HEADER", "session id does not derive from this key and salt")
         if not cipher.header_tag_ok(header):
@@ -664,6 +801,11 @@ class StreamVerifier:
             self.next_sequence, self._chain.value, self.record_count = sequence, digest, count
             plain_view[:] = ZERO_PAGE  # no guest plaintext left behind
         return applied, pages, error
+
+    @property
+    def chain_digest(self) -> bytes:
+        """D(i) over the records verified so far."""
+        return self._chain.digest()
 
     def finish(self, end_record: memoryview) -> int:
         """Verify the END record and what it says against what arrived; return

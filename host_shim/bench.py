@@ -30,7 +30,9 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESOCB3
 
 from helper import abi
+from helper.stream import END_RECORD_SIZE as END
 from helper.stream import PAGE_RECORD_SIZE
+from helper.stream import STREAM_HEADER_SIZE as HEADER
 from host_shim import hostcore
 from host_shim.helper_vm import MIB, HelperSpec, HelperVM
 from host_shim.hostcore_helper import HostCoreHelper
@@ -90,8 +92,9 @@ def _host_dispatch(data: bytes, pages: int, rounds: int) -> tuple[float, float]:
         def export() -> None:
             stream.clear()
             source.call("RESET")
-            status, res = source.call("EXPORT_BEGIN", 0, 88)
-            stream.append(bytes(source.data[:88]))
+            # Shard 0 of 1, unbound: the migration id is whatever the data area holds.
+            status, res = source.call("EXPORT_BEGIN", 0, HEADER, 0, 0, 0, 1)
+            stream.append(bytes(source.data[:HEADER]))
             for start in range(0, pages, batch):
                 count = min(batch, pages - start)
                 source.data[: 8 * count] = _page_list(start, count)
@@ -99,24 +102,24 @@ def _host_dispatch(data: bytes, pages: int, rounds: int) -> tuple[float, float]:
                 if status:
                     raise RuntimeError(f"EXPORT_BATCH status {status:#x}")
                 stream.append(bytes(source.data[65536 : 65536 + res[0]]))
-            source.call("EXPORT_END", 0, 96)
-            stream.append(bytes(source.data[:96]))
+            source.call("EXPORT_END", 0, END)
+            stream.append(bytes(source.data[:END]))
 
         export_seconds = _best(rounds, export)
         chunks = list(stream)
 
         def import_() -> None:
             target.call("RESET")
-            target.data[:88] = chunks[0]
-            if target.call("IMPORT_BEGIN", 0, 88)[0]:
+            target.data[:HEADER] = chunks[0]
+            if target.call("IMPORT_BEGIN", 0, HEADER, 0, 1)[0]:
                 raise RuntimeError("IMPORT_BEGIN failed")
             for chunk in chunks[1:-1]:
                 target.data[: len(chunk)] = chunk
                 status, _ = target.call("IMPORT_BATCH", 0, len(chunk))
                 if status:
                     raise RuntimeError(f"IMPORT_BATCH status {status:#x}")
-            target.data[:96] = chunks[-1]
-            if target.call("IMPORT_END", 0, 96)[0]:
+            target.data[:END] = chunks[-1]
+            if target.call("IMPORT_END", 0, END)[0]:
                 raise RuntimeError("IMPORT_END failed")
 
         import_seconds = _best(rounds, import_)
@@ -183,8 +186,8 @@ def _firmware(image: Path, guest_mib: int, work: Path) -> dict[str, float]:
 
         chunks: list[bytes] = []
         start = time.perf_counter()
-        src.mailbox.call("EXPORT_BEGIN", (0, 88))
-        chunks.append(bytes(src.memory[src_data : src_data + 88]))
+        src.mailbox.call("EXPORT_BEGIN", (0, HEADER, 0, 0, 0, 1))
+        chunks.append(bytes(src.memory[src_data : src_data + HEADER]))
         batches = 0
         for first in range(0, pages, batch):
             count = min(batch, pages - first)
@@ -192,18 +195,18 @@ def _firmware(image: Path, guest_mib: int, work: Path) -> dict[str, float]:
             res = src.mailbox.call("EXPORT_BATCH", (0, count, out_offset, count * record), timeout=120)
             chunks.append(bytes(src.memory[src_data + out_offset : src_data + out_offset + res.results[0]]))
             batches += 1
-        src.mailbox.call("EXPORT_END", (0, 96))
-        chunks.append(bytes(src.memory[src_data : src_data + 96]))
+        src.mailbox.call("EXPORT_END", (0, END))
+        chunks.append(bytes(src.memory[src_data : src_data + END]))
         export_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
-        dst.memory[dst_data : dst_data + 88] = chunks[0]
-        dst.mailbox.call("IMPORT_BEGIN", (0, 88))
+        dst.memory[dst_data : dst_data + HEADER] = chunks[0]
+        dst.mailbox.call("IMPORT_BEGIN", (0, HEADER, 0, 1))
         for chunk in chunks[1:-1]:
             dst.memory[dst_data : dst_data + len(chunk)] = chunk
             dst.mailbox.call("IMPORT_BATCH", (0, len(chunk)), timeout=120)
-        dst.memory[dst_data : dst_data + 96] = chunks[-1]
-        dst.mailbox.call("IMPORT_END", (0, 96))
+        dst.memory[dst_data : dst_data + END] = chunks[-1]
+        dst.mailbox.call("IMPORT_END", (0, END))
         import_seconds = time.perf_counter() - start
         src.shutdown()
         dst.shutdown()
@@ -331,7 +334,7 @@ def _reference_alone(src: Path, key: bytes, work: Path) -> float:
         backend = mailbox_backend(process, None, DATA_SIZE)
         try:
             start = time.perf_counter()
-            if backend.call("EXPORT_BEGIN", IO_AT, record)[0]:
+            if backend.call("EXPORT_BEGIN", IO_AT, record, 0, LIST_AT, 0, 1)[0]:
                 raise RuntimeError("reference EXPORT_BEGIN failed")
             for first in range(0, pages, batch):
                 count = min(batch, pages - first)

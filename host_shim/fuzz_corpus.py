@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from helper import abi
+from helper import stream as s
 from helper.reference import CMD, STATUS, ReferenceHelper
 from host_shim.helper_vm import DEFAULT_MAILBOX_SIZE, DEFAULT_OWN_RAM
 from host_shim.keys import secret_record
@@ -37,6 +38,10 @@ MAILBOX_WINDOW_PAGES = 8
 MAILBOX_DATA_SIZE = 32 * 1024
 #: FuzzStream.c's helper.
 STREAM_WINDOW_PAGES = 16
+#: Stream header and END record sizes, from HelperAbi.h.
+HEADER = s.STREAM_HEADER_SIZE
+END = s.END_RECORD_SIZE
+BOUND = abi.load().const("OVMF_MH_EXPORT_BOUND")
 E820_RAM = 1
 E820_RESERVED = 2
 
@@ -74,13 +79,14 @@ def export_stream(window: bytes, pages: list[int], tracked: bool = False) -> byt
     """A real stream of ``pages`` (page numbers) of ``window``, sealed under FUZZ_KEY."""
     data = bytearray(len(pages) * (PAGE + 56) + 4096)
     helper = _helper(bytearray(window), data)
-    header = _call(helper, "EXPORT_BEGIN", 0, 88, 1 if tracked else 0)[0]
+    # Shard 0 of 1, unbound; the migration id is the data area's first 32 bytes (zero).
+    header = _call(helper, "EXPORT_BEGIN", 0, HEADER, 1 if tracked else 0, 0, 0, 1)[0]
     stream = bytes(data[:header])
     struct.pack_into(f"<{len(pages)}Q", data, 0, *(p * PAGE for p in pages))
     out = len(pages) * 8
     written = _call(helper, "EXPORT_BATCH", 0, len(pages), out, len(data) - out)[0]
     stream += bytes(data[out : out + written])
-    end = _call(helper, "EXPORT_END", 0, 96)[0]
+    end = _call(helper, "EXPORT_END", 0, END)[0]
     stream += bytes(data[:end])
     _verify(stream, len(window))
     return stream
@@ -90,9 +96,9 @@ def _verify(stream: bytes, window_size: int) -> None:
     """Import the stream with the reference helper: every seed must verify."""
     data = bytearray(stream)
     helper = _helper(bytearray(window_size), data)
-    _call(helper, "IMPORT_BEGIN", 0, 88)
-    _call(helper, "IMPORT_BATCH", 88, len(stream) - 88 - 96)
-    _call(helper, "IMPORT_END", len(stream) - 96, 96)
+    _call(helper, "IMPORT_BEGIN", 0, HEADER, 0, 1)
+    _call(helper, "IMPORT_BATCH", HEADER, len(stream) - HEADER - END)
+    _call(helper, "IMPORT_END", len(stream) - END, END)
 
 
 # --- FuzzMailbox.c input encoding -------------------------------------------
@@ -106,9 +112,18 @@ def _arg(value: int) -> bytes:
     return bytes([0x80]) + struct.pack("<Q", value)
 
 
+#: FuzzMailbox.c's opcode that takes the command code from the next 4 bytes
+#: (codes 11 and up share the opcode space with the harness's own operations).
+RAW_COMMAND = 11
+
+
 def _cmd(helper: int, command: str, *args: int) -> bytes:
-    padded = [*args, *[0] * (4 - len(args))]
-    return bytes([helper << 7 | CMD[command]]) + b"".join(_arg(a) for a in padded)
+    padded = [*args, *[0] * (abi.load().const("OVMF_MH_ARG_COUNT") - len(args))]
+    code = CMD[command]
+    op = bytes([helper << 7 | code]) if code < RAW_COMMAND else bytes([helper << 7 | RAW_COMMAND]) + struct.pack(
+        "<I", code
+    )
+    return op + b"".join(_arg(a) for a in padded)
 
 
 def _page_list(helper: int, offset: int, pages: list[int]) -> bytes:
@@ -134,11 +149,17 @@ def mailbox_sequence(pages: list[int], tracked: bool, tail: str) -> bytes:
     window = bytearray(mailbox_pattern())
     data = bytearray(MAILBOX_DATA_SIZE)
     source = _helper(window, data)
-    list_at, out_at, check_at, end_at = 0x0, 0x100, 0x7000, 0x7200
+    list_at, out_at, check_at, end_at, bind_at, receipt_at = 0x0, 0x100, 0x7000, 0x7200, 0x7400, 0x7500
     seq = bytes([0])
-    seq += _cmd(0, "EXPORT_BEGIN", 0, 88, 1 if tracked else 0)
-    _call(source, "EXPORT_BEGIN", 0, 88, 1 if tracked else 0)
-    seq += _forward(0, 0, 0, 88)
+    flags = 1 if tracked else 0
+    if tail == "bound":
+        # The target's challenge travels to the source, which binds the stream to it.
+        seq += _cmd(1, "IMPORT_CHALLENGE", bind_at, s.CHALLENGE_SIZE)
+        seq += _forward(1, bind_at, bind_at, s.CHALLENGE_SIZE)
+        flags |= BOUND
+    seq += _cmd(0, "EXPORT_BEGIN", 0, HEADER, flags, bind_at, 0, 1)
+    _call(source, "EXPORT_BEGIN", 0, HEADER, flags, bind_at, 0, 1)
+    seq += _forward(0, 0, 0, HEADER)
     seq += _page_list(0, list_at, pages)
     struct.pack_into(f"<{len(pages)}Q", data, list_at, *(p * PAGE for p in pages))
     capacity = len(pages) * (PAGE + 56)
@@ -149,18 +170,21 @@ def mailbox_sequence(pages: list[int], tracked: bool, tail: str) -> bytes:
         _call(source, "CHECK_PAGES", list_at, len(pages), check_at)
         if tail == "changed":
             seq += _poke(0, pages[0], 100, 0x77) + _cmd(0, "CHECK_PAGES", list_at, len(pages), check_at)
-    seq += _forward(0, out_at, 88, written)
-    seq += _cmd(0, "EXPORT_END", end_at, 96)
-    seq += _forward(0, end_at, 88 + written, 96)
+    seq += _forward(0, out_at, HEADER, written)
+    seq += _cmd(0, "EXPORT_END", end_at, END)
+    seq += _forward(0, end_at, HEADER + written, END)
     if tail == "tamper":
-        seq += _write(1, 88 + 40 + 7, b"\x01")
-    seq += _cmd(1, "IMPORT_BEGIN", 0, 88)
-    seq += _cmd(1, "IMPORT_BATCH", 88, written)
+        seq += _write(1, HEADER + 40 + 7, b"\x01")
+    seq += _cmd(1, "IMPORT_BEGIN", 0, HEADER, 0, 1)
+    seq += _cmd(1, "IMPORT_BATCH", HEADER, written)
     if tail == "reset":
         seq += _cmd(1, "RESET")
-    seq += _cmd(1, "IMPORT_END", 88 + written, 96)
+    seq += _cmd(1, "IMPORT_END", HEADER + written, END)
+    if tail in ("bound", "commit"):
+        seq += _cmd(1, "IMPORT_RECEIPT", receipt_at, s.RECEIPT_SIZE)
+        seq += _cmd(1, "IMPORT_COMMIT", receipt_at, s.RECEIPT_SIZE)
     if tail == "replay":
-        seq += _cmd(1, "IMPORT_BEGIN", 0, 88) + _cmd(1, "IMPORT_BATCH", 88, written)
+        seq += _cmd(1, "IMPORT_BEGIN", 0, HEADER, 0, 1) + _cmd(1, "IMPORT_BATCH", HEADER, written)
     seq += _cmd(1, "QUERY") + _cmd(0, "QUERY")
     return seq
 
@@ -169,7 +193,7 @@ def mailbox_seeds() -> dict[str, bytes]:
     seeds: dict[str, bytes] = {}
     for pages in ([1], [0, 1, 2], [3, 4, 5, 6, 7]):
         for tracked in (False, True):
-            for tail in ("", "changed", "tamper", "reset", "replay"):
+            for tail in ("", "changed", "tamper", "reset", "replay", "bound", "commit"):
                 if tail == "changed" and not tracked:
                     continue
                 name = f"seq-{len(pages)}p-{'tracked' if tracked else 'plain'}-{tail or 'clean'}"
@@ -178,12 +202,15 @@ def mailbox_seeds() -> dict[str, bytes]:
         bytes([2])
         + _cmd(1, "IMPORT_BATCH", 0, 0xFFFF)
         + _cmd(0, "EXPORT_BATCH", 0, 513, 0, 0)
-        + _cmd(0, "EXPORT_BEGIN", MAILBOX_DATA_SIZE - 8, 88)
-        + _cmd(0, "EXPORT_BEGIN", 0, 88, 2)
+        + _cmd(0, "EXPORT_BEGIN", MAILBOX_DATA_SIZE - 8, HEADER)
+        + _cmd(0, "EXPORT_BEGIN", 0, HEADER, 4, 0, 0, 1)
+        + _cmd(1, "IMPORT_COMMIT", 0, s.RECEIPT_SIZE)
         + _cmd(0, "SHUTDOWN")
         + _cmd(0, "QUERY")
     )
-    seeds["no-key-target"] = bytes([1]) + _cmd(1, "IMPORT_BEGIN", 0, 88) + _cmd(1, "EXPORT_BEGIN", 0, 88)
+    seeds["no-key-target"] = (
+        bytes([1]) + _cmd(1, "IMPORT_BEGIN", 0, HEADER, 0, 1) + _cmd(1, "EXPORT_BEGIN", 0, HEADER, 0, 0, 0, 1)
+    )
     return seeds
 
 

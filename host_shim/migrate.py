@@ -318,9 +318,11 @@ def _connect(config: MigrationConfig, address: tuple[str, int]) -> mp.Channel:
     return mp.Channel(sock, peer, config.idle_timeout)
 
 
-def _handshake(channel: mp.Channel, description: GuestDescription) -> int:
-    """Hello, guest description, the target's answer: the port of its QEMU's
-    incoming migration (device state), once its QEMU and helpers are up."""
+def _handshake(channel: mp.Channel, description: GuestDescription) -> tuple[int, list[bytes]]:
+    """Hello, guest description, the target's answer once its QEMU and
+    helpers are up: the port of its QEMU's incoming migration (device state)
+    and its helpers' challenge nonces, one per shard, which the source
+    helpers bind their streams to (docs/stream-format.md)."""
     channel.send("hello", protocol=mp.PROTOCOL, versions=list(mp.VERSIONS))
     welcome = channel.receive("welcome")
     if welcome["protocol"] != mp.PROTOCOL or welcome["version"] not in mp.VERSIONS:
@@ -338,7 +340,7 @@ def _handshake(channel: mp.Channel, description: GuestDescription) -> int:
     port: int = answer["device_state_port"]
     if not 1 <= port <= 65535:
         raise mp.ProtocolError(f"the {channel.peer} named device-state port {port}")
-    return port
+    return port, mp.decode_nonces(answer["nonces"], description.shards, channel.peer)
 
 
 def migrate(config: MigrationConfig) -> MigrationReport:
@@ -410,7 +412,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             guest=GUEST_KINDS[0], machine=MACHINES[0], accel=ACCELERATORS[0], cpu=CPUS[0],
             memory_mib=config.guest_mib, workload_mib=config.workload_mib, shards=config.helpers,
             firmware_sha256=firmware_digest(config.image))
-        device_state_port = _handshake(channel, description)
+        device_state_port, nonces = _handshake(channel, description)
         listener = _TargetListener(channel)
         target_listener = listener
         watch = _Watch([source], lambda: target_listener.error)
@@ -424,7 +426,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         exporter = stack.enter_context(
             Exporter(source_ram, key, channel.writer, kind=config.helper, helpers=config.helpers,
                      firmware=config.image, work_dir=work / "source-helpers", track_pages=True,
-                     mailbox_timeout=config.mailbox_timeout)
+                     mailbox_timeout=config.mailbox_timeout, challenge=lambda: list(nonces))
         )
         # From now on a fault stops the helpers' work at their next step.
         watch.on_fault = exporter.abort

@@ -202,6 +202,10 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     reader = _CountingReader(channel.reader)
     ready = threading.Event()
     imported: dict[str, Any] = {}
+    # The target helpers' challenge nonces, drawn before on_ready: the source
+    # helpers bind their streams to them, so only this migration's streams
+    # are accepted here.
+    nonces: list[bytes] = []
 
     def receive() -> None:
         try:
@@ -210,6 +214,7 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
                 work_dir=work / "target-helpers", mode="in-place", progress=False,
                 expect=ct.FileHeader(size, description.shards), on_ready=ready.set,
                 mailbox_timeout=config.mailbox_timeout,
+                challenge=lambda given, _size: nonces.extend(given),
             )
         except BaseException as exc:
             imported["error"] = exc
@@ -223,7 +228,7 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     if "error" in imported:
         raise MigrationError(f"the target helpers did not start: {imported['error']}")
     report.setup_seconds = time.monotonic() - prepare_start
-    channel.send("accept", device_state_port=device_state_port)
+    channel.send("accept", device_state_port=device_state_port, nonces=[nonce.hex() for nonce in nonces])
     channel.phase = "pre-copy"
     _watch_import(channel, target, receiver, reader)
     report.stream_bytes = reader.bytes

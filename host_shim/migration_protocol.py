@@ -23,20 +23,22 @@ from host_shim import container as ct
 from host_shim.errors import OvmfMhError
 
 PROTOCOL = "ovmf-mh-migration"
-#: Versions this program speaks; a later one may add the target helpers'
-#: per-migration randomness and a migration id bound into every shard.
-VERSIONS = (1,)
+#: Versions this program speaks. Version 2: ``accept`` carries the target
+#: helpers' challenge nonces, which bind every shard to this migration.
+VERSIONS = (2,)
 LENGTH = struct.Struct(">I")
 #: No control message comes near this; a length above it is refused unread.
 MAX_MESSAGE = 16 * 1024
 MAX_TEXT = 1024
+#: Bytes of one target helper's challenge nonce (IMPORT_CHALLENGE).
+NONCE_SIZE = 32
 
 #: The fields each message type carries: name -> JSON type(s). Exactly these.
 MESSAGE_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"protocol": str, "versions": list},
     "welcome": {"protocol": str, "version": int},
     "describe": {"guest": dict},
-    "accept": {"device_state_port": int},
+    "accept": {"device_state_port": int, "nonces": list},
     "refuse": {"field": str, "reason": str},
     "progress": {"stream_bytes": int},
     "verdict": {"ok": bool, "reason": str, "private_pages": int, "shared_pages": int, "ram_digest": list,
@@ -47,6 +49,20 @@ MESSAGE_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "running": {"heartbeat": str},
     "error": {"phase": str, "reason": str},
 }
+
+
+def decode_nonces(values: list[Any], shards: int, peer: str) -> list[bytes]:
+    """The target helpers' challenge nonces of an ``accept``: exactly one per
+    shard, each 32 bytes as 64 lower-case hex digits (hostile input)."""
+    if len(values) != shards:
+        raise ProtocolError(f"the {peer} sent {len(values)} challenge nonce(s) for {shards} shard(s)")
+    nonces = []
+    for index, value in enumerate(values):
+        if not isinstance(value, str) or len(value) != 2 * NONCE_SIZE or value.strip("0123456789abcdef"):
+            raise ProtocolError(f"the {peer} sent challenge nonce {index} that is not {NONCE_SIZE} bytes "
+                                f"of lower-case hex: {str(value)[:80]!r}")
+        nonces.append(bytes.fromhex(value))
+    return nonces
 
 
 class ProtocolError(OvmfMhError):

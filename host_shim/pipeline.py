@@ -12,7 +12,14 @@ map) travel as plain frames, excluded pages not at all.
 Import: the reader parses frames (hostile input, bounded), hands each
 shard's frames to that shard's helper thread through a bounded queue (back
 pressure), and writes plain pages itself. The result counts only when every
-shard's end record verified inside its helper and the totals agree.
+shard's end record verified inside its helper, the totals agree, and target
+helper 0 accepted IMPORT_COMMIT with every shard's receipt.
+
+Binding (docs/stream-format.md): with a challenge, each target helper draws
+a nonce (IMPORT_CHALLENGE), the source helpers get all of them and bind
+shard k to nonce k and to their SHA-256 (the migration id); without one, the
+exporter picks a random migration id (an unbound stream: no replay
+protection, but shards of one export still belong together).
 
 How an import can never be mistaken for complete (``mode="replace"``, the
 CLI's): the helpers write into a hidden temporary file next to DST; only
@@ -27,6 +34,7 @@ from __future__ import annotations
 import mmap
 import os
 import queue
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -61,6 +69,31 @@ PageNumbers = npt.NDArray[np.uint64]
 
 class TransferError(OvmfMhError):
     """A transfer failed; nothing was marked complete."""
+
+
+#: Nonces of the target helpers, in shard order (IMPORT_CHALLENGE).
+Nonces = list[bytes]
+CHALLENGE_MAGIC = b"OMHCHAL2"
+#: Challenge message: magic, shard count (u32), reserved (u32), guest size (u64), then the nonces.
+CHALLENGE_HEADER = struct.Struct("<8sIIQ")
+
+
+def encode_challenge(nonces: Nonces, guest_size: int) -> bytes:
+    """The challenge a target sends its source (a file or the TCP connection)."""
+    return CHALLENGE_HEADER.pack(CHALLENGE_MAGIC, len(nonces), 0, guest_size) + b"".join(nonces)
+
+
+def read_challenge(source: ct.Reader | IO[bytes]) -> tuple[Nonces, int]:
+    """Parse a challenge (hostile input: bounded): (nonces, guest size)."""
+    magic, count, reserved, guest_size = CHALLENGE_HEADER.unpack(
+        ct.read_exact(source, CHALLENGE_HEADER.size, "the challenge header"))
+    if magic != CHALLENGE_MAGIC or reserved:
+        raise TransferError("not an ovmf-mh challenge (bad magic or reserved field)")
+    if not 1 <= count <= ct.MAX_SHARDS:
+        raise TransferError(f"challenge for {count} shards; 1 to {ct.MAX_SHARDS}")
+    size = abi.load().const("OVMF_MH_CHALLENGE_SIZE")
+    raw = ct.read_exact(source, count * size, "the challenge nonces")
+    return [raw[i : i + size] for i in range(0, len(raw), size)], guest_size
 
 
 #: Statuses of IMPORT_BEGIN that a stream sealed under another key produces.
@@ -103,6 +136,8 @@ class TransferSummary:
     error: str | None = None
     work_dir: str | None = None
     shard_records: list[int] = field(default_factory=list)
+    #: The streams were bound to the target helpers' challenge nonces.
+    bound: bool = False
 
     @property
     def pages(self) -> int:
@@ -252,8 +287,15 @@ class Exporter:
         work_dir: Path,
         track_pages: bool = False,
         mailbox_timeout: float = DEFAULT_TIMEOUT,
+        challenge: Callable[[], Nonces] | None = None,
     ) -> None:
+        """``challenge`` gives the target helpers' nonces once the file
+        header is on the sink (a TCP peer answers it with them); without
+        it the streams are unbound."""
         self.page, self.batch, self.record = _geometry()
+        self._challenge = challenge
+        self._nonces: Nonces | None = None
+        self._migration_id = os.urandom(abi.load().const("OVMF_MH_MIGRATION_ID_SIZE"))
         # Only live migration asks CHECK_PAGES; tracking costs every helper
         # bookkeeping per page (a copy of each page, in the reference helper).
         self._begin_flags = abi.load().const("OVMF_MH_EXPORT_TRACK_PAGES") if track_pages else 0
@@ -297,6 +339,13 @@ class Exporter:
             self._stack.callback(self._window.release)
             self.summary.helper_start_seconds = time.monotonic() - self._started
             self._write(ct.FileHeader(self.size, self.helpers).encode())
+            if self._challenge is not None:
+                self.sink.flush()
+                self._nonces = self._challenge()
+                if len(self._nonces) != self.helpers:
+                    raise TransferError(f"the target sent {len(self._nonces)} challenge nonce(s) for "
+                                        f"{self.helpers} shard(s)")
+                self.summary.bound = True
             self._writer = _thread(self._write_frames, self._failure, "export-writer")
             self._run_shards(lambda index, backend: self._begin(index, backend))
         except BaseException:
@@ -397,8 +446,14 @@ class Exporter:
 
     def _begin(self, index: int, backend: Backend) -> None:
         region = self._take_region(index)
+        flags = self._begin_flags
+        if self._nonces is not None:
+            backend.data[LIST_AT : LIST_AT + len(b"".join(self._nonces))] = b"".join(self._nonces)
+            flags |= abi.load().const("OVMF_MH_EXPORT_BOUND")
+        else:
+            backend.data[LIST_AT : LIST_AT + len(self._migration_id)] = self._migration_id
         try:
-            written = _call(backend, "EXPORT_BEGIN", region, self.record, self._begin_flags)[0]
+            written = _call(backend, "EXPORT_BEGIN", region, self.record, flags, LIST_AT, index, self.helpers)[0]
             header = bytes(backend.data[region : region + written])
         finally:
             self._free_regions[index].put(region)
@@ -560,12 +615,14 @@ def export_ram(
     page_map: Path | None = None,
     progress: bool | None = None,
     mailbox_timeout: float = DEFAULT_TIMEOUT,
+    challenge: Callable[[], Nonces] | None = None,
 ) -> TransferSummary:
-    """Write the transfer stream of RAM file ``src`` to ``sink`` (one pass).
+    """Write the transfer stream of RAM file ``src`` to ``sink`` (one pass),
+    bound to the target's ``challenge`` nonces if given, else unbound.
     On failure the exception carries what was done (``partial_summary``)."""
     # Checks the arguments and the RAM file; starts nothing before __enter__.
     exporter = Exporter(src, key, sink, kind=kind, helpers=helpers, firmware=firmware, work_dir=work_dir,
-                        mailbox_timeout=mailbox_timeout)
+                        mailbox_timeout=mailbox_timeout, challenge=challenge)
     pages = exporter.size // exporter.page
     private, shared, excluded = _plan(pages, load_page_map(page_map, pages))
     meter = Progress("export", len(private) + len(shared), enabled=progress)
@@ -584,6 +641,29 @@ def export_ram(
 
 
 # --- import ------------------------------------------------------------------------
+
+
+def _challenge_all(backends: list[Backend]) -> Nonces:
+    """A fresh nonce from every target helper, in shard order."""
+    size = abi.load().const("OVMF_MH_CHALLENGE_SIZE")
+    nonces = []
+    for backend in backends:
+        written = _call(backend, "IMPORT_CHALLENGE", IO_AT, size)[0]
+        nonces.append(bytes(backend.data[IO_AT : IO_AT + written]))
+    return nonces
+
+
+def _commit(backends: list[Backend]) -> None:
+    """Every target helper's receipt, checked by helper 0 (IMPORT_COMMIT):
+    each shard of this migration imported completely, exactly once."""
+    size = abi.load().layout("OVMF_MH_RECEIPT").size
+    receipts = b""
+    for backend in backends:
+        written = _call(backend, "IMPORT_RECEIPT", IO_AT, size)[0]
+        receipts += bytes(backend.data[IO_AT : IO_AT + written])
+    first = backends[0]
+    first.data[IO_AT : IO_AT + len(receipts)] = receipts
+    _call(first, "IMPORT_COMMIT", IO_AT, len(receipts))
 
 
 def _prepare_target(dst: Path, guest_size: int, mode: str) -> Path:
@@ -621,6 +701,7 @@ def import_ram(
     expect: ct.FileHeader | None = None,
     on_ready: Callable[[], None] | None = None,
     mailbox_timeout: float = DEFAULT_TIMEOUT,
+    challenge: Callable[[Nonces, int], None] | None = None,
 ) -> TransferSummary:
     """Read a transfer stream from ``source`` into RAM file ``dst``; raises
     TransferError (or the helper's MailboxError) unless everything verified.
@@ -630,6 +711,14 @@ def import_ram(
     the stream is read: the receiving side is up before any page moves.
     On failure the exception carries what was done (``partial_summary``):
     pages applied by the helpers before it, none of them kept in ``replace`` mode.
+
+    With ``challenge``, every target helper draws a nonce (IMPORT_CHALLENGE)
+    once the helpers run, before ``on_ready`` and before a frame is read;
+    ``challenge`` gets them (in shard order) and the guest size, to pass
+    to the source. The
+    helpers then accept only streams bound to their own nonce. In any case
+    the import succeeds only after target helper 0 committed every shard's
+    receipt (IMPORT_COMMIT).
     """
     page, _, _ = _geometry()
     header = expect if expect is not None else ct.read_file_header(source)
@@ -664,7 +753,10 @@ def import_ram(
                 if frame.kind == ct.KIND_STREAM_HEADER:
                     if began:
                         raise TransferError(f"shard {index}: second stream header")
-                    _call(backend, "IMPORT_BEGIN", IO_AT, len(frame.payload))
+                    guest = _call(backend, "IMPORT_BEGIN", IO_AT, len(frame.payload), index, header.shards)[0]
+                    if guest != header.guest_size:
+                        raise TransferError(f"shard {index}: the helper verified a {guest}-byte guest, the "
+                                            f"container claims {header.guest_size} bytes")
                     began = True
                 elif not began:
                     raise TransferError(f"shard {index}: {ct.KIND_NAMES[frame.kind]} before the stream header")
@@ -688,6 +780,9 @@ def import_ram(
                                mailbox_timeout=mailbox_timeout) as backends, \
                     target.open("r+b") as raw, mmap.mmap(raw.fileno(), header.guest_size) as target_map:
                 summary.helper_start_seconds = time.monotonic() - started
+                if challenge is not None:
+                    challenge(_challenge_all(backends), header.guest_size)
+                    summary.bound = True
                 if on_ready is not None:
                     on_ready()
                 if expect is not None and ct.read_file_header(source) != expect:
@@ -742,6 +837,7 @@ def import_ram(
                     )
                 if digest.hexdigest() != totals.plain_digest:
                     raise TransferError("plain pages do not match the DONE frame's digest")
+                _commit(backends)
                 summary.transfer_seconds = time.monotonic() - started - summary.helper_start_seconds
                 if mode == "replace":
                     # Durable before the rename; in place (live migration),

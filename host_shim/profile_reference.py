@@ -105,7 +105,8 @@ def profile_reference(ram: Path) -> dict[str, float]:
 
 def _whole(ram: Path, pages: int, *, tracked: bool) -> float:
     """One pass of write_records as the helper runs it, allocation included."""
-    writer = s.StreamWriter(os.urandom(s.KEY_SIZE), os.urandom(s.SALT_SIZE), pages * PAGE)
+    binding = s.Binding.unbound(os.urandom(s.MIGRATION_ID_SIZE), 0, 1)
+    writer = s.StreamWriter(os.urandom(s.KEY_SIZE), os.urandom(s.SALT_SIZE), pages * PAGE, binding)
     out = memoryview(bytearray(BATCH * s.PAGE_RECORD_SIZE))
     with _fresh_mapping(ram) as window:
         start = time.perf_counter()

@@ -26,6 +26,8 @@ docstring of helper/reference.py for the full order of checks):
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import os
 import struct
@@ -125,9 +127,12 @@ def put(ep: Endpoint, blob: bytes, at: int = OUT_AT) -> tuple[int, int]:
     return at, len(blob)
 
 
-def send(ep: Endpoint, command: str, blob: bytes, expected: str = "SUCCESS") -> tuple[int, ...]:
-    """IMPORT_* one blob from the data area."""
-    return expect(ep, expected, command, *put(ep, blob))
+def send(ep: Endpoint, command: str, blob: bytes, expected: str = "SUCCESS",
+         shard: tuple[int, int] = (0, 1)) -> tuple[int, ...]:
+    """IMPORT_* one blob from the data area; IMPORT_BEGIN also announces
+    ``shard`` (index, count)."""
+    extra = shard if command == "IMPORT_BEGIN" else ()
+    return expect(ep, expected, command, *put(ep, blob), *extra)
 
 
 @dataclass
@@ -148,8 +153,16 @@ class Stream:
 TRACK_PAGES = A.const("OVMF_MH_EXPORT_TRACK_PAGES")
 
 
-def export_begin(ep: Endpoint, flags: int = 0) -> bytes:
-    written = ok(ep, "EXPORT_BEGIN", OUT_AT, s.STREAM_HEADER_SIZE, flags)[0]
+#: The migration id of the suite's unbound exports.
+MIGRATION = bytes(range(0xC0, 0xE0))
+#: Where export_begin puts the binding input (free at EXPORT_BEGIN).
+BIND_AT = LIST_AT
+
+
+def export_begin(ep: Endpoint, flags: int = 0, binding: bytes = MIGRATION, shard: tuple[int, int] = (0, 1)) -> bytes:
+    """EXPORT_BEGIN with ``binding`` (a migration id, or with BOUND the nonces)."""
+    put(ep, binding, BIND_AT)
+    written = ok(ep, "EXPORT_BEGIN", OUT_AT, s.STREAM_HEADER_SIZE, flags, BIND_AT, *shard)[0]
     assert written == s.STREAM_HEADER_SIZE
     return bytes(ep.data[OUT_AT : OUT_AT + written])
 
@@ -526,7 +539,10 @@ def test_unknown_command_in_a_failed_session(scenario: Scenario) -> None:
 
 # --- tampering with the stream header ------------------------------------------------------
 
-HEADER_FIELDS = ["Magic", "Version", "HeaderSize", "Flags", "Salt", "SessionId", "GuestSize", "Tag"]
+HEADER_FIELDS = [
+    "Magic", "Version", "HeaderSize", "Flags", "ShardIndex", "ShardCount", "MigrationId", "TargetNonce", "Salt",
+    "SessionId", "GuestSize", "Tag",
+]
 
 
 @pytest.mark.parametrize("field", HEADER_FIELDS)
@@ -617,14 +633,14 @@ def _forged_end(scenario: Scenario, count: int, digest: bytes) -> bytes:
     """An END record with valid tag but chosen content: only the key holder
     can build it, so this is the check behind the tag."""
     header = s.decode_stream_header(scenario.stream.header)
-    cipher = s.StreamCipher(s.derive_session(KEY, header.salt))
+    cipher = s.StreamCipher(s.derive_session(KEY, header.salt, header.binding.pack()))
     payload = s.EndPayload(count, digest).pack()
     return cipher.seal_record(s.RECORD_END, len(SCENARIO) + 1, 0, payload)
 
 
 def test_end_record_with_wrong_count(scenario: Scenario) -> None:
     real = s.decode_end_payload(
-        s.StreamCipher(s.derive_session(KEY, s.decode_stream_header(scenario.stream.header).salt)).open_record(
+        s.StreamCipher(_keys(scenario.stream.header)).open_record(
             scenario.stream.end
         )
     )
@@ -660,7 +676,7 @@ def test_nop_and_query(endpoint: Endpoint) -> None:
     assert max_batch == MAX_BATCH
 
 
-@pytest.mark.parametrize("code", [11, 0x100, 0xFFFF, 0xFFFFFFFF])
+@pytest.mark.parametrize("code", [14, 0x100, 0xFFFF, 0xFFFFFFFF])
 def test_unknown_command(endpoint: Endpoint, code: int) -> None:
     assert expect(endpoint, "UNSUPPORTED", code, 1, 2, 3) == (0,) * 6
     ok(endpoint, "NOP")
@@ -799,11 +815,16 @@ def test_out_of_bounds_page_list(endpoint: Endpoint) -> None:
     assert session_state(endpoint) == "EXPORTING"
 
 
+def _keys(header: bytes) -> s.SessionKeys:
+    decoded = s.decode_stream_header(header)
+    return s.derive_session(KEY, decoded.salt, decoded.binding.pack())
+
+
 def test_ranges_that_end_exactly_at_the_end_of_the_data_area(endpoint_pair: tuple[Endpoint, Endpoint]) -> None:
     source, target = endpoint_pair
     end = len(source.data)
     fill(source, 0, os.urandom(PAGE))
-    ok(source, "EXPORT_BEGIN", end - s.STREAM_HEADER_SIZE, s.STREAM_HEADER_SIZE)
+    ok(source, "EXPORT_BEGIN", end - s.STREAM_HEADER_SIZE, s.STREAM_HEADER_SIZE, 0, end - 32, 0, 1)
     header = bytes(source.data[end - s.STREAM_HEADER_SIZE :])
     put(source, struct.pack("<Q", 0), end - 8)
     written = ok(source, "EXPORT_BATCH", end - 8, 1, end - 8 - s.PAGE_RECORD_SIZE, s.PAGE_RECORD_SIZE)[0]
@@ -813,7 +834,7 @@ def test_ranges_that_end_exactly_at_the_end_of_the_data_area(endpoint_pair: tupl
     t_end = len(target.data)
     for command, blob in (("IMPORT_BEGIN", header), ("IMPORT_BATCH", batch), ("IMPORT_END", final)):
         put(target, blob, t_end - len(blob))
-        ok(target, command, t_end - len(blob), len(blob))
+        ok(target, command, t_end - len(blob), len(blob), *((0, 1) if command == "IMPORT_BEGIN" else ()))
     assert page_at(target, 0) == page_at(source, 0)
 
 
@@ -888,7 +909,7 @@ def test_import_batch_of_max_size_is_accepted(scenario: Scenario) -> None:
 
 
 BUFFER_CASES: dict[str, tuple[str, str, Callable[[], tuple[int, ...]]]] = {
-    "EXPORT_BEGIN": ("IDLE", "EXPORT_BEGIN", lambda: (OUT_AT, s.STREAM_HEADER_SIZE - 1)),
+    "EXPORT_BEGIN": ("IDLE", "EXPORT_BEGIN", lambda: (OUT_AT, s.STREAM_HEADER_SIZE - 1, 0, BIND_AT, 0, 1)),
     "EXPORT_BATCH page": ("EXPORTING", "EXPORT_BATCH", lambda: (LIST_AT, 1, OUT_AT, s.PAGE_RECORD_SIZE - 1)),
     "EXPORT_BATCH zero pages": ("EXPORTING", "EXPORT_BATCH", lambda: (LIST_AT, 2, OUT_AT, 2 * s.PAGE_RECORD_SIZE - 1)),
     "EXPORT_BATCH nothing": ("EXPORTING", "EXPORT_BATCH", lambda: (LIST_AT, 1, OUT_AT, 0)),
@@ -928,9 +949,14 @@ CHECK_ORDER: dict[str, tuple[str, str, tuple[int, ...], str]] = {
     "out bounds before capacity": ("EXPORTING", "EXPORT_BATCH", (LIST_AT, 1, D - 10, 20), "OUT_OF_BOUNDS"),
     "bounds before capacity": ("IDLE", "EXPORT_BEGIN", (D - 10, 20), "OUT_OF_BOUNDS"),
     "bounds before flags": ("IDLE", "EXPORT_BEGIN", (D - 10, 20, 2), "OUT_OF_BOUNDS"),
-    "flags before capacity": ("IDLE", "EXPORT_BEGIN", (OUT_AT, 20, 2), "INVALID_PARAMETER"),
+    "flags before capacity": ("IDLE", "EXPORT_BEGIN", (OUT_AT, 20, 4, 0, 0, 1), "INVALID_PARAMETER"),
+    "shards before binding bounds": ("IDLE", "EXPORT_BEGIN", (OUT_AT, 20, 0, U64_MAX, 1, 1), "INVALID_PARAMETER"),
+    "binding bounds before capacity": ("IDLE", "EXPORT_BEGIN", (OUT_AT, 20, 2, D - 32, 0, 2), "OUT_OF_BOUNDS"),
+    "challenge bounds before capacity": ("IDLE", "IMPORT_CHALLENGE", (D - 10, 20), "OUT_OF_BOUNDS"),
+    "receipt state before bounds": ("IDLE", "IMPORT_RECEIPT", (U64_MAX, 1), "BAD_STATE"),
+    "commit state before bounds": ("EXPORTING", "IMPORT_COMMIT", (U64_MAX, 1), "BAD_STATE"),
     "untracked before check arguments": ("EXPORTING", "CHECK_PAGES", (U64_MAX, MAX_BATCH + 1, U64_MAX), "BAD_STATE"),
-    "empty range at the end is in bounds": ("IDLE", "EXPORT_BEGIN", (D, 0), "BUFFER_TOO_SMALL"),
+    "empty range at the end is in bounds": ("IDLE", "EXPORT_BEGIN", (D, 0, 0, 0, 0, 1), "BUFFER_TOO_SMALL"),
     "pages before capacity": ("EXPORTING", "EXPORT_BATCH", (LIST_AT, 1, OUT_AT, 0), "BAD_PAGE"),
     "end bounds before end record": ("IMPORTING", "IMPORT_END", (D, 1), "OUT_OF_BOUNDS"),
 }
@@ -955,7 +981,7 @@ def test_shutdown(endpoint: Endpoint) -> None:
     answers SUCCESS, and an in-process helper then finds no key for a new
     session. A firmware helper publishes State SHUTDOWN and powers its VM off:
     a later command finds its QEMU gone (not a timeout)."""
-    ok(endpoint, "EXPORT_BEGIN", OUT_AT, PAGE)
+    ok(endpoint, "EXPORT_BEGIN", OUT_AT, PAGE, 0, BIND_AT, 0, 1)
     ok(endpoint, "SHUTDOWN")
     if isinstance(endpoint, MailboxBackend):
         assert endpoint.mailbox.header()["State"] == A.const("OVMF_MH_STATE_SHUTDOWN")
@@ -1004,7 +1030,7 @@ def test_reference_shutdown_wipes_the_key() -> None:
 
 def test_reference_no_entropy() -> None:
     helper = _reference(salt_source=lambda n: None)
-    status, _ = helper.dispatch(A.const("OVMF_MH_CMD_EXPORT_BEGIN"), [0, PAGE])
+    status, _ = helper.dispatch(A.const("OVMF_MH_CMD_EXPORT_BEGIN"), [0, PAGE, 0, 0, 0, 1])
     assert status_name(status) == "NO_ENTROPY"
     assert helper.session_state == A.const("OVMF_MH_SESSION_IDLE")
     assert bytes(helper.data) == bytes(len(helper.data))
@@ -1058,8 +1084,9 @@ def test_end_payload_round_trip(count: int, digest: bytes) -> None:
     u64,
 )
 def test_stream_header_round_trip(key: bytes, salt: bytes, guest_size: int) -> None:
-    keys = s.derive_session(key, salt)
-    header = s.StreamCipher(keys).seal_header(salt, guest_size)
+    binding = s.Binding.unbound(MIGRATION, 0, 1)
+    keys = s.derive_session(key, salt, binding.pack())
+    header = s.StreamCipher(keys).seal_header(salt, guest_size, binding)
     decoded = s.decode_stream_header(header)
     assert (decoded.magic, decoded.version, decoded.header_size, decoded.flags) == (
         s.STREAM_MAGIC,
@@ -1067,6 +1094,7 @@ def test_stream_header_round_trip(key: bytes, salt: bytes, guest_size: int) -> N
         s.STREAM_HEADER_SIZE,
         0,
     )
+    assert decoded.binding == binding
     assert (decoded.salt, decoded.session_id, decoded.guest_size) == (salt, keys.session_id, guest_size)
     verifier = s.StreamVerifier.from_header(key, header, 0)
     assert verifier.cipher.session_id == keys.session_id
@@ -1082,7 +1110,7 @@ def records(draw: st.DrawFn) -> tuple[int, int, int, bytes]:
     return rtype, draw(u64), draw(u64), plaintext
 
 
-_CIPHER = s.StreamCipher(s.derive_session(KEY, bytes(s.SALT_SIZE)))
+_CIPHER = s.StreamCipher(s.derive_session(KEY, bytes(s.SALT_SIZE), s.Binding.unbound(MIGRATION, 0, 1).pack()))
 
 
 @given(st.lists(records(), max_size=5))
@@ -1139,7 +1167,7 @@ def _small_stream() -> bytes:
     struct.pack_into("<2Q", helper.data, 0, 0, PAGE)
     parts = []
     for command, args in (
-        ("EXPORT_BEGIN", (PAGE, PAGE)),
+        ("EXPORT_BEGIN", (PAGE, PAGE, 0, 2 * PAGE, 0, 1)),
         ("EXPORT_BATCH", (0, 2, PAGE, 4 * PAGE)),
         ("EXPORT_END", (PAGE, PAGE)),
     ):
@@ -1267,11 +1295,238 @@ def test_check_pages_needs_a_tracked_export(endpoint: Endpoint) -> None:
     assert check_pages(endpoint, [0, PAGE]) == [0, 1]
 
 
-@pytest.mark.parametrize("flags", [0x2, 0x80, 1 << 63, U64_MAX])
+@pytest.mark.parametrize("flags", [0x4, 0x80, 1 << 63, U64_MAX])
 def test_export_begin_refuses_unknown_flags(endpoint: Endpoint, flags: int) -> None:
     sentinel = b"\x5a" * s.STREAM_HEADER_SIZE
     put(endpoint, sentinel)
-    assert expect(endpoint, "INVALID_PARAMETER", "EXPORT_BEGIN", OUT_AT, s.STREAM_HEADER_SIZE, flags) == (0,) * 6
+    args = (OUT_AT, s.STREAM_HEADER_SIZE, flags, BIND_AT, 0, 1)
+    assert expect(endpoint, "INVALID_PARAMETER", "EXPORT_BEGIN", *args) == (0,) * 6
     assert bytes(endpoint.data[OUT_AT : OUT_AT + len(sentinel)]) == sentinel
     assert session_state(endpoint) == "IDLE"
     export_begin(endpoint, TRACK_PAGES)
+
+
+# --- binding a stream to a migration (ABI 2.0) -------------------------------------------------
+
+BOUND = A.const("OVMF_MH_EXPORT_BOUND")
+RECEIPT_AT = 2 * PAGE
+
+
+def challenge(ep: Endpoint) -> bytes:
+    written = ok(ep, "IMPORT_CHALLENGE", OUT_AT, s.CHALLENGE_SIZE)[0]
+    assert written == s.CHALLENGE_SIZE
+    return bytes(ep.data[OUT_AT : OUT_AT + written])
+
+
+def receipt(ep: Endpoint) -> bytes:
+    written = ok(ep, "IMPORT_RECEIPT", RECEIPT_AT, s.RECEIPT_SIZE)[0]
+    assert written == s.RECEIPT_SIZE
+    return bytes(ep.data[RECEIPT_AT : RECEIPT_AT + written])
+
+
+def commit(ep: Endpoint, receipts: Sequence[bytes], expected: str = "SUCCESS") -> tuple[int, ...]:
+    return expect(ep, expected, "IMPORT_COMMIT", *put(ep, b"".join(receipts), RECEIPT_AT))
+
+
+def bound_export(source: Endpoint, nonces: Sequence[bytes], index: int, pages: Sequence[int]) -> Stream:
+    header = export_begin(source, BOUND, b"".join(nonces), (index, len(nonces)))
+    return Stream(header, [export_batch(source, pages)], export_end(source))
+
+
+def import_shard(target: Endpoint, stream: Stream, shard: tuple[int, int], begin: str = "SUCCESS") -> None:
+    send(target, "IMPORT_BEGIN", stream.header, begin, shard)
+    if begin == "SUCCESS":
+        for batch in stream.batches:
+            send(target, "IMPORT_BATCH", batch)
+        send(target, "IMPORT_END", stream.end)
+
+
+@pytest.fixture(params=[_param([name]) for name in IMPLEMENTATIONS])
+def small_target(request: pytest.FixtureRequest) -> Iterator[Endpoint]:
+    """A helper of each implementation whose guest window is half of SPEC's."""
+    (name,) = request.param
+    with FACTORIES[name](EndpointSpec(SPEC.window_size // 2, SPEC.data_size, KEY)) as ep:
+        yield ep
+
+
+def test_header_of_another_guest_size_is_refused(small_target: Endpoint) -> None:
+    source = ReferenceEndpoint(SPEC)
+    fill(source, 0, os.urandom(PAGE))
+    stream = export(source, [[0]])
+    before = scramble(small_target)
+    results = send(small_target, "IMPORT_BEGIN", stream.header, "GUEST_SIZE_MISMATCH")
+    assert results[0] == SPEC.window_size
+    assert session_state(small_target) == "FAILED"
+    send(small_target, "IMPORT_BATCH", stream.batches[0], "SESSION_FAILED")
+    assert bytes(small_target.window) == before
+
+
+@pytest.mark.parametrize("shard", [(1, 2), (0, 2), (0, 0), (1, 1)])
+def test_header_of_another_shard_is_refused(scenario: Scenario, shard: tuple[int, int]) -> None:
+    send(scenario.target, "IMPORT_BEGIN", scenario.stream.header, "WRONG_SHARD", shard)
+    assert session_state(scenario.target) == "FAILED"
+    assert bytes(scenario.target.window) == scenario.target_before
+
+
+def test_bound_stream_round_trip_and_commit(endpoint_pair: tuple[Endpoint, Endpoint]) -> None:
+    source, target = endpoint_pair
+    fill(source, 0, os.urandom(PAGE))
+    nonce = challenge(target)
+    stream = bound_export(source, [nonce], 0, [0, PAGE])
+    header = s.decode_stream_header(stream.header)
+    assert header.flags == s.STREAM_BOUND and header.target_nonce == nonce
+    assert header.migration_id == hashlib.sha256(nonce).digest() == s.migration_id([nonce])
+    assert (header.shard_index, header.shard_count) == (0, 1)
+    import_shard(target, stream, (0, 1))
+    assert page_at(target, 0) == page_at(source, 0)
+    mine = receipt(target)
+    decoded = s.Receipt.decode(mine)
+    assert (decoded.migration_id, decoded.shard_index, decoded.shard_count, decoded.flags) == (
+        header.migration_id, 0, 1, s.STREAM_BOUND)
+    assert decoded.record_count == 2
+    assert decoded.mac == s.receipt_mac(KEY, decoded)  # pyca HKDF and hmac: an independent check
+    assert commit(target, [mine])[0] == 1
+    assert session_state(target) == "COMPLETE"
+
+
+def test_every_challenge_is_fresh(endpoint: Endpoint) -> None:
+    assert len({challenge(endpoint) for _ in range(4)}) == 4
+
+
+def test_old_complete_stream_replayed_to_a_fresh_session(endpoint_pair: tuple[Endpoint, Endpoint]) -> None:
+    source, target = endpoint_pair
+    fill(source, 0, os.urandom(PAGE))
+    old = bound_export(source, [challenge(target)], 0, [0])
+    import_shard(target, old, (0, 1))
+    ok(target, "RESET")
+    scramble(target)
+    before = bytes(target.window)
+    challenge(target)
+    import_shard(target, old, (0, 1), "NONCE_MISMATCH")
+    assert session_state(target) == "FAILED"
+    assert bytes(target.window) == before
+
+
+def test_unbound_stream_after_a_challenge(scenario: Scenario) -> None:
+    challenge(scenario.target)
+    send(scenario.target, "IMPORT_BEGIN", scenario.stream.header, "UNBOUND_STREAM")
+    assert session_state(scenario.target) == "FAILED"
+
+
+def test_bound_stream_without_a_challenge(endpoint_pair: tuple[Endpoint, Endpoint]) -> None:
+    source, target = endpoint_pair
+    stream = bound_export(source, [os.urandom(s.CHALLENGE_SIZE)], 0, [0])
+    import_shard(target, stream, (0, 1), "NONCE_MISMATCH")
+
+
+def test_a_challenge_serves_one_import_begin(endpoint_pair: tuple[Endpoint, Endpoint]) -> None:
+    source, target = endpoint_pair
+    stream = bound_export(source, [challenge(target)], 0, [0])
+    send(target, "IMPORT_BEGIN", flip(stream.header, 0), "BAD_HEADER")
+    ok(target, "RESET")
+    import_shard(target, stream, (0, 1), "NONCE_MISMATCH")
+    ok(target, "RESET")
+    challenge(target)
+    ok(target, "RESET")  # RESET drops a challenge too
+    import_shard(target, stream, (0, 1), "NONCE_MISMATCH")
+
+
+def test_receipt_and_commit_need_a_completed_import(endpoint: Endpoint) -> None:
+    expect(endpoint, "BAD_STATE", "IMPORT_RECEIPT", RECEIPT_AT, s.RECEIPT_SIZE)
+    export(endpoint, [[0]])  # COMPLETE after an export: nothing to vouch for
+    expect(endpoint, "BAD_STATE", "IMPORT_RECEIPT", RECEIPT_AT, s.RECEIPT_SIZE)
+    expect(endpoint, "BAD_STATE", "IMPORT_COMMIT", RECEIPT_AT, s.RECEIPT_SIZE)
+
+
+def test_receipts_are_the_same_bytes_in_every_implementation(endpoint: Endpoint) -> None:
+    source = ReferenceEndpoint(SPEC)
+    fill(source, 0, os.urandom(PAGE))
+    stream = export(source, [[0, PAGE, 2 * PAGE]])
+    reference = ReferenceEndpoint(SPEC)
+    import_stream(reference, stream)
+    import_stream(endpoint, stream)
+    assert receipt(endpoint) == receipt(reference)
+    expect(endpoint, "BUFFER_TOO_SMALL", "IMPORT_RECEIPT", RECEIPT_AT, s.RECEIPT_SIZE - 1)
+    expect(endpoint, "INVALID_PARAMETER", "IMPORT_COMMIT", RECEIPT_AT, s.RECEIPT_SIZE + 1)
+    assert session_state(endpoint) == "COMPLETE"
+
+
+@dataclass
+class TwoShards:
+    """A bound two-shard migration: the endpoint under test is target 0 (the
+    committer), reference helpers are the sources and target 1."""
+
+    target0: Endpoint
+    target1: Endpoint
+    nonces: list[bytes]
+    streams: list[Stream]
+
+
+@pytest.fixture
+def two_shards(endpoint: Endpoint) -> TwoShards:
+    target1 = ReferenceEndpoint(SPEC)
+    nonces = [challenge(endpoint), challenge(target1)]
+    sources = [ReferenceEndpoint(SPEC), ReferenceEndpoint(SPEC)]
+    for source in sources:
+        fill(source, 0, os.urandom(2 * PAGE))
+    streams = [bound_export(sources[0], nonces, 0, [0]), bound_export(sources[1], nonces, 1, [PAGE])]
+    return TwoShards(endpoint, target1, nonces, streams)
+
+
+def _import_both(m: TwoShards) -> list[bytes]:
+    import_shard(m.target0, m.streams[0], (0, 2))
+    import_shard(m.target1, m.streams[1], (1, 2))
+    return [receipt(m.target0), receipt(m.target1)]
+
+
+def test_two_shards_commit(two_shards: TwoShards) -> None:
+    receipts = _import_both(two_shards)
+    assert commit(two_shards.target0, receipts)[0] == 2
+
+
+def test_dropped_shard_with_count_fixed_up(two_shards: TwoShards) -> None:
+    """The host drops shard 1 and tells target 0 there is one shard."""
+    import_shard(two_shards.target0, two_shards.streams[0], (0, 1), "WRONG_SHARD")
+
+
+@pytest.mark.parametrize("case", ["dropped", "duplicated", "swapped"])
+def test_commit_refuses_a_dropped_or_duplicated_shard(two_shards: TwoShards, case: str) -> None:
+    r0, r1 = _import_both(two_shards)
+    receipts = {"dropped": [r0, r0], "duplicated": [r0, r0], "swapped": [r1, r0]}[case]
+    if case == "dropped":
+        # One receipt where two are due: the size, an argument check.
+        commit(two_shards.target0, [r0], "INVALID_PARAMETER")
+        assert session_state(two_shards.target0) == "COMPLETE"
+    commit(two_shards.target0, receipts, "WRONG_SHARD")
+    assert session_state(two_shards.target0) == "FAILED"
+
+
+def test_commit_refuses_a_shard_of_another_migration(two_shards: TwoShards) -> None:
+    r0, _ = _import_both(two_shards)
+    # Target 1 takes part in another migration; its genuine receipt there is no use here.
+    other_nonces = [os.urandom(s.CHALLENGE_SIZE), challenge(two_shards.target1)]
+    other = ReferenceEndpoint(SPEC)
+    import_shard(two_shards.target1, bound_export(other, other_nonces, 1, [PAGE]), (1, 2))
+    commit(two_shards.target0, [r0, receipt(two_shards.target1)], "WRONG_MIGRATION")
+
+
+def test_substituted_shard_is_refused_at_import(two_shards: TwoShards) -> None:
+    """Shard 1 of another export bound to other nonces: target 1 refuses it."""
+    other = bound_export(ReferenceEndpoint(SPEC), [two_shards.nonces[0], os.urandom(s.CHALLENGE_SIZE)], 1, [0])
+    import_shard(two_shards.target1, other, (1, 2), "NONCE_MISMATCH")
+
+
+@pytest.mark.parametrize("field", ["RecordCount", "ChainDigest", "Mac", "Reserved"])
+@pytest.mark.parametrize("whose", [0, 1])
+def test_commit_refuses_a_forged_receipt(two_shards: TwoShards, field: str, whose: int) -> None:
+    receipts = _import_both(two_shards)
+    receipts[whose] = flip(receipts[whose], s.RECEIPT.offset(field))
+    expected = "WRONG_MIGRATION" if field == "Reserved" else "BAD_RECEIPT"
+    commit(two_shards.target0, receipts, expected)
+
+
+def test_commit_refuses_receipts_under_another_key(two_shards: TwoShards) -> None:
+    r0, r1 = _import_both(two_shards)
+    forged = s.Receipt.decode(r1)
+    forged = dataclasses.replace(forged, mac=s.receipt_mac(OTHER_KEY, forged))
+    commit(two_shards.target0, [r0, forged.pack()], "BAD_RECEIPT")

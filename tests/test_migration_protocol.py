@@ -5,6 +5,7 @@ the field or the reason named (docs/migration-protocol.md)."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -87,9 +88,9 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("unknown type", b'{"type":"exec"}', "unknown control message type"),
     ("no type", b'{"pages":1}', "unknown control message type"),
     ("extra field", b'{"type":"commit","then":"rm"}', "unknown field(s) ['then']"),
-    ("missing field", b'{"type":"accept"}', "missing field(s) ['device_state_port']"),
-    ("wrong type", b'{"type":"accept","device_state_port":"22"}', "wrong type"),
-    ("bool for int", b'{"type":"accept","device_state_port":true}', "wrong type"),
+    ("missing field", b'{"type":"accept"}', "missing field(s) ['device_state_port', 'nonces']"),
+    ("wrong type", b'{"type":"accept","device_state_port":"22","nonces":[]}', "wrong type"),
+    ("bool for int", b'{"type":"accept","device_state_port":true,"nonces":[]}', "wrong type"),
     ("negative", b'{"type":"progress","stream_bytes":-1}', "out of range"),
     ("long text", json.dumps({"type": "abort", "reason": "x" * 5000}).encode(), "longer than"),
     ("deep nesting", b'{"type":"describe","guest":' + b"[" * 100000 + b"]" * 100000 + b"}", "not valid JSON"),
@@ -181,8 +182,8 @@ def _run_target_against(tmp_path: Path, talk: Any) -> tuple[TargetReport, Any]:
 
 def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 7])
-        assert channel.receive("welcome")["version"] == 1
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[2, 7])
+        assert channel.receive("welcome")["version"] == 2
         channel.send("describe", guest=_good() | {"firmware_sha256": digest, "machine": "pc; reboot"})
         return channel.receive("refuse")
 
@@ -197,11 +198,11 @@ def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: P
 
 def test_the_target_refuses_a_source_without_a_common_version(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[2, 3])
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 3])
         return channel.receive("error")
 
     report, answer = _run_target_against(tmp_path, talk)
-    assert "versions [2, 3]" in answer["reason"] and answer["phase"] == "the handshake"
+    assert "versions [1, 3]" in answer["reason"] and answer["phase"] == "the handshake"
     assert report.outcome == "failed" and report.peer.startswith("127.0.0.1:")
 
 
@@ -235,3 +236,27 @@ def test_the_one_machine_demo_ends_its_target_role_when_the_source_never_connect
         migrate(MigrationConfig(image=tmp_path / "missing.fd", work_dir=tmp_path / "work", progress=False))
     assert time.monotonic() - started < 30
     assert not [t for t in threading.enumerate() if t.name == "migrate-target"]
+
+
+NONCE = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        ([], "0 challenge nonce(s) for 2 shard(s)"),
+        ([NONCE, NONCE, NONCE], "3 challenge nonce(s) for 2 shard(s)"),
+        ([NONCE, "ab" * 31], "challenge nonce 1 that is not 32 bytes"),
+        ([NONCE, "AB" * 32], "challenge nonce 1 that is not 32 bytes"),
+        ([NONCE, "zz" * 32], "challenge nonce 1 that is not 32 bytes"),
+        ([NONCE, 7], "challenge nonce 1 that is not 32 bytes"),
+    ],
+    ids=["none", "one too many", "short", "upper case", "not hex", "not a string"],
+)
+def test_the_source_refuses_hostile_challenge_nonces(values: list[object], reason: str) -> None:
+    with pytest.raises(mp.ProtocolError, match=re.escape(reason)):
+        mp.decode_nonces(values, 2, "target 127.0.0.1:1")
+
+
+def test_the_source_takes_one_nonce_per_shard() -> None:
+    assert mp.decode_nonces([NONCE, "01" * 32], 2, "target") == [bytes.fromhex(NONCE), bytes([1]) * 32]

@@ -54,7 +54,8 @@ def source(tmp_path: Path) -> Iterator[tuple[ReferenceHelperProcess, MailboxBack
 def _export(backend: MailboxBackend) -> list[bytes]:
     """Header, one batch of every page, end record: the stream as pieces."""
     pieces = []
-    status, results = backend.call("EXPORT_BEGIN", 65536, 4096)
+    # Shard 0 of 1, unbound; the migration id is the data area's first 32 bytes.
+    status, results = backend.call("EXPORT_BEGIN", 65536, 4096, 0, 0, 0, 1)
     assert status_name(status) == "SUCCESS"
     pieces.append(bytes(backend.data[65536 : 65536 + results[0]]))
     backend.data[: 8 * PAGES] = struct.pack(f"<{PAGES}Q", *range(0, PAGES * PAGE, PAGE))
@@ -92,7 +93,7 @@ def test_export_is_imported_by_the_in_process_reference(
     target = ReferenceBackend(bytearray(PAGES * PAGE), KEY, DATA_SIZE)
     for command, piece in (("IMPORT_BEGIN", header), ("IMPORT_BATCH", records), ("IMPORT_END", end)):
         target.data[: len(piece)] = piece
-        status, _ = target.call(command, 0, len(piece))
+        status, _ = target.call(command, 0, len(piece), *((0, 1) if command == "IMPORT_BEGIN" else ()))
         assert status_name(status) == "SUCCESS", command
     assert bytes(target.window) == (tmp_path / "guest.ram").read_bytes()
     target.release()

@@ -1,4 +1,4 @@
-"""The known-answer stream (tests/vectors/stream-v1.json, written by an
+"""The known-answer stream (tests/vectors/stream-v2.json, written by an
 encoder independent of helper/stream.py) against the codec and the
 reference helper."""
 
@@ -20,7 +20,7 @@ from helper.reference import ReferenceHelper
 from host_shim.keys import secret_record
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
-VECTOR_FILE = VECTORS / "stream-v1.json"
+VECTOR_FILE = VECTORS / "stream-v2.json"
 sys.path.insert(0, str(VECTORS))
 import stream_vectors  # noqa: E402
 
@@ -41,21 +41,32 @@ def test_file_is_what_the_generator_writes() -> None:
     assert stream_vectors.main(["--check"]) == 0
 
 
+def _binding(vector: dict[str, Any]) -> s.Binding:
+    return s.Binding.bound([bytes.fromhex(n) for n in vector["target_nonces"]], vector["shard_index"])
+
+
+def test_binding_and_migration_id(vector: dict[str, Any]) -> None:
+    binding = _binding(vector)
+    assert binding.migration_id == _b(vector, "migration_id")
+    assert binding.pack() == _b(vector, "binding") == _b(vector, "header")[s.BINDING_OFFSET : s.BINDING_OFFSET + 76]
+    assert _b(vector, "kdf_info") == s.KDF_INFO + binding.pack()
+
+
 def test_key_schedule_by_rfc5869_steps(vector: dict[str, Any]) -> None:
     """HKDF spelled out with HMAC (extract, then expand), so that swapped salt
     and key in both encoders would still be caught."""
     prk = hmac.new(_b(vector, "salt"), _b(vector, "transport_key"), hashlib.sha256).digest()
-    info = vector["kdf_info"].encode()
+    info = _b(vector, "kdf_info")
     t1 = hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
     t2 = hmac.new(prk, t1 + info + b"\x02", hashlib.sha256).digest()
     assert (t1 + t2)[: s.OKM_SIZE] == _b(vector, "okm")
-    keys = s.derive_session(_b(vector, "transport_key"), _b(vector, "salt"))
+    keys = s.derive_session(_b(vector, "transport_key"), _b(vector, "salt"), _binding(vector).pack())
     assert keys.key + keys.session_id == _b(vector, "okm")
     assert keys.session_id == _b(vector, "session_id")
 
 
 def test_codec_pieces(vector: dict[str, Any]) -> None:
-    writer = s.StreamWriter(_b(vector, "transport_key"), _b(vector, "salt"), vector["guest_size"])
+    writer = s.StreamWriter(_b(vector, "transport_key"), _b(vector, "salt"), vector["guest_size"], _binding(vector))
     assert writer.header == _b(vector, "header")
     chain = s.ChainDigest(_b(vector, "session_id"))
     assert chain.digest().hex() == vector["chain"][0]
@@ -77,16 +88,17 @@ def test_codec_decodes_and_verifies(vector: dict[str, Any]) -> None:
         page = bytes.fromhex(want["page"])
         assert got.page == (None if page == bytes(s.PAGE_SIZE) else page)
     end = s.decode_end_payload(
-        s.StreamCipher(s.derive_session(_b(vector, "transport_key"), _b(vector, "salt"))).open_record(
-            _b(vector, "end_record")
-        )
+        s.StreamCipher(
+            s.derive_session(_b(vector, "transport_key"), _b(vector, "salt"), _binding(vector).pack())
+        ).open_record(_b(vector, "end_record"))
     )
     assert end.pack() == _b(vector, "end_payload")
 
 
-def _helper(vector: dict[str, Any], salt: bytes) -> ReferenceHelper:
+def _helper(vector: dict[str, Any], random: bytes) -> ReferenceHelper:
+    """A reference helper whose entropy source always gives ``random``."""
     secret = bytearray(secret_record(_b(vector, "transport_key")))
-    return ReferenceHelper(bytearray(vector["guest_size"]), bytearray(1 << 16), secret, salt_source=lambda n: salt)
+    return ReferenceHelper(bytearray(vector["guest_size"]), bytearray(1 << 16), secret, salt_source=lambda n: random)
 
 
 def _call(helper: ReferenceHelper, command: str, *args: int) -> tuple[int, ...]:
@@ -102,10 +114,13 @@ def test_reference_export_reproduces_the_stream(vector: dict[str, Any]) -> None:
         helper.window[offset : offset + s.PAGE_SIZE] = bytes.fromhex(record["page"])
     offsets = vector["page_list"]
     struct.pack_into(f"<{len(offsets)}Q", helper.data, 0, *offsets)
-    out, capacity = 0x1000, len(helper.data) - 0x1000
+    out, capacity, nonces_at = 0x1000, len(helper.data) - 0x1000, 0x800
+    nonces = b"".join(bytes.fromhex(n) for n in vector["target_nonces"])
+    helper.data[nonces_at : nonces_at + len(nonces)] = nonces
+    bound = A.const("OVMF_MH_EXPORT_BOUND")
     pieces = []
     for command, args in (
-        ("EXPORT_BEGIN", (out, capacity)),
+        ("EXPORT_BEGIN", (out, capacity, bound, nonces_at, vector["shard_index"], len(vector["target_nonces"]))),
         ("EXPORT_BATCH", (0, len(offsets), out, capacity)),
         ("EXPORT_END", (out, capacity)),
     ):
@@ -115,7 +130,10 @@ def test_reference_export_reproduces_the_stream(vector: dict[str, Any]) -> None:
 
 
 def test_reference_import_of_the_stream(vector: dict[str, Any]) -> None:
-    helper = _helper(vector, bytes(s.SALT_SIZE))
+    """Target helper 1 of the migration: its challenge is the vector's nonce 1."""
+    index, count = vector["shard_index"], len(vector["target_nonces"])
+    helper = _helper(vector, bytes.fromhex(vector["target_nonces"][index]))
+    _call(helper, "IMPORT_CHALLENGE", 0, s.CHALLENGE_SIZE)
     helper.window[:] = b"\xee" * len(helper.window)
     stream = _b(vector, "stream")
     header, body, end = (
@@ -125,7 +143,11 @@ def test_reference_import_of_the_stream(vector: dict[str, Any]) -> None:
     )
     for command, blob in (("IMPORT_BEGIN", header), ("IMPORT_BATCH", body), ("IMPORT_END", end)):
         helper.data[: len(blob)] = blob
-        _call(helper, command, 0, len(blob))
+        _call(helper, command, 0, len(blob), *((index, count) if command == "IMPORT_BEGIN" else ()))
+    assert _call(helper, "IMPORT_RECEIPT", 0, s.RECEIPT_SIZE)[0] == s.RECEIPT_SIZE
+    assert bytes(helper.data[: s.RECEIPT_SIZE]) == _b(vector, "receipt")
+    receipt = s.Receipt.decode(_b(vector, "receipt"))
+    assert s.receipt_mac(_b(vector, "transport_key"), receipt) == receipt.mac
     for record in vector["records"]:
         offset = record["guest_offset"]
         assert bytes(helper.window[offset : offset + s.PAGE_SIZE]).hex() == record["page"]

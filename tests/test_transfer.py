@@ -498,6 +498,8 @@ def test_send_and_receive_over_tcp(firmware: Path, work_dir: Path, key: Path) ->
     assert sender.returncode == 0, sender.stderr
     assert receiver.returncode == 0, err
     assert '"outcome": "ok"' in out and '"outcome": "ok"' in sender.stdout
+    # Every send is bound to the receiver's helpers (their challenge on the connection).
+    assert '"bound": true' in out and '"bound": true' in sender.stdout
     assert digest(dst) == digest(src)
 
 
@@ -734,3 +736,151 @@ def test_container_bounds_frames_before_reading_them() -> None:
     huge = ct.FRAME_HEADER.pack(ct.KIND_RECORDS, 0, 1 << 40)
     with pytest.raises(ct.ContainerError, match="RECORDS frame"):
         list(ct.read_frames(io.BytesIO(huge), ct.read_file_header(io.BytesIO(header)).shards))
+
+
+# --- one migration: shards bound together, to one target, at its guest size -------------------
+
+
+#: Target helpers of the hostile-container tests: both kinds (firmware under QEMU).
+TARGETS = [pytest.param("reference"), pytest.param("firmware", marks=pytest.mark.qemu)]
+
+
+def _refusal(work_dir: Path, key: Path, bad: Path, capsys: pytest.CaptureFixture[str], helper: str) -> str:
+    """Import ``bad`` with ``helper`` helpers: it must fail, leave no DST; return stderr."""
+    dst = work_dir / "dst.ram"
+    capsys.readouterr()
+    assert import_(work_dir, key, bad, dst, helper) == 1
+    err = capsys.readouterr().err
+    assert not dst.exists() and not list(work_dir.glob(".dst.ram.ovmf-mh-partial"))
+    return err
+
+
+def _shard_frames(frames: list[tuple[int, int, bytes]], shard: int) -> list[tuple[int, int, bytes]]:
+    return [f for f in frames if f[0] in (ct.KIND_STREAM_HEADER, ct.KIND_RECORDS, ct.KIND_STREAM_END)
+            and f[1] == shard]
+
+
+def _done(frames: list[tuple[int, int, bytes]], private_pages: int) -> tuple[int, int, bytes]:
+    """A DONE frame like the stream's, with ``private_pages`` (the host fixing up its totals)."""
+    totals = ct.Totals.decode(next(p for k, _, p in frames if k == ct.KIND_DONE))
+    totals.private_pages = private_pages
+    return (ct.KIND_DONE, 0, totals.encode())
+
+
+def _header(guest_size: int, shards: int) -> bytes:
+    return ct.FileHeader(guest_size, shards).encode()
+
+
+@pytest.mark.parametrize("helper", TARGETS)
+def test_dropped_shard_with_count_and_totals_fixed_up_is_refused(
+    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str], helper: str
+) -> None:
+    src = make_ram(work_dir / "src.ram", "random", 2048)
+    _, frames = _frames(export(work_dir, key, src, "reference", 2))
+    kept = _shard_frames(frames, 0)
+    bad = _write(work_dir / "bad.omh", _header(2048 * PAGE, 1), [*kept, _done(frames, 1024)])
+    err = _refusal(work_dir, key, bad, capsys, helper)
+    assert "refused IMPORT_BEGIN" in err and "status WRONG_SHARD" in err, err
+
+
+@pytest.mark.parametrize("helper", TARGETS)
+def test_duplicated_shard_is_refused(
+    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str], helper: str
+) -> None:
+    """Shard 0 also stands in for shard 1 (the same pages twice, counts fixed up)."""
+    src = make_ram(work_dir / "src.ram", "random", 2048)
+    _, frames = _frames(export(work_dir, key, src, "reference", 2))
+    shard0 = _shard_frames(frames, 0)
+    twice = [*shard0, *[(k, 1, p) for k, _, p in shard0], _done(frames, 2048)]
+    err = _refusal(work_dir, key, _write(work_dir / "bad.omh", _header(2048 * PAGE, 2), twice), capsys, helper)
+    assert "refused IMPORT_BEGIN" in err and "status WRONG_SHARD" in err, err
+
+
+@pytest.mark.parametrize("helper", TARGETS)
+def test_shard_of_another_export_is_refused(
+    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str], helper: str
+) -> None:
+    """Two exports of the same RAM; shard 1 of the second replaces shard 1 of the
+    first. Every shard verifies on its own; the commit sees two migrations."""
+    src = make_ram(work_dir / "src.ram", "random", 2048)
+    header, first = _frames(export(work_dir, key, src, "reference", 2, "a.omh"))
+    _, second = _frames(export(work_dir, key, src, "reference", 2, "b.omh"))
+    mixed = [*_shard_frames(first, 0), *_shard_frames(second, 1), _done(first, 2048)]
+    err = _refusal(work_dir, key, _write(work_dir / "bad.omh", header, mixed), capsys, helper)
+    assert "refused IMPORT_COMMIT" in err and "status WRONG_MIGRATION" in err, err
+
+
+@pytest.mark.parametrize("helper", TARGETS)
+def test_container_guest_size_lie_is_refused(
+    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str], helper: str
+) -> None:
+    """The container claims a larger guest than the one the helpers sealed."""
+    src = make_ram(work_dir / "src.ram", "random", 64)
+    _, frames = _frames(export(work_dir, key, src, "reference", 1))
+    err = _refusal(work_dir, key, _write(work_dir / "bad.omh", _header(128 * PAGE, 1), frames), capsys, helper)
+    assert "refused IMPORT_BEGIN" in err and "status GUEST_SIZE_MISMATCH" in err, err
+
+
+def _challenged_import(work_dir: Path, key: Path, stream: Path, dst: Path, helpers: int,
+                       pages: int, helper: str = "reference") -> tuple[subprocess.Popen[str], Path]:
+    """``ovmf-mh import --challenge-out`` started; returns it once its challenge exists."""
+    challenge = work_dir / f"{dst.name}.challenge"
+    importer = subprocess.Popen(
+        [*OVMF_MH, "import", "--ram", str(dst), "--key", str(key), "--in", str(stream), "--helper", helper,
+         "--helpers", str(helpers), "--guest-size", str(pages * PAGE), "--challenge-out", str(challenge),
+         "--wait", "120", "--json", "--work-dir", str(work_dir / f"import-{dst.name}")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not challenge.exists():
+        assert importer.poll() is None, importer.communicate()
+        assert time.monotonic() < deadline, "no challenge file"
+        time.sleep(0.05)
+    return importer, challenge
+
+
+@pytest.mark.parametrize("helper", TARGETS)
+def test_bound_file_transfer_and_replay_of_the_old_stream(work_dir: Path, key: Path, helper: str) -> None:
+    src = make_ram(work_dir / "src.ram", "mixed", 1024)
+    stream = work_dir / "bound.omh"
+    dst = work_dir / "dst.ram"
+    importer, challenge = _challenged_import(work_dir, key, stream, dst, 2, 1024, helper)
+    try:
+        export(work_dir, key, src, "reference", 2, "bound.omh", "--challenge", challenge)
+        out, err = importer.communicate(timeout=120)
+    finally:
+        if importer.poll() is None:
+            importer.kill()
+            importer.wait()
+    assert importer.returncode == 0, err
+    assert '"bound": true' in out
+    assert digest(dst) == digest(src)
+    # The complete old stream, replayed to a fresh challenged import: refused.
+    again = work_dir / "again.ram"
+    replay, _ = _challenged_import(work_dir, key, stream, again, 2, 1024, helper)
+    try:
+        out, _ = replay.communicate(timeout=120)
+    finally:
+        if replay.poll() is None:
+            replay.kill()
+            replay.wait()
+    assert replay.returncode == 1
+    assert "refused IMPORT_BEGIN" in out and "status NONCE_MISMATCH" in out, out
+    assert not again.exists()
+
+
+@pytest.mark.parametrize("helper", TARGETS)
+def test_unbound_stream_to_a_challenged_import_is_refused(work_dir: Path, key: Path, helper: str) -> None:
+    src = make_ram(work_dir / "src.ram", "random", 64)
+    stream = export(work_dir, key, src, "reference", 1)
+    dst = work_dir / "dst.ram"
+    importer, _ = _challenged_import(work_dir, key, stream, dst, 1, 64, helper)
+    try:
+        out, _ = importer.communicate(timeout=120)
+    finally:
+        if importer.poll() is None:
+            importer.kill()
+            importer.wait()
+    assert importer.returncode == 1
+    assert "status UNBOUND_STREAM" in out, out
+    assert not dst.exists()

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any, cast
@@ -14,9 +15,18 @@ from typing import IO, Any, cast
 from host_shim import paths, process
 from host_shim.backends import KINDS
 from host_shim.commands.options import add_mailbox_timeout
+from host_shim.container import FileHeader
 from host_shim.errors import OvmfMhError, SetupError
 from host_shim.keys import read_key
-from host_shim.pipeline import TransferSummary, export_ram, import_ram, partial_summary
+from host_shim.pipeline import (
+    Nonces,
+    TransferSummary,
+    encode_challenge,
+    export_ram,
+    import_ram,
+    partial_summary,
+    read_challenge,
+)
 
 VERDICT_LIMIT = 65536
 #: Seconds without progress on the connection before either end gives up: a
@@ -61,6 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     export.add_argument("--ram", type=Path, required=True, help="guest RAM file (memory-backend-file)")
     export.add_argument("--out", type=Path, required=True, help="transfer stream to write")
+    export.add_argument("--challenge", type=Path,
+                        help="challenge file of the importing side ('ovmf-mh import --challenge-out'): bind the "
+                        "streams to its target helpers so that only that import accepts them (default: none, "
+                        "an unbound stream that any import without a challenge accepts, also replayed)")
     _common(export, "export")
     export.set_defaults(handler=run_export)
 
@@ -73,6 +87,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     imp.add_argument("--ram", type=Path, required=True, help="guest RAM file to create or replace")
     imp.add_argument("--in", dest="stream", type=Path, required=True, help="transfer stream to read")
+    imp.add_argument("--challenge-out", type=Path,
+                     help="start the target helpers first, write their challenge to this file (for 'ovmf-mh "
+                     "export --challenge'), then wait for --in to appear and accept only streams bound to "
+                     "these helpers; needs --helpers and --guest-size (default: no challenge; unbound "
+                     "streams are accepted)")
+    imp.add_argument("--guest-size", type=int,
+                     help="guest RAM bytes, with --challenge-out (default: none; the stream says)")
+    imp.add_argument("--wait", type=float, default=600.0,
+                     help="with --challenge-out, seconds to wait for --in to appear (default 600)")
     _common(imp, "import")
     imp.set_defaults(handler=run_import)
 
@@ -172,18 +195,39 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _file_challenge(args: argparse.Namespace) -> Nonces | None:
+    """The nonces of --challenge, checked against --helpers and --ram."""
+    if args.challenge is None:
+        return None
+    try:
+        with args.challenge.open("rb") as f:
+            nonces, guest_size = read_challenge(f)
+    except OSError as exc:
+        raise OvmfMhError(f"cannot read the challenge {args.challenge}: {exc.strerror or exc}") from None
+    if len(nonces) != args.helpers:
+        raise OvmfMhError(f"the challenge {args.challenge} is for {len(nonces)} helper(s); give --helpers "
+                          f"{len(nonces)} (got {args.helpers})")
+    size = args.ram.stat().st_size if args.ram.is_file() else None
+    if size != guest_size:
+        raise OvmfMhError(f"the challenge {args.challenge} is for a {guest_size}-byte guest; {args.ram} has "
+                          f"{size} bytes")
+    return nonces
+
+
 def run_export(args: argparse.Namespace) -> int:
     _firmware(args)  # first: a refused --image leaves nothing behind
     key = read_key(args.key)
     if _same_file(args.ram, args.out):
         raise OvmfMhError(f"--out {args.out} is the guest RAM file itself; the stream would replace it")
+    nonces = _file_challenge(args)
     work = _work_dir(args, "export")
     partial = args.out.with_name(f".{args.out.name}.partial")
     process.remove_on_exit(partial)  # even if the export is killed
     summary: TransferSummary | None = None
     try:
         with partial.open("wb") as sink:
-            summary = export_ram(args.ram, key, sink, work_dir=work, page_map=args.page_map, **_helper_options(args))
+            summary = export_ram(args.ram, key, sink, work_dir=work, page_map=args.page_map,
+                                 challenge=None if nonces is None else lambda: nonces, **_helper_options(args))
             os.fsync(sink.fileno())
         os.replace(partial, args.out)
         process.keep(partial)
@@ -200,15 +244,60 @@ def run_export(args: argparse.Namespace) -> int:
     return _report(args, summary, None, "export")
 
 
+class _AppearingFile:
+    """A file read from its first byte once it exists: export renames its
+    output into place only when complete."""
+
+    def __init__(self, path: Path, wait: float) -> None:
+        self.path, self.wait = path, wait
+        self._file: IO[bytes] | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        if self._file is None:
+            deadline = time.monotonic() + self.wait
+            while not self.path.exists():
+                if time.monotonic() > deadline:
+                    raise OvmfMhError(f"{self.path} did not appear within {self.wait:g} s (--wait)")
+                time.sleep(0.1)
+            self._file = self.path.open("rb")
+        return self._file.read(size)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _write_challenge(path: Path, nonces: Nonces, guest_size: int) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(encode_challenge(nonces, guest_size))
+    os.replace(partial, path)
+
+
 def run_import(args: argparse.Namespace) -> int:
     _firmware(args)  # first: a refused --image leaves nothing behind
     key = read_key(args.key)
     if _same_file(args.ram, args.stream):
         raise OvmfMhError(f"--ram {args.ram} is the stream itself; the guest RAM would replace it")
+    if args.challenge_out is not None and (args.helpers is None or args.guest_size is None):
+        raise OvmfMhError("--challenge-out starts the target helpers before the stream exists: give --helpers "
+                          "and --guest-size")
+    if args.challenge_out is None and args.guest_size is not None:
+        raise OvmfMhError("--guest-size applies to --challenge-out only; without it the stream says")
     work = _work_dir(args, "import")
     try:
-        with args.stream.open("rb") as source:
-            summary = import_ram(args.ram, key, source, work_dir=work, **_helper_options(args))
+        if args.challenge_out is not None:
+            source = _AppearingFile(args.stream, args.wait)
+            try:
+                summary = import_ram(
+                    args.ram, key, cast(IO[bytes], source), work_dir=work,
+                    expect=FileHeader(args.guest_size, args.helpers),
+                    challenge=lambda nonces, size: _write_challenge(args.challenge_out, nonces, size),
+                    **_helper_options(args))
+            finally:
+                source.close()
+        else:
+            with args.stream.open("rb") as opened:
+                summary = import_ram(args.ram, key, opened, work_dir=work, **_helper_options(args))
     except OSError as exc:
         return _report(args, None, OvmfMhError(f"cannot read {args.stream}: {exc.strerror}"), "import")
     except OvmfMhError as exc:
@@ -233,7 +322,7 @@ def run_send(args: argparse.Namespace) -> int:
             sink = cast(IO[bytes], sock.makefile("wb", buffering=1024 * 1024))
             try:
                 summary = export_ram(args.ram, key, sink, work_dir=work, page_map=args.page_map,
-                                     **_helper_options(args))
+                                     challenge=lambda: _socket_challenge(sock, args.ram), **_helper_options(args))
                 sink.close()
             except BaseException:
                 # Closing the buffered sink would flush into a dead or stalled
@@ -260,6 +349,25 @@ def run_send(args: argparse.Namespace) -> int:
         return _report(args, summary, OvmfMhError(f"receiver reports failure: {verdict.get('error')}"), "send")
     summary.direction = "send"
     return _report(args, summary, None, "send")
+
+
+class _SocketReader:
+    """Exactly the bytes asked for from a socket (no read-ahead: the verdict
+    follows on the same connection)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def read(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
+
+def _socket_challenge(sock: socket.socket, ram: Path) -> Nonces:
+    """The receiver's challenge, sent once it read the file header."""
+    nonces, guest_size = read_challenge(_SocketReader(sock))
+    if guest_size != ram.stat().st_size:
+        raise OvmfMhError(f"the receiver's challenge is for a {guest_size}-byte guest, not {ram.stat().st_size}")
+    return nonces
 
 
 def _peer_gone(args: argparse.Namespace, exc: OSError) -> OvmfMhError:
@@ -328,6 +436,7 @@ def run_receive(args: argparse.Namespace) -> int:
             with cast(IO[bytes], conn.makefile("rb", buffering=1024 * 1024)) as raw:
                 reader = _CountingReader(raw)
                 summary = import_ram(args.ram, key, cast(IO[bytes], reader), work_dir=work,
+                                     challenge=lambda nonces, size: conn.sendall(encode_challenge(nonces, size)),
                                      **_helper_options(args))
         except OvmfMhError as exc:
             error, cause = exc, exc

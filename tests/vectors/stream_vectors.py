@@ -1,7 +1,9 @@
-"""Write the known-answer page stream ``stream-v1.json``: a fixed transport
-key, a fixed salt and a few pages (one all zero), encoded by a minimal
-encoder written here directly on pyca ``cryptography`` (HKDF, AESOCB3) and
-hashlib, from docs/stream-format.md alone.
+"""Write the known-answer page stream ``stream-v2.json``: a fixed transport
+key, a fixed salt, shard 1 of a two-shard migration bound to two fixed
+target nonces, and a few pages (one all zero), encoded by a minimal encoder
+written here directly on pyca ``cryptography`` (HKDF, AESOCB3), hmac and
+hashlib, from docs/stream-format.md alone; and the receipt the target
+helper gives after importing it.
 
 The encoder deliberately does not import helper/stream.py: the vector is a
 second reading of the format document, so a mistake in the codec (key
@@ -10,9 +12,10 @@ difference instead of being copied into the expected bytes. Structure
 layouts and constants still come from HelperAbi.h through helper.abi, the one
 definition of them (tests/test_abi.py checks that parse against gcc).
 
-Besides the stream, the file holds the intermediate values (OKM, session key,
-session id, every nonce, D(0)..D(N), the end payload) so that an
-implementation can be debugged step by step.
+Besides the stream, the file holds the intermediate values (migration id,
+KDF info, OKM, session key, session id, every nonce, D(0)..D(N), the end
+payload, the receipt key) so that an implementation can be debugged step
+by step.
 
 Run ``python tests/vectors/stream_vectors.py`` to rewrite the file;
 ``--check`` only checks that the file on disk matches.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
 import sys
 from pathlib import Path
@@ -34,7 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from helper import abi
 
 VECTORS_DIR = Path(__file__).resolve().parent
-OUTPUT = VECTORS_DIR / "stream-v1.json"
+OUTPUT = VECTORS_DIR / "stream-v2.json"
 
 A = abi.load()
 PAGE = A.const("OVMF_MH_PAGE_SIZE")
@@ -44,14 +48,20 @@ PAGE_RECORD, ZERO_RECORD, END_RECORD = (A.const(f"OVMF_MH_RECORD_{t}") for t in 
 HEADER = A.layout("OVMF_MH_STREAM_HEADER")
 RECORD = A.layout("OVMF_MH_RECORD_HEADER")
 END_PAYLOAD = A.layout("OVMF_MH_END_PAYLOAD")
+RECEIPT = A.layout("OVMF_MH_RECEIPT")
 OKM_SIZE = KEY_SIZE + A.const("OVMF_MH_SESSION_ID_SIZE")
 
-# docs/stream-format.md, "Key schedule" and "End payload".
-KDF_INFO = b"ovmf-mh v1 stream"
-CHAIN_LABEL = b"ovmf-mh v1 chain"
+# docs/stream-format.md, "Key schedule", "End payload" and "Receipts".
+KDF_INFO = b"ovmf-mh v2 stream"
+CHAIN_LABEL = b"ovmf-mh v2 chain"
+RECEIPT_INFO = b"ovmf-mh v2 receipt"
+BOUND = 1  # the header's Flags bit of a bound stream
 
-TRANSPORT_KEY = hashlib.sha256(b"ovmf-mh stream-v1 transport key").digest()
-SALT = hashlib.sha256(b"ovmf-mh stream-v1 salt").digest()
+TRANSPORT_KEY = hashlib.sha256(b"ovmf-mh stream-v2 transport key").digest()
+SALT = hashlib.sha256(b"ovmf-mh stream-v2 salt").digest()
+#: The two target helpers' challenge nonces; the stream is shard 1.
+TARGET_NONCES = [hashlib.sha256(b"ovmf-mh stream-v2 target nonce %d" % i).digest() for i in range(2)]
+SHARD_INDEX = 1
 GUEST_PAGES = 16
 
 
@@ -77,7 +87,14 @@ def _nonce(sequence: int) -> bytes:
 
 
 def build() -> dict[str, Any]:
-    okm = HKDF(algorithm=hashes.SHA256(), length=OKM_SIZE, salt=SALT, info=KDF_INFO).derive(TRANSPORT_KEY)
+    migration_id = hashlib.sha256(b"".join(TARGET_NONCES)).digest()
+    # Flags, ShardIndex, ShardCount (UINT32 each), MigrationId, TargetNonce: header bytes 12..87.
+    binding = (
+        BOUND.to_bytes(4, "little") + SHARD_INDEX.to_bytes(4, "little") + len(TARGET_NONCES).to_bytes(4, "little")
+        + migration_id + TARGET_NONCES[SHARD_INDEX]
+    )
+    info = KDF_INFO + binding
+    okm = HKDF(algorithm=hashes.SHA256(), length=OKM_SIZE, salt=SALT, info=info).derive(TRANSPORT_KEY)
     key, session_id = okm[:KEY_SIZE], okm[KEY_SIZE:]
     ocb = AESOCB3(key)
 
@@ -85,12 +102,17 @@ def build() -> dict[str, Any]:
         Magic=A.const("OVMF_MH_STREAM_MAGIC"),
         Version=A.const("OVMF_MH_STREAM_VERSION"),
         HeaderSize=HEADER.size,
-        Flags=0,
+        Flags=BOUND,
+        ShardIndex=SHARD_INDEX,
+        ShardCount=len(TARGET_NONCES),
+        MigrationId=migration_id,
+        TargetNonce=TARGET_NONCES[SHARD_INDEX],
         Salt=SALT,
         SessionId=session_id,
         GuestSize=GUEST_PAGES * PAGE,
     )[: HEADER.offset("Tag")]
-    assert header_ad[:8] == b"OMHSTRM1", "magic as the format document spells it"
+    assert header_ad[:8] == b"OMHSTRM2", "magic as the format document spells it"
+    assert header_ad[12:88] == binding, "the binding is header bytes 12..87"
     header = header_ad + ocb.encrypt(_nonce(0), b"", header_ad)
 
     chain = [hashlib.sha256(CHAIN_LABEL + session_id).digest()]
@@ -128,11 +150,22 @@ def build() -> dict[str, Any]:
     end_record = end_ad + ocb.encrypt(_nonce(count + 1), end_payload, end_ad)
 
     stream = header + b"".join(bytes.fromhex(r["record"]) for r in records) + end_record
+    receipt_key = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=migration_id,
+                       info=RECEIPT_INFO).derive(TRANSPORT_KEY)
+    receipt_body = RECEIPT.pack(
+        MigrationId=migration_id, ShardIndex=SHARD_INDEX, ShardCount=len(TARGET_NONCES), Flags=BOUND,
+        Reserved=0, RecordCount=count, ChainDigest=chain[-1],
+    )[: RECEIPT.offset("Mac")]
+    receipt = receipt_body + hmac.new(receipt_key, receipt_body, hashlib.sha256).digest()
     return {
-        "description": "ovmf-mh page stream v1 known answer (docs/stream-format.md); written by stream_vectors.py",
+        "description": "ovmf-mh page stream v2 known answer (docs/stream-format.md); written by stream_vectors.py",
         "transport_key": TRANSPORT_KEY.hex(),
         "salt": SALT.hex(),
-        "kdf_info": KDF_INFO.decode(),
+        "target_nonces": [n.hex() for n in TARGET_NONCES],
+        "shard_index": SHARD_INDEX,
+        "migration_id": migration_id.hex(),
+        "binding": binding.hex(),
+        "kdf_info": info.hex(),
         "okm": okm.hex(),
         "session_key": key.hex(),
         "session_id": session_id.hex(),
@@ -144,6 +177,8 @@ def build() -> dict[str, Any]:
         "end_payload": end_payload.hex(),
         "end_record": end_record.hex(),
         "stream": stream.hex(),
+        "receipt_key": receipt_key.hex(),
+        "receipt": receipt.hex(),
     }
 
 

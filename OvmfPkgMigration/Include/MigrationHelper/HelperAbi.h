@@ -20,8 +20,8 @@
 // ABI version. The major number changes when a field moves or changes
 // meaning; the minor number when commands or capabilities are added.
 //
-#define OVMF_MH_ABI_MAJOR  1
-#define OVMF_MH_ABI_MINOR  3
+#define OVMF_MH_ABI_MAJOR  2
+#define OVMF_MH_ABI_MINOR  0
 
 #define OVMF_MH_PAGE_SIZE  0x1000
 
@@ -106,12 +106,23 @@ typedef struct {
 #define OVMF_MH_MAX_TRACKED_PAGES  0x80000
 
 //
-// EXPORT_BEGIN Arg2 flags (ABI 1.3). TRACK_PAGES: remember what each page
+// EXPORT_BEGIN Arg2 flags. TRACK_PAGES (ABI 1.3): remember what each page
 // looked like when sealed, for CHECK_PAGES; only live migration asks, so a
-// plain export does without the per-page bookkeeping. Other bits must be 0.
+// plain export does without the per-page bookkeeping. BOUND (ABI 2.0): the
+// binding input at Arg3 is the targets' challenge nonces (ShardCount of
+// them, OVMF_MH_CHALLENGE_SIZE bytes each, in shard order), and the
+// stream is bound to target ShardIndex's nonce and to the migration id the
+// helper computes from them; without it the binding input is a migration id
+// of OVMF_MH_MIGRATION_ID_SIZE bytes the host chose (an unbound stream).
+// Other bits must be 0.
 //
 #define OVMF_MH_EXPORT_TRACK_PAGES  0x1
-#define OVMF_MH_EXPORT_FLAGS_KNOWN  0x1
+#define OVMF_MH_EXPORT_BOUND        0x2
+#define OVMF_MH_EXPORT_FLAGS_KNOWN  0x3
+//
+// Shards of one migration: one stream per helper, at most this many.
+//
+#define OVMF_MH_MAX_SHARDS          64
 
 //
 // Commands (OVMF_MH_MAILBOX_HEADER.Command).
@@ -127,6 +138,9 @@ typedef struct {
 #define OVMF_MH_CMD_IMPORT_BATCH  8   ///< Arg0 in offset, Arg1 size: records
 #define OVMF_MH_CMD_IMPORT_END    9   ///< Arg0 in offset, Arg1 size: end record
 #define OVMF_MH_CMD_CHECK_PAGES   10  ///< Arg0 list offset, Arg1 count, Arg2 out offset: changed since sent? (tracked exports)
+#define OVMF_MH_CMD_IMPORT_CHALLENGE 11 ///< Arg0 out offset, Arg1 capacity -> a fresh nonce the next import must be bound to
+#define OVMF_MH_CMD_IMPORT_RECEIPT   12 ///< Arg0 out offset, Arg1 capacity -> OVMF_MH_RECEIPT of the completed import
+#define OVMF_MH_CMD_IMPORT_COMMIT    13 ///< Arg0 in offset, Arg1 size: ShardCount receipts, one per shard, in shard order
 
 //
 // Capability bits (OVMF_MH_MAILBOX_HEADER.Capabilities and image info).
@@ -138,6 +152,7 @@ typedef struct {
 #define OVMF_MH_CAP_AES_NI      0x0000000000000010  ///< Page crypto runs on AES-NI
 #define OVMF_MH_CAP_KEY_LOADED  0x0000000000000020  ///< A transport key was injected
 #define OVMF_MH_CAP_CHECK_PAGES 0x0000000000000040  ///< CHECK_PAGES (ABI 1.2)
+#define OVMF_MH_CAP_BINDING     0x0000000000000080  ///< IMPORT_CHALLENGE, IMPORT_RECEIPT, IMPORT_COMMIT, bound streams (ABI 2.0)
 
 //
 // Status codes: command results (Status) and halt reasons (HaltReason).
@@ -163,6 +178,15 @@ typedef struct {
 #define OVMF_MH_STATUS_TRUNCATED              0x25 ///< End record count/digest disagree with what arrived
 #define OVMF_MH_STATUS_BAD_HEADER             0x26 ///< Stream header malformed or unauthentic
 #define OVMF_MH_STATUS_SESSION_FAILED         0x27 ///< An earlier failure ended this session
+//
+// Migration binding failures (ABI 2.0). The session is failed afterwards.
+//
+#define OVMF_MH_STATUS_GUEST_SIZE_MISMATCH    0x28 ///< Header GuestSize is not this helper's guest window size
+#define OVMF_MH_STATUS_WRONG_SHARD            0x29 ///< Shard index or count not what the host announced / the commit needs
+#define OVMF_MH_STATUS_NONCE_MISMATCH         0x2A ///< Stream bound to another target nonce (another session, a replay)
+#define OVMF_MH_STATUS_UNBOUND_STREAM         0x2B ///< Unbound stream after IMPORT_CHALLENGE asked for a bound one
+#define OVMF_MH_STATUS_WRONG_MIGRATION        0x2C ///< Receipt of another migration, or of a bound/unbound mismatch
+#define OVMF_MH_STATUS_BAD_RECEIPT            0x2D ///< Receipt MAC invalid, or this helper's own receipt altered
 //
 // Request rejections (HaltReason, also logged to debugcon). 0x100 and up.
 //
@@ -249,19 +273,35 @@ typedef struct {
 // end record. AEAD = AES-256-OCB3 (RFC 7253), 96-bit nonce, 128-bit tag.
 // ---------------------------------------------------------------------------
 //
-#define OVMF_MH_STREAM_MAGIC        0x314d525453484d4f  // "OMHSTRM1"
-#define OVMF_MH_STREAM_VERSION      1
+#define OVMF_MH_STREAM_MAGIC        0x324d525453484d4f  // "OMHSTRM2"
+#define OVMF_MH_STREAM_VERSION      2
 #define OVMF_MH_SALT_SIZE           32
 #define OVMF_MH_SESSION_ID_SIZE     16
 #define OVMF_MH_TAG_SIZE            16
 #define OVMF_MH_NONCE_SIZE          12
 #define OVMF_MH_DIGEST_SIZE         32
+#define OVMF_MH_MIGRATION_ID_SIZE   32
+#define OVMF_MH_CHALLENGE_SIZE      32
 //
-// HKDF info string of the key schedule and the chain digest's label, both
-// used without a terminating NUL.
+// Stream header Flags. BOUND: the stream is bound to a target's challenge
+// nonce (TargetNonce) and MigrationId is SHA-256 over all targets' nonces.
 //
-#define OVMF_MH_KDF_INFO            "ovmf-mh v1 stream"
-#define OVMF_MH_CHAIN_LABEL         "ovmf-mh v1 chain"
+#define OVMF_MH_STREAM_BOUND        0x1
+#define OVMF_MH_STREAM_FLAGS_KNOWN  0x1
+//
+// The header bytes [OVMF_MH_STREAM_BINDING_OFFSET, +SIZE) (Flags through
+// TargetNonce) follow the KDF info label in the HKDF info of the key
+// schedule, so that the session key itself depends on the binding.
+//
+#define OVMF_MH_STREAM_BINDING_OFFSET  12
+#define OVMF_MH_STREAM_BINDING_SIZE    76
+//
+// HKDF info strings of the key schedule and of the receipt key, and the
+// chain digest's label, all used without a terminating NUL.
+//
+#define OVMF_MH_KDF_INFO            "ovmf-mh v2 stream"
+#define OVMF_MH_CHAIN_LABEL         "ovmf-mh v2 chain"
+#define OVMF_MH_RECEIPT_INFO        "ovmf-mh v2 receipt"
 #define OVMF_MH_PAGE_HASH_INFO      "ovmf-mh v1 page hash"
 #define OVMF_MH_PAGE_HASH_KEY_SIZE  4096
 
@@ -273,7 +313,11 @@ typedef struct {
   UINT64    Magic;                         ///< OVMF_MH_STREAM_MAGIC
   UINT16    Version;                       ///< OVMF_MH_STREAM_VERSION
   UINT16    HeaderSize;                    ///< sizeof (OVMF_MH_STREAM_HEADER)
-  UINT32    Flags;                         ///< Zero
+  UINT32    Flags;                         ///< OVMF_MH_STREAM_BOUND or 0
+  UINT32    ShardIndex;                    ///< This stream's shard, 0..ShardCount-1
+  UINT32    ShardCount;                    ///< Shards of the migration, 1..OVMF_MH_MAX_SHARDS
+  UINT8     MigrationId[OVMF_MH_MIGRATION_ID_SIZE]; ///< Bound: SHA-256 of the targets' nonces; else host's choice
+  UINT8     TargetNonce[OVMF_MH_CHALLENGE_SIZE]; ///< Bound: target ShardIndex's challenge; else zero
   UINT8     Salt[OVMF_MH_SALT_SIZE];       ///< From the source helper's RDRAND
   UINT8     SessionId[OVMF_MH_SESSION_ID_SIZE]; ///< HKDF output, see stream-format.md
   UINT64    GuestSize;                     ///< Source guest window size
@@ -292,6 +336,22 @@ typedef struct {
   UINT64    RecordCount;                   ///< PAGE and ZERO records before END
   UINT8     ChainDigest[OVMF_MH_DIGEST_SIZE]; ///< SHA-256 chain over their tags
 } OVMF_MH_END_PAYLOAD;
+
+//
+// Receipt of a completed import (IMPORT_RECEIPT), checked by IMPORT_COMMIT.
+// Mac = HMAC-SHA256 (ReceiptKey, the bytes before Mac), ReceiptKey =
+// HKDF-SHA256 (IKM = TK, salt = MigrationId, info = OVMF_MH_RECEIPT_INFO, 32).
+//
+typedef struct {
+  UINT8     MigrationId[OVMF_MH_MIGRATION_ID_SIZE];
+  UINT32    ShardIndex;
+  UINT32    ShardCount;
+  UINT32    Flags;                         ///< The stream header's Flags
+  UINT32    Reserved;                      ///< Zero
+  UINT64    RecordCount;                   ///< Records the import verified
+  UINT8     ChainDigest[OVMF_MH_DIGEST_SIZE]; ///< Its chain digest D(N)
+  UINT8     Mac[OVMF_MH_DIGEST_SIZE];
+} OVMF_MH_RECEIPT;
 
 //
 // Image info: a constant record in the SEC module that tools find by its
@@ -339,12 +399,18 @@ STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, CommandsServed) == 512, "count
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, MaxBatchPages) == 80, "MaxBatchPages offset");
 
 STATIC_ASSERT (sizeof (OVMF_MH_SECRET) == 48, "OVMF_MH_SECRET size");
-STATIC_ASSERT (sizeof (OVMF_MH_STREAM_HEADER) == 88, "OVMF_MH_STREAM_HEADER size");
-STATIC_ASSERT (OFFSET_OF (OVMF_MH_STREAM_HEADER, Salt) == 16, "Salt offset");
-STATIC_ASSERT (OFFSET_OF (OVMF_MH_STREAM_HEADER, Tag) == 72, "header Tag offset");
+STATIC_ASSERT (sizeof (OVMF_MH_STREAM_HEADER) == 160, "OVMF_MH_STREAM_HEADER size");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_STREAM_HEADER, Flags) == OVMF_MH_STREAM_BINDING_OFFSET, "binding offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_STREAM_HEADER, Salt) == OVMF_MH_STREAM_BINDING_OFFSET + OVMF_MH_STREAM_BINDING_SIZE, "binding size");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_STREAM_HEADER, MigrationId) == 24, "MigrationId offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_STREAM_HEADER, Salt) == 88, "Salt offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_STREAM_HEADER, Tag) == 144, "header Tag offset");
 STATIC_ASSERT (sizeof (OVMF_MH_RECORD_HEADER) == 40, "OVMF_MH_RECORD_HEADER size");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECORD_HEADER, SessionId) == 24, "record SessionId offset");
 STATIC_ASSERT (sizeof (OVMF_MH_END_PAYLOAD) == 40, "OVMF_MH_END_PAYLOAD size");
+STATIC_ASSERT (sizeof (OVMF_MH_RECEIPT) == 120, "OVMF_MH_RECEIPT size");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECEIPT, RecordCount) == 48, "receipt RecordCount offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECEIPT, Mac) == 88, "receipt Mac offset");
 
 STATIC_ASSERT (sizeof (OVMF_MH_IMAGE_INFO) == 112, "OVMF_MH_IMAGE_INFO size");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_IMAGE_INFO, BuildIdAddress) == 32, "image BuildIdAddress offset");

@@ -278,7 +278,9 @@ InternalDispatch (
 
     case OVMF_MH_CMD_RESET:
       InternalEndSession (Session);
-      Session->State = OVMF_MH_SESSION_IDLE;
+      Session->State        = OVMF_MH_SESSION_IDLE;
+      Session->ChallengeSet = FALSE;
+      Session->ImportDone   = FALSE;
       return OVMF_MH_STATUS_SUCCESS;
 
     case OVMF_MH_CMD_EXPORT_BEGIN:
@@ -301,6 +303,12 @@ InternalDispatch (
 
     case OVMF_MH_CMD_CHECK_PAGES:
       return InternalCheckPages (Context, Arg, Result);
+    case OVMF_MH_CMD_IMPORT_CHALLENGE:
+      return InternalImportChallenge (Context, Arg, Result);
+    case OVMF_MH_CMD_IMPORT_RECEIPT:
+      return InternalImportReceipt (Context, Arg, Result);
+    case OVMF_MH_CMD_IMPORT_COMMIT:
+      return InternalImportCommit (Context, Arg, Result);
 
     default:
       return OVMF_MH_STATUS_UNSUPPORTED;

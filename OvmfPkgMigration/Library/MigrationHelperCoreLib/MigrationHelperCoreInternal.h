@@ -15,7 +15,8 @@
 #include "PageCrypto.h"
 
 #define OVMF_MH_BASE_CAPABILITIES \
-  (OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN | OVMF_MH_CAP_EXPORT | OVMF_MH_CAP_IMPORT | OVMF_MH_CAP_CHECK_PAGES)
+  (OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN | OVMF_MH_CAP_EXPORT | OVMF_MH_CAP_IMPORT | OVMF_MH_CAP_CHECK_PAGES | \
+   OVMF_MH_CAP_BINDING)
 
 ///
 /// Largest record (PAGE) and the end record, in bytes.
@@ -49,6 +50,10 @@ struct OVMF_MH_SESSION {
   BOOLEAN                  PageHashKeyReady;             ///< PageHashKey and ZeroPageHash derived for this session
   UINT64                   ZeroPageHash;                 ///< Hash of an all-zero page
   UINT64                   PageHash[OVMF_MH_MAX_TRACKED_PAGES];   ///< 0: not sent in this session
+  BOOLEAN                  ChallengeSet;                 ///< IMPORT_CHALLENGE issued Challenge, not yet used
+  BOOLEAN                  ImportDone;                   ///< COMPLETE after an import: IMPORT_RECEIPT/COMMIT allowed
+  UINT8                    Challenge[OVMF_MH_CHALLENGE_SIZE];
+  UINT8                    Input[OVMF_MH_MAX_SHARDS * sizeof (OVMF_MH_RECEIPT)]; ///< Private copy of a binding or commit input
 };
 
 OVMF_MH_SESSION *
@@ -105,6 +110,27 @@ InternalCheckPages (
 
 UINT32
 InternalImportEnd (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalImportChallenge (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalImportReceipt (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalImportCommit (
   IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
   IN     CONST UINT64            *Arg,
   OUT    UINT64                  *Result

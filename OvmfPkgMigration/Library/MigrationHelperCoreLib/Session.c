@@ -16,10 +16,14 @@
 #define CHAIN_LABEL        OVMF_MH_CHAIN_LABEL
 #define CHAIN_LABEL_SIZE   (sizeof (CHAIN_LABEL) - 1)
 #define OKM_SIZE           (OVMF_MH_KEY_SIZE + OVMF_MH_SESSION_ID_SIZE)
+#define RECEIPT_INFO       OVMF_MH_RECEIPT_INFO
+#define RECEIPT_INFO_SIZE  (sizeof (RECEIPT_INFO) - 1)
+#define RECEIPT_MAC_SIZE   OFFSET_OF (OVMF_MH_RECEIPT, Mac)
 #define RDRAND_RETRIES     32
 #define CPUID_RDRAND       BIT30
 
 STATIC_ASSERT (sizeof (OVMF_MH_SESSION) <= OVMF_MH_CORE_PRIVATE_SIZE, "session fits the private area");
+STATIC_ASSERT (OVMF_MH_MAX_SHARDS * OVMF_MH_CHALLENGE_SIZE <= OVMF_MH_MAX_SHARDS * sizeof (OVMF_MH_RECEIPT), "nonces fit the input copy");
 
 /**
   Return the session state carved out of the platform's private memory.
@@ -147,11 +151,42 @@ InternalRandom (
 }
 
 /**
-  Derive the session key and session id from the transport key and a salt,
-  and reset the chain and sequence.
+  Compare two buffers in time that does not depend on where they differ.
+
+  @param[in] Left   Bytes.
+  @param[in] Right  Bytes.
+  @param[in] Size   Length of both.
+
+  @retval TRUE   Equal.
+  @retval FALSE  Different.
+**/
+STATIC
+BOOLEAN
+InternalEqual (
+  IN CONST UINT8  *Left,
+  IN CONST UINT8  *Right,
+  IN UINTN        Size
+  )
+{
+  UINT8  Difference;
+  UINTN  Index;
+
+  Difference = 0;
+  for (Index = 0; Index < Size; Index++) {
+    Difference |= (UINT8)(Left[Index] ^ Right[Index]);
+  }
+
+  return (BOOLEAN)(Difference == 0);
+}
+
+/**
+  Derive the session key and session id from the transport key, the salt and
+  the binding fields of a stream header (Flags through TargetNonce), and
+  reset the chain and sequence.
 
   @param[in,out] Session  The session.
-  @param[in]     Salt     OVMF_MH_SALT_SIZE bytes.
+  @param[in]     Header   The stream header (private copy) with Salt and the
+                          binding fields filled in.
 
   @retval TRUE   Derived.
   @retval FALSE  Derivation failed (cannot happen with valid sizes).
@@ -159,21 +194,24 @@ InternalRandom (
 STATIC
 BOOLEAN
 InternalStartSession (
-  IN OUT OVMF_MH_SESSION  *Session,
-  IN     CONST UINT8      *Salt
+  IN OUT OVMF_MH_SESSION              *Session,
+  IN     CONST OVMF_MH_STREAM_HEADER  *Header
   )
 {
   UINT8                   Okm[OKM_SIZE];
+  UINT8                   Info[SESSION_INFO_SIZE + OVMF_MH_STREAM_BINDING_SIZE];
   OVMF_MH_SHA256_CONTEXT  Chain;
   BOOLEAN                 Ok;
 
+  CopyMem (Info, SESSION_INFO, SESSION_INFO_SIZE);
+  CopyMem (Info + SESSION_INFO_SIZE, (CONST UINT8 *)Header + OVMF_MH_STREAM_BINDING_OFFSET, OVMF_MH_STREAM_BINDING_SIZE);
   Ok = MigrationHelperHkdfSha256 (
-         Salt,
+         Header->Salt,
          OVMF_MH_SALT_SIZE,
          Session->TransportKey,
          OVMF_MH_KEY_SIZE,
-         (CONST UINT8 *)SESSION_INFO,
-         SESSION_INFO_SIZE,
+         Info,
+         sizeof (Info),
          Okm,
          sizeof (Okm)
          );
@@ -367,10 +405,14 @@ InternalCheckSessionStart (
 }
 
 /**
-  EXPORT_BEGIN: draw a salt, derive the session, write the stream header.
+  EXPORT_BEGIN: bind the stream to a migration and a shard, draw a salt,
+  derive the session, write the stream header.
 
   @param[in,out] Context  The helper context.
-  @param[in]     Arg      Out offset, capacity, flags (OVMF_MH_EXPORT_*).
+  @param[in]     Arg      Out offset, capacity, flags (OVMF_MH_EXPORT_*),
+                          binding input offset (BOUND: ShardCount target
+                          nonces; else a migration id), shard index, shard
+                          count.
   @param[out]    Result   Bytes written.
 
   @return OVMF_MH_STATUS_* value.
@@ -387,6 +429,11 @@ InternalExportBegin (
   UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
   UINT32                 Status;
   UINT64                 TrackedPages;
+  UINT64                 ShardIndex;
+  UINT64                 ShardCount;
+  UINT64                 BindingSize;
+  BOOLEAN                Bound;
+  OVMF_MH_STREAM_HEADER  Fresh;
 
   Session = InternalSession (Context);
   Status  = InternalCheckSessionStart (Context, Arg);
@@ -398,17 +445,53 @@ InternalExportBegin (
     return OVMF_MH_STATUS_INVALID_PARAMETER;
   }
 
+  ShardIndex = Arg[4];
+  ShardCount = Arg[5];
+  if ((ShardCount == 0) || (ShardCount > OVMF_MH_MAX_SHARDS) || (ShardIndex >= ShardCount)) {
+    return OVMF_MH_STATUS_INVALID_PARAMETER;
+  }
+
+  Bound       = (BOOLEAN)((Arg[2] & OVMF_MH_EXPORT_BOUND) != 0);
+  BindingSize = Bound ? ShardCount * OVMF_MH_CHALLENGE_SIZE : OVMF_MH_MIGRATION_ID_SIZE;
+  if (!InternalDataSpanOk (Context, Arg[3], BindingSize)) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
   if (Arg[1] < sizeof (OVMF_MH_STREAM_HEADER)) {
     return OVMF_MH_STATUS_BUFFER_TOO_SMALL;
   }
 
-  Header = &Session->StreamHeader;
+  //
+  // The binding input is read once into private memory. Bound: the helper
+  // computes the migration id from the targets' nonces itself, so a header
+  // that names a migration id also names every target nonce behind it.
+  //
+  //
+  // The header is built in a local copy: until the salt is drawn, the
+  // session (and a completed import's header) stays as it was.
+  //
+  Header = &Fresh;
   ZeroMem (Header, sizeof (*Header));
+  CopyMem (Session->Input, (VOID *)(Context->Data + Arg[3]), (UINTN)BindingSize);
+  if (Bound) {
+    MigrationHelperSha256 (Session->Input, (UINTN)BindingSize, Header->MigrationId);
+    CopyMem (Header->TargetNonce, Session->Input + ShardIndex * OVMF_MH_CHALLENGE_SIZE, OVMF_MH_CHALLENGE_SIZE);
+    Header->Flags = OVMF_MH_STREAM_BOUND;
+  } else {
+    CopyMem (Header->MigrationId, Session->Input, OVMF_MH_MIGRATION_ID_SIZE);
+  }
+
+  Header->ShardIndex = (UINT32)ShardIndex;
+  Header->ShardCount = (UINT32)ShardCount;
   if (!InternalRandom (Header->Salt, OVMF_MH_SALT_SIZE)) {
     return OVMF_MH_STATUS_NO_ENTROPY;
   }
 
-  if (!InternalStartSession (Session, Header->Salt)) {
+  Session->ChallengeSet = FALSE;
+  Session->ImportDone   = FALSE;
+  Header                = &Session->StreamHeader;
+  CopyMem (Header, &Fresh, sizeof (Fresh));
+  if (!InternalStartSession (Session, Header)) {
     return OVMF_MH_STATUS_UNEXPECTED;
   }
 
@@ -433,7 +516,6 @@ InternalExportBegin (
   Header->Magic      = OVMF_MH_STREAM_MAGIC;
   Header->Version    = OVMF_MH_STREAM_VERSION;
   Header->HeaderSize = sizeof (OVMF_MH_STREAM_HEADER);
-  Header->Flags      = 0;
   CopyMem (Header->SessionId, Session->SessionId, OVMF_MH_SESSION_ID_SIZE);
   Header->GuestSize = Context->GuestWindowSize;
   InternalNonce (0, Nonce);
@@ -751,10 +833,12 @@ InternalCheckPages (
 }
 
 /**
-  IMPORT_BEGIN: verify a stream header and open an import session.
+  IMPORT_BEGIN: verify a stream header, check that it is meant for this
+  helper (guest size, shard, challenge nonce) and open an import session.
 
   @param[in,out] Context  The helper context.
-  @param[in]     Arg      In offset, size.
+  @param[in]     Arg      In offset, size, the shard index and the shard
+                          count the host announces for this helper.
   @param[out]    Result   Guest size named by the header.
 
   @return OVMF_MH_STATUS_* value.
@@ -770,6 +854,7 @@ InternalImportBegin (
   OVMF_MH_STREAM_HEADER  *Header;
   UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
   UINT32                 Status;
+  BOOLEAN                Challenged;
 
   Session = InternalSession (Context);
   Status  = InternalCheckSessionStart (Context, Arg);
@@ -777,7 +862,13 @@ InternalImportBegin (
     return Status;
   }
 
-  Session->State = OVMF_MH_SESSION_FAILED;
+  //
+  // A challenge is good for one IMPORT_BEGIN, whatever its outcome.
+  //
+  Challenged            = Session->ChallengeSet;
+  Session->ChallengeSet = FALSE;
+  Session->ImportDone   = FALSE;
+  Session->State        = OVMF_MH_SESSION_FAILED;
   if (Arg[1] != sizeof (OVMF_MH_STREAM_HEADER)) {
     return OVMF_MH_STATUS_BAD_HEADER;
   }
@@ -787,12 +878,12 @@ InternalImportBegin (
   if ((Header->Magic != OVMF_MH_STREAM_MAGIC) ||
       (Header->Version != OVMF_MH_STREAM_VERSION) ||
       (Header->HeaderSize != sizeof (OVMF_MH_STREAM_HEADER)) ||
-      (Header->Flags != 0))
+      ((Header->Flags & ~(UINT32)OVMF_MH_STREAM_FLAGS_KNOWN) != 0))
   {
     return OVMF_MH_STATUS_BAD_HEADER;
   }
 
-  if (!InternalStartSession (Session, Header->Salt)) {
+  if (!InternalStartSession (Session, Header)) {
     return OVMF_MH_STATUS_BAD_HEADER;
   }
 
@@ -813,8 +904,33 @@ InternalImportBegin (
     return OVMF_MH_STATUS_BAD_HEADER;
   }
 
+  //
+  // The header is authentic; now whether it is meant for this helper, in
+  // this session: its guest size, its shard, its target nonce.
+  //
+  Result[0] = Header->GuestSize;
+  Status    = OVMF_MH_STATUS_SUCCESS;
+  if (Header->GuestSize != Context->GuestWindowSize) {
+    Status = OVMF_MH_STATUS_GUEST_SIZE_MISMATCH;
+  } else if ((Header->ShardCount == 0) || (Header->ShardCount > OVMF_MH_MAX_SHARDS) ||
+             (Header->ShardIndex >= Header->ShardCount) ||
+             (Header->ShardIndex != Arg[2]) || (Header->ShardCount != Arg[3]))
+  {
+    Status = OVMF_MH_STATUS_WRONG_SHARD;
+  } else if (Challenged && ((Header->Flags & OVMF_MH_STREAM_BOUND) == 0)) {
+    Status = OVMF_MH_STATUS_UNBOUND_STREAM;
+  } else if (((Header->Flags & OVMF_MH_STREAM_BOUND) != 0) &&
+             (!Challenged || (CompareMem (Header->TargetNonce, Session->Challenge, OVMF_MH_CHALLENGE_SIZE) != 0)))
+  {
+    Status = OVMF_MH_STATUS_NONCE_MISMATCH;
+  }
+
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    InternalEndSession (Session);
+    return Status;
+  }
+
   Session->State = OVMF_MH_SESSION_IMPORTING;
-  Result[0]      = Header->GuestSize;
   return OVMF_MH_STATUS_SUCCESS;
 }
 
@@ -1057,7 +1173,229 @@ InternalImportEnd (
     return Status;
   }
 
-  Session->State = OVMF_MH_SESSION_COMPLETE;
-  Result[0]      = Session->RecordCount;
+  Session->State      = OVMF_MH_SESSION_COMPLETE;
+  Session->ImportDone = TRUE;
+  Result[0]           = Session->RecordCount;
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  MAC a receipt: HMAC-SHA256 under the receipt key, which HKDF derives from
+  the transport key with the receipt's migration id as salt.
+
+  @param[in]  Session  The session (holds the transport key).
+  @param[in]  Receipt  The receipt; its bytes before Mac are authenticated.
+  @param[out] Mac      Receives OVMF_MH_DIGEST_SIZE bytes.
+
+  @retval TRUE   Mac written.
+  @retval FALSE  Derivation failed (cannot happen with valid sizes).
+**/
+STATIC
+BOOLEAN
+InternalReceiptMac (
+  IN  OVMF_MH_SESSION        *Session,
+  IN  CONST OVMF_MH_RECEIPT  *Receipt,
+  OUT UINT8                  *Mac
+  )
+{
+  UINT8    Key[OVMF_MH_KEY_SIZE];
+  BOOLEAN  Ok;
+
+  Ok = MigrationHelperHkdfSha256 (
+         Receipt->MigrationId,
+         OVMF_MH_MIGRATION_ID_SIZE,
+         Session->TransportKey,
+         OVMF_MH_KEY_SIZE,
+         (CONST UINT8 *)RECEIPT_INFO,
+         RECEIPT_INFO_SIZE,
+         Key,
+         sizeof (Key)
+         );
+  Ok = (BOOLEAN)(Ok && MigrationHelperHmacSha256 (Key, sizeof (Key), (CONST UINT8 *)Receipt, RECEIPT_MAC_SIZE, Mac));
+  MigrationHelperSecureZero (Key, sizeof (Key));
+  return Ok;
+}
+
+/**
+  IMPORT_CHALLENGE: draw a fresh nonce that the next IMPORT_BEGIN demands in
+  a bound stream header.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      Out offset, capacity.
+  @param[out]    Result   Bytes written (OVMF_MH_CHALLENGE_SIZE).
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalImportChallenge (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION  *Session;
+  UINT32           Status;
+
+  Session = InternalSession (Context);
+  Status  = InternalCheckSessionStart (Context, Arg);
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    return Status;
+  }
+
+  if (Arg[1] < OVMF_MH_CHALLENGE_SIZE) {
+    return OVMF_MH_STATUS_BUFFER_TOO_SMALL;
+  }
+
+  if (!InternalRandom (Session->Challenge, OVMF_MH_CHALLENGE_SIZE)) {
+    Session->ChallengeSet = FALSE;
+    return OVMF_MH_STATUS_NO_ENTROPY;
+  }
+
+  Session->ChallengeSet = TRUE;
+  Session->ImportDone   = FALSE;
+  CopyMem ((VOID *)(Context->Data + Arg[0]), Session->Challenge, OVMF_MH_CHALLENGE_SIZE);
+  Result[0] = OVMF_MH_CHALLENGE_SIZE;
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  Fill in and MAC this helper's receipt of its completed import.
+
+  @param[in]  Session  A session whose import completed.
+  @param[out] Receipt  The receipt.
+
+  @retval TRUE   Written.
+  @retval FALSE  Key derivation failed (cannot happen with valid sizes).
+**/
+STATIC
+BOOLEAN
+InternalMakeReceipt (
+  IN  OVMF_MH_SESSION  *Session,
+  OUT OVMF_MH_RECEIPT  *Receipt
+  )
+{
+  ZeroMem (Receipt, sizeof (*Receipt));
+  CopyMem (Receipt->MigrationId, Session->StreamHeader.MigrationId, OVMF_MH_MIGRATION_ID_SIZE);
+  Receipt->ShardIndex  = Session->StreamHeader.ShardIndex;
+  Receipt->ShardCount  = Session->StreamHeader.ShardCount;
+  Receipt->Flags       = Session->StreamHeader.Flags;
+  Receipt->RecordCount = Session->RecordCount;
+  CopyMem (Receipt->ChainDigest, Session->Chain, OVMF_MH_DIGEST_SIZE);
+  return InternalReceiptMac (Session, Receipt, Receipt->Mac);
+}
+
+/**
+  IMPORT_RECEIPT: write the receipt of the import this session completed.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      Out offset, capacity.
+  @param[out]    Result   Bytes written (sizeof (OVMF_MH_RECEIPT)).
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalImportReceipt (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION  *Session;
+  OVMF_MH_RECEIPT  Receipt;
+
+  Session = InternalSession (Context);
+  if ((Session->State != OVMF_MH_SESSION_COMPLETE) || !Session->ImportDone) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  if (Arg[1] < sizeof (OVMF_MH_RECEIPT)) {
+    return OVMF_MH_STATUS_BUFFER_TOO_SMALL;
+  }
+
+  if (!InternalMakeReceipt (Session, &Receipt)) {
+    return OVMF_MH_STATUS_UNEXPECTED;
+  }
+
+  CopyMem ((VOID *)(Context->Data + Arg[0]), &Receipt, sizeof (Receipt));
+  Result[0] = sizeof (Receipt);
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  IMPORT_COMMIT: check that every shard of this helper's migration was
+  imported completely, exactly once, by a helper holding the transport key:
+  one valid receipt per shard index 0..ShardCount-1, in order, all for this
+  session's migration id, shard count and binding, this helper's own among
+  them unchanged. A failure fails the session.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      In offset, size (ShardCount receipts).
+  @param[out]    Result   Shards committed.
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalImportCommit (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION        *Session;
+  OVMF_MH_STREAM_HEADER  *Header;
+  OVMF_MH_RECEIPT        Receipt;
+  OVMF_MH_RECEIPT        Own;
+  UINT8                  Mac[OVMF_MH_DIGEST_SIZE];
+  UINT32                 Index;
+  UINT32                 Status;
+
+  Session = InternalSession (Context);
+  Header  = &Session->StreamHeader;
+  if ((Session->State != OVMF_MH_SESSION_COMPLETE) || !Session->ImportDone) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  if (Arg[1] != (UINT64)Header->ShardCount * sizeof (OVMF_MH_RECEIPT)) {
+    return OVMF_MH_STATUS_INVALID_PARAMETER;
+  }
+
+  if (!InternalMakeReceipt (Session, &Own)) {
+    return OVMF_MH_STATUS_UNEXPECTED;
+  }
+
+  CopyMem (Session->Input, (VOID *)(Context->Data + Arg[0]), (UINTN)Arg[1]);
+  Status = OVMF_MH_STATUS_SUCCESS;
+  for (Index = 0; (Index < Header->ShardCount) && (Status == OVMF_MH_STATUS_SUCCESS); Index++) {
+    CopyMem (&Receipt, Session->Input + Index * sizeof (OVMF_MH_RECEIPT), sizeof (Receipt));
+    if ((Receipt.ShardIndex != Index) || (Receipt.ShardCount != Header->ShardCount)) {
+      Status = OVMF_MH_STATUS_WRONG_SHARD;
+    } else if ((CompareMem (Receipt.MigrationId, Header->MigrationId, OVMF_MH_MIGRATION_ID_SIZE) != 0) ||
+               (Receipt.Flags != Header->Flags) || (Receipt.Reserved != 0))
+    {
+      Status = OVMF_MH_STATUS_WRONG_MIGRATION;
+    } else if (!InternalReceiptMac (Session, &Receipt, Mac) ||
+               !InternalEqual (Mac, Receipt.Mac, OVMF_MH_DIGEST_SIZE) ||
+               ((Index == Header->ShardIndex) && !InternalEqual ((CONST UINT8 *)&Receipt, (CONST UINT8 *)&Own, sizeof (Own))))
+    {
+      Status = OVMF_MH_STATUS_BAD_RECEIPT;
+    }
+  }
+
+  MigrationHelperSecureZero (Mac, sizeof (Mac));
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    Session->ImportDone = FALSE;
+    Session->State      = OVMF_MH_SESSION_FAILED;
+    return Status;
+  }
+
+  Result[0] = Header->ShardCount;
   return OVMF_MH_STATUS_SUCCESS;
 }

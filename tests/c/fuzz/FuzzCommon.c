@@ -280,7 +280,7 @@ InternalKnownStatus (
   )
 {
   return (BOOLEAN)(Status <= OVMF_MH_STATUS_NO_ENTROPY ||
-                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_SESSION_FAILED));
+                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_BAD_RECEIPT));
 }
 
 STATIC
@@ -310,6 +310,7 @@ InternalShadowOpen (
 {
   UINT8                   Key[OVMF_MH_KEY_SIZE];
   UINT8                   Okm[OVMF_MH_KEY_SIZE + OVMF_MH_SESSION_ID_SIZE];
+  UINT8                   Info[sizeof (KDF_INFO_TEXT) - 1 + OVMF_MH_STREAM_BINDING_SIZE];
   UINT8                   Nonce[OVMF_MH_NONCE_SIZE];
   OVMF_MH_SHA256_CONTEXT  Chain;
   UINT64                  Index;
@@ -318,13 +319,15 @@ InternalShadowOpen (
     Key[Index] = FUZZ_KEY_BYTE (Index);
   }
 
+  memcpy (Info, KDF_INFO_TEXT, sizeof (KDF_INFO_TEXT) - 1);
+  memcpy (Info + sizeof (KDF_INFO_TEXT) - 1, (CONST UINT8 *)Header + OVMF_MH_STREAM_BINDING_OFFSET, OVMF_MH_STREAM_BINDING_SIZE);
   if (!MigrationHelperHkdfSha256 (
          Header->Salt,
          OVMF_MH_SALT_SIZE,
          Key,
          sizeof (Key),
-         (CONST UINT8 *)KDF_INFO_TEXT,
-         sizeof (KDF_INFO_TEXT) - 1,
+         Info,
+         sizeof (Info),
          Okm,
          sizeof (Okm)
          ) ||
@@ -336,7 +339,7 @@ InternalShadowOpen (
   memcpy (Helper->ShadowSessionId, Okm + OVMF_MH_KEY_SIZE, OVMF_MH_SESSION_ID_SIZE);
   InternalNonce (0, Nonce);
   if ((Header->Magic != OVMF_MH_STREAM_MAGIC) || (Header->Version != OVMF_MH_STREAM_VERSION) ||
-      (Header->HeaderSize != sizeof (*Header)) || (Header->Flags != 0) ||
+      (Header->HeaderSize != sizeof (*Header)) || ((Header->Flags & ~(UINT32)OVMF_MH_STREAM_FLAGS_KNOWN) != 0) ||
       (memcmp (Header->SessionId, Helper->ShadowSessionId, OVMF_MH_SESSION_ID_SIZE) != 0) ||
       !MigrationHelperOcbDecrypt (
          &Helper->ShadowKey,
@@ -604,7 +607,7 @@ FuzzCall (
     }
   }
 
-  if ((Status >= OVMF_MH_STATUS_BAD_RECORD) && (Status <= OVMF_MH_STATUS_SESSION_FAILED) &&
+  if ((Status >= OVMF_MH_STATUS_BAD_RECORD) && (Status <= OVMF_MH_STATUS_BAD_RECEIPT) &&
       (Session->State != OVMF_MH_SESSION_FAILED))
   {
     FuzzFail ("a stream failure left the session usable", Status);
@@ -625,6 +628,9 @@ FuzzCall (
   } else if (Command == OVMF_MH_CMD_CHECK_PAGES) {
     OutStart = Arg[2];
     OutEnd   = Arg[2] + Arg[1];
+  } else if ((Command == OVMF_MH_CMD_IMPORT_CHALLENGE) || (Command == OVMF_MH_CMD_IMPORT_RECEIPT)) {
+    OutStart = Arg[0];
+    OutEnd   = Arg[0] + Arg[1];
   }
 
   if (OutEnd < OutStart) {
@@ -676,6 +682,12 @@ FuzzCall (
     }
 
     InternalShadowOpen (Helper, (CONST OVMF_MH_STREAM_HEADER *)(Helper->DataBefore + Arg[0]));
+    if ((((CONST OVMF_MH_STREAM_HEADER *)(Helper->DataBefore + Arg[0]))->GuestSize != Helper->WindowSize) ||
+        (((CONST OVMF_MH_STREAM_HEADER *)(Helper->DataBefore + Arg[0]))->ShardIndex != Arg[2]) ||
+        (((CONST OVMF_MH_STREAM_HEADER *)(Helper->DataBefore + Arg[0]))->ShardCount != Arg[3]))
+    {
+      FuzzFail ("IMPORT_BEGIN accepted a header for another guest size or shard", Arg[2]);
+    }
   }
 
   if ((Command == OVMF_MH_CMD_IMPORT_END) && (Status == OVMF_MH_STATUS_SUCCESS)) {

@@ -25,7 +25,7 @@
 #define FUZZ_PAGE           4096ULL
 #define FUZZ_RECORD_MAX     (40ULL + FUZZ_PAGE + 16ULL)
 #define FUZZ_END_RECORD     96ULL
-#define FUZZ_STREAM_HEADER  88ULL
+#define FUZZ_STREAM_HEADER  160ULL
 
 ///
 /// The fixed transport key of every fuzz helper: bytes 0x00, 0x01 ... 0x1f.

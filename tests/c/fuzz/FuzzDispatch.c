@@ -9,9 +9,11 @@
 
   - a hostile command: random command code and arguments (including boundary
     and wrapping values) on random data-area contents;
-  - a stream round trip: the source exports random pages, the stream is
-    mutated (bit flips, dropped, duplicated, swapped or truncated records,
-    foreign headers) and the target imports it.
+  - a stream round trip: the source exports random pages, unbound or bound
+    to the target's challenge, the stream is mutated (bit flips, dropped,
+    duplicated, swapped or truncated records, foreign headers) and the
+    target imports it; an intact import then gives its receipt, which
+    IMPORT_COMMIT must accept as it is and refuse with any byte flipped.
 
   After every command FuzzCall() checks the invariants (FuzzCommon.h); on top
   of them this driver checks that a mutated stream never completes and that
@@ -34,6 +36,7 @@
 #define RECORD_MAX     FUZZ_RECORD_MAX
 #define END_RECORD     FUZZ_END_RECORD
 #define STREAM_HEADER  FUZZ_STREAM_HEADER
+#define RECEIPT_AT     (DATA_SIZE - PAGE)
 
 STATIC UINT64  mRng;
 
@@ -107,7 +110,9 @@ HostileCommand (
 }
 
 /**
-  Export Count random pages from Source; the stream lands in Stream.
+  Export Count random pages from Source; the stream lands in Stream. The
+  binding input (a migration id, or with OVMF_MH_EXPORT_BOUND in Flags the
+  target's nonce) is at data offset 0.
 **/
 STATIC
 UINT64
@@ -115,7 +120,8 @@ ExportStream (
   FUZZ_HELPER  *Source,
   UINT64       Count,
   UINT8        *Stream,
-  UINT64       *Pages
+  UINT64       *Pages,
+  UINT64       Flags
   )
 {
   UINT64  Arg[OVMF_MH_ARG_COUNT] = { 0 };
@@ -132,7 +138,10 @@ ExportStream (
   Tracked = (BOOLEAN)Below (2);
   Arg[0]  = 0;
   Arg[1]  = STREAM_HEADER;
-  Arg[2]  = Tracked ? OVMF_MH_EXPORT_TRACK_PAGES : 0;
+  Arg[2]  = (Tracked ? OVMF_MH_EXPORT_TRACK_PAGES : 0) | Flags;
+  Arg[3]  = 0;                  // unbound: the migration id is whatever the data area holds
+  Arg[4]  = 0;
+  Arg[5]  = 1;
   Status  = FuzzCall (Source, OVMF_MH_CMD_EXPORT_BEGIN, Arg, Result);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
     FuzzFail ("export begin", Status);
@@ -285,6 +294,7 @@ RoundTrip (
   UINT64        Index;
   UINT32        Status;
   BOOLEAN       Mutated;
+  BOOLEAN       Bound;
   UINT64        BatchSize;
 
   for (Index = Below (8); Index > 0; Index--) {
@@ -297,17 +307,31 @@ RoundTrip (
     }
   }
 
+  FuzzCall (Target, OVMF_MH_CMD_RESET, Arg, Result);
+  Bound = (BOOLEAN)Below (2);
+  if (Bound) {
+    Arg[0] = 0;
+    Arg[1] = OVMF_MH_CHALLENGE_SIZE;
+    Status = FuzzCall (Target, OVMF_MH_CMD_IMPORT_CHALLENGE, Arg, Result);
+    if (Status != OVMF_MH_STATUS_SUCCESS) {
+      FuzzFail ("import challenge", Status);
+    }
+
+    memcpy ((VOID *)Source->Context.Data, (CONST VOID *)Target->Context.Data, OVMF_MH_CHALLENGE_SIZE);
+  }
+
   Count   = 1 + Below (32);
-  Size    = ExportStream (Source, Count, Stream, Pages);
+  Size    = ExportStream (Source, Count, Stream, Pages, Bound ? OVMF_MH_EXPORT_BOUND : 0);
   Mutated = FALSE;
   if (Tamper) {
     Size = Mutate (Stream, Size, Count, &Mutated);
   }
 
-  FuzzCall (Target, OVMF_MH_CMD_RESET, Arg, Result);
   memcpy ((VOID *)Target->Context.Data, Stream, Size);
   Arg[0] = 0;
   Arg[1] = STREAM_HEADER;
+  Arg[2] = 0;
+  Arg[3] = 1;
   Status = FuzzCall (Target, OVMF_MH_CMD_IMPORT_BEGIN, Arg, Result);
   if (Status == OVMF_MH_STATUS_SUCCESS) {
     BatchSize = (Size >= STREAM_HEADER + END_RECORD) ? Size - STREAM_HEADER - END_RECORD : 0;
@@ -334,6 +358,23 @@ RoundTrip (
       if (memcmp (Target->Window + Pages[Index], Source->Window + Pages[Index], PAGE) != 0) {
         FuzzFail ("imported page differs", Pages[Index]);
       }
+    }
+
+    Arg[0] = RECEIPT_AT;
+    Arg[1] = sizeof (OVMF_MH_RECEIPT);
+    Status = FuzzCall (Target, OVMF_MH_CMD_IMPORT_RECEIPT, Arg, Result);
+    if (Status != OVMF_MH_STATUS_SUCCESS) {
+      FuzzFail ("receipt of an intact import", Status);
+    }
+
+    Mutated = (BOOLEAN)Below (2);
+    if (Mutated) {
+      ((UINT8 *)Target->Context.Data)[RECEIPT_AT + Below (sizeof (OVMF_MH_RECEIPT))] ^= (UINT8)(1 << Below (8));
+    }
+
+    Status = FuzzCall (Target, OVMF_MH_CMD_IMPORT_COMMIT, Arg, Result);
+    if (Mutated == (Status == OVMF_MH_STATUS_SUCCESS)) {
+      FuzzFail (Mutated ? "a forged receipt committed" : "an intact import did not commit", Status);
     }
   }
 }

@@ -260,7 +260,7 @@ LLVMFuzzerTestOneInput (
         }
 
         memset (Arg, 0, sizeof (Arg));
-        for (Index = 0; Index < 4; Index++) {
+        for (Index = 0; Index < OVMF_MH_ARG_COUNT; Index++) {
           Arg[Index] = HarnessArgument (&Input, (UINTN)Which);
         }
 

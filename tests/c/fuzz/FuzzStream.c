@@ -74,6 +74,7 @@ HarnessCheckPages (
   memset (Arg, 0, sizeof (Arg));
   Arg[1] = FUZZ_STREAM_HEADER;
   Arg[2] = OVMF_MH_EXPORT_TRACK_PAGES;
+  Arg[5] = 1;
   if (FuzzCall (&mHelper, OVMF_MH_CMD_EXPORT_BEGIN, Arg, Result) != OVMF_MH_STATUS_SUCCESS) {
     FuzzFail ("tracked export after an import", 0);
   }
@@ -135,6 +136,7 @@ HarnessImport (
   Stream = (CONST UINT8 *)mHelper.Context.Data;
   memset (Arg, 0, sizeof (Arg));
   Arg[1] = (Size < FUZZ_STREAM_HEADER) ? Size : FUZZ_STREAM_HEADER;
+  Arg[3] = 1;
   Status = FuzzCall (&mHelper, OVMF_MH_CMD_IMPORT_BEGIN, Arg, Result);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
     return Status;
