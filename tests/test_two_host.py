@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -199,13 +199,34 @@ def _wait_for_pre_copy(work: Path, program: Program, timeout: float = 300) -> No
     raise AssertionError("pre-copy never started")
 
 
+@contextmanager
+def _pre_copy_held(work: Path, program: Program) -> Iterator[None]:
+    """Mid pre-copy, held there: once pages flow, the source helper VMs are
+    stopped (SIGSTOP) while the test sets up its fault, so that a fast
+    machine cannot finish pre-copy first (each batch waits for a helper);
+    they are continued (SIGCONT) at the end of the block, if still there."""
+    _wait_for_pre_copy(work, program)
+    helpers = [int(path.read_text()) for path in sorted((work / "source" / "source-helpers").glob("helper-*/qemu.pid"))]
+    for pid in helpers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert program.proc.poll() is None, f"{program.stderr_path}: {program.stderr()[-2000:]}"
+        qmp_log = (work / "source" / "source" / "qmp.log").read_text()
+        assert '"execute": "stop"' not in qmp_log, "pre-copy was over before the source helpers were stopped"
+        yield
+    finally:
+        for pid in helpers:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def test_target_killed_mid_pre_copy_leaves_the_source_guest_running(
         firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
     target, port = _target(programs, work_dir, key, ram_dir)
     source = _source(programs, work_dir, key, port, ram_dir)
-    _wait_for_pre_copy(work_dir, source)
-    os.kill(target.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
+    with _pre_copy_held(work_dir, source):
+        os.kill(target.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
     assert source.wait(timeout=120) == 1, source.stderr()
     exit_seconds = time.monotonic() - killed_at
     report = _report(source)
@@ -223,9 +244,9 @@ def test_source_killed_mid_pre_copy_the_target_never_resumes(
         firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
     target, port = _target(programs, work_dir, key, ram_dir)
     source = _source(programs, work_dir, key, port, ram_dir)
-    _wait_for_pre_copy(work_dir, source)
-    os.kill(source.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
+    with _pre_copy_held(work_dir, source):
+        os.kill(source.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
     assert target.wait(timeout=120) == 1, target.stderr()
     exit_seconds = time.monotonic() - killed_at
     report = _report(target)
@@ -370,9 +391,9 @@ def test_link_down_mid_pre_copy(
                            prefix=("ip", "netns", "exec", target_ns))
     source = _source(programs, work_dir, key, port, ram_dir, host=TARGET_ADDRESS,
                      prefix=("ip", "netns", "exec", source_ns))
-    _wait_for_pre_copy(work_dir, source)
-    subprocess.run(["ip", "-n", target_ns, "link", "set", target_link, "down"], check=True)
-    cut_at = time.monotonic()
+    with _pre_copy_held(work_dir, source):
+        subprocess.run(["ip", "-n", target_ns, "link", "set", target_link, "down"], check=True)
+        cut_at = time.monotonic()
     assert source.wait(timeout=120) == 1, source.stderr()
     source_seconds = time.monotonic() - cut_at
     assert target.wait(timeout=120) == 1, target.stderr()
