@@ -215,7 +215,7 @@ class ReferenceHelper:
     ``window`` is guest RAM as the helper sees it (a whole number of pages),
     ``data`` the data area the offsets of the arguments point into. ``secret``
     is the emulated launch secret (an OVMF_MH_SECRET blob, as
-    ``host_shim.keys.secret_record`` builds it): read once and wiped in the
+    ``host_shim.helpers.keys.secret_record`` builds it): read once and wiped in the
     caller's buffer.
     ``salt_source`` stands for RDRAND so that tests get deterministic streams.
 

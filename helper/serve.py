@@ -6,7 +6,7 @@ shared memory file the way the firmware serves it in its VM's RAM.
 OWN.ram is laid out like a helper VM's RAM (HelperAbi.h): the emulated
 launch secret at OVMF_MH_SECRET_PAGE_BASE, read and wiped at start, and the
 mailbox at --mailbox-base for --mailbox-size bytes. The host drives it with
-the same mailbox client as a firmware helper (host_shim/mailbox.py), and
+the same mailbox client as a firmware helper (host_shim/helpers/mailbox.py), and
 because it is a separate process it encrypts while the host writes the
 previous batch: the GIL would serialise the two in one process (pyca's AEAD
 calls hold it).

@@ -33,7 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from host_shim import paths, platform_dsc  # noqa: E402
+from host_shim import paths  # noqa: E402
+from host_shim.firmware import platform_dsc  # noqa: E402
 
 SCOPES = ("ovmf-mh",)
 # GenFw, naming the image it converts relative to the workspace.
@@ -152,7 +153,7 @@ class PlatformBuilder(UefiBuilder, BuildSettingsManager):
         """Boot the image in QEMU (headless, debugcon captured): 0 only when
         it reached the guest's userspace (or UEFI's boot manager when no guest
         kernel is cached)."""
-        from host_shim.boot import BootMode, boot_image
+        from host_shim.firmware.boot import BootMode, boot_image
 
         target = self.env.GetValue("TARGET")
         work = paths.tree_build_root() / "flashrom"

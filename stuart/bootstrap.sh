@@ -11,7 +11,7 @@
 #      .cache/guest.
 #   5. The project virtual environment in .venv.
 #   6. A second EDK2 tree for the tests: the newest edk2 source package Debian
-#      serves (chosen by asking the registry, see host_shim/edk2_debian.py),
+#      serves (chosen by asking the registry, see host_shim/firmware/edk2_debian.py),
 #      in .cache/edk2-newest. OVMF_MH_SECOND_TREE=0 skips it.
 set -euo pipefail
 
@@ -134,7 +134,7 @@ fi
 
 # --- second EDK2 tree: the newest edk2 source package Debian serves --------
 if [ "${OVMF_MH_SECOND_TREE:-1}" != 0 ]; then
-    (cd "$repo" && "$venv/bin/python" -m host_shim.edk2_debian >/dev/null) \
+    (cd "$repo" && "$venv/bin/python" -m host_shim.firmware.edk2_debian >/dev/null) \
         || log "no second EDK2 tree (see the lines above); tests/test_second_tree.py will skip"
 fi
 log "system set-up complete"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from host_shim import paths
-from host_shim.build import build_firmware
+from host_shim.firmware.build import build_firmware
 
 WORK_ROOT = paths.REPO_ROOT / "work" / "tests"
 

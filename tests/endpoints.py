@@ -30,10 +30,10 @@ from typing import Protocol
 from helper import abi
 from helper.reference import SaltSource
 from host_shim import paths
-from host_shim.backends import ReferenceBackend, mailbox_backend
-from host_shim.build import build_firmware
-from host_shim.helper_vm import HelperSpec, HelperVM
-from host_shim.hostcore_helper import HostCoreHelper
+from host_shim.firmware.build import build_firmware
+from host_shim.helpers.backends import ReferenceBackend, mailbox_backend
+from host_shim.helpers.helper_vm import HelperSpec, HelperVM
+from host_shim.helpers.hostcore_helper import HostCoreHelper
 
 
 class Endpoint(Protocol):
@@ -93,7 +93,7 @@ FACTORIES: dict[str, EndpointFactory] = {
 
 @contextmanager
 def open_host_core(spec: EndpointSpec) -> Iterator[Endpoint]:
-    """The firmware's C dispatcher built for the host (host_shim.hostcore_helper)."""
+    """The firmware's C dispatcher built for the host (host_shim.helpers.hostcore_helper)."""
     helper = HostCoreHelper(bytearray(spec.window_size), spec.transport_key, data_size=spec.data_size)
     try:
         yield helper

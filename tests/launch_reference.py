@@ -21,7 +21,7 @@ Nothing here comes from sev-snp-measure; it is written from:
   control words), and QEMU's SEV-ES AP start (CS base and IP taken from the
   SEV-ES reset block); KVM maps every VMSA at GPA 0xFFFFFFFFF000 for SNP.
 
-The OVMF table is read with host_shim.sev_metadata, our own reader.
+The OVMF table is read with host_shim.firmware.sev_metadata, our own reader.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from host_shim.sev_metadata import FOUR_GB, read_sev_launch_info
+from host_shim.firmware.sev_metadata import FOUR_GB, read_sev_launch_info
 
 PAGE = 4096
 VMSA_GPA = 0xFFFF_FFFF_F000

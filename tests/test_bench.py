@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from host_shim import bench
-from host_shim.bench import bench_pipeline, format_pipeline_report
-from host_shim.profile_reference import format_profile
+from host_shim.devtools import bench
+from host_shim.devtools.bench import bench_pipeline, format_pipeline_report
+from host_shim.devtools.profile_reference import format_profile
 
 
 def test_rate_is_bytes_per_second_in_megabytes() -> None:

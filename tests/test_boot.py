@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from helper import abi
-from host_shim.boot import DIVERSION_MARKER, PEI_MARKERS, BootMode, boot_image
-from host_shim.helper_vm import MIB, HelperSpec, HelperVM
-from host_shim.mailbox import state_name, status_name
-from host_shim.request import HelperRequest
+from host_shim.firmware.boot import DIVERSION_MARKER, PEI_MARKERS, BootMode, boot_image
+from host_shim.helpers.helper_vm import MIB, HelperSpec, HelperVM
+from host_shim.helpers.mailbox import state_name, status_name
+from host_shim.helpers.request import HelperRequest
 
 pytestmark = pytest.mark.qemu
 

@@ -42,9 +42,9 @@ from hypothesis import strategies as st
 from helper import abi
 from helper import stream as s
 from helper.reference import MAX_IMPORT_BATCH_SIZE, ReferenceHelper, SaltSource
-from host_shim.backends import MailboxBackend
 from host_shim.errors import HelperTimeout, MailboxError
-from host_shim.keys import secret_record
+from host_shim.helpers.backends import MailboxBackend
+from host_shim.helpers.keys import secret_record
 
 A = abi.load()
 STATUS_NAMES = A.names_with_prefix("OVMF_MH_STATUS_")

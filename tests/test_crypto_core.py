@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from host_shim import hostcore as hostlib
+from host_shim.helpers import hostcore as hostlib
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 sys.path.insert(0, str(VECTORS))
@@ -655,7 +655,7 @@ def test_sanitized_build_runs_clean(asan_env: dict[str, str]) -> None:
         """
         import ctypes, random, sys
         sys.path.insert(0, sys.argv[1])
-        from host_shim import hostcore as hostlib
+        from host_shim.helpers import hostcore as hostlib
         from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
         lib = hostlib.load("asan")
         P, N = ctypes.c_void_p, ctypes.c_size_t

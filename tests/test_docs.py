@@ -9,8 +9,8 @@ import re
 
 from helper import abi
 from host_shim import paths
-from host_shim.backends import MailboxBackend
-from host_shim.mailbox import DEFAULT_TIMEOUT, Mailbox
+from host_shim.helpers.backends import MailboxBackend
+from host_shim.helpers.mailbox import DEFAULT_TIMEOUT, Mailbox
 
 DOCS = paths.REPO_ROOT / "docs"
 #: How code reads an environment variable: os.environ.get("X"), os.environ["X"],
@@ -77,9 +77,9 @@ def test_mailbox_doc_states_the_host_timeouts_of_the_code() -> None:
     flat = " ".join(section.split())
     assert _default(Mailbox.call, "timeout") == _default(Mailbox.post_and_wait, "timeout") == DEFAULT_TIMEOUT
     assert _default(MailboxBackend.__init__, "timeout") == DEFAULT_TIMEOUT
-    assert f"`DEFAULT_TIMEOUT` in `host_shim/mailbox.py`, currently {DEFAULT_TIMEOUT:g} s" in flat
+    assert f"`DEFAULT_TIMEOUT` in `host_shim/helpers/mailbox.py`, currently {DEFAULT_TIMEOUT:g} s" in flat
     assert "`--mailbox-timeout SECONDS`" in flat
     ready = re.search(r"waits up to (\d+) s for `READY` when a transfer or migration starts its helpers", flat)
     assert ready is not None
-    backends = (paths.REPO_ROOT / "host_shim" / "backends.py").read_text()
+    backends = (paths.REPO_ROOT / "host_shim" / "helpers" / "backends.py").read_text()
     assert f"wait_ready({ready.group(1)})" in backends

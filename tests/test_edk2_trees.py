@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from host_shim import build, edk2_debian, migrate, paths
-from host_shim.build_errors import first_error
+from host_shim import paths
 from host_shim.errors import BuildError, SetupError
+from host_shim.firmware import build, edk2_debian
+from host_shim.firmware.build_errors import first_error
+from host_shim.migration import migrate
 
 
 def _tree(root: Path, *tags: str) -> Path:

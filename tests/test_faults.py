@@ -29,8 +29,8 @@ import pytest
 
 from helper import abi
 from host_shim.errors import MailboxError
-from host_shim.helper_vm import HelperSpec, HelperVM
-from host_shim.reaper import process_state, start_time
+from host_shim.helpers.helper_vm import HelperSpec, HelperVM
+from host_shim.vm.reaper import process_state, start_time
 
 MIB = 1024 * 1024
 OVMF_MH = [sys.executable, "-m", "host_shim.cli"]
@@ -860,7 +860,7 @@ def test_qemu_killed_while_qmp_connects_is_a_clean_start_up_error(
     import threading
 
     from host_shim.errors import QemuError
-    from host_shim.qemu import QemuConfig, QemuVM
+    from host_shim.vm.qemu import QemuConfig, QemuVM
 
     vm = QemuVM(QemuConfig(firmware_code=firmware, memory_mib=64), work_dir, "killed-at-start")
 

@@ -1,11 +1,11 @@
 """Deterministic fuzz runs of the dispatcher built with ASan/UBSan and guard
-pages (host_shim/fuzz.py; long runs: docs/testing.md)."""
+pages (host_shim/devtools/fuzz.py; long runs: docs/testing.md)."""
 
 from __future__ import annotations
 
 import pytest
 
-from host_shim import fuzz
+from host_shim.devtools import fuzz
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -1,4 +1,4 @@
-"""libFuzzer harnesses of the helper core (tests/c/fuzz, host_shim/fuzz.py):
+"""libFuzzer harnesses of the helper core (tests/c/fuzz, host_shim/devtools/fuzz.py):
 a short fuzzing run of each with a fixed seed, the seed corpora and the
 regression inputs replayed, the dictionary checked against the ABI.
 Long runs: ``ovmf-mh fuzz`` (docs/testing.md)."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helper import abi
-from host_shim import fuzz, fuzz_corpus
+from host_shim.devtools import fuzz, fuzz_corpus
 
 SHORT_RUN_SECONDS = 8
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from helper import abi
 from host_shim import cli, paths
 from host_shim.errors import ImageFormatError
-from host_shim.inspect_image import (
+from host_shim.firmware.inspect_image import (
     FFS2_GUID,
     LZMA_SECTION_GUID,
     SEC_MAIN_FILE_GUID,

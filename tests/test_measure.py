@@ -22,9 +22,9 @@ from sevsnpmeasure import vcpu_types
 
 from host_shim import cli, paths
 from host_shim.errors import SevMetadataError
-from host_shim.inspect_image import inspect_image
-from host_shim.measure import Mode
-from host_shim.sev_metadata import read_sev_launch_info
+from host_shim.firmware.inspect_image import inspect_image
+from host_shim.firmware.measure import Mode
+from host_shim.firmware.sev_metadata import read_sev_launch_info
 
 #: Debian's 2 MiB OVMF carries the SNP metadata; the 4 MiB build does not.
 STOCK_SNP = Path("/usr/share/OVMF/OVMF_CODE.fd")

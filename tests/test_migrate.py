@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from helper import abi
-from host_shim.migrate import MigrationConfig, migrate
-from host_shim.qemu import QemuVM
+from host_shim.migration.migrate import MigrationConfig, migrate
+from host_shim.vm.qemu import QemuVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.firmware]
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from host_shim import migration_protocol as mp
-from host_shim.guest_description import DescriptionError, firmware_digest, validate
-from host_shim.migrate_target import TargetConfig, TargetReport, run_target
+from host_shim.migration import migration_protocol as mp
+from host_shim.migration.guest_description import DescriptionError, firmware_digest, validate
+from host_shim.migration.migrate_target import TargetConfig, TargetReport, run_target
 
 DIGEST = "ab" * 32
 
@@ -229,7 +229,7 @@ def test_the_one_machine_demo_ends_its_target_role_when_the_source_never_connect
     target role, waiting in accept in a thread, ends with it at once
     instead of after --accept-timeout."""
     from host_shim.errors import OvmfMhError
-    from host_shim.migrate import MigrationConfig, migrate
+    from host_shim.migration.migrate import MigrationConfig, migrate
 
     started = time.monotonic()
     with pytest.raises(OvmfMhError, match="not found"):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from host_shim import paths, platform_dsc
+from host_shim import paths
+from host_shim.firmware import platform_dsc
 
 
 @pytest.fixture(scope="module", params=["active", "newest"])

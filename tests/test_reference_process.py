@@ -19,10 +19,10 @@ import pytest
 from helper import abi
 from helper.serve import REFERENCE_BUILD_ID
 from host_shim import paths
-from host_shim.backends import MailboxBackend, ReferenceBackend, mailbox_backend
 from host_shim.errors import MailboxError
-from host_shim.mailbox import status_name
-from host_shim.reference_process import ReferenceHelperProcess
+from host_shim.helpers.backends import MailboxBackend, ReferenceBackend, mailbox_backend
+from host_shim.helpers.mailbox import status_name
+from host_shim.helpers.reference_process import ReferenceHelperProcess
 
 A = abi.load()
 PAGE = A.const("OVMF_MH_PAGE_SIZE")
@@ -126,13 +126,13 @@ def test_a_killed_helper_is_reported(source: tuple[ReferenceHelperProcess, Mailb
 
 def test_the_helper_does_not_outlive_its_host(tmp_path: Path) -> None:
     """A host that dies without SHUTDOWN: the helper does not outlive it. The
-    host's reaper kills it at once (host_shim/reaper.py); were the reaper
+    host's reaper kills it at once (host_shim/vm/reaper.py); were the reaper
     gone too, the helper notices the host is gone and exits by itself."""
     guest = _guest(tmp_path / "guest.ram")
     host_script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from host_shim.reference_process import ReferenceHelperProcess\n"
+        "from host_shim.helpers.reference_process import ReferenceHelperProcess\n"
         "p = ReferenceHelperProcess(Path(sys.argv[1]), None, Path(sys.argv[2]), target=False,\n"
         "                           mailbox_size=1 << 20)\n"
         "p.start(); p.wait_ready(30); print(p.pid, flush=True)\n"

@@ -18,9 +18,10 @@ from pathlib import Path
 import pefile  # type: ignore[import-untyped]
 import pytest
 
-from host_shim import paths, repro
-from host_shim.image_diff import compare_bytes
-from host_shim.inspect_image import inspect_bytes, inspect_image
+from host_shim import paths
+from host_shim.firmware import repro
+from host_shim.firmware.image_diff import compare_bytes
+from host_shim.firmware.inspect_image import inspect_bytes, inspect_image
 
 
 def _sha256(path: Path) -> str:

@@ -16,9 +16,9 @@ import pytest
 
 from helper import abi
 from host_shim import paths
-from host_shim.boot import DIVERSION_MARKER, PEI_MARKERS, BootMode, boot_image
-from host_shim.build import read_build_record
-from host_shim.helper_vm import HelperSpec, HelperVM
+from host_shim.firmware.boot import DIVERSION_MARKER, PEI_MARKERS, BootMode, boot_image
+from host_shim.firmware.build import read_build_record
+from host_shim.helpers.helper_vm import HelperSpec, HelperVM
 
 pytestmark = pytest.mark.qemu
 

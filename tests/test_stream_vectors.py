@@ -17,7 +17,7 @@ import pytest
 from helper import abi
 from helper import stream as s
 from helper.reference import ReferenceHelper
-from host_shim.keys import secret_record
+from host_shim.helpers.keys import secret_record
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 VECTOR_FILE = VECTORS / "stream-v2.json"

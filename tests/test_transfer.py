@@ -27,9 +27,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from host_shim import container as ct
 from host_shim import paths
 from host_shim.cli import main
+from host_shim.transfer import container as ct
 
 PAGE = 4096
 MIB = 1024 * 1024

@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from host_shim.bench import bench_crypto, bench_pipeline, format_pipeline_report, format_report
-from host_shim.boot import resolve_image
-from host_shim.profile_reference import format_profile
+from host_shim.devtools.bench import bench_crypto, bench_pipeline, format_pipeline_report, format_report
+from host_shim.devtools.profile_reference import format_profile
+from host_shim.firmware.boot import resolve_image
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -91,7 +91,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 def run_migrate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from host_shim.migrate import bench_migrate
+    from host_shim.migration.migrate import bench_migrate
 
     image = resolve_image(Path(args.image) if args.image else None)
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-migrate-"))).resolve()

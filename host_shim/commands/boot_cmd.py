@@ -7,7 +7,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from host_shim.boot import BootMode, boot_image, resolve_image
+from host_shim.firmware.boot import BootMode, boot_image, resolve_image
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

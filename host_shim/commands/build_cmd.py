@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from host_shim import paths
-from host_shim.build import build_firmware
+from host_shim.firmware.build import build_firmware
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

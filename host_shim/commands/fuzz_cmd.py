@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from host_shim import fuzz
+from host_shim.devtools import fuzz
 
 DEFAULT_WORK_DIR = Path("work/fuzz")
 

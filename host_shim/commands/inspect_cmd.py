@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from host_shim.build import read_build_record
-from host_shim.inspect_image import ImageReport, inspect_image
-from host_shim.sev_metadata import ENTRY_NAMES, FOUR_GB, SECTION_MEASUREMENT
+from host_shim.firmware.build import read_build_record
+from host_shim.firmware.inspect_image import ImageReport, inspect_image
+from host_shim.firmware.sev_metadata import ENTRY_NAMES, FOUR_GB, SECTION_MEASUREMENT
 
 DESCRIPTION = """\
 Read an OVMF flash image (OVMF_CODE.fd, or the combined OVMF.fd) without running

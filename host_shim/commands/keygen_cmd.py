@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from host_shim.keys import generate_key
+from host_shim.helpers.keys import generate_key
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from host_shim.measure import DEFAULT_GUEST_FEATURES, DEFAULT_VCPU_TYPE, VCPU_TYPES, Mode, measure
+from host_shim.firmware.measure import DEFAULT_GUEST_FEATURES, DEFAULT_VCPU_TYPE, VCPU_TYPES, Mode, measure
 
 DESCRIPTION = """\
 Compute the expected AMD SEV launch digest of an OVMF image (OVMF_CODE.fd, or

@@ -7,13 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from host_shim import process
-from host_shim.backends import KINDS
-from host_shim.boot import resolve_image
 from host_shim.commands.options import add_mailbox_timeout
 from host_shim.errors import OvmfMhError
-from host_shim.migrate import MigrationConfig, migrate, write_report
-from host_shim.migration_protocol import parse_address
+from host_shim.firmware.boot import resolve_image
+from host_shim.helpers.backends import KINDS
+from host_shim.migration.migrate import MigrationConfig, migrate, write_report
+from host_shim.migration.migration_protocol import parse_address
+from host_shim.vm import process
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from host_shim.mailbox import DEFAULT_TIMEOUT
+from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
 
 
 def add_mailbox_timeout(parser: argparse.ArgumentParser) -> None:

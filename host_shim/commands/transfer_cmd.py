@@ -12,13 +12,13 @@ from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any, cast
 
-from host_shim import paths, process
-from host_shim.backends import KINDS
+from host_shim import paths
 from host_shim.commands.options import add_mailbox_timeout
-from host_shim.container import FileHeader
 from host_shim.errors import OvmfMhError, SetupError
-from host_shim.keys import read_key
-from host_shim.pipeline import (
+from host_shim.helpers.backends import KINDS
+from host_shim.helpers.keys import read_key
+from host_shim.transfer.container import FileHeader
+from host_shim.transfer.pipeline import (
     Nonces,
     TransferSummary,
     encode_challenge,
@@ -27,6 +27,7 @@ from host_shim.pipeline import (
     partial_summary,
     read_challenge,
 )
+from host_shim.vm import process
 
 VERDICT_LIMIT = 65536
 #: Seconds without progress on the connection before either end gives up: a

@@ -11,7 +11,7 @@ Everything is generated, nothing is typed in by hand:
   export sessions with and without TRACK_PAGES and CHECK_PAGES, the stream
   forwarded to the target and imported, replays, resets, tampering.
 * ``request`` seeds are the fw_cfg requests helper VMs get
-  (host_shim/helper_vm.py through host_shim/request.py) with e820 tables as
+  (host_shim/helpers/helper_vm.py through host_shim/helpers/request.py) with e820 tables as
   QEMU builds them for those VMs.
 * The dictionary holds the ABI's magic values, command codes, record types
   and sizes, taken from HelperAbi.h through helper/abi.py.
@@ -26,9 +26,9 @@ from pathlib import Path
 from helper import abi
 from helper import stream as s
 from helper.reference import CMD, STATUS, ReferenceHelper
-from host_shim.helper_vm import DEFAULT_MAILBOX_SIZE, DEFAULT_OWN_RAM
-from host_shim.keys import secret_record
-from host_shim.request import HelperRequest
+from host_shim.helpers.helper_vm import DEFAULT_MAILBOX_SIZE, DEFAULT_OWN_RAM
+from host_shim.helpers.keys import secret_record
+from host_shim.helpers.request import HelperRequest
 
 PAGE = 4096
 #: The harnesses' fixed transport key (FUZZ_KEY_BYTE in FuzzCommon.h).
@@ -286,4 +286,4 @@ def dictionary() -> str:
     for name in ("OVMF_MH_STREAM_HEADER", "OVMF_MH_RECORD_HEADER", "OVMF_MH_REQUEST"):
         add(name.removeprefix("OVMF_MH_") + "_SIZE", a.layout(name).size, 4)
     lines = [key + '="' + "".join(f"\\x{b:02x}" for b in blob) + '"' for key, blob in entries.items()]
-    return "# generated from HelperAbi.h by host_shim/fuzz_corpus.py\n" + "\n".join(lines) + "\n"
+    return "# generated from HelperAbi.h by host_shim/devtools/fuzz_corpus.py\n" + "\n".join(lines) + "\n"

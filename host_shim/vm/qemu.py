@@ -24,9 +24,9 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from host_shim import process
 from host_shim.errors import QemuError, SetupError
-from host_shim.process import describe_exit, is_stopped, kill_if_running
+from host_shim.vm import process
+from host_shim.vm.process import describe_exit, is_stopped, kill_if_running
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from helper import abi
 from host_shim.errors import HelperTimeout, MailboxError
-from host_shim.reaper import process_state
+from host_shim.vm.reaper import process_state
 
 #: Seconds a helper may take to answer one command before the host gives up
 #: on it (docs/mailbox.md; --mailbox-timeout). A full batch takes tens of

@@ -17,10 +17,10 @@ from typing import Any
 
 from helper import abi
 from host_shim.errors import MailboxError, QemuError, SetupError
-from host_shim.helper_memory import HelperMemory
-from host_shim.mailbox import Mailbox
-from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
-from host_shim.request import HelperRequest, fw_cfg_name
+from host_shim.helpers.helper_memory import HelperMemory
+from host_shim.helpers.mailbox import Mailbox
+from host_shim.helpers.request import HelperRequest, fw_cfg_name
+from host_shim.vm.qemu import MemoryBackend, QemuConfig, QemuVM
 
 MIB = 1024 * 1024
 DEFAULT_OWN_RAM = 64 * MIB

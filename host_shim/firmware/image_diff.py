@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pefile  # type: ignore[import-untyped]
 
-from host_shim.inspect_image import (
+from host_shim.firmware.inspect_image import (
     EFI_SECTION_GUID_DEFINED,
     EFI_SECTION_PE32,
     EFI_SECTION_TE,

@@ -17,8 +17,8 @@ import mmap
 import os
 from contextlib import suppress
 
-from host_shim import process
-from host_shim.keys import secret_page_base, secret_record
+from host_shim.helpers.keys import secret_page_base, secret_record
+from host_shim.vm import process
 
 
 class HelperMemory:

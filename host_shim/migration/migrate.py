@@ -10,7 +10,7 @@ migration moves only device state (``x-ignore-shared``), the target helpers
 verify every end-of-stream proof, and only then does the target ``cont``.
 Before that point any failure resumes the source and says why.
 
-This module is the source role; the target role is host_shim/migrate_target.py,
+This module is the source role; the target role is host_shim/migration/migrate_target.py,
 reached over TCP (docs/migration-protocol.md): in another program on
 another host (``--to``), or in a thread of this one over loopback.
 
@@ -38,10 +38,11 @@ from typing import IO, Any
 
 import numpy as np
 
-from host_shim import guest, process
-from host_shim import migration_protocol as mp
 from host_shim.errors import OvmfMhError
-from host_shim.guest_description import (
+from host_shim.helpers.keys import read_key
+from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
+from host_shim.migration import migration_protocol as mp
+from host_shim.migration.guest_description import (
     ACCELERATORS,
     CPUS,
     GUEST_KINDS,
@@ -49,10 +50,8 @@ from host_shim.guest_description import (
     GuestDescription,
     firmware_digest,
 )
-from host_shim.keys import read_key
-from host_shim.mailbox import DEFAULT_TIMEOUT
-from host_shim.migrate_target import TargetConfig, TargetReport, listen, run_target
-from host_shim.migration_vm import (
+from host_shim.migration.migrate_target import TargetConfig, TargetReport, listen, run_target
+from host_shim.migration.migration_vm import (
     DIGEST_PARTS,
     MIB,
     PAGE,
@@ -62,9 +61,10 @@ from host_shim.migration_vm import (
     ram_file,
     wait_for_serial,
 )
-from host_shim.pipeline import Exporter, PageNumbers
 from host_shim.progress import Progress
-from host_shim.qemu import QemuVM
+from host_shim.transfer.pipeline import Exporter, PageNumbers
+from host_shim.vm import guest, process
+from host_shim.vm.qemu import QemuVM
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from host_shim import container as ct
 from host_shim.errors import OvmfMhError
+from host_shim.transfer import container as ct
 
 #: The one guest this step migrates: the project's test guest (Debian's
 #: cloud kernel, the busybox initramfs and the workload), which each host

@@ -1,5 +1,5 @@
 """The host-built C core as a helper: the firmware's dispatcher sources,
-compiled for the host (host_shim.hostcore), driven through a mailbox in
+compiled for the host (host_shim.helpers.hostcore), driven through a mailbox in
 process memory with the same MigrationHelperServeOne() the SEC helper runs.
 
 Used by the conformance suite, the fuzz-adjacent tests and ``ovmf-mh bench``.
@@ -12,7 +12,7 @@ import struct
 from typing import Any
 
 from helper import abi
-from host_shim import hostcore, keys
+from host_shim.helpers import hostcore, keys
 
 _DEFAULT_DATA_SIZE = 8 * 1024 * 1024
 

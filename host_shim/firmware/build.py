@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from host_shim import paths, platform_dsc
-from host_shim.build_errors import first_error
+from host_shim import paths
 from host_shim.errors import BuildError
+from host_shim.firmware import platform_dsc
+from host_shim.firmware.build_errors import first_error
 
 log = logging.getLogger(__name__)
 

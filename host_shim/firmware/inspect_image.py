@@ -42,7 +42,7 @@ from edk2toollib.uefi.pi_firmware_volume import (  # type: ignore[import-untyped
 
 from helper import abi as abi_module
 from host_shim.errors import ImageFormatError, SevMetadataError
-from host_shim.sev_metadata import FOUR_GB, SevLaunchInfo, read_sev_launch_info
+from host_shim.firmware.sev_metadata import FOUR_GB, SevLaunchInfo, read_sev_launch_info
 
 REPORT_FORMAT = "ovmf-mh-inspect/1"
 
@@ -282,7 +282,7 @@ class _Walker:
         self.notes: list[str] = []
         self.decompressed = 0
         # Where every file and section lies, for tools that map an offset to
-        # what holds it (host_shim/image_diff.py).
+        # what holds it (host_shim/firmware/image_diff.py).
         self.spans: list[Span] = []
         self.buffers: list[bytes] = []
         self.buffer_source: dict[int, int] = {}  # buffer index -> span index

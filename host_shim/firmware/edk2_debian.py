@@ -268,7 +268,7 @@ def fetch_newest(cache: Path, *, force_check: bool = False) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m host_shim.edk2_debian",
+        prog="python -m host_shim.firmware.edk2_debian",
         description="Fetch the newest EDK2 source package Debian serves into a cache folder.",
     )
     parser.add_argument(

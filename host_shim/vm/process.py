@@ -1,7 +1,7 @@
 """Child processes and temporary paths that end with the shim.
 
 Every process the shim starts goes through :func:`spawn`, which registers
-it with the reaper (host_shim/reaper.py): if the shim dies without stopping
+it with the reaper (host_shim/vm/reaper.py): if the shim dies without stopping
 it, even by SIGKILL, the reaper kills it. Temporary folders that must not
 outlive the shim are made by :func:`temp_dir` or registered with
 :func:`remove_on_exit`. Processes are always ended by their own pid, never
@@ -21,7 +21,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from host_shim.reaper import process_state, reaper
+from host_shim.vm.reaper import process_state, reaper
 
 log = logging.getLogger(__name__)
 

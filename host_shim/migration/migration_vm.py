@@ -10,9 +10,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from host_shim import guest, process
 from host_shim.errors import OvmfMhError
-from host_shim.qemu import MemoryBackend, QemuConfig, QemuVM
+from host_shim.vm import guest, process
+from host_shim.vm.qemu import MemoryBackend, QemuConfig, QemuVM
 
 PAGE = 4096
 MIB = 1024 * 1024
@@ -27,7 +27,7 @@ class MigrationError(OvmfMhError):
 
 def guest_config(image: Path, ram: Path, size: int, *, incoming: bool, workload_mib: int) -> QemuConfig:
     """Source and target differ only in their RAM file and -incoming."""
-    from host_shim.boot import vars_for
+    from host_shim.firmware.boot import vars_for
 
     return QemuConfig(
         firmware_code=image,

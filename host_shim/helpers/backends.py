@@ -29,11 +29,11 @@ from typing import Protocol
 from helper import abi
 from helper.reference import ReferenceHelper, SaltSource
 from host_shim.errors import SetupError
-from host_shim.helper_vm import MIB, HelperSpec, HelperVM
-from host_shim.hostcore_helper import HostCoreHelper
-from host_shim.keys import secret_record
-from host_shim.mailbox import DEFAULT_TIMEOUT, Mailbox, command_code
-from host_shim.reference_process import ReferenceHelperProcess
+from host_shim.helpers.helper_vm import MIB, HelperSpec, HelperVM
+from host_shim.helpers.hostcore_helper import HostCoreHelper
+from host_shim.helpers.keys import secret_record
+from host_shim.helpers.mailbox import DEFAULT_TIMEOUT, Mailbox, command_code
+from host_shim.helpers.reference_process import ReferenceHelperProcess
 
 KINDS = ("firmware", "reference", "host-core")
 DATA_SIZE = 16 * MIB - 4096

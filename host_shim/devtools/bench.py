@@ -33,9 +33,9 @@ from helper import abi
 from helper.stream import END_RECORD_SIZE as END
 from helper.stream import PAGE_RECORD_SIZE
 from helper.stream import STREAM_HEADER_SIZE as HEADER
-from host_shim import hostcore
-from host_shim.helper_vm import MIB, HelperSpec, HelperVM
-from host_shim.hostcore_helper import HostCoreHelper
+from host_shim.helpers import hostcore
+from host_shim.helpers.helper_vm import MIB, HelperSpec, HelperVM
+from host_shim.helpers.hostcore_helper import HostCoreHelper
 
 PAGE = 4096
 
@@ -284,7 +284,7 @@ def format_report(results: dict[str, Any]) -> list[str]:
 def _pipeline_run(
     kind: str, helpers: int, src: Path, key: bytes, work: Path, firmware: Path | None
 ) -> dict[str, float]:
-    from host_shim.pipeline import export_ram, import_ram
+    from host_shim.transfer.pipeline import export_ram, import_ram
 
     stream = work / f"{kind}-{helpers}.omh"
     dst = work / f"{kind}-{helpers}.ram"
@@ -321,9 +321,9 @@ def _reference_alone(src: Path, key: bytes, work: Path) -> float:
     """The pipeline's reference helper process driven directly: EXPORT_BEGIN,
     EXPORT_BATCH over every page, EXPORT_END, nothing written anywhere. What
     the pipeline would reach if the shim cost nothing."""
-    from host_shim.backends import DATA_SIZE, mailbox_backend
-    from host_shim.pipeline import IO_AT, LIST_AT
-    from host_shim.reference_process import ReferenceHelperProcess
+    from host_shim.helpers.backends import DATA_SIZE, mailbox_backend
+    from host_shim.helpers.reference_process import ReferenceHelperProcess
+    from host_shim.transfer.pipeline import IO_AT, LIST_AT
 
     batch = abi.load().const("OVMF_MH_MAX_BATCH_PAGES")
     record = PAGE_RECORD_SIZE
@@ -403,7 +403,7 @@ def bench_pipeline(
             reference_n["export_mbps"] / results["raw_aead_mbps"]
         )
         if profile:
-            from host_shim.profile_reference import profile_reference
+            from host_shim.devtools.profile_reference import profile_reference
 
             results["reference_profile_us_per_page"] = profile_reference(src)
         if firmware is not None:

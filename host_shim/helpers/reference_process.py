@@ -20,11 +20,12 @@ from types import TracebackType
 from typing import Any
 
 from helper import abi
-from host_shim import paths, process
+from host_shim import paths
 from host_shim.errors import SetupError
-from host_shim.helper_memory import HelperMemory
-from host_shim.mailbox import Mailbox
-from host_shim.process import kill_if_running
+from host_shim.helpers.helper_memory import HelperMemory
+from host_shim.helpers.mailbox import Mailbox
+from host_shim.vm import process
+from host_shim.vm.process import kill_if_running
 
 
 class ReferenceHelperProcess:

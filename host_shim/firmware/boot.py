@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helper import abi
-from host_shim import guest, paths
+from host_shim import paths
 from host_shim.errors import OvmfMhError, SetupError
-from host_shim.helper_vm import HelperSpec, HelperVM
-from host_shim.qemu import QemuConfig, QemuLogs, QemuVM
+from host_shim.helpers.helper_vm import HelperSpec, HelperVM
+from host_shim.vm import guest
+from host_shim.vm.qemu import QemuConfig, QemuLogs, QemuVM
 
 DIVERSION_MARKER = "SEC diverts into the migration helper"
 READY_MARKER = "ovmf-mh: READY"

@@ -19,8 +19,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import IO, Any, cast
 
-from host_shim import container as ct
 from host_shim.errors import OvmfMhError
+from host_shim.transfer import container as ct
 
 PROTOCOL = "ovmf-mh-migration"
 #: Versions this program speaks. Version 2: ``accept`` carries the target

@@ -22,15 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
-from host_shim import container as ct
-from host_shim import guest
-from host_shim import migration_protocol as mp
 from host_shim.errors import OvmfMhError, QemuError
-from host_shim.guest_description import DescriptionError, GuestDescription, firmware_digest, validate
-from host_shim.mailbox import DEFAULT_TIMEOUT
-from host_shim.migration_vm import MIB, MigrationError, guest_config, ram_digest, ram_file, wait_for_serial
-from host_shim.pipeline import TransferSummary, import_ram
-from host_shim.qemu import QemuVM
+from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
+from host_shim.migration import migration_protocol as mp
+from host_shim.migration.guest_description import DescriptionError, GuestDescription, firmware_digest, validate
+from host_shim.migration.migration_vm import MIB, MigrationError, guest_config, ram_digest, ram_file, wait_for_serial
+from host_shim.transfer import container as ct
+from host_shim.transfer.pipeline import TransferSummary, import_ram
+from host_shim.vm import guest
+from host_shim.vm.qemu import QemuVM
 
 log = logging.getLogger(__name__)
 

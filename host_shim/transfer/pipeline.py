@@ -47,12 +47,12 @@ import numpy as np
 import numpy.typing as npt
 
 from helper import abi
-from host_shim import container as ct
-from host_shim import process
-from host_shim.backends import Backend, open_backends
 from host_shim.errors import MailboxError, OvmfMhError
-from host_shim.mailbox import DEFAULT_TIMEOUT, status_name
+from host_shim.helpers.backends import Backend, open_backends
+from host_shim.helpers.mailbox import DEFAULT_TIMEOUT, status_name
 from host_shim.progress import Progress
+from host_shim.transfer import container as ct
+from host_shim.vm import process
 
 LIST_AT = 0
 IO_AT = 64 * 1024

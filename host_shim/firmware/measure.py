@@ -2,8 +2,8 @@
 
 The digest itself is computed by ``sev-snp-measure`` (PyPI), the library made
 for it. This module checks first, with its own readers, that the file is a
-firmware image (:mod:`host_shim.inspect_image`) and that it carries what the
-chosen mode needs (:mod:`host_shim.sev_metadata`), so that a file the VMM
+firmware image (:mod:`host_shim.firmware.inspect_image`) and that it carries what the
+chosen mode needs (:mod:`host_shim.firmware.sev_metadata`), so that a file the VMM
 would refuse to launch gets a clear error instead of a digest:
 
 - sev:   the whole flash is hashed (SHA-256); the image must be a firmware
@@ -31,8 +31,8 @@ from sevsnpmeasure.sev_mode import SevMode
 from sevsnpmeasure.vmm_types import VMMType
 
 from host_shim.errors import OvmfMhError, SevMetadataError
-from host_shim.inspect_image import inspect_image
-from host_shim.sev_metadata import SevLaunchInfo, read_sev_launch_info
+from host_shim.firmware.inspect_image import inspect_image
+from host_shim.firmware.sev_metadata import SevLaunchInfo, read_sev_launch_info
 
 MEASURE_FORMAT = "ovmf-mh-measure/1"
 DEFAULT_VCPU_TYPE = "EPYC-v4"

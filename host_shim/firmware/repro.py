@@ -22,7 +22,7 @@ from pathlib import Path
 
 from host_shim import paths
 from host_shim.errors import BuildError
-from host_shim.image_diff import Difference, compare_images
+from host_shim.firmware.image_diff import Difference, compare_images
 
 #: The images compared: the code flash a VMM measures and the combined image.
 IMAGES = ("OVMF_CODE.fd", "OVMF.fd")

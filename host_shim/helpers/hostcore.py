@@ -20,7 +20,7 @@ Variants:
     :func:`sanitizer_env` (``LD_PRELOAD`` of libasan); :func:`load` refuses
     otherwise.
 
-Command line: ``python -m host_shim.hostcore [--variant asan]`` builds and prints
+Command line: ``python -m host_shim.helpers.hostcore [--variant asan]`` builds and prints
 the path of the library.
 """
 
@@ -38,7 +38,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = REPO_ROOT / "OvmfPkgMigration"
 PACKAGE_INCLUDE = PACKAGE_DIR / "Include"
 CORE_LIB_DIR = PACKAGE_DIR / "Library" / "MigrationHelperCoreLib"

@@ -1,0 +1,3 @@
+"""The transfer pipeline: the container that carries helper streams, and
+export/import of a RAM file through helpers.
+"""
