@@ -265,59 +265,234 @@ def test_source_killed_mid_pre_copy_the_target_never_resumes(
     print(f"source killed: target exited 1 after {exit_seconds:.2f} s; {target.stderr().splitlines()[-1]}")
 
 
-def _wait_for_source_stop(work: Path, program: Program, timeout: float = 600) -> None:
-    """Until the source role stopped its guest for the switchover (its QMP log)."""
-    qmp_log = work / "source" / "source" / "qmp.log"
+#: The issue's bound: a program whose peer failed exits within this many
+#: seconds of the fault when the connection tells it (a close, a reset, an
+#: error message), and within the idle timeout plus this when only silence
+#: does (a stopped peer, a cut link). The programs run with --idle-timeout 10.
+FAULT_BOUND = 10.0
+IDLE_TIMEOUT = 10.0
+
+
+def _wait_for_qmp(work: Path, side: str, command: str, program: Program, timeout: float = 600) -> None:
+    """Until ``side``'s guest QEMU (source or target) was sent ``command`` (its QMP log)."""
+    qmp_log = work / side / side / "qmp.log"
+    needle = f'"execute": "{command}"'
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert program.proc.poll() is None, f"{program.stderr_path}: {program.stderr()[-2000:]}"
         with suppress(OSError):
-            if '"execute": "stop"' in qmp_log.read_text():
+            if needle in qmp_log.read_text():
                 return
         time.sleep(0.005)
-    raise AssertionError("the source never stopped its guest")
+    raise AssertionError(f"the {side} QEMU was never sent {command!r}; {qmp_log}")
+
+
+def _qmp_sent(work: Path, side: str, command: str) -> bool:
+    return f'"execute": "{command}"' in (work / side / side / "qmp.log").read_text()
+
+
+@contextmanager
+def _switchover_held(work: Path, source: Program) -> Iterator[list[int]]:
+    """In the switchover, held there: once the source stopped its guest (QMP
+    `stop`), the target helper VMs are stopped (SIGSTOP). The final pass and
+    the end records then wait for them, so the target cannot verify and send
+    its verdict, the source cannot move the device state nor commit, however
+    fast the machine, while the test sets up its fault. They are continued
+    (SIGCONT) at the end of the block, if still there. Yields their pids."""
+    _wait_for_qmp(work, "source", "stop", source)
+    helpers = [int(path.read_text()) for path in sorted((work / "target" / "target-helpers").glob("helper-*/qemu.pid"))]
+    assert helpers, "no target helper VM runs"
+    for pid in helpers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert source.proc.poll() is None, f"{source.stderr_path}: {source.stderr()[-2000:]}"
+        # The source sets x-ignore-shared only after the target's verdict.
+        assert not _qmp_sent(work, "source", "migrate-set-capabilities"), \
+            "the target had verified before its helpers were stopped"
+        yield helpers
+    finally:
+        for pid in helpers:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def _source_resumed(work: Path, source: Program, port: int, host: str = "127.0.0.1") -> dict[str, Any]:
+    """The source's report of a failed switchover: its guest resumed and beating."""
+    report = _report(source)
+    assert report["outcome"] == "failed" and report["guest_state"] == "running on source", report
+    assert "errors=0" in report["source_heartbeat_after_failure"], report
+    assert f"target {host}:{port}" in report["error"], report["error"]
+    assert _qmp_sent(work, "source", "cont"), "the source guest was not resumed"
+    return report
+
+
+def _target_never_resumed(work: Path, target: Program) -> dict[str, Any]:
+    report = _report(target)
+    assert report["outcome"] == "failed" and report["guest_state"] == "never resumed here", report
+    assert not _qmp_sent(work, "target", "cont"), "the target QEMU was resumed"
+    return report
+
+
+def _nothing_left(work: Path, ram_dir: Path) -> None:
+    assert _all_gone(work, 15) == []
+    assert list(ram_dir.iterdir()) == []
+
+
+def _exit_within(program: Program, since: float, bound: float) -> float:
+    """Waits for ``program`` to exit 1 (at most bound + 60 s, so that a
+    slow exit is reported with its time); returns seconds since ``since``."""
+    code = program.wait(timeout=bound + 60)
+    seconds = time.monotonic() - since
+    assert code == 1, f"exit {code}; {program.stderr_path}: {program.stderr()[-2000:]}"
+    assert seconds < bound, f"exited {seconds:.2f} s after the fault (bound {bound:g} s): {program.stderr()[-2000:]}"
+    return seconds
+
+
+def _last_line(program: Program) -> str:
+    lines = program.stderr().strip().splitlines()
+    return lines[-1] if lines else "(no output)"
 
 
 def test_target_killed_in_the_switchover_resumes_the_source(
         firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
     target, port = _target(programs, work_dir, key, ram_dir)
     source = _source(programs, work_dir, key, port, ram_dir)
-    _wait_for_source_stop(work_dir, source)
-    os.kill(target.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    assert source.wait(timeout=120) == 1, source.stderr()
-    exit_seconds = time.monotonic() - killed_at
-    report = _report(source)
-    assert report["guest_state"] == "running on source", report
-    assert "errors=0" in report["source_heartbeat_after_failure"]
-    assert f"target 127.0.0.1:{port}" in report["error"], report["error"]
-    qmp = (work_dir / "source" / "source" / "qmp.log").read_text()
-    assert '"execute": "cont"' in qmp, "the source guest was not resumed"
-    assert exit_seconds < 60
-    assert _all_gone(work_dir, 15) == []
-    assert list(ram_dir.iterdir()) == []
-    print(f"target killed in the switchover: source exited 1 after {exit_seconds:.2f} s; "
-          f"{source.stderr().splitlines()[-1]}")
+    with _switchover_held(work_dir, source):
+        os.kill(target.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+    exit_seconds = _exit_within(source, killed_at, FAULT_BOUND)
+    _source_resumed(work_dir, source, port)
+    _nothing_left(work_dir, ram_dir)
+    print(f"target killed in the switchover: source exited 1 after {exit_seconds:.2f} s; {_last_line(source)}")
 
 
 def test_source_killed_in_the_switchover_the_target_never_resumes(
         firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
     target, port = _target(programs, work_dir, key, ram_dir)
     source = _source(programs, work_dir, key, port, ram_dir)
-    _wait_for_source_stop(work_dir, source)
-    os.kill(source.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    assert target.wait(timeout=120) == 1, target.stderr()
-    exit_seconds = time.monotonic() - killed_at
-    report = _report(target)
-    assert report["guest_state"] == "never resumed here", report
+    with _switchover_held(work_dir, source):
+        os.kill(source.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+    exit_seconds = _exit_within(target, killed_at, FAULT_BOUND)
+    report = _target_never_resumed(work_dir, target)
     assert re.search(r"(closed|broke) the connection", report["error"]), report
-    assert '"cont"' not in (work_dir / "target" / "target" / "qmp.log").read_text(), "the target was resumed"
-    assert exit_seconds < 60
-    assert _all_gone(work_dir, 15) == []
-    assert list(ram_dir.iterdir()) == []
+    _nothing_left(work_dir, ram_dir)
     print(f"source killed in the switchover: target exited 1 after {exit_seconds:.2f} s in phase "
-          f"{report['phase']!r}; {target.stderr().splitlines()[-1]}")
+          f"{report['phase']!r}; {_last_line(target)}")
+
+
+def test_target_helper_killed_in_the_switchover(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, ram_dir)
+    with _switchover_held(work_dir, source) as helpers:
+        os.kill(helpers[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+    target_seconds = _exit_within(target, killed_at, FAULT_BOUND)
+    source_seconds = _exit_within(source, killed_at, FAULT_BOUND)
+    report = _target_never_resumed(work_dir, target)
+    assert "helper" in report["error"], report["error"]
+    source_report = _source_resumed(work_dir, source, port)
+    assert "helper" in source_report["error"], source_report["error"]
+    _nothing_left(work_dir, ram_dir)
+    print(f"target helper killed in the switchover: target exited 1 after {target_seconds:.2f} s "
+          f"({_last_line(target)}); source exited 1 after {source_seconds:.2f} s ({_last_line(source)})")
+
+
+def test_target_stopped_in_the_switchover(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
+    """migrate-incoming stopped (SIGSTOP): the source hears nothing for the
+    idle timeout and resumes its guest; the target, continued, finds its
+    source gone and never resumes."""
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, ram_dir)
+    with _switchover_held(work_dir, source):
+        os.kill(target.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+    try:
+        source_seconds = _exit_within(source, stopped_at, IDLE_TIMEOUT + FAULT_BOUND)
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+    continued_at = time.monotonic()
+    report = _source_resumed(work_dir, source, port)
+    assert f"for {IDLE_TIMEOUT:g} s (--idle-timeout)" in report["error"], report["error"]
+    target_seconds = _exit_within(target, continued_at, FAULT_BOUND)
+    _target_never_resumed(work_dir, target)
+    _nothing_left(work_dir, ram_dir)
+    print(f"target stopped in the switchover: source exited 1 after {source_seconds:.2f} s "
+          f"({_last_line(source)}); target, continued, exited 1 after {target_seconds:.2f} s "
+          f"({_last_line(target)})")
+
+
+def test_source_stopped_in_the_switchover(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
+    """migrate --to stopped (SIGSTOP) with its guest stopped: the target
+    hears nothing for the idle timeout and gives up, never resumed; the
+    source, continued, finds the target gone and resumes its guest."""
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, ram_dir)
+    with _switchover_held(work_dir, source):
+        os.kill(source.pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+    try:
+        target_seconds = _exit_within(target, stopped_at, IDLE_TIMEOUT + FAULT_BOUND)
+    finally:
+        os.kill(source.pid, signal.SIGCONT)
+    continued_at = time.monotonic()
+    report = _target_never_resumed(work_dir, target)
+    assert f"for {IDLE_TIMEOUT:g} s (--idle-timeout)" in report["error"], report["error"]
+    source_seconds = _exit_within(source, continued_at, FAULT_BOUND)
+    _source_resumed(work_dir, source, port)
+    _nothing_left(work_dir, ram_dir)
+    print(f"source stopped in the switchover: target exited 1 after {target_seconds:.2f} s "
+          f"({_last_line(target)}); source, continued, exited 1 after {source_seconds:.2f} s "
+          f"({_last_line(source)})")
+
+
+def test_source_gone_after_its_commit_the_target_keeps_the_guest(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
+    """The source commits but never hears 'resumed': migrate-incoming is
+    stopped (SIGSTOP) once the target verified (the source then sets
+    x-ignore-shared), so the device state moves QEMU to QEMU and the commit
+    waits unread. The source gives up after the idle timeout and does not
+    resume its guest; the target, continued, resumes it (it has the commit)
+    and keeps it running: one copy runs, never two."""
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, ram_dir)
+    _wait_for_qmp(work_dir, "source", "migrate-set-capabilities", source)
+    os.kill(target.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        assert not _qmp_sent(work_dir, "target", "cont"), "the target had resumed before it was stopped"
+        source_seconds = _exit_within(source, stopped_at, IDLE_TIMEOUT + FAULT_BOUND)
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+    report = _report(source)
+    assert report["guest_state"].startswith("unknown"), report
+    assert report["source_heartbeat_after_failure"] is None
+    qmp = (work_dir / "source" / "source" / "qmp.log").read_text()
+    assert '"execute": "cont"' not in qmp, "the source resumed its guest after its commit"
+    assert _all_gone(work_dir / "source", 15) == [], "the source QEMU still runs"
+    # The target resumes and keeps running the guest, which beats there.
+    serial = work_dir / "target" / "target" / "serial.log"
+    deadline = time.monotonic() + 60
+    while "source may not know" not in target.stderr() and time.monotonic() < deadline:
+        assert target.proc.poll() is None, f"{target.stderr_path}: {target.stderr()[-2000:]}"
+        time.sleep(0.1)
+    assert _qmp_sent(work_dir, "target", "cont")
+    beats = serial.read_text(errors="replace").count("HB seq=")
+    while serial.read_text(errors="replace").count("HB seq=") < beats + 2 and time.monotonic() < deadline:
+        assert target.proc.poll() is None, f"{target.stderr_path}: {target.stderr()[-2000:]}"
+        time.sleep(0.2)
+    assert serial.read_text(errors="replace").count("HB seq=") >= beats + 2, "the guest does not beat on the target"
+    assert "CORRUPTION" not in serial.read_text(errors="replace")
+    os.kill(target.pid, signal.SIGTERM)
+    assert target.wait(timeout=60) == 0, target.stderr()
+    target_report = _report(target)
+    assert target_report["outcome"] == "ok" and target_report["source_lost"], target_report
+    _nothing_left(work_dir, ram_dir)
+    print(f"source gone after its commit: source exited 1 after {source_seconds:.2f} s ({_last_line(source)}); "
+          f"target: {target_report['source_lost']}")
 
 
 TARGET_ADDRESS = "10.231.0.1"
@@ -412,3 +587,29 @@ def test_link_down_mid_pre_copy(
     assert list(ram_dir.iterdir()) == []
     print(f"link down: source exited 1 after {source_seconds:.2f} s ({source.stderr().splitlines()[-1]}); "
           f"target exited 1 after {target_seconds:.2f} s ({target.stderr().splitlines()[-1]})")
+
+
+def test_link_down_in_the_switchover(
+        firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program],
+        two_hosts: tuple[str, str, str]) -> None:
+    """The cable is cut after the source stopped its guest, before the
+    target verified: both sides see the silence (--idle-timeout 10 s); the
+    source resumes its guest, the target never resumes."""
+    target_ns, source_ns, target_link = two_hosts
+    target, port = _target(programs, work_dir, key, ram_dir, host=TARGET_ADDRESS,
+                           prefix=("ip", "netns", "exec", target_ns))
+    source = _source(programs, work_dir, key, port, ram_dir, host=TARGET_ADDRESS,
+                     prefix=("ip", "netns", "exec", source_ns))
+    with _switchover_held(work_dir, source):
+        subprocess.run(["ip", "-n", target_ns, "link", "set", target_link, "down"], check=True)
+        cut_at = time.monotonic()
+    source_seconds = _exit_within(source, cut_at, IDLE_TIMEOUT + FAULT_BOUND)
+    target_seconds = _exit_within(target, cut_at, IDLE_TIMEOUT + FAULT_BOUND)
+    report = _source_resumed(work_dir, source, port, TARGET_ADDRESS)
+    assert "switchover" in report["error"] or "final pass" in report["error"] or "verification" in report["error"], \
+        report["error"]
+    target_report = _target_never_resumed(work_dir, target)
+    assert target_report["peer"].startswith(f"{SOURCE_ADDRESS}:")
+    _nothing_left(work_dir, ram_dir)
+    print(f"link down in the switchover: source exited 1 after {source_seconds:.2f} s ({_last_line(source)}); "
+          f"target exited 1 after {target_seconds:.2f} s ({_last_line(target)})")

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "firmware helper's export and import rate under QEMU TCG through the mailbox. "
             "pipeline: the reference-helper pipeline against raw AEAD and the helper alone, and "
             "1 against N firmware helpers, next to a plain copy of the same RAM file. "
-            "migrate: plain QEMU migration of the test guest against ovmf-mh with 1 and N helpers. "
+            "migrate: plain QEMU migration of the test guest against ovmf-mh with 1 and N helpers, each the "
+            "two-program path over loopback TCP (a migrate-incoming program as the target). "
             "All numbers are measured side by side in one run; the machine's load moves them."
         ),
     )
@@ -107,7 +108,7 @@ def run_migrate(args: argparse.Namespace) -> int:
           f"downtime {1000 * plain['downtime_seconds']:.0f} ms, {plain['transferred_bytes'] / 1e6:.0f} MB")
     for count in sorted({1, args.helpers}):
         run = results[f"ovmf_mh_{count}"]
-        print(f"  ovmf-mh, {count} helper(s) per side: total {run['total_seconds']:.2f} s "
+        print(f"  ovmf-mh, two programs, {count} helper(s) per side: total {run['total_seconds']:.2f} s "
               f"({results[f'ratio_total_{count}']:.1f}x plain), downtime {1000 * run['downtime_seconds']:.0f} ms "
               f"({results[f'downtime_excess_ms_{count}']:+.0f} ms vs plain), passes {len(run['passes'])}")
     return 0

@@ -27,7 +27,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +43,7 @@ from typing import IO, Any
 import numpy as np
 
 from host_shim.errors import OvmfMhError
-from host_shim.helpers.keys import read_key
+from host_shim.helpers.keys import generate_key, read_key
 from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
 from host_shim.migration import migration_protocol as mp
 from host_shim.migration.guest_description import (
@@ -182,6 +186,8 @@ class MigrationConfig:
 
 #: Seconds the target may take to prepare (QEMU, helpers) before it answers.
 PREPARE_TIMEOUT = 120.0
+#: How often the source tells a verified target it is alive, until the commit.
+PROGRESS_INTERVAL = 1.0
 #: How often the watch looks at the source QEMU and the target side.
 WATCH_INTERVAL = 0.1
 #: How long a guest QEMU may stay stopped (state T in /proc/PID/stat: SIGSTOP,
@@ -458,8 +464,10 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         watch.check()
         watch.phase = channel.phase = "switchover (source guest stopped)"
         stop_at = time.monotonic()
-        source.qmp("stop")
+        # Marked before the command: a 'stop' whose answer is lost (a QMP
+        # timeout) may have stopped the guest, and a failure must resume it.
         stopped = True
+        source.qmp("stop")
         # Pages the host sees changed since their last send, plus every other
         # page whose source helper says its content is not what it sealed:
         # a page can change and change back while a helper reads it, which no
@@ -491,6 +499,10 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         if not verdict["ok"]:
             raise MigrationError(f"the {channel.peer} did not verify the stream: {verdict['reason']}")
         marks["target_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
+        # The target waits for the commit; until then it hears progress
+        # every second, so a source busy hashing or moving the device state
+        # is not taken for a silent one.
+        alive = stack.enter_context(_KeepAlive(channel, sum(p.stream_bytes for p in report.passes)))
         if config.verify_ram:
             # After the verdict, not while the target verifies: on one
             # machine the two would compete for the CPUs and slow the part
@@ -510,9 +522,14 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         report.device_state_seconds = _migrate_device_state(source, address[0], device_state_port)
         marks["device_state"] = time.monotonic() - stop_at - report.verify_seconds
         watch.check()
+        alive.close()
+        # A target that gave up meanwhile (its error is waiting unread) is
+        # not sent a commit that would keep this guest stopped for nothing.
+        _check_peer_quiet(channel)
         # The point of no return: once the target may resume the guest, the
         # source must not (two running copies of one guest are worse than
-        # one lost one).
+        # one lost one). Marked before the write: a write that fails may
+        # still have delivered it.
         channel.phase = "the target's resume"
         committed = True
         channel.send("commit")
@@ -570,6 +587,46 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         # Every QEMU and helper this run started stops here, by its own pid.
         stack.close()
     return report
+
+
+class _KeepAlive:
+    """Sends ``progress`` to the target every PROGRESS_INTERVAL from its own
+    thread until closed (between the verdict and the commit). A send that
+    fails ends it; the commit then finds the connection gone."""
+
+    def __init__(self, channel: mp.Channel, stream_bytes: int) -> None:
+        self._channel = channel
+        self._stream_bytes = stream_bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="migrate-keep-alive", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> _KeepAlive:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(PROGRESS_INTERVAL):
+            try:
+                self._channel.send("progress", stream_bytes=self._stream_bytes)
+            except OvmfMhError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _check_peer_quiet(channel: mp.Channel) -> None:
+    """Before the commit the target has nothing to say: anything readable
+    now is its ``error`` or its end (raised as such)."""
+    readable, _, _ = select.select([channel.sock], [], [], 0)
+    if readable:
+        message = channel.receive()
+        raise mp.ProtocolError(f"the {channel.peer} sent {message.type!r} before the commit",
+                               peer=channel.peer, phase=channel.phase)
 
 
 def _differing_parts(source: list[str], target: list[Any], size: int) -> list[int]:
@@ -669,18 +726,65 @@ def plain_qemu_migration(
 def bench_migrate(image: Path, work: Path, *, guest_mib: int = 256, workload_mib: int = 64,
                   helpers: int = 2, ram_dir: Path | None = None) -> dict[str, Any]:
     """Plain QEMU migration and ovmf-mh migration of the same guest, in one
-    run, all with their RAM files in the same place."""
+    run, all with their RAM files in the same place. The ovmf-mh runs are
+    the two-program path over loopback TCP: the target role is an `ovmf-mh
+    migrate-incoming` program of its own, the source role runs here, as
+    `migrate --to` would (two processes, as on two hosts: neither role's
+    Python competes with the other's for one interpreter lock)."""
     results: dict[str, Any] = {"guest_mib": guest_mib, "workload_mib": workload_mib,
-                               "ram_dir": str(ram_dir) if ram_dir else "work folder"}
+                               "ram_dir": str(ram_dir) if ram_dir else "work folder",
+                               "roles": "two programs over loopback TCP"}
     results["plain"] = plain_qemu_migration(image, work / "plain", guest_mib, workload_mib, ram_dir)
+    key_file = work / "transport.key"
+    if not key_file.exists():
+        generate_key(key_file)
     for count in sorted({1, helpers}):
-        report = migrate(MigrationConfig(image=image, work_dir=work / f"ovmf-mh-{count}", helpers=count,
-                                         guest_mib=guest_mib, workload_mib=workload_mib, progress=False,
-                                         ram_dir=ram_dir))
+        run_work = work / f"ovmf-mh-{count}"
+        with _target_program(image, run_work, key_file, count, ram_dir) as address:
+            report = migrate(MigrationConfig(image=image, work_dir=run_work / "source", key_file=key_file,
+                                             helpers=count, guest_mib=guest_mib, workload_mib=workload_mib,
+                                             progress=False, ram_dir=ram_dir, target=address))
         if report.outcome != "ok":
-            raise MigrationError(f"ovmf-mh migration with {count} helper(s) failed: {report.error}")
+            raise MigrationError(f"ovmf-mh migration with {count} helper(s) failed: {report.error} "
+                                 f"(logs in {run_work})")
         results[f"ovmf_mh_{count}"] = report.as_json()
         plain = results["plain"]
         results[f"ratio_total_{count}"] = report.total_seconds / plain["total_seconds"]
         results[f"downtime_excess_ms_{count}"] = 1000 * (report.downtime_seconds - plain["downtime_seconds"])
     return results
+
+
+@contextmanager
+def _target_program(image: Path, work: Path, key_file: Path, helpers: int,
+                    ram_dir: Path | None) -> Iterator[tuple[str, int]]:
+    """`ovmf-mh migrate-incoming --no-keep-running` on a free loopback port,
+    in its own process (output in ``work``); yields its address. It exits
+    once the guest runs there (or the migration failed); it is ended by its
+    own pid if it has not exited 60 s after the source finished."""
+    work.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-c", "import sys; from host_shim.cli import main; sys.exit(main())",
+            "migrate-incoming", "--listen", "127.0.0.1:0", "--key", str(key_file), "--image", str(image),
+            "--helpers", str(helpers), "--work-dir", str(work / "target"), "--no-keep-running", "--json"]
+    if ram_dir is not None:
+        argv += ["--ram-dir", str(ram_dir)]
+    stderr_path = work / "migrate-incoming.stderr"
+    with (work / "migrate-incoming.stdout").open("wb") as stdout, stderr_path.open("wb") as stderr:
+        proc = process.spawn(argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", stderr_path.read_text(errors="replace"))
+            if found:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise MigrationError(f"migrate-incoming did not listen ({process.describe_exit(proc.poll())}); "
+                                     f"see {stderr_path}")
+            time.sleep(0.05)
+        yield "127.0.0.1", int(found.group(1))
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        if proc.returncode != 0:
+            raise MigrationError(f"migrate-incoming ended with {process.describe_exit(proc.returncode)}; "
+                                 f"see {stderr_path}")
+    finally:
+        process.kill_if_running(proc, "migrate-incoming")

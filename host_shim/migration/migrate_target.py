@@ -20,7 +20,7 @@ from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, TypeVar, cast
 
 from host_shim.errors import OvmfMhError, QemuError
 from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
@@ -33,6 +33,8 @@ from host_shim.vm import guest
 from host_shim.vm.qemu import QemuVM
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: How often the target tells the source it is alive during the stream.
 PROGRESS_INTERVAL = 1.0
@@ -73,6 +75,9 @@ class TargetReport:
     private_pages: int = 0
     shared_pages: int = 0
     target_heartbeat: str | None = None
+    # Set when the source could not be told that the guest resumed here (it
+    # went away after its commit): the guest runs here all the same.
+    source_lost: str | None = None
     error: str | None = None
     work_dir: str = ""
     logs: dict[str, str] = field(default_factory=dict)
@@ -89,6 +94,8 @@ class TargetReport:
                          f"{self.shared_pages} shared pages verified; prepared in {self.setup_seconds:.2f} s")
         if self.target_heartbeat:
             lines.append(f"  heartbeat on this host: {self.target_heartbeat}")
+        if self.source_lost:
+            lines.append(f"  the source may not know the guest runs here: {self.source_lost}")
         if self.error:
             lines.append(f"  error during {self.phase}: {self.error}")
         lines.append(f"  logs in {self.work_dir}")
@@ -248,21 +255,33 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     target.qmp("query-status")
     # The digest is the emulation's check (docs/migration.md), timed so the
     # source can leave it out of the downtime.
+    # Hashing 256 MiB takes seconds on a loaded machine: the source hears
+    # progress meanwhile, as during the import, so that only a silent
+    # target counts as gone.
     digest_start = time.monotonic()
-    digest = ram_digest(ram, size)
+    digest = _alive_while(channel, reader, lambda: ram_digest(ram, size))
     digest_ms = round(1000 * (time.monotonic() - digest_start))
     channel.send("verdict", ok=True, reason="", private_pages=summary.private_pages,
                  shared_pages=summary.shared_pages, ram_digest=digest, digest_ms=digest_ms)
     report.guest_state = "verified, waiting for the source's commit (never resumed)"
     channel.phase = "switchover"
-    channel.receive("commit")
+    # The source hashes its RAM and moves the device state before it
+    # commits, saying it is alive every second meanwhile.
+    while channel.receive("commit", "progress").type != "commit":
+        pass
     channel.phase = "the device-state move"
     _wait_for_device_state(target)
     serial_before = len(target.serial_text())
     channel.phase = "resume"
+    # Said before the command: a 'cont' whose answer is lost may have run.
+    report.guest_state = "resumed here (cont sent)"
     target.qmp("cont")
     report.guest_state = "running here"
-    channel.send("resumed")
+    # From here on this is the only copy of the guest that may run: the
+    # source sent commit and never resumes its own. A source that is gone
+    # now (it gave up waiting for 'resumed', or the link broke) costs the
+    # guest nothing; the report says the source may not know.
+    _tell_source(channel, report, "resumed")
     if config.after_resume is not None:
         config.after_resume(target)
     channel.phase = "the first heartbeat after resume"
@@ -275,10 +294,47 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     if guest.CORRUPTION in target.serial_text():
         report.guest_state = "running here, reporting corruption"
         raise MigrationError("the workload reports CORRUPTION on the target")
-    channel.send("running", heartbeat=report.target_heartbeat[: mp.MAX_TEXT])
+    _tell_source(channel, report, "running", heartbeat=report.target_heartbeat[: mp.MAX_TEXT])
     channel.phase = "running the guest"
     report.outcome = "ok"
     return target
+
+
+def _alive_while(channel: mp.Channel, reader: _CountingReader, work: Callable[[], T]) -> T:
+    """Run ``work`` in a thread, telling the source every PROGRESS_INTERVAL
+    that this side is alive; its result, or its exception."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="migrate-incoming-work", daemon=True)
+    worker.start()
+    while True:
+        worker.join(timeout=PROGRESS_INTERVAL)
+        if not worker.is_alive():
+            break
+        channel.send("progress", stream_bytes=reader.bytes)
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def _tell_source(channel: mp.Channel, report: TargetReport, kind: str, **fields: Any) -> None:
+    """A message after the resume: a source that can no longer hear it is
+    noted, not a failure (the guest runs here, and only here)."""
+    if report.source_lost is not None:
+        return
+    try:
+        channel.send(kind, **fields)
+    except mp.PeerGone as exc:
+        report.source_lost = f"'{kind}' did not reach the source: {exc}"
+        log.warning("migrate-incoming: the guest runs here, but %s; the source may report the guest's "
+                    "state as unknown", report.source_lost)
 
 
 def _listen_for_device_state(target: QemuVM, host: str) -> int:
