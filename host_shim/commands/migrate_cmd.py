@@ -67,11 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--quit-source", action="store_true",
                         help="with --qmp: quit the source QEMU over QMP once the guest runs on the target "
                         "(default: leave it paused, in QEMU's postmigrate state, for you to end)")
-    parser.add_argument("--guest-mib", type=int, default=256,
-                        help="guest RAM of the booted test guest; with --qmp read from the guest (default 256)")
-    parser.add_argument("--workload-mib", type=int, default=64,
-                        help="memory the booted test guest's workload rewrites; with --qmp read from its "
-                        "initramfs (default 64)")
+    parser.add_argument("--guest-mib", type=int,
+                        help="RAM of the test guest this command boots (default 256; not with --qmp: read "
+                        "from the running guest)")
+    parser.add_argument("--workload-mib", type=int,
+                        help="memory the booted test guest's workload rewrites (default 64; not with --qmp: "
+                        "read from the running guest's initramfs)")
     parser.add_argument("--max-passes", type=int, default=6, help="pre-copy passes at most (default 6)")
     parser.add_argument("--converge-pages", type=int, default=2048,
                         help="stop pre-copy when a pass sent at most this many pages (default 2048)")
@@ -98,6 +99,15 @@ def run(args: argparse.Namespace) -> int:
     if args.quit_source and args.qmp is None:
         raise MigrationError("--quit-source applies to a guest attached with --qmp; the test guest this command "
                              "boots is always stopped by it")
+    if args.qmp is not None:
+        given = [option for option, value in (("--guest-mib", args.guest_mib), ("--workload-mib", args.workload_mib))
+                 if value is not None]
+        if args.to and args.ram_dir is not None:
+            given.append("--ram-dir")
+        if given:
+            verb = "does" if len(given) == 1 else "do"
+            raise MigrationError(f"{', '.join(given)} {verb} not apply with --qmp: the running guest has its own "
+                                 "RAM file and sizes (--ram-dir still places the target's RAM file without --to)")
     work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
     config = MigrationConfig(
         image=resolve_image(args.image),
@@ -105,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
         key_file=args.key,
         helper=args.helper,
         helpers=args.helpers,
-        guest_mib=args.guest_mib,
-        workload_mib=args.workload_mib,
+        guest_mib=256 if args.guest_mib is None else args.guest_mib,
+        workload_mib=64 if args.workload_mib is None else args.workload_mib,
         max_passes=args.max_passes,
         converge_pages=args.converge_pages,
         verify_ram=not args.no_verify_ram,
