@@ -162,70 +162,177 @@ def _status(qmp: Path, work: Path) -> str:
         return status
 
 
+@pytest.fixture
+def ram_dir() -> Iterator[Path]:
+    """The target's RAM file, on tmpfs: nothing may stay there."""
+    path = Path(tempfile.mkdtemp(prefix="omh-att-ram-", dir="/dev/shm"))
+    yield path
+    for leftover in path.iterdir():
+        leftover.unlink()
+    path.rmdir()
+
+
+def _target(programs: list[Program], work: Path, key: Path, ram_dir: Path) -> tuple[Program, int]:
+    """'ovmf-mh migrate-incoming' on a free loopback port, and that port."""
+    target = Program(["migrate-incoming", "--listen", "127.0.0.1:0", "--key", str(key), "--work-dir",
+                      str(work / "target"), "--ram-dir", str(ram_dir), "--json", "--idle-timeout", "10"],
+                     work, "migrate-incoming")
+    programs.append(target)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = re.search(r"listening on 127\.0\.0\.1:(\d+)", target.stderr())
+        if found:
+            return target, int(found.group(1))
+        assert target.proc.poll() is None, target.stderr()
+        time.sleep(0.05)
+    raise AssertionError(f"migrate-incoming did not listen: {target.stderr_path}")
+
+
+def _source(programs: list[Program], work: Path, key: Path, port: int, attached: dict[str, Any]) -> Program:
+    """'ovmf-mh migrate --to' attached to the guest 'guest start' started."""
+    source = Program(["migrate", "--to", f"127.0.0.1:{port}", "--key", str(key), "--qmp", attached["qmp"],
+                      "--ram", attached["ram"], "--work-dir", str(work / "source"), "--helpers", "1", "--json",
+                      "--idle-timeout", "10", "--no-progress"], work, "migrate")
+    programs.append(source)
+    return source
+
+
+def _beats_on(serial: Path, more: int, timeout: float = 30) -> bool:
+    """Whether ``more`` new heartbeats appear on a serial log within ``timeout``."""
+    beats = len(_heartbeats(serial))
+    deadline = time.monotonic() + timeout
+    while len(_heartbeats(serial)) < beats + more and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return len(_heartbeats(serial)) >= beats + more
+
+
 def test_a_running_guest_migrates_between_two_programs_and_its_workload_goes_on(
-        work_dir: Path, key: Path, detached_guest: dict[str, Any], programs: list[Program]) -> None:
+        work_dir: Path, key: Path, detached_guest: dict[str, Any], programs: list[Program], ram_dir: Path) -> None:
     source_pid = detached_guest["pid"]
     assert _alive(source_pid)
-    ram_dir = Path(tempfile.mkdtemp(prefix="omh-att-ram-", dir="/dev/shm"))
-    try:
-        target = Program(["migrate-incoming", "--listen", "127.0.0.1:0", "--key", str(key), "--work-dir",
-                          str(work_dir / "target"), "--ram-dir", str(ram_dir), "--json", "--idle-timeout", "10"],
-                         work_dir, "migrate-incoming")
-        programs.append(target)
-        deadline = time.monotonic() + 60
-        port = None
-        while port is None and time.monotonic() < deadline:
-            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", target.stderr())
-            port = int(found.group(1)) if found else None
-            assert target.proc.poll() is None, target.stderr()
-            time.sleep(0.05)
-        assert port is not None, f"migrate-incoming did not listen: {target.stderr_path}"
-        started = time.monotonic()
-        source = Program(["migrate", "--to", f"127.0.0.1:{port}", "--key", str(key), "--qmp",
-                          detached_guest["qmp"], "--ram", detached_guest["ram"], "--work-dir",
-                          str(work_dir / "source"), "--helpers", "1", "--json", "--idle-timeout", "10",
-                          "--no-progress"], work_dir, "migrate")
-        programs.append(source)
-        assert source.proc.wait(timeout=600) == 0, f"{source.stderr_path}: {source.stderr()[-3000:]}"
-        elapsed = time.monotonic() - started
-        report = source.report()
-        print(f"attach migration: command {elapsed:.1f} s, total {report['total_seconds']:.2f} s, downtime "
-              f"{1000 * report['downtime_seconds']:.0f} ms, {len(report['passes'])} passes, setup "
-              f"{report['setup_seconds']:.2f} s")
-        assert report["outcome"] == "ok" and report["guest_state"] == "running on target"
-        assert report["guest_mib"] == 256 and report["ram_identical"] is True
-        assert report["passes"][0]["pages"] == SIZE // 4096
-        assert "left paused" in report["source_qemu"]
+    target, port = _target(programs, work_dir, key, ram_dir)
+    started = time.monotonic()
+    source = _source(programs, work_dir, key, port, detached_guest)
+    assert source.proc.wait(timeout=600) == 0, f"{source.stderr_path}: {source.stderr()[-3000:]}"
+    elapsed = time.monotonic() - started
+    report = source.report()
+    print(f"attach migration: command {elapsed:.1f} s, total {report['total_seconds']:.2f} s, downtime "
+          f"{1000 * report['downtime_seconds']:.0f} ms, {len(report['passes'])} passes, setup "
+          f"{report['setup_seconds']:.2f} s")
+    assert report["outcome"] == "ok" and report["guest_state"] == "running on target"
+    assert report["guest_mib"] == 256 and report["ram_identical"] is True
+    assert report["passes"][0]["pages"] == SIZE // 4096
+    assert "left paused" in report["source_qemu"]
 
-        # The workload's state continued: the target's first heartbeat
-        # follows the source's last (a guest booted afresh starts at 0).
-        source_beats = _heartbeats(Path(detached_guest["logs"]["serial"]))
-        found = re.search(r"HB seq=(\d+) .*errors=0", report["target_heartbeat"] or "")
-        assert found, report["target_heartbeat"]
-        assert source_beats and source_beats[-1] >= 1
-        assert source_beats[-1] < int(found.group(1)) <= source_beats[-1] + 2, (source_beats[-3:], found.group(0))
+    # The workload's state continued: the target's first heartbeat
+    # follows the source's last (a guest booted afresh starts at 0).
+    source_beats = _heartbeats(Path(detached_guest["logs"]["serial"]))
+    found = re.search(r"HB seq=(\d+) .*errors=0", report["target_heartbeat"] or "")
+    assert found, report["target_heartbeat"]
+    assert source_beats and source_beats[-1] >= 1
+    assert source_beats[-1] < int(found.group(1)) <= source_beats[-1] + 2, (source_beats[-3:], found.group(0))
 
-        # The user's source QEMU is left paused, not killed; the target runs
-        # the guest, beating, without corruption.
-        assert _alive(source_pid) and _status(Path(detached_guest["qmp"]), work_dir / "check") == "postmigrate"
-        serial = work_dir / "target" / "target" / "serial.log"
-        beats = len(_heartbeats(serial))
-        deadline = time.monotonic() + 30
-        while len(_heartbeats(serial)) < beats + 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(_heartbeats(serial)) >= beats + 2, "the guest stopped beating on the target"
-        assert guest.CORRUPTION not in serial.read_text(errors="replace")
-        target.proc.send_signal(signal.SIGTERM)
-        assert target.proc.wait(timeout=60) == 0, target.stderr()
-        assert target.report()["guest_state"] == "ran here until stopped on request"
+    # The user's source QEMU is left paused, not killed; the target runs
+    # the guest, beating, without corruption.
+    assert _alive(source_pid) and _status(Path(detached_guest["qmp"]), work_dir / "check") == "postmigrate"
+    serial = work_dir / "target" / "target" / "serial.log"
+    assert _beats_on(serial, 2), "the guest stopped beating on the target"
+    assert guest.CORRUPTION not in serial.read_text(errors="replace")
+    target.proc.send_signal(signal.SIGTERM)
+    assert target.proc.wait(timeout=60) == 0, target.stderr()
+    assert target.report()["guest_state"] == "ran here until stopped on request"
 
-        stop = _run(["guest", "stop", "--work-dir", str(work_dir / "guest"), "--json"], work_dir, "guest-stop")
-        assert stop.returncode == 0, stop.stderr
-        assert json.loads(stop.stdout)["stopped"] == "quit over QMP"
-        assert _wait_gone(_qemu_pids(work_dir), 10) == []
-        assert list(ram_dir.iterdir()) == []
-    finally:
-        shutil.rmtree(ram_dir, ignore_errors=True)
+    stop = _run(["guest", "stop", "--work-dir", str(work_dir / "guest"), "--json"], work_dir, "guest-stop")
+    assert stop.returncode == 0, stop.stderr
+    assert json.loads(stop.stdout)["stopped"] == "quit over QMP"
+    assert _wait_gone(_qemu_pids(work_dir), 10) == []
+    assert list(ram_dir.iterdir()) == []
+
+
+def _hold_pre_copy(work: Path, source: Program) -> list[int]:
+    """Once pages flow, stop (SIGSTOP) the source helper VMs by their pids,
+    so that a fast machine cannot finish pre-copy before the fault; the
+    caller continues them (SIGCONT)."""
+    pid_files = [work / "target" / "target-helpers" / "helper-0" / "qemu.pid",
+                 work / "source" / "source-helpers" / "helper-0" / "qemu.pid"]
+    deadline = time.monotonic() + 300
+    while not all(p.exists() for p in pid_files):
+        assert source.proc.poll() is None, f"{source.stderr_path}: {source.stderr()[-3000:]}"
+        assert time.monotonic() < deadline, "pre-copy never started"
+        time.sleep(0.05)
+    time.sleep(2.0)  # both helpers run: the stream flows within a second
+    helpers = [int(p.read_text()) for p in sorted((work / "source" / "source-helpers").glob("helper-*/qemu.pid"))]
+    for pid in helpers:
+        os.kill(pid, signal.SIGSTOP)
+    assert '"execute": "stop"' not in (work / "source" / "source" / "qmp.log").read_text(), \
+        "pre-copy was over before the source helpers were stopped"
+    return helpers
+
+
+def _wait_for_source_stop(work: Path, source: Program) -> None:
+    """Until the source role stopped the guest for the switchover (its QMP log)."""
+    qmp_log = work / "source" / "source" / "qmp.log"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert source.proc.poll() is None, f"{source.stderr_path}: {source.stderr()[-3000:]}"
+        with suppress(OSError):
+            if '"execute": "stop"' in qmp_log.read_text():
+                return
+        time.sleep(0.005)
+    raise AssertionError("the source never stopped the guest")
+
+
+@pytest.mark.parametrize("phase", ["pre-copy", "switchover"])
+def test_a_target_killed_leaves_the_attached_guest_running(
+        work_dir: Path, key: Path, detached_guest: dict[str, Any], programs: list[Program], ram_dir: Path,
+        phase: str) -> None:
+    """Pre-copy: the guest never stopped runs on; switchover: the guest the
+    command stopped is resumed. Either way the user's QEMU is the same
+    process, running and beating, with its migration capabilities as found."""
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, detached_guest)
+    if phase == "pre-copy":
+        helpers = _hold_pre_copy(work_dir, source)
+        target.end()
+        for pid in helpers:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    else:
+        _wait_for_source_stop(work_dir, source)
+        target.end()
+    assert source.proc.wait(timeout=120) == 1, source.stderr()
+    report = source.report()
+    assert report["outcome"] == "failed" and report["guest_state"] == "running on source", report
+    assert f"target 127.0.0.1:{port}" in report["error"], report["error"]
+    qmp_log = (work_dir / "source" / "source" / "qmp.log").read_text()
+    assert ('"execute": "cont"' in qmp_log) == (phase == "switchover"), "resumed what it had not stopped, or not"
+    assert _alive(detached_guest["pid"])
+    assert _status(Path(detached_guest["qmp"]), work_dir / "check") == "running"
+    assert _beats_on(Path(detached_guest["logs"]["serial"]), 2), "the guest stopped beating on the source"
+    with AttachedQemu(Path(detached_guest["qmp"]), work_dir / "check", "check") as vm:
+        capabilities = {c["capability"]: c["state"] for c in vm.qmp("query-migrate-capabilities")}
+    assert capabilities["x-ignore-shared"] is False
+    # Only the guest still runs: every helper and the target QEMU are gone.
+    others = [p for p in _qemu_pids(work_dir) if p != detached_guest["pid"]]
+    assert _wait_gone(others, 15) == []
+    print(f"target killed in {phase}: {source.stderr().splitlines()[-1]}")
+
+
+def test_one_command_migrates_an_attached_guest_and_quits_its_qemu_on_request(
+        work_dir: Path, detached_guest: dict[str, Any]) -> None:
+    """Without --to both halves run in 'migrate' over loopback; --quit-source
+    quits the user's QEMU over QMP once the guest ran on the target."""
+    result = _run(["migrate", "--qmp", detached_guest["qmp"], "--ram", detached_guest["ram"], "--work-dir",
+                   str(work_dir / "migrate"), "--helpers", "1", "--json", "--no-progress", "--quit-source"],
+                  work_dir, "migrate", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["outcome"] == "ok" and report["ram_identical"] is True
+    assert report["source_qemu"] == f"pid {detached_guest['pid']} quit over QMP on request (--quit-source)"
+    assert "errors=0" in report["target_heartbeat"]
+    assert _wait_gone([detached_guest["pid"]], 10) == []
+    stop = _run(["guest", "stop", "--work-dir", str(work_dir / "guest"), "--json"], work_dir, "guest-stop")
+    assert stop.returncode == 0 and json.loads(stop.stdout)["stopped"] == "was not running (already gone)"
 
 
 # --- refusals ---------------------------------------------------------------------------------------------

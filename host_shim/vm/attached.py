@@ -136,8 +136,6 @@ class AttachedQemu:
         self._qmp = qmp
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._qmp_log = (self.work_dir / "qmp.log").open("w")
-        (self.work_dir / "qemu-attached.txt").write_text(
-            f"attached to QEMU pid {self._pid} through {self.qmp_socket}; this command never ends it\n")
 
     def qmp(self, command: str, **arguments: object) -> Any:
         """Run a QMP command; log it and its answer to qmp.log."""
