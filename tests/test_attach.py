@@ -427,7 +427,7 @@ def test_the_wrong_ram_file_a_paused_guest_and_a_busy_or_missing_monitor_are_ref
         assert vm.qmp("query-status")["status"] == "paused"
         vm.qmp("cont")
         # A QEMU migration under way (to nowhere, slowed to a crawl) is not interrupted.
-        vm.qmp("migrate-set-parameters", **{"max-bandwidth": 1})
+        vm.qmp("migrate-set-parameters", **{"max-bandwidth": 4096})
         vm.qmp("migrate", uri="exec:cat > /dev/null")
         _assert_refused(_attach(work_dir, qmp, ram, "migrating"), "migrating")
         assert vm.qmp("query-migrate")["status"] == "active"

@@ -570,7 +570,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             report.guest_state = "lost: the target failed after it resumed the guest"
         elif committed:
             report.guest_state = ("unknown: the target was told to resume and did not confirm; the source "
-                                  "guest stayed stopped and ends with the run")
+                                  + ("guest stays paused, in the user's QEMU" if source_guest.attached
+                                     else "guest stayed stopped and ends with the run"))
         elif not source.is_running():
             report.guest_state = f"lost: {source.describe()}"
         elif source.is_stopped() and source_guest.attached:
@@ -587,9 +588,10 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
                 # Show that the guest really goes on: running, and beating
                 # (the user's serial console is not this command's to read).
                 serial_before = len(source.serial_text())
-                if source.qmp("query-status").get("status") == "running" and source_guest.attached:
+                status = source.qmp("query-status").get("status")
+                if status == "running" and source_guest.attached:
                     report.guest_state = "running on source"
-                elif source.qmp("query-status").get("status") == "running":
+                elif status == "running":
                     report.source_heartbeat_after_failure = _wait_for(source, guest.HEARTBEAT, 15, after=serial_before)
                     report.guest_state = "running on source"
     finally:
