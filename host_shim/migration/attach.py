@@ -47,6 +47,9 @@ REASONS = (
 #: The devices a user adds that the target creates too (-device isa-debugcon,
 #: the firmware's debug console): anything else has no counterpart there.
 EXPECTED_ANON_DEVICES = ("isa-debugcon",)
+#: The q35 chipset's own PCI functions (bus, slot, function): host bridge,
+#: ICH9 LPC, AHCI and SMBus, present whatever the command line.
+Q35_BUILTIN_PCI = {(0, 0, 0), (0, 31, 0), (0, 31, 2), (0, 31, 3)}
 CPU_TYPE = f"{CPUS[0]}-x86_64-cpu"
 WORKLOAD_INIT = re.compile(rb"exec /bin/workload (\d+) (\d+) (\d+)\n")
 
@@ -177,6 +180,14 @@ def _check_devices(vm: AttachedQemu, refuse: Any) -> None:
         raise refuse("devices", f"the guest has the devices {named + anonymous}; the target creates "
                      f"{list(EXPECTED_ANON_DEVICES)} (with -nodefaults), and QEMU's device state fits only "
                      "the same devices")
+    # Devices a machine adds by default (a VGA, a NIC without -nodefaults)
+    # have no -device of their own: they show on the PCI bus.
+    extra = [f"{d.get('class_info', {}).get('desc') or 'device'} at {bus['bus']:02x}:{d['slot']:02x}.{d['function']}"
+             for bus in vm.qmp("query-pci") for d in bus.get("devices", [])
+             if (bus["bus"], d["slot"], d["function"]) not in Q35_BUILTIN_PCI]
+    if extra:
+        raise refuse("devices", f"the guest has the PCI devices {extra} beyond the q35 chipset's own; the target "
+                     "runs with -nodefaults and none of them")
 
 
 def _check_firmware(vm: AttachedQemu, image: Path, refuse: Any) -> str:
