@@ -21,6 +21,7 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  #
         boot_cmd,
         build_cmd,
         fuzz_cmd,
+        guest_cmd,
         inspect_cmd,
         keygen_cmd,
         measure_cmd,
@@ -38,6 +39,7 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:  #
         transfer_cmd.register,
         migrate_cmd.register,
         migrate_incoming_cmd.register,
+        guest_cmd.register,
         bench_cmd.register,
         fuzz_cmd.register,
     ]

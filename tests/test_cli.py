@@ -49,7 +49,7 @@ def test_the_walk_finds_every_command() -> None:
     commands = {path for path in PARSERS if path}
     assert {("build",), ("boot",), ("inspect",), ("keygen",), ("export",), ("import",), ("send",),
             ("receive",), ("migrate",), ("bench",), ("bench", "crypto"), ("bench", "pipeline"),
-            ("bench", "migrate")} <= commands
+            ("bench", "migrate"), ("guest", "start"), ("guest", "stop"), ("guest", "command")} <= commands
 
 
 @pytest.mark.parametrize("path", list(PARSERS), ids=lambda p: " ".join(p) or "ovmf-mh")
@@ -97,3 +97,29 @@ def test_image_with_a_helper_that_runs_no_firmware_is_refused(
     assert code == 1
     assert "--image" in err and "applies to --helper firmware only" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "a refused command left files behind"
+
+
+@pytest.mark.parametrize("options", [["--guest-mib", "512"], ["--workload-mib", "32"],
+                                     ["--to", "127.0.0.1:9", "--ram-dir", "/dev/shm"]])
+def test_migrate_refuses_test_guest_options_with_an_attached_guest(
+        options: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--qmp migrates the user's guest: the sizes and RAM folder of the guest
+    the command would boot do not apply, and say so instead of being ignored."""
+    capsys.readouterr()
+    code = main(["migrate", "--qmp", str(tmp_path / "q.sock"), "--ram", str(tmp_path / "g.ram"),
+                 "--key", str(tmp_path / "k.key"), "--work-dir", str(tmp_path / "w"), *options])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert options[-2] in err and "not apply with --qmp" in err
+    assert not (tmp_path / "w").exists(), "a refused command left files behind"
+
+
+@pytest.mark.parametrize("options", [["--qmp", "q.sock"], ["--ram", "g.ram"], ["--quit-source"]])
+def test_migrate_attach_options_go_together(options: list[str], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    code = main(["migrate", "--work-dir", str(tmp_path / "w"), *options])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "--qmp" in err and ("go together" in err or "applies to a guest attached" in err)
+    assert not (tmp_path / "w").exists()

@@ -13,6 +13,7 @@ from host_shim.firmware.boot import resolve_image
 from host_shim.helpers.backends import KINDS
 from host_shim.migration.migrate import MigrationConfig, migrate, write_report
 from host_shim.migration.migration_protocol import parse_address
+from host_shim.migration.migration_vm import MigrationError
 from host_shim.vm import process
 
 
@@ -31,7 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "then dirty passes), stop the source, send the last pages, move device state with QEMU's "
             "migration (x-ignore-shared), verify every end-of-stream proof and only then resume the "
             "target. Exit 0 only when the target runs and its heartbeat continues. The source QEMU (and, "
-            "without --to, the target QEMU) is shut down when the command ends. See docs/migration.md."
+            "without --to, the target QEMU) is shut down when the command ends. "
+            "With --qmp SOCKET --ram FILE the guest is instead one you already run (e.g. 'ovmf-mh guest "
+            "start'): its machine, memory backend, devices, firmware and boot files are checked over QMP "
+            "first, and a guest that does not fit is refused with the reason named, untouched; after a "
+            "migration its QEMU is left paused (or quit with --quit-source), never killed. See "
+            "docs/migration.md."
         ),
     )
     parser.add_argument("--image", type=Path, help="firmware image (default: the DEBUG build)")
@@ -52,8 +58,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--helpers", type=int, default=1,
                         help="helpers per side (default 1: on a 2-core machine more TCG helpers compete "
                         "with the guest for the CPUs)")
-    parser.add_argument("--guest-mib", type=int, default=256, help="guest RAM (default 256)")
-    parser.add_argument("--workload-mib", type=int, default=64, help="memory the workload rewrites (default 64)")
+    parser.add_argument("--qmp", type=Path, metavar="SOCKET",
+                        help="migrate the guest you already run whose QMP unix socket this is, instead of "
+                        "booting the test guest; needs --ram (docs/migration.md, 'Attaching to a running guest')")
+    parser.add_argument("--ram", type=Path, metavar="FILE",
+                        help="with --qmp: the running guest's RAM file, its memory-backend-file with share=on "
+                        "(checked against what QEMU says)")
+    parser.add_argument("--quit-source", action="store_true",
+                        help="with --qmp: quit the source QEMU over QMP once the guest runs on the target "
+                        "(default: leave it paused, in QEMU's postmigrate state, for you to end)")
+    parser.add_argument("--guest-mib", type=int,
+                        help="RAM of the test guest this command boots (default 256; not with --qmp: read "
+                        "from the running guest)")
+    parser.add_argument("--workload-mib", type=int,
+                        help="memory the booted test guest's workload rewrites (default 64; not with --qmp: "
+                        "read from the running guest's initramfs)")
     parser.add_argument("--max-passes", type=int, default=6, help="pre-copy passes at most (default 6)")
     parser.add_argument("--converge-pages", type=int, default=2048,
                         help="stop pre-copy when a pass sent at most this many pages (default 2048)")
@@ -74,6 +93,21 @@ def run(args: argparse.Namespace) -> int:
     # A temporary work folder stays after the run (logs, report, RAM files
     # unless --ram-dir) but not after the command is killed: the reaper
     # removes it unless the run reached its report.
+    if (args.qmp is None) != (args.ram is None):
+        raise MigrationError("--qmp SOCKET and --ram FILE go together: the running guest's QMP socket and RAM "
+                             "file")
+    if args.quit_source and args.qmp is None:
+        raise MigrationError("--quit-source applies to a guest attached with --qmp; the test guest this command "
+                             "boots is always stopped by it")
+    if args.qmp is not None:
+        given = [option for option, value in (("--guest-mib", args.guest_mib), ("--workload-mib", args.workload_mib))
+                 if value is not None]
+        if args.to and args.ram_dir is not None:
+            given.append("--ram-dir")
+        if given:
+            verb = "does" if len(given) == 1 else "do"
+            raise MigrationError(f"{', '.join(given)} {verb} not apply with --qmp: the running guest has its own "
+                                 "RAM file and sizes (--ram-dir still places the target's RAM file without --to)")
     work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
     config = MigrationConfig(
         image=resolve_image(args.image),
@@ -81,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
         key_file=args.key,
         helper=args.helper,
         helpers=args.helpers,
-        guest_mib=args.guest_mib,
-        workload_mib=args.workload_mib,
+        guest_mib=256 if args.guest_mib is None else args.guest_mib,
+        workload_mib=64 if args.workload_mib is None else args.workload_mib,
         max_passes=args.max_passes,
         converge_pages=args.converge_pages,
         verify_ram=not args.no_verify_ram,
@@ -92,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         target=parse_address(args.to, "--to") if args.to else None,
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout,
+        attach_qmp=args.qmp.absolute() if args.qmp else None,
+        attach_ram=args.ram.absolute() if args.ram else None,
+        quit_source=args.quit_source,
     )
     try:
         report = migrate(config)

@@ -46,6 +46,7 @@ from host_shim.errors import OvmfMhError
 from host_shim.helpers.keys import generate_key, read_key
 from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
 from host_shim.migration import migration_protocol as mp
+from host_shim.migration.attach import SourceGuest, attach, restore
 from host_shim.migration.guest_description import (
     ACCELERATORS,
     CPUS,
@@ -68,6 +69,7 @@ from host_shim.migration.migration_vm import (
 from host_shim.progress import Progress
 from host_shim.transfer.pipeline import Exporter, PageNumbers
 from host_shim.vm import guest, process
+from host_shim.vm.attached import AttachedQemu, QemuHandle
 from host_shim.vm.qemu import QemuVM
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,9 @@ class MigrationReport:
     target_heartbeat: str | None = None
     source_heartbeat_after_failure: str | None = None
     guest_state: str = "unknown"
+    # What became of the source QEMU: stopped by this command (the demo's),
+    # or, attached to the user's, left paused or quit on request.
+    source_qemu: str = ""
     error: str | None = None
     work_dir: str = ""
     # The target role's own report, when this command ran it (one machine).
@@ -146,6 +151,8 @@ class MigrationReport:
             lines.append(f"  target heartbeat: {self.target_heartbeat}")
         if self.source_heartbeat_after_failure:
             lines.append(f"  source heartbeat after the failure: {self.source_heartbeat_after_failure}")
+        if self.source_qemu:
+            lines.append(f"  source QEMU: {self.source_qemu}")
         if self.error:
             lines.append(f"  error: {self.error}")
         lines.append(f"  logs in {self.work_dir}")
@@ -182,6 +189,12 @@ class MigrationConfig:
     connect_timeout: float = 30.0
     # Seconds the peer may stay silent (or take nothing) before it counts as gone.
     idle_timeout: float = 15.0
+    # A guest the user already runs (--qmp SOCKET --ram FILE) instead of the
+    # test guest this command boots; its QEMU is never stopped by this
+    # command, only quit on request after a migration (--quit-source).
+    attach_qmp: Path | None = None
+    attach_ram: Path | None = None
+    quit_source: bool = False
 
 
 #: Seconds the target may take to prepare (QEMU, helpers) before it answers.
@@ -202,7 +215,7 @@ class _Watch:
     stops the run at once (through ``on_fault``) instead of at the next step
     that happens to need it. ``phase`` says what the run was doing."""
 
-    def __init__(self, vms: list[QemuVM], target_error: Callable[[], BaseException | None]) -> None:
+    def __init__(self, vms: list[QemuHandle], target_error: Callable[[], BaseException | None]) -> None:
         self.vms = vms
         self.phase = "start-up"
         self.started = time.monotonic()
@@ -280,7 +293,7 @@ class DirtyTracker:
         self._file.close()
 
 
-def _wait_for(vm: QemuVM, needle: str, timeout: float, after: int = 0) -> str:
+def _wait_for(vm: QemuHandle, needle: str, timeout: float, after: int = 0) -> str:
     return wait_for_serial(vm, needle, timeout, after)
 
 
@@ -353,8 +366,13 @@ def migrate(config: MigrationConfig) -> MigrationReport:
     """Run one live migration; never leaves the guest half-resumed. With
     ``config.target`` the target is `ovmf-mh migrate-incoming` at that
     address; without, this function runs the target role itself, in a
-    thread, over loopback TCP: the same protocol, the same code."""
-    if config.guest_mib < MIN_GUEST_MIB or config.workload_mib > config.guest_mib // 2:
+    thread, over loopback TCP: the same protocol, the same code. With
+    ``config.attach_qmp`` the guest is the user's running QEMU, checked
+    first (AttachRefused names what does not fit, the guest untouched)."""
+    if (config.attach_qmp is None) != (config.attach_ram is None):
+        raise MigrationError("--qmp and --ram go together: the running guest's QMP socket and its RAM file")
+    if config.attach_qmp is None and (config.guest_mib < MIN_GUEST_MIB
+                                      or config.workload_mib > config.guest_mib // 2):
         raise MigrationError(
             f"the test guest needs at least {MIN_GUEST_MIB} MiB (its kernel and initramfs do not start "
             f"under OVMF in less) and a workload of at most half of it; got {config.guest_mib} MiB "
@@ -396,12 +414,14 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
     work.mkdir(parents=True, exist_ok=True)
     report = MigrationReport(helper=config.helper, helpers=config.helpers, guest_mib=config.guest_mib,
                              work_dir=str(work))
-    size = config.guest_mib * MIB
     stack = ExitStack()
-    source_ram = ram_file(stack, work, config.ram_dir, "source", size)
-    source = stack.enter_context(QemuVM(guest_config(config.image, source_ram, size, incoming=False,
-                                                     workload_mib=config.workload_mib),
-                                        work / "source", "source"))
+    try:
+        source_guest = _source_guest(config, stack, work)
+    except BaseException:
+        stack.close()
+        raise
+    source, source_ram, size = source_guest.vm, source_guest.ram, source_guest.size
+    report.guest_mib = source_guest.description.memory_mib
     stopped = False
     stream_done = False
     committed = False
@@ -410,14 +430,12 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
     listener: _TargetListener | None = None
     watch: _Watch | None = None
     try:
-        _wait_for(source, guest.HEARTBEAT, 120)
+        if not source_guest.attached:
+            _wait_for(source, guest.HEARTBEAT, 120)
         prepare_start = time.monotonic()
         channel = _connect(config, address)
         stack.callback(channel.close)
-        description = GuestDescription(
-            guest=GUEST_KINDS[0], machine=MACHINES[0], accel=ACCELERATORS[0], cpu=CPUS[0],
-            memory_mib=config.guest_mib, workload_mib=config.workload_mib, shards=config.helpers,
-            firmware_sha256=firmware_digest(config.image))
+        description = source_guest.description
         device_state_port, nonces = _handshake(channel, description)
         listener = _TargetListener(channel)
         target_listener = listener
@@ -545,6 +563,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         running = channel.receive("running", timeout=channel.idle_timeout + PREPARE_TIMEOUT)
         report.target_heartbeat = running["heartbeat"]
         report.outcome = "ok"
+        report.source_qemu = _leave_source(source_guest, config.quit_source)
     except (OvmfMhError, OSError) as exc:
         # The target's reason beats the broken pipe it caused on this side.
         if listener is not None and listener.error is None and listener.alive():
@@ -568,9 +587,14 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             report.guest_state = "lost: the target failed after it resumed the guest"
         elif committed:
             report.guest_state = ("unknown: the target was told to resume and did not confirm; the source "
-                                  "guest stayed stopped and ends with the run")
+                                  + ("guest stays paused, in the user's QEMU" if source_guest.attached
+                                     else "guest stayed stopped and ends with the run"))
         elif not source.is_running():
             report.guest_state = f"lost: {source.describe()}"
+        elif source.is_stopped() and source_guest.attached:
+            # It answers no QMP command, and it is the user's: left as it is.
+            report.guest_state = (f"stopped: the user's source QEMU pid {source.pid} is stopped (SIGSTOP or a "
+                                  "debugger) and answers nothing; this command leaves it so")
         elif source.is_stopped():
             # It answers no QMP command; the run's end kills it with the rest.
             report.guest_state = f"lost: source QEMU pid {source.pid} is stopped and ends with the run"
@@ -578,9 +602,13 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             with suppress(OvmfMhError):
                 if stopped:
                     source.qmp("cont")
-                # Show that the guest really goes on: running, and beating.
+                # Show that the guest really goes on: running, and beating
+                # (the user's serial console is not this command's to read).
                 serial_before = len(source.serial_text())
-                if source.qmp("query-status").get("status") == "running":
+                status = source.qmp("query-status").get("status")
+                if status == "running" and source_guest.attached:
+                    report.guest_state = "running on source"
+                elif status == "running":
                     report.source_heartbeat_after_failure = _wait_for(source, guest.HEARTBEAT, 15, after=serial_before)
                     report.guest_state = "running on source"
     finally:
@@ -627,6 +655,39 @@ def _check_peer_quiet(channel: mp.Channel) -> None:
         message = channel.receive()
         raise mp.ProtocolError(f"the {channel.peer} sent {message.type!r} before the commit",
                                peer=channel.peer, phase=channel.phase)
+def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> SourceGuest:
+    """The guest to migrate: the user's running QEMU, attached and checked
+    (--qmp, --ram), or the test guest, booted here on a fresh RAM file."""
+    if config.attach_qmp is not None and config.attach_ram is not None:
+        vm = AttachedQemu(config.attach_qmp, work / "source", "source")
+        found = attach(vm, config.attach_ram, config.image, config.helpers)
+        stack.callback(vm.close)
+        stack.callback(restore, found)  # before the connection closes
+        return found
+    size = config.guest_mib * MIB
+    ram = ram_file(stack, work, config.ram_dir, "source", size)
+    booted = stack.enter_context(QemuVM(guest_config(config.image, ram, size, incoming=False,
+                                                     workload_mib=config.workload_mib), work / "source", "source"))
+    description = GuestDescription(
+        guest=GUEST_KINDS[0], machine=MACHINES[0], accel=ACCELERATORS[0], cpu=CPUS[0],
+        memory_mib=config.guest_mib, workload_mib=config.workload_mib, shards=config.helpers,
+        firmware_sha256=firmware_digest(config.image))
+    return SourceGuest(booted, ram, size, description)
+
+
+def _leave_source(source: SourceGuest, quit_source: bool) -> str:
+    """After a migration: the demo's QEMU stops with the run; the user's is
+    left paused (QEMU's 'postmigrate': resuming it would run a second copy
+    of the guest), or quit over QMP when the user asked for it."""
+    if not source.attached:
+        return "stopped by this command, which started it"
+    if quit_source and isinstance(source.vm, AttachedQemu):
+        if source.vm.quit():
+            return f"pid {source.vm.pid} quit over QMP on request (--quit-source)"
+        return f"pid {source.vm.pid} was asked to quit over QMP (--quit-source) and still runs; it is left so"
+    return (f"pid {source.vm.pid} left paused (postmigrate) for the user: do not resume it, the guest runs "
+            "on the target; 'quit' it over QMP, or 'ovmf-mh guest stop' for a guest 'ovmf-mh guest start' "
+            "started")
 
 
 def _differing_parts(source: list[str], target: list[Any], size: int) -> list[int]:
@@ -638,7 +699,7 @@ def _differing_parts(source: list[str], target: list[Any], size: int) -> list[in
     return [i * part for i, (a, b) in enumerate(zip(source, target, strict=True)) if a != b]
 
 
-def _migrate_device_state(source: QemuVM, host: str, port: int) -> float:
+def _migrate_device_state(source: QemuHandle, host: str, port: int) -> float:
     """QEMU's own migration, guest RAM skipped (x-ignore-shared): only
     device state and the small ROM/flash blocks go, to the port the target
     named in its answer."""

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from host_shim.errors import OvmfMhError
 from host_shim.vm import guest, process
-from host_shim.vm.qemu import MemoryBackend, QemuConfig, QemuVM
+from host_shim.vm.attached import QemuHandle
+from host_shim.vm.qemu import MemoryBackend, QemuConfig
 
 PAGE = 4096
 MIB = 1024 * 1024
@@ -76,7 +77,7 @@ def _complete_lines(text: str) -> str:
     return text[: text.rfind("\n") + 1]
 
 
-def wait_for_serial(vm: QemuVM, needle: str, timeout: float, after: int = 0) -> str:
+def wait_for_serial(vm: QemuHandle, needle: str, timeout: float, after: int = 0) -> str:
     """The first complete serial line (after offset ``after``) containing needle."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
