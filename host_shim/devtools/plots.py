@@ -29,7 +29,12 @@ def dirty_rates(passes: list[dict[str, Any]]) -> list[float]:
     rates = []
     for index, current in enumerate(passes):
         after = passes[index + 1] if index + 1 < len(passes) else None
-        following = (after.get("logged") or after["pages"]) if after else 0
+        if after is None:
+            following = 0
+        elif after.get("log_reset"):  # every page was checked: what it sent is what changed
+            following = after["pages"]
+        else:
+            following = after.get("logged") or after["pages"]
         rates.append(following / current["seconds"] if current["seconds"] and following else 0.0)
     return rates
 

@@ -160,11 +160,14 @@ class DirtyLog:
     # -- the log ------------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Write the whole file back: every page clean. Only where every
-        page is read next (before the first pass): a page written during
-        the fsync is cleared without being seen."""
+        """Write the whole file back: every page clean, and the flusher's
+        clock for the file restarts. A page written while the fsync runs is
+        cleared without being seen: only where every page is read or
+        checked next (before the first pass, or followed by a full
+        CHECK_PAGES)."""
         os.fsync(self._fd)
         self.reset_at = time.monotonic()
+        self.background_peak = 0.0
 
     def dirty_pages(self) -> PageNumbers:
         """The pages now dirty, ascending: a bisection of cachestat(2)
@@ -206,17 +209,20 @@ class DirtyLog:
         self.clean(pages)
         return pages
 
-    def doubt(self) -> str | None:
+    def doubt(self, ahead: float = 0.0) -> str | None:
         """Why the kernel may have written back (so cleared) pages this log
-        did not report, or None. The flusher's expiry counts from the reset:
-        after the whole-file fsync the inode was clean, and the first write
-        after it starts its clock."""
+        did not report by now, or ``ahead`` seconds from now; None if it
+        cannot have. The flusher's expiry counts from the reset: after the
+        whole-file fsync the inode was clean, and the first write after it
+        starts its clock; clearing page ranges never makes it wholly clean
+        while the guest writes."""
         self._note_background()
         if self.reset_at is not None:
             age = time.monotonic() - self.reset_at
-            if age > self.expire_seconds - EXPIRY_MARGIN:
-                return (f"the log is {age:.1f} s old: the kernel's flusher writes back a file dirty for "
-                        f"vm.dirty_expire_centisecs ({self.expire_seconds:.0f} s)")
+            if age + ahead > self.expire_seconds - EXPIRY_MARGIN:
+                return (f"the log is {age:.1f} s old{f' (+{ahead:.1f} s for the next pass)' if ahead else ''}: "
+                        f"the kernel's flusher writes back a file dirty for vm.dirty_expire_centisecs "
+                        f"({self.expire_seconds:.0f} s)")
         if self.background_peak >= BACKGROUND_SHARE:
             return (f"global dirty memory reached {100 * self.background_peak:.0f}% of the kernel's "
                     "background-writeback threshold")

@@ -89,6 +89,9 @@ class PassReport:
     # that kept those whose content is not what their helper sealed.
     logged: int = 0
     check_seconds: float = 0.0
+    # The log was reset before this pass (fsync, then CHECK_PAGES of every
+    # page instead of the logged ones), and why.
+    log_reset: str | None = None
 
     @property
     def pages_per_s(self) -> float:
@@ -158,6 +161,8 @@ class MigrationReport:
         for p in self.passes:
             state = "guest running" if p.guest_running else "guest stopped"
             logged = f" of {p.logged} logged (checked in {p.check_seconds:.2f} s)" if p.logged else ""
+            if p.log_reset:
+                logged = f" of all, log reset ({p.log_reset}; checked in {p.check_seconds:.2f} s)"
             lines.append(
                 f"  pass {p.number}: {p.pages} pages{logged} ({p.zero_pages} zero), {p.stream_bytes} bytes, "
                 f"{p.seconds:.2f} s, {p.pages_per_s:.0f} pages/s, {state}"
@@ -490,7 +495,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             tracker = DirtyTracker(source_ram, size)
             stack.callback(tracker.close)
 
-        def run_pass(pages: PageNumbers, running: bool, logged: int = 0, check_seconds: float = 0.0) -> None:
+        def run_pass(pages: PageNumbers, running: bool, logged: int = 0, check_seconds: float = 0.0,
+                     log_reset: str | None = None) -> None:
             assert watch is not None and channel is not None
             watch.phase = channel.phase = f"{'pre-copy' if running else 'the final'} pass {len(report.passes) + 1}"
             report.phase_seconds[f"pass_{len(report.passes) + 1}_start"] = time.monotonic() - started
@@ -498,7 +504,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             stats = exporter.send(pages, meter, tracker.record if tracker is not None else None)
             meter.finish()
             report.passes.append(PassReport(len(report.passes) + 1, stats.pages, stats.zero_pages,
-                                            stats.stream_bytes, stats.seconds, running, logged, check_seconds))
+                                            stats.stream_bytes, stats.seconds, running, logged, check_seconds,
+                                            log_reset))
 
         every_page = np.arange(size // PAGE, dtype=np.uint64)
         if dirty_log is not None:
@@ -507,13 +514,25 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         run_pass(every_page, True)
         while len(report.passes) < config.max_passes:
             if dirty_log is not None:
-                # Read and clear the log, then keep the logged pages whose
-                # content is not what their helper sealed: a write after the
-                # clear is in the next read.
-                logged = dirty_log.take()
+                # The next pass and the switchover must end before the
+                # kernel's flusher may clear the log on its own: twice the
+                # last pass is the room asked for.
+                doubt = dirty_log.doubt(ahead=2 * report.passes[-1].seconds)
                 check_start = time.monotonic()
-                dirty_pages = exporter.changed_since_sent(logged)
-                run_pass(dirty_pages, True, len(logged), time.monotonic() - check_start)
+                if doubt is None:
+                    # Read and clear the log, then keep the logged pages
+                    # whose content is not what their helper sealed: a write
+                    # after the clear is in the next read.
+                    logged = dirty_log.take()
+                    dirty_pages = exporter.changed_since_sent(logged)
+                else:
+                    # Reset: every page clean (the flusher's clock restarts),
+                    # then every page checked, so a write the fsync cleared
+                    # unseen, or the flusher did before, is still found.
+                    dirty_log.reset()
+                    logged = every_page
+                    dirty_pages = exporter.changed_since_sent(every_page)
+                run_pass(dirty_pages, True, len(logged), time.monotonic() - check_start, doubt)
             else:
                 dirty_pages = _take(tracker)
                 run_pass(dirty_pages, True)
