@@ -31,7 +31,7 @@ def test_live_migration_keeps_the_guest_running_and_its_memory_intact(firmware: 
     assert report.ram_identical is True
     # The RAM file is on ext4: the log drives the switchover (with the full
     # check beside it only if the log got older than the flusher's expiry).
-    assert report.switchover_check == "dirty-log" or report.switchover_reason.startswith("log in doubt"), \
+    assert report.switchover_check == "dirty-log" or (report.switchover_reason or "").startswith("log in doubt"), \
         "\n".join(report.describe())
     assert report.passes[-1].logged == report.log_pages > 0
     assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
