@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     mig.add_argument("--helpers", type=int, default=1, help="helpers per side for ovmf-mh (default 1)")
     mig.add_argument("--switchover", choices=SWITCHOVER_MODES, default="dirty-log",
                      help="ovmf-mh's switchover (see 'ovmf-mh migrate --help'; default dirty-log)")
+    mig.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="ovmf-mh's peer may stay silent this long (default 60: a loaded machine slows the "
+                     "target's last imports)")
     mig.add_argument("--image", help="firmware image (default: the DEBUG build)")
     mig.add_argument("--work-dir", type=Path, help="folder for logs (default: a new temp folder)")
     mig.add_argument("--ram-dir", type=Path,
@@ -105,7 +108,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     image = resolve_image(Path(args.image) if args.image else None)
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-migrate-"))).resolve()
     results = bench_migrate(image, work, sizes=sizes, workload_mib=args.workload_mib, helpers=args.helpers,
-                            ram_dir=args.ram_dir, switchover=args.switchover)
+                            ram_dir=args.ram_dir, switchover=args.switchover, idle_timeout=args.idle_timeout)
     (work / "bench.json").write_text(json.dumps(results, indent=2))
     if args.plot is not None:
         from host_shim.devtools.plots import plot_bench
