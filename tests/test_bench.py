@@ -114,6 +114,12 @@ def _fake_report(config: MigrationConfig) -> MigrationReport:
     if config.guest_mib == 4096:
         return MigrationReport(outcome="failed", guest_mib=4096,
                                error="source helper 0 did not become READY: status WINDOW_NOT_RAM")
+    if config.guest_mib == 16384:
+        return MigrationReport(outcome="failed", guest_mib=16384,
+                               error="the target refused the guest description: field 'memory_mib': 16384 is "
+                               "outside 256..2048")
+    if config.guest_mib == 512:
+        return MigrationReport(outcome="failed", guest_mib=512, error="the source QEMU exited")
     report = MigrationReport(outcome="ok", guest_mib=config.guest_mib, total_seconds=8.0, downtime_seconds=0.25,
                              switchover_check=config.switchover, switchover_ms={"stop": 5, "cont": 250})
     report.passes.append(PassReport(1, 65536, 0, 1, 4.0, True))
@@ -127,19 +133,23 @@ def _fake_plain(image: Path, work: Path, guest_mib: int, workload_mib: int, ram_
 def test_bench_migrate_table_has_a_row_per_size_refused_ones_with_the_reason(tmp_path: Path) -> None:
     from host_shim.devtools.bench_migrate import COLUMNS, bench_migrate, format_table, parse_sizes
 
-    results = bench_migrate(tmp_path / "unused.fd", tmp_path, sizes=parse_sizes("256,4096"),
+    results = bench_migrate(tmp_path / "unused.fd", tmp_path, sizes=parse_sizes("256,4096,16384,512"),
                             run_migrate=_fake_report, run_plain=_fake_plain)
-    first, refused = results["rows"]
+    first, refused, refused_by_target, failed = results["rows"]
     assert first["ratio_total"] == 4.0  # 8 s / 2 s
     assert first["ratio_downtime"] == 5.0  # 250 ms / 50 ms
     assert first["downtime_excess_ms"] == pytest.approx(200.0)
     assert "WINDOW_NOT_RAM" in refused["refused"] and "ovmf_mh" not in refused and refused["plain"]
     table = format_table(results)
     rows = [line for line in table if line.startswith("| ")]
-    assert [len(line.split("|")) - 2 for line in rows] == [len(COLUMNS)] * 3  # header, two sizes
+    assert "outside 256..2048" in refused_by_target["refused"]
+    assert failed["failed"] == "the source QEMU exited" and "refused" not in failed
+    assert [len(line.split("|")) - 2 for line in rows] == [len(COLUMNS)] * 5  # header, four sizes
     assert rows[1] == "| 256 MiB | 2.00 s | 50 ms | 8.00 s | 4.0x | 250 ms | 5.0x | +200 ms |"
     assert rows[2] == "| 4096 MiB | 2.00 s | 50 ms | refused | - | refused | - | - |"
-    assert table[-1] == "4096 MiB, ovmf-mh refused: source helper 0 did not become READY: status WINDOW_NOT_RAM"
+    assert rows[4] == "| 512 MiB | 2.00 s | 50 ms | failed | - | failed | - | - |"
+    assert table[-3] == "4096 MiB, ovmf-mh refused: source helper 0 did not become READY: status WINDOW_NOT_RAM"
+    assert table[-1] == "512 MiB, ovmf-mh failed: the source QEMU exited"
     with pytest.raises(OvmfMhError, match="comma-separated"):
         parse_sizes("256,big")
     from host_shim.devtools.plots import plot_bench

@@ -4,8 +4,10 @@ same running test guest, size after size, in one run (docs/migration.md).
 Per size the plain migration runs first, then ovmf-mh; the table puts
 their total time and downtime side by side with the ratios. A size
 ovmf-mh does not migrate is a row that says why, in the words of the
-failure: a helper that refuses the guest's memory names its status (e.g.
-``WINDOW_NOT_RAM`` above what the helper can map); it is never left out.
+failure: the target's allow-list refuses a guest description it cannot
+serve (memory above what its helpers map), a helper that refuses the
+guest's memory names its status (e.g. ``WINDOW_NOT_RAM``); it is never
+left out.
 """
 
 from __future__ import annotations
@@ -88,8 +90,10 @@ def bench_migrate(
                 row["ovmf_mh"] = _ovmf_mh_summary(report)
             else:
                 error = report.error or "failed without a reason"
-                # A helper's status in the error: the helper refused this guest.
-                row["refused" if _STATUS.search(error) else "failed"] = error
+                # A helper's status, or the target's refusal of the guest
+                # description: this size is refused, not a run that broke.
+                refused = _STATUS.search(error) or "refused the guest description" in error
+                row["refused" if refused else "failed"] = error
         plain, ours = row.get("plain"), row.get("ovmf_mh")
         if plain and ours:
             row["ratio_total"] = ours["total_seconds"] / plain["total_seconds"]
