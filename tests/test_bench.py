@@ -177,11 +177,19 @@ def test_bench_migrate_runs_a_small_guest_and_draws_it(firmware: Path, work_dir:
 
     results = bench_migrate(firmware, work_dir, sizes=[256])
     (row,) = results["rows"]
-    assert row["plain"]["target_heartbeat"] and row["ovmf_mh"]["ram_identical"] is True, row
+    assert row["ovmf_mh"]["ram_identical"] is True, row
     assert row["ovmf_mh"]["switchover_check"].startswith("dirty-log")
-    assert row["ratio_total"] == row["ovmf_mh"]["total_seconds"] / row["plain"]["total_seconds"]
-    line = next(line for line in format_table(results) if line.startswith("| 256 MiB |"))
-    assert f"{row['ratio_total']:.1f}x" in line
+    table = format_table(results)
+    line = next(line for line in table if line.startswith("| 256 MiB |"))
+    # Plain QEMU's migration of this guest can leave the target kernel
+    # crashed on this machine (docs/migration.md, "Limits"): then the row
+    # and a line under the table say so, with QEMU's logs.
+    if "plain" in row:
+        assert row["ratio_total"] == row["ovmf_mh"]["total_seconds"] / row["plain"]["total_seconds"]
+        assert f"{row['ratio_total']:.1f}x" in line
+    else:
+        assert line.startswith("| 256 MiB | failed | failed | ") and "ratio_total" not in row
+        assert table[-1] == f"256 MiB, plain QEMU failed: {row['plain_error']}"
     picture = work_dir / "bench.png"
     plot_bench(results, picture)
     _decoded(picture)
