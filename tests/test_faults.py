@@ -713,9 +713,9 @@ def start_migrate(box: Sandbox, *extra: str | Path) -> Command:
     """`ovmf-mh migrate` with reference helpers (the firmware is not the
     point here) and its RAM files in the sandbox's tmpfs folder, returned
     once its first pass is well under way (the tests then hold it there
-    with midway())."""
+    with midway()). tmpfs keeps no dirty log: the full check, asked for."""
     command = box.launch("migrate", "migrate", "--helper", "reference", "--key", box.key, "--ram-dir",
-                         box.ram_dir, "--progress", *extra)
+                         box.ram_dir, "--switchover", "full-check", "--progress", *extra)
     command.wait_pages(MIGRATE_MIDWAY_PAGES, timeout=240)
     return command
 

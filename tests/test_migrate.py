@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -11,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helper import abi
@@ -27,6 +29,11 @@ def test_live_migration_keeps_the_guest_running_and_its_memory_intact(firmware: 
     assert report.outcome == "ok", "\n".join(report.describe())
     assert report.guest_state == "running on target"
     assert report.ram_identical is True
+    # The RAM file is on ext4: the log drives the switchover (with the full
+    # check beside it only if the log got older than the flusher's expiry).
+    assert report.switchover_check == "dirty-log" or (report.switchover_reason or "").startswith("log in doubt"), \
+        "\n".join(report.describe())
+    assert report.passes[-1].logged == report.log_pages > 0
     assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
     assert len(report.passes) >= 2
     assert report.passes[0].pages == 256 * 256  # the full first pass
@@ -37,21 +44,56 @@ def test_live_migration_keeps_the_guest_running_and_its_memory_intact(firmware: 
 
 def test_reference_helpers_with_ram_files_on_tmpfs(firmware: Path, work_dir: Path) -> None:
     """The reference helper processes as helpers, the RAM files in a tmpfs
-    folder for the run only: the same exact result, and nothing left there."""
+    folder for the run only (tmpfs keeps no dirty log: the full check, asked
+    for): the same exact result, and nothing left there."""
     shm = Path("/dev/shm")
     # Every Linux the project runs on has it (glibc's POSIX shared memory): no skip.
     assert shm.is_dir() and os.access(shm, os.W_OK), "no writable /dev/shm on this machine"
     ram_dir = Path(tempfile.mkdtemp(prefix="ovmf-mh-test-", dir=shm))
     try:
         report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helper="reference", helpers=1,
-                                         progress=False, ram_dir=ram_dir))
+                                         progress=False, ram_dir=ram_dir, switchover="full-check"))
         assert report.outcome == "ok", "\n".join(report.describe())
         assert report.ram_identical is True
+        assert report.switchover_check == "full-check" and report.log_missed_pages is None
         assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
         assert list(ram_dir.iterdir()) == []
         assert not list(work_dir.glob("*.ram"))
     finally:
         shutil.rmtree(ram_dir, ignore_errors=True)
+
+
+def test_pages_changed_and_changed_back_are_resent_and_the_run_draws_its_passes(
+    firmware: Path, work_dir: Path
+) -> None:
+    """The ABA case: the source guest's workload keeps 64 pages at fixed
+    content and flips each to other bytes and back, over and over, while
+    the helpers read them (a read mid-flip seals bytes the page no longer
+    holds, and a comparison of old and new bytes calls such a page
+    unchanged). The dirty log marks every write, so the target's RAM is
+    identical at switchover; --verify-all's full CHECK_PAGES finds no page
+    the log missed. Then the report is drawn (ovmf-mh migrate --plot)."""
+    from host_shim.devtools.plots import plot_migration
+
+    report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False, aba_pages=64,
+                                     verify_all=True))
+    assert report.outcome == "ok", "\n".join(report.describe())
+    assert report.switchover_check == "dirty-log + full CHECK_PAGES"
+    assert report.ram_identical is True
+    assert report.log_missed_pages == 0, "\n".join(report.describe())
+    assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
+    # The flips really ran on the source until it stopped: its heartbeats count them.
+    source_serial = (work_dir / "source" / "serial.log").read_text(errors="replace")
+    flips = [int(m) for m in re.findall(r"HB seq=\d+ .*aba=(\d+) errors=0", source_serial)]
+    assert len(flips) >= 2 and flips[-1] > flips[0] > 0
+    assert "CORRUPTION" not in (work_dir / "target" / "serial.log").read_text(errors="replace")
+    picture = work_dir / "passes.png"
+    plot_migration(report.as_json(), picture)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(picture)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    assert len(np.unique(pixels.reshape(-1, pixels.shape[2]), axis=0)) > 10, "more than a blank image"
 
 
 def _commands_served(own_ram: Path) -> int:

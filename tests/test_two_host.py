@@ -129,14 +129,15 @@ def _source(programs: list[Program], work: Path, key: Path, port: int, ram_dir: 
             prefix: tuple[str, ...] = ()) -> Program:
     program = Program(["migrate", "--to", f"{host}:{port}", "--key", str(key), "--work-dir",
                        str(work / "source"), "--ram-dir", str(ram_dir), "--helpers", "1", "--json",
-                       "--idle-timeout", "10", "--no-progress"], work, "migrate", prefix)
+                       "--idle-timeout", "10", "--no-progress", "--switchover", "full-check"], work, "migrate", prefix)
     programs.append(program)
     return program
 
 
 @pytest.fixture
 def ram_dir() -> Iterator[Path]:
-    """The RAM files of both programs, on tmpfs: nothing may stay there."""
+    """The RAM files of both programs, on tmpfs: nothing may stay there.
+    tmpfs keeps no dirty log, so the source asks for the full check."""
     path = Path(tempfile.mkdtemp(prefix="omh-ram-", dir="/dev/shm"))
     yield path
     for leftover in path.iterdir():

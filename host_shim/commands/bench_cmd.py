@@ -9,6 +9,7 @@ from pathlib import Path
 from host_shim.devtools.bench import bench_crypto, bench_pipeline, format_pipeline_report, format_report
 from host_shim.devtools.profile_reference import format_profile
 from host_shim.firmware.boot import resolve_image
+from host_shim.migration.migrate import SWITCHOVER_MODES
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -21,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "firmware helper's export and import rate under QEMU TCG through the mailbox. "
             "pipeline: the reference-helper pipeline against raw AEAD and the helper alone, and "
             "1 against N firmware helpers, next to a plain copy of the same RAM file. "
-            "migrate: plain QEMU migration of the test guest against ovmf-mh with 1 and N helpers, each the "
-            "two-program path over loopback TCP (a migrate-incoming program as the target). "
+            "migrate: plain QEMU migration of the test guest against ovmf-mh, per guest size; ovmf-mh runs as two "
+            "programs over loopback TCP (a migrate-incoming program as the target). "
             "All numbers are measured side by side in one run; the machine's load moves them."
         ),
     )
@@ -49,15 +50,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     pipeline.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     pipeline.set_defaults(handler=run_pipeline)
 
-    mig = bench_sub.add_parser("migrate", help="live migration: plain QEMU against ovmf-mh, 1 and N helpers")
-    mig.add_argument("--guest-mib", type=int, default=256, help="guest RAM (default 256)")
+    mig = bench_sub.add_parser("migrate", help="live migration: plain QEMU against ovmf-mh, size after size")
+    mig.add_argument("--guest-mib", default="256", metavar="MIB[,MIB...]",
+                     help="guest RAM sizes, comma-separated, e.g. 256,1024,4096,16384 (default 256); a size "
+                     "ovmf-mh cannot migrate is a row that says why")
     mig.add_argument("--workload-mib", type=int, default=64,
-                     help="memory the guest's workload keeps rewriting (default 64)")
-    mig.add_argument("--helpers", type=int, default=2, help="N for the N-helper run (default 2)")
+                     help="memory the guest's workload keeps rewriting, the same at every size (default 64)")
+    mig.add_argument("--helpers", type=int, default=1, help="helpers per side for ovmf-mh (default 1)")
+    mig.add_argument("--switchover", choices=SWITCHOVER_MODES, default="dirty-log",
+                     help="ovmf-mh's switchover (see 'ovmf-mh migrate --help'; default dirty-log)")
+    mig.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="ovmf-mh's peer may stay silent this long (default 60: a loaded machine slows the "
+                     "target's last imports)")
     mig.add_argument("--image", help="firmware image (default: the DEBUG build)")
     mig.add_argument("--work-dir", type=Path, help="folder for logs (default: a new temp folder)")
     mig.add_argument("--ram-dir", type=Path,
-                     help="RAM files of every run here for the run only, e.g. /dev/shm (default: work folder)")
+                     help="RAM files of every run here for the run only, e.g. /dev/shm with --switchover "
+                     "full-check (default: work folder)")
+    mig.add_argument("--plot", type=Path, metavar="FILE.png",
+                     help="draw downtime and total time against guest size, plain beside ovmf-mh")
     mig.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     mig.set_defaults(handler=run_migrate)
 
@@ -92,23 +103,21 @@ def run_pipeline(args: argparse.Namespace) -> int:
 def run_migrate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from host_shim.migration.migrate import bench_migrate
+    from host_shim.devtools.bench_migrate import bench_migrate, format_table, parse_sizes
 
+    sizes = parse_sizes(args.guest_mib)
     image = resolve_image(Path(args.image) if args.image else None)
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-migrate-"))).resolve()
-    results = bench_migrate(image, work, guest_mib=args.guest_mib, workload_mib=args.workload_mib,
-                            helpers=args.helpers, ram_dir=args.ram_dir)
+    results = bench_migrate(image, work, sizes=sizes, workload_mib=args.workload_mib, helpers=args.helpers,
+                            ram_dir=args.ram_dir, switchover=args.switchover, idle_timeout=args.idle_timeout)
+    (work / "bench.json").write_text(json.dumps(results, indent=2))
+    if args.plot is not None:
+        from host_shim.devtools.plots import plot_bench
+
+        plot_bench(results, args.plot)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    plain = results["plain"]
-    print(f"live migration of a {args.guest_mib} MiB guest ({args.workload_mib} MiB workload), logs in {work}, "
-          f"RAM files in {results['ram_dir']}")
-    print(f"  plain QEMU (RAM through QEMU, no helpers): total {plain['total_seconds']:.2f} s, "
-          f"downtime {1000 * plain['downtime_seconds']:.0f} ms, {plain['transferred_bytes'] / 1e6:.0f} MB")
-    for count in sorted({1, args.helpers}):
-        run = results[f"ovmf_mh_{count}"]
-        print(f"  ovmf-mh, two programs, {count} helper(s) per side: total {run['total_seconds']:.2f} s "
-              f"({results[f'ratio_total_{count}']:.1f}x plain), downtime {1000 * run['downtime_seconds']:.0f} ms "
-              f"({results[f'downtime_excess_ms_{count}']:+.0f} ms vs plain), passes {len(run['passes'])}")
+    print("\n".join(format_table(results)))
+    print(f"logs in {work}" + (f"; drawn in {args.plot}" if args.plot else ""))
     return 0

@@ -11,7 +11,7 @@ from host_shim.commands.options import add_mailbox_timeout
 from host_shim.errors import OvmfMhError
 from host_shim.firmware.boot import resolve_image
 from host_shim.helpers.backends import KINDS
-from host_shim.migration.migrate import MigrationConfig, migrate, write_report
+from host_shim.migration.migrate import SWITCHOVER_MODES, MigrationConfig, migrate, write_report
 from host_shim.migration.migration_protocol import parse_address
 from host_shim.migration.migration_vm import MigrationError
 from host_shim.vm import process
@@ -76,6 +76,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--max-passes", type=int, default=6, help="pre-copy passes at most (default 6)")
     parser.add_argument("--converge-pages", type=int, default=2048,
                         help="stop pre-copy when a pass sent at most this many pages (default 2048)")
+    parser.add_argument("--switchover", choices=SWITCHOVER_MODES, default="dirty-log",
+                        help="how pre-copy passes and the switchover find dirty pages: dirty-log, the kernel's "
+                        "write log of the source RAM file (needs it on ext4, Linux 6.5+: the switchover then "
+                        "reads only the pages written since the last pass), or full-check, a host copy of the "
+                        "RAM and a CHECK_PAGES of every page at switchover (any file system, e.g. --ram-dir "
+                        "/dev/shm) (default dirty-log)")
+    parser.add_argument("--verify-all", action="store_true",
+                        help="with the dirty log, also have the helpers check every page at switchover and "
+                        "report the pages the log missed (costs downtime in proportion to the guest)")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="draw the migration's passes (pages and dirty rate per pass) and its downtime's "
+                        "steps into this PNG (needs matplotlib)")
     parser.add_argument("--no-verify-ram", action="store_true",
                         help="skip comparing the RAM files at switchover")
     parser.add_argument("--work-dir", type=Path, help="folder for logs and RAM files (default: new temp folder)")
@@ -119,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         workload_mib=64 if args.workload_mib is None else args.workload_mib,
         max_passes=args.max_passes,
         converge_pages=args.converge_pages,
+        switchover=args.switchover,
+        verify_all=args.verify_all,
         verify_ram=not args.no_verify_ram,
         progress=args.progress,
         ram_dir=args.ram_dir,
@@ -143,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_json(), indent=2))
     else:
         print("\n".join(report.describe()))
+    if args.plot is not None and report.passes:
+        from host_shim.devtools.plots import plot_migration
+
+        plot_migration(report.as_json(), args.plot)
+        print(f"passes and downtime drawn in {args.plot}", file=sys.stderr if args.json else sys.stdout)
     if report.outcome != "ok":
         print(f"ovmf-mh migrate: error: {report.error}; the guest is {report.guest_state}", file=sys.stderr)
         return 1

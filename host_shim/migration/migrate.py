@@ -14,12 +14,15 @@ This module is the source role; the target role is host_shim/migration/migrate_t
 reached over TCP (docs/migration-protocol.md): in another program on
 another host (``--to``), or in a thread of this one over loopback.
 
-Dirty pages are found by comparing the source RAM file with a host copy of
-what it held when each page was last sent (numpy, page granular). This
-needs no QEMU patch and no guest cooperation, and it also holds when guest
-memory is SEV-encrypted: SEV encrypts deterministically per physical
-address, so a page whose ciphertext did not change did not change, and any
-write changes it. The host never interprets the bytes, it only compares.
+Dirty pages come from the kernel's write log of the source RAM file (the
+page cache's dirty state, host_shim/migration/dirty_log.py): each pass
+sends what the log marks, and the switchover sends only the pages written
+since the last pass, exactly, without reading the others. Where the RAM
+file keeps no log (tmpfs), ``--switchover full-check`` is the older way:
+the host compares the RAM file with a copy of what it held when each page
+was last sent (numpy, page granular), and at switchover every source
+helper checks every page (CHECK_PAGES). Either way the host never
+interprets the bytes.
 """
 
 from __future__ import annotations
@@ -27,11 +30,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,10 +43,11 @@ from typing import IO, Any
 import numpy as np
 
 from host_shim.errors import OvmfMhError
-from host_shim.helpers.keys import generate_key, read_key
+from host_shim.helpers.keys import read_key
 from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
 from host_shim.migration import migration_protocol as mp
 from host_shim.migration.attach import SourceGuest, attach, restore
+from host_shim.migration.dirty_log import DirtyLog, DirtyLogUnavailable, unavailable_reason
 from host_shim.migration.guest_description import (
     ACCELERATORS,
     CPUS,
@@ -75,6 +76,8 @@ from host_shim.vm.qemu import QemuVM
 log = logging.getLogger(__name__)
 
 MIN_GUEST_MIB = 256
+#: How the switchover finds the pages to send (docs/migration.md).
+SWITCHOVER_MODES = ("dirty-log", "full-check")
 
 
 @dataclass
@@ -85,6 +88,13 @@ class PassReport:
     stream_bytes: int
     seconds: float
     guest_running: bool
+    # With the dirty log: pages it marked, and the seconds of the CHECK_PAGES
+    # that kept those whose content is not what their helper sealed.
+    logged: int = 0
+    check_seconds: float = 0.0
+    # The log was reset before this pass (fsync, then CHECK_PAGES of every
+    # page instead of the logged ones), and why.
+    log_reset: str | None = None
 
     @property
     def pages_per_s(self) -> float:
@@ -103,6 +113,15 @@ class MigrationReport:
     device_state_seconds: float = 0.0
     check_seconds: float = 0.0
     check_pages_changed: int = 0
+    # 'dirty-log', 'dirty-log + full CHECK_PAGES' or 'full-check', and why
+    # a full check ran with the log.
+    switchover_check: str = ""
+    switchover_reason: str | None = None
+    log_read_seconds: float = 0.0
+    log_pages: int = 0
+    # Pages the full check found changed that the log did not mark (only
+    # when both ran: --verify-all, or a log in doubt). 0 when the log is exact.
+    log_missed_pages: int | None = None
     switchover_ms: dict[str, int] = field(default_factory=dict)  # milestones after 'stop'
     phase_seconds: dict[str, float] = field(default_factory=dict)  # milestones after 'started'
     setup_seconds: float = 0.0
@@ -135,14 +154,23 @@ class MigrationReport:
             f"  total {self.total_seconds:.2f} s from source helper start to target running "
             f"(target QEMU and helpers prepared before, in {self.setup_seconds:.2f} s), "
             f"downtime {1000 * self.downtime_seconds:.0f} ms "
-            f"(CHECK_PAGES {1000 * self.check_seconds:.0f} ms found {self.check_pages_changed} changed; "
-            f"device state {1000 * self.device_state_seconds:.0f} ms; RAM check of "
-            f"{1000 * self.verify_seconds:.0f} ms not counted)",
+            f"(device state {1000 * self.device_state_seconds:.0f} ms; RAM check of "
+            f"{1000 * self.verify_seconds:.0f} ms not counted); steps after stop: "
+            + ", ".join(f"{step} {ms} ms" for step, ms in self.switchover_ms.items()),
+            f"  switchover by {self.switchover_check or 'nothing yet'}"
+            + (f" ({self.switchover_reason})" if self.switchover_reason else "")
+            + (f": dirty log read in {1000 * self.log_read_seconds:.0f} ms, {self.log_pages} pages"
+               if self.switchover_check.startswith("dirty-log") else "")
+            + f"; CHECK_PAGES {1000 * self.check_seconds:.0f} ms found {self.check_pages_changed} changed"
+            + (f"; pages the log missed: {self.log_missed_pages}" if self.log_missed_pages is not None else ""),
         ]
         for p in self.passes:
             state = "guest running" if p.guest_running else "guest stopped"
+            logged = f" of {p.logged} logged (checked in {p.check_seconds:.2f} s)" if p.logged else ""
+            if p.log_reset:
+                logged = f" of all, log reset ({p.log_reset}; checked in {p.check_seconds:.2f} s)"
             lines.append(
-                f"  pass {p.number}: {p.pages} pages ({p.zero_pages} zero), {p.stream_bytes} bytes, "
+                f"  pass {p.number}: {p.pages} pages{logged} ({p.zero_pages} zero), {p.stream_bytes} bytes, "
                 f"{p.seconds:.2f} s, {p.pages_per_s:.0f} pages/s, {state}"
             )
         if self.ram_identical is not None:
@@ -168,8 +196,18 @@ class MigrationConfig:
     helpers: int = 2
     guest_mib: int = 256
     workload_mib: int = 64
+    # Pages the source guest's workload keeps changing and changing back
+    # (the ABA case a comparison of bytes cannot see).
+    aba_pages: int = 0
     max_passes: int = 6
     converge_pages: int = 2048
+    # 'dirty-log': passes and switchover follow the kernel's write log of
+    # the RAM file (ext4); 'full-check': host comparison and CHECK_PAGES of
+    # every page (any file system). Never switched silently.
+    switchover: str = "dirty-log"
+    # With the dirty log, also run CHECK_PAGES over every page at switchover
+    # and count what the log missed (costs guest-size downtime).
+    verify_all: bool = False
     verify_ram: bool = True
     heartbeat_timeout: float = 20.0
     progress: bool | None = None
@@ -378,6 +416,18 @@ def migrate(config: MigrationConfig) -> MigrationReport:
             f"under OVMF in less) and a workload of at most half of it; got {config.guest_mib} MiB "
             f"with a {config.workload_mib} MiB workload"
         )
+    if config.switchover not in SWITCHOVER_MODES:
+        raise MigrationError(f"--switchover {config.switchover!r}: one of {', '.join(SWITCHOVER_MODES)}")
+    if config.switchover == "dirty-log":
+        folder = config.ram_dir or config.work_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        reason = unavailable_reason(folder)
+        if reason is not None:
+            raise DirtyLogUnavailable(f"the source RAM file would keep no dirty log: {reason}; "
+                                      "'--switchover full-check' checks every page at switchover instead")
+    elif config.verify_all:
+        raise MigrationError("--verify-all adds a full CHECK_PAGES to the dirty log; --switchover full-check "
+                             "checks every page already")
     if config.target is not None:
         if config.key_file is None:
             raise MigrationError("--to needs --key FILE: the guest owner's transport key, the same file on "
@@ -456,24 +506,58 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         watch.on_fault = exporter.abort
         watch.check()
         report.phase_seconds["source_helpers_start"] = time.monotonic() - started
-        tracker = DirtyTracker(source_ram, size)
-        stack.callback(tracker.close)
+        # One way to find dirty pages: the kernel's log, or the host's copy.
+        dirty_log: DirtyLog | None = None
+        tracker: DirtyTracker | None = None
+        if config.switchover == "dirty-log":
+            dirty_log = DirtyLog(source_ram, size)
+            stack.callback(dirty_log.close)
+        else:
+            tracker = DirtyTracker(source_ram, size)
+            stack.callback(tracker.close)
 
-        def run_pass(pages: PageNumbers, running: bool) -> None:
+        def run_pass(pages: PageNumbers, running: bool, logged: int = 0, check_seconds: float = 0.0,
+                     log_reset: str | None = None) -> None:
             assert watch is not None and channel is not None
             watch.phase = channel.phase = f"{'pre-copy' if running else 'the final'} pass {len(report.passes) + 1}"
             report.phase_seconds[f"pass_{len(report.passes) + 1}_start"] = time.monotonic() - started
             meter = Progress(f"pass {len(report.passes) + 1}", len(pages), enabled=config.progress)
-            stats = exporter.send(pages, meter, tracker.record)
+            stats = exporter.send(pages, meter, tracker.record if tracker is not None else None)
             meter.finish()
             report.passes.append(PassReport(len(report.passes) + 1, stats.pages, stats.zero_pages,
-                                            stats.stream_bytes, stats.seconds, running))
+                                            stats.stream_bytes, stats.seconds, running, logged, check_seconds,
+                                            log_reset))
 
         every_page = np.arange(size // PAGE, dtype=np.uint64)
+        if dirty_log is not None:
+            # Every page clean: the first pass reads them all after this.
+            dirty_log.reset()
         run_pass(every_page, True)
         while len(report.passes) < config.max_passes:
-            dirty_pages = tracker.take_dirty()
-            run_pass(dirty_pages, True)
+            if dirty_log is not None:
+                # The next pass and the switchover must end before the
+                # kernel's flusher may clear the log on its own: as long as
+                # the last pass is the room asked for (passes shrink; one
+                # that does not makes the switchover check every page).
+                doubt = dirty_log.doubt(ahead=report.passes[-1].seconds)
+                check_start = time.monotonic()
+                if doubt is None:
+                    # Read and clear the log, then keep the logged pages
+                    # whose content is not what their helper sealed: a write
+                    # after the clear is in the next read.
+                    logged = dirty_log.take()
+                    dirty_pages = exporter.changed_since_sent(logged)
+                else:
+                    # Reset: every page clean (the flusher's clock restarts),
+                    # then every page checked, so a write the fsync cleared
+                    # unseen, or the flusher did before, is still found.
+                    dirty_log.reset()
+                    logged = every_page
+                    dirty_pages = exporter.changed_since_sent(every_page)
+                run_pass(dirty_pages, True, len(logged), time.monotonic() - check_start, doubt)
+            else:
+                dirty_pages = _take(tracker)
+                run_pass(dirty_pages, True)
             if len(dirty_pages) <= config.converge_pages:
                 break
 
@@ -486,23 +570,14 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         # timeout) may have stopped the guest, and a failure must resume it.
         stopped = True
         source.qmp("stop")
-        # Pages the host sees changed since their last send, plus every other
-        # page whose source helper says its content is not what it sealed:
-        # a page can change and change back while a helper reads it, which no
-        # comparison on the host can see (CHECK_PAGES, docs/migration.md).
-        # Both run at once: numpy's comparison releases the GIL while the
-        # helpers hash.
-        host_dirty: list[PageNumbers] = []
-        comparer = threading.Thread(target=lambda: host_dirty.append(tracker.take_dirty()), daemon=True)
-        check_start = time.monotonic()
-        comparer.start()
-        changed = exporter.changed_since_sent(every_page)
-        comparer.join()
-        report.check_seconds = time.monotonic() - check_start
-        report.check_pages_changed = len(changed)
-        final = np.unique(np.concatenate([changed, *host_dirty]))
-        marks = {"check": time.monotonic() - stop_at}
-        run_pass(final, False)
+        marks: dict[str, float] = {"stop": time.monotonic() - stop_at}
+        if dirty_log is not None:
+            final = _switchover_by_log(dirty_log, exporter, every_page, config.verify_all, report, marks, stop_at)
+        else:
+            assert tracker is not None
+            final = _switchover_by_full_check(tracker, exporter, every_page, report)
+            marks["check"] = time.monotonic() - stop_at
+        run_pass(final, False, report.log_pages, report.check_seconds)
         marks["final_pass"] = time.monotonic() - stop_at
         exporter.finish()
         channel.writer.flush()
@@ -655,6 +730,8 @@ def _check_peer_quiet(channel: mp.Channel) -> None:
         message = channel.receive()
         raise mp.ProtocolError(f"the {channel.peer} sent {message.type!r} before the commit",
                                peer=channel.peer, phase=channel.phase)
+
+
 def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> SourceGuest:
     """The guest to migrate: the user's running QEMU, attached and checked
     (--qmp, --ram), or the test guest, booted here on a fresh RAM file."""
@@ -667,7 +744,8 @@ def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> Sour
     size = config.guest_mib * MIB
     ram = ram_file(stack, work, config.ram_dir, "source", size)
     booted = stack.enter_context(QemuVM(guest_config(config.image, ram, size, incoming=False,
-                                                     workload_mib=config.workload_mib), work / "source", "source"))
+                                                     workload_mib=config.workload_mib, aba_pages=config.aba_pages),
+                                            work / "source", "source"))
     description = GuestDescription(
         guest=GUEST_KINDS[0], machine=MACHINES[0], accel=ACCELERATORS[0], cpu=CPUS[0],
         memory_mib=config.guest_mib, workload_mib=config.workload_mib, shards=config.helpers,
@@ -688,6 +766,63 @@ def _leave_source(source: SourceGuest, quit_source: bool) -> str:
     return (f"pid {source.vm.pid} left paused (postmigrate) for the user: do not resume it, the guest runs "
             "on the target; 'quit' it over QMP, or 'ovmf-mh guest stop' for a guest 'ovmf-mh guest start' "
             "started")
+
+
+def _take(tracker: DirtyTracker | None) -> PageNumbers:
+    assert tracker is not None
+    return tracker.take_dirty()
+
+
+def _switchover_by_log(dirty_log: DirtyLog, exporter: Exporter, every_page: PageNumbers, verify_all: bool,
+                       report: MigrationReport, marks: dict[str, float], stop_at: float) -> PageNumbers:
+    """The pages to send with the guest stopped. The kernel's log marks every
+    page written since its last pass (a write of the same bytes included);
+    of those, each source helper names the ones whose content is not what
+    it last sealed (CHECK_PAGES over the logged pages only: a page changed
+    and changed back while its helper read it differs from the sealed
+    bytes; a page in a dirty large folio that nobody wrote does not). A
+    page the log does not mark was not written since its helper read it.
+    A full CHECK_PAGES runs instead when asked (``--verify-all``: it also
+    counts what the log missed), or when the kernel may have written back
+    pages on its own."""
+    start = time.monotonic()
+    logged = dirty_log.dirty_pages()
+    report.log_read_seconds = time.monotonic() - start
+    report.log_pages = len(logged)
+    marks["log_read"] = time.monotonic() - stop_at
+    doubt = dirty_log.doubt()
+    full = verify_all or doubt is not None
+    check_start = time.monotonic()
+    changed = exporter.changed_since_sent(every_page if full else logged)
+    report.check_seconds = time.monotonic() - check_start
+    report.check_pages_changed = len(changed)
+    marks["check"] = time.monotonic() - stop_at
+    if not full:
+        report.switchover_check = "dirty-log"
+        return changed
+    report.switchover_check = "dirty-log + full CHECK_PAGES"
+    report.switchover_reason = "--verify-all" if verify_all else f"log in doubt: {doubt}"
+    report.log_missed_pages = len(np.setdiff1d(changed, logged))
+    return changed
+
+
+def _switchover_by_full_check(tracker: DirtyTracker, exporter: Exporter, every_page: PageNumbers,
+                              report: MigrationReport) -> PageNumbers:
+    """Pages the host sees changed since their last send, plus every other
+    page whose source helper says its content is not what it sealed: a page
+    can change and change back while a helper reads it, which no comparison
+    on the host can see (CHECK_PAGES, docs/migration.md). Both run at once:
+    numpy's comparison releases the GIL while the helpers hash."""
+    report.switchover_check = "full-check"
+    host_dirty: list[PageNumbers] = []
+    comparer = threading.Thread(target=lambda: host_dirty.append(tracker.take_dirty()), daemon=True)
+    check_start = time.monotonic()
+    comparer.start()
+    changed = exporter.changed_since_sent(every_page)
+    comparer.join()
+    report.check_seconds = time.monotonic() - check_start
+    report.check_pages_changed = len(changed)
+    return np.unique(np.concatenate([changed, *host_dirty]))
 
 
 def _differing_parts(source: list[str], target: list[Any], size: int) -> list[int]:
@@ -782,70 +917,3 @@ def plain_qemu_migration(
             "transferred_bytes": info.get("ram", {}).get("transferred", 0),
             "target_heartbeat": heartbeat,
         }
-
-
-def bench_migrate(image: Path, work: Path, *, guest_mib: int = 256, workload_mib: int = 64,
-                  helpers: int = 2, ram_dir: Path | None = None) -> dict[str, Any]:
-    """Plain QEMU migration and ovmf-mh migration of the same guest, in one
-    run, all with their RAM files in the same place. The ovmf-mh runs are
-    the two-program path over loopback TCP: the target role is an `ovmf-mh
-    migrate-incoming` program of its own, the source role runs here, as
-    `migrate --to` would (two processes, as on two hosts: neither role's
-    Python competes with the other's for one interpreter lock)."""
-    results: dict[str, Any] = {"guest_mib": guest_mib, "workload_mib": workload_mib,
-                               "ram_dir": str(ram_dir) if ram_dir else "work folder",
-                               "roles": "two programs over loopback TCP"}
-    results["plain"] = plain_qemu_migration(image, work / "plain", guest_mib, workload_mib, ram_dir)
-    key_file = work / "transport.key"
-    if not key_file.exists():
-        generate_key(key_file)
-    for count in sorted({1, helpers}):
-        run_work = work / f"ovmf-mh-{count}"
-        with _target_program(image, run_work, key_file, count, ram_dir) as address:
-            report = migrate(MigrationConfig(image=image, work_dir=run_work / "source", key_file=key_file,
-                                             helpers=count, guest_mib=guest_mib, workload_mib=workload_mib,
-                                             progress=False, ram_dir=ram_dir, target=address))
-        if report.outcome != "ok":
-            raise MigrationError(f"ovmf-mh migration with {count} helper(s) failed: {report.error} "
-                                 f"(logs in {run_work})")
-        results[f"ovmf_mh_{count}"] = report.as_json()
-        plain = results["plain"]
-        results[f"ratio_total_{count}"] = report.total_seconds / plain["total_seconds"]
-        results[f"downtime_excess_ms_{count}"] = 1000 * (report.downtime_seconds - plain["downtime_seconds"])
-    return results
-
-
-@contextmanager
-def _target_program(image: Path, work: Path, key_file: Path, helpers: int,
-                    ram_dir: Path | None) -> Iterator[tuple[str, int]]:
-    """`ovmf-mh migrate-incoming --no-keep-running` on a free loopback port,
-    in its own process (output in ``work``); yields its address. It exits
-    once the guest runs there (or the migration failed); it is ended by its
-    own pid if it has not exited 60 s after the source finished."""
-    work.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-c", "import sys; from host_shim.cli import main; sys.exit(main())",
-            "migrate-incoming", "--listen", "127.0.0.1:0", "--key", str(key_file), "--image", str(image),
-            "--helpers", str(helpers), "--work-dir", str(work / "target"), "--no-keep-running", "--json"]
-    if ram_dir is not None:
-        argv += ["--ram-dir", str(ram_dir)]
-    stderr_path = work / "migrate-incoming.stderr"
-    with (work / "migrate-incoming.stdout").open("wb") as stdout, stderr_path.open("wb") as stderr:
-        proc = process.spawn(argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", stderr_path.read_text(errors="replace"))
-            if found:
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise MigrationError(f"migrate-incoming did not listen ({process.describe_exit(proc.poll())}); "
-                                     f"see {stderr_path}")
-            time.sleep(0.05)
-        yield "127.0.0.1", int(found.group(1))
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-        if proc.returncode != 0:
-            raise MigrationError(f"migrate-incoming ended with {process.describe_exit(proc.returncode)}; "
-                                 f"see {stderr_path}")
-    finally:
-        process.kill_if_running(proc, "migrate-incoming")

@@ -26,8 +26,11 @@ class MigrationError(OvmfMhError):
     """The migration failed; the report says where and in which state the guest is."""
 
 
-def guest_config(image: Path, ram: Path, size: int, *, incoming: bool, workload_mib: int) -> QemuConfig:
-    """Source and target differ only in their RAM file and -incoming."""
+def guest_config(image: Path, ram: Path, size: int, *, incoming: bool, workload_mib: int,
+                 aba_pages: int = 0) -> QemuConfig:
+    """Source and target differ only in their RAM file and -incoming (and
+    the source's workload may flip ABA pages: the initramfs is read at boot
+    only, the target gets the guest's memory)."""
     from host_shim.firmware.boot import vars_for
 
     return QemuConfig(
@@ -35,7 +38,7 @@ def guest_config(image: Path, ram: Path, size: int, *, incoming: bool, workload_
         firmware_vars=vars_for(image),
         memory=[MemoryBackend("ram", ram, size)],
         kernel=guest.kernel(),
-        initrd=guest.workload_initramfs(workload_mib),
+        initrd=guest.workload_initramfs(workload_mib, aba_pages=aba_pages),
         append=guest.KERNEL_APPEND,
         incoming="defer" if incoming else None,
         extra_args=["-S"] if incoming else [],

@@ -126,12 +126,13 @@ def workload_binary() -> Path:
     return out
 
 
-def workload_initramfs(mib: int, pages_per_tick: int = 256, tick_ms: int = 50) -> Path:
-    """Initramfs whose /init runs the memory workload forever."""
+def workload_initramfs(mib: int, pages_per_tick: int = 256, tick_ms: int = 50, aba_pages: int = 0) -> Path:
+    """Initramfs whose /init runs the memory workload forever (with
+    ``aba_pages``, also pages it keeps changing and changing back)."""
     init = (
         "#!/bin/busybox sh\n"
         "/bin/busybox mount -t proc proc /proc\n"
         "/bin/busybox mount -t sysfs sysfs /sys\n"
-        f"exec /bin/workload {mib} {pages_per_tick} {tick_ms}\n"
+        f"exec /bin/workload {mib} {pages_per_tick} {tick_ms} {aba_pages}\n"
     )
     return initramfs(init, {"bin/workload": workload_binary().read_bytes()})

@@ -1,0 +1,202 @@
+"""ovmf-mh bench migrate: plain QEMU migration and ovmf-mh migration of the
+same running test guest, size after size, in one run (docs/migration.md).
+
+Per size the plain migration runs first, then ovmf-mh; the table puts
+their total time and downtime side by side with the ratios. A size
+ovmf-mh does not migrate is a row that says why, in the words of the
+failure: the target's allow-list refuses a guest description it cannot
+serve (memory above what its helpers map), a helper that refuses the
+guest's memory names its status (e.g. ``WINDOW_NOT_RAM``); it is never
+left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from host_shim.errors import OvmfMhError
+from host_shim.helpers.keys import generate_key
+from host_shim.migration.migrate import MigrationConfig, MigrationReport, migrate, plain_qemu_migration
+from host_shim.migration.migration_vm import MigrationError
+from host_shim.vm import process
+
+#: A helper status in an error message: the helper refused, for this reason.
+_STATUS = re.compile(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b")
+
+Migrate = Callable[[MigrationConfig], MigrationReport]
+Plain = Callable[..., dict[str, Any]]
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'256,1024' -> [256, 1024], each a positive whole number of MiB."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise OvmfMhError(f"--guest-mib {text!r}: a comma-separated list of MiB, e.g. 256,1024,4096") from None
+    if not sizes or any(size <= 0 for size in sizes):
+        raise OvmfMhError(f"--guest-mib {text!r}: a comma-separated list of positive MiB, e.g. 256,1024,4096")
+    return sizes
+
+
+def _ovmf_mh_summary(report: MigrationReport) -> dict[str, Any]:
+    final = report.passes[-1] if report.passes else None
+    return {
+        "total_seconds": report.total_seconds,
+        "downtime_seconds": report.downtime_seconds,
+        "passes": len(report.passes),
+        "final_pass_pages": final.pages if final else 0,
+        "switchover_check": report.switchover_check,
+        "switchover_ms": report.switchover_ms,
+        "ram_identical": report.ram_identical,
+        "work_dir": report.work_dir,
+    }
+
+
+def bench_migrate(
+    image: Path,
+    work: Path,
+    *,
+    sizes: list[int],
+    workload_mib: int = 64,
+    helpers: int = 1,
+    ram_dir: Path | None = None,
+    switchover: str = "dirty-log",
+    idle_timeout: float = 60.0,
+    run_migrate: Migrate | None = None,
+    run_plain: Plain = plain_qemu_migration,
+) -> dict[str, Any]:
+    """One row per guest size: plain QEMU, then ovmf-mh, same guest, same
+    RAM-file place. A failure of either is the row's content, not the end
+    of the benchmark. The peer's idle timeout is longer than migrate's
+    default: a loaded machine slows the target's last imports, and a
+    benchmark measures, it does not test fault detection."""
+    rows: list[dict[str, Any]] = []
+    run = run_migrate or migrate_two_programs
+    for mib in sizes:
+        row: dict[str, Any] = {"guest_mib": mib}
+        folder = work / f"{mib}-mib"
+        try:
+            row["plain"] = run_plain(image, folder / "plain", mib, workload_mib, ram_dir)
+        except OvmfMhError as exc:
+            row["plain_error"] = str(exc)
+        try:
+            report = run(MigrationConfig(
+                image=image, work_dir=folder / "ovmf-mh", helpers=helpers, guest_mib=mib,
+                workload_mib=workload_mib, progress=False, ram_dir=ram_dir, switchover=switchover,
+                idle_timeout=idle_timeout))
+        except OvmfMhError as exc:  # refused before it started (a size the test guest cannot have)
+            row["refused"] = str(exc)
+        else:
+            if report.outcome == "ok":
+                row["ovmf_mh"] = _ovmf_mh_summary(report)
+            else:
+                error = report.error or "failed without a reason"
+                # A helper's status, or the target's refusal of the guest
+                # description: this size is refused, not a run that broke.
+                refused = _STATUS.search(error) or "refused the guest description" in error
+                row["refused" if refused else "failed"] = error
+        plain, ours = row.get("plain"), row.get("ovmf_mh")
+        if plain and ours:
+            row["ratio_total"] = ours["total_seconds"] / plain["total_seconds"]
+            row["ratio_downtime"] = (ours["downtime_seconds"] / plain["downtime_seconds"]
+                                     if plain["downtime_seconds"] else float("inf"))
+            row["downtime_excess_ms"] = 1000 * (ours["downtime_seconds"] - plain["downtime_seconds"])
+        rows.append(row)
+    return {"workload_mib": workload_mib, "helpers": helpers, "switchover": switchover,
+            "roles": "two programs over loopback TCP" if run_migrate is None else "as given",
+            "ram_dir": str(ram_dir) if ram_dir else "work folder", "rows": rows}
+
+
+def _cell(run: dict[str, Any] | None) -> tuple[str, str]:
+    if not run:
+        return "-", "-"
+    return f"{run['total_seconds']:.2f} s", f"{1000 * run['downtime_seconds']:.0f} ms"
+
+
+COLUMNS = ("guest", "plain total", "plain downtime", "ovmf-mh total", "total ratio", "ovmf-mh downtime",
+           "downtime ratio", "downtime excess")
+
+
+def format_table(results: dict[str, Any]) -> list[str]:
+    """The benchmark as one Markdown table (it reads as text too), then a
+    line per size ovmf-mh did not migrate, with the reason."""
+    lines = [
+        f"live migration, {results['workload_mib']} MiB workload, {results['helpers']} helper(s) per side, "
+        f"switchover by {results['switchover']}, ovmf-mh roles: {results.get('roles', 'as given')}, "
+        f"RAM files in {results['ram_dir']}",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---:" if i else "---" for i in range(len(COLUMNS))) + "|",
+    ]
+    notes = []
+    for row in results["rows"]:
+        plain_total, plain_down = _cell(row.get("plain"))
+        if row.get("plain_error"):
+            plain_total = plain_down = "failed"
+            notes.append(f"{row['guest_mib']} MiB, plain QEMU failed: {row['plain_error']}")
+        ours = row.get("ovmf_mh")
+        if ours:
+            total, down = _cell(ours)
+            ratio_total = f"{row['ratio_total']:.1f}x" if "ratio_total" in row else "-"
+            ratio_down = f"{row['ratio_downtime']:.1f}x" if "ratio_downtime" in row else "-"
+            excess = f"{row['downtime_excess_ms']:+.0f} ms" if "downtime_excess_ms" in row else "-"
+        else:
+            word = "refused" if "refused" in row else "failed"
+            total, down, ratio_total, ratio_down, excess = word, word, "-", "-", "-"
+            notes.append(f"{row['guest_mib']} MiB, ovmf-mh {word}: {row.get('refused') or row.get('failed')}")
+        cells = [f"{row['guest_mib']} MiB", plain_total, plain_down, total, ratio_total, down, ratio_down, excess]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + notes
+
+
+def migrate_two_programs(config: MigrationConfig) -> MigrationReport:
+    """One ovmf-mh migration as on two hosts, over loopback TCP: the target
+    role is an `ovmf-mh migrate-incoming` program of its own, the source
+    role runs here, as `migrate --to` would (two processes: neither role's
+    Python competes with the other's for one interpreter lock)."""
+    work = config.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    key_file = work / "transport.key"
+    if not key_file.exists():
+        generate_key(key_file)
+    with _target_program(config, work, key_file) as address:
+        return migrate(dataclasses.replace(config, work_dir=work / "source", key_file=key_file, target=address))
+
+
+@contextmanager
+def _target_program(config: MigrationConfig, work: Path, key_file: Path) -> Iterator[tuple[str, int]]:
+    """`ovmf-mh migrate-incoming --no-keep-running` on a free loopback port,
+    in its own process (output in ``work``); yields its address. It exits
+    once the guest runs there (or the migration failed); it is ended by its
+    own pid if it has not exited 60 s after the source finished."""
+    argv = [sys.executable, "-c", "import sys; from host_shim.cli import main; sys.exit(main())",
+            "migrate-incoming", "--listen", "127.0.0.1:0", "--key", str(key_file), "--image", str(config.image),
+            "--helpers", str(config.helpers), "--work-dir", str(work / "target"), "--no-keep-running",
+            "--idle-timeout", str(config.idle_timeout), "--json"]
+    if config.ram_dir is not None:
+        argv += ["--ram-dir", str(config.ram_dir)]
+    stderr_path = work / "migrate-incoming.stderr"
+    with (work / "migrate-incoming.stdout").open("wb") as stdout, stderr_path.open("wb") as stderr:
+        proc = process.spawn(argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", stderr_path.read_text(errors="replace"))
+            if found:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise MigrationError(f"migrate-incoming did not listen ({process.describe_exit(proc.poll())}); "
+                                     f"see {stderr_path}")
+            time.sleep(0.05)
+        yield "127.0.0.1", int(found.group(1))
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+    finally:
+        process.kill_if_running(proc, "migrate-incoming")
