@@ -218,7 +218,7 @@ LLVMFuzzerTestOneInput (
           Target[(Offset + Index) % DATA_SIZE] = (UINT8)HarnessTake (&Input, 1);
         }
 
-        Helper->DataStale = TRUE;
+        FuzzHostWroteData (Helper, Offset, Length);
 
         break;
 
@@ -231,7 +231,7 @@ LLVMFuzzerTestOneInput (
           memcpy (Target + (Offset + Index * 8) % DATA_SIZE, &Page, sizeof (Page));
         }
 
-        Helper->DataStale = TRUE;
+        FuzzHostWroteData (Helper, Offset, Length * 8);
 
         break;
 
@@ -241,8 +241,8 @@ LLVMFuzzerTestOneInput (
         Length = HarnessTake (&Input, 2);
         if ((From + Length <= DATA_SIZE) && (Offset + Length <= DATA_SIZE)) {
           memcpy ((UINT8 *)mHelpers[1 - Which].Context.Data + Offset, Target + From, Length);
-          mDirty[1 - Which]               = TRUE;
-          mHelpers[1 - Which].DataStale = TRUE;
+          mDirty[1 - Which] = TRUE;
+          FuzzHostWroteData (&mHelpers[1 - Which], Offset, Length);
         }
 
         break;
@@ -250,7 +250,7 @@ LLVMFuzzerTestOneInput (
       case 15:
         Offset = (HarnessTake (&Input, 1) % WINDOW_PAGES) * FUZZ_PAGE + (HarnessTake (&Input, 2) % FUZZ_PAGE);
         Helper->Window[Offset] = (UINT8)HarnessTake (&Input, 1);
-        Helper->WindowStale    = TRUE;
+        FuzzHostWroteWindowByte (Helper, Offset);
         break;
 
       default:
