@@ -8,8 +8,10 @@
   operation byte: bit 7 picks the helper (0 source, 1 target), the low four
   bits the operation:
 
-    0..10  the command of that code, then four argument encodings
-    11     a raw 32-bit command code, then four argument encodings
+    0..10  the command of that code, then OVMF_MH_ARG_COUNT (6) argument
+           encodings
+    11     a raw 32-bit command code, then OVMF_MH_ARG_COUNT argument
+           encodings
     12     write bytes into the data area: u16 offset, u8 length, bytes
     13     write a page list: u16 offset, u8 count, then per page one byte
            (bits 0..2 a page, bits 3..7 below 16 nothing more, else a
