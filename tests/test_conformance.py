@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from endpoints import FACTORIES, Endpoint, EndpointSpec, ReferenceEndpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -1275,6 +1277,35 @@ def test_check_pages_refuses_bad_arguments(endpoint: Endpoint) -> None:
     # A session that is not exporting has nothing to compare against.
     export_end(endpoint)
     expect(endpoint, "BAD_STATE", "CHECK_PAGES", LIST_AT, 1, OUT_AT)
+
+
+@pytest.mark.firmware
+@pytest.mark.qemu
+def test_firmware_page_hash_key_does_not_outlive_its_session() -> None:
+    """docs/mailbox.md: the page-hash key k = HKDF-SHA256(TK, the stream's
+    salt, "ovmf-mh v1 page hash", 4096) is derived by the first tracked
+    EXPORT_BATCH and wiped when the session ends. k is computed here with pyca
+    and searched, 32 bytes at a time, in the firmware helper's own RAM: all
+    of it there after the batch (so the search can fail, and the firmware's
+    derivation is pyca's), none of it after RESET, or after EXPORT_END."""
+    info = A.strings["OVMF_MH_PAGE_HASH_INFO"].encode()
+    size = A.const("OVMF_MH_PAGE_HASH_KEY_SIZE")
+    with FACTORIES["firmware"](SPEC) as endpoint:
+        assert isinstance(endpoint, MailboxBackend)
+        fill(endpoint, 0, page_content("random", 7))
+        for ending in ("RESET", "EXPORT_END"):
+            salt = s.decode_stream_header(export_begin(endpoint, TRACK_PAGES)).salt
+            export_batch(endpoint, [0])
+            key = HKDF(algorithm=hashes.SHA256(), length=size, salt=salt, info=info).derive(KEY)
+            chunks = [key[at : at + 32] for at in range(0, size, 32)]
+            found = [at for at, chunk in enumerate(chunks) if endpoint.memory.find(chunk) != -1]
+            assert found == list(range(len(chunks))), f"page-hash key not in the helper's RAM before {ending}"
+            if ending == "RESET":
+                ok(endpoint, "RESET")
+            else:
+                export_end(endpoint)
+            left = [at * 32 for at, chunk in enumerate(chunks) if endpoint.memory.find(chunk) != -1]
+            assert not left, f"page-hash key bytes (offsets {left[:8]}) left in the helper's RAM after {ending}"
 
 
 def test_check_pages_needs_a_tracked_export(endpoint: Endpoint) -> None:

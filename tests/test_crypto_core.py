@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
@@ -219,6 +220,20 @@ def test_aes_fips197(core: CryptoCore, portable: bool, vector: dict[str, str]) -
         expected_path(portable),
         plaintext,
     )
+
+
+@pytest.mark.parametrize("key_size", [16, 32])
+def test_aes_key_schedule_every_sbox_input(core: CryptoCore, portable: bool, key_size: int) -> None:
+    """Every byte value goes through the key schedule's SubWord in every one
+    of the four byte positions: a key of one repeated byte v makes the first
+    SubWord see (v, v, v, v). Checked against pyca (OpenSSL) AES, both ways."""
+    block = bytes(range(16))
+    for value in range(256):
+        key = bytes([value]) * key_size
+        encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+        expected = encryptor.update(block) + encryptor.finalize()
+        assert core.aes_block(key, block, decrypt=False, portable=portable) == (expected_path(portable), expected)
+        assert core.aes_block(key, expected, decrypt=True, portable=portable) == (expected_path(portable), block)
 
 
 @pytest.mark.parametrize(

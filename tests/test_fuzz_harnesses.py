@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helper import abi
-from host_shim.devtools import fuzz, fuzz_corpus
+from host_shim.devtools import fuzz, fuzz_corpus, fuzz_planted
 
 SHORT_RUN_SECONDS = 8
 
@@ -39,6 +39,27 @@ def test_seed_corpus_and_regression_inputs_replay_clean(name: str) -> None:
 def test_every_harness_has_regression_inputs() -> None:
     for name in fuzz.TARGETS:
         assert fuzz.regression_inputs(name), f"tests/fuzz-regressions/{name}/ is empty"
+
+
+def test_planted_inputs_match_their_script() -> None:
+    assert fuzz_planted.main(["--check"]) == 0
+
+
+def test_every_planted_input_has_its_defect() -> None:
+    kept = {p for name in fuzz.TARGETS for p in fuzz.regression_inputs(name) if p.name.startswith("planted-")}
+    proven = {entry.path for entry in fuzz_planted.PLANTED}
+    # request's planted-* inputs predate host_shim/devtools/fuzz_planted.py and its input format did not change.
+    assert {p for p in kept - proven if p.parent.name != "request"} == set()
+
+
+@pytest.mark.parametrize("entry", fuzz_planted.PLANTED, ids=lambda e: f"{e.target}-{e.name}")
+def test_planted_defect_is_caught_by_its_input(entry: fuzz_planted.Planted) -> None:
+    """The harness built with the defect compiled in fails on the kept input,
+    with the defect's own message: the input reaches the code the defect is
+    in. (The real core replays it clean: the regression replay above.)"""
+    result = fuzz_planted.replay_planted(entry)
+    assert result.returncode != 0, f"{entry.name}: the planted defect went unnoticed\n{result.stderr[-3000:]}"
+    assert entry.expect in result.stderr, result.stderr[-3000:]
 
 
 def test_stream_seeds_are_real_streams_under_the_fixed_key() -> None:

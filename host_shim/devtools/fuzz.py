@@ -22,6 +22,7 @@ compiler, the flags and every source and header.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,8 @@ FUZZ_DIR = hostcore.REPO_ROOT / "tests" / "c" / "fuzz"
 CACHE_DIR = hostcore.REPO_ROOT / ".cache" / "fuzz"
 REGRESSION_DIR = hostcore.REPO_ROOT / "tests" / "fuzz-regressions"
 COMMON = FUZZ_DIR / "FuzzCommon.c"
+#: Loop-only functions left out of the coverage instrumentation (the file says why).
+COVERAGE_IGNORE = FUZZ_DIR / "coverage-ignore.txt"
 #: Core sources whose coverage guides the fuzzer (the rest is crypto).
 GUIDED_CORE = ("MailboxDispatch.c", "Session.c", "RequestValidation.c")
 
@@ -113,13 +116,26 @@ def target(name: str) -> Target:
     return TARGETS[name]
 
 
+@functools.cache
+def _identity(compiler: str) -> str:
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+
+
+def _label(path: Path) -> str:
+    """A source's name in a digest: its path in the repository, or the whole
+    path of a file outside it (a planted defect's scratch copy)."""
+    try:
+        return str(path.relative_to(hostcore.REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def _digest(compiler: str, flags: Sequence[str], files: Sequence[Path]) -> str:
-    identity = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    digest = hashlib.sha256(identity.encode())
+    digest = hashlib.sha256(_identity(compiler).encode())
     for item in flags:
         digest.update(item.encode() + b"\0")
     for path in (*files, *hostcore._tracked_headers(), FUZZ_DIR / "FuzzCommon.h"):
-        digest.update(str(path.relative_to(hostcore.REPO_ROOT)).encode() + b"\0" + path.read_bytes())
+        digest.update(_label(path).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:24]
 
 
@@ -129,39 +145,56 @@ def _compile(command: list[str]) -> None:
         raise FuzzError(f"build failed (exit {result.returncode}): {' '.join(command)}\n{result.stderr}")
 
 
-def build(name: str, variant: str = "fuzz") -> Path:
+def _object(compiler: str, flags: Sequence[str], source: Path) -> Path:
+    """Compile (or reuse) one object, cached by the compiler, the flags, the
+    source and every header it may include."""
+    obj = CACHE_DIR / "objects" / f"{source.stem}-{_digest(compiler, flags, [source])}.o"
+    if not obj.is_file():
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        partial = obj.with_name(f".{obj.name}.{os.getpid()}")
+        _compile([compiler, *flags, "-c", str(source), "-o", str(partial)])
+        os.replace(partial, obj)
+    return obj
+
+
+def build(name: str, variant: str = "fuzz", replace: Mapping[str, Path] | None = None) -> Path:
     """Build (or reuse) a harness; return the binary.
 
     ``fuzz``: libFuzzer + ASan/UBSan. ``coverage``: libFuzzer + source-based
     coverage (no sanitizers), to replay a corpus and report line coverage.
+    ``replace`` maps core source names to files built in their place (a
+    planted defect, host_shim/devtools/fuzz_planted.py).
     """
     spec = target(name)
     compiler = clang()
+    replace = dict(replace or {})
     core = sorted(hostcore.CORE_LIB_DIR.glob("*.c"))
-    guided = [p for p in core if p.name in GUIDED_CORE] + [FUZZ_DIR / spec.source]
-    plain = [p for p in core if p.name not in GUIDED_CORE] + [hostcore.HARNESS_DIR / "HostShim.c", COMMON]
+    unknown = set(replace) - {p.name for p in core}
+    if unknown:
+        raise FuzzError(f"no core source named {', '.join(sorted(unknown))}")
+    guided = [replace.get(p.name, p) for p in core if p.name in GUIDED_CORE] + [FUZZ_DIR / spec.source]
+    plain = [replace.get(p.name, p) for p in core if p.name not in GUIDED_CORE]
+    plain += [hostcore.HARNESS_DIR / "HostShim.c", COMMON]
     includes = [f"-I{p}" for p in (*hostcore.include_dirs(), FUZZ_DIR)]
+    ignore = f"-fsanitize-coverage-ignorelist={COVERAGE_IGNORE}"
     if variant == "fuzz":
-        guided_flags = [*BASE_CFLAGS, *SANITIZERS, "-fsanitize=fuzzer-no-link"]
+        guided_flags = [*BASE_CFLAGS, *SANITIZERS, "-fsanitize=fuzzer-no-link", ignore]
         plain_flags = [*BASE_CFLAGS, *SANITIZERS]
         link_flags = [*BASE_CFLAGS, *SANITIZERS, "-fsanitize=fuzzer"]
     elif variant == "coverage":
-        guided_flags = [*BASE_CFLAGS, *COVERAGE_FLAGS, "-fsanitize=fuzzer-no-link"]
+        guided_flags = [*BASE_CFLAGS, *COVERAGE_FLAGS, "-fsanitize=fuzzer-no-link", ignore]
         plain_flags = [*BASE_CFLAGS, *COVERAGE_FLAGS]
         link_flags = [*BASE_CFLAGS, *COVERAGE_FLAGS, "-fsanitize=fuzzer"]
     else:
         raise FuzzError(f"unknown build variant {variant!r}")
-    output = CACHE_DIR / f"{name}-{variant}-{_digest(compiler, guided_flags + plain_flags, guided + plain)}"
+    digest = _digest(compiler, guided_flags + plain_flags, [*guided, *plain, COVERAGE_IGNORE])
+    output = CACHE_DIR / f"{name}-{variant}-{digest}"
     if output.is_file():
         return output
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    objects = [str(_object(compiler, [*guided_flags, *includes], source)) for source in guided]
+    objects += [str(_object(compiler, [*plain_flags, *includes], source)) for source in plain]
     with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix=".build-") as temporary:
-        objects = []
-        for flags, sources in ((guided_flags, guided), (plain_flags, plain)):
-            for source in sources:
-                obj = Path(temporary) / f"{source.stem}.o"
-                _compile([compiler, *flags, *includes, "-c", str(source), "-o", str(obj)])
-                objects.append(str(obj))
         partial = Path(temporary) / "binary"
         _compile([compiler, *link_flags, *objects, "-o", str(partial)])
         os.replace(partial, output)

@@ -214,14 +214,20 @@ def mailbox_seeds() -> dict[str, bytes]:
     return seeds
 
 
-def stream_seeds() -> dict[str, bytes]:
+def stream_window() -> bytes:
+    """The source window the stream seeds are exported from: every third page zero."""
     window = bytearray(STREAM_WINDOW_PAGES * PAGE)
     for page in range(STREAM_WINDOW_PAGES):
         if page % 3:
             window[page * PAGE : (page + 1) * PAGE] = bytes([(page * 29 + i) & 0xFF for i in range(PAGE)])
+    return bytes(window)
+
+
+def stream_seeds() -> dict[str, bytes]:
+    window = stream_window()
     seeds: dict[str, bytes] = {}
     for pages in ([0], [1, 2, 3], [5, 0, 9, 4, 14, 15, 1, 2]):
-        stream = export_stream(bytes(window), pages)
+        stream = export_stream(window, pages)
         for control in (0x00, 0x01, 0x02, 0x08, 0x10, 0x20):
             seeds[f"stream-{len(pages)}p-c{control:02x}"] = bytes([control]) + stream
     return seeds

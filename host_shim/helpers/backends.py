@@ -91,6 +91,7 @@ class MailboxBackend:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.mailbox = mailbox
+        self.memory = memory  # the helper's own RAM (tests search it for key bytes)
         self.timeout = timeout
         base = mailbox_base + abi.load().const("OVMF_MH_MAILBOX_HEADER_SIZE")
         self._data = memoryview(memory)[base : base + data_size]

@@ -169,37 +169,10 @@ InternalMhStoreLe32 (
 }
 
 /**
-  S-box look-up that reads every entry, so the address pattern does not
-  depend on the secret index.
-
-  @param[in] Index  The S-box input.
-
-  @return S[Index].
-**/
-STATIC
-UINT32
-InternalMhSboxConstantTime (
-  IN UINT32  Index
-  )
-{
-  UINT32  Entry;
-  UINT32  Result;
-  UINT32  Mask;
-
-  Result = 0;
-  for (Entry = 0; Entry < 256; Entry++) {
-    //
-    // Mask is all ones when Entry == Index, else zero.
-    //
-    Mask    = 0U - ((((Entry ^ Index) & 0xFF) - 1U) >> 31);
-    Result |= (UINT32)mMhAesSbox[Entry] & Mask;
-  }
-
-  return Result;
-}
-
-/**
-  SubWord of the key schedule, constant time.
+  SubWord of the key schedule, constant time: one pass over the S-box that
+  reads every entry once and picks, for each of the four bytes at once, the
+  entry whose index equals that byte (SWAR byte compare, no branches), so
+  neither the address pattern nor the timing depends on the key.
 
   @param[in] Word  Four bytes, little-endian.
 
@@ -211,10 +184,27 @@ InternalMhSubWord (
   IN UINT32  Word
   )
 {
-  return InternalMhSboxConstantTime (Word & 0xFF) |
-         (InternalMhSboxConstantTime ((Word >> 8) & 0xFF) << 8) |
-         (InternalMhSboxConstantTime ((Word >> 16) & 0xFF) << 16) |
-         (InternalMhSboxConstantTime (Word >> 24) << 24);
+  UINT32  Entry;
+  UINT32  Difference;
+  UINT32  NonZero;
+  UINT32  Match;
+  UINT32  Result;
+
+  Result = 0;
+  for (Entry = 0; Entry < 256; Entry++) {
+    //
+    // A byte of Difference is zero exactly where Word's byte equals Entry.
+    // NonZero has 0x80 in every byte of Difference that is not zero (the
+    // 7-bit sum cannot carry into the next byte); Match is then 0xFF in the
+    // matching bytes and 0x00 elsewhere.
+    //
+    Difference = Word ^ (Entry * 0x01010101U);
+    NonZero    = (((Difference & 0x7F7F7F7FU) + 0x7F7F7F7FU) | Difference) & 0x80808080U;
+    Match      = ((NonZero >> 7) ^ 0x01010101U) * 0xFFU;
+    Result    |= ((UINT32)mMhAesSbox[Entry] * 0x01010101U) & Match;
+  }
+
+  return Result;
 }
 
 /**

@@ -252,7 +252,10 @@ InternalChain (
 }
 
 /**
-  Forget the session key.
+  Forget the session's keys: the session key and, when a tracked export
+  derived it, the page-hash key (with the hash of the zero page, which is a
+  value of it). CHECK_PAGES needs an exporting session, so nothing uses
+  either after the session ends.
 
   @param[in,out] Session  The session.
 **/
@@ -263,6 +266,11 @@ InternalEndSession (
 {
   MigrationHelperOcbWipe (&Session->Key);
   Session->KeyReady = FALSE;
+  if (Session->PageHashKeyReady) {
+    MigrationHelperSecureZero (Session->PageHashKey, sizeof (Session->PageHashKey));
+    MigrationHelperSecureZero (&Session->ZeroPageHash, sizeof (Session->ZeroPageHash));
+    Session->PageHashKeyReady = FALSE;
+  }
 }
 
 /**

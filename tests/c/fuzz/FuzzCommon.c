@@ -11,7 +11,25 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#if defined (__has_feature)
+  #if __has_feature (address_sanitizer)
+#define FUZZ_POISON  1
+  #endif
+#endif
+#if !defined (FUZZ_POISON) && defined (__SANITIZE_ADDRESS__)
+#define FUZZ_POISON  1
+#endif
+#ifdef FUZZ_POISON
+  #include <sanitizer/asan_interface.h>
+#endif
+
 #include "FuzzCommon.h"
+
+//
+// The checker's bulk comparison runs without sanitizer checks (its buffers
+// are the checker's own or mapped and unpoisoned), so that it vectorizes.
+//
+#define FUZZ_NO_SANITIZE  __attribute__ ((no_sanitize ("address", "undefined")))
 
 #define CHAIN_LABEL_TEXT  OVMF_MH_CHAIN_LABEL
 #define KDF_INFO_TEXT     OVMF_MH_KDF_INFO
@@ -498,6 +516,189 @@ InternalShadowEnd (
 }
 
 /**
+  Compare two buffers: a branch-free word loop, not instrumented, so that
+  the checker's comparisons of the data area and the window (the bulk of
+  its work) cost a pass over the bytes and nothing more. Callers compare
+  memory that is mapped and not poisoned.
+
+  @param[in] Left   Bytes.
+  @param[in] Right  Bytes.
+  @param[in] Size   Length of both.
+
+  @retval TRUE   Equal.
+**/
+STATIC
+FUZZ_NO_SANITIZE
+BOOLEAN
+InternalSame (
+  IN CONST UINT8  *Left,
+  IN CONST UINT8  *Right,
+  IN UINT64       Size
+  )
+{
+  UINT64  Difference;
+  UINT64  LeftWord;
+  UINT64  RightWord;
+  UINT64  Index;
+
+  Difference = 0;
+  for (Index = 0; Index + sizeof (UINT64) <= Size; Index += sizeof (UINT64)) {
+    __builtin_memcpy (&LeftWord, Left + Index, sizeof (LeftWord));
+    __builtin_memcpy (&RightWord, Right + Index, sizeof (RightWord));
+    Difference |= LeftWord ^ RightWord;
+  }
+
+  for ( ; Index < Size; Index++) {
+    Difference |= (UINT64)(Left[Index] ^ Right[Index]);
+  }
+
+  return (BOOLEAN)(Difference == 0);
+}
+
+/**
+  Make a region inaccessible (AddressSanitizer poison) while a command that
+  has no business with it runs, or accessible again.
+
+  @param[in] Buffer  The region.
+  @param[in] Size    Its size.
+  @param[in] Poison  TRUE: poison; FALSE: unpoison.
+
+  @retval TRUE   The region is poisoned (only with AddressSanitizer).
+**/
+STATIC
+BOOLEAN
+InternalPoison (
+  IN CONST VOID  *Buffer,
+  IN UINT64      Size,
+  IN BOOLEAN     Poison
+  )
+{
+ #ifdef FUZZ_POISON
+  if (Poison) {
+    __asan_poison_memory_region (Buffer, (size_t)Size);
+  } else {
+    __asan_unpoison_memory_region (Buffer, (size_t)Size);
+  }
+
+  return Poison;
+ #else
+  return FALSE;
+ #endif
+}
+
+VOID
+FuzzHostWroteData (
+  IN OUT FUZZ_HELPER  *Helper,
+  IN     UINT64       Offset,
+  IN     UINT64       Length
+  )
+{
+  UINT64       DataSize;
+  UINT64       Start;
+  UINT64       First;
+  CONST UINT8  *Data;
+
+  DataSize = Helper->Context.DataSize;
+  Data     = (CONST UINT8 *)Helper->Context.Data;
+  if (Length >= DataSize) {
+    memcpy (Helper->DataBefore, Data, DataSize);
+    return;
+  }
+
+  Start = Offset % DataSize;
+  First = (Length < DataSize - Start) ? Length : DataSize - Start;
+  memcpy (Helper->DataBefore + Start, Data + Start, First);
+  memcpy (Helper->DataBefore, Data, Length - First);
+}
+
+VOID
+FuzzHostWroteWindowByte (
+  IN OUT FUZZ_HELPER  *Helper,
+  IN     UINT64       Offset
+  )
+{
+  Helper->WindowExpected[Offset] = Helper->Window[Offset];
+}
+
+/**
+  Tell whether a command reads or writes the data area (has a span of it
+  among its arguments).
+
+  @param[in] Command  Command code.
+
+  @retval TRUE  It may access the data area.
+**/
+STATIC
+BOOLEAN
+InternalUsesData (
+  IN UINT32  Command
+  )
+{
+  switch (Command) {
+    case OVMF_MH_CMD_EXPORT_BEGIN:
+    case OVMF_MH_CMD_EXPORT_BATCH:
+    case OVMF_MH_CMD_EXPORT_END:
+    case OVMF_MH_CMD_IMPORT_BEGIN:
+    case OVMF_MH_CMD_IMPORT_BATCH:
+    case OVMF_MH_CMD_IMPORT_END:
+    case OVMF_MH_CMD_CHECK_PAGES:
+    case OVMF_MH_CMD_IMPORT_CHALLENGE:
+    case OVMF_MH_CMD_IMPORT_RECEIPT:
+    case OVMF_MH_CMD_IMPORT_COMMIT:
+      return TRUE;
+    default:
+      return FALSE;
+  }
+}
+
+/**
+  Tell whether a command reads or writes the guest window.
+
+  @param[in] Command  Command code.
+
+  @retval TRUE  It may access the window.
+**/
+STATIC
+BOOLEAN
+InternalUsesWindow (
+  IN UINT32  Command
+  )
+{
+  return (BOOLEAN)((Command == OVMF_MH_CMD_EXPORT_BATCH) || (Command == OVMF_MH_CMD_CHECK_PAGES) ||
+                   (Command == OVMF_MH_CMD_IMPORT_BATCH));
+}
+
+/**
+  No page-hash key outlives its export session: outside EXPORTING the
+  session holds none.
+
+  @param[in] Helper  The helper.
+  @param[in] Ended   The command ended an export session (or shut the
+                     helper down): also look at the key's bytes.
+**/
+STATIC
+VOID
+InternalCheckPageHashKey (
+  IN FUZZ_HELPER  *Helper,
+  IN BOOLEAN      Ended
+  )
+{
+  OVMF_MH_SESSION  *Session;
+
+  Session = InternalSession (&Helper->Context);
+  if (Session->State == OVMF_MH_SESSION_EXPORTING) {
+    return;
+  }
+
+  if (Session->PageHashKeyReady ||
+      (Ended && ((Session->ZeroPageHash != 0) ||
+                 !InternalSame ((CONST UINT8 *)Session->PageHashKey, mFuzzZeroPage, sizeof (Session->PageHashKey)))))
+  {
+    FuzzFail ("a page-hash key outlived its export session", Session->State);
+  }
+}
+
+/**
   Tell whether a span lies inside the data area (the checker's own test).
 **/
 STATIC
@@ -529,6 +730,9 @@ FuzzCall (
   UINT64                           DataSize;
   UINT32                           Status;
   CONST UINT8                      *Data;
+  BOOLEAN                          DataPoisoned;
+  BOOLEAN                          WindowPoisoned;
+  BOOLEAN                          Refused;
 
   Header   = Helper->Context.Header;
   Session  = InternalSession (&Helper->Context);
@@ -538,8 +742,9 @@ FuzzCall (
   //
   // DataBefore and WindowExpected hold the data area and the window as they
   // were after the last command (the checks below prove them equal then, and
-  // the output span is copied over); they are taken afresh only when the
-  // harness wrote since, or does not say when it writes.
+  // the output span is copied over; the harness reports its own writes with
+  // FuzzHostWrote*); they are taken afresh only when the harness wrote
+  // without saying where, or does not report its writes at all.
   //
   if (!Helper->HostMarksWrites || Helper->DataStale) {
     memcpy (Helper->DataBefore, Data, DataSize);
@@ -555,9 +760,19 @@ FuzzCall (
   }
 
   Header->CommandSeq = ++Helper->Seq;
+  //
+  // A region the command has no business with is poisoned while it runs:
+  // any read or write of it is an AddressSanitizer crash, which proves it
+  // unchanged without comparing it afterwards.
+  //
+  DataPoisoned   = InternalPoison (Data, DataSize, (BOOLEAN)!InternalUsesData (Command));
+  WindowPoisoned = InternalPoison (Helper->Window, Helper->WindowSize, (BOOLEAN)!InternalUsesWindow (Command));
   if (!MigrationHelperServeOne (&Helper->Context) || (Header->ResponseSeq != Helper->Seq)) {
     FuzzFail ("command not served", Command);
   }
+
+  InternalPoison (Data, DataSize, FALSE);
+  InternalPoison (Helper->Window, Helper->WindowSize, FALSE);
 
   Status = Header->Status;
   for (Index = 0; Index < OVMF_MH_RESULT_COUNT; Index++) {
@@ -597,12 +812,13 @@ FuzzCall (
   //
   // A refused command changes nothing at all.
   //
-  if (InternalRefused (Command, Status)) {
+  Refused = InternalRefused (Command, Status);
+  if (Refused) {
     if (memcmp (&Before, &After, sizeof (Before)) != 0) {
       FuzzFail ("a refused command changed the session", Command);
     }
 
-    if (memcmp (Helper->DataBefore, Data, DataSize) != 0) {
+    if (!DataPoisoned && !InternalSame (Helper->DataBefore, Data, DataSize)) {
       FuzzFail ("a refused command wrote the data area", Command);
     }
   }
@@ -645,8 +861,13 @@ FuzzCall (
     OutEnd = DataSize;
   }
 
-  if ((memcmp (Helper->DataBefore, Data, OutStart) != 0) ||
-      (memcmp (Helper->DataBefore + OutEnd, Data + OutEnd, DataSize - OutEnd) != 0))
+  //
+  // (A refused command was compared whole above; a poisoned data area
+  // cannot have been written.)
+  //
+  if (!DataPoisoned && !Refused &&
+      (!InternalSame (Helper->DataBefore, Data, OutStart) ||
+       !InternalSame (Helper->DataBefore + OutEnd, Data + OutEnd, DataSize - OutEnd)))
   {
     FuzzFail ("data area written outside the output span", Command);
   }
@@ -665,10 +886,10 @@ FuzzCall (
       FuzzFail ("IMPORT_BATCH succeeded without applying every byte", Index);
     }
 
-    if (memcmp (Helper->WindowExpected, Helper->Window, Helper->WindowSize) != 0) {
+    if (!InternalSame (Helper->WindowExpected, Helper->Window, Helper->WindowSize)) {
       FuzzFail ("guest window holds a byte no authenticated record carried", Result[0]);
     }
-  } else if (memcmp (Helper->WindowExpected, Helper->Window, Helper->WindowSize) != 0) {
+  } else if (!WindowPoisoned && !InternalSame (Helper->WindowExpected, Helper->Window, Helper->WindowSize)) {
     FuzzFail ("guest window written by a command other than IMPORT_BATCH", Command);
   }
 
@@ -715,6 +936,11 @@ FuzzCall (
 
     Helper->ShutDown = TRUE;
   }
+
+  InternalCheckPageHashKey (
+    Helper,
+    (BOOLEAN)((Command == OVMF_MH_CMD_SHUTDOWN) || (Before.State == OVMF_MH_SESSION_EXPORTING))
+    );
 
   //
   // Everything outside the output span was proven unchanged, the window

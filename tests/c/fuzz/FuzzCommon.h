@@ -63,9 +63,9 @@ typedef struct {
   BOOLEAN                   ShutDown;         ///< SHUTDOWN served; the VM would be off
   UINT8                     *DataBefore;      ///< The data area before the command being checked
   UINT8                     *WindowExpected;  ///< The window before the command, then as it must be after
-  BOOLEAN                   HostMarksWrites;  ///< The harness sets DataStale/WindowStale whenever it writes
-  BOOLEAN                   DataStale;        ///< The data area was written since the last command
-  BOOLEAN                   WindowStale;      ///< The window was written since the last command
+  BOOLEAN                   HostMarksWrites;  ///< The harness reports every write (FuzzHostWrote*, or the Stale flags)
+  BOOLEAN                   DataStale;        ///< The data area was written since the last command, where unknown
+  BOOLEAN                   WindowStale;      ///< The window was written since the last command, where unknown
   BOOLEAN                   ShadowOpen;       ///< Checker holds the import session key
   OVMF_MH_OCB_KEY           ShadowKey;
   UINT8                     ShadowSessionId[OVMF_MH_SESSION_ID_SIZE];
@@ -144,6 +144,35 @@ FuzzResetHelper (
   );
 
 /**
+  The harness wrote Length bytes of the data area at Offset (wrapping at
+  its end) since the last command: the checker's copy takes them over. A
+  write the harness does not report makes the next command's check fail.
+
+  @param[in,out] Helper  The helper.
+  @param[in]     Offset  Offset into the data area.
+  @param[in]     Length  Bytes written.
+**/
+VOID
+FuzzHostWroteData (
+  IN OUT FUZZ_HELPER  *Helper,
+  IN     UINT64       Offset,
+  IN     UINT64       Length
+  );
+
+/**
+  The harness wrote one byte of the guest window at Offset since the last
+  command: the checker's copy takes it over.
+
+  @param[in,out] Helper  The helper.
+  @param[in]     Offset  Offset into the window.
+**/
+VOID
+FuzzHostWroteWindowByte (
+  IN OUT FUZZ_HELPER  *Helper,
+  IN     UINT64       Offset
+  );
+
+/**
   Post a command, serve it and check the invariants:
 
   - the status is one the ABI defines, the published session state is the
@@ -156,7 +185,14 @@ FuzzResetHelper (
     plaintext of records that authenticate under the checker's own copy of
     the session key, in sequence (no unauthenticated byte in the window);
   - an import completes only when the checker verified the end record;
-  - SHUTDOWN leaves no key behind.
+  - SHUTDOWN leaves no key behind, and no page-hash key outlives the
+    export session that derived it.
+
+  With AddressSanitizer, a region the command has no business with (the
+  data area for commands without arguments in it, the window for commands
+  other than EXPORT_BATCH, CHECK_PAGES and IMPORT_BATCH) is poisoned while
+  the command runs, so that any access to it is a crash; that replaces the
+  comparison of that region after the command.
 
   @param[in,out] Helper   The helper.
   @param[in]     Command  Command code.

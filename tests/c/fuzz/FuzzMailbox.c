@@ -8,8 +8,10 @@
   operation byte: bit 7 picks the helper (0 source, 1 target), the low four
   bits the operation:
 
-    0..10  the command of that code, then four argument encodings
-    11     a raw 32-bit command code, then four argument encodings
+    0..10  the command of that code, then OVMF_MH_ARG_COUNT (6) argument
+           encodings
+    11     a raw 32-bit command code, then OVMF_MH_ARG_COUNT argument
+           encodings
     12     write bytes into the data area: u16 offset, u8 length, bytes
     13     write a page list: u16 offset, u8 count, then per page one byte
            (bits 0..2 a page, bits 3..7 below 16 nothing more, else a
@@ -218,7 +220,7 @@ LLVMFuzzerTestOneInput (
           Target[(Offset + Index) % DATA_SIZE] = (UINT8)HarnessTake (&Input, 1);
         }
 
-        Helper->DataStale = TRUE;
+        FuzzHostWroteData (Helper, Offset, Length);
 
         break;
 
@@ -231,7 +233,7 @@ LLVMFuzzerTestOneInput (
           memcpy (Target + (Offset + Index * 8) % DATA_SIZE, &Page, sizeof (Page));
         }
 
-        Helper->DataStale = TRUE;
+        FuzzHostWroteData (Helper, Offset, Length * 8);
 
         break;
 
@@ -241,8 +243,8 @@ LLVMFuzzerTestOneInput (
         Length = HarnessTake (&Input, 2);
         if ((From + Length <= DATA_SIZE) && (Offset + Length <= DATA_SIZE)) {
           memcpy ((UINT8 *)mHelpers[1 - Which].Context.Data + Offset, Target + From, Length);
-          mDirty[1 - Which]               = TRUE;
-          mHelpers[1 - Which].DataStale = TRUE;
+          mDirty[1 - Which] = TRUE;
+          FuzzHostWroteData (&mHelpers[1 - Which], Offset, Length);
         }
 
         break;
@@ -250,7 +252,7 @@ LLVMFuzzerTestOneInput (
       case 15:
         Offset = (HarnessTake (&Input, 1) % WINDOW_PAGES) * FUZZ_PAGE + (HarnessTake (&Input, 2) % FUZZ_PAGE);
         Helper->Window[Offset] = (UINT8)HarnessTake (&Input, 1);
-        Helper->WindowStale    = TRUE;
+        FuzzHostWroteWindowByte (Helper, Offset);
         break;
 
       default:
