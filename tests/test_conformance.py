@@ -1621,8 +1621,8 @@ def test_zero_range_keeps_a_sparse_target_sparse(tmp_path: Path, implementation:
     in a range is zeroed (its block stays allocated, holding zeros)."""
     stream = _zero_range_stream(ReferenceEndpoint(SPEC))
     ram = tmp_path / "target.ram"
-    with ram.open("wb") as f:
-        f.truncate(SPEC.window_size)
+    with ram.open("wb") as new:
+        new.truncate(SPEC.window_size)
     stale = RANGES[1][0] + 7 * PAGE
     with ram.open("r+b") as f, mmap.mmap(f.fileno(), SPEC.window_size) as window:
         window[stale : stale + PAGE] = b"\x01" * PAGE
