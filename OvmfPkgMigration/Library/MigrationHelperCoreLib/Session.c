@@ -916,6 +916,7 @@ InternalExportZeroRanges (
   UINT64                      Number;
   UINT64                      Written;
   UINT64                      Pages;
+  UINT64                      Offset;
   UINT32                      Status;
 
   Session = InternalSession (Context);
@@ -946,7 +947,12 @@ InternalExportZeroRanges (
       return OVMF_MH_STATUS_INVALID_PARAMETER;
     }
 
-    Status = InternalZeroRangePlace (Context, Ranges[Index].GuestOffset, Ranges[Index].PageCount, &Session->StreamHeader);
+    Status = InternalZeroRangePlace (
+               Context,
+               Ranges[Index].GuestOffset,
+               Ranges[Index].PageCount,
+               &Session->StreamHeader
+               );
     if (Status != OVMF_MH_STATUS_SUCCESS) {
       return Status;
     }
@@ -968,8 +974,9 @@ InternalExportZeroRanges (
   //
   for (Index = 0; Index < Count; Index++) {
     for (Page = 0; Page < Ranges[Index].PageCount; Page++) {
-      if (!InternalIsZero ((CONST UINT8 *)(Context->GuestWindow + Ranges[Index].GuestOffset + Page * OVMF_MH_PAGE_SIZE), OVMF_MH_PAGE_SIZE)) {
-        Result[0] = Ranges[Index].GuestOffset + Page * OVMF_MH_PAGE_SIZE;
+      Offset = Ranges[Index].GuestOffset + Page * OVMF_MH_PAGE_SIZE;
+      if (!InternalIsZero ((CONST UINT8 *)(Context->GuestWindow + Offset), OVMF_MH_PAGE_SIZE)) {
+        Result[0] = Offset;
         return OVMF_MH_STATUS_NOT_ZERO;
       }
     }
@@ -1050,7 +1057,12 @@ InternalApplyZeroRange (
     return OVMF_MH_STATUS_BAD_RECORD;
   }
 
-  Status = InternalZeroRangePlace (Context, Record->GuestOffset, Payload.PageCount, &InternalSession (Context)->StreamHeader);
+  Status = InternalZeroRangePlace (
+             Context,
+             Record->GuestOffset,
+             Payload.PageCount,
+             &InternalSession (Context)->StreamHeader
+             );
   if (Status != OVMF_MH_STATUS_SUCCESS) {
     return Status;
   }
