@@ -49,6 +49,10 @@ Order of the checks, for every command (the first failing check answers):
 6. IMPORT_*: the stream checks of docs/stream-format.md in its order, record
    by record; records before the failing one stay applied. IMPORT_BATCH also
    refuses a record after MaxBatchPages records with BATCH_TOO_LARGE.
+   A ZERO_RANGE record (ABI 2.1), after its tag: BAD_RECORD (PageCount 0),
+   BAD_PAGE (the range leaves the window), RANGE_OUTSIDE_SHARD (not inside
+   one shard block of the header's shard); IMPORT_BATCH's Result[3] and
+   Result[4] count the ZERO_RANGE records applied and their pages.
    IMPORT_BEGIN, once the header authenticated: GUEST_SIZE_MISMATCH,
    WRONG_SHARD, UNBOUND_STREAM, NONCE_MISMATCH (Result[0] = the header's
    GuestSize); IMPORT_COMMIT, receipt by receipt: WRONG_SHARD,
