@@ -921,9 +921,14 @@ def data_pages(path: Path) -> list[int]:
     return found
 
 
-#: Data pages of the sparse test guest (2048 pages, 4 shard blocks): runs,
-#: single pages, the first and the last page; everything else a hole.
-SPARSE_DATA = [0, 1, 2, 100, 511, 512, 700, 701, 1500, 2047]
+#: Data pages of the sparse test guest (2048 pages, 4 shard blocks of 2 MiB):
+#: runs, single pages, the first and the last page; block 2 holds none;
+#: everything else a hole.
+SPARSE_DATA = [0, 1, 2, 100, 511, 512, 700, 701, 2047]
+#: Pages per 2 MiB: under QEMU on this kernel one page written through a
+#: helper VM's RAM mapping allocates the file's whole 2 MiB folio, whatever
+#: the helper writes (an import of a single page does it too).
+FOLIO_PAGES = 512
 
 
 def _export_json(work: Path, key: Path, src: Path, helper: str, helpers: int, name: str,
@@ -964,7 +969,11 @@ def test_sparse_guest_goes_as_zero_ranges(
         assert digest(dst) == digest(src)
         if name == "ranged.omh":
             assert imported["zero_range_pages"] == 2048 - len(SPARSE_DATA)
-            assert data_pages(dst) == SPARSE_DATA, "zero ranges wrote pages that were zero already"
+            written = data_pages(dst)
+            if helper == "firmware":
+                assert {p // FOLIO_PAGES for p in written} == {p // FOLIO_PAGES for p in SPARSE_DATA}, written
+            else:
+                assert written == SPARSE_DATA, "zero ranges wrote pages that were zero already"
 
 
 def _zero_range_frames(frames: list[tuple[int, int, bytes]]) -> list[int]:
