@@ -680,7 +680,11 @@ def test_nop_and_query(endpoint: Endpoint) -> None:
     assert max_batch == MAX_BATCH
 
 
-@pytest.mark.parametrize("code", [14, 0x100, 0xFFFF, 0xFFFFFFFF])
+#: The first code after the last command HelperAbi.h defines.
+FIRST_UNKNOWN = max(v for k, v in A.constants.items() if k.startswith("OVMF_MH_CMD_")) + 1
+
+
+@pytest.mark.parametrize("code", [FIRST_UNKNOWN, 0x100, 0xFFFF, 0xFFFFFFFF])
 def test_unknown_command(endpoint: Endpoint, code: int) -> None:
     assert expect(endpoint, "UNSUPPORTED", code, 1, 2, 3) == (0,) * 6
     ok(endpoint, "NOP")

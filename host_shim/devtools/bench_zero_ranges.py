@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -64,16 +65,17 @@ def bench_zero_ranges(image: Path, work: Path, *, sizes: list[int], rounds: int 
                 with out.open("wb") as sink:
                     summary = export_ram(ram, key, sink, kind="firmware", helpers=helpers, firmware=image,
                                          work_dir=work / f"export-{guest_mib}-{mode}-{round_number}",
-                                         progress=False, zero_ranges=mode == "ranges")
+                                         progress=False, zero_ranges=mode == "ranges", mailbox_timeout=60.0)
                 runs[mode].append({"seconds": summary.transfer_seconds, "total_seconds": summary.seconds,
                                    "stream_bytes": summary.stream_bytes,
                                    "zero_range_pages": summary.zero_range_pages,
                                    "zero_pages": summary.zero_pages})
+                print(f"{guest_mib} MiB, round {round_number}, {mode}: {runs[mode][-1]}", file=sys.stderr, flush=True)
         # The fast path must also be right: import it and compare.
         dst = work / f"{guest_mib}-imported.ram"
         with (work / f"{guest_mib}-ranges.omh").open("rb") as source:
             imported = import_ram(dst, key, source, kind="firmware", firmware=image,
-                                  work_dir=work / f"import-{guest_mib}", progress=False)
+                                  work_dir=work / f"import-{guest_mib}", progress=False, mailbox_timeout=60.0)
         if _digest(dst) != _digest(ram):
             raise TransferError(f"{guest_mib} MiB: the imported RAM file differs from the source")
         best = {mode: min(runs[mode], key=lambda r: r["seconds"]) for mode in runs}

@@ -64,6 +64,13 @@ PAGE_PRIVATE = 0
 PAGE_SHARED = 1
 PAGE_EXCLUDED = 2
 
+#: Pages one EXPORT_ZERO_RANGES call may cover (32 MiB): the source helper
+#: reads every byte of them and the target helper every byte again in one
+#: IMPORT_BATCH, so a call must stay well inside the mailbox timeout under
+#: TCG (a full list of 256 whole blocks, 512 MiB, took over 10 s on a
+#: loaded machine).
+ZERO_RANGE_PAGES_PER_CALL = 8192
+
 #: Page numbers, as the hot loop uses them: no Python work per page.
 PageNumbers = npt.NDArray[np.uint64]
 
@@ -215,6 +222,22 @@ def _call(backend: Backend, command: str, *args: int) -> tuple[int, ...]:
                     "another key (check --key on both sides), else the stream is damaged")
         raise MailboxError(f"{who} refused {command}{hint}", command=command, status=status, status_name=name)
     return results
+
+
+def _calls(counts: npt.NDArray[np.uint64], max_ranges: int, max_pages: int) -> list[tuple[int, int]]:
+    """Split runs of ``counts`` pages into calls of at most ``max_ranges``
+    runs and (unless one run alone is larger) ``max_pages`` pages:
+    (start, stop) index pairs."""
+    calls: list[tuple[int, int]] = []
+    start, pages = 0, 0
+    for index, count in enumerate(counts.tolist()):
+        if index > start and (index - start == max_ranges or pages + count > max_pages):
+            calls.append((start, index))
+            start, pages = index, 0
+        pages += count
+    if start < len(counts):
+        calls.append((start, len(counts)))
+    return calls
 
 
 class _Failure:
@@ -549,9 +572,9 @@ class Exporter:
         data = backend.data
         covered = size = 0
         refused: list[PageNumbers] = [np.empty(0, dtype=np.uint64)]
-        for start in range(0, len(firsts), self._max_ranges):
+        for start, stop in _calls(counts, self._max_ranges, ZERO_RANGE_PAGES_PER_CALL):
             self._failure.raise_if_set()
-            first, count = firsts[start : start + self._max_ranges], counts[start : start + self._max_ranges]
+            first, count = firsts[start:stop], counts[start:stop]
             entries = np.empty((len(first), 2), dtype="<u8")
             entries[:, 0] = first * np.uint64(self.page)
             entries[:, 1] = count
