@@ -37,11 +37,22 @@ Order of the checks, for every command (the first failing check answers):
    ShardCount receipts (INVALID_PARAMETER);
    CHECK_PAGES: an export session that was not begun with TRACK_PAGES
    answers BAD_STATE at step 3;
+   EXPORT_ZERO_RANGES (ABI 2.1): count > MAX_ZERO_RANGES (BATCH_TOO_LARGE),
+   the range list and the output range (OUT_OF_BOUNDS), then entry by
+   entry: PageCount 0 (INVALID_PARAMETER), misaligned or leaving the window
+   (BAD_PAGE), not inside one shard block of this stream's shard
+   (RANGE_OUTSIDE_SHARD); then capacity for ``count`` ZERO_RANGE records
+   (BUFFER_TOO_SMALL); then every byte of every range is read: NOT_ZERO
+   with Result[0] = the guest offset of the first page that is not zero;
    IMPORT_*: the input range (OUT_OF_BOUNDS), then (IMPORT_BATCH) size above
    MaxBatchPages full PAGE records (BATCH_TOO_LARGE);
 6. IMPORT_*: the stream checks of docs/stream-format.md in its order, record
    by record; records before the failing one stay applied. IMPORT_BATCH also
    refuses a record after MaxBatchPages records with BATCH_TOO_LARGE.
+   A ZERO_RANGE record (ABI 2.1), after its tag: BAD_RECORD (PageCount 0),
+   BAD_PAGE (the range leaves the window), RANGE_OUTSIDE_SHARD (not inside
+   one shard block of the header's shard); IMPORT_BATCH's Result[3] and
+   Result[4] count the ZERO_RANGE records applied and their pages.
    IMPORT_BEGIN, once the header authenticated: GUEST_SIZE_MISMATCH,
    WRONG_SHARD, UNBOUND_STREAM, NONCE_MISMATCH (Result[0] = the header's
    GuestSize); IMPORT_COMMIT, receipt by receipt: WRONG_SHARD,
@@ -167,7 +178,13 @@ class SealedPages:
 
     def record(self, offsets: Sequence[int]) -> None:
         for offset in offsets:
-            self.sent[offset // s.PAGE_SIZE] = 1
+            self.sent[offset // s.PAGE_SIZE] = _SEALED_COPY
+
+    def record_zero(self, offset: int, pages: int) -> None:
+        """A ZERO_RANGE sealed these pages as zero: no copy, like the
+        firmware's shared hash of the zero page."""
+        first = offset // s.PAGE_SIZE
+        self.sent[first : first + pages] = bytes([_SEALED_ZERO]) * pages
 
     def changed(self, offsets: Sequence[int], window: memoryview) -> list[int]:
         """1 per page whose current content is not what was last sealed."""
@@ -176,6 +193,8 @@ class SealedPages:
             number = offset // s.PAGE_SIZE
             if number >= self.tracked or not self.sent[number]:
                 flags.append(1)
+            elif self.sent[number] == _SEALED_ZERO:
+                flags.append(int(not s.is_zero(window[offset : offset + s.PAGE_SIZE])))
             else:
                 chunk = self.chunks[offset // s.SNAPSHOT_CHUNK_SIZE]
                 current = window[offset : offset + s.PAGE_SIZE]
@@ -185,12 +204,16 @@ class SealedPages:
 
 #: Placeholder of a snapshot chunk no page of which was sealed yet.
 _UNSEALED = bytearray()
+#: SealedPages.sent: the page's snapshot holds what was sealed; it was sealed in a ZERO_RANGE.
+_SEALED_COPY = 1
+_SEALED_ZERO = 2
 
 
 @dataclass
 class _Export:
     writer: s.StreamWriter
     sealed: SealedPages | None  # None: not tracked (no TRACK_PAGES)
+    shard: tuple[int, int]  # (ShardIndex, ShardCount) of the header: where zero ranges may lie
 
 
 @dataclass
@@ -261,6 +284,7 @@ class ReferenceHelper:
             CMD["IMPORT_CHALLENGE"]: self._import_challenge,
             CMD["IMPORT_RECEIPT"]: self._import_receipt,
             CMD["IMPORT_COMMIT"]: self._import_commit,
+            CMD["EXPORT_ZERO_RANGES"]: self._export_zero_ranges,
         }
 
     # --- public view ---------------------------------------------------------
@@ -276,7 +300,7 @@ class ReferenceHelper:
     @property
     def capabilities(self) -> int:
         caps = 0
-        for name in ("QUERY", "SHUTDOWN", "EXPORT", "IMPORT", "CHECK_PAGES", "BINDING"):
+        for name in ("QUERY", "SHUTDOWN", "EXPORT", "IMPORT", "CHECK_PAGES", "BINDING", "ZERO_RANGES"):
             caps |= _A.const(f"OVMF_MH_CAP_{name}")
         if self.key_loaded:
             caps |= _A.const("OVMF_MH_CAP_KEY_LOADED")
@@ -377,7 +401,7 @@ class ReferenceHelper:
         writer = s.StreamWriter(key, salt, len(self.window), binding)
         out[: len(writer.header)] = writer.header
         tracked = SealedPages(len(self.window) // s.PAGE_SIZE) if flags & EXPORT_TRACK_PAGES else None
-        self._session = _Export(writer, tracked)
+        self._session = _Export(writer, tracked, (shard_index, shard_count))
         self._state = SESSION["EXPORTING"]
         return (len(writer.header),)
 
@@ -400,6 +424,41 @@ class ReferenceHelper:
         if session.sealed is not None:
             session.sealed.record(offsets)
         return written, count, zero_pages
+
+    def _export_zero_ranges(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        """The host's claim that runs of pages are empty, checked byte by
+        byte; one ZERO_RANGE record per run, or a refusal that changes nothing."""
+        list_offset, count, out_offset, capacity = args[:4]
+        self._require_state("EXPORTING")
+        if count > s.MAX_ZERO_RANGES:
+            raise _refuse("BATCH_TOO_LARGE")
+        entries = bytes(self._region(list_offset, count * s.ZERO_RANGE_ENTRY.size))  # private copy
+        out = self._region(out_offset, capacity)
+        words = struct.unpack(f"<{2 * count}Q", entries)
+        ranges = list(zip(words[0::2], words[1::2], strict=True))
+        session = self._export_session()
+        for offset, pages in ranges:
+            if pages == 0:
+                raise _refuse("INVALID_PARAMETER")
+            refusal = s.zero_range_place(offset, pages, len(self.window), *session.shard)
+            if refusal is not None:
+                raise _refuse(refusal)
+        if capacity < count * s.ZERO_RANGE_RECORD_SIZE:
+            raise _refuse("BUFFER_TOO_SMALL")
+        for offset, pages in ranges:
+            end = offset + pages * s.PAGE_SIZE
+            if not s.is_zero(self.window[offset:end]):
+                first = next(o for o in range(offset, end, s.PAGE_SIZE)
+                             if not s.is_zero(self.window[o : o + s.PAGE_SIZE]))
+                raise _Refused(STATUS["NOT_ZERO"], (first,))
+        pos = 0
+        for offset, pages in ranges:
+            record = session.writer.zero_range_record(offset, pages)
+            out[pos : pos + len(record)] = record
+            pos += len(record)
+            if session.sealed is not None:
+                session.sealed.record_zero(offset, pages)
+        return pos, count, sum(pages for _, pages in ranges)
 
     def _check_pages(self, args: tuple[int, ...]) -> tuple[int, ...]:
         list_offset, count, out_offset = args[:3]
@@ -556,10 +615,11 @@ class ReferenceHelper:
             self._import_buffer = memoryview(bytearray(MAX_IMPORT_BATCH_SIZE))
         batch = self._import_buffer[:size]
         batch[:] = source  # private copy before any check
-        applied, pages, error = self._import_verifier().apply_records(batch, self.window, MAX_BATCH_PAGES)
+        verifier = self._import_verifier()
+        applied, pages, error, ranges, range_pages = verifier.apply_records(batch, self.window, MAX_BATCH_PAGES)
         if error is not None:
-            raise self._import_failed(error, applied, pages)
-        return applied, pages
+            raise self._import_failed(error, applied, pages, ranges, range_pages)
+        return applied, pages, 0, ranges, range_pages
 
     def _import_end(self, args: tuple[int, ...]) -> tuple[int, ...]:
         in_offset, size = args[0], args[1]
@@ -577,12 +637,13 @@ class ReferenceHelper:
         self._imported = _Imported(binding, count, verifier.chain_digest)
         return (count,)
 
-    def _import_failed(self, error: s.VerifyError, applied: int, pages: int) -> _Refused:
+    def _import_failed(self, error: s.VerifyError, applied: int, pages: int, ranges: int,
+                       range_pages: int) -> _Refused:
         """End the import FAILED; Result[2] is the failing record's Sequence
         field, or the expected sequence when its header was not whole."""
         failing = self._import_verifier().next_sequence if error.sequence is None else error.sequence
         self._end_session("FAILED")
-        return _Refused(error.status, (applied, pages, failing))
+        return _Refused(error.status, (applied, pages, failing, ranges, range_pages))
 
     def _import_verifier(self) -> s.StreamVerifier:
         return self._import_session().verifier

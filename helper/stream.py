@@ -63,10 +63,16 @@ BINDING_SIZE = _A.const("OVMF_MH_STREAM_BINDING_SIZE")
 RECORD_PAGE = _A.const("OVMF_MH_RECORD_PAGE")
 RECORD_ZERO = _A.const("OVMF_MH_RECORD_ZERO")
 RECORD_END = _A.const("OVMF_MH_RECORD_END")
+RECORD_ZERO_RANGE = _A.const("OVMF_MH_RECORD_ZERO_RANGE")
+#: Page P belongs to shard (P // SHARD_BLOCK_PAGES) % ShardCount; a ZERO_RANGE stays in one block.
+SHARD_BLOCK_PAGES = _A.const("OVMF_MH_SHARD_BLOCK_PAGES")
+MAX_ZERO_RANGES = _A.const("OVMF_MH_MAX_ZERO_RANGES")
 
 STREAM_HEADER = _A.layout("OVMF_MH_STREAM_HEADER")
 RECORD_HEADER = _A.layout("OVMF_MH_RECORD_HEADER")
 END_PAYLOAD = _A.layout("OVMF_MH_END_PAYLOAD")
+ZERO_RANGE_PAYLOAD = _A.layout("OVMF_MH_ZERO_RANGE_PAYLOAD")
+ZERO_RANGE_ENTRY = _A.layout("OVMF_MH_ZERO_RANGE_ENTRY")
 RECEIPT = _A.layout("OVMF_MH_RECEIPT")
 RECEIPT_SIZE = RECEIPT.size
 #: Bytes of a receipt covered by its MAC (everything before ``Mac``).
@@ -79,10 +85,19 @@ END_PAYLOAD_SIZE = END_PAYLOAD.size
 STREAM_HEADER_AD_SIZE = STREAM_HEADER.offset("Tag")
 
 #: PayloadSize each record type must carry.
-PAYLOAD_SIZES: dict[int, int] = {RECORD_PAGE: PAGE_SIZE, RECORD_ZERO: 0, RECORD_END: END_PAYLOAD_SIZE}
+PAYLOAD_SIZES: dict[int, int] = {
+    RECORD_PAGE: PAGE_SIZE,
+    RECORD_ZERO: 0,
+    RECORD_END: END_PAYLOAD_SIZE,
+    RECORD_ZERO_RANGE: ZERO_RANGE_PAYLOAD.size,
+}
 PAGE_RECORD_SIZE = RECORD_HEADER_SIZE + PAGE_SIZE + TAG_SIZE
 ZERO_RECORD_SIZE = RECORD_HEADER_SIZE + TAG_SIZE
 END_RECORD_SIZE = RECORD_HEADER_SIZE + END_PAYLOAD_SIZE + TAG_SIZE
+ZERO_RANGE_RECORD_SIZE = RECORD_HEADER_SIZE + ZERO_RANGE_PAYLOAD.size + TAG_SIZE
+_ZERO_RANGE_COUNT = struct.Struct("<Q")  # OVMF_MH_ZERO_RANGE_PAYLOAD: PageCount
+if ZERO_RANGE_PAYLOAD.size != _ZERO_RANGE_COUNT.size or ZERO_RANGE_ENTRY.size != 16:
+    raise ImportError("OVMF_MH_ZERO_RANGE_* changed; update helper/stream.py")
 
 # The two labels of docs/stream-format.md ("Key schedule", "End payload").
 KDF_INFO = abi.load().strings["OVMF_MH_KDF_INFO"].encode()
@@ -265,6 +280,45 @@ def receipt_mac(transport_key: Bytes, receipt: Receipt) -> bytes:
 def nonce(sequence: int) -> bytes:
     """``00 00 00 00 || UINT64_LE(sequence)``: sequence 0 is the stream header."""
     return _NONCE.pack(sequence)
+
+
+# --- zero ranges --------------------------------------------------------------
+
+
+def zero_range_place(guest_offset: int, page_count: int, window_size: int, shard_index: int,
+                     shard_count: int) -> str | None:
+    """Why a zero range of ``page_count`` >= 1 pages at ``guest_offset`` may
+    not be sealed or applied by shard ``shard_index`` of ``shard_count``
+    (a status name), or None: BAD_PAGE when it is misaligned or leaves the
+    window, RANGE_OUTSIDE_SHARD when it is not inside one shard block of
+    that shard (docs/stream-format.md, "Zero ranges")."""
+    if guest_offset % PAGE_SIZE or guest_offset >= window_size or page_count > (
+        window_size - guest_offset
+    ) // PAGE_SIZE:
+        return "BAD_PAGE"
+    first = guest_offset // PAGE_SIZE
+    if (
+        page_count > SHARD_BLOCK_PAGES
+        or first % SHARD_BLOCK_PAGES + page_count > SHARD_BLOCK_PAGES
+        or shard_count == 0
+        or (first // SHARD_BLOCK_PAGES) % shard_count != shard_index
+    ):
+        return "RANGE_OUTSIDE_SHARD"
+    return None
+
+
+def zero_ranges(pages: Sequence[int], shard_block_pages: int = SHARD_BLOCK_PAGES) -> list[tuple[int, int]]:
+    """Ascending page numbers as (first page, count) runs, each inside one
+    shard block: the ranges EXPORT_ZERO_RANGES takes (in pages, not bytes)."""
+    runs: list[tuple[int, int]] = []
+    for number in pages:
+        if runs:
+            first, count = runs[-1]
+            if number == first + count and number // shard_block_pages == first // shard_block_pages:
+                runs[-1] = (first, count + 1)
+                continue
+        runs.append((number, 1))
+    return runs
 
 
 # --- chain digest -------------------------------------------------------------
@@ -618,6 +672,17 @@ class StreamWriter:
             first_words.release()
         return pos, zeros
 
+    def zero_range_record(self, guest_offset: int, page_count: int) -> bytes:
+        """One ZERO_RANGE record: ``page_count`` pages from ``guest_offset``
+        are all zero. The caller has checked the range (placement and that
+        every byte is zero); the record is numbered and chained like a page's."""
+        payload = _ZERO_RANGE_COUNT.pack(page_count)
+        record = self.cipher.seal_record(RECORD_ZERO_RANGE, self.next_sequence, guest_offset, payload)
+        self._chain.update(record_tag(record))
+        self.next_sequence += 1
+        self.record_count += 1
+        return record
+
     def end_record(self) -> bytes:
         payload = EndPayload(self.record_count, self._chain.digest()).pack()
         return self.cipher.seal_record(RECORD_END, self.next_sequence, 0, payload)
@@ -628,11 +693,14 @@ class StreamWriter:
 
 @dataclass(frozen=True)
 class OpenedRecord:
-    """A verified PAGE or ZERO record: where it goes and what (None: zeros)."""
+    """A verified PAGE, ZERO or ZERO_RANGE record: where it goes and what
+    (None: zeros), and how many pages from there (ZERO_RANGE: PageCount)."""
 
     sequence: int
     guest_offset: int
     page: bytes | None
+    pages: int = 1
+    zero_range: bool = False
 
 
 class StreamVerifier:
@@ -646,9 +714,11 @@ class StreamVerifier:
     its output before it checks the tag) and copies it to the window after.
     """
 
-    def __init__(self, cipher: StreamCipher, window_size: int) -> None:
+    def __init__(self, cipher: StreamCipher, window_size: int, shard: tuple[int, int] = (0, 1)) -> None:
         self.cipher = cipher
         self.window_size = window_size
+        #: (ShardIndex, ShardCount) of the verified header: where ZERO_RANGE records may point.
+        self.shard = shard
         self.next_sequence = 1
         self.record_count = 0
         self._chain = ChainDigest(cipher.session_id)
@@ -674,7 +744,7 @@ class StreamVerifier:
             raise VerifyError.named("BAD_HEADER", "session id does not derive from this key and salt")
         if not cipher.header_tag_ok(header):
             raise VerifyError.named("BAD_HEADER", "header tag mismatch")
-        return cls(cipher, h.guest_size if window_size is None else window_size)
+        return cls(cipher, h.guest_size if window_size is None else window_size, (h.shard_index, h.shard_count))
 
     def _check_record(self, buf: memoryview, pos: int, allowed: tuple[int, ...]) -> tuple[RecordHeader, int]:
         """Structure, session and sequence of the record at ``pos``, in the
@@ -702,23 +772,41 @@ class StreamVerifier:
         return h, length
 
     def open_next(self, buf: memoryview, pos: int) -> tuple[OpenedRecord, int]:
-        """Verify the PAGE/ZERO record at ``pos`` of a batch; return it and the
-        position after it. Raises VerifyError at the first failed check."""
-        h, length = self._check_record(buf, pos, (RECORD_PAGE, RECORD_ZERO))
+        """Verify the PAGE/ZERO/ZERO_RANGE record at ``pos`` of a batch; return
+        it and the position after it. Raises VerifyError at the first failed
+        check. A ZERO_RANGE's PageCount is in its encrypted payload, so its
+        range is checked after the tag (BAD_RECORD for 0 pages, then
+        zero_range_place)."""
+        h, length = self._check_record(buf, pos, (RECORD_PAGE, RECORD_ZERO, RECORD_ZERO_RANGE))
         if h.guest_offset % PAGE_SIZE or h.guest_offset + PAGE_SIZE > self.window_size:
             raise VerifyError.named("BAD_PAGE", f"record {h.sequence}: guest offset {h.guest_offset:#x}", h.sequence)
         record = buf[pos : pos + length]
         plaintext = self.cipher.open_record(record)
+        opened = OpenedRecord(h.sequence, h.guest_offset, plaintext if h.type == RECORD_PAGE else None)
+        if h.type == RECORD_ZERO_RANGE:
+            (count,) = _ZERO_RANGE_COUNT.unpack(plaintext)
+            if count == 0:
+                raise VerifyError.named("BAD_RECORD", f"record {h.sequence}: zero range of 0 pages", h.sequence)
+            refusal = zero_range_place(h.guest_offset, count, self.window_size, *self.shard)
+            if refusal is not None:
+                raise VerifyError.named(
+                    refusal, f"record {h.sequence}: {count} pages at {h.guest_offset:#x} for shard "
+                    f"{self.shard[0]} of {self.shard[1]}", h.sequence)
+            opened = OpenedRecord(h.sequence, h.guest_offset, None, count, True)
         self._chain.update(record_tag(record))
         self.next_sequence += 1
         self.record_count += 1
-        page = plaintext if h.type == RECORD_PAGE else None
-        return OpenedRecord(h.sequence, h.guest_offset, page), pos + length
+        return opened, pos + length
 
-    def apply_records(self, batch: memoryview, window: memoryview, limit: int) -> tuple[int, int, VerifyError | None]:
-        """Verify the PAGE/ZERO records of ``batch`` in order and write each to
-        ``window`` as soon as its tag verified; return (records applied, PAGE
-        records among them, the first failed check or None).
+    def apply_records(
+        self, batch: memoryview, window: memoryview, limit: int
+    ) -> tuple[int, int, VerifyError | None, int, int]:
+        """Verify the PAGE/ZERO/ZERO_RANGE records of ``batch`` in order and
+        write each to ``window`` as soon as its tag (and a range's place)
+        verified; return (records applied, PAGE records among them, the first
+        failed check or None, ZERO_RANGE records among them, pages those
+        covered). A ZERO_RANGE writes only the pages of its range that are
+        not zero already (verify, then write: a sparse window stays sparse).
 
         Same checks, order and statuses as :meth:`open_next` record by record;
         records before a failing one stay applied. A record after ``limit``
@@ -741,7 +829,7 @@ class StreamVerifier:
         window_size = self.window_size
         sequence, digest, count = self.next_sequence, self._chain.value, self.record_count
         size = len(batch)
-        applied = pages = pos = 0
+        applied = pages = pos = ranges = range_pages = 0
         error: VerifyError | None = None
         try:
             while pos < size:
@@ -787,8 +875,13 @@ class StreamVerifier:
                         error = failed
                         break
                     sequence, digest, count = self.next_sequence, self._chain.value, self.record_count
-                    page = ZERO_PAGE if opened.page is None else opened.page
-                    window[opened.guest_offset : opened.guest_offset + PAGE_SIZE] = page
+                    if opened.zero_range:
+                        _zero_pages_in(window, opened.guest_offset, opened.pages)
+                        ranges += 1
+                        range_pages += opened.pages
+                    else:
+                        page = ZERO_PAGE if opened.page is None else opened.page
+                        window[opened.guest_offset : opened.guest_offset + PAGE_SIZE] = page
                     applied += 1
                     pages += opened.page is not None
                     continue
@@ -800,7 +893,7 @@ class StreamVerifier:
         finally:
             self.next_sequence, self._chain.value, self.record_count = sequence, digest, count
             plain_view[:] = ZERO_PAGE  # no guest plaintext left behind
-        return applied, pages, error
+        return applied, pages, error, ranges, range_pages
 
     @property
     def chain_digest(self) -> bytes:
@@ -826,6 +919,22 @@ class StreamVerifier:
                 "TRUNCATED", f"end record says {end.record_count} records, {self.record_count} arrived"
             )
         return self.record_count
+
+
+def _zero_pages_in(window: memoryview, offset: int, count: int) -> None:
+    """Make ``count`` pages from ``offset`` zero, writing only those that are
+    not zero already."""
+    end = offset + count * PAGE_SIZE
+    if is_zero(window[offset:end]):
+        return
+    for start in range(offset, end, PAGE_SIZE):
+        if bytes(window[start : start + PAGE_SIZE]) != ZERO_PAGE:
+            window[start : start + PAGE_SIZE] = ZERO_PAGE
+
+
+def is_zero(view: Bytes) -> bool:
+    """Every byte of ``view`` is zero (one copy and one memcmp)."""
+    return bytes(view) == bytes(len(view))
 
 
 # --- whole streams (tests, tools) ----------------------------------------------

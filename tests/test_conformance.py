@@ -29,10 +29,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -45,7 +48,8 @@ from helper import abi
 from helper import stream as s
 from helper.reference import MAX_IMPORT_BATCH_SIZE, ReferenceHelper, SaltSource
 from host_shim.errors import HelperTimeout, MailboxError
-from host_shim.helpers.backends import MailboxBackend
+from host_shim.helpers.backends import MailboxBackend, ReferenceBackend
+from host_shim.helpers.hostcore_helper import HostCoreHelper
 from host_shim.helpers.keys import secret_record
 
 A = abi.load()
@@ -678,7 +682,11 @@ def test_nop_and_query(endpoint: Endpoint) -> None:
     assert max_batch == MAX_BATCH
 
 
-@pytest.mark.parametrize("code", [14, 0x100, 0xFFFF, 0xFFFFFFFF])
+#: The first code after the last command HelperAbi.h defines.
+FIRST_UNKNOWN = max(v for k, v in A.constants.items() if k.startswith("OVMF_MH_CMD_")) + 1
+
+
+@pytest.mark.parametrize("code", [FIRST_UNKNOWN, 0x100, 0xFFFF, 0xFFFFFFFF])
 def test_unknown_command(endpoint: Endpoint, code: int) -> None:
     assert expect(endpoint, "UNSUPPORTED", code, 1, 2, 3) == (0,) * 6
     ok(endpoint, "NOP")
@@ -1561,3 +1569,248 @@ def test_commit_refuses_receipts_under_another_key(two_shards: TwoShards) -> Non
     forged = s.Receipt.decode(r1)
     forged = dataclasses.replace(forged, mac=s.receipt_mac(OTHER_KEY, forged))
     commit(two_shards.target0, [r0, forged.pack()], "BAD_RECEIPT")
+
+
+# --- zero ranges (ABI 2.1) --------------------------------------------------------
+
+RANGE_AT = LIST_AT  # range lists (at most MAX_ZERO_RANGES * 16 bytes = one page)
+BLOCK = s.SHARD_BLOCK_PAGES
+
+
+def zero_ranges_call(ep: Endpoint, ranges: Sequence[tuple[int, int]], expected: str = "SUCCESS",
+                     capacity: int | None = None) -> tuple[int, ...]:
+    """EXPORT_ZERO_RANGES of (guest offset, page count) entries."""
+    flat = [v for entry in ranges for v in entry]
+    put(ep, struct.pack(f"<{len(flat)}Q", *flat), RANGE_AT)
+    room = len(ranges) * s.ZERO_RANGE_RECORD_SIZE if capacity is None else capacity
+    return expect(ep, expected, "EXPORT_ZERO_RANGES", RANGE_AT, len(ranges), OUT_AT, room)
+
+
+def export_zero_ranges(ep: Endpoint, ranges: Sequence[tuple[int, int]]) -> bytes:
+    written, records, pages = zero_ranges_call(ep, ranges)[:3]
+    assert (written, records, pages) == (len(ranges) * s.ZERO_RANGE_RECORD_SIZE, len(ranges),
+                                         sum(n for _, n in ranges))
+    batch = bytes(ep.data[OUT_AT : OUT_AT + written])
+    assert [s.decode_record_header(r).type for r in s.split_records(batch)] == [s.RECORD_ZERO_RANGE] * len(ranges)
+    return batch
+
+
+#: (guest offset, pages) zero ranges of the round trip: a whole block, a run
+#: in the middle of block 1, the window's last page.
+RANGES = [(0, BLOCK), ((BLOCK + 3) * PAGE, 100), ((WINDOW_PAGES - 1) * PAGE, 1)]
+#: Pages with content, outside RANGES.
+DATA_PAGES = [(BLOCK + 1) * PAGE, (BLOCK + 200) * PAGE, (WINDOW_PAGES - 2) * PAGE]
+
+
+def _zero_range_stream(source: Endpoint, flags: int = 0) -> Stream:
+    for offset in DATA_PAGES:
+        fill(source, offset, os.urandom(PAGE))
+    header = export_begin(source, flags)
+    batches = [export_zero_ranges(source, RANGES[:2]), export_batch(source, DATA_PAGES),
+               export_zero_ranges(source, RANGES[2:])]
+    return Stream(header, batches, export_end(source))
+
+
+def test_zero_range_round_trip(endpoint_pair: tuple[Endpoint, Endpoint]) -> None:
+    """Ranges and pages interleaved in one stream; the target's stale pages in
+    every range end zero, counted as imported pages, and the END record counts
+    one record per range."""
+    source, target = endpoint_pair
+    stream = _zero_range_stream(source)
+    scramble(target)
+    send(target, "IMPORT_BEGIN", stream.header)
+    first = send(target, "IMPORT_BATCH", stream.batches[0])
+    assert first[:5] == (2, 0, 0, 2, BLOCK + 100)
+    assert send(target, "IMPORT_BATCH", stream.batches[1])[:5] == (3, 3, 0, 0, 0)
+    assert send(target, "IMPORT_BATCH", stream.batches[2])[:5] == (1, 0, 0, 1, 1)
+    assert send(target, "IMPORT_END", stream.end)[0] == len(RANGES) + len(DATA_PAGES)
+    for offset, pages in RANGES:
+        assert bytes(target.window[offset : offset + pages * PAGE]) == bytes(pages * PAGE), hex(offset)
+    for offset in DATA_PAGES:
+        assert page_at(target, offset) == page_at(source, offset)
+    decoded = s.decode_stream(KEY, stream.whole)
+    assert [(r.guest_offset, r.pages) for r in decoded.records if r.zero_range] == RANGES
+
+
+def _data_pages(path: Path) -> list[int]:
+    """Offsets of the pages a sparse file holds data for (SEEK_DATA/SEEK_HOLE)."""
+    found: list[int] = []
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        position = 0
+        while position < size:
+            try:
+                start = os.lseek(f.fileno(), position, os.SEEK_DATA)
+            except OSError:
+                break
+            stop = os.lseek(f.fileno(), start, os.SEEK_HOLE)
+            found.extend(range(start - start % PAGE, stop, PAGE))
+            position = stop
+    return found
+
+
+@pytest.mark.parametrize("implementation", ["reference", "host-core"])
+def test_zero_range_keeps_a_sparse_target_sparse(tmp_path: Path, implementation: str) -> None:
+    """Verify, then write: a range over pages that are zero already writes
+    nothing, so a sparse target RAM file stays sparse there; a stale page
+    in a range is zeroed (its block stays allocated, holding zeros)."""
+    stream = _zero_range_stream(ReferenceEndpoint(SPEC))
+    ram = tmp_path / "target.ram"
+    with ram.open("wb") as new:
+        new.truncate(SPEC.window_size)
+    stale = RANGES[1][0] + 7 * PAGE
+    with ram.open("r+b") as f, mmap.mmap(f.fileno(), SPEC.window_size) as window:
+        window[stale : stale + PAGE] = b"\x01" * PAGE
+        ep: Any = (ReferenceBackend(window, KEY, SPEC.data_size) if implementation == "reference"
+                   else HostCoreHelper(window, KEY, data_size=SPEC.data_size))
+        try:
+            assert import_stream(ep, stream) == len(RANGES) + len(DATA_PAGES)
+            assert bytes(window[stale : stale + PAGE]) == bytes(PAGE)
+        finally:
+            if implementation == "host-core":
+                ep.close()
+            else:
+                ep.release()
+        window.flush()
+    assert _data_pages(ram) == sorted([stale, *DATA_PAGES])
+
+
+def test_zero_range_refused_when_not_zero(endpoint_pair: tuple[Endpoint, Endpoint]) -> None:
+    """A range the host calls empty that holds one byte: NOT_ZERO, nothing
+    written, no sequence number used; the export goes on."""
+    source, target = endpoint_pair
+    liar = (BLOCK + 10) * PAGE
+    fill(source, liar + PAGE - 1, b"\x01")
+    header = export_begin(source)
+    before = bytes(source.data[OUT_AT : OUT_AT + 4 * s.ZERO_RANGE_RECORD_SIZE])
+    results = zero_ranges_call(source, [(0, 8), (BLOCK * PAGE, 64)], "NOT_ZERO")
+    assert results[0] == liar
+    assert bytes(source.data[OUT_AT : OUT_AT + 4 * s.ZERO_RANGE_RECORD_SIZE]) == before
+    assert session_state(source) == "EXPORTING"
+    stream = Stream(header, [export_zero_ranges(source, [(0, 8)]), export_batch(source, [liar])], export_end(source))
+    scramble(target)
+    assert import_stream(target, stream) == 2
+    assert page_at(target, liar) == page_at(source, liar)
+
+
+#: EXPORT_ZERO_RANGES argument refusals: (ranges, capacity or None, shard, status).
+ZERO_RANGE_ARGUMENTS: dict[str, tuple[list[tuple[int, int]], int | None, tuple[int, int], str]] = {
+    "empty range": ([(0, 1), (PAGE, 0)], None, (0, 1), "INVALID_PARAMETER"),
+    "misaligned": ([(PAGE + 8, 1)], None, (0, 1), "BAD_PAGE"),
+    "starts outside the window": ([(WINDOW_PAGES * PAGE, 1)], None, (0, 1), "BAD_PAGE"),
+    "ends outside the window": ([((WINDOW_PAGES - 2) * PAGE, 3)], None, (0, 1), "BAD_PAGE"),
+    "wrapping count": ([(PAGE, U64_MAX)], None, (0, 1), "BAD_PAGE"),
+    "crosses a block": ([((BLOCK - 1) * PAGE, 2)], None, (0, 1), "RANGE_OUTSIDE_SHARD"),
+    "longer than a block": ([(0, BLOCK + 1)], None, (0, 1), "RANGE_OUTSIDE_SHARD"),
+    "another shard's block": ([(0, 1)], None, (1, 2), "RANGE_OUTSIDE_SHARD"),
+    "capacity": ([(0, 1), (PAGE, 1)], 2 * s.ZERO_RANGE_RECORD_SIZE - 1, (0, 1), "BUFFER_TOO_SMALL"),
+}
+
+
+@pytest.mark.parametrize("case", list(ZERO_RANGE_ARGUMENTS))
+def test_zero_range_arguments(endpoint: Endpoint, case: str) -> None:
+    ranges, capacity, shard, expected = ZERO_RANGE_ARGUMENTS[case]
+    export_begin(endpoint, shard=shard)
+    endpoint.data[OUT_AT : OUT_AT + PAGE] = b"\xa5" * PAGE
+    zero_ranges_call(endpoint, ranges, expected, capacity)
+    assert bytes(endpoint.data[OUT_AT : OUT_AT + PAGE]) == b"\xa5" * PAGE, "output written after a refusal"
+    assert session_state(endpoint) == "EXPORTING"
+    assert export_end(endpoint)  # the session is intact
+
+
+def test_zero_range_state_count_and_bounds(endpoint: Endpoint) -> None:
+    expect(endpoint, "BAD_STATE", "EXPORT_ZERO_RANGES", RANGE_AT, 1, OUT_AT, s.ZERO_RANGE_RECORD_SIZE)
+    export_begin(endpoint)
+    expect(endpoint, "BATCH_TOO_LARGE", "EXPORT_ZERO_RANGES", RANGE_AT, s.MAX_ZERO_RANGES + 1, OUT_AT, 1 << 20)
+    size = len(endpoint.data)
+    expect(endpoint, "OUT_OF_BOUNDS", "EXPORT_ZERO_RANGES", size - 8, 1, OUT_AT, s.ZERO_RANGE_RECORD_SIZE)
+    expect(endpoint, "OUT_OF_BOUNDS", "EXPORT_ZERO_RANGES", RANGE_AT, 1, size - 8, s.ZERO_RANGE_RECORD_SIZE)
+    # The largest list: MAX_ZERO_RANGES one-page ranges, in two blocks of the one shard.
+    assert zero_ranges_call(endpoint, [(i * PAGE, 1) for i in range(s.MAX_ZERO_RANGES)])[1] == s.MAX_ZERO_RANGES
+
+
+def test_zero_range_is_tracked_for_check_pages(endpoint: Endpoint) -> None:
+    """Pages sealed in a range are remembered as zero: CHECK_PAGES reports
+    exactly the one written afterwards."""
+    export_begin(endpoint, TRACK_PAGES)
+    export_zero_ranges(endpoint, [(0, 16)])
+    fill(endpoint, 5 * PAGE + 100, b"\x07")
+    offsets = [i * PAGE for i in range(16)]
+    put(endpoint, struct.pack("<16Q", *offsets), LIST_AT)
+    assert ok(endpoint, "CHECK_PAGES", LIST_AT, 16, OUT_AT)[0] == 1
+    assert bytes(endpoint.data[OUT_AT : OUT_AT + 16]) == bytes(5) + b"\x01" + bytes(10)
+
+
+def _forged_zero_range(header: bytes, sequence: int, offset: int, pages: int) -> bytes:
+    """A ZERO_RANGE record sealed with the stream's key, as only a helper
+    holding the transport key could: for the checks after the tag."""
+    h = s.decode_stream_header(header)
+    cipher = s.StreamCipher(s.derive_session(KEY, h.salt, h.binding.pack()))
+    return cipher.seal_record(s.RECORD_ZERO_RANGE, sequence, offset, struct.pack("<Q", pages))
+
+
+#: Authenticated ZERO_RANGE records a source helper would never seal: (offset, pages, shard, status).
+FORGED_RANGES: dict[str, tuple[int, int, tuple[int, int], str]] = {
+    "no pages": (0, 0, (0, 1), "BAD_RECORD"),
+    "leaves the window": ((WINDOW_PAGES - 1) * PAGE, 2, (0, 1), "BAD_PAGE"),
+    "crosses a block": ((BLOCK - 1) * PAGE, 2, (0, 1), "RANGE_OUTSIDE_SHARD"),
+    "another shard's block": (0, 4, (1, 2), "RANGE_OUTSIDE_SHARD"),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED_RANGES))
+def test_target_refuses_a_misplaced_zero_range(endpoint_pair: tuple[Endpoint, Endpoint], case: str) -> None:
+    offset, pages, shard, expected = FORGED_RANGES[case]
+    source, target = endpoint_pair
+    header = export_begin(source, shard=shard)
+    good = export_zero_ranges(source, [(BLOCK * PAGE if shard == (1, 2) else 2 * PAGE, 1)])
+    before = scramble(target)
+    send(target, "IMPORT_BEGIN", header, shard=shard)
+    results = send(target, "IMPORT_BATCH", good + _forged_zero_range(header, 2, offset, pages), expected)
+    assert results[:5] == (1, 0, 2, 1, 1)
+    window = bytearray(before)
+    applied = s.split_records(good)[0]
+    start = s.decode_record_header(applied).guest_offset
+    window[start : start + PAGE] = bytes(PAGE)
+    assert bytes(target.window) == bytes(window), "guest written by a refused range"
+    assert session_state(target) == "FAILED"
+
+
+def _field_lie(name: str, value: int | bytes) -> Callable[[bytes], bytes]:
+    return lambda record: with_field(record, **{name: value})
+
+
+#: Lies in a ZERO_RANGE record's fields, checked before the tag or by it.
+ZERO_RANGE_LIES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "type ZERO": (_field_lie("Type", s.RECORD_ZERO), "BAD_RECORD"),
+    "type PAGE": (_field_lie("Type", s.RECORD_PAGE), "BAD_RECORD"),
+    "type END": (_field_lie("Type", s.RECORD_END), "BAD_RECORD"),
+    "unknown type": (_field_lie("Type", 5), "BAD_RECORD"),
+    "payload size 0": (_field_lie("PayloadSize", 0), "BAD_RECORD"),
+    "payload size 16": (_field_lie("PayloadSize", 16), "BAD_RECORD"),
+    "sequence ahead": (_field_lie("Sequence", 3), "SEQUENCE_GAP"),
+    "sequence behind": (_field_lie("Sequence", 1), "SEQUENCE_REPLAY"),
+    "moved": (_field_lie("GuestOffset", 64 * PAGE), "AUTH_FAILED"),
+    "outside the window": (_field_lie("GuestOffset", WINDOW_PAGES * PAGE), "BAD_PAGE"),
+    "misaligned": (_field_lie("GuestOffset", 8), "BAD_PAGE"),
+    "other session": (_field_lie("SessionId", bytes(16)), "WRONG_SESSION"),
+    "page count flipped": (lambda r: flip(r, s.RECORD_HEADER_SIZE), "AUTH_FAILED"),
+    "tag flipped": (lambda r: flip(r, len(r) - 1), "AUTH_FAILED"),
+    "truncated": (lambda r: r[:-1], "BAD_RECORD"),
+}
+
+
+@pytest.mark.parametrize("case", list(ZERO_RANGE_LIES))
+def test_zero_range_record_lies(endpoint_pair: tuple[Endpoint, Endpoint], case: str) -> None:
+    lie, expected = ZERO_RANGE_LIES[case]
+    source, target = endpoint_pair
+    header = export_begin(source)
+    first, second = s.split_records(export_zero_ranges(source, [(0, 8), (32 * PAGE, 16)]))
+    before = scramble(target)
+    send(target, "IMPORT_BEGIN", header)
+    results = send(target, "IMPORT_BATCH", bytes(first) + lie(bytes(second)), expected)
+    assert results[0] == 1 and results[3:5] == (1, 8)
+    window = bytearray(before)
+    window[: 8 * PAGE] = bytes(8 * PAGE)
+    assert bytes(target.window) == bytes(window), "guest written by a refused record"
+    assert session_state(target) == "FAILED"

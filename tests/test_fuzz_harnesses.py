@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from helper import abi
+from helper import stream as s
 from host_shim.devtools import fuzz, fuzz_corpus, fuzz_planted
 
 SHORT_RUN_SECONDS = 8
@@ -83,6 +84,26 @@ def test_stream_seed_reaches_a_completed_import_in_the_harness() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     import_end = abi.load().const("OVMF_MH_CMD_IMPORT_END")
     assert f"command {import_end} (" in result.stderr and "-> status 0x0 results 0x3 " in result.stderr, result.stderr
+
+
+def test_zero_range_seed_reaches_a_completed_import_in_the_harness() -> None:
+    """The stream harness gets through a seed with ZERO_RANGE records: every
+    record applied (its checker replayed each range) and the end verified."""
+    seed = fuzz.seed_dir("stream") / "stream-zr-c00"
+    blob = seed.read_bytes()
+    records = s.split_records(blob[1 + s.STREAM_HEADER_SIZE : -s.END_RECORD_SIZE])
+    ranges = [r for r in records if s.decode_record_header(r).type == s.RECORD_ZERO_RANGE]
+    assert len(ranges) == len(fuzz_corpus.ZERO_RANGE_SEED)
+    result = subprocess.run([str(fuzz.build("stream")), "-runs=1", str(seed)], capture_output=True, text=True,
+                            check=False, env=dict(os.environ, FUZZ_TRACE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = abi.load()
+    batch, end = a.const("OVMF_MH_CMD_IMPORT_BATCH"), a.const("OVMF_MH_CMD_IMPORT_END")
+    lines = result.stderr.splitlines()
+    assert any(f"command {batch} (" in line and f"-> status 0x0 results {len(records):#x} " in line
+               for line in lines), result.stderr
+    assert any(f"command {end} (" in line and f"-> status 0x0 results {len(records):#x} " in line
+               for line in lines), result.stderr
 
 
 def test_dictionary_comes_from_the_abi() -> None:

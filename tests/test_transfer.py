@@ -7,6 +7,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -18,15 +19,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helper import stream as s
 from host_shim import paths
 from host_shim.cli import main
 from host_shim.transfer import container as ct
@@ -884,3 +887,162 @@ def test_unbound_stream_to_a_challenged_import_is_refused(work_dir: Path, key: P
     assert importer.returncode == 1
     assert "status UNBOUND_STREAM" in out, out
     assert not dst.exists()
+
+
+# --- zero ranges: never-written memory (ABI 2.1) ----------------------------------
+
+
+def make_sparse_ram(path: Path, pages: int, data_pages: list[int]) -> Path:
+    """A sparse RAM file: random content in ``data_pages``, holes elsewhere."""
+    rng = __import__("random").Random(path.name)
+    with path.open("wb") as f:
+        f.truncate(pages * PAGE)
+        for number in data_pages:
+            f.seek(number * PAGE)
+            f.write(rng.randbytes(PAGE))
+    return path
+
+
+def data_pages(path: Path) -> list[int]:
+    """Page numbers a sparse file holds data for (SEEK_DATA/SEEK_HOLE)."""
+    found: list[int] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        position, size = 0, path.stat().st_size
+        while position < size:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:
+                break
+            position = os.lseek(fd, start, os.SEEK_HOLE)
+            found.extend(range(start // PAGE, -(-position // PAGE)))
+    finally:
+        os.close(fd)
+    return found
+
+
+#: Data pages of the sparse test guest (2048 pages, 4 shard blocks of 2 MiB):
+#: runs, single pages, the first and the last page; block 2 holds none;
+#: everything else a hole.
+SPARSE_DATA = [0, 1, 2, 100, 511, 512, 700, 701, 2047]
+#: Pages per 2 MiB: under QEMU on this kernel one page written through a
+#: helper VM's RAM mapping allocates the file's whole 2 MiB folio, whatever
+#: the helper writes (an import of a single page does it too).
+FOLIO_PAGES = 512
+
+
+def _export_json(work: Path, key: Path, src: Path, helper: str, helpers: int, name: str,
+                 capsys: pytest.CaptureFixture[str], *extra: str) -> dict[str, int]:
+    capsys.readouterr()
+    export(work, key, src, helper, helpers, name, "--json", *extra)
+    summary: dict[str, int] = json.loads(capsys.readouterr().out)
+    return summary
+
+
+@pytest.mark.parametrize(("helper", "helpers"), [
+    pytest.param("firmware", 2, marks=pytest.mark.qemu), ("reference", 1), ("reference", 3), ("host-core", 2)])
+def test_sparse_guest_goes_as_zero_ranges(
+    work_dir: Path, key: Path, helper: str, helpers: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The holes of a sparse RAM file go as zero ranges; the import is byte
+    identical, keeps the target file sparse in the holes, and the stream is
+    a fraction of the page-by-page one (same RAM, --no-zero-ranges)."""
+    src = make_sparse_ram(work_dir / "src.ram", 2048, SPARSE_DATA)
+    assert data_pages(src) == SPARSE_DATA
+    ranged = _export_json(work_dir, key, src, helper, helpers, "ranged.omh", capsys)
+    assert ranged["zero_range_pages"] == 2048 - len(SPARSE_DATA)
+    assert ranged["private_pages"] == 2048
+    old = _export_json(work_dir, key, src, helper, helpers, "old.omh", capsys, "--no-zero-ranges")
+    assert old["zero_range_pages"] == 0 and old["zero_pages"] == 2048 - len(SPARSE_DATA)
+    # Beyond the data pages' records: a few 64-byte records against one 56-byte record per zero page.
+    data = len(SPARSE_DATA) * s.PAGE_RECORD_SIZE
+    ranged_rest = (work_dir / "ranged.omh").stat().st_size - data
+    old_rest = (work_dir / "old.omh").stat().st_size - data
+    assert 20 * ranged_rest < old_rest, (ranged_rest, old_rest)
+    for name in ("ranged.omh", "old.omh"):
+        dst = work_dir / f"dst-{name}.ram"
+        capsys.readouterr()
+        assert cli("import", "--ram", dst, "--key", key, "--in", work_dir / name, "--helper", helper,
+                   "--work-dir", work_dir / f"import-{name}", "--json") == 0
+        imported = json.loads(capsys.readouterr().out)
+        assert imported["private_pages"] == 2048
+        assert digest(dst) == digest(src)
+        if name == "ranged.omh":
+            assert imported["zero_range_pages"] == 2048 - len(SPARSE_DATA)
+            written = data_pages(dst)
+            if helper == "firmware":
+                assert {p // FOLIO_PAGES for p in written} == {p // FOLIO_PAGES for p in SPARSE_DATA}, written
+            else:
+                assert written == SPARSE_DATA, "zero ranges wrote pages that were zero already"
+
+
+def _zero_range_frames(frames: list[tuple[int, int, bytes]]) -> list[int]:
+    """Indexes of the RECORDS frames that hold ZERO_RANGE records."""
+    return [i for i, (k, _, p) in enumerate(frames) if k == ct.KIND_RECORDS and p
+            and struct.unpack_from("<I", p)[0] == s.RECORD_ZERO_RANGE]
+
+
+def _with_totals(frames: list[tuple[int, int, bytes]], change: Callable[[dict[str, Any]], None]) -> list[
+        tuple[int, int, bytes]]:
+    out = []
+    for kind, shard, payload in frames:
+        if kind == ct.KIND_DONE:
+            fields = json.loads(payload)
+            change(fields)
+            payload = json.dumps(fields, sort_keys=True).encode()
+        out.append((kind, shard, payload))
+    return out
+
+
+def _drop_key(name: str) -> Callable[[dict[str, Any]], None]:
+    return lambda fields: fields.pop(name)
+
+
+def _add(name: str, amount: int) -> Callable[[dict[str, Any]], None]:
+    def change(fields: dict[str, Any]) -> None:
+        fields[name] += amount
+    return change
+
+
+#: Lies of the container about zero ranges -> the reason the import gives.
+ZERO_RANGE_CONTAINER_LIES: dict[str, tuple[Callable[[list[tuple[int, int, bytes]]], list[tuple[int, int, bytes]]],
+                                           str]] = {
+    "DONE zero_range_pages too high": (lambda f: _with_totals(f, _add("zero_range_pages", 1)), "totals disagree"),
+    "DONE zero_range_pages missing": (lambda f: _with_totals(f, _drop_key("zero_range_pages")), "totals disagree"),
+    "DONE private_pages counts ranges as one page": (
+        lambda f: _with_totals(f, _add("private_pages", -(2048 - len(SPARSE_DATA)) + len(_zero_range_frames(f)))),
+        "totals disagree"),
+    "zero-range frame dropped": (lambda f: [x for i, x in enumerate(f) if i != _zero_range_frames(f)[0]],
+                                 "status SEQUENCE_GAP"),
+    "zero-range frame duplicated": (
+        lambda f: f[: _zero_range_frames(f)[0] + 1] + f[_zero_range_frames(f)[0] :], "status SEQUENCE_REPLAY"),
+    "zero-range frame to the other shard": (
+        lambda f: [(k, 1 - sh, p) if i == _zero_range_frames(f)[0] else (k, sh, p) for i, (k, sh, p) in enumerate(f)],
+        "refused IMPORT_BATCH"),
+    "page count flipped": (
+        lambda f: [(k, sh, _flip(p, 40)) if i == _zero_range_frames(f)[0] else (k, sh, p)
+                   for i, (k, sh, p) in enumerate(f)], "status AUTH_FAILED"),
+    "range moved": (
+        lambda f: [(k, sh, p[:16] + struct.pack("<Q", struct.unpack_from("<Q", p, 16)[0] + PAGE) + p[24:])
+                   if i == _zero_range_frames(f)[0] else (k, sh, p) for i, (k, sh, p) in enumerate(f)],
+        "status AUTH_FAILED"),
+    "type changed to ZERO": (
+        lambda f: [(k, sh, struct.pack("<I", s.RECORD_ZERO) + p[4:]) if i == _zero_range_frames(f)[0]
+                   else (k, sh, p) for i, (k, sh, p) in enumerate(f)], "status BAD_RECORD"),
+    "frame cut inside a record": (
+        lambda f: [(k, sh, p[:-1]) if i == _zero_range_frames(f)[0] else (k, sh, p)
+                   for i, (k, sh, p) in enumerate(f)], "status BAD_RECORD"),
+}
+
+
+@pytest.mark.parametrize("helper", TARGETS)
+@pytest.mark.parametrize("lie", list(ZERO_RANGE_CONTAINER_LIES))
+def test_zero_range_container_lies_are_refused(
+    work_dir: Path, key: Path, capsys: pytest.CaptureFixture[str], helper: str, lie: str
+) -> None:
+    src = make_sparse_ram(work_dir / "src.ram", 2048, SPARSE_DATA)
+    header, frames = _frames(export(work_dir, key, src, "reference", 2))
+    assert _zero_range_frames(frames)
+    tamper, reason = ZERO_RANGE_CONTAINER_LIES[lie]
+    err = _refusal(work_dir, key, _write(work_dir / "bad.omh", header, tamper(frames)), capsys, helper)
+    assert reason in err, err

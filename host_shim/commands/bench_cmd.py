@@ -72,6 +72,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     mig.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     mig.set_defaults(handler=run_migrate)
 
+    zero = bench_sub.add_parser("zero-ranges",
+                                help="never-written memory: export page by page against zero ranges")
+    zero.add_argument("--guest-mib", default="1024,2048",
+                      help="guest sizes, comma separated (default 1024,2048)")
+    zero.add_argument("--rounds", type=int, default=2,
+                      help="alternating rounds of both exports, best counts (default 2)")
+    zero.add_argument("--helpers", type=int, default=1, help="firmware helpers per export (default 1)")
+    zero.add_argument("--image", help="firmware image (default: the DEBUG build)")
+    zero.add_argument("--work-dir", type=Path, help="folder for logs and RAM files (default: a new temp folder)")
+    zero.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
+    zero.set_defaults(handler=run_zero_ranges)
+
 
 def run_crypto(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -120,4 +132,21 @@ def run_migrate(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(format_table(results)))
     print(f"logs in {work}" + (f"; drawn in {args.plot}" if args.plot else ""))
+    return 0
+
+
+def run_zero_ranges(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from host_shim.devtools.bench_zero_ranges import bench_zero_ranges, format_zero_ranges
+
+    image = resolve_image(Path(args.image) if args.image else None)
+    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-zero-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = [int(size) for size in args.guest_mib.split(",")]
+    results = bench_zero_ranges(image, work, sizes=sizes, rounds=args.rounds, helpers=args.helpers)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(format_zero_ranges(results)))
     return 0

@@ -94,6 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--ram-dir", type=Path,
                         help="keep the two guest RAM files here for the run only, e.g. /dev/shm (tmpfs: "
                         "faster, no disk page faults); default: in the work folder, kept afterwards")
+    parser.add_argument("--zero-ranges", action=argparse.BooleanOptionalAction, default=True,
+                        help="send never-written pages (holes of the source RAM file) as zero ranges the "
+                        "source helpers check (default on; --no-zero-ranges: page by page)")
     add_mailbox_timeout(parser)
     parser.add_argument("--json", action="store_true", help="print the report as JSON (default: text)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -137,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
         ram_dir=args.ram_dir,
         mailbox_timeout=args.mailbox_timeout,
+        zero_ranges=args.zero_ranges,
         target=parse_address(args.to, "--to") if args.to else None,
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout,

@@ -59,6 +59,11 @@ def _common(parser: argparse.ArgumentParser, direction: str) -> None:
         parser.add_argument("--page-map", type=Path,
                             help="one byte per guest page: 0 private (helpers), 1 shared (plain), 2 excluded "
                             "(default: every page private)")
+        parser.add_argument("--zero-ranges", action=argparse.BooleanOptionalAction, default=True,
+                            help="send the pages in holes of the sparse RAM file (never written) as zero "
+                            "ranges, one authenticated record per run that the source helper checks is all "
+                            "zero (ABI 2.1; default on); --no-zero-ranges sends every page as its own record, "
+                            "as a 2.0 target needs")
     else:
         parser.add_argument("--helpers", type=int, help="must equal the stream's shard count (default: that)")
 
@@ -228,7 +233,8 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         with partial.open("wb") as sink:
             summary = export_ram(args.ram, key, sink, work_dir=work, page_map=args.page_map,
-                                 challenge=None if nonces is None else lambda: nonces, **_helper_options(args))
+                                 challenge=None if nonces is None else lambda: nonces,
+                                 zero_ranges=args.zero_ranges, **_helper_options(args))
             os.fsync(sink.fileno())
         os.replace(partial, args.out)
         process.keep(partial)
@@ -323,7 +329,8 @@ def run_send(args: argparse.Namespace) -> int:
             sink = cast(IO[bytes], sock.makefile("wb", buffering=1024 * 1024))
             try:
                 summary = export_ram(args.ram, key, sink, work_dir=work, page_map=args.page_map,
-                                     challenge=lambda: _socket_challenge(sock, args.ram), **_helper_options(args))
+                                     challenge=lambda: _socket_challenge(sock, args.ram),
+                                     zero_ranges=args.zero_ranges, **_helper_options(args))
                 sink.close()
             except BaseException:
                 # Closing the buffered sink would flush into a dead or stalled

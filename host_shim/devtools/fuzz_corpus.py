@@ -20,7 +20,7 @@ Everything is generated, nothing is typed in by hand:
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from helper import abi
@@ -75,13 +75,22 @@ def _call(helper: ReferenceHelper, command: str, *args: int) -> tuple[int, ...]:
     return results
 
 
-def export_stream(window: bytes, pages: list[int], tracked: bool = False) -> bytes:
-    """A real stream of ``pages`` (page numbers) of ``window``, sealed under FUZZ_KEY."""
-    data = bytearray(len(pages) * (PAGE + 56) + 4096)
+def export_stream(window: bytes, pages: list[int], tracked: bool = False,
+                  zero_ranges: Sequence[tuple[int, int]] = ()) -> bytes:
+    """A real stream of ``pages`` (page numbers) of ``window``, sealed under
+    FUZZ_KEY; first, ``zero_ranges`` ((first page, count), all zero in
+    ``window``) as ZERO_RANGE records (EXPORT_ZERO_RANGES)."""
+    data = bytearray(len(pages) * (PAGE + 56) + len(zero_ranges) * (s.ZERO_RANGE_RECORD_SIZE + 16) + 4096)
     helper = _helper(bytearray(window), data)
     # Shard 0 of 1, unbound; the migration id is the data area's first 32 bytes (zero).
     header = _call(helper, "EXPORT_BEGIN", 0, HEADER, 1 if tracked else 0, 0, 0, 1)[0]
     stream = bytes(data[:header])
+    if zero_ranges:
+        flat = [v for first, count in zero_ranges for v in (first * PAGE, count)]
+        struct.pack_into(f"<{len(flat)}Q", data, 0, *flat)
+        out = len(flat) * 8
+        written = _call(helper, "EXPORT_ZERO_RANGES", 0, len(zero_ranges), out, len(data) - out)[0]
+        stream += bytes(data[out : out + written])
     struct.pack_into(f"<{len(pages)}Q", data, 0, *(p * PAGE for p in pages))
     out = len(pages) * 8
     written = _call(helper, "EXPORT_BATCH", 0, len(pages), out, len(data) - out)[0]
@@ -230,7 +239,19 @@ def stream_seeds() -> dict[str, bytes]:
         stream = export_stream(window, pages)
         for control in (0x00, 0x01, 0x02, 0x08, 0x10, 0x20):
             seeds[f"stream-{len(pages)}p-c{control:02x}"] = bytes([control]) + stream
+    # Zero ranges (ABI 2.1): runs of never-written pages, then pages, some of
+    # them inside a range sent before (a later pass).
+    sparse = bytearray(window)
+    for first, count in ZERO_RANGE_SEED:
+        sparse[first * PAGE : (first + count) * PAGE] = bytes(count * PAGE)
+    stream = export_stream(bytes(sparse), [1, 2, 8, 10, 11], zero_ranges=ZERO_RANGE_SEED)
+    for control in (0x00, 0x01, 0x03, 0x08, 0x10, 0x20):
+        seeds[f"stream-zr-c{control:02x}"] = bytes([control]) + stream
     return seeds
+
+
+#: The zero ranges of the stream seeds: (first page, pages) in FuzzStream.c's 16-page window.
+ZERO_RANGE_SEED = [(3, 5), (12, 4), (0, 1)]
 
 
 def request_seeds() -> dict[str, bytes]:
@@ -286,10 +307,11 @@ def dictionary() -> str:
             add(short, value, width)
         elif short.startswith(("CMD_", "RECORD_", "STREAM_VERSION", "EXPORT_", "STATUS_")):
             add(short, value, 4)
-        elif short.startswith(("MAX_BATCH", "PAGE_SIZE", "MAILBOX_MIN", "MAILBOX_MAX", "ADDRESS_LIMIT",
+        elif short.startswith(("MAX_BATCH", "MAX_ZERO_RANGES", "SHARD_BLOCK_PAGES", "PAGE_SIZE", "MAILBOX_MIN",
+                               "MAILBOX_MAX", "ADDRESS_LIMIT",
                                "PRIVATE_", "SECRET_PAGE")):
             add(short, value, 8)
-    for name in ("OVMF_MH_STREAM_HEADER", "OVMF_MH_RECORD_HEADER", "OVMF_MH_REQUEST"):
+    for name in ("OVMF_MH_STREAM_HEADER", "OVMF_MH_RECORD_HEADER", "OVMF_MH_REQUEST", "OVMF_MH_ZERO_RANGE_PAYLOAD"):
         add(name.removeprefix("OVMF_MH_") + "_SIZE", a.layout(name).size, 4)
     lines = [key + '="' + "".join(f"\\x{b:02x}" for b in blob) + '"' for key, blob in entries.items()]
     return "# generated from HelperAbi.h by host_shim/devtools/fuzz_corpus.py\n" + "\n".join(lines) + "\n"

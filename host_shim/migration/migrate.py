@@ -95,6 +95,8 @@ class PassReport:
     # The log was reset before this pass (fsync, then CHECK_PAGES of every
     # page instead of the logged ones), and why.
     log_reset: str | None = None
+    #: Pages of this pass that went as ZERO_RANGE records (never-written memory).
+    zero_range_pages: int = 0
 
     @property
     def pages_per_s(self) -> float:
@@ -144,6 +146,7 @@ class MigrationReport:
         pages = sum(p.pages for p in self.passes)
         moving = sum(p.seconds for p in self.passes)
         out["pages"] = pages
+        out["zero_range_pages"] = sum(p.zero_range_pages for p in self.passes)
         out["pages_per_s"] = pages / moving if moving else 0.0
         return out
 
@@ -170,7 +173,8 @@ class MigrationReport:
             if p.log_reset:
                 logged = f" of all, log reset ({p.log_reset}; checked in {p.check_seconds:.2f} s)"
             lines.append(
-                f"  pass {p.number}: {p.pages} pages{logged} ({p.zero_pages} zero), {p.stream_bytes} bytes, "
+                f"  pass {p.number}: {p.pages} pages{logged} ({p.zero_pages} zero, {p.zero_range_pages} as zero "
+                f"ranges), {p.stream_bytes} bytes, "
                 f"{p.seconds:.2f} s, {p.pages_per_s:.0f} pages/s, {state}"
             )
         if self.ram_identical is not None:
@@ -221,6 +225,9 @@ class MigrationConfig:
     after_switchover: Callable[[QemuVM], None] | None = None
     # Seconds a helper may take to answer one command (docs/mailbox.md).
     mailbox_timeout: float = DEFAULT_TIMEOUT
+    # Pages in holes of the source RAM file (never written) go as zero
+    # ranges that the source helpers check (EXPORT_ZERO_RANGES, ABI 2.1).
+    zero_ranges: bool = True
     # `ovmf-mh migrate-incoming` at this address; None runs the target role
     # in this process over loopback TCP.
     target: tuple[str, int] | None = None
@@ -500,7 +507,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         exporter = stack.enter_context(
             Exporter(source_ram, key, channel.writer, kind=config.helper, helpers=config.helpers,
                      firmware=config.image, work_dir=work / "source-helpers", track_pages=True,
-                     mailbox_timeout=config.mailbox_timeout, challenge=lambda: list(nonces))
+                     mailbox_timeout=config.mailbox_timeout, challenge=lambda: list(nonces),
+                     zero_ranges=config.zero_ranges)
         )
         # From now on a fault stops the helpers' work at their next step.
         watch.on_fault = exporter.abort
@@ -526,7 +534,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             meter.finish()
             report.passes.append(PassReport(len(report.passes) + 1, stats.pages, stats.zero_pages,
                                             stats.stream_bytes, stats.seconds, running, logged, check_seconds,
-                                            log_reset))
+                                            log_reset, stats.zero_range_pages))
 
         every_page = np.arange(size // PAGE, dtype=np.uint64)
         if dirty_log is not None:

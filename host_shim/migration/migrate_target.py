@@ -74,6 +74,7 @@ class TargetReport:
     stream_bytes: int = 0
     private_pages: int = 0
     shared_pages: int = 0
+    zero_range_pages: int = 0
     target_heartbeat: str | None = None
     # Set when the source could not be told that the guest resumed here (it
     # went away after its commit): the guest runs here all the same.
@@ -90,8 +91,9 @@ class TargetReport:
         if self.guest:
             lines.append(f"  guest: {json.dumps(self.guest, sort_keys=True)}")
         if self.stream_bytes:
-            lines.append(f"  stream: {self.stream_bytes} bytes, {self.private_pages} private and "
-                         f"{self.shared_pages} shared pages verified; prepared in {self.setup_seconds:.2f} s")
+            lines.append(f"  stream: {self.stream_bytes} bytes, {self.private_pages} private ({self.zero_range_pages} "
+                         f"as zero ranges) and {self.shared_pages} shared pages verified; prepared in "
+                         f"{self.setup_seconds:.2f} s")
         if self.target_heartbeat:
             lines.append(f"  heartbeat on this host: {self.target_heartbeat}")
         if self.source_lost:
@@ -247,6 +249,7 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
         raise MigrationError(f"the import failed: {error}")
     summary: TransferSummary = imported["summary"]
     report.private_pages = summary.private_pages
+    report.zero_range_pages = summary.zero_range_pages
     report.shared_pages = summary.shared_pages
     channel.phase = "the verdict"
     # A target QEMU that no longer answers QMP (a wedged main loop) would

@@ -97,6 +97,9 @@ class Totals:
     excluded_pages: int = 0
     zero_pages: int = 0
     plain_digest: str = ""
+    #: Private pages that went as ZERO_RANGE records (ABI 2.1); checked. Absent
+    #: in streams written before, which hold no such records: 0.
+    zero_range_pages: int = 0
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode()
@@ -111,8 +114,9 @@ class Totals:
                 excluded_pages=int(fields["excluded_pages"]),
                 zero_pages=int(fields["zero_pages"]),
                 plain_digest=str(fields["plain_digest"]),
+                zero_range_pages=int(fields.get("zero_range_pages", 0)),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ContainerError(f"malformed DONE frame: {exc}") from None
 
 

@@ -52,6 +52,7 @@ from host_shim.helpers.backends import Backend, open_backends
 from host_shim.helpers.mailbox import DEFAULT_TIMEOUT, status_name
 from host_shim.progress import Progress
 from host_shim.transfer import container as ct
+from host_shim.transfer import holes as zr
 from host_shim.vm import process
 
 LIST_AT = 0
@@ -62,6 +63,13 @@ OUTPUT_REGIONS = 2
 PAGE_PRIVATE = 0
 PAGE_SHARED = 1
 PAGE_EXCLUDED = 2
+
+#: Pages one EXPORT_ZERO_RANGES call may cover (32 MiB): the source helper
+#: reads every byte of them and the target helper every byte again in one
+#: IMPORT_BATCH, so a call must stay well inside the mailbox timeout under
+#: TCG (a full list of 256 whole blocks, 512 MiB, took over 10 s on a
+#: loaded machine).
+ZERO_RANGE_PAGES_PER_CALL = 8192
 
 #: Page numbers, as the hot loop uses them: no Python work per page.
 PageNumbers = npt.NDArray[np.uint64]
@@ -126,6 +134,8 @@ class TransferSummary:
     shared_pages: int = 0
     excluded_pages: int = 0
     zero_pages: int = 0
+    #: Private pages that went as ZERO_RANGE records (EXPORT_ZERO_RANGES), not page by page.
+    zero_range_pages: int = 0
     stream_bytes: int = 0
     seconds: float = 0.0
     helper_start_seconds: float = 0.0  # part of ``seconds`` spent starting helpers
@@ -156,8 +166,8 @@ class TransferSummary:
         text = (
             f"{self.direction} {self.outcome}: {self.pages} pages{done} ({self.private_pages} private through "
             f"{self.helpers} {self.helper} helper(s), {self.shared_pages} shared, {self.excluded_pages} "
-            f"excluded, {self.zero_pages} zero), {self.stream_bytes} stream bytes in {self.seconds:.2f} s "
-            f"({rate:.0f} pages/s)"
+            f"excluded, {self.zero_pages} zero, {self.zero_range_pages} as zero ranges), {self.stream_bytes} "
+            f"stream bytes in {self.seconds:.2f} s ({rate:.0f} pages/s)"
         )
         if self.error:
             text += f"\n  error: {self.error}"
@@ -214,6 +224,22 @@ def _call(backend: Backend, command: str, *args: int) -> tuple[int, ...]:
     return results
 
 
+def _calls(counts: npt.NDArray[np.uint64], max_ranges: int, max_pages: int) -> list[tuple[int, int]]:
+    """Split runs of ``counts`` pages into calls of at most ``max_ranges``
+    runs and (unless one run alone is larger) ``max_pages`` pages:
+    (start, stop) index pairs."""
+    calls: list[tuple[int, int]] = []
+    start, pages = 0, 0
+    for index, count in enumerate(counts.tolist()):
+        if index > start and (index - start == max_ranges or pages + count > max_pages):
+            calls.append((start, index))
+            start, pages = index, 0
+        pages += count
+    if start < len(counts):
+        calls.append((start, len(counts)))
+    return calls
+
+
 class _Failure:
     """First error of any thread; everyone else stops at the next check."""
 
@@ -263,6 +289,7 @@ class PassStats:
     zero_pages: int
     stream_bytes: int
     seconds: float
+    zero_range_pages: int = 0
 
 
 class Exporter:
@@ -288,11 +315,21 @@ class Exporter:
         track_pages: bool = False,
         mailbox_timeout: float = DEFAULT_TIMEOUT,
         challenge: Callable[[], Nonces] | None = None,
+        zero_ranges: bool = True,
     ) -> None:
         """``challenge`` gives the target helpers' nonces once the file
         header is on the sink (a TCP peer answers it with them); without
-        it the streams are unbound."""
+        it the streams are unbound. ``zero_ranges``: pages in holes of the
+        RAM file go as ZERO_RANGE records (EXPORT_ZERO_RANGES, ABI 2.1),
+        which the source helper checks; False sends every page as its own
+        record (what a 2.0 target accepts)."""
         self.page, self.batch, self.record = _geometry()
+        self.zero_ranges = zero_ranges
+        self._zero_range_record = abi.load().layout("OVMF_MH_RECORD_HEADER").size + abi.load().layout(
+            "OVMF_MH_ZERO_RANGE_PAYLOAD").size + abi.load().const("OVMF_MH_TAG_SIZE")
+        self._max_ranges = abi.load().const("OVMF_MH_MAX_ZERO_RANGES")
+        if abi.load().const("OVMF_MH_SHARD_BLOCK_PAGES") != self.batch:
+            raise TransferError("the shard block of HelperAbi.h is not MaxBatchPages; shard_of assumes it is")
         self._challenge = challenge
         self._nonces: Nonces | None = None
         self._migration_id = os.urandom(abi.load().const("OVMF_MH_MIGRATION_ID_SIZE"))
@@ -475,10 +512,18 @@ class Exporter:
         # guaranteed to land after its older copy.
         mine = self._by_shard(pages)
         zeros = [0] * self.helpers
+        ranged = [0] * self.helpers
+        empty = zr.hole_pages(self.src, self.page) if self.zero_ranges else None
 
         def work(index: int, backend: Backend) -> None:
             data = backend.data
             own = mine[index]
+            if empty is not None and len(own):
+                in_hole = empty[own.astype(np.int64)]
+                covered, written, refused = self._send_zero_ranges(index, backend, own[in_hole], meter, before_batch)
+                ranged[index] += covered
+                sizes[index] += written
+                own = np.concatenate((own[~in_hole], refused))
             for chunk in (own[i : i + self.batch] for i in range(0, len(own), self.batch)):
                 self._failure.raise_if_set()
                 data[LIST_AT : LIST_AT + 8 * len(chunk)] = _pack_offsets(chunk, self.page)
@@ -506,7 +551,62 @@ class Exporter:
             self._run_shards(work)
         finally:
             self.summary.zero_pages += sum(zeros)
-        return PassStats(len(pages), sum(zeros), sum(sizes), time.monotonic() - started)
+            self.summary.zero_range_pages += sum(ranged)
+        return PassStats(len(pages), sum(zeros), sum(sizes), time.monotonic() - started, sum(ranged))
+
+    def _send_zero_ranges(
+        self,
+        index: int,
+        backend: Backend,
+        pages: PageNumbers,
+        meter: Progress | None,
+        before_batch: Callable[[PageNumbers], None] | None,
+    ) -> tuple[int, int, PageNumbers]:
+        """Pages the host believes empty, as runs inside shard blocks,
+        through EXPORT_ZERO_RANGES: the helper checks every byte and seals
+        one record per run. A list the helper refuses with NOT_ZERO (a page
+        was written since the host looked) changes nothing; its pages are
+        returned to go as ordinary records. Returns (pages covered, frame
+        bytes, pages refused)."""
+        firsts, counts = zr.runs(pages, self.batch)
+        data = backend.data
+        covered = size = 0
+        refused: list[PageNumbers] = [np.empty(0, dtype=np.uint64)]
+        for start, stop in _calls(counts, self._max_ranges, ZERO_RANGE_PAGES_PER_CALL):
+            self._failure.raise_if_set()
+            first, count = firsts[start:stop], counts[start:stop]
+            entries = np.empty((len(first), 2), dtype="<u8")
+            entries[:, 0] = first * np.uint64(self.page)
+            entries[:, 1] = count
+            data[LIST_AT : LIST_AT + entries.nbytes] = entries.tobytes()
+            offsets = np.repeat(np.cumsum(count) - count, count.astype(np.int64))
+            numbers = np.repeat(first, count.astype(np.int64)) + (
+                np.arange(int(count.sum()), dtype=np.uint64) - offsets)
+            region = self._take_region(index)
+            if before_batch is not None:
+                before_batch(numbers)
+            try:
+                written, _, pages_covered = _call(
+                    backend, "EXPORT_ZERO_RANGES", LIST_AT, len(first), region, len(first) * self._zero_range_record
+                )[:3]
+            except MailboxError as error:
+                self._free_regions[index].put(region)
+                if error.status_name != "NOT_ZERO":
+                    raise
+                refused.append(numbers)
+                continue
+            except BaseException:
+                self._free_regions[index].put(region)
+                raise
+            covered += pages_covered
+            size += ct.FRAME_HEADER.size + written
+            with self._count_lock:
+                self.summary.private_pages += pages_covered
+            self._put(ct.Frame(ct.KIND_RECORDS, index, data[region : region + written]),
+                      lambda free=self._free_regions[index], region=region: free.put(region))  # type: ignore[misc]
+            if meter is not None:
+                meter.advance(pages_covered)
+        return covered, size, np.concatenate(refused)
 
     def shard_of(self, number: int) -> int:
         """The helper that carries page ``number``, the same in every pass."""
@@ -578,7 +678,7 @@ class Exporter:
         self._put_and_drain()
         self.summary.excluded_pages = excluded_pages
         totals = ct.Totals(self.summary.private_pages, self.summary.shared_pages, excluded_pages,
-                           self.summary.zero_pages, self._digest.hexdigest())
+                           self.summary.zero_pages, self._digest.hexdigest(), self.summary.zero_range_pages)
         done = ct.Frame(ct.KIND_DONE, 0, totals.encode())
         self._write(done.encode())
         self.sink.flush()
@@ -616,13 +716,15 @@ def export_ram(
     progress: bool | None = None,
     mailbox_timeout: float = DEFAULT_TIMEOUT,
     challenge: Callable[[], Nonces] | None = None,
+    zero_ranges: bool = True,
 ) -> TransferSummary:
     """Write the transfer stream of RAM file ``src`` to ``sink`` (one pass),
-    bound to the target's ``challenge`` nonces if given, else unbound.
+    bound to the target's ``challenge`` nonces if given, else unbound;
+    pages in holes of ``src`` as zero ranges unless ``zero_ranges`` is False.
     On failure the exception carries what was done (``partial_summary``)."""
     # Checks the arguments and the RAM file; starts nothing before __enter__.
     exporter = Exporter(src, key, sink, kind=kind, helpers=helpers, firmware=firmware, work_dir=work_dir,
-                        mailbox_timeout=mailbox_timeout, challenge=challenge)
+                        mailbox_timeout=mailbox_timeout, challenge=challenge, zero_ranges=zero_ranges)
     pages = exporter.size // exporter.page
     private, shared, excluded = _plan(pages, load_page_map(page_map, pages))
     meter = Progress("export", len(private) + len(shared), enabled=progress)
@@ -735,6 +837,8 @@ def import_ram(
     completed = [False] * header.shards
     records = [0] * header.shards
     zero_pages = [0] * header.shards
+    range_records = [0] * header.shards
+    range_pages = [0] * header.shards
     applied_pages = [0] * header.shards
     # Short queues: what is in flight must be imported before a switchover.
     queues: list[queue.Queue[ct.Frame | None]] = [queue.Queue(maxsize=1) for _ in range(header.shards)]
@@ -761,10 +865,13 @@ def import_ram(
                 elif not began:
                     raise TransferError(f"shard {index}: {ct.KIND_NAMES[frame.kind]} before the stream header")
                 elif frame.kind == ct.KIND_RECORDS:
-                    applied, written = _call(backend, "IMPORT_BATCH", IO_AT, len(frame.payload))[:2]
-                    zero_pages[index] += applied - written
-                    applied_pages[index] += applied
-                    meter.advance(applied)
+                    applied, written, _, ranges, covered = _call(
+                        backend, "IMPORT_BATCH", IO_AT, len(frame.payload))[:5]
+                    zero_pages[index] += applied - written - ranges
+                    range_records[index] += ranges
+                    range_pages[index] += covered
+                    applied_pages[index] += applied - ranges + covered
+                    meter.advance(applied - ranges + covered)
                 else:
                     records[index] = _call(backend, "IMPORT_END", IO_AT, len(frame.payload))[0]
                     completed[index] = True
@@ -830,10 +937,18 @@ def import_ram(
                 missing = [i for i, ok in enumerate(completed) if not ok]
                 if missing:
                     raise TransferError(f"shard(s) {missing} never delivered a verified end record (truncated stream)")
-                if sum(records) != totals.private_pages or shared != totals.shared_pages:
+                # A ZERO_RANGE record is one record of the END count and
+                # PageCount pages (the helpers report both per batch).
+                private = sum(records) - sum(range_records) + sum(range_pages)
+                if private != totals.private_pages or shared != totals.shared_pages:
                     raise TransferError(
-                        f"totals disagree: {sum(records)} private / {shared} shared pages arrived, "
+                        f"totals disagree: {private} private / {shared} shared pages arrived, "
                         f"DONE says {totals.private_pages} / {totals.shared_pages}"
+                    )
+                if sum(range_pages) != totals.zero_range_pages:
+                    raise TransferError(
+                        f"totals disagree: {sum(range_pages)} pages arrived as zero ranges, DONE says "
+                        f"{totals.zero_range_pages}"
                     )
                 if digest.hexdigest() != totals.plain_digest:
                     raise TransferError("plain pages do not match the DONE frame's digest")
@@ -844,10 +959,11 @@ def import_ram(
                     # QEMU reads the same page cache and waiting for the disk
                     # would only lengthen the downtime.
                     target_map.flush()
-                summary.private_pages = sum(records)
+                summary.private_pages = private
                 summary.shared_pages = shared
                 summary.excluded_pages = totals.excluded_pages
                 summary.zero_pages = sum(zero_pages)
+                summary.zero_range_pages = sum(range_pages)
                 summary.shard_records = list(records)
             if mode == "replace":
                 with target.open("rb") as f:
@@ -861,6 +977,7 @@ def import_ram(
                 summary.private_pages = sum(applied_pages)
                 summary.shared_pages = shared_pages_seen[0]
                 summary.zero_pages = sum(zero_pages)
+                summary.zero_range_pages = sum(range_pages)
                 _attach(exc, summary)
             raise
         finally:

@@ -21,7 +21,7 @@
 // meaning; the minor number when commands or capabilities are added.
 //
 #define OVMF_MH_ABI_MAJOR  2
-#define OVMF_MH_ABI_MINOR  0
+#define OVMF_MH_ABI_MINOR  1   ///< 2.1: EXPORT_ZERO_RANGES and ZERO_RANGE records
 
 #define OVMF_MH_PAGE_SIZE  0x1000
 
@@ -141,6 +141,7 @@ typedef struct {
 #define OVMF_MH_CMD_IMPORT_CHALLENGE 11 ///< Arg0 out offset, Arg1 capacity -> a fresh nonce the next import must be bound to
 #define OVMF_MH_CMD_IMPORT_RECEIPT   12 ///< Arg0 out offset, Arg1 capacity -> OVMF_MH_RECEIPT of the completed import
 #define OVMF_MH_CMD_IMPORT_COMMIT    13 ///< Arg0 in offset, Arg1 size: ShardCount receipts, one per shard, in shard order
+#define OVMF_MH_CMD_EXPORT_ZERO_RANGES 14 ///< Arg0 range-list offset, Arg1 range count, Arg2 out offset, Arg3 capacity (ABI 2.1)
 
 //
 // Capability bits (OVMF_MH_MAILBOX_HEADER.Capabilities and image info).
@@ -153,6 +154,7 @@ typedef struct {
 #define OVMF_MH_CAP_KEY_LOADED  0x0000000000000020  ///< A transport key was injected
 #define OVMF_MH_CAP_CHECK_PAGES 0x0000000000000040  ///< CHECK_PAGES (ABI 1.2)
 #define OVMF_MH_CAP_BINDING     0x0000000000000080  ///< IMPORT_CHALLENGE, IMPORT_RECEIPT, IMPORT_COMMIT, bound streams (ABI 2.0)
+#define OVMF_MH_CAP_ZERO_RANGES 0x0000000000000100  ///< EXPORT_ZERO_RANGES, ZERO_RANGE records imported (ABI 2.1)
 
 //
 // Status codes: command results (Status) and halt reasons (HaltReason).
@@ -187,6 +189,13 @@ typedef struct {
 #define OVMF_MH_STATUS_UNBOUND_STREAM         0x2B ///< Unbound stream after IMPORT_CHALLENGE asked for a bound one
 #define OVMF_MH_STATUS_WRONG_MIGRATION        0x2C ///< Receipt of another migration, or of a bound/unbound mismatch
 #define OVMF_MH_STATUS_BAD_RECEIPT            0x2D ///< Receipt MAC invalid, or this helper's own receipt altered
+//
+// Zero ranges (ABI 2.1). NOT_ZERO is an export argument failure (nothing
+// changes); RANGE_OUTSIDE_SHARD fails an import session like the stream
+// checks above, and refuses an export's range list without changing it.
+//
+#define OVMF_MH_STATUS_NOT_ZERO               0x2E ///< A range the host called empty holds a non-zero byte
+#define OVMF_MH_STATUS_RANGE_OUTSIDE_SHARD    0x2F ///< A zero range crosses a shard block or lies in another shard's block
 //
 // Request rejections (HaltReason, also logged to debugcon). 0x100 and up.
 //
@@ -308,6 +317,16 @@ typedef struct {
 #define OVMF_MH_RECORD_PAGE         1   ///< Payload: 4096 bytes of ciphertext
 #define OVMF_MH_RECORD_ZERO         2   ///< No payload: the page is all zero
 #define OVMF_MH_RECORD_END          3   ///< Payload: OVMF_MH_END_PAYLOAD, encrypted
+#define OVMF_MH_RECORD_ZERO_RANGE   4   ///< Payload: OVMF_MH_ZERO_RANGE_PAYLOAD, encrypted: PageCount pages from GuestOffset are all zero (ABI 2.1)
+//
+// The split of a guest between the shards of a migration: page P belongs
+// to shard (P / OVMF_MH_SHARD_BLOCK_PAGES) mod ShardCount. A ZERO_RANGE
+// record covers pages of one block of its own shard only, so that shards
+// applied in parallel never zero each other's pages. EXPORT_ZERO_RANGES
+// takes at most OVMF_MH_MAX_ZERO_RANGES range entries per call.
+//
+#define OVMF_MH_SHARD_BLOCK_PAGES   512
+#define OVMF_MH_MAX_ZERO_RANGES     256 ///< Range entries per EXPORT_ZERO_RANGES (the list is copied into the page-list buffer)
 
 typedef struct {
   UINT64    Magic;                         ///< OVMF_MH_STREAM_MAGIC
@@ -336,6 +355,24 @@ typedef struct {
   UINT64    RecordCount;                   ///< PAGE and ZERO records before END
   UINT8     ChainDigest[OVMF_MH_DIGEST_SIZE]; ///< SHA-256 chain over their tags
 } OVMF_MH_END_PAYLOAD;
+
+//
+// ZERO_RANGE record payload (ABI 2.1), encrypted like a page. The range is
+// [GuestOffset, GuestOffset + PageCount * OVMF_MH_PAGE_SIZE), 1 <= PageCount
+// <= OVMF_MH_SHARD_BLOCK_PAGES, inside one shard block.
+//
+typedef struct {
+  UINT64    PageCount;                     ///< Pages in the range, all zero when the source helper sealed it
+} OVMF_MH_ZERO_RANGE_PAYLOAD;
+
+//
+// EXPORT_ZERO_RANGES range-list entry (ABI 2.1): the host's claim that these
+// pages are empty, which the helper checks byte by byte before sealing.
+//
+typedef struct {
+  UINT64    GuestOffset;                   ///< First page, page aligned
+  UINT64    PageCount;                     ///< 1..OVMF_MH_SHARD_BLOCK_PAGES, inside one block of this shard
+} OVMF_MH_ZERO_RANGE_ENTRY;
 
 //
 // Receipt of a completed import (IMPORT_RECEIPT), checked by IMPORT_COMMIT.
@@ -409,6 +446,11 @@ STATIC_ASSERT (sizeof (OVMF_MH_RECORD_HEADER) == 40, "OVMF_MH_RECORD_HEADER size
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECORD_HEADER, SessionId) == 24, "record SessionId offset");
 STATIC_ASSERT (sizeof (OVMF_MH_END_PAYLOAD) == 40, "OVMF_MH_END_PAYLOAD size");
 STATIC_ASSERT (sizeof (OVMF_MH_RECEIPT) == 120, "OVMF_MH_RECEIPT size");
+STATIC_ASSERT (sizeof (OVMF_MH_ZERO_RANGE_PAYLOAD) == 8, "OVMF_MH_ZERO_RANGE_PAYLOAD size");
+STATIC_ASSERT (sizeof (OVMF_MH_ZERO_RANGE_ENTRY) == 16, "OVMF_MH_ZERO_RANGE_ENTRY size");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_ZERO_RANGE_ENTRY, PageCount) == 8, "zero range entry PageCount offset");
+STATIC_ASSERT (OVMF_MH_SHARD_BLOCK_PAGES == OVMF_MH_MAX_BATCH_PAGES, "a shard block is one batch");
+STATIC_ASSERT (OVMF_MH_MAX_ZERO_RANGES * 16 <= OVMF_MH_MAX_BATCH_PAGES * 8, "a range list fits the page-list copy");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECEIPT, RecordCount) == 48, "receipt RecordCount offset");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECEIPT, Mac) == 88, "receipt Mac offset");
 

@@ -309,6 +309,8 @@ InternalDispatch (
       return InternalImportReceipt (Context, Arg, Result);
     case OVMF_MH_CMD_IMPORT_COMMIT:
       return InternalImportCommit (Context, Arg, Result);
+    case OVMF_MH_CMD_EXPORT_ZERO_RANGES:
+      return InternalExportZeroRanges (Context, Arg, Result);
 
     default:
       return OVMF_MH_STATUS_UNSUPPORTED;

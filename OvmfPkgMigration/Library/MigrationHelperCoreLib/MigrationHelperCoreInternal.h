@@ -16,7 +16,7 @@
 
 #define OVMF_MH_BASE_CAPABILITIES \
   (OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN | OVMF_MH_CAP_EXPORT | OVMF_MH_CAP_IMPORT | OVMF_MH_CAP_CHECK_PAGES | \
-   OVMF_MH_CAP_BINDING)
+   OVMF_MH_CAP_BINDING | OVMF_MH_CAP_ZERO_RANGES)
 
 ///
 /// Largest record (PAGE) and the end record, in bytes.
@@ -25,6 +25,9 @@
   (sizeof (OVMF_MH_RECORD_HEADER) + OVMF_MH_PAGE_SIZE + OVMF_MH_TAG_SIZE)
 #define OVMF_MH_END_RECORD_SIZE \
   (sizeof (OVMF_MH_RECORD_HEADER) + sizeof (OVMF_MH_END_PAYLOAD) + OVMF_MH_TAG_SIZE)
+
+#define OVMF_MH_ZERO_RANGE_RECORD_SIZE \
+  (sizeof (OVMF_MH_RECORD_HEADER) + sizeof (OVMF_MH_ZERO_RANGE_PAYLOAD) + OVMF_MH_TAG_SIZE)
 
 ///
 /// Session state and buffers, in helper-private memory.
@@ -103,6 +106,13 @@ InternalImportBatch (
 
 UINT32
 InternalCheckPages (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalExportZeroRanges (
   IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
   IN     CONST UINT64            *Arg,
   OUT    UINT64                  *Result

@@ -840,6 +840,252 @@ InternalCheckPages (
   return OVMF_MH_STATUS_SUCCESS;
 }
 
+//
+// ---------------------------------------------------------------------------
+// Zero ranges (ABI 2.1): one authenticated record for a run of pages the
+// host says are empty, which the source helper checks before sealing and
+// the target helper checks again before writing.
+// ---------------------------------------------------------------------------
+//
+
+/**
+  Check where a zero range lies: inside the guest window, and inside one
+  shard block that belongs to the given shard.
+
+  @param[in] Context      The helper context.
+  @param[in] GuestOffset  First byte of the range.
+  @param[in] PageCount    Pages in the range, at least 1.
+  @param[in] Header       The session's stream header (shard index, count).
+
+  @retval OVMF_MH_STATUS_SUCCESS              The range may be zeroed by this shard.
+  @retval OVMF_MH_STATUS_BAD_PAGE             Misaligned, or not inside the window.
+  @retval OVMF_MH_STATUS_RANGE_OUTSIDE_SHARD  Crosses a shard block, or the block is another shard's.
+**/
+STATIC
+UINT32
+InternalZeroRangePlace (
+  IN OVMF_MH_HELPER_CONTEXT       *Context,
+  IN UINT64                       GuestOffset,
+  IN UINT64                       PageCount,
+  IN CONST OVMF_MH_STREAM_HEADER  *Header
+  )
+{
+  UINT64  First;
+
+  if (((GuestOffset & (OVMF_MH_PAGE_SIZE - 1)) != 0) || (GuestOffset >= Context->GuestWindowSize) ||
+      (PageCount > (Context->GuestWindowSize - GuestOffset) / OVMF_MH_PAGE_SIZE))
+  {
+    return OVMF_MH_STATUS_BAD_PAGE;
+  }
+
+  First = GuestOffset / OVMF_MH_PAGE_SIZE;
+  if ((PageCount > OVMF_MH_SHARD_BLOCK_PAGES) ||
+      ((First % OVMF_MH_SHARD_BLOCK_PAGES) + PageCount > OVMF_MH_SHARD_BLOCK_PAGES) ||
+      (Header->ShardCount == 0) ||
+      ((First / OVMF_MH_SHARD_BLOCK_PAGES) % Header->ShardCount != Header->ShardIndex))
+  {
+    return OVMF_MH_STATUS_RANGE_OUTSIDE_SHARD;
+  }
+
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  EXPORT_ZERO_RANGES: the host names runs of pages it believes empty; the
+  helper checks every byte of every run and, only if all are zero, seals
+  one ZERO_RANGE record per run. Any refusal writes nothing and leaves the
+  session as it was.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      Range-list offset, range count, out offset, capacity.
+  @param[out]    Result   Bytes written, records, pages covered; on NOT_ZERO,
+                          Result[0] is the guest offset of the first page
+                          found not zero.
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalExportZeroRanges (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION             *Session;
+  OVMF_MH_ZERO_RANGE_ENTRY    *Ranges;
+  OVMF_MH_ZERO_RANGE_PAYLOAD  Payload;
+  OVMF_MH_RECORD_HEADER       Record;
+  UINT8                       Nonce[OVMF_MH_NONCE_SIZE];
+  UINT8                       *Out;
+  UINT8                       *Tag;
+  UINT64                      Count;
+  UINT64                      Index;
+  UINT64                      Page;
+  UINT64                      Number;
+  UINT64                      Written;
+  UINT64                      Pages;
+  UINT64                      Offset;
+  UINT32                      Status;
+
+  Session = InternalSession (Context);
+  if (Session->State != OVMF_MH_SESSION_EXPORTING) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  Count = Arg[1];
+  if (Count > OVMF_MH_MAX_ZERO_RANGES) {
+    return OVMF_MH_STATUS_BATCH_TOO_LARGE;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Count * sizeof (OVMF_MH_ZERO_RANGE_ENTRY)) ||
+      !InternalDataSpanOk (Context, Arg[2], Arg[3]))
+  {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  //
+  // The list is read once into private memory (the page-list buffer holds
+  // OVMF_MH_MAX_ZERO_RANGES entries); every entry is checked before any
+  // guest page is read.
+  //
+  Ranges = (OVMF_MH_ZERO_RANGE_ENTRY *)Session->PageList;
+  CopyMem (Ranges, (VOID *)(Context->Data + Arg[0]), (UINTN)Count * sizeof (OVMF_MH_ZERO_RANGE_ENTRY));
+  for (Index = 0; Index < Count; Index++) {
+    if (Ranges[Index].PageCount == 0) {
+      return OVMF_MH_STATUS_INVALID_PARAMETER;
+    }
+
+    Status = InternalZeroRangePlace (
+               Context,
+               Ranges[Index].GuestOffset,
+               Ranges[Index].PageCount,
+               &Session->StreamHeader
+               );
+    if (Status != OVMF_MH_STATUS_SUCCESS) {
+      return Status;
+    }
+  }
+
+  if (Arg[3] < Count * OVMF_MH_ZERO_RANGE_RECORD_SIZE) {
+    return OVMF_MH_STATUS_BUFFER_TOO_SMALL;
+  }
+
+  if (Session->TrackPages && (Count > 0) && !InternalPageHashKeyReady (Session)) {
+    return OVMF_MH_STATUS_UNEXPECTED;
+  }
+
+  //
+  // The host's claim is checked in full before anything is sealed: a range
+  // with one non-zero byte refuses the whole call. The pages are read in
+  // place, once, a page at a time; a page the host changes after its check
+  // is a page that changed after it was sent, which CHECK_PAGES reports.
+  //
+  for (Index = 0; Index < Count; Index++) {
+    for (Page = 0; Page < Ranges[Index].PageCount; Page++) {
+      Offset = Ranges[Index].GuestOffset + Page * OVMF_MH_PAGE_SIZE;
+      if (!InternalIsZero ((CONST UINT8 *)(Context->GuestWindow + Offset), OVMF_MH_PAGE_SIZE)) {
+        Result[0] = Offset;
+        return OVMF_MH_STATUS_NOT_ZERO;
+      }
+    }
+  }
+
+  Out     = (UINT8 *)(Context->Data + Arg[2]);
+  Tag     = Session->Scratch;
+  Written = 0;
+  Pages   = 0;
+  for (Index = 0; Index < Count; Index++) {
+    Payload.PageCount = Ranges[Index].PageCount;
+    InternalRecordHeader (Session, OVMF_MH_RECORD_ZERO_RANGE, sizeof (Payload), Ranges[Index].GuestOffset, &Record);
+    InternalNonce (Session->NextSequence, Nonce);
+    MigrationHelperOcbEncrypt (
+      &Session->Key,
+      Nonce,
+      (CONST UINT8 *)&Record,
+      sizeof (Record),
+      (CONST UINT8 *)&Payload,
+      sizeof (Payload),
+      Out + Written + sizeof (Record),
+      Tag
+      );
+    CopyMem (Out + Written, &Record, sizeof (Record));
+    CopyMem (Out + Written + sizeof (Record) + sizeof (Payload), Tag, OVMF_MH_TAG_SIZE);
+    InternalChain (Session, Tag);
+    if (Session->TrackPages) {
+      Number = Ranges[Index].GuestOffset / OVMF_MH_PAGE_SIZE;
+      for (Page = 0; (Page < Ranges[Index].PageCount) && (Number + Page < OVMF_MH_MAX_TRACKED_PAGES); Page++) {
+        Session->PageHash[Number + Page] = Session->ZeroPageHash;
+      }
+    }
+
+    Written += OVMF_MH_ZERO_RANGE_RECORD_SIZE;
+    Pages   += Ranges[Index].PageCount;
+    Session->NextSequence++;
+    Session->RecordCount++;
+  }
+
+  Result[0] = Written;
+  Result[1] = Count;
+  Result[2] = Pages;
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  Apply an authenticated ZERO_RANGE record: check its range against the
+  window and this stream's shard, then make every page of it zero, writing
+  only pages that are not zero already (a sparse target RAM file stays
+  sparse where it is zero).
+
+  @param[in]     Context  The helper context.
+  @param[in]     Record   The record header (private copy, authenticated).
+  @param[in]     Plain    The decrypted payload (private).
+  @param[in,out] Pages    Incremented by the pages the range covers.
+
+  @retval OVMF_MH_STATUS_SUCCESS              Applied.
+  @retval OVMF_MH_STATUS_BAD_RECORD           PageCount is 0.
+  @retval OVMF_MH_STATUS_BAD_PAGE             The range leaves the window.
+  @retval OVMF_MH_STATUS_RANGE_OUTSIDE_SHARD  The range is not inside one block of this shard.
+**/
+STATIC
+UINT32
+InternalApplyZeroRange (
+  IN     OVMF_MH_HELPER_CONTEXT       *Context,
+  IN     CONST OVMF_MH_RECORD_HEADER  *Record,
+  IN     CONST UINT8                  *Plain,
+  IN OUT UINT64                       *Pages
+  )
+{
+  OVMF_MH_ZERO_RANGE_PAYLOAD  Payload;
+  UINT64                      Page;
+  UINT8                       *Target;
+  UINT32                      Status;
+
+  CopyMem (&Payload, Plain, sizeof (Payload));
+  if (Payload.PageCount == 0) {
+    return OVMF_MH_STATUS_BAD_RECORD;
+  }
+
+  Status = InternalZeroRangePlace (
+             Context,
+             Record->GuestOffset,
+             Payload.PageCount,
+             &InternalSession (Context)->StreamHeader
+             );
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    return Status;
+  }
+
+  for (Page = 0; Page < Payload.PageCount; Page++) {
+    Target = (UINT8 *)(Context->GuestWindow + Record->GuestOffset + Page * OVMF_MH_PAGE_SIZE);
+    if (!InternalIsZero (Target, OVMF_MH_PAGE_SIZE)) {
+      ZeroMem (Target, OVMF_MH_PAGE_SIZE);
+    }
+  }
+
+  *Pages += Payload.PageCount;
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
 /**
   IMPORT_BEGIN: verify a stream header, check that it is meant for this
   helper (guest size, shard, challenge nonce) and open an import session.
@@ -984,7 +1230,8 @@ InternalCheckRecordHeader (
 
   @param[in,out] Context  The helper context.
   @param[in]     Arg      In offset, size.
-  @param[out]    Result   Records applied, pages written, failing sequence.
+  @param[out]    Result   Records applied, pages written, failing sequence,
+                          ZERO_RANGE records applied, pages they covered.
 
   @return OVMF_MH_STATUS_* value.
 **/
@@ -1043,7 +1290,8 @@ InternalImportBatch (
     CopyMem (&Record, Batch + Position, sizeof (Record));
     Result[2] = Record.Sequence;
     if (!(((Record.Type == OVMF_MH_RECORD_PAGE) && (Record.PayloadSize == OVMF_MH_PAGE_SIZE)) ||
-          ((Record.Type == OVMF_MH_RECORD_ZERO) && (Record.PayloadSize == 0))))
+          ((Record.Type == OVMF_MH_RECORD_ZERO) && (Record.PayloadSize == 0)) ||
+          ((Record.Type == OVMF_MH_RECORD_ZERO_RANGE) && (Record.PayloadSize == sizeof (OVMF_MH_ZERO_RANGE_PAYLOAD)))))
     {
       Status = OVMF_MH_STATUS_BAD_RECORD;
       break;
@@ -1080,6 +1328,13 @@ InternalImportBatch (
     if (Record.Type == OVMF_MH_RECORD_PAGE) {
       CopyMem ((VOID *)(Context->GuestWindow + Record.GuestOffset), Session->PageBuffer, OVMF_MH_PAGE_SIZE);
       Result[1]++;
+    } else if (Record.Type == OVMF_MH_RECORD_ZERO_RANGE) {
+      Status = InternalApplyZeroRange (Context, &Record, Session->PageBuffer, &Result[4]);
+      if (Status != OVMF_MH_STATUS_SUCCESS) {
+        break;
+      }
+
+      Result[3]++;
     } else {
       ZeroMem ((VOID *)(Context->GuestWindow + Record.GuestOffset), OVMF_MH_PAGE_SIZE);
     }

@@ -279,9 +279,11 @@ InternalRefused (
     case OVMF_MH_STATUS_BUFFER_TOO_SMALL:
     case OVMF_MH_STATUS_NO_ENTROPY:
     case OVMF_MH_STATUS_SESSION_FAILED:
+    case OVMF_MH_STATUS_NOT_ZERO:
       return TRUE;
     case OVMF_MH_STATUS_BAD_PAGE:
     case OVMF_MH_STATUS_BATCH_TOO_LARGE:
+    case OVMF_MH_STATUS_RANGE_OUTSIDE_SHARD:
       //
       // In IMPORT_BATCH these also name a bad record: the session fails.
       //
@@ -298,7 +300,7 @@ InternalKnownStatus (
   )
 {
   return (BOOLEAN)(Status <= OVMF_MH_STATUS_NO_ENTROPY ||
-                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_BAD_RECEIPT));
+                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_RANGE_OUTSIDE_SHARD));
 }
 
 STATIC
@@ -377,8 +379,10 @@ InternalShadowOpen (
   MigrationHelperSha256Update (&Chain, (CONST UINT8 *)CHAIN_LABEL_TEXT, sizeof (CHAIN_LABEL_TEXT) - 1);
   MigrationHelperSha256Update (&Chain, Helper->ShadowSessionId, OVMF_MH_SESSION_ID_SIZE);
   MigrationHelperSha256Final (&Chain, Helper->ShadowChain);
-  Helper->ShadowNext = 1;
-  Helper->ShadowOpen = TRUE;
+  Helper->ShadowNext       = 1;
+  Helper->ShadowShardIndex = Header->ShardIndex;
+  Helper->ShadowShardCount = Header->ShardCount;
+  Helper->ShadowOpen       = TRUE;
 }
 
 /**
@@ -408,6 +412,8 @@ InternalShadowApply (
   UINT64                  Position;
   UINT64                  RecordSize;
   UINT64                  Index;
+  UINT64                  Pages;
+  UINT64                  First;
 
   Position = 0;
   for (Index = 0; Index < Applied; Index++) {
@@ -421,7 +427,8 @@ InternalShadowApply (
 
     memcpy (&Record, Batch + Position, sizeof (Record));
     if (!(((Record.Type == OVMF_MH_RECORD_PAGE) && (Record.PayloadSize == OVMF_MH_PAGE_SIZE)) ||
-          ((Record.Type == OVMF_MH_RECORD_ZERO) && (Record.PayloadSize == 0))))
+          ((Record.Type == OVMF_MH_RECORD_ZERO) && (Record.PayloadSize == 0)) ||
+          ((Record.Type == OVMF_MH_RECORD_ZERO_RANGE) && (Record.PayloadSize == sizeof (OVMF_MH_ZERO_RANGE_PAYLOAD)))))
     {
       FuzzFail ("a malformed record was applied", Index);
     }
@@ -453,6 +460,23 @@ InternalShadowApply (
 
     if (Record.Type == OVMF_MH_RECORD_PAGE) {
       memcpy (Helper->WindowExpected + Record.GuestOffset, Plain, OVMF_MH_PAGE_SIZE);
+    } else if (Record.Type == OVMF_MH_RECORD_ZERO_RANGE) {
+      //
+      // The checker's own reading of the range rules (docs/stream-format.md,
+      // "Zero ranges"): 1 page or more, inside the window, inside one shard
+      // block of the header's shard.
+      //
+      memcpy (&Pages, Plain, sizeof (Pages));
+      First = Record.GuestOffset / OVMF_MH_PAGE_SIZE;
+      if ((Pages == 0) || (Pages > (Helper->WindowSize - Record.GuestOffset) / OVMF_MH_PAGE_SIZE) ||
+          ((First % OVMF_MH_SHARD_BLOCK_PAGES) + Pages > OVMF_MH_SHARD_BLOCK_PAGES) ||
+          (Helper->ShadowShardCount == 0) ||
+          ((First / OVMF_MH_SHARD_BLOCK_PAGES) % Helper->ShadowShardCount != Helper->ShadowShardIndex))
+      {
+        FuzzFail ("a zero range outside the window or the shard was applied", Record.Sequence);
+      }
+
+      memset (Helper->WindowExpected + Record.GuestOffset, 0, (size_t)(Pages * OVMF_MH_PAGE_SIZE));
     } else {
       memset (Helper->WindowExpected + Record.GuestOffset, 0, OVMF_MH_PAGE_SIZE);
     }
@@ -823,7 +847,8 @@ FuzzCall (
     }
   }
 
-  if ((Status >= OVMF_MH_STATUS_BAD_RECORD) && (Status <= OVMF_MH_STATUS_BAD_RECEIPT) &&
+  if ((((Status >= OVMF_MH_STATUS_BAD_RECORD) && (Status <= OVMF_MH_STATUS_BAD_RECEIPT)) ||
+       ((Status == OVMF_MH_STATUS_RANGE_OUTSIDE_SHARD) && (Command == OVMF_MH_CMD_IMPORT_BATCH))) &&
       (Session->State != OVMF_MH_SESSION_FAILED))
   {
     FuzzFail ("a stream failure left the session usable", Status);
@@ -838,7 +863,7 @@ FuzzCall (
   if ((Command == OVMF_MH_CMD_EXPORT_BEGIN) || (Command == OVMF_MH_CMD_EXPORT_END)) {
     OutStart = Arg[0];
     OutEnd   = Arg[0] + Arg[1];
-  } else if (Command == OVMF_MH_CMD_EXPORT_BATCH) {
+  } else if ((Command == OVMF_MH_CMD_EXPORT_BATCH) || (Command == OVMF_MH_CMD_EXPORT_ZERO_RANGES)) {
     OutStart = Arg[2];
     OutEnd   = Arg[2] + Arg[3];
   } else if (Command == OVMF_MH_CMD_CHECK_PAGES) {

@@ -71,6 +71,8 @@ typedef struct {
   UINT8                     ShadowSessionId[OVMF_MH_SESSION_ID_SIZE];
   UINT8                     ShadowChain[OVMF_MH_DIGEST_SIZE];
   UINT64                    ShadowNext;
+  UINT32                    ShadowShardIndex; ///< The verified header's shard: where ZERO_RANGE records may point
+  UINT32                    ShadowShardCount;
 } FUZZ_HELPER;
 
 /**
