@@ -51,7 +51,7 @@ EXPECTED_ANON_DEVICES = ("isa-debugcon",)
 #: ICH9 LPC, AHCI and SMBus, present whatever the command line.
 Q35_BUILTIN_PCI = {(0, 0, 0), (0, 31, 0), (0, 31, 2), (0, 31, 3)}
 CPU_TYPE = f"{CPUS[0]}-x86_64-cpu"
-WORKLOAD_INIT = re.compile(rb"exec /bin/workload (\d+) (\d+) (\d+)\n")
+WORKLOAD_INIT = re.compile(rb"exec /bin/workload (\d+) (\d+) (\d+)(?: \d+)?\n")
 
 
 class AttachRefused(MigrationError):
