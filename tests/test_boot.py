@@ -181,7 +181,8 @@ def test_malformed_request_is_refused(
                 handle.truncate(guest_mib * MIB)
     spec = HelperSpec(firmware, own_ram=own_mib * MIB, guest_ram=guest_ram, request_override=blob)
     with HelperVM(spec, work_dir) as helper:
-        seconds = helper.vm.wait_for_log(helper.vm.logs.debugcon, "request rejected", timeout=15)
+        # The rejection line ends with "halting": wait for all of it, not its start.
+        seconds = helper.vm.wait_for_log(helper.vm.logs.debugcon, "; halting", timeout=15)
         assert seconds is not None, "no rejection logged"
         debugcon = helper.vm.debugcon_text()
         assert f"request rejected: {reason}" in debugcon
