@@ -100,7 +100,6 @@ SECRET = _A.layout("OVMF_MH_SECRET")
 SECRET_SIGNATURE = _A.const("OVMF_MH_SECRET_SIGNATURE")
 SECRET_VERSION = _A.const("OVMF_MH_SECRET_VERSION")
 
-MAX_TRACKED_PAGES = _A.const("OVMF_MH_MAX_TRACKED_PAGES")
 EXPORT_TRACK_PAGES = _A.const("OVMF_MH_EXPORT_TRACK_PAGES")
 EXPORT_FLAGS_KNOWN = _A.const("OVMF_MH_EXPORT_FLAGS_KNOWN")
 EXPORT_BOUND = _A.const("OVMF_MH_EXPORT_BOUND")
@@ -163,7 +162,6 @@ class SealedPages:
     guest holds copies of that shard only."""
 
     def __init__(self, window_pages: int) -> None:
-        self.tracked = min(window_pages, MAX_TRACKED_PAGES)
         chunks = -(-window_pages * s.PAGE_SIZE // s.SNAPSHOT_CHUNK_SIZE)
         self.chunks: list[bytearray] = [_UNSEALED] * chunks
         self.sent = bytearray(window_pages)
@@ -191,7 +189,7 @@ class SealedPages:
         flags = []
         for offset in offsets:
             number = offset // s.PAGE_SIZE
-            if number >= self.tracked or not self.sent[number]:
+            if not self.sent[number]:
                 flags.append(1)
             elif self.sent[number] == _SEALED_ZERO:
                 flags.append(int(not s.is_zero(window[offset : offset + s.PAGE_SIZE])))

@@ -95,10 +95,11 @@ def test_signatures_spell_what_the_docs_say() -> None:
 
 def test_pack_unpack_round_trip() -> None:
     layout = abi.load().layout("OVMF_MH_REQUEST")
-    blob = layout.pack(Signature=1, Version=2, Size=3, MailboxBase=0x1234, GuestWindowSize=0x5000)
+    blob = layout.pack(Signature=1, Version=2, Size=3, MailboxBase=0x1234, WindowBase=[0x5000, 1 << 32])
     assert len(blob) == layout.size
     decoded = layout.unpack(blob)
-    assert decoded["MailboxBase"] == 0x1234 and decoded["GuestWindowSize"] == 0x5000
+    assert decoded["MailboxBase"] == 0x1234
+    assert decoded["WindowBase"] == (0x5000, 1 << 32, 0, 0, 0, 0, 0, 0)
     with pytest.raises(KeyError):
         layout.pack(NoSuchField=1)
 

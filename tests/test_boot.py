@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import struct
 import time
 from pathlib import Path
 
@@ -13,12 +14,13 @@ from helper import abi
 from host_shim.firmware.boot import DIVERSION_MARKER, PEI_MARKERS, BootMode, boot_image
 from host_shim.helpers.helper_vm import MIB, HelperSpec, HelperVM
 from host_shim.helpers.mailbox import state_name, status_name
-from host_shim.helpers.request import HelperRequest
+from host_shim.helpers.request import work_area_size
 
 pytestmark = pytest.mark.qemu
 
 A = abi.load()
 MIN_BASE = A.const("OVMF_MH_MAILBOX_MIN_BASE")
+GIB = 1024 * MIB
 READY_BOUND_S = 10.0
 #: Seconds for one command on a loaded machine (a NOP takes well under 1 ms under TCG).
 COMMAND_BOUND_S = 30.0
@@ -73,28 +75,45 @@ def test_unknown_command_gets_error_status(firmware: Path, work_dir: Path) -> No
         assert status_name(helper.mailbox.post_and_wait("NOP", (), timeout=COMMAND_BOUND_S).status) == "SUCCESS"
 
 
-def _blob(**overrides: int) -> bytes:
-    request = HelperRequest(mailbox_base=MIN_BASE, mailbox_size=16 * MIB)
-    fields = {
+WORK_BASE = MIN_BASE + 16 * MIB
+WORK_SIZE = work_area_size(64 * MIB)
+
+
+def _blob(**overrides: object) -> bytes:
+    fields: dict[str, object] = {
         "Signature": A.const("OVMF_MH_REQUEST_SIGNATURE"),
         "Version": A.const("OVMF_MH_REQUEST_VERSION"),
         "Size": A.layout("OVMF_MH_REQUEST").size,
-        "MailboxBase": request.mailbox_base,
-        "MailboxSize": request.mailbox_size,
+        "MailboxBase": MIN_BASE,
+        "MailboxSize": 16 * MIB,
+        "WorkAreaBase": WORK_BASE,
+        "WorkAreaSize": WORK_SIZE,
     }
     fields.update(overrides)
+    if "WindowBase" in overrides and "WindowRangeCount" not in overrides:
+        fields["WindowRangeCount"] = len(overrides["WindowBase"])  # type: ignore[arg-type]
     return A.layout("OVMF_MH_REQUEST").pack(**fields)
 
 
 GOOD = _blob()
+VERSION_1 = struct.pack("<IHHIIQQQQ", A.const("OVMF_MH_REQUEST_SIGNATURE"), 1, 48, 0, 0, MIN_BASE, 16 * MIB,
+                        64 * MIB, 32 * MIB)
+#: Window range 0 ends 4 KiB short of 2 GiB, so range 1 (at 4 GiB) is not
+#: 2 MiB-congruent with its place in the window: 5 GiB of 4 KiB pages need
+#: 2,560 page tables, more than the budget.
+INCONGRUENT = _blob(WindowBase=[64 * MIB + 4096, 4 * GIB], WindowSize=[2 * GIB - 64 * MIB - 8192, 5 * GIB],
+                    WorkAreaSize=work_area_size(8 * GIB))
 # (id, blob, expected reason, whether the mailbox was usable, own RAM MiB, guest MiB)
 BAD_REQUESTS = [
     ("short-blob", GOOD[:-1], "REQUEST_SIZE", False, 64, 0),
     ("long-blob", GOOD + b"\0", "REQUEST_SIZE", False, 64, 0),
-    ("size-field", _blob(Size=40), "REQUEST_SIZE", False, 64, 0),
+    ("size-field", _blob(Size=48), "REQUEST_SIZE", False, 64, 0),
     ("signature", _blob(Signature=0x12345678), "REQUEST_SIGNATURE", False, 64, 0),
-    ("version", _blob(Version=2), "REQUEST_VERSION", False, 64, 0),
+    ("version-1-request", VERSION_1, "REQUEST_VERSION", False, 64, 32),
+    ("version", _blob(Version=3), "REQUEST_VERSION", False, 64, 0),
     ("flags", _blob(Flags=1), "REQUEST_FLAGS", False, 64, 0),
+    ("too-many-ranges", _blob(WindowRangeCount=9), "WINDOW_RANGES", False, 64, 0),
+    ("unused-range-not-zero", _blob(WindowRangeCount=0, WindowSize=[0, 4096]), "WINDOW_RANGES", False, 64, 0),
     ("mailbox-misaligned", _blob(MailboxBase=MIN_BASE + 0x800), "MAILBOX_ALIGNMENT", False, 64, 0),
     ("mailbox-too-small", _blob(MailboxSize=0x1000), "MAILBOX_SIZE", False, 64, 0),
     ("mailbox-over-sec-memory", _blob(MailboxBase=0x800000, MailboxSize=0x10000), "MAILBOX_RESERVED", False, 64,
@@ -102,10 +121,18 @@ BAD_REQUESTS = [
     ("mailbox-past-ram", _blob(MailboxBase=56 * MIB, MailboxSize=16 * MIB), "MAILBOX_NOT_RAM", False, 64, 0),
     ("mailbox-wraps", _blob(MailboxBase=0xFFFFFFFFFFFFF000, MailboxSize=0x2000), "MAILBOX_NOT_RAM", False, 64, 0),
     ("helper-ram-too-small", GOOD, "HELPER_RAM", False, 16, 0),
-    ("window-misaligned", _blob(GuestWindowBase=64 * MIB + 8, GuestWindowSize=32 * MIB), "WINDOW_ALIGNMENT", True, 64,
+    ("work-area-over-mailbox", _blob(WorkAreaBase=MIN_BASE + 8 * MIB), "WORK_AREA_INVALID", True, 64, 0),
+    ("work-area-past-ram", _blob(WorkAreaBase=63 * MIB), "WORK_AREA_NOT_RAM", True, 64, 0),
+    ("window-misaligned", _blob(WindowBase=[64 * MIB + 8], WindowSize=[32 * MIB]), "WINDOW_ALIGNMENT", True, 64,
      32),
-    ("window-over-mailbox", _blob(GuestWindowBase=MIN_BASE, GuestWindowSize=32 * MIB), "WINDOW_OVERLAP", True, 64, 32),
-    ("window-past-ram", _blob(GuestWindowBase=64 * MIB, GuestWindowSize=64 * MIB), "WINDOW_NOT_RAM", True, 64, 32),
+    ("window-over-mailbox", _blob(WindowBase=[MIN_BASE], WindowSize=[32 * MIB]), "WINDOW_OVERLAP", True, 64, 32),
+    ("window-over-work-area", _blob(WindowBase=[WORK_BASE], WindowSize=[4096]), "WINDOW_OVERLAP", True, 64, 32),
+    ("window-ranges-overlap", _blob(WindowBase=[64 * MIB, 72 * MIB], WindowSize=[16 * MIB, 8 * MIB]),
+     "WINDOW_OVERLAP", True, 64, 32),
+    ("window-past-ram", _blob(WindowBase=[64 * MIB], WindowSize=[64 * MIB]), "WINDOW_NOT_RAM", True, 64, 32),
+    ("work-area-too-small", _blob(WindowBase=[64 * MIB], WindowSize=[32 * MIB], WorkAreaSize=MIB),
+     "WORK_AREA_TOO_SMALL", True, 64, 32),
+    ("page-tables-over-budget", INCONGRUENT, "PAGE_TABLES_TOO_LARGE", True, 64, 8 * 1024),
 ]
 
 
@@ -116,8 +143,8 @@ def _assert_no_mailbox_written(memory: mmap.mmap, blob: bytes) -> None:
     anywhere else (e.g. below it, by a helper computing addresses mod 2^64)."""
     signature = A.const("OVMF_MH_MAILBOX_SIGNATURE").to_bytes(8, "little")
     named = None
-    if len(blob) == A.layout("OVMF_MH_REQUEST").size:
-        named = A.layout("OVMF_MH_REQUEST").unpack(blob)["MailboxBase"]
+    if len(blob) == A.layout("OVMF_MH_REQUEST").size or len(blob) == len(VERSION_1):
+        named = struct.unpack_from("<Q", blob, A.layout("OVMF_MH_REQUEST").offset("MailboxBase"))[0]
     deadline = time.monotonic() + NO_WRITE_WATCH_S
     while True:
         if named is not None and named < len(memory):
@@ -143,13 +170,19 @@ def test_malformed_request_is_refused(
     guest_mib: int,
 ) -> None:
     guest_ram = None
+    before = None
     if guest_mib:
         guest_ram = work_dir / "guest.ram"
-        guest_ram.write_bytes(bytes(range(256)) * (guest_mib * MIB // 256))
-    before = hashlib.sha256(guest_ram.read_bytes()).hexdigest() if guest_ram else None
-    spec = HelperSpec(firmware, own_ram_size=own_mib * MIB, guest_ram=guest_ram, request_override=blob)
+        if guest_mib <= 64:
+            guest_ram.write_bytes(bytes(range(256)) * (guest_mib * MIB // 256))
+            before = hashlib.sha256(guest_ram.read_bytes()).hexdigest()
+        else:  # sparse: nothing may allocate a block of it
+            with guest_ram.open("wb") as handle:
+                handle.truncate(guest_mib * MIB)
+    spec = HelperSpec(firmware, own_ram=own_mib * MIB, guest_ram=guest_ram, request_override=blob)
     with HelperVM(spec, work_dir) as helper:
-        seconds = helper.vm.wait_for_log(helper.vm.logs.debugcon, "request rejected", timeout=15)
+        # The rejection line ends with "halting": wait for all of it, not its start.
+        seconds = helper.vm.wait_for_log(helper.vm.logs.debugcon, "; halting", timeout=15)
         assert seconds is not None, "no rejection logged"
         debugcon = helper.vm.debugcon_text()
         assert f"request rejected: {reason}" in debugcon
@@ -167,8 +200,11 @@ def test_malformed_request_is_refused(
             # mailbox, neither where the request named it nor anywhere else.
             _assert_no_mailbox_written(helper.memory, blob)
         assert helper.vm.serial_text() == ""
-    if guest_ram is not None:
-        assert hashlib.sha256(guest_ram.read_bytes()).hexdigest() == before, "guest RAM changed"
+    if before is not None:
+        assert guest_ram is not None and hashlib.sha256(guest_ram.read_bytes()).hexdigest() == before, (
+            "guest RAM changed")
+    elif guest_ram is not None:
+        assert guest_ram.stat().st_blocks == 0, "a block of the sparse guest RAM was written"
 
 
 def test_launch_secret_is_loaded_and_wiped(firmware: Path, work_dir: Path) -> None:

@@ -28,7 +28,7 @@ from helper import stream as s
 from helper.reference import CMD, STATUS, ReferenceHelper
 from host_shim.helpers.helper_vm import DEFAULT_MAILBOX_SIZE, DEFAULT_OWN_RAM
 from host_shim.helpers.keys import secret_record
-from host_shim.helpers.request import HelperRequest
+from host_shim.helpers.request import HELPER_RAM_BELOW_4G, HelperRequest, window_ranges, work_area_size
 
 PAGE = 4096
 #: The harnesses' fixed transport key (FUZZ_KEY_BYTE in FuzzCommon.h).
@@ -256,31 +256,79 @@ ZERO_RANGE_SEED = [(3, 5), (12, 4), (0, 1)]
 
 def request_seeds() -> dict[str, bytes]:
     mib = 1024 * 1024
+    gib = 1024 * mib
 
     def e820(*entries: tuple[int, int, int]) -> bytes:
         return b"".join(struct.pack("<QQI", base, size, kind) for base, size, kind in entries)
 
     reserved = (0xFEFFC000, 0x4000, E820_RESERVED)
+    mailbox = abi.load().const("OVMF_MH_MAILBOX_MIN_BASE")
+    work = mailbox + DEFAULT_MAILBOX_SIZE
     seeds: dict[str, bytes] = {}
-    for window in (0, 16 * mib, 256 * mib):
+    for window in (0, 16 * mib, 256 * mib, 4 * gib):
+        own = max(DEFAULT_OWN_RAM, work + work_area_size(window))
+        ram = own + window
         request = HelperRequest(
-            mailbox_base=abi.load().const("OVMF_MH_MAILBOX_MIN_BASE"),
+            mailbox_base=mailbox,
             mailbox_size=DEFAULT_MAILBOX_SIZE,
-            guest_window_base=DEFAULT_OWN_RAM if window else 0,
-            guest_window_size=window,
+            work_area_base=work,
+            work_area_size=work_area_size(window),
+            window=window_ranges(own, window, ram) if window else (),
         ).encode()
-        ram = DEFAULT_OWN_RAM + window
-        seeds[f"request-window-{window // mib}m"] = bytes([0, 0]) + request + e820((0, ram, E820_RAM), reserved)
-        seeds[f"request-window-{window // mib}m-split"] = (
-            bytes([0, 0]) + request + e820((0, DEFAULT_OWN_RAM, E820_RAM), (DEFAULT_OWN_RAM, window or mib, E820_RAM))
+        low = min(ram, HELPER_RAM_BELOW_4G)
+        split = ((0, low, E820_RAM),) + (((4 * gib, ram - low, E820_RAM),) if ram > low else ())
+        seeds[f"request-window-{window // mib}m"] = bytes([0, 0]) + request + e820(*split, reserved)
+        seeds[f"request-window-{window // mib}m-nodes"] = (
+            bytes([0, 0]) + request + e820((0, own, E820_RAM), *((own, low - own, E820_RAM),) if window else (),
+                                           *split[1:])
         )
-    bad = HelperRequest(mailbox_base=0x1800800, mailbox_size=DEFAULT_MAILBOX_SIZE).encode()
+    bad = HelperRequest(mailbox_base=0x1800800, mailbox_size=DEFAULT_MAILBOX_SIZE, work_area_base=work,
+                        work_area_size=work_area_size(0)).encode()
     seeds["request-misaligned"] = bytes([0, 0]) + bad + e820((0, DEFAULT_OWN_RAM, E820_RAM))
     seeds["request-short-blob"] = bytes([0xF0, 40]) + bad[:40] + e820((0, DEFAULT_OWN_RAM, E820_RAM))
+    version1 = struct.pack("<IHHIIQQQQ", abi.load().const("OVMF_MH_REQUEST_SIGNATURE"), 1, 48, 0, 0, mailbox,
+                           DEFAULT_MAILBOX_SIZE, DEFAULT_OWN_RAM, 16 * mib)
+    seeds["request-version-1"] = bytes([0xF0, 48]) + version1 + e820((0, DEFAULT_OWN_RAM + 16 * mib, E820_RAM))
     return seeds
 
 
-SEEDS = {"mailbox": mailbox_seeds, "stream": stream_seeds, "request": request_seeds}
+def page_table_seeds() -> dict[str, bytes]:
+    """Mapping lists for FuzzPageTables.c: the address spaces of q35 helper
+    VMs (tests/c/fuzz/FuzzPageTables.c documents the encoding)."""
+    mib = 1024 * 1024
+    gib = 1024 * mib
+    page = 4096
+
+    def raw(*spans: tuple[int, int, int, int]) -> bytes:
+        return b"".join(struct.pack("<QQQB", v, p, s, a) for v, p, s, a in spans)
+
+    def helper_space(guest: int) -> list[tuple[int, int, int, int]]:
+        own = max(DEFAULT_OWN_RAM, 0x2800000 + work_area_size(guest))
+        spans = [(0x800000, 0x800000, 0x1000000, 1), (0x1800000, 0x1800000, DEFAULT_MAILBOX_SIZE, 0),
+                 (0x2800000, 0x2800000, work_area_size(guest), 1)]
+        spans.append((0xFF000000, 0xFF000000, 0x1000000, 1))
+        virtual = (1 << 40) + own % gib
+        for base, size in window_ranges(own, guest, own + guest):
+            spans.append((virtual, base, size, 1))
+            virtual += size
+        return spans
+
+    seeds: dict[str, bytes] = {}
+    for guest in (256 * mib, 4 * gib, 16 * gib):
+        for flags, label in ((0x1, "1g"), (0x0, "2m"), (0x3 | 0x8, "cbit47-1g"), (0x4 | 0x8, "cbit51-2m")):
+            seeds[f"page-tables-q35-{guest // mib}m-{label}"] = (
+                bytes([flags | 0x8, 46, 64]) + raw(*helper_space(guest)))
+    # Compact: a 4 KiB-unit span straddling 2 MiB, a 2 MiB-unit one, a 1 GiB-unit one.
+    compact = struct.pack("<IIIB", 0x1FF, 0x1FF, 4, 0) + struct.pack("<IIIB", 0x200, 0x400, 3, 2 | 1)
+    compact += struct.pack("<IIIB", 0x40000, 0x40000, 2, 4 | 1)
+    seeds["page-tables-compact"] = bytes([0x1, 46, 16]) + compact
+    seeds["page-tables-too-small"] = bytes([0x0, 46, 2]) + compact
+    seeds["page-tables-overlap"] = bytes([0x9, 46, 8]) + raw((1 << 40, 0, 2 * page, 1), (1 << 40 | page, gib, page, 0))
+    return seeds
+
+
+SEEDS = {"mailbox": mailbox_seeds, "stream": stream_seeds, "request": request_seeds,
+         "page-tables": page_table_seeds}
 
 
 def write_seeds(target: str, directory: Path) -> int:

@@ -2,8 +2,12 @@
 
 Memory layout (mirror-VM emulation, DESIGN.md): the helper VM's own RAM is
 a shared memory file the host maps; when the helper serves a guest, the
-guest's RAM file is a second NUMA node, so guest offset X appears at helper
-GPA own_ram_size + X. The fw_cfg request names the mailbox and that window.
+guest's RAM file is a second NUMA node, so guest offset X is byte
+own_ram_size + X of the helper VM's RAM. Helper VMs are q35 machines with
+``max-ram-below-4g=2G``: RAM past 2 GiB continues at 4 GiB, so a large
+guest's window is two ranges (own_ram_size .. 2 GiB, then 4 GiB ..). The
+fw_cfg request (version 2) names the mailbox, the work area right after it
+(session state and page tracking, sized from the window) and those ranges.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from helper import abi
 from host_shim.errors import MailboxError, QemuError, SetupError
 from host_shim.helpers.helper_memory import HelperMemory
 from host_shim.helpers.mailbox import Mailbox
-from host_shim.helpers.request import HelperRequest, fw_cfg_name
+from host_shim.helpers.request import HELPER_RAM_BELOW_4G, HelperRequest, fw_cfg_name, window_ranges, work_area_size
 from host_shim.vm.qemu import MemoryBackend, QemuConfig, QemuVM
 
 MIB = 1024 * 1024
@@ -31,10 +35,14 @@ QEMU_RAM_ALIGNMENT = 8192
 SHUTDOWN_TIMEOUT = 2.0
 
 
+#: Own RAM grows in steps of this much when the work area needs more.
+OWN_RAM_STEP = 2 * MIB
+
+
 @dataclass
 class HelperSpec:
     firmware_code: Path
-    own_ram_size: int = DEFAULT_OWN_RAM
+    own_ram: int | None = None  # None: DEFAULT_OWN_RAM, or more when the work area needs it
     mailbox_size: int = DEFAULT_MAILBOX_SIZE
     guest_ram: Path | None = None
     key: bytes | None = None  # transport key, injected as the launch secret
@@ -42,15 +50,35 @@ class HelperSpec:
 
     @property
     def mailbox_base(self) -> int:
-        return abi.load().const("OVMF_MH_MAILBOX_MIN_BASE")
+        return int(abi.load().const("OVMF_MH_MAILBOX_MIN_BASE"))
+
+    @property
+    def guest_size(self) -> int:
+        return self.guest_ram.stat().st_size if self.guest_ram else 0
+
+    @property
+    def work_area_base(self) -> int:
+        return self.mailbox_base + self.mailbox_size
+
+    @property
+    def work_area_size(self) -> int:
+        return work_area_size(self.guest_size)
+
+    @property
+    def own_ram_size(self) -> int:
+        if self.own_ram is not None:
+            return self.own_ram
+        needed = self.work_area_base + self.work_area_size
+        return max(DEFAULT_OWN_RAM, -(-needed // OWN_RAM_STEP) * OWN_RAM_STEP)
 
     def request(self) -> HelperRequest:
-        window = self.guest_ram.stat().st_size if self.guest_ram else 0
+        window = self.guest_size
         return HelperRequest(
             mailbox_base=self.mailbox_base,
             mailbox_size=self.mailbox_size,
-            guest_window_base=self.own_ram_size if window else 0,
-            guest_window_size=window,
+            work_area_base=self.work_area_base,
+            work_area_size=self.work_area_size,
+            window=window_ranges(self.own_ram_size, window, self.own_ram_size + window) if window else (),
         )
 
 
@@ -78,6 +106,7 @@ class HelperVM:
         self.vm = QemuVM(
             QemuConfig(
                 firmware_code=spec.firmware_code,
+                machine=f"q35,max-ram-below-4g={HELPER_RAM_BELOW_4G}",
                 memory=memory,
                 numa=len(memory) > 1,
                 fw_cfg_files=[(fw_cfg_name(), self.request_file)],

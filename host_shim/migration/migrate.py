@@ -914,6 +914,15 @@ def plain_qemu_migration(
             time.sleep(0.01)
         if info.get("status") != "completed":
             raise MigrationError(f"plain QEMU migration ended as {info.get('status')}")
+        # QEMU sets 'completed' a moment before it records the run's total
+        # time and downtime: until then query-migrate answers 0 for both.
+        settle = time.monotonic() + 5
+        while not info.get("total-time") and time.monotonic() < settle:
+            time.sleep(0.02)
+            info = source.qmp("query-migrate")
+        if not info.get("total-time"):
+            raise MigrationError("plain QEMU migration completed but QEMU reported no total time "
+                                 f"(see {work / 'source'})")
         while target.qmp("query-status").get("status") == "inmigrate":
             time.sleep(0.005)
         serial_before = len(target.serial_text())

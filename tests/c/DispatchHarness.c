@@ -48,13 +48,16 @@ mh_create (
     return NULL;
   }
 
-  Context->Private = malloc (OVMF_MH_CORE_PRIVATE_SIZE);
+  //
+  // The work area a firmware helper would get for this window.
+  //
+  Context->PrivateSize = (UINTN)MigrationHelperWorkAreaSize (WindowSize);
+  Context->Private     = (Context->PrivateSize == 0) ? NULL : malloc (Context->PrivateSize);
   if (Context->Private == NULL) {
     free (Context);
     return NULL;
   }
 
-  Context->PrivateSize     = OVMF_MH_CORE_PRIVATE_SIZE;
   Context->Header          = (volatile OVMF_MH_MAILBOX_HEADER *)Mailbox;
   Context->Data            = Mailbox + OVMF_MH_MAILBOX_HEADER_SIZE;
   Context->DataSize        = MailboxSize - OVMF_MH_MAILBOX_HEADER_SIZE;

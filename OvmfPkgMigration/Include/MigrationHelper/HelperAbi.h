@@ -20,8 +20,8 @@
 // ABI version. The major number changes when a field moves or changes
 // meaning; the minor number when commands or capabilities are added.
 //
-#define OVMF_MH_ABI_MAJOR  2
-#define OVMF_MH_ABI_MINOR  1   ///< 2.1: EXPORT_ZERO_RANGES and ZERO_RANGE records
+#define OVMF_MH_ABI_MAJOR  3
+#define OVMF_MH_ABI_MINOR  0   ///< 3.0: request version 2, the helper's own page tables (2.1 added EXPORT_ZERO_RANGES)
 
 #define OVMF_MH_PAGE_SIZE  0x1000
 
@@ -31,15 +31,16 @@
 // ---------------------------------------------------------------------------
 //
 #define OVMF_MH_REQUEST_SIGNATURE  0x52484d4f          // "OMHR"
-#define OVMF_MH_REQUEST_VERSION    1
+#define OVMF_MH_REQUEST_VERSION    2
 #define OVMF_MH_REQUEST_FW_CFG_NAME  "opt/ovmf-mh/request"
 
 //
 // Memory the helper itself uses, in guest-physical addresses of the helper
-// VM. The host may place the mailbox and the guest window only at or above
-// OVMF_MH_MAILBOX_MIN_BASE; everything below is firmware territory:
-// SEC's page tables, temporary RAM and stack (0x800000..0x81FFFF, from the
-// OVMF flash layout), the launch-secret page and the helper's private RAM.
+// VM. The host may place the mailbox, the work area and the guest window
+// only at or above OVMF_MH_MAILBOX_MIN_BASE; everything below is firmware
+// territory: SEC's page tables, temporary RAM and stack (0x800000..0x81FFFF,
+// from the OVMF flash layout), the launch-secret page and the helper's
+// private RAM (its IDT and context, then its own page tables).
 //
 #define OVMF_MH_SECRET_PAGE_BASE     0x00F00000
 #define OVMF_MH_PRIVATE_BASE         0x01000000
@@ -48,10 +49,34 @@
 #define OVMF_MH_MAILBOX_MIN_SIZE     0x00002000
 #define OVMF_MH_MAILBOX_MAX_SIZE     0x04000000
 //
-// The SEC helper runs on the reset vector's identity map, which covers the
-// first 4 GiB; nothing the request names may reach above it.
+// The mailbox and the work area are reached through the reset vector's
+// identity map before the helper loads its own page tables, so they lie
+// below this limit; from it to 4 GiB is the firmware's (the flash SEC runs
+// from), which nothing the request names may overlap. Guest window ranges
+// may lie anywhere else in RAM, below or above 4 GiB.
 //
-#define OVMF_MH_ADDRESS_LIMIT        0x100000000
+#define OVMF_MH_ADDRESS_LIMIT        0xFF000000
+//
+// Guest window (request version 2): up to this many ranges of helper-VM
+// RAM, in guest-offset order (range 0 holds guest offsets 0 .. Size[0]-1,
+// range 1 the next ones, ...), at most OVMF_MH_MAX_WINDOW_SIZE bytes in all.
+//
+#define OVMF_MH_MAX_WINDOW_RANGES    8
+#define OVMF_MH_MAX_WINDOW_SIZE      0x4000000000
+//
+// Work area: helper-private RAM the host lends for session state and page
+// tracking. It must hold at least
+//   OVMF_MH_WORK_AREA_BASE_SIZE + OVMF_MH_WORK_AREA_PAGE_BYTES * (window bytes / 4096)
+// bytes: every page of the window is tracked for CHECK_PAGES.
+//
+#define OVMF_MH_WORK_AREA_BASE_SIZE  0x00100000
+#define OVMF_MH_WORK_AREA_PAGE_BYTES 8
+//
+// The helper's page tables live in its private RAM after its context, at
+// most this many 4 KiB tables; a layout that needs more is refused
+// (PAGE_TABLES_TOO_LARGE).
+//
+#define OVMF_MH_PAGE_TABLE_BUDGET    0x7F0
 
 #pragma pack(1)
 
@@ -59,12 +84,14 @@ typedef struct {
   UINT32    Signature;        ///< OVMF_MH_REQUEST_SIGNATURE
   UINT16    Version;          ///< OVMF_MH_REQUEST_VERSION
   UINT16    Size;             ///< sizeof (OVMF_MH_REQUEST); the blob is exactly this long
-  UINT32    Flags;            ///< Must be zero in version 1
-  UINT32    Reserved;         ///< Must be zero
+  UINT32    Flags;            ///< Must be zero in version 2
+  UINT32    WindowRangeCount; ///< Used entries of WindowBase/WindowSize, 0..OVMF_MH_MAX_WINDOW_RANGES
   UINT64    MailboxBase;      ///< GPA of the shared area, page aligned
   UINT64    MailboxSize;      ///< Bytes, page aligned, MIN_SIZE..MAX_SIZE
-  UINT64    GuestWindowBase;  ///< GPA where guest RAM offset 0 appears (0 with size 0: none)
-  UINT64    GuestWindowSize;  ///< Bytes of guest RAM visible, page aligned
+  UINT64    WorkAreaBase;     ///< GPA of the helper's work area, page aligned, below 4 GiB
+  UINT64    WorkAreaSize;     ///< Bytes, page aligned, see OVMF_MH_WORK_AREA_BASE_SIZE
+  UINT64    WindowBase[OVMF_MH_MAX_WINDOW_RANGES]; ///< GPA of each window range; unused entries zero
+  UINT64    WindowSize[OVMF_MH_MAX_WINDOW_RANGES]; ///< Bytes of each range, page aligned; unused entries zero
 } OVMF_MH_REQUEST;
 
 #pragma pack()
@@ -100,10 +127,9 @@ typedef struct {
 #define OVMF_MH_MAX_BATCH_PAGES    512
 //
 // CHECK_PAGES remembers a keyed hash of each page an export session sent,
-// for guest pages below this many (2 GiB); pages above are always reported
-// as changed.
+// for every page of the guest window (ABI 3.0; the hashes live in the work
+// area the request lends the helper).
 //
-#define OVMF_MH_MAX_TRACKED_PAGES  0x80000
 
 //
 // EXPORT_BEGIN Arg2 flags. TRACK_PAGES (ABI 1.3): remember what each page
@@ -212,7 +238,14 @@ typedef struct {
 #define OVMF_MH_STATUS_WINDOW_NOT_RAM         0x10A
 #define OVMF_MH_STATUS_NO_FW_CFG_MEMORY_MAP   0x10B ///< etc/e820 missing or malformed
 #define OVMF_MH_STATUS_HELPER_RAM             0x10C ///< Helper VM RAM does not cover helper memory
-#define OVMF_MH_STATUS_SEV_UNSUPPORTED        0x10D ///< SEV is active; this helper cannot map C-bit clear yet
+#define OVMF_MH_STATUS_SEV_UNSUPPORTED        0x10D ///< SEV is active; this helper refuses to run under SEV yet
+#define OVMF_MH_STATUS_WINDOW_RANGES          0x10E ///< WindowRangeCount too large, or an unused range entry not zero
+#define OVMF_MH_STATUS_WORK_AREA_INVALID      0x10F ///< Work area misaligned, below MAILBOX_MIN_BASE or over the mailbox
+#define OVMF_MH_STATUS_WORK_AREA_NOT_RAM      0x110 ///< Work area not inside one RAM range below 4 GiB
+#define OVMF_MH_STATUS_WINDOW_TOO_LARGE       0x111 ///< Window ranges add up to more than OVMF_MH_MAX_WINDOW_SIZE
+#define OVMF_MH_STATUS_WORK_AREA_TOO_SMALL    0x112 ///< Work area cannot hold session state and page tracking
+#define OVMF_MH_STATUS_PAGE_TABLES_TOO_LARGE  0x113 ///< The layout needs more than OVMF_MH_PAGE_TABLE_BUDGET tables
+#define OVMF_MH_STATUS_MAPPING_UNSUPPORTED    0x114 ///< A range lies beyond the CPU's physical address width
 #define OVMF_MH_STATUS_UNEXPECTED             0x1FF
 
 #pragma pack(1)
@@ -419,9 +452,12 @@ typedef struct {
 // Sizes and offsets are the ABI: the compiler checks them here, the Python
 // side checks its parse of this file against a host build of these asserts.
 //
-STATIC_ASSERT (sizeof (OVMF_MH_REQUEST) == 48, "OVMF_MH_REQUEST size");
+STATIC_ASSERT (sizeof (OVMF_MH_REQUEST) == 176, "OVMF_MH_REQUEST size");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_REQUEST, WindowRangeCount) == 12, "WindowRangeCount offset");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_REQUEST, MailboxBase) == 16, "MailboxBase offset");
-STATIC_ASSERT (OFFSET_OF (OVMF_MH_REQUEST, GuestWindowBase) == 32, "GuestWindowBase offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_REQUEST, WorkAreaBase) == 32, "WorkAreaBase offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_REQUEST, WindowBase) == 48, "WindowBase offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_REQUEST, WindowSize) == 112, "WindowSize offset");
 
 STATIC_ASSERT (sizeof (OVMF_MH_MAILBOX_HEADER) == OVMF_MH_MAILBOX_HEADER_SIZE, "header size");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, BuildId) == 24, "BuildId offset");

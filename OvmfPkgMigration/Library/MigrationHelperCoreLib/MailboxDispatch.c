@@ -76,12 +76,15 @@ InternalCapabilities (
 }
 
 /**
-  Lay out the session state in Context->Private and pick the crypto path.
+  Lay out the session state and the page tracking table in Context->Private
+  and pick the crypto path.
 
-  @param[in,out] Context  Context whose Private and PrivateSize are set.
+  @param[in,out] Context  Context whose Private, PrivateSize and
+                          GuestWindowSize are set.
 
   @retval TRUE   Ready to serve.
-  @retval FALSE  Private is NULL or too small.
+  @retval FALSE  Private is NULL or smaller than
+                 MigrationHelperWorkAreaSize (Context->GuestWindowSize).
 **/
 BOOLEAN
 EFIAPI
@@ -90,14 +93,18 @@ MigrationHelperInitialize (
   )
 {
   OVMF_MH_SESSION  *Session;
+  UINT64           Required;
 
-  if ((Context->Private == NULL) || (Context->PrivateSize < sizeof (OVMF_MH_SESSION))) {
+  Required = MigrationHelperWorkAreaSize (Context->GuestWindowSize);
+  if ((Context->Private == NULL) || (Required == 0) || (Context->PrivateSize < Required)) {
     return FALSE;
   }
 
   Session = InternalSession (Context);
   ZeroMem (Session, sizeof (*Session));
-  Session->State      = OVMF_MH_SESSION_IDLE;
+  Session->PageHash         = (UINT64 *)((UINT8 *)Context->Private + OVMF_MH_WORK_AREA_BASE_SIZE);
+  Session->TrackedPageCount = Context->GuestWindowSize / OVMF_MH_PAGE_SIZE;
+  Session->State            = OVMF_MH_SESSION_IDLE;
   Session->AllowAesNi = MigrationHelperCpuHasAesNi ();
   return TRUE;
 }

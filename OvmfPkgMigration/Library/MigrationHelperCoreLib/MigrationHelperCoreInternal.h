@@ -52,7 +52,8 @@ struct OVMF_MH_SESSION {
   BOOLEAN                  TrackPages;                   ///< EXPORT_BEGIN asked for OVMF_MH_EXPORT_TRACK_PAGES
   BOOLEAN                  PageHashKeyReady;             ///< PageHashKey and ZeroPageHash derived for this session
   UINT64                   ZeroPageHash;                 ///< Hash of an all-zero page
-  UINT64                   PageHash[OVMF_MH_MAX_TRACKED_PAGES];   ///< 0: not sent in this session
+  UINT64                   *PageHash;                    ///< One per window page, after the session in the work area; 0: not sent
+  UINT64                   TrackedPageCount;             ///< Entries of PageHash: every page of the guest window
   BOOLEAN                  ChallengeSet;                 ///< IMPORT_CHALLENGE issued Challenge, not yet used
   BOOLEAN                  ImportDone;                   ///< COMPLETE after an import: IMPORT_RECEIPT/COMMIT allowed
   UINT8                    Challenge[OVMF_MH_CHALLENGE_SIZE];

@@ -22,7 +22,7 @@
 #define RDRAND_RETRIES     32
 #define CPUID_RDRAND       BIT30
 
-STATIC_ASSERT (sizeof (OVMF_MH_SESSION) <= OVMF_MH_CORE_PRIVATE_SIZE, "session fits the private area");
+STATIC_ASSERT (sizeof (OVMF_MH_SESSION) <= OVMF_MH_WORK_AREA_BASE_SIZE, "session fits before the page tracking table");
 STATIC_ASSERT (OVMF_MH_MAX_SHARDS * OVMF_MH_CHALLENGE_SIZE <= OVMF_MH_MAX_SHARDS * sizeof (OVMF_MH_RECEIPT), "nonces fit the input copy");
 
 /**
@@ -436,7 +436,6 @@ InternalExportBegin (
   OVMF_MH_STREAM_HEADER  *Header;
   UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
   UINT32                 Status;
-  UINT64                 TrackedPages;
   UINT64                 ShardIndex;
   UINT64                 ShardCount;
   UINT64                 BindingSize;
@@ -513,12 +512,7 @@ InternalExportBegin (
   Session->TrackPages       = (BOOLEAN)((Arg[2] & OVMF_MH_EXPORT_TRACK_PAGES) != 0);
   Session->PageHashKeyReady = FALSE;
   if (Session->TrackPages) {
-    TrackedPages = Context->GuestWindowSize / OVMF_MH_PAGE_SIZE;
-    if (TrackedPages > OVMF_MH_MAX_TRACKED_PAGES) {
-      TrackedPages = OVMF_MH_MAX_TRACKED_PAGES;
-    }
-
-    ZeroMem (Session->PageHash, (UINTN)TrackedPages * sizeof (Session->PageHash[0]));
+    ZeroMem (Session->PageHash, (UINTN)Session->TrackedPageCount * sizeof (Session->PageHash[0]));
   }
 
   Header->Magic      = OVMF_MH_STREAM_MAGIC;
@@ -658,7 +652,7 @@ InternalExportBatch (
     //
     CopyMem (Session->PageBuffer, (VOID *)(Context->GuestWindow + Session->PageList[Index]), OVMF_MH_PAGE_SIZE);
     IsZero = InternalIsZero (Session->PageBuffer, OVMF_MH_PAGE_SIZE);
-    if (Session->TrackPages && (Session->PageList[Index] / OVMF_MH_PAGE_SIZE < OVMF_MH_MAX_TRACKED_PAGES)) {
+    if (Session->TrackPages && (Session->PageList[Index] / OVMF_MH_PAGE_SIZE < Session->TrackedPageCount)) {
       //
       // All zero pages share one hash, computed with the key.
       //
@@ -822,7 +816,7 @@ InternalCheckPages (
     Number  = Session->PageList[Index] / OVMF_MH_PAGE_SIZE;
     Page    = (CONST UINT8 *)(Context->GuestWindow + Session->PageList[Index]);
     Changed = 1;
-    if ((Number < OVMF_MH_MAX_TRACKED_PAGES) && (Session->PageHash[Number] != 0)) {
+    if ((Number < Session->TrackedPageCount) && (Session->PageHash[Number] != 0)) {
       if (Session->PageHash[Number] == Session->ZeroPageHash) {
         //
         // Sent as zero: still zero is all there is to check (and cheaper).
@@ -1013,7 +1007,7 @@ InternalExportZeroRanges (
     InternalChain (Session, Tag);
     if (Session->TrackPages) {
       Number = Ranges[Index].GuestOffset / OVMF_MH_PAGE_SIZE;
-      for (Page = 0; (Page < Ranges[Index].PageCount) && (Number + Page < OVMF_MH_MAX_TRACKED_PAGES); Page++) {
+      for (Page = 0; (Page < Ranges[Index].PageCount) && (Number + Page < Session->TrackedPageCount); Page++) {
         Session->PageHash[Number + Page] = Session->ZeroPageHash;
       }
     }

@@ -23,6 +23,13 @@
 #define SEC_MH_PM1_SLP_TYP_MASK (BIT12 | BIT11 | BIT10)
 #define SEC_MH_PM1_SLP_EN       BIT13
 
+#define SEC_MH_CPUID_EXTENDED_MAX   0x80000000
+#define SEC_MH_CPUID_EXTENDED_INFO  0x80000001
+#define SEC_MH_CPUID_ADDRESS_SIZES  0x80000008
+#define SEC_MH_CPUID_SEV            0x8000001F
+#define SEC_MH_CPUID_PAGE_1GB       BIT26
+#define SEC_MH_DEFAULT_PHYS_BITS    36
+
 #define SEC_MH_CR0_MP          BIT1
 #define SEC_MH_CR0_EM          BIT2
 #define SEC_MH_CR4_OSFXSR      BIT9
@@ -104,6 +111,48 @@ InternalHelperInitializeCpu (
 
   AsmWriteCr0 ((AsmReadCr0 () & ~(UINTN)SEC_MH_CR0_EM) | SEC_MH_CR0_MP);
   AsmWriteCr4 (AsmReadCr4 () | SEC_MH_CR4_OSFXSR | SEC_MH_CR4_OSXMMEXCPT);
+}
+
+/**
+  Read what the CPU offers for the helper's page tables.
+
+  @param[in]  SevActive  Whether SEV memory encryption is active.
+  @param[out] Paging     Receives the configuration.
+**/
+VOID
+InternalHelperReadPaging (
+  IN  BOOLEAN         SevActive,
+  OUT OVMF_MH_PAGING  *Paging
+  )
+{
+  UINT32  MaxExtended;
+  UINT32  Eax;
+  UINT32  Ebx;
+  UINT32  Edx;
+
+  Paging->EncryptionMask      = 0;
+  Paging->PhysicalAddressBits = SEC_MH_DEFAULT_PHYS_BITS;
+  Paging->Allow1GPages        = FALSE;
+
+  AsmCpuid (SEC_MH_CPUID_EXTENDED_MAX, &MaxExtended, NULL, NULL, NULL);
+  if (MaxExtended >= SEC_MH_CPUID_EXTENDED_INFO) {
+    AsmCpuid (SEC_MH_CPUID_EXTENDED_INFO, NULL, NULL, NULL, &Edx);
+    Paging->Allow1GPages = (BOOLEAN)((Edx & SEC_MH_CPUID_PAGE_1GB) != 0);
+  }
+
+  if (MaxExtended >= SEC_MH_CPUID_ADDRESS_SIZES) {
+    AsmCpuid (SEC_MH_CPUID_ADDRESS_SIZES, &Eax, NULL, NULL, NULL);
+    Paging->PhysicalAddressBits = (UINT8)(Eax & 0xFF);
+  }
+
+  //
+  // The one place the C-bit is chosen: SEV's memory-encryption bit, which
+  // the builder puts on private mappings and never on the shared area.
+  //
+  if (SevActive && (MaxExtended >= SEC_MH_CPUID_SEV)) {
+    AsmCpuid (SEC_MH_CPUID_SEV, NULL, &Ebx, NULL, NULL);
+    Paging->EncryptionMask = LShiftU64 (1, Ebx & 0x3F);
+  }
 }
 
 /**

@@ -28,14 +28,17 @@ typedef struct {
 #define SEC_MH_PRIVATE_MAGIC  0x5441564952504d4fULL   // "OMPRIVAT"
 
 ///
-/// The core's session state and batch buffers follow SEC_MH_PRIVATE.
+/// The helper's page tables follow SEC_MH_PRIVATE, up to the end of the
+/// private RAM. The core's session state and page tracking live in the
+/// work area the request names.
 ///
-#define SEC_MH_CORE_PRIVATE_BASE  (OVMF_MH_PRIVATE_BASE + 0x10000)
+#define SEC_MH_PAGE_TABLES_BASE  (OVMF_MH_PRIVATE_BASE + 0x10000)
+#define SEC_MH_PAGE_TABLES_SIZE  (OVMF_MH_PAGE_TABLE_BUDGET * OVMF_MH_PAGE_SIZE)
 
-STATIC_ASSERT (sizeof (SEC_MH_PRIVATE) <= 0x10000, "private state fits before the core's area");
+STATIC_ASSERT (sizeof (SEC_MH_PRIVATE) <= 0x10000, "private state fits before the page tables");
 STATIC_ASSERT (
-  0x10000 + OVMF_MH_CORE_PRIVATE_SIZE <= OVMF_MH_PRIVATE_SIZE,
-  "core private area fits the helper's private RAM"
+  0x10000 + SEC_MH_PAGE_TABLES_SIZE <= OVMF_MH_PRIVATE_SIZE,
+  "page-table budget fits the helper's private RAM"
   );
 
 /**
@@ -126,6 +129,21 @@ InternalHelperReadRamRanges (
 VOID
 InternalHelperInitializeCpu (
   IN OUT SEC_MH_PRIVATE  *Private
+  );
+
+/**
+  Read what the CPU offers for the helper's page tables: 1 GiB pages
+  (CPUID 0x80000001 EDX[26]), the physical address width (CPUID
+  0x80000008 EAX[7:0]) and, when SEV is active, the C-bit position
+  (CPUID 0x8000001F EBX[5:0]).
+
+  @param[in]  SevActive  Whether SEV memory encryption is active.
+  @param[out] Paging     Receives the configuration.
+**/
+VOID
+InternalHelperReadPaging (
+  IN  BOOLEAN         SevActive,
+  OUT OVMF_MH_PAGING  *Paging
   );
 
 /**

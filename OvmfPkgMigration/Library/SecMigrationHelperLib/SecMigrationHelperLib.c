@@ -81,6 +81,114 @@ InternalServeForever (
 }
 
 /**
+  Log a refused request and halt; publish the halt first when the mailbox
+  passed validation. Never returns.
+
+  @param[in] Status         Why.
+  @param[in] Request        The request as read (zero-padded).
+  @param[in] MailboxUsable  Whether the mailbox may be written.
+  @param[in] BuildId        The helper build id.
+  @param[in] Detail         One more clause for the log line.
+**/
+STATIC
+VOID
+InternalRefuse (
+  IN UINT32                 Status,
+  IN CONST OVMF_MH_REQUEST  *Request,
+  IN BOOLEAN                MailboxUsable,
+  IN CONST UINT8            *BuildId,
+  IN CONST CHAR8            *Detail
+  )
+{
+  InternalHelperLog (
+    "ovmf-mh: request rejected: %a (0x%x)%a; request version %u, mailbox 0x%lx+0x%lx, work area 0x%lx+0x%lx, "
+    "%u window ranges, first 0x%lx+0x%lx; halting\n",
+    MigrationHelperStatusName (Status),
+    Status,
+    Detail,
+    (UINT32)Request->Version,
+    Request->MailboxBase,
+    Request->MailboxSize,
+    Request->WorkAreaBase,
+    Request->WorkAreaSize,
+    Request->WindowRangeCount,
+    Request->WindowBase[0],
+    Request->WindowSize[0]
+    );
+  if (MailboxUsable) {
+    MigrationHelperPublishHalt (
+      (volatile OVMF_MH_MAILBOX_HEADER *)(UINTN)Request->MailboxBase,
+      BuildId,
+      OVMF_MH_STATE_HALTED,
+      Status,
+      0
+      );
+  }
+
+  InternalHelperHalt ();
+}
+
+/**
+  Build the helper's own page tables in its private RAM and load them: the
+  firmware memory, the work area and the mailbox identity mapped, the guest
+  window as one virtual span. Refuses (and halts) when the layout cannot be
+  mapped within the budget.
+
+  @param[in]  Request        A validated request.
+  @param[in]  Paging         What the CPU offers.
+  @param[in]  BuildId        The helper build id.
+  @param[out] WindowVirtual  Receives the virtual address of guest offset 0.
+**/
+STATIC
+VOID
+InternalLoadPageTables (
+  IN  CONST OVMF_MH_REQUEST  *Request,
+  IN  CONST OVMF_MH_PAGING   *Paging,
+  IN  CONST UINT8            *BuildId,
+  OUT UINT64                 *WindowVirtual
+  )
+{
+  OVMF_MH_MAPPING  Mappings[OVMF_MH_MAX_MAPPINGS];
+  UINTN            MappingCount;
+  UINTN            TablePages;
+  UINT64           Cr3;
+  UINT32           Status;
+
+  MigrationHelperHelperMappings (Request, Mappings, &MappingCount, WindowVirtual);
+  Status = MigrationHelperBuildPageTables (
+             Paging,
+             Mappings,
+             MappingCount,
+             (VOID *)(UINTN)SEC_MH_PAGE_TABLES_BASE,
+             SEC_MH_PAGE_TABLES_BASE,
+             SEC_MH_PAGE_TABLES_SIZE,
+             &Cr3,
+             &TablePages
+             );
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    InternalRefuse (Status, Request, TRUE, BuildId, " (the helper's page tables)");
+  }
+
+  //
+  // From here on the guest window is reachable only through its own
+  // mapping, and nothing outside the helper's memory, the work area, the
+  // mailbox and the window is mapped at all.
+  //
+  AsmWriteCr3 ((UINTN)Cr3);
+  InternalHelperLog (
+    "ovmf-mh: own page tables loaded: %u tables (budget %u), %u mappings, 1 GiB pages %a, "
+    "physical address bits %u, C-bit mask 0x%lx; guest window at virtual 0x%lx\n",
+    (UINT32)TablePages,
+    (UINT32)OVMF_MH_PAGE_TABLE_BUDGET,
+    (UINT32)MappingCount,
+    Paging->Allow1GPages ? "used" : "not offered",
+    (UINT32)Paging->PhysicalAddressBits,
+    Paging->EncryptionMask,
+    *WindowVirtual
+    );
+}
+
+/**
   Validate the request and run the helper. Never returns.
 
   @param[in] Item  fw_cfg item of the request file.
@@ -90,18 +198,21 @@ STATIC
 VOID
 InternalHelperRun (
   IN UINT16  Item,
-  IN UINTN                 Size
+  IN UINTN   Size
   )
 {
   OVMF_MH_MEMORY_RANGE  Ranges[SEC_MH_MAX_RAM_RANGES];
   UINTN                 RangeCount;
   OVMF_MH_REQUEST       Blob;
   OVMF_MH_REQUEST       Request;
+  OVMF_MH_PAGING        Paging;
   BOOLEAN               MailboxUsable;
+  BOOLEAN               SevActive;
   UINT32                Status;
   UINT8                 BuildId[16];
   SEC_MH_PRIVATE        *Private;
   BOOLEAN               KeyLoaded;
+  UINT64                WindowVirtual;
 
   InternalReadBuildId (BuildId);
   InternalHelperLog (
@@ -121,72 +232,73 @@ InternalHelperRun (
   }
 
   //
-  // A blob of the wrong size is never read: the size check alone rejects it.
+  // A blob longer than a request is never read: the size check alone
+  // rejects it. A shorter one is read so that its version can be named.
   //
-  if (Size == sizeof (Blob)) {
+  ZeroMem (&Blob, sizeof (Blob));
+  if (Size <= sizeof (Blob)) {
     InternalFwCfgSelect (Item);
-    InternalFwCfgRead (sizeof (Blob), &Blob);
+    InternalFwCfgRead (Size, &Blob);
   }
 
   Status = MigrationHelperValidateRequest (&Blob, Size, Ranges, RangeCount, &Request, &MailboxUsable);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
-    InternalHelperLog (
-      "ovmf-mh: request rejected: %a (0x%x); mailbox 0x%lx+0x%lx, guest window 0x%lx+0x%lx; halting\n",
-      MigrationHelperStatusName (Status),
-      Status,
-      Size == sizeof (Blob) ? Request.MailboxBase : 0,
-      Size == sizeof (Blob) ? Request.MailboxSize : 0,
-      Size == sizeof (Blob) ? Request.GuestWindowBase : 0,
-      Size == sizeof (Blob) ? Request.GuestWindowSize : 0
-      );
-    if (MailboxUsable) {
-      MigrationHelperPublishHalt (
-        (volatile OVMF_MH_MAILBOX_HEADER *)(UINTN)Request.MailboxBase,
-        BuildId,
-        OVMF_MH_STATE_HALTED,
-        Status,
-        0
-        );
+    if (Size > sizeof (Blob)) {
+      ZeroMem (&Request, sizeof (Request));
     }
 
-    InternalHelperHalt ();
+    InternalRefuse (
+      Status,
+      &Request,
+      MailboxUsable,
+      BuildId,
+      (Status == OVMF_MH_STATUS_REQUEST_VERSION) ? " (this helper serves request version 2 only)" : ""
+      );
   }
 
+  SevActive = MemEncryptSevIsEnabled ();
+  InternalHelperReadPaging (SevActive, &Paging);
+
   //
-  // Under SEV the shared area would have to be mapped with the C-bit clear
-  // and the guest window with it set. This helper runs on SEC's identity map
-  // and does neither yet, so it refuses rather than talk through memory the
-  // host cannot read (or, worse, expose private pages). The one place the
-  // C-bit logic belongs is here, guarded by this detection.
+  // Under SEV the builder maps the shared area with the C-bit clear and the
+  // helper's memory and the guest window with it set (Paging carries the
+  // mask). The rest of an SEV helper is not there yet (SEV-ES #VC handling
+  // of port I/O and CPUID, SNP validation of the work area), and none of it
+  // can be exercised on a machine without SEV, so the helper refuses rather
+  // than talk through memory it cannot vouch for.
   //
-  if (MemEncryptSevIsEnabled ()) {
+  if (SevActive) {
     InternalHelperLog (
-      "ovmf-mh: request rejected: %a (0x%x): SEV is active and this helper does not map the shared area "
-      "with the C-bit clear yet; halting\n",
+      "ovmf-mh: request rejected: %a (0x%x): SEV is active (C-bit mask 0x%lx) and this helper does not run "
+      "under SEV yet; halting\n",
       MigrationHelperStatusName (OVMF_MH_STATUS_SEV_UNSUPPORTED),
-      OVMF_MH_STATUS_SEV_UNSUPPORTED
+      OVMF_MH_STATUS_SEV_UNSUPPORTED,
+      Paging.EncryptionMask
       );
     InternalHelperHalt ();
   }
 
   Private = (SEC_MH_PRIVATE *)(UINTN)OVMF_MH_PRIVATE_BASE;
   ZeroMem (Private, sizeof (*Private));
-  Private->Context.Header          = (volatile OVMF_MH_MAILBOX_HEADER *)(UINTN)Request.MailboxBase;
-  Private->Context.Data            = (volatile UINT8 *)(UINTN)(Request.MailboxBase + OVMF_MH_MAILBOX_HEADER_SIZE);
-  Private->Context.DataSize        = Request.MailboxSize - OVMF_MH_MAILBOX_HEADER_SIZE;
-  Private->Context.GuestWindow     = (volatile UINT8 *)(UINTN)Request.GuestWindowBase;
-  Private->Context.GuestWindowSize = Request.GuestWindowSize;
+  Private->Context.Header   = (volatile OVMF_MH_MAILBOX_HEADER *)(UINTN)Request.MailboxBase;
+  Private->Context.Data     = (volatile UINT8 *)(UINTN)(Request.MailboxBase + OVMF_MH_MAILBOX_HEADER_SIZE);
+  Private->Context.DataSize = Request.MailboxSize - OVMF_MH_MAILBOX_HEADER_SIZE;
   CopyMem (Private->Context.BuildId, BuildId, sizeof (BuildId));
-  Private->Context.Private     = (VOID *)(UINTN)SEC_MH_CORE_PRIVATE_BASE;
-  Private->Context.PrivateSize = OVMF_MH_CORE_PRIVATE_SIZE;
-  Private->Magic               = SEC_MH_PRIVATE_MAGIC;
+  Private->Context.Private     = (VOID *)(UINTN)Request.WorkAreaBase;
+  Private->Context.PrivateSize = (UINTN)Request.WorkAreaSize;
 
   //
-  // SSE must be on before the core probes for AES-NI.
+  // SSE must be on before the core probes for AES-NI; the exception
+  // handlers are in place before the helper switches page tables.
   //
   InternalHelperInitializeCpu (Private);
+  InternalLoadPageTables (&Request, &Paging, BuildId, &WindowVirtual);
+  Private->Context.GuestWindow     = (volatile UINT8 *)(UINTN)WindowVirtual;
+  Private->Context.GuestWindowSize = MigrationHelperWindowSize (&Request);
+  Private->Magic                   = SEC_MH_PRIVATE_MAGIC;
+
   if (!MigrationHelperInitialize (&Private->Context)) {
-    InternalHelperLog ("ovmf-mh: helper private memory too small; halting\n");
+    InternalHelperLog ("ovmf-mh: work area too small for the guest window; halting\n");
     MigrationHelperPublishHalt (Private->Context.Header, BuildId, OVMF_MH_STATE_HALTED, OVMF_MH_STATUS_UNEXPECTED, 0);
     InternalHelperHalt ();
   }
@@ -203,11 +315,14 @@ InternalHelperRun (
   MigrationHelperPublishReady (&Private->Context);
 
   InternalHelperLog (
-    "ovmf-mh: READY: mailbox 0x%lx+0x%lx, guest window 0x%lx+0x%lx, build %02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x\n",
+    "ovmf-mh: READY: mailbox 0x%lx+0x%lx, work area 0x%lx+0x%lx, guest window 0x%lx bytes in %u ranges, "
+    "build %02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x%02x\n",
     Request.MailboxBase,
     Request.MailboxSize,
-    Request.GuestWindowBase,
-    Request.GuestWindowSize,
+    Request.WorkAreaBase,
+    Request.WorkAreaSize,
+    Private->Context.GuestWindowSize,
+    Request.WindowRangeCount,
     BuildId[0], BuildId[1], BuildId[2], BuildId[3], BuildId[4], BuildId[5], BuildId[6], BuildId[7],
     BuildId[8], BuildId[9], BuildId[10], BuildId[11], BuildId[12], BuildId[13], BuildId[14], BuildId[15]
     );

@@ -666,6 +666,7 @@ InternalUsesData (
     case OVMF_MH_CMD_IMPORT_BATCH:
     case OVMF_MH_CMD_IMPORT_END:
     case OVMF_MH_CMD_CHECK_PAGES:
+    case OVMF_MH_CMD_EXPORT_ZERO_RANGES:
     case OVMF_MH_CMD_IMPORT_CHALLENGE:
     case OVMF_MH_CMD_IMPORT_RECEIPT:
     case OVMF_MH_CMD_IMPORT_COMMIT:
@@ -689,7 +690,7 @@ InternalUsesWindow (
   )
 {
   return (BOOLEAN)((Command == OVMF_MH_CMD_EXPORT_BATCH) || (Command == OVMF_MH_CMD_CHECK_PAGES) ||
-                   (Command == OVMF_MH_CMD_IMPORT_BATCH));
+                   (Command == OVMF_MH_CMD_EXPORT_ZERO_RANGES) || (Command == OVMF_MH_CMD_IMPORT_BATCH));
 }
 
 /**

@@ -55,10 +55,16 @@ STATIC BOOLEAN      mReady;
 STATIC BOOLEAN      mTargetKeyless;
 STATIC BOOLEAN      mDirty[2] = { TRUE, TRUE };   ///< The last input touched the helper
 
+///
+/// 2 GiB in pages: where CHECK_PAGES stopped tracking before ABI 3.0 (now it
+/// tracks the whole window); kept among the boundary values.
+///
+#define OLD_TRACKED_PAGES  0x80000ULL
+
 STATIC CONST UINT64  mSizes[16] = {
   FUZZ_STREAM_HEADER, FUZZ_END_RECORD, 40, 56, FUZZ_RECORD_MAX, FUZZ_PAGE, 8, OVMF_MH_MAX_BATCH_PAGES,
   OVMF_MH_MAX_BATCH_PAGES + 1, OVMF_MH_MAX_BATCH_PAGES * FUZZ_RECORD_MAX, WINDOW_PAGES * FUZZ_PAGE,
-  WINDOW_PAGES * FUZZ_PAGE - FUZZ_PAGE, FUZZ_PAGE - 1, OVMF_MH_MAX_TRACKED_PAGES * FUZZ_PAGE, 72, 0x8000
+  WINDOW_PAGES * FUZZ_PAGE - FUZZ_PAGE, FUZZ_PAGE - 1, OLD_TRACKED_PAGES * FUZZ_PAGE, 72, 0x8000
 };
 
 STATIC
@@ -128,7 +134,7 @@ HarnessPage (
     case 18: return WINDOW_PAGES * FUZZ_PAGE - Page - 1;
     case 19: return 0 - FUZZ_PAGE - Page;
     case 20: return (1ULL << 63) + Page;
-    case 21: return (OVMF_MH_MAX_TRACKED_PAGES - 1) * FUZZ_PAGE + Page;
+    case 21: return (OLD_TRACKED_PAGES - 1) * FUZZ_PAGE + Page;
     case 22: return 0x100000000ULL - FUZZ_PAGE + Page;
     case 23: return Page + FUZZ_PAGE / 2;
     case 24: return (UINT64)WINDOW_PAGES * FUZZ_PAGE * (1 + (Byte & 7));

@@ -2,8 +2,9 @@
   libFuzzer harness: fw_cfg request validation (MigrationHelperValidateRequest)
   against an e820 table.
 
-  Input: byte 0 chooses the blob size (below 0xF0: 48 bytes, the right size,
-  and byte 1 nudges the four address fields; otherwise byte 1 is the size),
+  Input: byte 0 chooses the blob size (below 0xF0: 176 bytes, the right
+  size, and byte 1 nudges four address fields; otherwise byte 1 is the
+  size, so that short blobs, version 1 requests among them, are tried),
   then the blob, then e820 entries of 20
   bytes (base, length, type) as QEMU's etc/e820 file holds them. The RAM
   ranges are taken from the table as the SEC platform code does
@@ -37,20 +38,21 @@ STATIC BOOLEAN               *mUsable;
 
 /**
   The model: [Base, Base + Size) is non-empty, does not wrap, ends at or
-  below 4 GiB and lies inside one RAM range.
+  below Limit and lies inside one RAM range.
 **/
 STATIC
 BOOLEAN
 ModelIsRam (
   IN UINT64                      Base,
   IN UINT64                      Size,
+  IN UINT64                      Limit,
   IN CONST OVMF_MH_MEMORY_RANGE  *Ranges,
   IN UINTN                       Count
   )
 {
   UINTN  Index;
 
-  if ((Size == 0) || (Base + Size < Base) || (Base + Size > OVMF_MH_ADDRESS_LIMIT)) {
+  if ((Size == 0) || (Base + Size < Base) || (Base + Size > Limit)) {
     return FALSE;
   }
 
@@ -63,6 +65,21 @@ ModelIsRam (
   }
 
   return FALSE;
+}
+
+/**
+  The model: two spans (neither wraps) share a byte.
+**/
+STATIC
+BOOLEAN
+ModelOverlap (
+  IN UINT64  BaseA,
+  IN UINT64  SizeA,
+  IN UINT64  BaseB,
+  IN UINT64  SizeB
+  )
+{
+  return (BaseA < BaseB + SizeB) && (BaseB < BaseA + SizeA);
 }
 
 /**
@@ -79,32 +96,46 @@ ModelStatus (
   )
 {
   OVMF_MH_REQUEST  R;
-  UINT64           MailboxEnd;
-  UINT64           WindowEnd;
+  UINTN            Index;
+  UINTN            Earlier;
+  UINT64           Total;
+  UINT64           Base;
+  UINT64           Size;
 
   *Usable = FALSE;
-  if (BlobSize != 48) {
+  if ((BlobSize < 6) || (BlobSize > 176)) {
     return OVMF_MH_STATUS_REQUEST_SIZE;
   }
 
-  memcpy (&R, Blob, sizeof (R));
+  memset (&R, 0, sizeof (R));
+  memcpy (&R, Blob, BlobSize);
   if (R.Signature != 0x52484d4f) {
     return OVMF_MH_STATUS_REQUEST_SIGNATURE;
   }
 
-  if (R.Version != 1) {
+  if (R.Version != 2) {
     return OVMF_MH_STATUS_REQUEST_VERSION;
   }
 
-  if (R.Size != 48) {
+  if ((BlobSize != 176) || (R.Size != 176)) {
     return OVMF_MH_STATUS_REQUEST_SIZE;
   }
 
-  if ((R.Flags != 0) || (R.Reserved != 0)) {
+  if (R.Flags != 0) {
     return OVMF_MH_STATUS_REQUEST_FLAGS;
   }
 
-  if (!ModelIsRam (0xF00000, 0x1800000 - 0xF00000, Ranges, Count)) {
+  if (R.WindowRangeCount > 8) {
+    return OVMF_MH_STATUS_WINDOW_RANGES;
+  }
+
+  for (Index = R.WindowRangeCount; Index < 8; Index++) {
+    if ((R.WindowBase[Index] | R.WindowSize[Index]) != 0) {
+      return OVMF_MH_STATUS_WINDOW_RANGES;
+    }
+  }
+
+  if (!ModelIsRam (0xF00000, 0x1800000 - 0xF00000, 0xFF000000, Ranges, Count)) {
     return OVMF_MH_STATUS_HELPER_RAM;
   }
 
@@ -120,27 +151,55 @@ ModelStatus (
     return OVMF_MH_STATUS_MAILBOX_RESERVED;
   }
 
-  if (!ModelIsRam (R.MailboxBase, R.MailboxSize, Ranges, Count)) {
+  if (!ModelIsRam (R.MailboxBase, R.MailboxSize, 0xFF000000, Ranges, Count)) {
     return OVMF_MH_STATUS_MAILBOX_NOT_RAM;
   }
 
   *Usable = TRUE;
-  if ((R.GuestWindowBase == 0) && (R.GuestWindowSize == 0)) {
-    return OVMF_MH_STATUS_SUCCESS;
+  if ((R.WorkAreaBase % 4096 != 0) || (R.WorkAreaSize % 4096 != 0) || (R.WorkAreaSize == 0) ||
+      (R.WorkAreaBase < 0x1800000) ||
+      ((R.WorkAreaBase + R.WorkAreaSize >= R.WorkAreaBase) &&
+       ModelOverlap (R.WorkAreaBase, R.WorkAreaSize, R.MailboxBase, R.MailboxSize)))
+  {
+    return OVMF_MH_STATUS_WORK_AREA_INVALID;
   }
 
-  if ((R.GuestWindowBase % 4096 != 0) || (R.GuestWindowSize % 4096 != 0) || (R.GuestWindowSize == 0)) {
-    return OVMF_MH_STATUS_WINDOW_ALIGNMENT;
+  if (!ModelIsRam (R.WorkAreaBase, R.WorkAreaSize, 0xFF000000, Ranges, Count)) {
+    return OVMF_MH_STATUS_WORK_AREA_NOT_RAM;
   }
 
-  if (!ModelIsRam (R.GuestWindowBase, R.GuestWindowSize, Ranges, Count)) {
-    return OVMF_MH_STATUS_WINDOW_NOT_RAM;
+  Total = 0;
+  for (Index = 0; Index < R.WindowRangeCount; Index++) {
+    Base = R.WindowBase[Index];
+    Size = R.WindowSize[Index];
+    if ((Base % 4096 != 0) || (Size % 4096 != 0) || (Size == 0)) {
+      return OVMF_MH_STATUS_WINDOW_ALIGNMENT;
+    }
+
+    if (!ModelIsRam (Base, Size, MAX_UINT64, Ranges, Count)) {
+      return OVMF_MH_STATUS_WINDOW_NOT_RAM;
+    }
+
+    if ((Base < 0x1800000) || ModelOverlap (Base, Size, R.MailboxBase, R.MailboxSize) ||
+        ModelOverlap (Base, Size, R.WorkAreaBase, R.WorkAreaSize) || ModelOverlap (Base, Size, 0xFF000000, 0x1000000))
+    {
+      return OVMF_MH_STATUS_WINDOW_OVERLAP;
+    }
+
+    for (Earlier = 0; Earlier < Index; Earlier++) {
+      if (ModelOverlap (Base, Size, R.WindowBase[Earlier], R.WindowSize[Earlier])) {
+        return OVMF_MH_STATUS_WINDOW_OVERLAP;
+      }
+    }
+
+    Total += Size;
+    if (Total > 256ULL << 30) {
+      return OVMF_MH_STATUS_WINDOW_TOO_LARGE;
+    }
   }
 
-  MailboxEnd = R.MailboxBase + R.MailboxSize;
-  WindowEnd  = R.GuestWindowBase + R.GuestWindowSize;
-  if ((R.GuestWindowBase < 0x1800000) || ((R.GuestWindowBase < MailboxEnd) && (R.MailboxBase < WindowEnd))) {
-    return OVMF_MH_STATUS_WINDOW_OVERLAP;
+  if (R.WorkAreaSize < 0x100000 + Total / 4096 * 8) {
+    return OVMF_MH_STATUS_WORK_AREA_TOO_SMALL;
   }
 
   return OVMF_MH_STATUS_SUCCESS;
@@ -191,18 +250,24 @@ LLVMFuzzerTestOneInput (
   memcpy (Blob, Data + Header, BlobSize);
   if (Data[0] < 0xF0) {
     //
-    // Two bits per address field (MailboxBase, MailboxSize, GuestWindowBase,
-    // GuestWindowSize): keep, minus a page, plus a page, minus one. Bounds
+    // Two bits per address field (MailboxBase, WorkAreaSize, WindowBase[0],
+    // WindowSize[0]): keep, minus a page, plus a page, minus one. Bounds
     // are where off-by-one bugs live; this puts every field one mutation
     // away from both sides of every boundary a seed sits on.
     //
     for (Index = 0; Index < 4; Index++) {
-      STATIC CONST UINT64  Nudge[4] = { 0, 0 - FUZZ_PAGE, FUZZ_PAGE, MAX_UINT64 };
+      STATIC CONST UINT64  Nudge[4]  = { 0, 0 - FUZZ_PAGE, FUZZ_PAGE, MAX_UINT64 };
+      STATIC CONST UINTN   Offset[4] = {
+        OFFSET_OF (OVMF_MH_REQUEST, MailboxBase),
+        OFFSET_OF (OVMF_MH_REQUEST, WorkAreaSize),
+        OFFSET_OF (OVMF_MH_REQUEST, WindowBase),
+        OFFSET_OF (OVMF_MH_REQUEST, WindowSize)
+      };
       UINT64               Field;
 
-      memcpy (&Field, Blob + OFFSET_OF (OVMF_MH_REQUEST, MailboxBase) + Index * 8, sizeof (Field));
+      memcpy (&Field, Blob + Offset[Index], sizeof (Field));
       Field += Nudge[(Data[1] >> (2 * Index)) & 3];
-      memcpy (Blob + OFFSET_OF (OVMF_MH_REQUEST, MailboxBase) + Index * 8, &Field, sizeof (Field));
+      memcpy (Blob + Offset[Index], &Field, sizeof (Field));
     }
   }
 
@@ -248,6 +313,41 @@ LLVMFuzzerTestOneInput (
 
   if ((Status == OVMF_MH_STATUS_SUCCESS) && (memcmp (mRequest, Blob, sizeof (*mRequest)) != 0)) {
     FuzzFail ("accepted request differs from the blob", 0);
+  }
+
+  //
+  // An accepted request's address space is one the page-table builder
+  // maps (sorted, disjoint, the window contiguous from its virtual base)
+  // unless a window range lies beyond the widest physical address a CPU
+  // has (e820 may claim RAM anywhere): then the builder refuses it.
+  //
+  if (Status == OVMF_MH_STATUS_SUCCESS) {
+    OVMF_MH_MAPPING  Mappings[OVMF_MH_MAX_MAPPINGS];
+    OVMF_MH_PAGING   Paging = { 0, 52, TRUE };
+    UINTN            MappingCount;
+    UINTN            Tables;
+    UINT64           Window;
+    UINT32           MapStatus;
+    BOOLEAN          Reachable;
+
+    Reachable = TRUE;
+    for (Index = 0; Index < mRequest->WindowRangeCount; Index++) {
+      if (mRequest->WindowBase[Index] + mRequest->WindowSize[Index] > (1ULL << 52)) {
+        Reachable = FALSE;
+      }
+    }
+
+    MigrationHelperHelperMappings (mRequest, Mappings, &MappingCount, &Window);
+    MapStatus = MigrationHelperPageTablePages (&Paging, Mappings, MappingCount, OVMF_MH_PAGE_TABLE_BUDGET, &Tables);
+    if (MapStatus != (Reachable ? OVMF_MH_STATUS_SUCCESS : OVMF_MH_STATUS_MAPPING_UNSUPPORTED)) {
+      FuzzFail ("an accepted request's address space is mapped other than documented", MapStatus);
+    }
+
+    if ((Mappings[MappingCount - 1].VirtualBase + Mappings[MappingCount - 1].Size !=
+         Window + MigrationHelperWindowSize (mRequest)) && (mRequest->WindowRangeCount > 0))
+    {
+      FuzzFail ("the window is not one span from its virtual base", Window);
+    }
   }
 
   return 0;
