@@ -192,7 +192,9 @@ def _source(programs: list[Program], work: Path, key: Path, port: int, attached:
     """'ovmf-mh migrate --to' attached to the guest 'guest start' started."""
     source = Program(["migrate", "--to", f"127.0.0.1:{port}", "--key", str(key), "--qmp", attached["qmp"],
                       "--ram", attached["ram"], "--work-dir", str(work / "source"), "--helpers", "1", "--json",
-                      "--idle-timeout", "10", "--no-progress"], work, "migrate")
+                      # A loaded machine can starve a helper VM for seconds: these tests
+                      # strike a fault of their own choosing, not a slow mailbox.
+                      "--idle-timeout", "10", "--mailbox-timeout", "60", "--no-progress"], work, "migrate")
     programs.append(source)
     return source
 
