@@ -199,6 +199,8 @@ ExportStream (
 
   Arg[0] = 0;
   Arg[1] = END_RECORD;
+  Arg[2] = 0;                  // no shared pages
+  Arg[3] = 0;
   Status = FuzzCall (Source, OVMF_MH_CMD_EXPORT_END, Arg, Result);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
     FuzzFail ("export end", Status);
@@ -341,6 +343,8 @@ RoundTrip (
     if (Status == OVMF_MH_STATUS_SUCCESS) {
       Arg[0] = STREAM_HEADER + BatchSize;
       Arg[1] = Size - Arg[0];
+      Arg[2] = 0;
+      Arg[3] = 0;
       Status = FuzzCall (Target, OVMF_MH_CMD_IMPORT_END, Arg, Result);
     }
   }
