@@ -1235,3 +1235,27 @@ def test_shared_page_lies_are_refused(
     assert reason in err, err
     if reason.startswith("status "):
         assert "refused IMPORT_END" in err, err
+
+
+def test_record_offsets_reads_every_clear_guest_offset() -> None:
+    """The receiver's view of which pages a RECORDS frame names: PAGE, ZERO and
+    ZERO_RANGE records alike (a range by its first page), the all-PAGE fast
+    path and the mixed path agreeing, and nothing past a malformed record."""
+    writer = s.StreamWriter(bytes(32), bytes(32), 2048 * PAGE, s.Binding.unbound(bytes(32), 0, 1))
+    pages = b"".join(writer.page_record(n * PAGE, bytes([n]) * PAGE) for n in (7, 3, 9))
+    assert list(ct.record_offsets(pages)) == [7 * PAGE, 3 * PAGE, 9 * PAGE]
+    mixed = writer.page_record(5 * PAGE, bytes(PAGE)) + writer.zero_range_record(16 * PAGE, 8) + pages
+    assert list(ct.record_offsets(mixed)) == [5 * PAGE, 16 * PAGE, 7 * PAGE, 3 * PAGE, 9 * PAGE]
+    broken = mixed[:60] + struct.pack("<I", 99) + mixed[64:]  # the second record's PayloadSize
+    assert list(ct.record_offsets(broken)) == [5 * PAGE]
+    assert list(ct.record_offsets(b"")) == []
+    # A record cut short still names its page (its header is whole): more pages
+    # counted as private, never fewer; its helper refuses the frame anyway.
+    assert list(ct.record_offsets(pages[:-1])) == [7 * PAGE, 3 * PAGE, 9 * PAGE]
+
+
+def test_version_1_container_is_refused_at_its_header() -> None:
+    """Made before ABI 4.0: its shared pages are unsealed; refused before any frame, saying what to do."""
+    old = ct.FILE_HEADER.pack(ct.MAGIC, 1, ct.FILE_HEADER.size, 0, 16 * PAGE, 1, 0)
+    with pytest.raises(ct.ContainerError, match=r"version 1 .*export it again"):
+        ct.read_file_header(io.BytesIO(old))

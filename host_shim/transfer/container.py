@@ -150,9 +150,9 @@ _RECORD_PREFIX = struct.Struct("<IIQQ")  # Type, PayloadSize, Sequence, GuestOff
 
 def record_offsets(payload: bytes | memoryview) -> npt.NDArray[np.uint64]:
     """The GuestOffset fields (clear, not yet authenticated) of the records in
-    a RECORDS frame, up to the first one that is not well formed (its helper
-    refuses the frame anyway). A ZERO_RANGE record names its first page only:
-    its PageCount is encrypted."""
+    a RECORDS frame whose 40-byte header is whole, up to the first header of
+    an unknown type or size (its helper refuses the frame anyway). A
+    ZERO_RANGE record names its first page only: its PageCount is encrypted."""
     view = memoryview(payload).cast("B")
     if len(view) % s.PAGE_RECORD_SIZE == 0:
         # The common case, a batch of PAGE records: no Python work per record.
