@@ -1,4 +1,4 @@
-"""The known-answer stream (tests/vectors/stream-v2.json, written by an
+"""The known-answer stream (tests/vectors/stream-v3.json, written by an
 encoder independent of helper/stream.py) against the codec and the
 reference helper."""
 
@@ -20,7 +20,7 @@ from helper.reference import ReferenceHelper
 from host_shim.helpers.keys import secret_record
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
-VECTOR_FILE = VECTORS / "stream-v2.json"
+VECTOR_FILE = VECTORS / "stream-v3.json"
 sys.path.insert(0, str(VECTORS))
 import stream_vectors  # noqa: E402
 

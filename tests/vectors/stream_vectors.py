@@ -1,4 +1,4 @@
-"""Write the known-answer page stream ``stream-v2.json``: a fixed transport
+"""Write the known-answer page stream ``stream-v3.json``: a fixed transport
 key, a fixed salt, shard 1 of a two-shard migration bound to two fixed
 target nonces, and a few pages (one all zero), encoded by a minimal encoder
 written here directly on pyca ``cryptography`` (HKDF, AESOCB3), hmac and
@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from helper import abi
 
 VECTORS_DIR = Path(__file__).resolve().parent
-OUTPUT = VECTORS_DIR / "stream-v2.json"
+OUTPUT = VECTORS_DIR / "stream-v3.json"
 
 A = abi.load()
 PAGE = A.const("OVMF_MH_PAGE_SIZE")
@@ -59,6 +59,7 @@ RECEIPT_INFO = b"ovmf-mh v2 receipt"
 SHARED_LABEL = b"ovmf-mh v3 shared pages"  # "End payload": the digest of a shard's shared pages
 BOUND = 1  # the header's Flags bit of a bound stream
 
+# The labels of the fixed inputs are those of the version 2 vector: same key, salt and nonces.
 TRANSPORT_KEY = hashlib.sha256(b"ovmf-mh stream-v2 transport key").digest()
 SALT = hashlib.sha256(b"ovmf-mh stream-v2 salt").digest()
 #: The two target helpers' challenge nonces; the stream is shard 1.

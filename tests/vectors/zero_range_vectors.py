@@ -1,5 +1,5 @@
 """Write the known-answer page stream with zero ranges,
-``stream-v2-zero-range.json`` (ABI 2.1): a fixed transport key and salt,
+``stream-v3-zero-range.json`` (ABI 2.1): a fixed transport key and salt,
 shard 1 of an unbound two-shard export, PAGE, ZERO and ZERO_RANGE records
 mixed, encoded by a minimal encoder written here directly on pyca
 ``cryptography`` (HKDF, AESOCB3), hmac and hashlib from
@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from helper import abi
 
 VECTORS_DIR = Path(__file__).resolve().parent
-OUTPUT = VECTORS_DIR / "stream-v2-zero-range.json"
+OUTPUT = VECTORS_DIR / "stream-v3-zero-range.json"
 
 A = abi.load()
 PAGE = A.const("OVMF_MH_PAGE_SIZE")
