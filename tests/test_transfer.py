@@ -1259,3 +1259,29 @@ def test_version_1_container_is_refused_at_its_header() -> None:
     old = ct.FILE_HEADER.pack(ct.MAGIC, 1, ct.FILE_HEADER.size, 0, 16 * PAGE, 1, 0)
     with pytest.raises(ct.ContainerError, match=r"version 1 .*export it again"):
         ct.read_file_header(io.BytesIO(old))
+
+
+def _rekind(frames: Frames, kind: int, new_kind: int, shard: int = 0) -> Frames:
+    """The first frame of ``kind`` in ``shard`` relabelled ``new_kind`` (payload unchanged)."""
+    at = next(i for i, f in enumerate(frames) if f[0] == kind and f[1] == shard and f[2])
+    return [*frames[:at], (new_kind, shard, frames[at][2]), *frames[at + 1 :]]
+
+
+#: The frame header's kind, lied about: who notices (docs/transfer-format.md, "Every field").
+KIND_LIES: dict[str, tuple[Callable[[Frames], Frames], str]] = {
+    "STREAM_END as RECORDS": (lambda f: _rekind(f, ct.KIND_STREAM_END, ct.KIND_RECORDS), "status BAD_RECORD"),
+    "PLAIN_PAGE as RECORDS": (lambda f: _rekind(f, ct.KIND_PLAIN_PAGE, ct.KIND_RECORDS), "status BAD_RECORD"),
+    "RECORDS as PLAIN_PAGE": (lambda f: _rekind(f, ct.KIND_RECORDS, ct.KIND_PLAIN_PAGE), "PLAIN_PAGE frame of"),
+    "RECORDS as STREAM_END": (lambda f: _rekind(f, ct.KIND_RECORDS, ct.KIND_STREAM_END), "STREAM_END frame of"),
+}
+
+
+@pytest.mark.parametrize("helper", TARGETS)
+@pytest.mark.parametrize("lie", list(KIND_LIES))
+def test_frame_kind_lies_are_refused(
+    work_dir: Path, shared_key: Path, capsys: pytest.CaptureFixture[str], helper: str, lie: str
+) -> None:
+    header, frames, _ = _shared_stream(shared_key.read_bytes())
+    tamper, reason = KIND_LIES[lie]
+    err = _refusal(work_dir, shared_key, _write(work_dir / "bad.omh", header, tamper(frames)), capsys, helper)
+    assert reason in err, err
