@@ -7,13 +7,15 @@ helper. Each helper's data area holds two output regions: while the helper
 seals the next batch into one, a writer thread puts the other on the sink
 straight from the shared mapping (no copy), so reading guest pages (inside
 the helpers), encryption and writing overlap. Shared pages (from a page
-map) travel as plain frames, excluded pages not at all.
+map) travel as plain frames, each in its page's shard, whose helper seals
+their count and digest in its end record; excluded pages not at all.
 
 Import: the reader parses frames (hostile input, bounded), hands each
 shard's frames to that shard's helper thread through a bounded queue (back
-pressure), and writes plain pages itself. The result counts only when every
-shard's end record verified inside its helper, the totals agree, and target
-helper 0 accepted IMPORT_COMMIT with every shard's receipt.
+pressure), and writes plain pages itself after its own checks (docs). The
+result counts only when every shard's end record verified inside its helper,
+with the shard's shared pages as the target received them, the totals
+agree, and target helper 0 accepted IMPORT_COMMIT with every shard's receipt.
 
 Binding (docs/stream-format.md): with a challenge, each target helper draws
 a nonce (IMPORT_CHALLENGE), the source helpers get all of them and bind
