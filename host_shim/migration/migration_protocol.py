@@ -25,7 +25,9 @@ from host_shim.transfer import container as ct
 PROTOCOL = "ovmf-mh-migration"
 #: Versions this program speaks. Version 2: ``accept`` carries the target
 #: helpers' challenge nonces, which bind every shard to this migration.
-VERSIONS = (2,)
+#: Version 3 (ABI 4.0): the same messages; the page stream is transfer
+#: container version 2, whose end records seal each shard's shared pages.
+VERSIONS = (3,)
 LENGTH = struct.Struct(">I")
 #: No control message comes near this; a length above it is refused unread.
 MAX_MESSAGE = 16 * 1024
