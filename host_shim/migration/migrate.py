@@ -505,10 +505,10 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
 
         watch.phase = channel.phase = "the source helpers' start"
         exporter = stack.enter_context(
-            Exporter(source_ram, key, channel.writer, kind=config.helper, helpers=config.helpers,
+            Exporter(source_ram, key, channel.stream(), kind=config.helper, helpers=config.helpers,
                      firmware=config.image, work_dir=work / "source-helpers", track_pages=True,
                      mailbox_timeout=config.mailbox_timeout, challenge=lambda: list(nonces),
-                     zero_ranges=config.zero_ranges)
+                     zero_ranges=config.zero_ranges, keepalive=mp.STREAM_KEEPALIVE)
         )
         # From now on a fault stops the helpers' work at their next step.
         watch.on_fault = exporter.abort
@@ -588,7 +588,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         run_pass(final, False, report.log_pages, report.check_seconds)
         marks["final_pass"] = time.monotonic() - stop_at
         exporter.finish()
-        channel.writer.flush()
+        channel.stream().flush()
         stream_done = True
         watch.phase = channel.phase = "the target helpers' verification"
         while listener.alive() and watch.fault is None:

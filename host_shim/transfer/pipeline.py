@@ -316,14 +316,19 @@ class Exporter:
         mailbox_timeout: float = DEFAULT_TIMEOUT,
         challenge: Callable[[], Nonces] | None = None,
         zero_ranges: bool = True,
+        keepalive: float | None = None,
     ) -> None:
         """``challenge`` gives the target helpers' nonces once the file
         header is on the sink (a TCP peer answers it with them); without
         it the streams are unbound. ``zero_ranges``: pages in holes of the
         RAM file go as ZERO_RANGE records (EXPORT_ZERO_RANGES, ABI 2.1),
         which the source helper checks; False sends every page as its own
-        record (what a 2.0 target accepts)."""
+        record (what a 2.0 target accepts). ``keepalive``: put a
+        KEEPALIVE frame on the sink after this many seconds without a
+        frame (a live migration's peer counts silence as gone); every
+        frame is flushed to the sink once no other is queued behind it."""
         self.page, self.batch, self.record = _geometry()
+        self.keepalive = keepalive
         self.zero_ranges = zero_ranges
         self._zero_range_record = abi.load().layout("OVMF_MH_RECORD_HEADER").size + abi.load().layout(
             "OVMF_MH_ZERO_RANGE_PAYLOAD").size + abi.load().const("OVMF_MH_TAG_SIZE")
@@ -418,15 +423,21 @@ class Exporter:
         self.summary.stream_bytes += len(data)
 
     def _write_frames(self) -> None:
+        last = time.monotonic()
         while True:
             try:
                 frame = self._frames.get(timeout=0.1)
             except queue.Empty:
                 if self._failure.event.is_set():
                     return
+                if self.keepalive is not None and time.monotonic() - last >= self.keepalive:
+                    self._write(ct.FRAME_HEADER.pack(ct.KIND_KEEPALIVE, 0, 0))
+                    self.sink.flush()
+                    last = time.monotonic()
                 continue
             if frame is None:
                 return
+            last = time.monotonic()
             item, written = frame
             try:
                 if item.kind == ct.KIND_PLAIN_PAGE:
@@ -439,6 +450,11 @@ class Exporter:
                     item.payload.release()
             if written is not None:
                 written()
+            if self.keepalive is not None and self._frames.empty():
+                # Nothing queued behind it: on its way now, not when the
+                # sink's buffer fills (a frame of zero ranges is a few KB
+                # for many seconds of helper work).
+                self.sink.flush()
 
     def _put(self, frame: ct.Frame, written: Callable[[], None] | None = None) -> None:
         """Queue a frame for the writer; ``written`` runs once it is on the sink."""
@@ -913,6 +929,8 @@ def import_ram(
                             meter.advance(1)
                         elif frame.kind == ct.KIND_DONE:
                             totals = ct.Totals.decode(bytes(frame.payload))
+                        elif frame.kind == ct.KIND_KEEPALIVE:
+                            continue
                         else:
                             while not failure.event.is_set():
                                 with suppress(queue.Full):
