@@ -71,7 +71,7 @@ from host_shim.progress import Progress
 from host_shim.transfer.pipeline import Exporter, PageNumbers
 from host_shim.vm import guest, process
 from host_shim.vm.attached import AttachedQemu, QemuHandle
-from host_shim.vm.qemu import QemuVM
+from host_shim.vm.qemu import QemuVM, describe_logs, logs_under
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,9 @@ class MigrationReport:
     work_dir: str = ""
     # The target role's own report, when this command ran it (one machine).
     target: dict[str, Any] | None = None
+    # Every QEMU this command ran (guests and helpers, both roles on one
+    # machine): its folder under work_dir -> its logs (vm/qemu.py, logs_under).
+    logs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -187,6 +190,7 @@ class MigrationReport:
             lines.append(f"  source QEMU: {self.source_qemu}")
         if self.error:
             lines.append(f"  error: {self.error}")
+            lines.extend(describe_logs(self.logs))
         lines.append(f"  logs in {self.work_dir}")
         return lines
 
@@ -463,6 +467,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         target.join(timeout=60)
     if results:
         report.target = results[0].as_json()
+    # Both roles' QEMUs ran under this work folder.
+    report.logs = logs_under(config.work_dir)
     return report
 
 
@@ -697,6 +703,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
     finally:
         # Every QEMU and helper this run started stops here, by its own pid.
         stack.close()
+        # Their logs stay in the work folder; a failure names them.
+        report.logs = logs_under(work)
     return report
 
 

@@ -30,7 +30,7 @@ from host_shim.migration.migration_vm import MIB, MigrationError, guest_config, 
 from host_shim.transfer import container as ct
 from host_shim.transfer.pipeline import TransferSummary, import_ram
 from host_shim.vm import guest
-from host_shim.vm.qemu import QemuVM
+from host_shim.vm.qemu import QemuVM, describe_logs, logs_under
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ class TargetReport:
     source_lost: str | None = None
     error: str | None = None
     work_dir: str = ""
-    logs: dict[str, str] = field(default_factory=dict)
+    # Every QEMU this role ran (its guest QEMU and helpers): its folder under
+    # work_dir -> its logs (vm/qemu.py, logs_under).
+    logs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +102,7 @@ class TargetReport:
             lines.append(f"  the source may not know the guest runs here: {self.source_lost}")
         if self.error:
             lines.append(f"  error during {self.phase}: {self.error}")
+            lines.extend(describe_logs(self.logs))
         lines.append(f"  logs in {self.work_dir}")
         return lines
 
@@ -166,7 +169,8 @@ def run_target(config: TargetConfig, server: socket.socket | None = None) -> Tar
             if "never resumed" in report.guest_state:
                 report.guest_state = "never resumed here"
         # Every QEMU and helper stops here, by its own pid; RAM files in
-        # --ram-dir go with them.
+        # --ram-dir go with them. Their logs stay in the work folder.
+    report.logs = logs_under(work)
     return report
 
 
@@ -203,7 +207,6 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     target = stack.enter_context(QemuVM(guest_config(config.image, ram, size, incoming=True,
                                                      workload_mib=description.workload_mib),
                                         work / "target", "target"))
-    report.logs = {"target_qemu": str(target.work_dir)}
     report.guest_state = "waiting for the stream (never resumed)"
     target.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     device_state_port = _listen_for_device_state(target, listen_host)
