@@ -27,7 +27,8 @@ Order of the checks, for every command (the first failing check answers):
    1..OVMF_MH_MAX_SHARDS or a shard index not below it (INVALID_PARAMETER),
    the binding input range (OUT_OF_BOUNDS), then capacity for the header or
    end record (BUFFER_TOO_SMALL), then (EXPORT_BEGIN) the entropy source
-   (NO_ENTROPY);
+   (NO_ENTROPY), (EXPORT_END, ABI 4.0) the shared-page digest's range
+   when the shared page count is not 0 (OUT_OF_BOUNDS);
    IMPORT_CHALLENGE: the output range (OUT_OF_BOUNDS), capacity for a nonce
    (BUFFER_TOO_SMALL), the entropy source (NO_ENTROPY, which also drops an
    earlier challenge);
@@ -45,7 +46,9 @@ Order of the checks, for every command (the first failing check answers):
    (BUFFER_TOO_SMALL); then every byte of every range is read: NOT_ZERO
    with Result[0] = the guest offset of the first page that is not zero;
    IMPORT_*: the input range (OUT_OF_BOUNDS), then (IMPORT_BATCH) size above
-   MaxBatchPages full PAGE records (BATCH_TOO_LARGE);
+   MaxBatchPages full PAGE records (BATCH_TOO_LARGE), (IMPORT_END, ABI 4.0)
+   the shared-page digest's range when the shared page count is not 0
+   (OUT_OF_BOUNDS);
 6. IMPORT_*: the stream checks of docs/stream-format.md in its order, record
    by record; records before the failing one stay applied. IMPORT_BATCH also
    refuses a record after MaxBatchPages records with BATCH_TOO_LARGE.
@@ -55,8 +58,11 @@ Order of the checks, for every command (the first failing check answers):
    Result[4] count the ZERO_RANGE records applied and their pages.
    IMPORT_BEGIN, once the header authenticated: GUEST_SIZE_MISMATCH,
    WRONG_SHARD, UNBOUND_STREAM, NONCE_MISMATCH (Result[0] = the header's
-   GuestSize); IMPORT_COMMIT, receipt by receipt: WRONG_SHARD,
-   WRONG_MIGRATION, BAD_RECEIPT.
+   GuestSize); IMPORT_END, once the end record proved the records:
+   SHARED_PAGES_MISMATCH when the shared pages the host says it received
+   (Arg3 pages, digest at Arg2) are not those the source sealed (ABI 4.0);
+   IMPORT_COMMIT, receipt by receipt: WRONG_SHARD, WRONG_MIGRATION,
+   BAD_RECEIPT.
 
 Checks 1-5 look only at arguments (and the page list) and leave the session
 as it was; an export failure writes nothing. A failed check of step 6 leaves
@@ -475,14 +481,22 @@ class ReferenceHelper:
         out[:count] = bytes(flags)
         return (sum(flags),)
 
+    def _shared_pages(self, offset: int, count: int) -> bytes:
+        """The host's digest of a shard's shared pages (Arg2), read once,
+        only when it names pages (Arg3): the digest of none otherwise."""
+        if count == 0:
+            return s.NO_SHARED_PAGES
+        return bytes(self._region(offset, s.DIGEST_SIZE))
+
     def _export_end(self, args: tuple[int, ...]) -> tuple[int, ...]:
-        out_offset, capacity = args[0], args[1]
+        out_offset, capacity, shared_at, shared_count = args[0], args[1], args[2], args[3]
         self._require_state("EXPORTING")
         out = self._region(out_offset, capacity)
         if capacity < s.END_RECORD_SIZE:
             raise _refuse("BUFFER_TOO_SMALL")
+        shared_digest = self._shared_pages(shared_at, shared_count)
         writer = self._export_writer()
-        record = writer.end_record()
+        record = writer.end_record(shared_count, shared_digest)
         out[: len(record)] = record
         self._end_session("COMPLETE")
         return len(record), writer.record_count
@@ -620,13 +634,14 @@ class ReferenceHelper:
         return applied, pages, 0, ranges, range_pages
 
     def _import_end(self, args: tuple[int, ...]) -> tuple[int, ...]:
-        in_offset, size = args[0], args[1]
+        in_offset, size, shared_at, shared_count = args[0], args[1], args[2], args[3]
         self._require_state("IMPORTING")
         # Private copy; one byte more than an end record is enough to see a wrong size.
         end = memoryview(bytes(self._region(in_offset, size)[: s.END_RECORD_SIZE + 1]))
+        shared_digest = self._shared_pages(shared_at, shared_count)
         verifier = self._import_verifier()
         try:
-            count = verifier.finish(end)
+            count = verifier.finish(end, shared_count, shared_digest)
         except s.VerifyError as error:
             self._end_session("FAILED")
             raise _Refused(error.status) from None

@@ -103,6 +103,8 @@ if ZERO_RANGE_PAYLOAD.size != _ZERO_RANGE_COUNT.size or ZERO_RANGE_ENTRY.size !=
 KDF_INFO = abi.load().strings["OVMF_MH_KDF_INFO"].encode()
 CHAIN_LABEL = abi.load().strings["OVMF_MH_CHAIN_LABEL"].encode()
 RECEIPT_INFO = abi.load().strings["OVMF_MH_RECEIPT_INFO"].encode()
+#: Prefix of a shard's shared-page digest (ABI 4.0, "End payload").
+SHARED_LABEL = abi.load().strings["OVMF_MH_SHARED_LABEL"].encode()
 if (STREAM_HEADER.offset("Flags"), STREAM_HEADER.offset("Salt")) != (BINDING_OFFSET, BINDING_OFFSET + BINDING_SIZE):
     raise ImportError("OVMF_MH_STREAM_BINDING_* do not frame Flags..TargetNonce of the stream header")
 OKM_SIZE = KEY_SIZE + SESSION_ID_SIZE
@@ -381,15 +383,42 @@ class RecordHeader:
         return _RECORD_STRUCT.pack(self.type, self.payload_size, self.sequence, self.guest_offset, self.session_id)
 
 
+class SharedPages:
+    """The digest of a shard's shared pages (ABI 4.0): SHA-256 over
+    SHARED_LABEL, then each page's plain payload (UINT64 guest offset, then
+    the page) in stream order, and how many there were. The host computes it
+    on both sides (it carries these pages outside the helpers); the source
+    helper seals it in the END record, the target helper compares."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256(SHARED_LABEL)
+        self.count = 0
+
+    def update(self, payload: Bytes) -> None:
+        """One shared page: its guest offset (UINT64) and its bytes."""
+        self._hash.update(payload)
+        self.count += 1
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
+
+
+#: The digest of no shared pages: what a helper uses when told of none.
+NO_SHARED_PAGES = SharedPages().digest()
+
+
 @dataclass(frozen=True)
 class EndPayload:
     """The plaintext of the END record."""
 
     record_count: int
     chain_digest: bytes
+    shared_page_count: int = 0
+    shared_digest: bytes = NO_SHARED_PAGES
 
     def pack(self) -> bytes:
-        return END_PAYLOAD.pack(RecordCount=self.record_count, ChainDigest=self.chain_digest)
+        return END_PAYLOAD.pack(RecordCount=self.record_count, ChainDigest=self.chain_digest,
+                                SharedPageCount=self.shared_page_count, SharedDigest=self.shared_digest)
 
 
 def decode_stream_header(data: Bytes) -> StreamHeader:
@@ -424,7 +453,8 @@ def decode_end_payload(data: Bytes) -> EndPayload:
     if len(data) != END_PAYLOAD_SIZE:
         raise StreamError(f"end payload must be {END_PAYLOAD_SIZE} bytes, got {len(data)}")
     f = END_PAYLOAD.unpack(data)
-    return EndPayload(record_count=f["RecordCount"], chain_digest=f["ChainDigest"])
+    return EndPayload(record_count=f["RecordCount"], chain_digest=f["ChainDigest"],
+                      shared_page_count=f["SharedPageCount"], shared_digest=f["SharedDigest"])
 
 
 def split_records(buf: Bytes) -> list[memoryview]:
@@ -683,8 +713,10 @@ class StreamWriter:
         self.record_count += 1
         return record
 
-    def end_record(self) -> bytes:
-        payload = EndPayload(self.record_count, self._chain.digest()).pack()
+    def end_record(self, shared_page_count: int = 0, shared_digest: bytes = NO_SHARED_PAGES) -> bytes:
+        """The END record, sealing the count and chain and the host's account
+        of the shard's shared pages (count and digest, see SharedPages)."""
+        payload = EndPayload(self.record_count, self._chain.digest(), shared_page_count, shared_digest).pack()
         return self.cipher.seal_record(RECORD_END, self.next_sequence, 0, payload)
 
 
@@ -900,13 +932,16 @@ class StreamVerifier:
         """D(i) over the records verified so far."""
         return self._chain.digest()
 
-    def finish(self, end_record: memoryview) -> int:
+    def finish(self, end_record: memoryview, shared_page_count: int = 0,
+               shared_digest: bytes = NO_SHARED_PAGES) -> int:
         """Verify the END record and what it says against what arrived; return
         the record count.
 
         The input must be exactly one end record: empty means IMPORT_END came
         without one (TRUNCATED); any other length than END_RECORD_SIZE is a
         partial or padded record (BAD_RECORD), checked before its fields.
+        Last, the shared pages the host received for this shard (count and
+        digest) must be those the source sealed (SHARED_PAGES_MISMATCH).
         """
         if len(end_record) == 0:
             raise VerifyError.named("TRUNCATED", "no end record")
@@ -917,6 +952,12 @@ class StreamVerifier:
         if end.record_count != self.record_count or not hmac.compare_digest(end.chain_digest, self._chain.digest()):
             raise VerifyError.named(
                 "TRUNCATED", f"end record says {end.record_count} records, {self.record_count} arrived"
+            )
+        if end.shared_page_count != shared_page_count or not hmac.compare_digest(end.shared_digest, shared_digest):
+            raise VerifyError.named(
+                "SHARED_PAGES_MISMATCH",
+                f"the source sealed {end.shared_page_count} shared pages, the host received {shared_page_count} "
+                f"(digests {'equal' if end.shared_digest == shared_digest else 'differ'})",
             )
         return self.record_count
 
@@ -946,8 +987,12 @@ class DecodedStream:
     records: list[OpenedRecord]
 
 
-def decode_stream(transport_key: Bytes, stream: Bytes, guest_size: int | None = None) -> DecodedStream:
+def decode_stream(transport_key: Bytes, stream: Bytes, guest_size: int | None = None,
+                  shared_pages: tuple[int, bytes] = (0, NO_SHARED_PAGES)) -> DecodedStream:
     """Verify a complete stream held in memory and return its records.
+
+    ``shared_pages`` is the (count, digest) of the shared pages that went
+    beside the stream (SharedPages): the END record must seal exactly those.
 
     ``guest_size`` is the target window the pages must fit (default: the
     header's GuestSize). Raises VerifyError with the status a helper would
@@ -962,7 +1007,7 @@ def decode_stream(transport_key: Bytes, stream: Bytes, guest_size: int | None = 
     while pos < len(body) and not _is_end_record(body, pos):
         opened, pos = verifier.open_next(body, pos)
         records.append(opened)
-    verifier.finish(body[pos:])
+    verifier.finish(body[pos:], *shared_pages)
     return DecodedStream(decode_stream_header(view[:STREAM_HEADER_SIZE]), records)
 
 

@@ -668,6 +668,110 @@ def test_forged_end_matches_the_real_one(scenario: Scenario) -> None:
     assert _forged_end(scenario, len(SCENARIO), digest.digest()) == scenario.stream.end
 
 
+# --- shared pages sealed in the END record (ABI 4.0) -----------------------------------------------
+
+#: Where the shared-page digest goes in the data area (away from the list and the I/O at OUT_AT).
+SHARED_AT = 3 * PAGE
+
+
+def _shared(*pages: tuple[int, bytes]) -> s.SharedPages:
+    """The digest of some shared pages, computed independently of the codec's class
+    as a cross-check of its definition (SHA-256 of the label, then offset || page)."""
+    shared = s.SharedPages()
+    for offset, page in pages:
+        shared.update(struct.pack("<Q", offset) + page)
+    independent = hashlib.sha256(b"ovmf-mh v3 shared pages" + b"".join(
+        struct.pack("<Q", offset) + page for offset, page in pages)).digest()
+    assert shared.digest() == independent and shared.count == len(pages)
+    return shared
+
+
+SHARED = ((5 * PAGE, b"\x11" * PAGE), (9 * PAGE, b"\x22" * PAGE))
+
+
+def _export_sealing(source: Endpoint, offsets: list[int], shared: s.SharedPages) -> Stream:
+    header = export_begin(source)
+    batch = export_batch(source, offsets)
+    put(source, shared.digest(), SHARED_AT)
+    written = ok(source, "EXPORT_END", OUT_AT, s.END_RECORD_SIZE, SHARED_AT, shared.count)[0]
+    return Stream(header, [batch], bytes(source.data[OUT_AT : OUT_AT + written]))
+
+
+def _end_with_shared(target: Endpoint, stream: Stream, shared: s.SharedPages, expected: str) -> tuple[int, ...]:
+    send(target, "IMPORT_BEGIN", stream.header)
+    send(target, "IMPORT_BATCH", stream.batches[0])
+    put(target, shared.digest(), SHARED_AT)
+    return expect(target, expected, "IMPORT_END", *put(target, stream.end), SHARED_AT, shared.count)
+
+
+def test_end_record_seals_the_shared_pages(scenario: Scenario) -> None:
+    """What the source sealed is in the END payload; the target accepts the
+    same count and digest and gives its receipt."""
+    sealed = _shared(*SHARED)
+    stream = _export_sealing(scenario.source, scenario.offsets, sealed)
+    end = s.decode_end_payload(s.StreamCipher(_keys(stream.header)).open_record(stream.end))
+    assert (end.shared_page_count, end.shared_digest) == (2, sealed.digest())
+    assert _end_with_shared(scenario.target, stream, _shared(*SHARED), "SUCCESS")[0] == len(SCENARIO)
+    assert ok(scenario.target, "IMPORT_RECEIPT", OUT_AT, s.RECEIPT_SIZE)[0] == s.RECEIPT_SIZE
+
+
+def test_end_record_of_no_shared_pages_holds_the_empty_digest(endpoint: Endpoint) -> None:
+    """Count 0: nothing is read at Arg2 (here out of bounds), the digest of none is sealed."""
+    header = export_begin(endpoint)
+    written = ok(endpoint, "EXPORT_END", OUT_AT, s.END_RECORD_SIZE, U64_MAX, 0)[0]
+    end = s.decode_end_payload(s.StreamCipher(_keys(header)).open_record(
+        bytes(endpoint.data[OUT_AT : OUT_AT + written])))
+    assert (end.shared_page_count, end.shared_digest) == (0, hashlib.sha256(b"ovmf-mh v3 shared pages").digest())
+
+
+#: The target host's account of the shard's shared pages, against the source's SHARED.
+SHARED_LIES: dict[str, tuple[tuple[int, bytes], ...]] = {
+    "a changed shared page": (SHARED[0], (SHARED[1][0], b"\x23" * PAGE)),
+    "a forged page over a private page": (*SHARED, (0, b"\x66" * PAGE)),
+    "a dropped page": (SHARED[0],),
+    "reordered pages": (SHARED[1], SHARED[0]),
+    "a page moved": (SHARED[0], (SHARED[1][0] + PAGE, SHARED[1][1])),
+    "none at all": (),
+}
+
+
+@pytest.mark.parametrize("lie", list(SHARED_LIES))
+def test_shared_pages_not_sealed_are_refused(scenario: Scenario, lie: str) -> None:
+    stream = _export_sealing(scenario.source, scenario.offsets, _shared(*SHARED))
+    target = scenario.target
+    assert _end_with_shared(target, stream, _shared(*SHARED_LIES[lie]), "SHARED_PAGES_MISMATCH") == (0,) * 6
+    assert session_state(target) == "FAILED"
+    expect(target, "SESSION_FAILED", "IMPORT_RECEIPT", OUT_AT, s.RECEIPT_SIZE)
+
+
+def test_shared_count_lie_with_the_right_digest_is_refused(scenario: Scenario) -> None:
+    stream = _export_sealing(scenario.source, scenario.offsets, _shared(*SHARED))
+    target = scenario.target
+    send(target, "IMPORT_BEGIN", stream.header)
+    send(target, "IMPORT_BATCH", stream.batches[0])
+    put(target, _shared(*SHARED).digest(), SHARED_AT)
+    expect(target, "SHARED_PAGES_MISMATCH", "IMPORT_END", *put(target, stream.end), SHARED_AT, 3)
+    assert session_state(target) == "FAILED"
+
+
+def test_shared_digest_outside_the_data_area_changes_nothing(endpoint: Endpoint) -> None:
+    """EXPORT_END and IMPORT_END check the digest's range like any argument:
+    OUT_OF_BOUNDS, the session as it was; the same call with a good range then works."""
+    data = len(endpoint.data)
+    header = export_begin(endpoint)
+    expect(endpoint, "OUT_OF_BOUNDS", "EXPORT_END", OUT_AT, s.END_RECORD_SIZE, data - s.DIGEST_SIZE + 1, 1)
+    expect(endpoint, "OUT_OF_BOUNDS", "EXPORT_END", OUT_AT, s.END_RECORD_SIZE, U64_MAX, 1)
+    assert session_state(endpoint) == "EXPORTING"
+    put(endpoint, bytes(s.DIGEST_SIZE), SHARED_AT)
+    end = bytes(endpoint.data[OUT_AT : OUT_AT + ok(endpoint, "EXPORT_END", OUT_AT, s.END_RECORD_SIZE,
+                                                  SHARED_AT, 1)[0]])
+    send(endpoint, "IMPORT_BEGIN", header)
+    expect(endpoint, "OUT_OF_BOUNDS", "IMPORT_END", *put(endpoint, end), U64_MAX - 8, 1)
+    assert session_state(endpoint) == "IMPORTING"
+    put(endpoint, bytes(s.DIGEST_SIZE), SHARED_AT)
+    assert expect(endpoint, "SUCCESS", "IMPORT_END", *put(endpoint, end), SHARED_AT, 1)[0] == 0
+
+
 # --- arguments, states and commands -------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The known-answer stream (tests/vectors/stream-v2.json, written by an
+"""The known-answer stream (tests/vectors/stream-v3.json, written by an
 encoder independent of helper/stream.py) against the codec and the
 reference helper."""
 
@@ -20,7 +20,7 @@ from helper.reference import ReferenceHelper
 from host_shim.helpers.keys import secret_record
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
-VECTOR_FILE = VECTORS / "stream-v2.json"
+VECTOR_FILE = VECTORS / "stream-v3.json"
 sys.path.insert(0, str(VECTORS))
 import stream_vectors  # noqa: E402
 
@@ -75,11 +75,16 @@ def test_codec_pieces(vector: dict[str, Any]) -> None:
         assert writer.page_record(record["guest_offset"], bytes.fromhex(record["page"])).hex() == record["record"]
         chain.update(s.record_tag(bytes.fromhex(record["record"])))
         assert chain.digest().hex() == expected_chain
-    assert writer.end_record() == _b(vector, "end_record")
+    shared = s.SharedPages()
+    for page in vector["shared_pages"]:
+        shared.update(struct.pack("<Q", page["guest_offset"]) + bytes.fromhex(page["page"]))
+    assert shared.digest() == _b(vector, "shared_digest")
+    assert writer.end_record(shared.count, shared.digest()) == _b(vector, "end_record")
 
 
 def test_codec_decodes_and_verifies(vector: dict[str, Any]) -> None:
-    decoded = s.decode_stream(_b(vector, "transport_key"), _b(vector, "stream"))
+    decoded = s.decode_stream(_b(vector, "transport_key"), _b(vector, "stream"), shared_pages=(
+        len(vector["shared_pages"]), _b(vector, "shared_digest")))
     assert decoded.header.salt == _b(vector, "salt")
     assert decoded.header.guest_size == vector["guest_size"]
     assert len(decoded.records) == len(vector["records"])
@@ -93,6 +98,10 @@ def test_codec_decodes_and_verifies(vector: dict[str, Any]) -> None:
         ).open_record(_b(vector, "end_record"))
     )
     assert end.pack() == _b(vector, "end_payload")
+    assert (end.shared_page_count, end.shared_digest) == (len(vector["shared_pages"]), _b(vector, "shared_digest"))
+    with pytest.raises(s.VerifyError) as refused:  # the stream, but the host lost a shared page
+        s.decode_stream(_b(vector, "transport_key"), _b(vector, "stream"))
+    assert refused.value.status == s.status_code("SHARED_PAGES_MISMATCH")
 
 
 def _helper(vector: dict[str, Any], random: bytes) -> ReferenceHelper:
@@ -118,11 +127,13 @@ def test_reference_export_reproduces_the_stream(vector: dict[str, Any]) -> None:
     nonces = b"".join(bytes.fromhex(n) for n in vector["target_nonces"])
     helper.data[nonces_at : nonces_at + len(nonces)] = nonces
     bound = A.const("OVMF_MH_EXPORT_BOUND")
+    shared_at = 0x700
+    helper.data[shared_at : shared_at + s.DIGEST_SIZE] = _b(vector, "shared_digest")
     pieces = []
     for command, args in (
         ("EXPORT_BEGIN", (out, capacity, bound, nonces_at, vector["shard_index"], len(vector["target_nonces"]))),
         ("EXPORT_BATCH", (0, len(offsets), out, capacity)),
-        ("EXPORT_END", (out, capacity)),
+        ("EXPORT_END", (out, capacity, shared_at, len(vector["shared_pages"]))),
     ):
         written = _call(helper, command, *args)[0]
         pieces.append(bytes(helper.data[out : out + written]))
@@ -141,9 +152,12 @@ def test_reference_import_of_the_stream(vector: dict[str, Any]) -> None:
         stream[s.STREAM_HEADER_SIZE : -s.END_RECORD_SIZE],
         stream[-s.END_RECORD_SIZE :],
     )
+    shared_at = 0x8000
+    helper.data[shared_at : shared_at + s.DIGEST_SIZE] = _b(vector, "shared_digest")
+    extra = {"IMPORT_BEGIN": (index, count), "IMPORT_BATCH": (), "IMPORT_END": (shared_at, len(vector["shared_pages"]))}
     for command, blob in (("IMPORT_BEGIN", header), ("IMPORT_BATCH", body), ("IMPORT_END", end)):
         helper.data[: len(blob)] = blob
-        _call(helper, command, 0, len(blob), *((index, count) if command == "IMPORT_BEGIN" else ()))
+        _call(helper, command, 0, len(blob), *extra[command])
     assert _call(helper, "IMPORT_RECEIPT", 0, s.RECEIPT_SIZE)[0] == s.RECEIPT_SIZE
     assert bytes(helper.data[: s.RECEIPT_SIZE]) == _b(vector, "receipt")
     receipt = s.Receipt.decode(_b(vector, "receipt"))

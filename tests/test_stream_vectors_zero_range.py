@@ -1,4 +1,4 @@
-"""The known-answer stream with zero ranges (tests/vectors/stream-v2-zero-range.json,
+"""The known-answer stream with zero ranges (tests/vectors/stream-v3-zero-range.json,
 written by an encoder independent of helper/stream.py) against the codec,
 the reference helper's export, and the import of every helper
 implementation (reference, the C core built for the host, the firmware)."""

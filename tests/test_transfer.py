@@ -240,6 +240,19 @@ def test_page_map_sends_shared_pages_plain_and_skips_excluded(firmware: Path, wo
     stream = export(work_dir, key, src, "firmware", 2, "stream.omh", "--page-map", work_dir / "map.bin")
     _, frames = _frames(stream)
     assert sum(f[0] == ct.KIND_PLAIN_PAGE for f in frames) == page_map.count(1)
+    # Each shared page travels in its page's shard, whose END record seals
+    # their count and digest (opened here with the key, by pyca through the codec).
+    for shard in (0, 1):
+        plain = [p for k, sh, p in frames if k == ct.KIND_PLAIN_PAGE and sh == shard]
+        # 512 pages are one shard block: shard 0 has all the shared pages, shard 1 seals none.
+        assert len(plain) == (page_map.count(1) if shard == 0 else 0)
+        header = next(p for k, sh, p in frames if k == ct.KIND_STREAM_HEADER and sh == shard)
+        end_record = next(p for k, sh, p in frames if k == ct.KIND_STREAM_END and sh == shard)
+        decoded = s.decode_stream_header(header)
+        cipher = s.StreamCipher(s.derive_session(key.read_bytes(), decoded.salt, decoded.binding.pack()))
+        end = s.decode_end_payload(cipher.open_record(end_record))
+        want = hashlib.sha256(b"ovmf-mh v3 shared pages" + b"".join(plain)).digest()
+        assert (end.shared_page_count, end.shared_digest) == (len(plain), want)
     dst = work_dir / "dst.ram"
     assert import_(work_dir, key, stream, dst, "firmware") == 0
     source, result = src.read_bytes(), dst.read_bytes()
@@ -476,7 +489,10 @@ def test_interrupted_export_stops_its_helpers_and_leaves_no_stream(
 
 @pytest.mark.qemu
 def test_send_and_receive_over_tcp(firmware: Path, work_dir: Path, key: Path) -> None:
+    """Over TCP with a page map: every third page shared (plain, sealed by its
+    shard's helper), the rest private; DST ends equal to SRC."""
     src = make_ram(work_dir / "src.ram", "mixed", 1024)
+    (work_dir / "map.bin").write_bytes(bytes(1 if n % 3 == 0 else 0 for n in range(1024)))
     dst = work_dir / "dst.ram"
     receiver = subprocess.Popen(
         [*OVMF_MH, "receive", "--ram", str(dst), "--key", str(key), "--listen", "127.0.0.1:0",
@@ -490,7 +506,7 @@ def test_send_and_receive_over_tcp(firmware: Path, work_dir: Path, key: Path) ->
         assert match, line
         sender = subprocess.run(
             [*OVMF_MH, "send", "--ram", str(src), "--key", str(key), "--to", match.group(1), "--helpers", "2",
-             "--work-dir", str(work_dir / "send"), "--json"],
+             "--page-map", str(work_dir / "map.bin"), "--work-dir", str(work_dir / "send"), "--json"],
             capture_output=True, text=True, timeout=300,
         )
         out, err = receiver.communicate(timeout=120)
@@ -503,6 +519,7 @@ def test_send_and_receive_over_tcp(firmware: Path, work_dir: Path, key: Path) ->
     assert '"outcome": "ok"' in out and '"outcome": "ok"' in sender.stdout
     # Every send is bound to the receiver's helpers (their challenge on the connection).
     assert '"bound": true' in out and '"bound": true' in sender.stdout
+    assert '"shared_pages": 342' in out
     assert digest(dst) == digest(src)
 
 
@@ -1045,4 +1062,226 @@ def test_zero_range_container_lies_are_refused(
     assert _zero_range_frames(frames)
     tamper, reason = ZERO_RANGE_CONTAINER_LIES[lie]
     err = _refusal(work_dir, key, _write(work_dir / "bad.omh", header, tamper(frames)), capsys, helper)
+    assert reason in err, err
+
+
+# --- shared pages: sealed per shard by the source helpers (ABI 4.0) ---------------------------------
+
+SHARED_PAGES = 2048
+
+
+def _shared_map(pages: int) -> bytes:
+    """Every fifth page shared, every seventh (not fifth) excluded, the rest private."""
+    return bytes(1 if n % 5 == 0 else 2 if n % 7 == 0 else 0 for n in range(pages))
+
+
+@functools.cache
+def _shared_stream(key_bytes: bytes) -> tuple[bytes, list[tuple[int, int, bytes]], bytes]:
+    """(file header, frames, source RAM) of a 2-shard reference export with a page map."""
+    root = paths.REPO_ROOT / "work"
+    root.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="shared-pages-", dir=root))
+    try:
+        key = work / "k.key"
+        key.write_bytes(key_bytes)
+        key.chmod(0o600)
+        src = make_ram(work / "src.ram", "random", SHARED_PAGES)
+        (work / "map.bin").write_bytes(_shared_map(SHARED_PAGES))
+        header, frames = _frames(export(work, key, src, "reference", 2, "s.omh", "--page-map", work / "map.bin"))
+        return header, frames, src.read_bytes()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _shard_of_page(number: int) -> int:
+    return (number // 512) % 2
+
+
+def _plain_frame(number: int, content: bytes) -> tuple[int, int, bytes]:
+    return (ct.KIND_PLAIN_PAGE, _shard_of_page(number), struct.pack("<Q", number * PAGE) + content)
+
+
+def _fixed_done(frames: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """The frames with DONE made consistent with their plain frames (count and
+    unkeyed digest): what anyone on the path can do."""
+    plain = [p for k, _, p in frames if k == ct.KIND_PLAIN_PAGE]
+    index = next(i for i, f in enumerate(frames) if f[0] == ct.KIND_DONE)
+    totals = ct.Totals.decode(frames[index][2])
+    totals.shared_pages, totals.plain_digest = len(plain), hashlib.sha256(b"".join(plain)).hexdigest()
+    return [*frames[:index], (ct.KIND_DONE, 0, totals.encode()), *frames[index + 1 :]]
+
+
+def _end_of(frames: list[tuple[int, int, bytes]], shard: int) -> int:
+    return next(i for i, f in enumerate(frames) if f[0] == ct.KIND_STREAM_END and f[1] == shard)
+
+
+def _plain_of(frames: list[tuple[int, int, bytes]], shard: int) -> list[int]:
+    return [i for i, f in enumerate(frames) if f[0] == ct.KIND_PLAIN_PAGE and f[1] == shard]
+
+
+#: A private page (map 0, random content), in shard 1, and an excluded one, in shard 0.
+PRIVATE_PAGE = next(n for n in range(512, 1024) if _shared_map(SHARED_PAGES)[n] == 0)
+EXCLUDED_PAGE = next(n for n in range(512) if _shared_map(SHARED_PAGES)[n] == 2)
+FORGED = b"\x66" * PAGE
+Frames = list[tuple[int, int, bytes]]
+
+
+def _insert(frames: Frames, at: int, frame: tuple[int, int, bytes]) -> Frames:
+    return [*frames[:at], frame, *frames[at:]]
+
+
+def _changed(frames: Frames) -> Frames:
+    at = _plain_of(frames, 0)[3]
+    k, sh, p = frames[at]
+    return [*frames[:at], (k, sh, _flip(p, 8 + 100)), *frames[at + 1 :]]
+
+
+def _reordered(frames: Frames) -> Frames:
+    first, second = _plain_of(frames, 1)[:2]
+    out = list(frames)
+    out[first], out[second] = out[second], out[first]
+    return out
+
+
+def _other_shard(frames: Frames) -> Frames:
+    at = _plain_of(frames, 0)[0]
+    k, _, p = frames[at]
+    return [*frames[:at], (k, 1, p), *frames[at + 1 :]]
+
+
+def _done_lie(field: str, change: Callable[[Any], Any]) -> Callable[[Frames], Frames]:
+    """DONE with one field changed (the frames before it as they were)."""
+    def lie(frames: Frames) -> Frames:
+        index = next(i for i, f in enumerate(frames) if f[0] == ct.KIND_DONE)
+        totals = ct.Totals.decode(frames[index][2])
+        setattr(totals, field, change(getattr(totals, field)))
+        return [*frames[:index], (ct.KIND_DONE, 0, totals.encode())]
+    return lie
+
+
+#: Lie -> (what it does to the frames, the refusal). Every lie that changes
+#: plain frames also fixes DONE up (count and unkeyed digest), so only the
+#: helpers' seal or the receiver's frame checks can catch it.
+SHARED_PAGE_LIES: dict[str, tuple[Callable[[Frames], Frames], str]] = {
+    "forged page over a private page, before its record": (
+        lambda f: _fixed_done(_insert(f, 0, _plain_frame(PRIVATE_PAGE, FORGED))),
+        "status SHARED_PAGES_MISMATCH"),
+    "forged page over a private page, after its record": (
+        lambda f: _fixed_done(_insert(f, _end_of(f, 1), _plain_frame(PRIVATE_PAGE, FORGED))),
+        "a helper record of this stream carried that page"),
+    "forged page over an excluded page": (
+        lambda f: _fixed_done(_insert(f, _end_of(f, 0), _plain_frame(EXCLUDED_PAGE, FORGED))),
+        "status SHARED_PAGES_MISMATCH"),
+    "changed shared page": (lambda f: _fixed_done(_changed(f)), "status SHARED_PAGES_MISMATCH"),
+    "dropped plain frame": (
+        lambda f: _fixed_done([x for i, x in enumerate(f) if i != _plain_of(f, 1)[-1]]),
+        "status SHARED_PAGES_MISMATCH"),
+    "duplicated plain frame": (
+        lambda f: _fixed_done(_insert(f, _plain_of(f, 0)[0], f[_plain_of(f, 0)[0]])),
+        "status SHARED_PAGES_MISMATCH"),
+    "reordered plain frames": (lambda f: _fixed_done(_reordered(f)), "status SHARED_PAGES_MISMATCH"),
+    "plain frame after its shard's end": (
+        lambda f: _fixed_done(_insert(f, _end_of(f, 0) + 1, (ct.KIND_PLAIN_PAGE, 0, f[_plain_of(f, 0)[0]][2]))),
+        "after the end record of shard 0"),
+    "plain frame in another shard": (lambda f: _fixed_done(_other_shard(f)), "the page belongs to shard 0"),
+    "DONE: one shared page more": (_done_lie("shared_pages", lambda n: n + 1), "totals disagree"),
+    "DONE: one private page less": (_done_lie("private_pages", lambda n: n - 1), "totals disagree"),
+    "DONE: another plain digest": (_done_lie("plain_digest", lambda _: "00" * 32),
+                                   "plain pages do not match the DONE frame's digest"),
+}
+
+
+@pytest.fixture
+def shared_key(work_dir: Path) -> Path:
+    """A fixed transport key, so that every test of the table imports the same (cached) export."""
+    path = work_dir / "shared.key"
+    path.write_bytes(bytes(range(0x10, 0x30)))
+    path.chmod(0o600)
+    return path
+
+
+def test_shared_page_lies_are_not_no_ops(shared_key: Path) -> None:
+    """Guard for the table: every lie changes the container, and the honest
+    one carries shared pages in both shards and ends with DONE."""
+    _, frames, _ = _shared_stream(shared_key.read_bytes())
+    assert _plain_of(frames, 0) and _plain_of(frames, 1) and frames[-1][0] == ct.KIND_DONE
+    assert _shared_map(SHARED_PAGES)[PRIVATE_PAGE] == 0 and _shard_of_page(PRIVATE_PAGE) == 1
+    for lie, (tamper, _) in SHARED_PAGE_LIES.items():
+        assert tamper(frames) != frames, lie
+
+
+@pytest.mark.parametrize("helper", TARGETS)
+def test_honest_shared_pages_import(work_dir: Path, shared_key: Path, helper: str) -> None:
+    header, frames, source = _shared_stream(shared_key.read_bytes())
+    stream = _write(work_dir / "good.omh", header, frames)
+    dst = work_dir / "dst.ram"
+    assert import_(work_dir, shared_key, stream, dst, helper) == 0
+    result, page_map = dst.read_bytes(), _shared_map(SHARED_PAGES)
+    for n in range(SHARED_PAGES):
+        page = slice(n * PAGE, (n + 1) * PAGE)
+        assert result[page] == (bytes(PAGE) if page_map[n] == 2 else source[page]), n
+
+
+@pytest.mark.parametrize("helper", TARGETS)
+@pytest.mark.parametrize("lie", list(SHARED_PAGE_LIES))
+def test_shared_page_lies_are_refused(
+    work_dir: Path, shared_key: Path, capsys: pytest.CaptureFixture[str], helper: str, lie: str
+) -> None:
+    """No frame outside the helpers' records writes a page the import keeps:
+    each lie is refused by name and DST never appears."""
+    header, frames, _ = _shared_stream(shared_key.read_bytes())
+    tamper, reason = SHARED_PAGE_LIES[lie]
+    err = _refusal(work_dir, shared_key, _write(work_dir / "bad.omh", header, tamper(frames)), capsys, helper)
+    assert reason in err, err
+    if reason.startswith("status "):
+        assert "refused IMPORT_END" in err, err
+
+
+def test_record_offsets_reads_every_clear_guest_offset() -> None:
+    """The receiver's view of which pages a RECORDS frame names: PAGE, ZERO and
+    ZERO_RANGE records alike (a range by its first page), the all-PAGE fast
+    path and the mixed path agreeing, and nothing past a malformed record."""
+    writer = s.StreamWriter(bytes(32), bytes(32), 2048 * PAGE, s.Binding.unbound(bytes(32), 0, 1))
+    pages = b"".join(writer.page_record(n * PAGE, bytes([n]) * PAGE) for n in (7, 3, 9))
+    assert list(ct.record_offsets(pages)) == [7 * PAGE, 3 * PAGE, 9 * PAGE]
+    mixed = writer.page_record(5 * PAGE, bytes(PAGE)) + writer.zero_range_record(16 * PAGE, 8) + pages
+    assert list(ct.record_offsets(mixed)) == [5 * PAGE, 16 * PAGE, 7 * PAGE, 3 * PAGE, 9 * PAGE]
+    broken = mixed[:60] + struct.pack("<I", 99) + mixed[64:]  # the second record's PayloadSize
+    assert list(ct.record_offsets(broken)) == [5 * PAGE]
+    assert list(ct.record_offsets(b"")) == []
+    # A record cut short still names its page (its header is whole): more pages
+    # counted as private, never fewer; its helper refuses the frame anyway.
+    assert list(ct.record_offsets(pages[:-1])) == [7 * PAGE, 3 * PAGE, 9 * PAGE]
+
+
+def test_version_1_container_is_refused_at_its_header() -> None:
+    """Made before ABI 4.0: its shared pages are unsealed; refused before any frame, saying what to do."""
+    old = ct.FILE_HEADER.pack(ct.MAGIC, 1, ct.FILE_HEADER.size, 0, 16 * PAGE, 1, 0)
+    with pytest.raises(ct.ContainerError, match=r"version 1 .*export it again"):
+        ct.read_file_header(io.BytesIO(old))
+
+
+def _rekind(frames: Frames, kind: int, new_kind: int, shard: int = 0) -> Frames:
+    """The first frame of ``kind`` in ``shard`` relabelled ``new_kind`` (payload unchanged)."""
+    at = next(i for i, f in enumerate(frames) if f[0] == kind and f[1] == shard and f[2])
+    return [*frames[:at], (new_kind, shard, frames[at][2]), *frames[at + 1 :]]
+
+
+#: The frame header's kind, lied about: who notices (docs/transfer-format.md, "Every field").
+KIND_LIES: dict[str, tuple[Callable[[Frames], Frames], str]] = {
+    "STREAM_END as RECORDS": (lambda f: _rekind(f, ct.KIND_STREAM_END, ct.KIND_RECORDS), "status BAD_RECORD"),
+    "PLAIN_PAGE as RECORDS": (lambda f: _rekind(f, ct.KIND_PLAIN_PAGE, ct.KIND_RECORDS), "status BAD_RECORD"),
+    "RECORDS as PLAIN_PAGE": (lambda f: _rekind(f, ct.KIND_RECORDS, ct.KIND_PLAIN_PAGE), "PLAIN_PAGE frame of"),
+    "RECORDS as STREAM_END": (lambda f: _rekind(f, ct.KIND_RECORDS, ct.KIND_STREAM_END), "STREAM_END frame of"),
+}
+
+
+@pytest.mark.parametrize("helper", TARGETS)
+@pytest.mark.parametrize("lie", list(KIND_LIES))
+def test_frame_kind_lies_are_refused(
+    work_dir: Path, shared_key: Path, capsys: pytest.CaptureFixture[str], helper: str, lie: str
+) -> None:
+    header, frames, _ = _shared_stream(shared_key.read_bytes())
+    tamper, reason = KIND_LIES[lie]
+    err = _refusal(work_dir, shared_key, _write(work_dir / "bad.omh", header, tamper(frames)), capsys, helper)
     assert reason in err, err

@@ -159,6 +159,7 @@ def mailbox_sequence(pages: list[int], tracked: bool, tail: str) -> bytes:
     data = bytearray(MAILBOX_DATA_SIZE)
     source = _helper(window, data)
     list_at, out_at, check_at, end_at, bind_at, receipt_at = 0x0, 0x100, 0x7000, 0x7200, 0x7400, 0x7500
+    shared_at = 0x7800
     seq = bytes([0])
     flags = 1 if tracked else 0
     if tail == "bound":
@@ -180,7 +181,14 @@ def mailbox_sequence(pages: list[int], tracked: bool, tail: str) -> bytes:
         if tail == "changed":
             seq += _poke(0, pages[0], 100, 0x77) + _cmd(0, "CHECK_PAGES", list_at, len(pages), check_at)
     seq += _forward(0, out_at, HEADER, written)
-    seq += _cmd(0, "EXPORT_END", end_at, END)
+    if tail in ("shared", "shared-lie"):
+        # The source host's digest of one shared page (any 32 bytes), sealed
+        # by EXPORT_END; the target host hands the same (or, lying, none).
+        seq += _write(0, shared_at, bytes(range(0x40, 0x40 + s.DIGEST_SIZE)))
+        seq += _cmd(0, "EXPORT_END", end_at, END, shared_at, 1)
+        seq += _forward(0, shared_at, shared_at, s.DIGEST_SIZE)
+    else:
+        seq += _cmd(0, "EXPORT_END", end_at, END)
     seq += _forward(0, end_at, HEADER + written, END)
     if tail == "tamper":
         seq += _write(1, HEADER + 40 + 7, b"\x01")
@@ -188,8 +196,11 @@ def mailbox_sequence(pages: list[int], tracked: bool, tail: str) -> bytes:
     seq += _cmd(1, "IMPORT_BATCH", HEADER, written)
     if tail == "reset":
         seq += _cmd(1, "RESET")
-    seq += _cmd(1, "IMPORT_END", HEADER + written, END)
-    if tail in ("bound", "commit"):
+    if tail == "shared":
+        seq += _cmd(1, "IMPORT_END", HEADER + written, END, shared_at, 1)
+    else:
+        seq += _cmd(1, "IMPORT_END", HEADER + written, END)
+    if tail in ("bound", "commit", "shared"):
         seq += _cmd(1, "IMPORT_RECEIPT", receipt_at, s.RECEIPT_SIZE)
         seq += _cmd(1, "IMPORT_COMMIT", receipt_at, s.RECEIPT_SIZE)
     if tail == "replay":
@@ -202,7 +213,7 @@ def mailbox_seeds() -> dict[str, bytes]:
     seeds: dict[str, bytes] = {}
     for pages in ([1], [0, 1, 2], [3, 4, 5, 6, 7]):
         for tracked in (False, True):
-            for tail in ("", "changed", "tamper", "reset", "replay", "bound", "commit"):
+            for tail in ("", "changed", "tamper", "reset", "replay", "bound", "commit", "shared", "shared-lie"):
                 if tail == "changed" and not tracked:
                     continue
                 name = f"seq-{len(pages)}p-{'tracked' if tracked else 'plain'}-{tail or 'clean'}"

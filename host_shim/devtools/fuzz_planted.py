@@ -30,7 +30,15 @@ from pathlib import Path
 
 from helper import stream as s
 from host_shim.devtools import fuzz
-from host_shim.devtools.fuzz_corpus import MAILBOX_DATA_SIZE, PAGE, _cmd, _page_list, export_stream, stream_window
+from host_shim.devtools.fuzz_corpus import (
+    MAILBOX_DATA_SIZE,
+    PAGE,
+    _cmd,
+    _page_list,
+    export_stream,
+    mailbox_sequence,
+    stream_window,
+)
 from host_shim.helpers import hostcore
 
 HEADER = s.STREAM_HEADER_SIZE
@@ -168,6 +176,13 @@ PLANTED: tuple[Planted, ...] = (
         "",
         "a page-hash key outlived its export session",
         lambda: bytes([0]) + _tracked_batch() + _cmd(0, "EXPORT_END", OUT_AT, s.END_RECORD_SIZE),
+    ),
+    Planted(
+        "shared-pages-unchecked", "mailbox", "Session.c",
+        "        Status = OVMF_MH_STATUS_SHARED_PAGES_MISMATCH;\n",
+        "",
+        "IMPORT_END accepted shared pages the source helper did not seal",
+        lambda: mailbox_sequence([1], False, "shared-lie"),
     ),
     Planted(
         "unauthenticated-page-written", "stream", "Session.c",

@@ -27,9 +27,12 @@ from host_shim.transfer import container as ct
 PROTOCOL = "ovmf-mh-migration"
 #: Versions this program speaks. Version 2: ``accept`` carries the target
 #: helpers' challenge nonces, which bind every shard to this migration.
-#: Version 3: the source's stream carries KEEPALIVE frames while its helpers
-#: put nothing on it, and each frame goes out once no other is queued.
-VERSIONS = (3,)
+#: Version 3 (ABI 4.0): the same messages; the page stream is transfer
+#: container version 2, whose end records seal each shard's shared pages.
+#: Version 4: the source's stream carries KEEPALIVE frames while its helpers
+#: put nothing on it, each frame goes out once no other is queued, and a
+#: blocked write waits as long as the target reports taking the stream.
+VERSIONS = (4,)
 #: Seconds without a frame after which the source sends a KEEPALIVE frame.
 STREAM_KEEPALIVE = 1.0
 LENGTH = struct.Struct(">I")

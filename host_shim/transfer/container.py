@@ -21,11 +21,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from helper import abi
+from helper import stream as s
 from host_shim.errors import OvmfMhError
 
 MAGIC = b"OMHXFER1"
-VERSION = 1
+#: 2 (ABI 4.0): PLAIN_PAGE frames travel in their page's shard, whose END
+#: record seals them; a version-1 container cannot prove its shared pages.
+VERSION = 2
 FILE_HEADER = struct.Struct("<8sHHIQII")  # magic, version, header size, flags, guest size, shards, reserved
 FRAME_HEADER = struct.Struct("<IIQ")  # kind, shard, payload length
 PLAIN_PAGE = struct.Struct("<Q")  # guest offset, then the page
@@ -127,8 +133,10 @@ class Totals:
 
 
 class PlainDigest:
-    """SHA-256 over the plain pages in stream order (offset, then content):
-    catches accidental corruption of the unauthenticated shared pages."""
+    """SHA-256 over all plain pages in stream order (offset, then content),
+    DONE's ``plain_digest``: unkeyed, a consistency check of the container
+    only. What authenticates shared pages is each shard's digest, sealed by
+    its source helper in the END record (PlainPageChecker, IMPORT_END)."""
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
@@ -138,6 +146,82 @@ class PlainDigest:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+
+#: The clear fields of a PAGE record, for reading a whole RECORDS frame of them at once.
+_PAGE_RECORDS = np.dtype({"names": ["type", "size", "offset"], "formats": ["<u4", "<u4", "<u8"],
+                          "offsets": [0, 4, 16], "itemsize": s.PAGE_RECORD_SIZE})
+_RECORD_PREFIX = struct.Struct("<IIQQ")  # Type, PayloadSize, Sequence, GuestOffset
+
+
+def record_offsets(payload: bytes | memoryview) -> npt.NDArray[np.uint64]:
+    """The GuestOffset fields (clear, not yet authenticated) of the records in
+    a RECORDS frame whose 40-byte header is whole, up to the first header of
+    an unknown type or size (its helper refuses the frame anyway). A
+    ZERO_RANGE record names its first page only: its PageCount is encrypted."""
+    view = memoryview(payload).cast("B")
+    if len(view) % s.PAGE_RECORD_SIZE == 0:
+        # The common case, a batch of PAGE records: no Python work per record.
+        fields = np.frombuffer(view, dtype=_PAGE_RECORDS)
+        if bool(np.all(fields["type"] == s.RECORD_PAGE)) and bool(np.all(fields["size"] == s.PAGE_SIZE)):
+            return fields["offset"].astype(np.uint64)
+    offsets = []
+    at = 0
+    while len(view) - at >= s.RECORD_HEADER_SIZE:
+        kind, size, _, offset = _RECORD_PREFIX.unpack_from(view, at)
+        if s.PAYLOAD_SIZES.get(kind) != size or kind == s.RECORD_END:
+            break
+        offsets.append(offset)
+        at += s.RECORD_HEADER_SIZE + size + s.TAG_SIZE
+    return np.array(offsets, dtype=np.uint64)
+
+
+class PlainPageChecker:
+    """What the receiver checks of PLAIN_PAGE frames before it writes one
+    (docs/transfer-format.md): the page lies in the guest and in the frame's
+    shard, that shard's STREAM_END has not come yet, and no helper record of
+    this stream named the page (a private page). It keeps each shard's
+    count and digest of its shared pages (helper.stream.SharedPages) for
+    IMPORT_END, where the target helper compares them with what the source
+    helper sealed: the check that decides."""
+
+    def __init__(self, header: FileHeader) -> None:
+        a = abi.load()
+        self._page = a.const("OVMF_MH_PAGE_SIZE")
+        self._block = a.const("OVMF_MH_SHARD_BLOCK_PAGES")
+        self._header = header
+        self._shared = [s.SharedPages() for _ in range(header.shards)]
+        self._ended = [False] * header.shards
+        self._private = np.zeros(header.guest_size // self._page, dtype=np.bool_)
+
+    def accept(self, frame: Frame) -> int:
+        """Check a PLAIN_PAGE frame and count it in its shard; return its guest offset."""
+        offset = int(PLAIN_PAGE.unpack_from(frame.payload)[0])
+        if offset % self._page or offset + self._page > self._header.guest_size:
+            raise ContainerError(f"plain page at offset {offset:#x} outside the guest")
+        number = offset // self._page
+        owner = (number // self._block) % self._header.shards
+        if frame.shard != owner:
+            raise ContainerError(f"plain page at offset {offset:#x} in a frame of shard {frame.shard}; "
+                                 f"the page belongs to shard {owner}")
+        if self._ended[frame.shard]:
+            raise ContainerError(f"plain page at offset {offset:#x} after the end record of shard {frame.shard}")
+        if self._private[number]:
+            raise ContainerError(f"plain page at offset {offset:#x}: a helper record of this stream carried "
+                                 "that page (a private page)")
+        self._shared[frame.shard].update(frame.payload)
+        return offset
+
+    def records(self, frame: Frame) -> None:
+        """Remember the pages a RECORDS frame names (clear headers)."""
+        numbers = record_offsets(frame.payload) // np.uint64(self._page)
+        self._private[numbers[numbers < np.uint64(len(self._private))].astype(np.int64)] = True
+
+    def end(self, shard: int) -> tuple[int, bytes]:
+        """The shard's STREAM_END arrived: no plain page for it after this;
+        its shared pages' (count, digest), for IMPORT_END."""
+        self._ended[shard] = True
+        return self._shared[shard].count, self._shared[shard].digest()
 
 
 class Reader(Protocol):
@@ -161,6 +245,10 @@ def read_file_header(source: Reader | IO[bytes]) -> FileHeader:
     magic, version, size, flags, guest_size, shards, reserved = FILE_HEADER.unpack(raw)
     if magic != MAGIC:
         raise ContainerError("not an ovmf-mh transfer stream (bad magic)")
+    if version == 1:
+        raise ContainerError("transfer stream version 1 (before ABI 4.0): its shared pages are not sealed by the "
+                             f"helpers and its helper streams are version 2; this receiver needs version {VERSION}: "
+                             "export it again")
     if version != VERSION or size != FILE_HEADER.size or flags or reserved:
         raise ContainerError(f"unsupported transfer stream version {version} (size {size}, flags {flags:#x})")
     page = abi.load().const("OVMF_MH_PAGE_SIZE")

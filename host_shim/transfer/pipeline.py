@@ -7,13 +7,15 @@ helper. Each helper's data area holds two output regions: while the helper
 seals the next batch into one, a writer thread puts the other on the sink
 straight from the shared mapping (no copy), so reading guest pages (inside
 the helpers), encryption and writing overlap. Shared pages (from a page
-map) travel as plain frames, excluded pages not at all.
+map) travel as plain frames, each in its page's shard, whose helper seals
+their count and digest in its end record; excluded pages not at all.
 
 Import: the reader parses frames (hostile input, bounded), hands each
 shard's frames to that shard's helper thread through a bounded queue (back
-pressure), and writes plain pages itself. The result counts only when every
-shard's end record verified inside its helper, the totals agree, and target
-helper 0 accepted IMPORT_COMMIT with every shard's receipt.
+pressure), and writes plain pages itself after its own checks (docs). The
+result counts only when every shard's end record verified inside its helper,
+with the shard's shared pages as the target received them, the totals
+agree, and target helper 0 accepted IMPORT_COMMIT with every shard's receipt.
 
 Binding (docs/stream-format.md): with a challenge, each target helper draws
 a nonce (IMPORT_CHALLENGE), the source helpers get all of them and bind
@@ -47,6 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from helper import abi
+from helper import stream as s
 from host_shim.errors import MailboxError, OvmfMhError
 from host_shim.helpers.backends import Backend, open_backends
 from host_shim.helpers.mailbox import DEFAULT_TIMEOUT, status_name
@@ -360,6 +363,9 @@ class Exporter:
         self._frames: queue.Queue[tuple[ct.Frame, Callable[[], None] | None] | None] = queue.Queue(maxsize=helpers)
         self._free_regions: list[queue.Queue[int]] = []
         self._digest = ct.PlainDigest()
+        # Per shard, the shared pages as the writer puts them on the sink
+        # (one queue, so in stream order): sealed by EXPORT_END.
+        self._shared = [s.SharedPages() for _ in range(helpers)]
         self._stack = ExitStack()
         self._backends: list[Backend] = []
         self._writer: threading.Thread | None = None
@@ -667,13 +673,19 @@ class Exporter:
         return np.concatenate(found)
 
     def send_plain(self, pages: list[int], meter: Progress | None = None) -> None:
-        """Shared pages, as plain frames (they are not confidential)."""
+        """Shared pages, as plain frames (they are not confidential), each in
+        its page's shard; that shard's helper seals their count and digest in
+        its end record (``finish``), so the target can tell them from forgeries."""
         assert self._window is not None
         for number in pages:
             self._failure.raise_if_set()
             offset = number * self.page
+            shard = self.shard_of(number)
             payload = ct.PLAIN_PAGE.pack(offset) + bytes(self._window[offset : offset + self.page])
-            self._put(ct.Frame(ct.KIND_PLAIN_PAGE, 0, payload))
+            # Digested in the order the frames enter the writer's queue, which
+            # is the order they reach the sink.
+            self._shared[shard].update(payload)
+            self._put(ct.Frame(ct.KIND_PLAIN_PAGE, shard, payload))
             self.summary.shared_pages += 1
             if meter is not None:
                 meter.advance(1)
@@ -682,9 +694,11 @@ class Exporter:
         """End every helper's stream and write the DONE frame."""
 
         def end(index: int, backend: Backend) -> None:
+            shared = self._shared[index]
+            backend.data[LIST_AT : LIST_AT + s.DIGEST_SIZE] = shared.digest()
             region = self._take_region(index)
             try:
-                written = _call(backend, "EXPORT_END", region, self.record)[0]
+                written = _call(backend, "EXPORT_END", region, self.record, LIST_AT, shared.count)[0]
                 end_record = bytes(backend.data[region : region + written])
             finally:
                 self._free_regions[index].put(region)
@@ -862,6 +876,9 @@ def import_ram(
     range_records = [0] * header.shards
     range_pages = [0] * header.shards
     applied_pages = [0] * header.shards
+    # Shared pages per shard (count, digest) as received before the shard's
+    # STREAM_END; its helper compares them with what the source sealed.
+    sealed_shared: list[tuple[int, bytes]] = [(0, s.NO_SHARED_PAGES)] * header.shards
     # Short queues: what is in flight must be imported before a switchover.
     queues: list[queue.Queue[ct.Frame | None]] = [queue.Queue(maxsize=1) for _ in range(header.shards)]
 
@@ -895,7 +912,11 @@ def import_ram(
                     applied_pages[index] += applied - ranges + covered
                     meter.advance(applied - ranges + covered)
                 else:
-                    records[index] = _call(backend, "IMPORT_END", IO_AT, len(frame.payload))[0]
+                    # What this shard's plain frames were when its end record
+                    # arrived (the reader stores it before queueing the frame).
+                    count, shared_digest = sealed_shared[index]
+                    data[LIST_AT : LIST_AT + len(shared_digest)] = shared_digest
+                    records[index] = _call(backend, "IMPORT_END", IO_AT, len(frame.payload), LIST_AT, count)[0]
                     completed[index] = True
 
         return run
@@ -918,6 +939,7 @@ def import_ram(
                     raise TransferError(f"the stream does not match the expected {expect}")
                 workers = [_thread(shard_worker(i, b), failure, f"import-{i}") for i, b in enumerate(backends)]
                 digest = ct.PlainDigest()
+                plain = ct.PlainPageChecker(header)
                 shared = 0
                 totals: ct.Totals | None = None
                 try:
@@ -925,9 +947,7 @@ def import_ram(
                         failure.raise_if_set()
                         summary.stream_bytes += ct.FRAME_HEADER.size + len(frame.payload)
                         if frame.kind == ct.KIND_PLAIN_PAGE:
-                            (offset,) = ct.PLAIN_PAGE.unpack_from(frame.payload)
-                            if offset % page or offset + page > header.guest_size:
-                                raise TransferError(f"plain page at offset {offset:#x} outside the guest")
+                            offset = plain.accept(frame)
                             digest.update(frame.payload)
                             target_map[offset : offset + page] = frame.payload[ct.PLAIN_PAGE.size :]
                             shared += 1
@@ -938,6 +958,10 @@ def import_ram(
                         elif frame.kind == ct.KIND_KEEPALIVE:
                             continue
                         else:
+                            if frame.kind == ct.KIND_RECORDS:
+                                plain.records(frame)
+                            elif frame.kind == ct.KIND_STREAM_END:
+                                sealed_shared[frame.shard] = plain.end(frame.shard)
                             while not failure.event.is_set():
                                 with suppress(queue.Full):
                                     queues[frame.shard].put(frame, timeout=0.1)

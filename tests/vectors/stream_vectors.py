@@ -1,9 +1,10 @@
-"""Write the known-answer page stream ``stream-v2.json``: a fixed transport
+"""Write the known-answer page stream ``stream-v3.json``: a fixed transport
 key, a fixed salt, shard 1 of a two-shard migration bound to two fixed
 target nonces, and a few pages (one all zero), encoded by a minimal encoder
 written here directly on pyca ``cryptography`` (HKDF, AESOCB3), hmac and
-hashlib, from docs/stream-format.md alone; and the receipt the target
-helper gives after importing it.
+hashlib, from docs/stream-format.md alone, with the two shared pages its
+END record seals (ABI 4.0); and the receipt the target helper gives after
+importing it.
 
 The encoder deliberately does not import helper/stream.py: the vector is a
 second reading of the format document, so a mistake in the codec (key
@@ -13,8 +14,8 @@ layouts and constants still come from HelperAbi.h through helper.abi, the one
 definition of them (tests/test_abi.py checks that parse against gcc).
 
 Besides the stream, the file holds the intermediate values (migration id,
-KDF info, OKM, session key, session id, every nonce, D(0)..D(N), the end
-payload, the receipt key) so that an implementation can be debugged step
+KDF info, OKM, session key, session id, every nonce, D(0)..D(N), the shared
+pages and their digest, the end payload, the receipt key) so that an implementation can be debugged step
 by step.
 
 Run ``python tests/vectors/stream_vectors.py`` to rewrite the file;
@@ -38,7 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from helper import abi
 
 VECTORS_DIR = Path(__file__).resolve().parent
-OUTPUT = VECTORS_DIR / "stream-v2.json"
+OUTPUT = VECTORS_DIR / "stream-v3.json"
 
 A = abi.load()
 PAGE = A.const("OVMF_MH_PAGE_SIZE")
@@ -55,8 +56,10 @@ OKM_SIZE = KEY_SIZE + A.const("OVMF_MH_SESSION_ID_SIZE")
 KDF_INFO = b"ovmf-mh v2 stream"
 CHAIN_LABEL = b"ovmf-mh v2 chain"
 RECEIPT_INFO = b"ovmf-mh v2 receipt"
+SHARED_LABEL = b"ovmf-mh v3 shared pages"  # "End payload": the digest of a shard's shared pages
 BOUND = 1  # the header's Flags bit of a bound stream
 
+# The labels of the fixed inputs are those of the version 2 vector: same key, salt and nonces.
 TRANSPORT_KEY = hashlib.sha256(b"ovmf-mh stream-v2 transport key").digest()
 SALT = hashlib.sha256(b"ovmf-mh stream-v2 salt").digest()
 #: The two target helpers' challenge nonces; the stream is shard 1.
@@ -80,6 +83,12 @@ def _pages() -> list[tuple[str, int, bytes]]:
         ("last byte set (not a zero page)", (GUEST_PAGES - 1) * PAGE, last_byte_set),
         ("zero again", 0x1000, bytes(PAGE)),
     ]
+
+
+def _shared_pages() -> list[tuple[int, bytes]]:
+    """(guest offset, content) of the shard's shared pages, in stream order:
+    they travel in plain text beside the stream and are sealed by its END."""
+    return [(0x7000, _noise(b"shared page 0x7000", PAGE)), (0x3000, b"\x5a" * PAGE)]
 
 
 def _nonce(sequence: int) -> bytes:
@@ -143,7 +152,11 @@ def build() -> dict[str, Any]:
         )
 
     count = len(records)
-    end_payload = END_PAYLOAD.pack(RecordCount=count, ChainDigest=chain[-1])
+    shared = _shared_pages()
+    shared_digest = hashlib.sha256(
+        SHARED_LABEL + b"".join(offset.to_bytes(8, "little") + content for offset, content in shared)).digest()
+    end_payload = END_PAYLOAD.pack(RecordCount=count, ChainDigest=chain[-1], SharedPageCount=len(shared),
+                                   SharedDigest=shared_digest)
     end_ad = RECORD.pack(
         Type=END_RECORD, PayloadSize=END_PAYLOAD.size, Sequence=count + 1, GuestOffset=0, SessionId=session_id
     )
@@ -158,7 +171,7 @@ def build() -> dict[str, Any]:
     )[: RECEIPT.offset("Mac")]
     receipt = receipt_body + hmac.new(receipt_key, receipt_body, hashlib.sha256).digest()
     return {
-        "description": "ovmf-mh page stream v2 known answer (docs/stream-format.md); written by stream_vectors.py",
+        "description": "ovmf-mh page stream v3 known answer (docs/stream-format.md); written by stream_vectors.py",
         "transport_key": TRANSPORT_KEY.hex(),
         "salt": SALT.hex(),
         "target_nonces": [n.hex() for n in TARGET_NONCES],
@@ -174,6 +187,8 @@ def build() -> dict[str, Any]:
         "header": header.hex(),
         "records": records,
         "chain": [d.hex() for d in chain],
+        "shared_pages": [{"guest_offset": offset, "page": content.hex()} for offset, content in shared],
+        "shared_digest": shared_digest.hex(),
         "end_payload": end_payload.hex(),
         "end_record": end_record.hex(),
         "stream": stream.hex(),

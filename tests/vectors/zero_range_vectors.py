@@ -1,5 +1,5 @@
 """Write the known-answer page stream with zero ranges,
-``stream-v2-zero-range.json`` (ABI 2.1): a fixed transport key and salt,
+``stream-v3-zero-range.json`` (ABI 2.1): a fixed transport key and salt,
 shard 1 of an unbound two-shard export, PAGE, ZERO and ZERO_RANGE records
 mixed, encoded by a minimal encoder written here directly on pyca
 ``cryptography`` (HKDF, AESOCB3), hmac and hashlib from
@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from helper import abi
 
 VECTORS_DIR = Path(__file__).resolve().parent
-OUTPUT = VECTORS_DIR / "stream-v2-zero-range.json"
+OUTPUT = VECTORS_DIR / "stream-v3-zero-range.json"
 
 A = abi.load()
 PAGE = A.const("OVMF_MH_PAGE_SIZE")
@@ -114,7 +114,9 @@ def build() -> dict[str, Any]:
                         "guest_offset": offset, "pages": pages, "page": content.hex(), "record": sealed.hex()})
 
     count = len(records)
-    end_payload = END_PAYLOAD.pack(RecordCount=count, ChainDigest=chain[-1])
+    # No shared pages: the END seals their count 0 and the digest of none (ABI 4.0).
+    end_payload = END_PAYLOAD.pack(RecordCount=count, ChainDigest=chain[-1], SharedPageCount=0,
+                                   SharedDigest=hashlib.sha256(b"ovmf-mh v3 shared pages").digest())
     end_ad = RECORD.pack(Type=TYPES["END"], PayloadSize=END_PAYLOAD.size, Sequence=count + 1, GuestOffset=0,
                          SessionId=session_id)
     end_record = end_ad + ocb.encrypt(_nonce(count + 1), end_payload, end_ad)
@@ -127,7 +129,7 @@ def build() -> dict[str, Any]:
     )[: RECEIPT.offset("Mac")]
     receipt = receipt_body + hmac.new(receipt_key, receipt_body, hashlib.sha256).digest()
     return {
-        "description": "ovmf-mh page stream v2 with ZERO_RANGE records (ABI 2.1, docs/stream-format.md); "
+        "description": "ovmf-mh page stream v3 with ZERO_RANGE records (ABI 2.1, docs/stream-format.md); "
                        "written by zero_range_vectors.py",
         "transport_key": TRANSPORT_KEY.hex(),
         "salt": SALT.hex(),

@@ -20,8 +20,8 @@
 // ABI version. The major number changes when a field moves or changes
 // meaning; the minor number when commands or capabilities are added.
 //
-#define OVMF_MH_ABI_MAJOR  3
-#define OVMF_MH_ABI_MINOR  0   ///< 3.0: request version 2, the helper's own page tables (2.1 added EXPORT_ZERO_RANGES)
+#define OVMF_MH_ABI_MAJOR  4
+#define OVMF_MH_ABI_MINOR  0   ///< 4.0: shared pages sealed in the END record (stream version 3); 3.0: request version 2, own page tables
 
 #define OVMF_MH_PAGE_SIZE  0x1000
 
@@ -159,10 +159,10 @@ typedef struct {
 #define OVMF_MH_CMD_RESET       3     ///< Abandon the session (keeps the transport key)
 #define OVMF_MH_CMD_EXPORT_BEGIN  4   ///< Arg0 out offset, Arg1 capacity, Arg2 flags -> stream header
 #define OVMF_MH_CMD_EXPORT_BATCH  5   ///< Arg0 list offset, Arg1 count, Arg2 out offset, Arg3 capacity
-#define OVMF_MH_CMD_EXPORT_END    6   ///< Arg0 out offset, Arg1 capacity -> end record
+#define OVMF_MH_CMD_EXPORT_END    6   ///< Arg0 out offset, Arg1 capacity, Arg2 shared digest offset, Arg3 shared page count -> end record
 #define OVMF_MH_CMD_IMPORT_BEGIN  7   ///< Arg0 in offset, Arg1 size: stream header
 #define OVMF_MH_CMD_IMPORT_BATCH  8   ///< Arg0 in offset, Arg1 size: records
-#define OVMF_MH_CMD_IMPORT_END    9   ///< Arg0 in offset, Arg1 size: end record
+#define OVMF_MH_CMD_IMPORT_END    9   ///< Arg0 in offset, Arg1 size: end record; Arg2 shared digest offset, Arg3 shared page count
 #define OVMF_MH_CMD_CHECK_PAGES   10  ///< Arg0 list offset, Arg1 count, Arg2 out offset: changed since sent? (tracked exports)
 #define OVMF_MH_CMD_IMPORT_CHALLENGE 11 ///< Arg0 out offset, Arg1 capacity -> a fresh nonce the next import must be bound to
 #define OVMF_MH_CMD_IMPORT_RECEIPT   12 ///< Arg0 out offset, Arg1 capacity -> OVMF_MH_RECEIPT of the completed import
@@ -222,6 +222,12 @@ typedef struct {
 //
 #define OVMF_MH_STATUS_NOT_ZERO               0x2E ///< A range the host called empty holds a non-zero byte
 #define OVMF_MH_STATUS_RANGE_OUTSIDE_SHARD    0x2F ///< A zero range crosses a shard block or lies in another shard's block
+//
+// Shared pages (ABI 4.0): IMPORT_END found that the shared pages the target
+// host received for this shard are not the ones the source helper sealed in
+// the END record. The session is failed afterwards.
+//
+#define OVMF_MH_STATUS_SHARED_PAGES_MISMATCH  0x30 ///< Shared-page count or digest differs from the END record's
 //
 // Request rejections (HaltReason, also logged to debugcon). 0x100 and up.
 //
@@ -316,7 +322,7 @@ typedef struct {
 // ---------------------------------------------------------------------------
 //
 #define OVMF_MH_STREAM_MAGIC        0x324d525453484d4f  // "OMHSTRM2"
-#define OVMF_MH_STREAM_VERSION      2
+#define OVMF_MH_STREAM_VERSION      3   ///< 3 (ABI 4.0): the END payload seals the shard's shared pages
 #define OVMF_MH_SALT_SIZE           32
 #define OVMF_MH_SESSION_ID_SIZE     16
 #define OVMF_MH_TAG_SIZE            16
@@ -345,6 +351,15 @@ typedef struct {
 #define OVMF_MH_CHAIN_LABEL         "ovmf-mh v2 chain"
 #define OVMF_MH_RECEIPT_INFO        "ovmf-mh v2 receipt"
 #define OVMF_MH_PAGE_HASH_INFO      "ovmf-mh v1 page hash"
+//
+// Shared pages (ABI 4.0): SharedDigest = SHA-256 (OVMF_MH_SHARED_LABEL ||
+// for each shared page of the shard, in stream order: UINT64 guest offset ||
+// the 4096-byte page). The host computes it (it carries those pages in
+// plain text, outside the helpers); EXPORT_END and IMPORT_END read it from
+// the data area (Arg2) with its page count (Arg3). With a count of 0 the
+// helper reads nothing and uses the digest of no pages, SHA-256 of the label.
+//
+#define OVMF_MH_SHARED_LABEL        "ovmf-mh v3 shared pages"
 #define OVMF_MH_PAGE_HASH_KEY_SIZE  4096
 
 #define OVMF_MH_RECORD_PAGE         1   ///< Payload: 4096 bytes of ciphertext
@@ -378,15 +393,17 @@ typedef struct {
 
 typedef struct {
   UINT32    Type;                          ///< OVMF_MH_RECORD_*
-  UINT32    PayloadSize;                   ///< 4096 (PAGE), 0 (ZERO), 40 (END)
+  UINT32    PayloadSize;                   ///< 4096 (PAGE), 0 (ZERO), 80 (END), 8 (ZERO_RANGE)
   UINT64    Sequence;                      ///< 1, 2, 3 ... within the session
   UINT64    GuestOffset;                   ///< Page offset in guest RAM (0 for END)
   UINT8     SessionId[OVMF_MH_SESSION_ID_SIZE];
 } OVMF_MH_RECORD_HEADER;                   ///< Followed by payload, then the tag
 
 typedef struct {
-  UINT64    RecordCount;                   ///< PAGE and ZERO records before END
+  UINT64    RecordCount;                   ///< PAGE, ZERO and ZERO_RANGE records before END
   UINT8     ChainDigest[OVMF_MH_DIGEST_SIZE]; ///< SHA-256 chain over their tags
+  UINT64    SharedPageCount;               ///< Shared pages the host carried for this shard (ABI 4.0)
+  UINT8     SharedDigest[OVMF_MH_DIGEST_SIZE]; ///< Their digest, OVMF_MH_SHARED_LABEL (ABI 4.0)
 } OVMF_MH_END_PAYLOAD;
 
 //
@@ -480,7 +497,8 @@ STATIC_ASSERT (OFFSET_OF (OVMF_MH_STREAM_HEADER, Salt) == 88, "Salt offset");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_STREAM_HEADER, Tag) == 144, "header Tag offset");
 STATIC_ASSERT (sizeof (OVMF_MH_RECORD_HEADER) == 40, "OVMF_MH_RECORD_HEADER size");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECORD_HEADER, SessionId) == 24, "record SessionId offset");
-STATIC_ASSERT (sizeof (OVMF_MH_END_PAYLOAD) == 40, "OVMF_MH_END_PAYLOAD size");
+STATIC_ASSERT (sizeof (OVMF_MH_END_PAYLOAD) == 80, "OVMF_MH_END_PAYLOAD size");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_END_PAYLOAD, SharedPageCount) == 40, "end payload SharedPageCount offset");
 STATIC_ASSERT (sizeof (OVMF_MH_RECEIPT) == 120, "OVMF_MH_RECEIPT size");
 STATIC_ASSERT (sizeof (OVMF_MH_ZERO_RANGE_PAYLOAD) == 8, "OVMF_MH_ZERO_RANGE_PAYLOAD size");
 STATIC_ASSERT (sizeof (OVMF_MH_ZERO_RANGE_ENTRY) == 16, "OVMF_MH_ZERO_RANGE_ENTRY size");

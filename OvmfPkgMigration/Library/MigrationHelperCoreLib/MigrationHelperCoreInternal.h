@@ -45,7 +45,7 @@ struct OVMF_MH_SESSION {
   UINT64                   RecordCount;
   OVMF_MH_STREAM_HEADER    StreamHeader;
   UINT64                   PageList[OVMF_MH_MAX_BATCH_PAGES];
-  UINT8                    Scratch[128];                 ///< Tags, the end record
+  UINT8                    Scratch[OVMF_MH_END_RECORD_SIZE]; ///< Tags, the end record
 
   UINT8                    PageBuffer[OVMF_MH_PAGE_SIZE];
   UINT32                   PageHashKey[OVMF_MH_PAGE_HASH_KEY_SIZE / sizeof (UINT32)];

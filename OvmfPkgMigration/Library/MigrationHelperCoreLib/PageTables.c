@@ -149,24 +149,30 @@ InternalAllocateTable (
 }
 
 /**
-  Map one page of 4 KiB, 2 MiB or 1 GiB.
+  Map a run of pages of one size (4 KiB, 2 MiB or 1 GiB) that all fall
+  into one leaf table.
 
   @param[in,out] Builder    The builder.
-  @param[in]     Virtual    Virtual address, aligned to the page size.
-  @param[in]     Physical   Physical address, aligned to the page size.
+  @param[in]     Virtual    Virtual address of the first page, aligned to
+                            the page size.
+  @param[in]     Physical   Physical address of the first page, aligned to
+                            the page size.
   @param[in]     LeafLevel  0 (4 KiB), 1 (2 MiB) or 2 (1 GiB).
-  @param[in]     Private    Whether the page carries the encryption mask.
+  @param[in]     Pages      Pages in the run, 1 to the entries left in the
+                            leaf table from Virtual's entry on.
+  @param[in]     Private    Whether the pages carry the encryption mask.
 
   @retval OVMF_MH_STATUS_SUCCESS              Mapped (or counted).
-  @retval OVMF_MH_STATUS_MAPPING_UNSUPPORTED  The page is mapped already.
+  @retval OVMF_MH_STATUS_MAPPING_UNSUPPORTED  A page is mapped already.
 **/
 STATIC
 UINT32
-InternalMapPage (
+InternalMapRun (
   IN OUT PT_BUILDER  *Builder,
   IN     UINT64      Virtual,
   IN     UINT64      Physical,
   IN     UINTN       LeafLevel,
+  IN     UINTN       Pages,
   IN     BOOLEAN     Private
   )
 {
@@ -175,6 +181,9 @@ InternalMapPage (
   UINT64  Entry;
   UINT64  Prefix;
   UINTN   Index;
+  UINTN   Last;
+  UINT64  Leaf;
+  UINT64  PageSize;
 
   if (Builder->Tables == NULL) {
     //
@@ -207,12 +216,19 @@ InternalMapPage (
     Table = (UINT64 *)(Builder->Tables + ((Entry & PT_ADDRESS_MASK & ~Builder->Mask) - Builder->Physical));
   }
 
-  Index = (UINTN)((Virtual >> InternalLevelShift (LeafLevel)) & (PT_ENTRIES - 1));
-  if ((Table[Index] & PT_PRESENT) != 0) {
-    return OVMF_MH_STATUS_MAPPING_UNSUPPORTED;
+  Index    = (UINTN)((Virtual >> InternalLevelShift (LeafLevel)) & (PT_ENTRIES - 1));
+  Last     = Index + Pages;
+  PageSize = 1ULL << InternalLevelShift (LeafLevel);
+  Leaf     = Physical | PT_LEAF_FLAGS | (Private ? Builder->Mask : 0) | ((LeafLevel > 0) ? PT_PAGE_SIZE : 0);
+  for ( ; Index < Last; Index++) {
+    if ((Table[Index] & PT_PRESENT) != 0) {
+      return OVMF_MH_STATUS_MAPPING_UNSUPPORTED;
+    }
+
+    Table[Index] = Leaf;
+    Leaf        += PageSize;
   }
 
-  Table[Index] = Physical | PT_LEAF_FLAGS | (Private ? Builder->Mask : 0) | ((LeafLevel > 0) ? PT_PAGE_SIZE : 0);
   return OVMF_MH_STATUS_SUCCESS;
 }
 
@@ -243,6 +259,7 @@ InternalMapAll (
   UINT64   Both;
   UINTN    LeafLevel;
   UINT64   PageSize;
+  UINTN    Pages;
   BOOLEAN  Private;
   UINT32   Status;
 
@@ -264,22 +281,34 @@ InternalMapAll (
         PageSize  = PT_SIZE_4K;
       }
 
-      Status = InternalMapPage (Builder, Virtual, Physical, LeafLevel, Private);
+      //
+      // The pages that follow, up to the end of this leaf table, take the
+      // same size: a larger page needs a virtual address aligned to it,
+      // which only the next table's first entry has, and both addresses
+      // stay aligned to this size while at least one such page is left.
+      // So one walk maps the whole run, and a count sees one table.
+      //
+      Pages = PT_ENTRIES - (UINTN)((Virtual >> InternalLevelShift (LeafLevel)) & (PT_ENTRIES - 1));
+      if (Left / PageSize < Pages) {
+        Pages = (UINTN)(Left / PageSize);
+      }
+
+      Status = InternalMapRun (Builder, Virtual, Physical, LeafLevel, Pages, Private);
       if (Status != OVMF_MH_STATUS_SUCCESS) {
         return Status;
       }
 
       //
-      // A count past the limit is an answer already. Every 512 leaves need
-      // a new table, so this bounds the work any layout costs.
+      // A count past the limit is an answer already. Every run needs at
+      // most a table per level, so this bounds the work any layout costs.
       //
       if ((Builder->Tables == NULL) && (Builder->Used > Builder->Limit)) {
         return OVMF_MH_STATUS_SUCCESS;
       }
 
-      Virtual  += PageSize;
-      Physical += PageSize;
-      Left     -= PageSize;
+      Virtual  += Pages * PageSize;
+      Physical += Pages * PageSize;
+      Left     -= Pages * PageSize;
     }
   }
 

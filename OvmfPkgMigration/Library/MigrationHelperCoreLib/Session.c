@@ -19,6 +19,8 @@
 #define RECEIPT_INFO       OVMF_MH_RECEIPT_INFO
 #define RECEIPT_INFO_SIZE  (sizeof (RECEIPT_INFO) - 1)
 #define RECEIPT_MAC_SIZE   OFFSET_OF (OVMF_MH_RECEIPT, Mac)
+#define SHARED_LABEL       OVMF_MH_SHARED_LABEL
+#define SHARED_LABEL_SIZE  (sizeof (SHARED_LABEL) - 1)
 #define RDRAND_RETRIES     32
 #define CPUID_RDRAND       BIT30
 
@@ -695,10 +697,52 @@ InternalExportBatch (
 }
 
 /**
-  EXPORT_END: write the end record and close the session.
+  Read the host's account of a shard's shared pages: a page count and, when
+  it is not zero, the digest at an offset of the data area (copied once into
+  private memory). With no pages the digest is that of no pages, the
+  SHA-256 of OVMF_MH_SHARED_LABEL, and nothing is read.
+
+  @param[in]  Context  The helper context.
+  @param[in]  Offset   Offset of the OVMF_MH_DIGEST_SIZE-byte digest in the data area.
+  @param[in]  Count    Shared pages the digest covers.
+  @param[out] Digest   Receives OVMF_MH_DIGEST_SIZE bytes.
+
+  @retval OVMF_MH_STATUS_SUCCESS        Digest filled in.
+  @retval OVMF_MH_STATUS_OUT_OF_BOUNDS  Count is not zero and the digest lies outside the data area.
+**/
+STATIC
+UINT32
+InternalSharedPages (
+  IN  OVMF_MH_HELPER_CONTEXT  *Context,
+  IN  UINT64                  Offset,
+  IN  UINT64                  Count,
+  OUT UINT8                   *Digest
+  )
+{
+  OVMF_MH_SHA256_CONTEXT  Hash;
+
+  if (Count == 0) {
+    MigrationHelperSha256Init (&Hash);
+    MigrationHelperSha256Update (&Hash, (CONST UINT8 *)SHARED_LABEL, SHARED_LABEL_SIZE);
+    MigrationHelperSha256Final (&Hash, Digest);
+    return OVMF_MH_STATUS_SUCCESS;
+  }
+
+  if (!InternalDataSpanOk (Context, Offset, OVMF_MH_DIGEST_SIZE)) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  CopyMem (Digest, (VOID *)(Context->Data + Offset), OVMF_MH_DIGEST_SIZE);
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  EXPORT_END: write the end record, which seals the record count, the chain
+  digest and the host's account of the shard's shared pages, and close the
+  session.
 
   @param[in,out] Context  The helper context.
-  @param[in]     Arg      Out offset, capacity.
+  @param[in]     Arg      Out offset, capacity, shared digest offset, shared page count.
   @param[out]    Result   Bytes written, record count.
 
   @return OVMF_MH_STATUS_* value.
@@ -715,6 +759,7 @@ InternalExportEnd (
   OVMF_MH_END_PAYLOAD    Payload;
   UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
   UINT8                  *Out;
+  UINT32                 Status;
 
   Session = InternalSession (Context);
   if (Session->State != OVMF_MH_SESSION_EXPORTING) {
@@ -729,7 +774,13 @@ InternalExportEnd (
     return OVMF_MH_STATUS_BUFFER_TOO_SMALL;
   }
 
-  Payload.RecordCount = Session->RecordCount;
+  Status = InternalSharedPages (Context, Arg[2], Arg[3], Payload.SharedDigest);
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    return Status;
+  }
+
+  Payload.SharedPageCount = Arg[3];
+  Payload.RecordCount     = Session->RecordCount;
   CopyMem (Payload.ChainDigest, Session->Chain, OVMF_MH_DIGEST_SIZE);
   InternalRecordHeader (Session, OVMF_MH_RECORD_END, sizeof (Payload), 0, &Record);
   InternalNonce (Session->NextSequence, Nonce);
@@ -1356,10 +1407,12 @@ InternalImportBatch (
 }
 
 /**
-  IMPORT_END: verify the end record: count and chain digest.
+  IMPORT_END: verify the end record: count and chain digest, then the shared
+  pages the target host says it received for this shard (count and digest,
+  Arg2 and Arg3) against those the source helper sealed.
 
   @param[in,out] Context  The helper context.
-  @param[in]     Arg      In offset, size.
+  @param[in]     Arg      In offset, size, shared digest offset, shared page count.
   @param[out]    Result   Record count.
 
   @return OVMF_MH_STATUS_* value.
@@ -1375,6 +1428,7 @@ InternalImportEnd (
   OVMF_MH_RECORD_HEADER  Record;
   OVMF_MH_END_PAYLOAD    Payload;
   UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
+  UINT8                  SharedDigest[OVMF_MH_DIGEST_SIZE];
   UINT8                  *Copy;
   UINT32                 Status;
 
@@ -1385,6 +1439,11 @@ InternalImportEnd (
 
   if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
     return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  Status = InternalSharedPages (Context, Arg[2], Arg[3], SharedDigest);
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    return Status;
   }
 
   Status = OVMF_MH_STATUS_SUCCESS;
@@ -1420,6 +1479,10 @@ InternalImportEnd (
                  (CompareMem (Payload.ChainDigest, Session->Chain, OVMF_MH_DIGEST_SIZE) != 0))
       {
         Status = OVMF_MH_STATUS_TRUNCATED;
+      } else if ((Payload.SharedPageCount != Arg[3]) ||
+                 !InternalEqual (Payload.SharedDigest, SharedDigest, OVMF_MH_DIGEST_SIZE))
+      {
+        Status = OVMF_MH_STATUS_SHARED_PAGES_MISMATCH;
       }
     }
   }

@@ -300,7 +300,7 @@ InternalKnownStatus (
   )
 {
   return (BOOLEAN)(Status <= OVMF_MH_STATUS_NO_ENTROPY ||
-                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_RANGE_OUTSIDE_SHARD));
+                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_SHARED_PAGES_MISMATCH));
 }
 
 STATIC
@@ -493,12 +493,29 @@ InternalShadowApply (
 }
 
 /**
-  IMPORT_END succeeded: the checker must be able to verify the end record.
+  Tell whether a span lies inside the data area (the checker's own test).
+**/
+STATIC
+BOOLEAN
+InternalInData (
+  IN FUZZ_HELPER  *Helper,
+  IN UINT64       Offset,
+  IN UINT64       Size
+  )
+{
+  return (BOOLEAN)((Offset <= Helper->Context.DataSize) && (Size <= Helper->Context.DataSize - Offset));
+}
 
-  @param[in] Helper  The helper.
-  @param[in] End     The end record as it was in the data area.
-  @param[in] Size    Its size.
-  @param[in] Count   Record count the helper reported.
+/**
+  IMPORT_END succeeded: the checker must be able to verify the end record,
+  and the shared pages it seals must be those the host reported (Arg2, Arg3).
+
+  @param[in] Helper       The helper.
+  @param[in] End          The end record as it was in the data area.
+  @param[in] Size         Its size.
+  @param[in] Count        Record count the helper reported.
+  @param[in] SharedAt     Offset of the host's shared-page digest (Arg2).
+  @param[in] SharedCount  The host's shared-page count (Arg3).
 **/
 STATIC
 VOID
@@ -506,12 +523,16 @@ InternalShadowEnd (
   IN FUZZ_HELPER  *Helper,
   IN CONST UINT8  *End,
   IN UINT64       Size,
-  IN UINT64       Count
+  IN UINT64       Count,
+  IN UINT64       SharedAt,
+  IN UINT64       SharedCount
   )
 {
-  OVMF_MH_RECORD_HEADER  Record;
-  OVMF_MH_END_PAYLOAD    Payload;
-  UINT8                  Nonce[OVMF_MH_NONCE_SIZE];
+  OVMF_MH_RECORD_HEADER   Record;
+  OVMF_MH_END_PAYLOAD     Payload;
+  UINT8                   Nonce[OVMF_MH_NONCE_SIZE];
+  UINT8                   Shared[OVMF_MH_DIGEST_SIZE];
+  OVMF_MH_SHA256_CONTEXT  Hash;
 
   if (!Helper->ShadowOpen || (Size != FUZZ_END_RECORD)) {
     FuzzFail ("an import completed without a verified session or end record", Size);
@@ -536,6 +557,22 @@ InternalShadowEnd (
       (memcmp (Payload.ChainDigest, Helper->ShadowChain, OVMF_MH_DIGEST_SIZE) != 0))
   {
     FuzzFail ("IMPORT_END accepted an end record that does not prove the stream", Count);
+  }
+
+  if (SharedCount == 0) {
+    MigrationHelperSha256Init (&Hash);
+    MigrationHelperSha256Update (&Hash, (CONST UINT8 *)OVMF_MH_SHARED_LABEL, sizeof (OVMF_MH_SHARED_LABEL) - 1);
+    MigrationHelperSha256Final (&Hash, Shared);
+  } else if (!InternalInData (Helper, SharedAt, OVMF_MH_DIGEST_SIZE)) {
+    FuzzFail ("IMPORT_END read a shared-page digest outside the data area", SharedAt);
+  } else {
+    memcpy (Shared, Helper->DataBefore + SharedAt, OVMF_MH_DIGEST_SIZE);
+  }
+
+  if ((Payload.SharedPageCount != SharedCount) ||
+      (memcmp (Payload.SharedDigest, Shared, OVMF_MH_DIGEST_SIZE) != 0))
+  {
+    FuzzFail ("IMPORT_END accepted shared pages the source helper did not seal", SharedCount);
   }
 }
 
@@ -723,20 +760,6 @@ InternalCheckPageHashKey (
   }
 }
 
-/**
-  Tell whether a span lies inside the data area (the checker's own test).
-**/
-STATIC
-BOOLEAN
-InternalInData (
-  IN FUZZ_HELPER  *Helper,
-  IN UINT64       Offset,
-  IN UINT64       Size
-  )
-{
-  return (BOOLEAN)((Offset <= Helper->Context.DataSize) && (Size <= Helper->Context.DataSize - Offset));
-}
-
 UINT32
 FuzzCall (
   IN OUT FUZZ_HELPER  *Helper,
@@ -849,6 +872,7 @@ FuzzCall (
   }
 
   if ((((Status >= OVMF_MH_STATUS_BAD_RECORD) && (Status <= OVMF_MH_STATUS_BAD_RECEIPT)) ||
+       (Status == OVMF_MH_STATUS_SHARED_PAGES_MISMATCH) ||
        ((Status == OVMF_MH_STATUS_RANGE_OUTSIDE_SHARD) && (Command == OVMF_MH_CMD_IMPORT_BATCH))) &&
       (Session->State != OVMF_MH_SESSION_FAILED))
   {
@@ -942,7 +966,7 @@ FuzzCall (
       FuzzFail ("IMPORT_END read outside the data area", Arg[0]);
     }
 
-    InternalShadowEnd (Helper, Helper->DataBefore + Arg[0], Arg[1], Result[0]);
+    InternalShadowEnd (Helper, Helper->DataBefore + Arg[0], Arg[1], Result[0], Arg[2], Arg[3]);
   }
 
   if (Session->State != OVMF_MH_SESSION_IMPORTING) {

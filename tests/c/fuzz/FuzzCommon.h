@@ -24,7 +24,7 @@
 
 #define FUZZ_PAGE           4096ULL
 #define FUZZ_RECORD_MAX     (40ULL + FUZZ_PAGE + 16ULL)
-#define FUZZ_END_RECORD     96ULL
+#define FUZZ_END_RECORD     136ULL
 #define FUZZ_STREAM_HEADER  160ULL
 
 ///

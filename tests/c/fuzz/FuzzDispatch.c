@@ -10,9 +10,10 @@
   - a hostile command: random command code and arguments (including boundary
     and wrapping values) on random data-area contents;
   - a stream round trip: the source exports random pages, unbound or bound
-    to the target's challenge, the stream is mutated (bit flips, dropped,
-    duplicated, swapped or truncated records, foreign headers) and the
-    target imports it; an intact import then gives its receipt, which
+    to the target's challenge, sealing a random account of shared pages,
+    the stream is mutated (bit flips, dropped, duplicated, swapped or
+    truncated records, foreign headers) or the target host's account of
+    the shared pages differs, and the target imports it; an intact import then gives its receipt, which
     IMPORT_COMMIT must accept as it is and refuse with any byte flipped.
 
   After every command FuzzCall() checks the invariants (FuzzCommon.h); on top
@@ -37,8 +38,11 @@
 #define END_RECORD     FUZZ_END_RECORD
 #define STREAM_HEADER  FUZZ_STREAM_HEADER
 #define RECEIPT_AT     (DATA_SIZE - PAGE)
+#define SHARED_AT      (DATA_SIZE - 2 * PAGE)   ///< The host's shared-page digest (EXPORT_END, IMPORT_END)
 
 STATIC UINT64  mRng;
+STATIC UINT64  mSharedCount;                    ///< Shared pages the last export sealed
+STATIC UINT8   mSharedDigest[OVMF_MH_DIGEST_SIZE]; ///< Their digest (any 32 bytes: the helper only seals it)
 
 STATIC
 UINT64
@@ -197,8 +201,20 @@ ExportStream (
     Source->Window[Touched] ^= 0x40;
   }
 
+  //
+  // The source host's account of the shard's shared pages: none, or a few
+  // with a digest the helper seals as it is.
+  //
+  mSharedCount = Below (3);
+  for (Index = 0; Index < OVMF_MH_DIGEST_SIZE; Index++) {
+    mSharedDigest[Index] = (UINT8)Next ();
+  }
+
+  memcpy ((UINT8 *)Source->Context.Data + SHARED_AT, mSharedDigest, OVMF_MH_DIGEST_SIZE);
   Arg[0] = 0;
   Arg[1] = END_RECORD;
+  Arg[2] = SHARED_AT;
+  Arg[3] = mSharedCount;
   Status = FuzzCall (Source, OVMF_MH_CMD_EXPORT_END, Arg, Result);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
     FuzzFail ("export end", Status);
@@ -339,8 +355,25 @@ RoundTrip (
     Arg[1]    = BatchSize;
     Status    = FuzzCall (Target, OVMF_MH_CMD_IMPORT_BATCH, Arg, Result);
     if (Status == OVMF_MH_STATUS_SUCCESS) {
+      //
+      // The target host's account of the shared pages: what the source
+      // sealed, or, tampering, one page more or a digest byte changed.
+      //
+      memcpy ((UINT8 *)Target->Context.Data + SHARED_AT, mSharedDigest, OVMF_MH_DIGEST_SIZE);
       Arg[0] = STREAM_HEADER + BatchSize;
       Arg[1] = Size - Arg[0];
+      Arg[2] = SHARED_AT;
+      Arg[3] = mSharedCount;
+      if (Tamper && (Below (4) == 0)) {
+        if ((mSharedCount == 0) || (Below (2) == 0)) {
+          Arg[3] = mSharedCount + 1;
+        } else {
+          ((UINT8 *)Target->Context.Data)[SHARED_AT + Below (OVMF_MH_DIGEST_SIZE)] ^= (UINT8)(1 << Below (8));
+        }
+
+        Mutated = TRUE;
+      }
+
       Status = FuzzCall (Target, OVMF_MH_CMD_IMPORT_END, Arg, Result);
     }
   }

@@ -175,6 +175,8 @@ HarnessImport (
 
   Arg[0] = End;
   Arg[1] = Size - End;
+  Arg[2] = 0;                  // no shared pages: the seeds seal none
+  Arg[3] = 0;
   Status = FuzzCall (&mHelper, OVMF_MH_CMD_IMPORT_END, Arg, Result);
   if ((Status == OVMF_MH_STATUS_SUCCESS) && ((Control & 0x20) != 0) && (PageCount > 0)) {
     HarnessCheckPages (Pages, PageCount);
