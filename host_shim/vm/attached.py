@@ -11,7 +11,6 @@ it started; the pid is never signalled.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -27,6 +26,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from host_shim.errors import QemuError
 from host_shim.vm.qemu import QMP_TIMEOUT
+from host_shim.vm.qmp_log import LoggedQmp
 from host_shim.vm.reaper import process_state, start_time
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,7 @@ class AttachedQemu:
         self.name = name
         self._pid: int | None = None
         self._start_time: int | None = None
-        self._qmp: QEMUMonitorProtocol | None = None
-        self._qmp_log: Any = None
-        self._opened_at = time.monotonic()
+        self._qmp: LoggedQmp | None = None
 
     def __enter__(self) -> AttachedQemu:
         self.connect()
@@ -133,31 +131,15 @@ class AttachedQemu:
             sock.close()
             raise
         qmp.settimeout(QMP_TIMEOUT)
-        self._qmp = qmp
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._qmp_log = (self.work_dir / "qmp.log").open("w")
+        self._qmp = LoggedQmp(self.work_dir / "qmp.log")
+        self._qmp.connect(qmp)
 
     def qmp(self, command: str, **arguments: object) -> Any:
         """Run a QMP command; log it and its answer to qmp.log."""
         if self._qmp is None:
             raise self.error(f"QMP is not connected (command {command})")
-        self._log(">", {"execute": command, "arguments": arguments})
-        try:
-            result = self._qmp.cmd(command, **arguments)
-        except Exception as exc:
-            self._log("!", {"error": str(exc)})
-            raise self.error(f"QMP command {command} failed: {exc}") from exc
-        self._log("<", {"return": result})
-        with suppress(Exception):
-            for event in self._qmp.get_events(wait=False):
-                self._log("*", dict(event))
-        return result
-
-    def _log(self, direction: str, message: object) -> None:
-        if self._qmp_log is not None and not self._qmp_log.closed:
-            stamp = time.monotonic() - self._opened_at
-            self._qmp_log.write(f"{stamp:9.3f} {direction} {json.dumps(message, default=str)}\n")
-            self._qmp_log.flush()
+        return self._qmp.command(command, self.error, **arguments)
 
     def is_running(self) -> bool:
         """The same process still exists (its start time guards against a reused pid)."""
@@ -193,12 +175,8 @@ class AttachedQemu:
     def close(self) -> None:
         """Close the QMP connection; the QEMU goes on as it is."""
         if self._qmp is not None:
-            with suppress(Exception):
-                self._qmp.close()
+            self._qmp.close()
             self._qmp = None
-        if self._qmp_log is not None:
-            self._qmp_log.close()
-            self._qmp_log = None
 
 
 def same_file(a: Path, b: Path) -> bool:

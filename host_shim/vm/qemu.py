@@ -9,7 +9,6 @@ SIGKILL. It is a context manager, so a failing test still stops its QEMU.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -27,6 +26,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from host_shim.errors import QemuError, SetupError
 from host_shim.vm import process
 from host_shim.vm.process import describe_exit, is_stopped, kill_if_running
+from host_shim.vm.qmp_log import LoggedQmp
 
 log = logging.getLogger(__name__)
 
@@ -218,8 +218,7 @@ class QemuVM:
         self.logs = QemuLogs(work_dir)
         self.argv: list[str] = []
         self._proc: subprocess.Popen[bytes] | None = None
-        self._qmp: QEMUMonitorProtocol | None = None
-        self._qmp_log: Any = None
+        self._qmp: LoggedQmp | None = None
         self.started_at: float | None = None
         # AF_UNIX paths are limited to 108 bytes; work folders can be deeper.
         self._socket_dir: Path | None = None
@@ -269,10 +268,10 @@ class QemuVM:
             shutil.copyfile(self.config.firmware_vars, vars_copy)
         self.argv = build_command(self.config, self.logs, vars_copy, self.qmp_socket)
         self.logs.cmdline.write_text(shlex.join(self.argv) + "\n")
-        self._qmp_log = self.logs.qmp.open("w")
         stderr = self.logs.stderr.open("wb")
         log.debug("%s: starting %s", self.name, shlex.join(self.argv))
         self.started_at = time.monotonic()
+        self._qmp = LoggedQmp(self.logs.qmp, self.started_at)
         self._proc = process.spawn(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -307,7 +306,9 @@ class QemuVM:
                     time.sleep(0.02)
                     continue
                 qmp.settimeout(QMP_TIMEOUT)
-                self._qmp = qmp
+                if self._qmp is None:
+                    raise self.error("QEMU was stopped during start-up")
+                self._qmp.connect(qmp)
                 try:
                     self.qmp("query-status")
                 except QemuError:
@@ -326,30 +327,10 @@ class QemuVM:
         """Run a QMP command; log it and its answer to qmp.log."""
         if self._qmp is None:
             raise self.error(f"QMP is not connected (command {command})")
-        self._log_qmp(">", {"execute": command, "arguments": arguments})
-        try:
-            result = self._qmp.cmd(command, **arguments)
-        except Exception as exc:
-            self._log_qmp("!", {"error": str(exc)})
-            raise self.error(f"QMP command {command} failed: {exc}") from exc
-        self._log_qmp("<", {"return": result})
-        for event in self.events():
-            self._log_qmp("*", event)
-        return result
+        return self._qmp.command(command, self.error, **arguments)
 
     def events(self) -> list[dict[str, Any]]:
-        if self._qmp is None:
-            return []
-        try:
-            return [dict(e) for e in self._qmp.get_events(wait=False)]
-        except Exception:
-            return []
-
-    def _log_qmp(self, direction: str, message: object) -> None:
-        if self._qmp_log is not None and not self._qmp_log.closed:
-            stamp = time.monotonic() - (self.started_at or 0.0)
-            self._qmp_log.write(f"{stamp:9.3f} {direction} {json.dumps(message, default=str)}\n")
-            self._qmp_log.flush()
+        return [] if self._qmp is None else self._qmp.events()
 
     def exit_code(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
@@ -380,21 +361,20 @@ class QemuVM:
         """Shut QEMU down: QMP 'quit', then SIGKILL to its own pid. Bounded:
         a stopped QEMU is killed at once, a wedged one after ``soft_timeout``."""
         proc = self._proc
-        if proc is not None and proc.poll() is None and self._qmp is not None and not is_stopped(proc):
+        session = self._qmp
+        connection = session.connection if session is not None else None
+        if proc is not None and proc.poll() is None and session is not None and connection is not None \
+                and not is_stopped(proc):
             with suppress(Exception):
-                self._log_qmp(">", {"execute": "quit"})
-                self._qmp.settimeout(soft_timeout)
-                self._qmp.cmd("quit")
+                session.note(">", {"execute": "quit"})
+                connection.settimeout(soft_timeout)
+                connection.cmd("quit")
             with suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=soft_timeout)
         if proc is not None:
             kill_if_running(proc, f"{self.name}: QEMU")
         if self._qmp is not None:
-            with suppress(Exception):
-                self._qmp.close()
-            self._qmp = None
-        if self._qmp_log is not None:
-            self._qmp_log.close()
+            self._qmp.close()
         if self._socket_dir is not None:
             process.remove(self._socket_dir)
             self._socket_dir = None

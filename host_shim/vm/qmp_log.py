@@ -1,0 +1,83 @@
+"""A QMP connection that writes everything it says and hears to a log.
+
+Both kinds of QEMU the host shim talks to, the ones it starts
+(:class:`~host_shim.vm.qemu.QemuVM`) and the user's running one it attaches
+to (:class:`~host_shim.vm.attached.AttachedQemu`), keep a ``qmp.log`` in
+their work folder with one line per command, answer, error and event,
+stamped with seconds since the log's epoch. When a migration fails, that
+file is what tells which command was in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+from typing import IO, Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from host_shim.errors import QemuError
+
+
+class LoggedQmp:
+    """The log opens at once (so it exists for a QEMU that never answers);
+    the connection is given to it once negotiated (:meth:`connect`)."""
+
+    def __init__(self, log_path: Path, epoch: float | None = None) -> None:
+        self.log_path = log_path
+        self.epoch = time.monotonic() if epoch is None else epoch
+        self.connection: QEMUMonitorProtocol | None = None
+        self._log: IO[str] | None = log_path.open("w")
+
+    @property
+    def connected(self) -> bool:
+        return self.connection is not None
+
+    def connect(self, connection: QEMUMonitorProtocol) -> None:
+        self.connection = connection
+
+    def note(self, direction: str, message: object) -> None:
+        """One log line: '>' sent, '<' answered, '!' failed, '*' event."""
+        if self._log is not None and not self._log.closed:
+            stamp = time.monotonic() - self.epoch
+            self._log.write(f"{stamp:9.3f} {direction} {json.dumps(message, default=str)}\n")
+            self._log.flush()
+
+    def command(self, command: str, error: Callable[[str], QemuError], **arguments: object) -> Any:
+        """Run a QMP command and return its answer; a failure (an error
+        answer, a lost connection, a timeout) raises ``error(message)``."""
+        if self.connection is None:
+            raise error(f"QMP is not connected (command {command})")
+        self.note(">", {"execute": command, "arguments": arguments})
+        try:
+            result = self.connection.cmd(command, **arguments)
+        except Exception as exc:
+            self.note("!", {"error": str(exc)})
+            raise error(f"QMP command {command} failed: {exc}") from exc
+        self.note("<", {"return": result})
+        for event in self.events():
+            self.note("*", event)
+        return result
+
+    def events(self) -> list[dict[str, Any]]:
+        """The events that arrived so far, without waiting; none once the
+        connection is gone."""
+        if self.connection is None:
+            return []
+        try:
+            return [dict(event) for event in self.connection.get_events(wait=False)]
+        except Exception:
+            return []
+
+    def close(self) -> None:
+        """Close the connection and the log (the QEMU itself goes on)."""
+        if self.connection is not None:
+            with suppress(Exception):
+                self.connection.close()
+            self.connection = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
