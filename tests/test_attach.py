@@ -31,6 +31,7 @@ from typing import IO, Any
 import pytest
 
 from host_shim.migration.attach import REASONS
+from host_shim.migration.guest_description import MAX_GUEST_MIB
 from host_shim.migration.migration_vm import MIB, guest_config
 from host_shim.vm import guest
 from host_shim.vm.attached import AttachedQemu
@@ -418,6 +419,35 @@ def test_a_guest_that_does_not_fit_is_refused_with_its_reason_and_left_running(
         capabilities = {c["capability"]: c["state"] for c in vm.qmp("query-migrate-capabilities")}
         assert capabilities["x-ignore-shared"] is False
         assert vm.qmp("query-migrate").get("status", "none") == "none"
+
+
+@pytest.mark.parametrize("mib", [MAX_GUEST_MIB, MAX_GUEST_MIB + 1])
+def test_the_memory_size_bound_is_the_largest_guest_the_helpers_migrate(
+        firmware: Path, work_dir: Path, key: Path, short_dir: Path, mib: int) -> None:
+    """16 GiB (what a running guest was migrated with here) is attached; a
+    MiB more is refused as 'memory-size'. Sparse RAM files: the guest
+    touches only what its firmware and kernel write while the checks run."""
+    ram = work_dir / "user.ram"
+    qmp = short_dir / "user.sock"
+    size = mib * MIB
+    with ram.open("wb") as f:
+        f.truncate(size)
+    config = guest_config(firmware, ram, size, incoming=False, workload_mib=64)
+    config = dataclasses.replace(config, extra_args=["-chardev", f"socket,id=user-qmp,path={qmp},server=on,wait=off",
+                                                     "-mon", "chardev=user-qmp,mode=control"])
+    try:
+        with QemuVM(config, work_dir / "user-guest", "user-guest") as vm:
+            result = _attach(work_dir, qmp, ram, "migrate")
+            if mib > MAX_GUEST_MIB:
+                _assert_refused(result, "memory-size")
+                assert f"{MAX_GUEST_MIB}" in result.stderr
+            else:
+                # Every check passed: the command went on to the target (nobody listens there).
+                assert result.returncode == 1 and "refused to attach" not in result.stderr, result.stderr
+                assert "cannot connect to the target 127.0.0.1:9" in result.stderr, result.stderr
+            assert vm.qmp("query-status")["status"] == "running"
+    finally:
+        ram.unlink(missing_ok=True)
 
 
 def test_the_wrong_ram_file_a_paused_guest_and_a_busy_or_missing_monitor_are_refused(

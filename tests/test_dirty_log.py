@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from host_shim.migration.dirty_log import DirtyLog, DirtyLogUnavailable, unavailable_reason
-from host_shim.migration.migrate import MigrationConfig, migrate
+from host_shim.migration.migrate import MigrationConfig, _written_pages, migrate
 from host_shim.migration.migration_vm import PAGE
 
 PAGES = 16384  # 64 MiB: 9 dirty 2 MiB folios would still be far from half
@@ -100,3 +100,24 @@ def test_tmpfs_keeps_no_log_and_migrate_says_so_before_starting(firmware: Path, 
         assert list(shm.iterdir()) == []
     finally:
         os.rmdir(shm)
+
+
+def test_a_check_of_every_page_skips_only_pages_never_written(work_dir: Path) -> None:
+    """The log's reset checks the pages the RAM file holds data for: a page
+    written through a shared mapping (before or after an fsync) is one of
+    them, a page in a hole (never written) is not."""
+    size = 64 * 1024 * 1024
+    ram = work_dir / "guest.ram"
+    with ram.open("wb") as new:
+        new.truncate(size)
+    every_page = np.arange(size // 4096, dtype=np.uint64)
+    assert len(_written_pages(ram, every_page)) == 0
+    with ram.open("r+b") as f, mmap.mmap(f.fileno(), size) as view:
+        view[5 * 4096] = 1
+        os.fsync(f.fileno())
+        view[40 * 1024 * 1024 + 7 * 4096] = 1  # after the fsync: dirty, not yet written back
+        written = _written_pages(ram, every_page)
+    assert 5 in written and (40 * 1024 * 1024) // 4096 + 7 in written
+    # Holes are found at the file system's grain (2 MiB folios here): far
+    # from both writes nothing holds data.
+    assert (20 * 1024 * 1024) // 4096 not in written and len(written) < len(every_page) // 4

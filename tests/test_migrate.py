@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +173,54 @@ def test_target_qemu_dying_after_switchover_is_reported(firmware: Path, work_dir
     assert report.outcome == "failed"
     assert report.error is not None and "after switchover" in report.error
     assert "lost" in report.guest_state
+
+
+def test_a_failed_migration_keeps_every_qemus_logs_and_names_them(firmware: Path, private_tmpdir: Path) -> None:
+    """`ovmf-mh migrate` without --work-dir (a temporary work folder), a
+    target helper SIGKILLed once it imports pages: the command fails, and
+    the command line, debugcon, serial and QMP logs of every QEMU it ran,
+    the killed target helper's included, are still there afterwards, each
+    named by path on stderr."""
+    killed: list[int] = []
+
+    def kill_target_helper() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            for pid_file in private_tmpdir.glob("ovmf-mh-migrate-*/target-helpers/helper-0/qemu.pid"):
+                with suppress(OSError, ValueError):
+                    if _commands_served(_own_ram(pid_file.parent)) >= SERVED_BEFORE_KILL:
+                        pid = int(pid_file.read_text())
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                        return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_target_helper, daemon=True)
+    killer.start()
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ovmf-mh"), "migrate", "--image", str(firmware), "--json",
+         "--no-progress"],
+        capture_output=True, text=True, timeout=600,
+    )
+    killer.join(timeout=5)
+    assert killed, f"the target helper never imported pages: {result.stderr[-2000:]}"
+    assert result.returncode == 1, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    assert report["outcome"] == "failed" and "exited" in report["error"]
+    work = Path(report["work_dir"])
+    assert work.parent == private_tmpdir and work.is_dir(), "the temporary work folder was not kept"
+    roles = {"source", "target", "source-helpers/helper-0", "target-helpers/helper-0"}
+    assert set(report["logs"]) == roles, report["logs"]
+    for role in roles:
+        logs = report["logs"][role]
+        for kind, name in (("cmdline", "qemu-cmdline.txt"), ("debugcon", "debugcon.log"),
+                           ("serial", "serial.log"), ("qmp", "qmp.log")):
+            path = Path(logs[kind])
+            assert path == work / role / name and path.is_file(), (role, kind, logs)
+            assert str(path) in result.stderr, f"{path} not named in the error:\n{result.stderr[-3000:]}"
+        assert "qemu-system" in Path(logs["cmdline"]).read_text()
+        assert "query-status" in Path(logs["qmp"]).read_text()
+    helper = report["logs"]["target-helpers/helper-0"]
+    assert "READY" in Path(helper["debugcon"]).read_text(errors="replace")
+    assert "HB seq=" in Path(report["logs"]["source"]["serial"]).read_text(errors="replace")
+    assert str(killed[0]) in (work / "target-helpers" / "helper-0" / "qemu.pid").read_text()

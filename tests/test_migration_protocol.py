@@ -182,8 +182,8 @@ def _run_target_against(tmp_path: Path, talk: Any) -> tuple[TargetReport, Any]:
 
 def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[3, 7])
-        assert channel.receive("welcome")["version"] == 3
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[4, 7])
+        assert channel.receive("welcome")["version"] == 4
         channel.send("describe", guest=_good() | {"firmware_sha256": digest, "machine": "pc; reboot"})
         return channel.receive("refuse")
 
@@ -198,11 +198,11 @@ def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: P
 
 def test_the_target_refuses_a_source_without_a_common_version(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 2])  # before ABI 4.0
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 2, 3])  # before ABI 4.0, before keepalives
         return channel.receive("error")
 
     report, answer = _run_target_against(tmp_path, talk)
-    assert "versions [1, 2]" in answer["reason"] and answer["phase"] == "the handshake"
+    assert "versions [1, 2, 3]" in answer["reason"] and answer["phase"] == "the handshake"
     assert report.outcome == "failed" and report.peer.startswith("127.0.0.1:")
 
 
@@ -260,3 +260,28 @@ def test_the_source_refuses_hostile_challenge_nonces(values: list[object], reaso
 
 def test_the_source_takes_one_nonce_per_shard() -> None:
     assert mp.decode_nonces([NONCE, "01" * 32], 2, "target") == [bytes.fromhex(NONCE), bytes([1]) * 32]
+
+
+def test_the_ram_digest_reads_only_written_memory_and_agrees_across_hole_layouts(tmp_path: Path) -> None:
+    """Two RAM files with the same bytes have the same digests though one
+    holds written zeros where the other has a hole; one byte changed
+    changes exactly its part's digest."""
+    from host_shim.migration.migration_vm import DIGEST_PARTS, ram_digest
+
+    size = 1 << 30
+    files = [tmp_path / "a.ram", tmp_path / "b.ram"]
+    for path in files:
+        with path.open("wb") as f:
+            f.truncate(size)
+            f.seek(size - 5000)
+            f.write(b"last part")
+    with files[1].open("r+b") as f:
+        f.seek(10 << 20)
+        f.write(bytes(1 << 20))  # zeros, written: data here, a hole in a.ram
+    assert ram_digest(files[0], size) == ram_digest(files[1], size)
+    with files[1].open("r+b") as f:
+        f.seek(size // 2 + 7)
+        f.write(b"\1")
+    changed = [i for i, (a, b) in enumerate(zip(ram_digest(files[0], size), ram_digest(files[1], size),
+                                                 strict=True)) if a != b]
+    assert changed == [DIGEST_PARTS // 2]

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 from host_shim.commands.options import add_mailbox_timeout
-from host_shim.errors import OvmfMhError
 from host_shim.firmware.boot import resolve_image
 from host_shim.helpers.backends import KINDS
 from host_shim.migration.migrate import SWITCHOVER_MODES, MigrationConfig, migrate, write_report
 from host_shim.migration.migration_protocol import parse_address
 from host_shim.migration.migration_vm import MigrationError
 from host_shim.vm import process
+from host_shim.vm.qemu import describe_logs
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -150,9 +150,12 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         report = migrate(config)
-    except OvmfMhError:
+    except Exception:
+        # Refused before it started, or a failure not foreseen: whatever
+        # QEMU ran keeps its logs. (A signal, KeyboardInterrupt, keeps
+        # nothing: docs/testing.md.)
         if args.work_dir is None:
-            process.keep(work)  # the error names logs in it
+            process.keep(work)
         raise
     if args.work_dir is None:
         process.keep(work)
@@ -168,5 +171,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"passes and downtime drawn in {args.plot}", file=sys.stderr if args.json else sys.stdout)
     if report.outcome != "ok":
         print(f"ovmf-mh migrate: error: {report.error}; the guest is {report.guest_state}", file=sys.stderr)
+        print("\n".join(describe_logs(report.logs)), file=sys.stderr)
         return 1
     return 0

@@ -15,6 +15,7 @@ from host_shim.helpers.keys import read_key
 from host_shim.migration.migrate_target import TargetConfig, TargetReport, run_target
 from host_shim.migration.migration_protocol import parse_address
 from host_shim.vm import process
+from host_shim.vm.qemu import describe_logs
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -73,7 +74,14 @@ def run(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout, mailbox_timeout=args.mailbox_timeout,
         keep_running=args.keep_running, on_listening=_say_listening,
     )
-    report: TargetReport = run_target(config)
+    try:
+        report: TargetReport = run_target(config)
+    except Exception:
+        # A failure not foreseen: the QEMUs' logs say what happened. (A
+        # signal, KeyboardInterrupt, keeps nothing: docs/testing.md.)
+        if args.work_dir is None:
+            process.keep(work)
+        raise
     if args.work_dir is None:
         process.keep(work)  # logs and the report
     (work / "report.json").write_text(json.dumps(report.as_json(), indent=2))
@@ -84,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if report.outcome != "ok":
         print(f"ovmf-mh migrate-incoming: error: from the source {report.peer or '(none)'} during "
               f"{report.phase}: {report.error}", file=sys.stderr)
+        print("\n".join(describe_logs(report.logs)), file=sys.stderr)
         return 1
     return 0
 

@@ -30,7 +30,7 @@ from host_shim.migration.migration_vm import MIB, MigrationError, guest_config, 
 from host_shim.transfer import container as ct
 from host_shim.transfer.pipeline import TransferSummary, import_ram
 from host_shim.vm import guest
-from host_shim.vm.qemu import QemuVM
+from host_shim.vm.qemu import QemuVM, describe_logs, logs_under
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ class TargetReport:
     source_lost: str | None = None
     error: str | None = None
     work_dir: str = ""
-    logs: dict[str, str] = field(default_factory=dict)
+    # Every QEMU this role ran (its guest QEMU and helpers): its folder under
+    # work_dir -> its logs (vm/qemu.py, logs_under).
+    logs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +102,7 @@ class TargetReport:
             lines.append(f"  the source may not know the guest runs here: {self.source_lost}")
         if self.error:
             lines.append(f"  error during {self.phase}: {self.error}")
+            lines.extend(describe_logs(self.logs))
         lines.append(f"  logs in {self.work_dir}")
         return lines
 
@@ -166,7 +169,8 @@ def run_target(config: TargetConfig, server: socket.socket | None = None) -> Tar
             if "never resumed" in report.guest_state:
                 report.guest_state = "never resumed here"
         # Every QEMU and helper stops here, by its own pid; RAM files in
-        # --ram-dir go with them.
+        # --ram-dir go with them. Their logs stay in the work folder.
+    report.logs = logs_under(work)
     return report
 
 
@@ -203,14 +207,25 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     target = stack.enter_context(QemuVM(guest_config(config.image, ram, size, incoming=True,
                                                      workload_mib=description.workload_mib),
                                         work / "target", "target"))
-    report.logs = {"target_qemu": str(target.work_dir)}
     report.guest_state = "waiting for the stream (never resumed)"
     target.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     device_state_port = _listen_for_device_state(target, listen_host)
 
     reader = _CountingReader(channel.reader)
     ready = threading.Event()
+    # Set once target helper 0 committed every receipt: the verdict need
+    # not wait for the helper VMs to power off (the import's thread stops
+    # them meanwhile, and is joined before this role ends).
+    committed = threading.Event()
+    # Set on the commit or when the import's thread ends, whichever first.
+    settled = threading.Event()
     imported: dict[str, Any] = {}
+
+    def on_committed(summary: TransferSummary) -> None:
+        imported["summary"] = summary
+        committed.set()
+        settled.set()
+
     # The target helpers' challenge nonces, drawn before on_ready: the source
     # helpers bind their streams to them, so only this migration's streams
     # are accepted here.
@@ -223,14 +238,24 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
                 work_dir=work / "target-helpers", mode="in-place", progress=False,
                 expect=ct.FileHeader(size, description.shards), on_ready=ready.set,
                 mailbox_timeout=config.mailbox_timeout,
-                challenge=lambda given, _size: nonces.extend(given),
+                challenge=lambda given, _size: nonces.extend(given), on_committed=on_committed,
             )
         except BaseException as exc:
+            if committed.is_set():
+                # Stopping the helpers after the commit: the guest's memory
+                # is verified and in place; said, not a failure.
+                log.warning("migrate-incoming: stopping the target helpers after their commit: %s", exc)
+                return
             imported["error"] = exc
             ready.set()
+        finally:
+            settled.set()
 
     receiver = threading.Thread(target=receive, name="migrate-incoming-receive", daemon=True)
     receiver.start()
+    # After a commit the helpers power off in that thread: done before this
+    # role ends (before a commit, a failure ends it as it always did).
+    stack.callback(lambda: receiver.join(30) if committed.is_set() else None)
     # Should anything below fail, the import stops reading at once.
     stack.callback(channel.abandon)
     ready.wait()
@@ -239,7 +264,7 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     report.setup_seconds = time.monotonic() - prepare_start
     channel.send("accept", device_state_port=device_state_port, nonces=[nonce.hex() for nonce in nonces])
     channel.phase = "pre-copy"
-    _watch_import(channel, target, receiver, reader)
+    _watch_import(channel, target, reader, settled)
     report.stream_bytes = reader.bytes
     if "error" in imported:
         error = imported["error"]
@@ -351,14 +376,14 @@ def _listen_for_device_state(target: QemuVM, host: str) -> int:
     raise MigrationError("the target QEMU did not say which port its incoming migration listens on")
 
 
-def _watch_import(channel: mp.Channel, target: QemuVM, receiver: threading.Thread,
-                  reader: _CountingReader) -> None:
-    """Wait for the import, telling the source every PROGRESS_INTERVAL that
-    this side is alive; a target QEMU that dies or stops ends the import."""
+def _watch_import(channel: mp.Channel, target: QemuVM, reader: _CountingReader, settled: threading.Event) -> None:
+    """Wait for the import's commit (or its end), telling the source every
+    PROGRESS_INTERVAL that this side is alive; a target QEMU that dies or
+    stops ends the import."""
     next_progress = time.monotonic() + PROGRESS_INTERVAL
     stopped_since: float | None = None
-    while receiver.is_alive():
-        receiver.join(timeout=WATCH_INTERVAL)
+    while not settled.is_set():
+        settled.wait(WATCH_INTERVAL)
         # No abandon() here: the source should read why before the cut.
         if not target.is_running():
             raise MigrationError(f"{target.describe()}, during pre-copy")
@@ -369,7 +394,7 @@ def _watch_import(channel: mp.Channel, target: QemuVM, receiver: threading.Threa
                                      "and can answer nothing, during pre-copy")
         else:
             stopped_since = None
-        if time.monotonic() >= next_progress and receiver.is_alive():
+        if time.monotonic() >= next_progress and not settled.is_set():
             channel.send("progress", stream_bytes=reader.bytes)
             next_progress = time.monotonic() + PROGRESS_INTERVAL
 

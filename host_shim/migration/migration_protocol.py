@@ -11,10 +11,12 @@ every value is checked for its type and range by the receiver.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import struct
 import threading
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import IO, Any, cast
@@ -27,7 +29,12 @@ PROTOCOL = "ovmf-mh-migration"
 #: helpers' challenge nonces, which bind every shard to this migration.
 #: Version 3 (ABI 4.0): the same messages; the page stream is transfer
 #: container version 2, whose end records seal each shard's shared pages.
-VERSIONS = (3,)
+#: Version 4: the source's stream carries KEEPALIVE frames while its helpers
+#: put nothing on it, each frame goes out once no other is queued, and a
+#: blocked write waits as long as the target reports taking the stream.
+VERSIONS = (4,)
+#: Seconds without a frame after which the source sends a KEEPALIVE frame.
+STREAM_KEEPALIVE = 1.0
 LENGTH = struct.Struct(">I")
 #: No control message comes near this; a length above it is refused unread.
 MAX_MESSAGE = 16 * 1024
@@ -155,12 +162,57 @@ def encode(kind: str, **fields: Any) -> bytes:
     return LENGTH.pack(len(body)) + body
 
 
+#: Seconds a blocked write waits before it looks again at whether the peer
+#: is still taking the stream (see _PatientSocketIO).
+WRITE_SLICE = 0.5
+
+
+class _PatientSocketIO(io.RawIOBase):
+    """The sending side of the connection. A write that the peer does not
+    take at once is not yet a silent peer: a target can be busy for many
+    seconds with what the kernel's socket buffers already hold (a ZERO_RANGE
+    record is 64 bytes on the wire and up to 2 MiB for its helper to check
+    and zero; a buffer of them is minutes of work). So a blocked write gives
+    up only when neither this side could send a byte nor the peer reported
+    taking more of the stream (its ``progress`` messages) for the idle
+    timeout. A write on a socket whose timeout is the idle timeout gave up
+    after that many seconds however busy the peer said it was."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self._channel = channel
+        # Its own descriptor, with its own timeout: the reader thread keeps
+        # the idle timeout on the original. shutdown() on either cuts both.
+        self._sock = channel.sock.dup()
+        self._sock.settimeout(WRITE_SLICE)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        sent_at = time.monotonic()
+        while True:
+            try:
+                return self._sock.send(view)
+            except TimeoutError:
+                quiet = time.monotonic() - max(sent_at, self._channel.peer_took_at)
+                if quiet >= self._channel.idle_timeout:
+                    raise
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self._sock.close()
+        super().close()
+
+
 class Channel:
     """One control connection: messages both ways, the page stream from the
     source to the target in between. Sends are serialised (the target's
     progress messages come from their own thread). The socket's timeout is
-    the idle timeout: a read or write that waits longer means the peer went
-    silent."""
+    the idle timeout: a read that waits longer means the peer went silent;
+    a write waits as long as the peer says it takes the stream
+    (_PatientSocketIO)."""
 
     def __init__(self, sock: socket.socket, peer: str, idle_timeout: float) -> None:
         self.sock = sock
@@ -168,8 +220,12 @@ class Channel:
         self.idle_timeout = idle_timeout
         self.phase = "the handshake"
         sock.settimeout(idle_timeout)
+        # When the peer last showed it takes what this side sends: any
+        # message but a progress that reports no more stream than before.
+        self.peer_took_at = time.monotonic()
+        self._peer_stream_bytes = -1
         self.reader = cast(IO[bytes], sock.makefile("rb", buffering=256 * 1024))
-        self.writer = cast(IO[bytes], sock.makefile("wb", buffering=256 * 1024))
+        self.writer = cast(IO[bytes], io.BufferedWriter(_PatientSocketIO(self), buffer_size=256 * 1024))
         self._send_lock = threading.Lock()
 
     def gone(self, exc: BaseException | None, timeout: float | None = None) -> PeerGone:
@@ -191,6 +247,12 @@ class Channel:
                 self.writer.flush()
             except (OSError, ValueError) as exc:
                 raise self.gone(exc) from exc
+
+    def stream(self) -> IO[bytes]:
+        """The page stream's sink: the writer, with a failed write said as
+        the peer's (PeerGone names it and the phase) rather than as a bare
+        socket error."""
+        return cast(IO[bytes], _StreamSink(self))
 
     def receive(self, *expected: str, timeout: float | None = None) -> Message:
         """The next message, which must be one of ``expected``, or the
@@ -219,6 +281,10 @@ class Channel:
         except ProtocolError as exc:
             raise ProtocolError(f"the peer {self.peer} sent a malformed message during {self.phase}: {exc}",
                                 peer=self.peer, phase=self.phase) from None
+        if message.type != "progress" or message["stream_bytes"] > self._peer_stream_bytes:
+            self.peer_took_at = time.monotonic()
+            if message.type == "progress":
+                self._peer_stream_bytes = message["stream_bytes"]
         if message.type in ("error", "abort") and message.type not in expected:
             theirs = f" (its phase: {message['phase']})" if message.type == "error" else ""
             raise PeerFailed(f"the peer {self.peer} failed during {self.phase}{theirs}: {message['reason']}",
@@ -240,6 +306,25 @@ class Channel:
         peer that may be stalled: the other side sees it at once."""
         with suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class _StreamSink:
+    """What the exporter writes the stream to (Channel.stream)."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+
+    def write(self, data: bytes | memoryview) -> int:
+        try:
+            return self._channel.writer.write(data)
+        except (OSError, ValueError) as exc:
+            raise self._channel.gone(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._channel.writer.flush()
+        except (OSError, ValueError) as exc:
+            raise self._channel.gone(exc) from exc
 
 
 def parse_address(text: str, option: str) -> tuple[str, int]:

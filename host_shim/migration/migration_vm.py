@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from host_shim.errors import OvmfMhError
+from host_shim.transfer.holes import hole_pages
 from host_shim.vm import guest, process
 from host_shim.vm.attached import QemuHandle
 from host_shim.vm.qemu import MemoryBackend, QemuConfig
@@ -20,6 +21,8 @@ MIB = 1024 * 1024
 #: The RAM digest has this many parts, whatever the guest size: a mismatch
 #: names the region, and the verdict message stays small.
 DIGEST_PARTS = 256
+#: Bytes hashed at a time; a chunk in a hole of the RAM file is not read.
+DIGEST_CHUNK = 2 * 1024 * 1024
 
 
 class MigrationError(OvmfMhError):
@@ -66,12 +69,32 @@ def ram_file(stack: ExitStack, work: Path, ram_dir: Path | None, role: str, size
 def ram_digest(path: Path, size: int) -> list[str]:
     """DIGEST_PARTS BLAKE2b digests of equal parts of a RAM file: a
     comparison of bytes, as SEV would allow for ciphertext, never an
-    interpretation of them."""
+    interpretation of them. A part's digest is that of its DIGEST_CHUNK
+    chunks' digests; a chunk in a hole of the file is all zero and gets the
+    zero chunk's digest without being read, so the cost follows the memory
+    written, not the guest's size (hashing two 16 GiB files byte by byte
+    kept the stopped guest waiting 138 s), and two files agree whichever
+    of them has a hole where the other holds zeros."""
     part = size // DIGEST_PARTS
+    chunk = min(DIGEST_CHUNK, part)
+    if part % chunk or chunk % PAGE:
+        raise MigrationError(f"a {size}-byte RAM file does not split into {DIGEST_PARTS} parts of whole chunks")
+    zero = hashlib.blake2b(bytes(chunk), digest_size=16).digest()
+    flags = hole_pages(path, PAGE).reshape(-1, chunk // PAGE)
+    hole = [bool(row.all()) for row in flags]
+    buffer = bytearray(chunk)
     digests = []
-    with path.open("rb") as f:
-        for _ in range(DIGEST_PARTS):
-            digests.append(hashlib.blake2b(f.read(part), digest_size=8).hexdigest())
+    with path.open("rb", buffering=0) as f:
+        for first in range(0, size // chunk, part // chunk):
+            outer = hashlib.blake2b(digest_size=8)
+            for index in range(first, first + part // chunk):
+                if hole[index]:
+                    outer.update(zero)
+                    continue
+                f.seek(index * chunk)
+                view = memoryview(buffer)[: f.readinto(buffer) or 0]
+                outer.update(hashlib.blake2b(view, digest_size=16).digest())
+            digests.append(outer.hexdigest())
     return digests
 
 

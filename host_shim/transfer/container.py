@@ -41,6 +41,10 @@ KIND_RECORDS = 2
 KIND_STREAM_END = 3
 KIND_PLAIN_PAGE = 4
 KIND_DONE = 5
+#: Nothing: a live migration's source says it is still there while its
+#: helpers work on something that puts nothing on the stream (a check of
+#: every page, a run of zero ranges). Empty, shard 0; the reader skips it.
+KIND_KEEPALIVE = 6
 
 KIND_NAMES = {
     KIND_STREAM_HEADER: "STREAM_HEADER",
@@ -48,6 +52,7 @@ KIND_NAMES = {
     KIND_STREAM_END: "STREAM_END",
     KIND_PLAIN_PAGE: "PLAIN_PAGE",
     KIND_DONE: "DONE",
+    KIND_KEEPALIVE: "KEEPALIVE",
 }
 
 MAX_SHARDS = 64
@@ -72,6 +77,7 @@ def _limits() -> dict[int, tuple[int, int]]:
         KIND_STREAM_END: (end, end),
         KIND_PLAIN_PAGE: (PLAIN_PAGE.size + page, PLAIN_PAGE.size + page),
         KIND_DONE: (2, 4096),
+        KIND_KEEPALIVE: (0, 0),
     }
 
 

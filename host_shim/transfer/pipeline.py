@@ -319,14 +319,19 @@ class Exporter:
         mailbox_timeout: float = DEFAULT_TIMEOUT,
         challenge: Callable[[], Nonces] | None = None,
         zero_ranges: bool = True,
+        keepalive: float | None = None,
     ) -> None:
         """``challenge`` gives the target helpers' nonces once the file
         header is on the sink (a TCP peer answers it with them); without
         it the streams are unbound. ``zero_ranges``: pages in holes of the
         RAM file go as ZERO_RANGE records (EXPORT_ZERO_RANGES, ABI 2.1),
         which the source helper checks; False sends every page as its own
-        record (what a 2.0 target accepts)."""
+        record (what a 2.0 target accepts). ``keepalive``: put a
+        KEEPALIVE frame on the sink after this many seconds without a
+        frame (a live migration's peer counts silence as gone); every
+        frame is flushed to the sink once no other is queued behind it."""
         self.page, self.batch, self.record = _geometry()
+        self.keepalive = keepalive
         self.zero_ranges = zero_ranges
         self._zero_range_record = abi.load().layout("OVMF_MH_RECORD_HEADER").size + abi.load().layout(
             "OVMF_MH_ZERO_RANGE_PAYLOAD").size + abi.load().const("OVMF_MH_TAG_SIZE")
@@ -424,15 +429,21 @@ class Exporter:
         self.summary.stream_bytes += len(data)
 
     def _write_frames(self) -> None:
+        last = time.monotonic()
         while True:
             try:
                 frame = self._frames.get(timeout=0.1)
             except queue.Empty:
                 if self._failure.event.is_set():
                     return
+                if self.keepalive is not None and time.monotonic() - last >= self.keepalive:
+                    self._write(ct.FRAME_HEADER.pack(ct.KIND_KEEPALIVE, 0, 0))
+                    self.sink.flush()
+                    last = time.monotonic()
                 continue
             if frame is None:
                 return
+            last = time.monotonic()
             item, written = frame
             try:
                 if item.kind == ct.KIND_PLAIN_PAGE:
@@ -445,6 +456,11 @@ class Exporter:
                     item.payload.release()
             if written is not None:
                 written()
+            if self.keepalive is not None and self._frames.empty():
+                # Nothing queued behind it: on its way now, not when the
+                # sink's buffer fills (a frame of zero ranges is a few KB
+                # for many seconds of helper work).
+                self.sink.flush()
 
     def _put(self, frame: ct.Frame, written: Callable[[], None] | None = None) -> None:
         """Queue a frame for the writer; ``written`` runs once it is on the sink."""
@@ -818,6 +834,7 @@ def import_ram(
     on_ready: Callable[[], None] | None = None,
     mailbox_timeout: float = DEFAULT_TIMEOUT,
     challenge: Callable[[Nonces, int], None] | None = None,
+    on_committed: Callable[[TransferSummary], None] | None = None,
 ) -> TransferSummary:
     """Read a transfer stream from ``source`` into RAM file ``dst``; raises
     TransferError (or the helper's MailboxError) unless everything verified.
@@ -835,6 +852,11 @@ def import_ram(
     helpers then accept only streams bound to their own nonce. In any case
     the import succeeds only after target helper 0 committed every shard's
     receipt (IMPORT_COMMIT).
+
+    ``on_committed`` (in-place mode) gets the summary as soon as the commit
+    succeeded, before the helpers are shut down: a live migration's target
+    can give its verdict while its helper VMs power off (a helper VM that
+    mapped a 16 GiB guest takes a while to exit).
     """
     page, _, _ = _geometry()
     header = expect if expect is not None else ct.read_file_header(source)
@@ -933,6 +955,8 @@ def import_ram(
                             meter.advance(1)
                         elif frame.kind == ct.KIND_DONE:
                             totals = ct.Totals.decode(bytes(frame.payload))
+                        elif frame.kind == ct.KIND_KEEPALIVE:
+                            continue
                         else:
                             if frame.kind == ct.KIND_RECORDS:
                                 plain.records(frame)
@@ -989,6 +1013,8 @@ def import_ram(
                 summary.zero_pages = sum(zero_pages)
                 summary.zero_range_pages = sum(range_pages)
                 summary.shard_records = list(records)
+                if on_committed is not None and mode != "replace":
+                    on_committed(summary)
             if mode == "replace":
                 with target.open("rb") as f:
                     os.fsync(f.fileno())

@@ -105,6 +105,37 @@ class QemuLogs:
         }
 
 
+#: The logs a failure names, in this order (stderr and the pid file are beside them).
+KEPT_LOGS = ("cmdline", "debugcon", "serial", "qmp", "stderr")
+
+
+def logs_under(folder: Path) -> dict[str, dict[str, str]]:
+    """The logs of every QEMU that ran in ``folder`` or below it: QemuVM
+    writes its command line into its work folder before it starts QEMU.
+    Keyed by that work folder, relative to ``folder`` ('target-helpers/
+    helper-0'), then by log name (KEPT_LOGS), absolute paths of the files
+    that exist."""
+    found: dict[str, dict[str, str]] = {}
+    if not folder.is_dir():
+        return found
+    for cmdline in sorted(folder.rglob(QemuLogs(folder).cmdline.name)):
+        paths = QemuLogs(cmdline.parent).as_dict()
+        found[str(cmdline.parent.relative_to(folder))] = {
+            name: str(paths[name].absolute()) for name in KEPT_LOGS if paths[name].exists()
+        }
+    return found
+
+
+def describe_logs(logs: dict[str, dict[str, str]], indent: str = "  ") -> list[str]:
+    """Lines that name each QEMU's kept logs, for an error report."""
+    if not logs:
+        return [f"{indent}no QEMU logs (no QEMU was started)"]
+    lines = [f"{indent}logs of each QEMU (command line, debugcon, serial, QMP, stderr):"]
+    for name, paths in logs.items():
+        lines.append(f"{indent}  {name}:")
+        lines.extend(f"{indent}    {kind:8} {path}" for kind, path in paths.items())
+    return lines
+
 
 def qemu_binary() -> str:
     found = shutil.which(QEMU_BINARY)

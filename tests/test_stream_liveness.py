@@ -1,0 +1,180 @@
+"""A live migration's stream says the source is alive, and a busy target is
+not taken for a silent one (no QEMU: host-core helpers and socket pairs).
+
+A 4 GiB guest's first pass used to fail both ways: its zero ranges kept
+the source helper busy for seconds per few KB of stream, which stayed in
+the source's socket buffer, so the target heard nothing for its idle
+timeout; and the target, checking and zeroing up to 2 MiB per 64-byte
+ZERO_RANGE record, read nothing for the idle timeout while its socket
+buffer held minutes of work, so the source's blocked write gave up.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import IO, cast
+
+import numpy as np
+import pytest
+
+from host_shim.migration import migration_protocol as mp
+from host_shim.transfer import container as ct
+from host_shim.transfer.pipeline import Exporter, import_ram
+
+PAGE = 4096
+#: Seconds a hold in these tests waits for what it expects before failing.
+HOLD = 30.0
+
+
+class RecordingSink(io.RawIOBase):
+    """A sink that records what was flushed, and when a KEEPALIVE arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+        self.flushed = 0
+        self.changed = threading.Condition()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]
+        with self.changed:
+            self.data += view
+            self.changed.notify_all()
+        return len(view)
+
+    def flush(self) -> None:
+        with self.changed:
+            self.flushed = len(self.data)
+            self.changed.notify_all()
+
+    def wait(self, predicate: object, what: str) -> None:
+        with self.changed:
+            if not self.changed.wait_for(predicate, timeout=HOLD):  # type: ignore[arg-type]
+                pytest.fail(f"no {what} within {HOLD:.0f} s")
+
+
+def _frames(data: bytes) -> list[tuple[int, int]]:
+    """(kind, end offset) of each frame after the file header."""
+    out = []
+    at = ct.FILE_HEADER.size
+    while at < len(data):
+        kind, _, length = ct.FRAME_HEADER.unpack_from(data, at)
+        at += ct.FRAME_HEADER.size + length
+        out.append((kind, at))
+    return out
+
+
+def test_frames_go_out_at_once_and_keepalives_fill_a_busy_helpers_silence(tmp_path: Path) -> None:
+    src = tmp_path / "src.ram"
+    src.write_bytes(os.urandom(4 * 512 * PAGE))  # 4 batches of written pages
+    key = os.urandom(32)
+    sink = RecordingSink()
+    batches = [0]
+
+    def hold(_pages: object) -> None:
+        # The helper is "busy" until everything before this batch is on its
+        # way (flushed) and a KEEPALIVE frame followed it: nothing else
+        # would tell a peer that this side is still there.
+        if batches[0]:
+            end = len(sink.data)
+            sink.wait(lambda: sink.flushed >= end, "flush of the frames already written")
+            sink.wait(lambda: any(k == ct.KIND_KEEPALIVE and at > end for k, at in _frames(bytes(sink.data))),
+                      "KEEPALIVE frame while the helper is busy")
+        batches[0] += 1
+
+    with Exporter(src, key, cast(IO[bytes], sink), kind="host-core", helpers=1, work_dir=tmp_path / "export",
+                  keepalive=0.05) as ex:
+        ex.send(np.arange(4 * 512, dtype=np.uint64), before_batch=hold)
+        ex.finish()
+    frames = _frames(bytes(sink.data))
+    assert batches[0] == 4
+    assert sum(k == ct.KIND_KEEPALIVE for k, _ in frames) >= 3
+    assert frames[-1][0] == ct.KIND_DONE
+    # The target skips them: the import is the source, byte for byte.
+    dst = tmp_path / "dst.ram"
+    summary = import_ram(dst, key, io.BytesIO(bytes(sink.data)), kind="host-core", work_dir=tmp_path / "import",
+                         progress=False)
+    assert summary.private_pages == 4 * 512
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_a_file_export_sends_no_keepalive(tmp_path: Path) -> None:
+    src = tmp_path / "src.ram"
+    src.write_bytes(os.urandom(512 * PAGE))
+    sink = RecordingSink()
+    with Exporter(src, os.urandom(32), cast(IO[bytes], sink), kind="host-core", helpers=1,
+                  work_dir=tmp_path / "export") as ex:
+        ex.send(np.arange(512, dtype=np.uint64), before_batch=lambda _pages: time.sleep(0.3))
+        ex.finish()
+    assert all(k != ct.KIND_KEEPALIVE for k, _ in _frames(bytes(sink.data)))
+
+
+def _busy_target(peer: socket.socket, advance: bool, release: threading.Event) -> None:
+    """A target that reads nothing until ``release`` but says every 0.1 s
+    that it is alive: with ``advance``, its stream_bytes grow (it is taking
+    the stream, as a target working through a backlog does); without, they
+    stay put. Then it reads whatever comes until the end."""
+    channel = mp.Channel(peer, "source", 60)
+    taken = 0
+    while not release.wait(0.1):
+        taken += 1 if advance else 0
+        try:
+            channel.send("progress", stream_bytes=taken)
+        except mp.PeerGone:
+            return
+    with peer:
+        while peer.recv(1 << 20):
+            pass
+
+
+@pytest.mark.parametrize("advance", [True, False], ids=["target-taking-the-stream", "target-taking-nothing"])
+def test_a_blocked_write_waits_for_a_busy_target_and_gives_up_on_a_stuck_one(advance: bool) -> None:
+    ours, theirs = socket.socketpair()
+    release = threading.Event()
+    target = threading.Thread(target=_busy_target, args=(theirs, advance, release), daemon=True)
+    target.start()
+    channel = mp.Channel(ours, "target", idle_timeout=1.0)
+    channel.phase = "pre-copy pass 1"
+
+    def listen() -> None:
+        try:
+            while True:
+                channel.receive("progress")
+        except mp.ProtocolError:
+            return
+
+    threading.Thread(target=listen, daemon=True).start()
+    stream = channel.stream()
+    chunk = os.urandom(1 << 20)
+    returned_after_release: list[bool] = []
+    failure: mp.PeerGone | None = None
+    # The target reads again once the idle timeout has passed three times.
+    timer = threading.Timer(3 * channel.idle_timeout, release.set)
+    timer.start()
+    try:
+        # More than the socket buffers hold: the write blocks until then.
+        stream.write(chunk)
+        returned_after_release.append(release.is_set())
+        stream.flush()
+    except mp.PeerGone as exc:
+        failure = exc
+    finally:
+        timer.cancel()
+        release.set()
+        channel.close()
+        target.join(timeout=HOLD)
+    if advance:
+        assert failure is None, failure
+        assert returned_after_release == [True], "the write did not block: the test held nothing"
+
+    else:
+        assert failure is not None, "a target that took nothing for the idle timeout was waited for"
+        assert "sent nothing and took nothing for 1 s" in str(failure) and "pre-copy pass 1" in str(failure)
