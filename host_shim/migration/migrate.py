@@ -125,6 +125,10 @@ class MigrationReport:
     # Pages the full check found changed that the log did not mark (only
     # when both ran: --verify-all, or a log in doubt). 0 when the log is exact.
     log_missed_pages: int | None = None
+    # Before 'stop': how long the source waited for the target to take the
+    # stream sent so far, and how many bytes it had not taken then.
+    catch_up_seconds: float = 0.0
+    catch_up_backlog: int = 0
     switchover_ms: dict[str, int] = field(default_factory=dict)  # milestones after 'stop'
     phase_seconds: dict[str, float] = field(default_factory=dict)  # milestones after 'started'
     setup_seconds: float = 0.0
@@ -170,6 +174,8 @@ class MigrationReport:
                if self.switchover_check.startswith("dirty-log") else "")
             + f"; CHECK_PAGES {1000 * self.check_seconds:.0f} ms found {self.check_pages_changed} changed"
             + (f"; pages the log missed: {self.log_missed_pages}" if self.log_missed_pages is not None else ""),
+            f"  before stop, the target caught up with {self.catch_up_backlog} stream bytes in "
+            f"{1000 * self.catch_up_seconds:.0f} ms",
         ]
         for p in self.passes:
             state = "guest running" if p.guest_running else "guest stopped"
@@ -251,6 +257,10 @@ class MigrationConfig:
 PREPARE_TIMEOUT = 120.0
 #: How often the source tells a verified target it is alive, until the commit.
 PROGRESS_INTERVAL = 1.0
+#: The longest wait, before 'stop', for the target to take what was sent:
+#: past it the switchover goes ahead and the backlog is downtime.
+CATCH_UP_LIMIT = 5.0
+CATCH_UP_POLL = 0.005
 #: How often the watch looks at the source QEMU and the target side.
 WATCH_INTERVAL = 0.1
 #: How long a guest QEMU may stay stopped (state T in /proc/PID/stat: SIGSTOP,
@@ -577,6 +587,12 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             if len(dirty_pages) <= config.converge_pages:
                 break
 
+        # The target imports behind the source; what it has not taken yet
+        # at 'stop' would be downtime. Wait (the guest running) until it
+        # took everything sent; what the guest writes meanwhile goes in the
+        # final pass.
+        watch.phase = channel.phase = "the target's catch-up"
+        report.catch_up_seconds, report.catch_up_backlog = _wait_for_catch_up(channel, watch)
         # Switchover: from here until the target resumes, the guest runs
         # nowhere. Never for a target that is already gone or silent.
         watch.check()
@@ -739,6 +755,22 @@ class _KeepAlive:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def _wait_for_catch_up(channel: mp.Channel, watch: _Watch) -> tuple[float, int]:
+    """Flush the stream and wait until the target reports having taken all
+    of it, at most CATCH_UP_LIMIT; return the seconds waited and the bytes
+    the target had not taken when the wait began (or still had not, when
+    the limit ended it)."""
+    channel.stream().flush()
+    started = time.monotonic()
+    backlog = channel.stream_bytes_sent - channel.peer_stream_bytes
+    while channel.peer_stream_bytes < channel.stream_bytes_sent:
+        watch.check()
+        if time.monotonic() - started >= CATCH_UP_LIMIT:
+            return time.monotonic() - started, channel.stream_bytes_sent - channel.peer_stream_bytes
+        time.sleep(CATCH_UP_POLL)
+    return time.monotonic() - started, backlog
 
 
 def _check_peer_quiet(channel: mp.Channel) -> None:

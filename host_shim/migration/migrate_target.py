@@ -39,6 +39,9 @@ T = TypeVar("T")
 #: How often the target tells the source it is alive during the stream.
 PROGRESS_INTERVAL = 1.0
 WATCH_INTERVAL = 0.1
+#: How often the import's watch looks: also how late, at most, the source
+#: hears that the stream it sent was taken.
+IMPORT_WATCH_INTERVAL = 0.02
 
 
 @dataclass
@@ -381,9 +384,10 @@ def _watch_import(channel: mp.Channel, target: QemuVM, reader: _CountingReader, 
     PROGRESS_INTERVAL that this side is alive; a target QEMU that dies or
     stops ends the import."""
     next_progress = time.monotonic() + PROGRESS_INTERVAL
+    reported = reader.bytes
     stopped_since: float | None = None
     while not settled.is_set():
-        settled.wait(WATCH_INTERVAL)
+        settled.wait(IMPORT_WATCH_INTERVAL)
         # No abandon() here: the source should read why before the cut.
         if not target.is_running():
             raise MigrationError(f"{target.describe()}, during pre-copy")
@@ -394,8 +398,13 @@ def _watch_import(channel: mp.Channel, target: QemuVM, reader: _CountingReader, 
                                      "and can answer nothing, during pre-copy")
         else:
             stopped_since = None
-        if time.monotonic() >= next_progress and not settled.is_set():
-            channel.send("progress", stream_bytes=reader.bytes)
+        # While the stream moves, say so at once: before it stops the guest
+        # the source waits until this side has taken what it sent, so
+        # that the downtime holds no backlog (docs/migration-protocol.md).
+        moved = reader.bytes != reported
+        if (moved or time.monotonic() >= next_progress) and not settled.is_set():
+            reported = reader.bytes
+            channel.send("progress", stream_bytes=reported)
             next_progress = time.monotonic() + PROGRESS_INTERVAL
 
 

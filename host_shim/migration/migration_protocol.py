@@ -224,9 +224,17 @@ class Channel:
         # message but a progress that reports no more stream than before.
         self.peer_took_at = time.monotonic()
         self._peer_stream_bytes = -1
+        # Page-stream bytes this side has handed to the writer (the source).
+        self.stream_bytes_sent = 0
         self.reader = cast(IO[bytes], sock.makefile("rb", buffering=256 * 1024))
         self.writer = cast(IO[bytes], io.BufferedWriter(_PatientSocketIO(self), buffer_size=256 * 1024))
         self._send_lock = threading.Lock()
+
+    @property
+    def peer_stream_bytes(self) -> int:
+        """The page-stream bytes the peer last said it took (its ``progress``);
+        -1 before it said any."""
+        return self._peer_stream_bytes
 
     def gone(self, exc: BaseException | None, timeout: float | None = None) -> PeerGone:
         if isinstance(exc, TimeoutError) and timeout is not None:
@@ -316,9 +324,11 @@ class _StreamSink:
 
     def write(self, data: bytes | memoryview) -> int:
         try:
-            return self._channel.writer.write(data)
+            written = self._channel.writer.write(data)
         except (OSError, ValueError) as exc:
             raise self._channel.gone(exc) from exc
+        self._channel.stream_bytes_sent += written
+        return written
 
     def flush(self) -> None:
         try:
