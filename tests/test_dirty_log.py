@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from host_shim.migration.dirty_log import DirtyLog, DirtyLogUnavailable, unavailable_reason
+from host_shim.migration.dirty_log import SCAN_CHUNK, DirtyLog, DirtyLogUnavailable, unavailable_reason
 from host_shim.migration.migrate import MigrationConfig, _written_pages, migrate
 from host_shim.migration.migration_vm import PAGE
 
@@ -121,3 +121,30 @@ def test_a_check_of_every_page_skips_only_pages_never_written(work_dir: Path) ->
     # Holes are found at the file system's grain (2 MiB folios here): far
     # from both writes nothing holds data.
     assert (20 * 1024 * 1024) // 4096 not in written and len(written) < len(every_page) // 4
+
+
+def test_the_read_starts_from_chunks_and_finds_pages_on_their_borders(work_dir: Path) -> None:
+    """A file of two whole scan chunks and a part one: pages on each side of
+    every border and the file's last page are found, and nothing far off."""
+    pages = 2 * SCAN_CHUNK + 100
+    path = work_dir / "large.ram"
+    with path.open("wb") as f:
+        f.truncate(pages * PAGE)
+    fd = os.open(path, os.O_RDWR)
+    memory = mmap.mmap(fd, pages * PAGE, mmap.MAP_SHARED)
+    log = DirtyLog(path, pages * PAGE)
+    try:
+        log.reset()
+        assert len(log.dirty_pages()) == 0
+        written = [0, SCAN_CHUNK - 1, SCAN_CHUNK, 2 * SCAN_CHUNK - 1, 2 * SCAN_CHUNK, pages - 1]
+        for page in written:
+            memory[page * PAGE + 7] = 1
+        logged = log.dirty_pages()
+        assert set(written) <= set(logged.tolist())
+        assert list(logged) == sorted(logged.tolist())
+        # A dirty folio holds at most 2 MiB: 512 pages around each write.
+        assert len(logged) <= 512 * len(written)
+    finally:
+        log.close()
+        memory.close()
+        os.close(fd)

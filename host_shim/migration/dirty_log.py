@@ -53,6 +53,8 @@ EXPIRY_MARGIN = 2.0
 #: the kernel may start writing back any inode, ours included.
 BACKGROUND_SHARE = 0.8
 SAMPLE_INTERVAL = 0.1
+#: Pages per range the log's read starts from (256 MiB).
+SCAN_CHUNK = 65536
 
 
 class DirtyLogUnavailable(MigrationError):
@@ -175,7 +177,12 @@ class DirtyLog:
         dirty large folio counts as dirty in every page it holds (more is
         sent, never less)."""
         found: list[PageNumbers] = []
-        stack = [(0, self.pages)]
+        # cachestat walks the page cache of the range it is given, so each
+        # level of a bisection of the whole file walks all of it again: at
+        # 16 GiB, with every page cached, that was 200 ms of the downtime.
+        # Starting from chunks skips the levels above them.
+        stack = [(first, min(SCAN_CHUNK, self.pages - first))
+                 for first in reversed(range(0, self.pages, SCAN_CHUNK))]
         while stack:
             first, count = stack.pop()
             dirty = self._dirty_in(first, count)
