@@ -171,6 +171,11 @@ class DirtyLog:
         self.reset_at = time.monotonic()
         self.background_peak = 0.0
 
+    def dirty_count(self) -> int:
+        """Pages now dirty in the whole file (a dirty large folio counts in
+        every page it holds), in one call."""
+        return self._dirty_in(0, self.pages)
+
     def dirty_pages(self) -> PageNumbers:
         """The pages now dirty, ascending: a bisection of cachestat(2)
         counts that skips clean ranges and takes all-dirty ranges whole. A
