@@ -68,6 +68,11 @@ RECORD_ZERO_RANGE = _A.const("OVMF_MH_RECORD_ZERO_RANGE")
 SHARD_BLOCK_PAGES = _A.const("OVMF_MH_SHARD_BLOCK_PAGES")
 MAX_ZERO_RANGES = _A.const("OVMF_MH_MAX_ZERO_RANGES")
 
+
+def shard_of_page(number: int, shards: int) -> int:
+    """The shard that carries page ``number`` of a guest split into ``shards``."""
+    return (number // SHARD_BLOCK_PAGES) % shards
+
 STREAM_HEADER = _A.layout("OVMF_MH_STREAM_HEADER")
 RECORD_HEADER = _A.layout("OVMF_MH_RECORD_HEADER")
 END_PAYLOAD = _A.layout("OVMF_MH_END_PAYLOAD")

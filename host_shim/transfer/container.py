@@ -188,7 +188,6 @@ class PlainPageChecker:
     def __init__(self, header: FileHeader) -> None:
         a = abi.load()
         self._page = a.const("OVMF_MH_PAGE_SIZE")
-        self._block = a.const("OVMF_MH_SHARD_BLOCK_PAGES")
         self._header = header
         self._shared = [s.SharedPages() for _ in range(header.shards)]
         self._ended = [False] * header.shards
@@ -200,7 +199,7 @@ class PlainPageChecker:
         if offset % self._page or offset + self._page > self._header.guest_size:
             raise ContainerError(f"plain page at offset {offset:#x} outside the guest")
         number = offset // self._page
-        owner = (number // self._block) % self._header.shards
+        owner = s.shard_of_page(number, self._header.shards)
         if frame.shard != owner:
             raise ContainerError(f"plain page at offset {offset:#x} in a frame of shard {frame.shard}; "
                                  f"the page belongs to shard {owner}")

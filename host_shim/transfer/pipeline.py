@@ -632,12 +632,12 @@ class Exporter:
 
     def shard_of(self, number: int) -> int:
         """The helper that carries page ``number``, the same in every pass."""
-        return (number // self.batch) % self.helpers
+        return s.shard_of_page(number, self.helpers)
 
     def _by_shard(self, pages: PageNumbers | list[int]) -> list[PageNumbers]:
         """``pages`` split by shard_of, each part in the original order."""
         numbers = np.asarray(pages, dtype=np.uint64)
-        shards = (numbers // np.uint64(self.batch)) % np.uint64(self.helpers)
+        shards = (numbers // np.uint64(s.SHARD_BLOCK_PAGES)) % np.uint64(self.helpers)
         return [numbers[shards == index] for index in range(self.helpers)]
 
     def changed_since_sent(self, pages: PageNumbers | list[int]) -> PageNumbers:
