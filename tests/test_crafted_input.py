@@ -60,8 +60,9 @@ def test_a_guest_size_the_file_system_cannot_hold_names_the_target_file(
     code = _import(work_dir, key, _raw_header(64 * TIB), "--helper", "reference")
     err = capsys.readouterr().err
     assert code == 1
-    if "truncated" in err:
-        pytest.skip("this file system holds a 64 TiB sparse file (not ext4)")
+    if "truncated" in err:  # a file system that holds a 64 TiB sparse file (not ext4): a clean refusal later
+        assert not list(work_dir.glob(".dst.ram*"))
+        return
     assert f"cannot make the target file {work_dir / '.dst.ram.ovmf-mh-partial'} {64 * TIB} bytes long" in err, err
     assert f"cannot read {work_dir / 's.omh'}" not in err
     assert not list(work_dir.glob(".dst.ram*"))

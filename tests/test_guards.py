@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import ci_provides
 import pytest
 
 from host_shim.cli import main
@@ -160,3 +161,12 @@ def test_challenge_out_leaves_a_link_planted_at_its_partial_file_and_its_target_
     assert f"is in the way: it is a symbolic link to {victim}" in err, err
     assert victim.read_bytes() == b"keep me" and not (work_dir / "ch").exists()
     assert os.path.islink(work_dir / ".ch.partial")
+
+
+def test_a_missing_thing_ci_provides_skips_here_and_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI provides it"):
+        ci_provides.missing("Debian's ovmf package is not installed")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="Debian's ovmf package is not installed"):
+        ci_provides.missing("Debian's ovmf package is not installed")
