@@ -202,3 +202,33 @@ def test_never_halt_policy_is_the_spinning_baseline(firmware: Path, work_dir: Pa
         time.sleep(0.1)
         assert helper.mailbox.call("NOP").status == 0
         assert helper.mailbox.header()["Idle"] == 0 and helper.mailbox.wakes == 0
+
+
+# --- the reference helper process keeps the same contract ---------------------------------------
+
+
+def test_reference_process_blocks_when_idle_and_is_woken(tmp_path: Path) -> None:
+    """helper.serve: HALT_WAKE, the idle word set while it waits in
+    sigtimedwait (little CPU), and commands at random delays around its spin
+    all answered, some of them after a SIGUSR1 wake."""
+    from host_shim.helpers.reference_process import ReferenceHelperProcess
+
+    guest = tmp_path / "guest.ram"
+    guest.write_bytes(bytes(64 * 4096))
+    with ReferenceHelperProcess(guest, None, tmp_path / "helper", target=False) as helper:
+        header = helper.wait_ready()
+        mailbox = helper.mailbox
+        assert mailbox is not None and helper.pid is not None
+        assert header["Capabilities"] & A.const("OVMF_MH_CAP_HALT_WAKE")
+        deadline = time.monotonic() + 10
+        while mailbox.header()["Idle"] != A.const("OVMF_MH_IDLE_HALTING"):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        before, start = _cpu_seconds(helper.pid), time.monotonic()
+        time.sleep(2.0)
+        assert (_cpu_seconds(helper.pid) - before) / (time.monotonic() - start) < 0.20
+        rng = random.Random(7)
+        for _ in range(100):
+            time.sleep(rng.uniform(0.0, 0.008))
+            assert mailbox.call("QUERY").results[1] & A.const("OVMF_MH_CAP_HALT_WAKE")
+        assert 0 < mailbox.wakes < 100

@@ -176,6 +176,9 @@ class Mailbox:
         is REWAKE_SECONDS old; return the time of the last wake."""
         if self.wake is None or not self._words[idle_index] or now - last_wake < REWAKE_SECONDS:
             return last_wake
+        if self._state():
+            # Stopped (SIGSTOP): it can take no wake-up; the timeout names it.
+            return last_wake
         try:
             self.wake()
         except (OSError, QemuError) as exc:
