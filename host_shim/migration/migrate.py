@@ -73,6 +73,7 @@ from host_shim.transfer.pipeline import Exporter, PageNumbers
 from host_shim.vm import guest, process
 from host_shim.vm.attached import AttachedQemu, QemuHandle
 from host_shim.vm.qemu import QemuVM, describe_logs, logs_under
+from host_shim.vm.reaper import MIGRATING, reaper
 
 log = logging.getLogger(__name__)
 
@@ -623,6 +624,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         stop_at = time.monotonic()
         # Marked before the command: a 'stop' whose answer is lost (a QMP
         # timeout) may have stopped the guest, and a failure must resume it.
+        _guard_paused_guest(source_guest)
         stopped = True
         source.qmp("stop")
         marks: dict[str, float] = {"stop": time.monotonic() - stop_at}
@@ -680,6 +682,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         # one lost one). Marked before the write: a write that fails may
         # still have delivered it.
         channel.phase = "the target's resume"
+        _release_paused_guest(source_guest)
         committed = True
         channel.send("commit")
         channel.receive("resumed")
@@ -733,6 +736,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             with suppress(OvmfMhError):
                 if stopped:
                     source.qmp("cont")
+                    _release_paused_guest(source_guest)
                 # Show that the guest really goes on: running, and beating
                 # (the user's serial console is not this command's to read).
                 serial_before = len(source.serial_text())
@@ -742,6 +746,13 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
                 elif status == "running":
                     report.source_heartbeat_after_failure = _wait_for(source, guest.HEARTBEAT, 15, after=serial_before)
                     report.guest_state = "running on source"
+    except KeyboardInterrupt as exc:
+        # SIGINT, SIGTERM, SIGHUP (cli.py): the user's guest is resumed
+        # here if this command paused it, and the message says so.
+        if channel is not None:
+            channel.abandon()
+        exc.add_note(_resume_after_signal(source_guest, stopped, committed))
+        raise
     finally:
         # Every QEMU and helper this run started stops here, by its own pid.
         stack.close()
@@ -825,6 +836,62 @@ def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> Sour
         memory_mib=config.guest_mib, workload_mib=config.workload_mib, shards=config.helpers,
         firmware_sha256=firmware_digest(config.image))
     return SourceGuest(booted, ram, size, description)
+
+
+def _guard_paused_guest(source: SourceGuest) -> None:
+    """Before 'stop': the reaper, which outlives this program, resumes the
+    user's guest should the program end (a SIGKILL included) before it
+    commits or resumes the guest itself (host_shim/vm/reaper.py). The test
+    guest this command boots ends with it: nothing to guard."""
+    if source.attached and isinstance(source.vm, AttachedQemu) and source.vm.pid is not None:
+        reaper().guard_guest(source.vm.qmp_socket, source.vm.pid, source.ignore_shared_before)
+
+
+def _release_paused_guest(source: SourceGuest) -> None:
+    """The guest is no longer the reaper's to resume: about to commit (the
+    target may run it from then on), or resumed here."""
+    if source.attached and isinstance(source.vm, AttachedQemu):
+        reaper().release_guest(source.vm.qmp_socket)
+
+
+def _resume_after_signal(source: SourceGuest, stopped: bool, committed: bool) -> str:
+    """On SIGINT/SIGTERM/SIGHUP: resume the user's guest if this command
+    paused it and did not commit; the sentence the command ends with."""
+    if not source.attached:
+        return "the test guest it booted is stopped with it"
+    if not stopped:
+        return "the user's guest was never paused and runs on"
+    if committed:
+        return ("the user's guest stays paused: the migration was committed and the target may run it "
+                "(its state is unknown)")
+    vm = source.vm
+    for attempt in range(2):
+        try:
+            if attempt and isinstance(vm, AttachedQemu):
+                # The signal may have cut a QMP exchange short: a new connection.
+                vm.close()
+                vm.connect()
+            _cancel_device_state_move(vm)
+            vm.qmp("cont")
+            status = vm.qmp("query-status").get("status")
+        except OvmfMhError:
+            continue
+        if status == "running":
+            _release_paused_guest(source)
+            return f"the user's guest (QEMU pid {vm.pid}), paused for the switchover, was resumed and runs"
+    return (f"the user's guest (QEMU pid {vm.pid}) was paused for the switchover and did not answer 'cont'; "
+            "the reaper resumes it as this command exits")
+
+
+def _cancel_device_state_move(vm: QemuHandle) -> None:
+    """A device-state move still in flight is cancelled (QEMU refuses 'cont'
+    meanwhile); at most 3 s."""
+    if vm.qmp("query-migrate").get("status") not in MIGRATING:
+        return
+    vm.qmp("migrate_cancel")
+    deadline = time.monotonic() + 3.0
+    while vm.qmp("query-migrate").get("status") in MIGRATING and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _leave_source(source: SourceGuest, quit_source: bool) -> str:
