@@ -375,6 +375,10 @@ class _TargetListener:
         self.channel = channel
         self.verdict: mp.Message | None = None
         self.error: BaseException | None = None
+        # Set by the source before its stream's end (DONE) goes: a verdict
+        # before it is out of order (a target cannot have verified a stream
+        # it has not seen end).
+        self.stream_ending = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migrate-target-listener", daemon=True)
         self._thread.start()
 
@@ -382,6 +386,11 @@ class _TargetListener:
         try:
             while True:
                 message = self.channel.receive("progress", "verdict")
+                if message.type == "verdict" and not self.stream_ending.is_set():
+                    raise mp.ProtocolError(
+                        f"the peer {self.channel.peer} sent 'verdict' during {self.channel.phase}, before the "
+                        "stream's end was sent: out of order, refused", peer=self.channel.peer,
+                        phase=self.channel.phase)
                 if message.type == "verdict":
                     self.verdict = message
                     return
@@ -637,6 +646,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             marks["check"] = time.monotonic() - stop_at
         run_pass(final, False, report.log_pages, report.check_seconds)
         marks["final_pass"] = time.monotonic() - stop_at
+        listener.stream_ending.set()
         exporter.finish()
         channel.stream().flush()
         stream_done = True
@@ -812,9 +822,7 @@ def _check_peer_quiet(channel: mp.Channel) -> None:
     now is its ``error`` or its end (raised as such)."""
     readable, _, _ = select.select([channel.sock], [], [], 0)
     if readable:
-        message = channel.receive()
-        raise mp.ProtocolError(f"the {channel.peer} sent {message.type!r} before the commit",
-                               peer=channel.peer, phase=channel.phase)
+        channel.receive()  # raises: nothing is expected here
 
 
 def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> SourceGuest:

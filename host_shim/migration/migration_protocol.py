@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import select
 import socket
 import struct
 import threading
@@ -206,6 +207,40 @@ class _PatientSocketIO(io.RawIOBase):
         super().close()
 
 
+class MessageDeadline(TimeoutError):
+    """A control message did not arrive whole in time: a peer that trickles
+    a byte now and then is as gone as a silent one."""
+
+
+class _DeadlineSocketIO(io.RawIOBase):
+    """The receiving side of the connection. While a control message is
+    read, every read waits at most until the message's deadline (its step's
+    timeout from when its first byte was awaited), however often bytes
+    trickle in; otherwise, and for the page stream, at most the socket's
+    timeout per read, as a plain socket file would."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self._channel = channel
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        sock = self._channel.sock
+        deadline = self._channel.message_deadline
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            readable = remaining > 0 and select.select([sock], [], [], remaining)[0]
+            if not readable and self._channel.message_bytes:
+                raise MessageDeadline("the message did not arrive whole in time")
+            if not readable:
+                raise TimeoutError("nothing arrived")
+        received = sock.recv_into(buffer)
+        self._channel.message_bytes += received
+        return received
+
+
 class Channel:
     """One control connection: messages both ways, the page stream from the
     source to the target in between. Sends are serialised (the target's
@@ -226,7 +261,11 @@ class Channel:
         self._peer_stream_bytes = -1
         # Page-stream bytes this side has handed to the writer (the source).
         self.stream_bytes_sent = 0
-        self.reader = cast(IO[bytes], sock.makefile("rb", buffering=256 * 1024))
+        # While a control message is read: when it must have arrived whole.
+        self.message_deadline: float | None = None
+        # Bytes that arrived since the message's first byte was awaited.
+        self.message_bytes = 0
+        self.reader = cast(IO[bytes], io.BufferedReader(_DeadlineSocketIO(self), buffer_size=256 * 1024))
         self.writer = cast(IO[bytes], io.BufferedWriter(_PatientSocketIO(self), buffer_size=256 * 1024))
         self._send_lock = threading.Lock()
 
@@ -237,7 +276,10 @@ class Channel:
         return self._peer_stream_bytes
 
     def gone(self, exc: BaseException | None, timeout: float | None = None) -> PeerGone:
-        if isinstance(exc, TimeoutError) and timeout is not None:
+        if isinstance(exc, MessageDeadline):
+            how = (f"sent no whole control message within {timeout or self.idle_timeout:g} s (bytes that "
+                   "trickle in are not a message)")
+        elif isinstance(exc, TimeoutError) and timeout is not None:
             how = f"did not answer within {timeout:g} s"
         elif isinstance(exc, TimeoutError):
             how = f"sent nothing and took nothing for {self.idle_timeout:g} s (--idle-timeout)"
@@ -276,6 +318,10 @@ class Channel:
                 self.sock.settimeout(self.idle_timeout)
 
     def _receive(self, expected: tuple[str, ...], timeout: float | None) -> Message:
+        # The whole message within the step's timeout (the idle timeout
+        # unless the step has its own): liveness is a message, not a byte.
+        self.message_deadline = time.monotonic() + (timeout if timeout is not None else self.idle_timeout)
+        self.message_bytes = 0
         try:
             (length,) = LENGTH.unpack(ct.read_exact(self.reader, LENGTH.size, "a message length"))
             if not 0 < length <= MAX_MESSAGE:
@@ -284,6 +330,8 @@ class Channel:
             data = ct.read_exact(self.reader, length, "a control message")
         except (OSError, ValueError, ct.ContainerError) as exc:
             raise self.gone(exc, timeout) from exc
+        finally:
+            self.message_deadline = None
         try:
             message = decode(data)
         except ProtocolError as exc:
@@ -298,8 +346,9 @@ class Channel:
             raise PeerFailed(f"the peer {self.peer} failed during {self.phase}{theirs}: {message['reason']}",
                              peer=self.peer, phase=self.phase)
         if message.type not in expected:
-            raise ProtocolError(f"the peer {self.peer} sent {message.type!r} during {self.phase}, expected "
-                                f"{' or '.join(expected)}", peer=self.peer, phase=self.phase)
+            wanted = f"expected {' or '.join(expected)}" if expected else "where it may send nothing"
+            raise ProtocolError(f"the peer {self.peer} sent {message.type!r} during {self.phase}, {wanted}: "
+                                "out of order, refused", peer=self.peer, phase=self.phase)
         return message
 
     def close(self) -> None:
