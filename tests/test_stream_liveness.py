@@ -14,6 +14,8 @@ from __future__ import annotations
 import io
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -178,3 +180,77 @@ def test_a_blocked_write_waits_for_a_busy_target_and_gives_up_on_a_stuck_one(adv
     else:
         assert failure is not None, "a target that took nothing for the idle timeout was waited for"
         assert "sent nothing and took nothing for 1 s" in str(failure) and "pre-copy pass 1" in str(failure)
+
+
+# --- liveness is progress: a receiver's bound against a sender that only pretends --------
+
+OVMF_MH = Path(sys.executable).parent / "ovmf-mh"
+#: The receiver's --idle-timeout in these tests, and the slack its end may take
+#: beyond it (stopping its helper, writing its verdict) on a loaded machine.
+IDLE = 5.0
+SLACK = 5.0
+
+
+def _pretending_sender(port: int, style: str, stop: threading.Event) -> float:
+    """A sender that sends a good file header, takes the receiver's
+    challenge, and then only pretends: an empty KEEPALIVE frame every 2 s,
+    or a frame header one byte every 2 s. Returns when the receiver hung up
+    (the time of the challenge's arrival is when the receiver's clock runs)."""
+    from host_shim.transfer.pipeline import read_challenge
+
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(ct.FileHeader(256 * PAGE, 1).encode())
+        reader = sock.makefile("rb", buffering=0)
+        read_challenge(cast(IO[bytes], reader))
+        challenged = time.monotonic()
+        keepalive = ct.FRAME_HEADER.pack(ct.KIND_KEEPALIVE, 0, 0)
+        trickle = iter(ct.FRAME_HEADER.pack(ct.KIND_RECORDS, 0, 4096))
+        sock.settimeout(2.0)
+        while not stop.is_set():
+            try:
+                if sock.recv(4096) == b"":
+                    break  # the receiver hung up (its verdict came first)
+            except TimeoutError:
+                pass
+            except OSError:
+                break
+            try:
+                sock.sendall(keepalive if style == "keepalive" else bytes([next(trickle, 0)]))
+            except OSError:
+                break
+        return challenged
+
+
+@pytest.mark.parametrize("style", ["keepalive", "trickle"])
+def test_receive_ends_a_sender_that_sends_no_progress_within_its_idle_timeout(tmp_path: Path, style: str) -> None:
+    """`receive --idle-timeout 5` was held for as long as the sender liked by
+    an empty KEEPALIVE every 2 s, or one byte every 2 s: neither is progress.
+    It now ends within the idle timeout (plus its own stopping), names the
+    sender and the bound, and keeps nothing."""
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    dst = tmp_path / "dst.ram"
+    receiver = subprocess.Popen(
+        [str(OVMF_MH), "receive", "--ram", str(dst), "--key", str(key), "--listen", "127.0.0.1:0",
+         "--helper", "host-core", "--idle-timeout", str(IDLE), "--work-dir", str(tmp_path / "recv")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop = threading.Event()
+    try:
+        assert receiver.stderr is not None
+        line = receiver.stderr.readline()
+        port = int(line.rsplit(":", 1)[1])
+        challenged = _pretending_sender(port, style, stop)
+        code = receiver.wait(timeout=IDLE + SLACK + 60)
+        ended = time.monotonic() - challenged
+        err = receiver.stderr.read()
+    finally:
+        stop.set()
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+    print(f"receive against a {style} sender ended {ended:.2f} s after its challenge: {err.strip()[-300:]}")
+    assert code == 1, err
+    assert "made no progress for 5 s (--idle-timeout)" in err, err
+    assert ended < IDLE + SLACK, f"receive took {ended:.2f} s (bound: --idle-timeout {IDLE:g} s + {SLACK:g} s)"
+    assert not dst.exists() or dst.stat().st_size == 0
