@@ -411,3 +411,129 @@ def test_a_message_before_the_commit_is_refused_by_name(kind: str) -> None:
     assert str(caught.value).endswith(f"sent {kind!r} during the device-state move, where it may send nothing: "
                                       "out of order, refused"), str(caught.value)
     channel.close()
+
+
+def _tcp_pair(idle: float = 5.0) -> tuple[mp.Channel, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        theirs = socket.create_connection(server.getsockname()[:2])
+        ours, _ = server.accept()
+    return mp.Channel(ours, "source test", idle), theirs
+
+
+def test_a_failed_import_after_the_source_left_blames_the_source() -> None:
+    """A target stopped (SIGSTOP) and continued after its source gave it up
+    finds its own helper's mailbox timeout expired too; once in four runs it
+    blamed that. The source closed the connection (with stream data of its
+    still unread here): that is the cause named."""
+    from host_shim.helpers.mailbox import MailboxError
+    from host_shim.migration.migrate_target import _import_failure
+
+    channel, peer = _tcp_pair()
+    channel.phase = "pre-copy"
+    peer.sendall(b"\0" * 4096)  # unread stream
+    peer.close()
+    deadline = time.monotonic() + 5
+    while not channel.peer_departed():
+        assert time.monotonic() < deadline, "the peer's close was not seen"
+        time.sleep(0.01)
+    error = _import_failure(channel, MailboxError("helper-0: no answer to IMPORT_BATCH within 10 s"))
+    assert isinstance(error, mp.PeerGone)
+    assert str(error).startswith("the peer source test closed the connection during pre-copy"), str(error)
+    assert "no answer to IMPORT_BATCH" in str(error)
+    channel.close()
+
+
+def test_a_failed_import_with_the_source_still_there_is_the_imports() -> None:
+    from host_shim.migration.migrate_target import _import_failure
+    from host_shim.migration.migration_vm import MigrationError
+
+    channel, peer = _tcp_pair()
+    with peer:
+        error = _import_failure(channel, RuntimeError("shard 0: AUTH_FAILED"))
+        assert not channel.peer_departed()
+    assert type(error) is MigrationError and str(error) == "the import failed: shard 0: AUTH_FAILED"
+    channel.close()
+
+
+def test_the_source_gives_up_on_a_target_silent_in_the_switchover_within_its_bound() -> None:
+    """A link cut during the switchover was seen only after the idle timeout
+    (15 s), the source guest paused meanwhile. The target says 'progress'
+    every second there: SWITCHOVER_SILENCE (5 s) without a message ends it."""
+    from host_shim.migration.migrate import _await_verdict, _TargetListener, _Watch
+
+    channel, peer = _pair(idle=60.0)
+    channel.phase = "the target helpers' verification"
+    with peer:
+        listener = _TargetListener(channel)
+        listener.stream_ending.set()
+        watch = _Watch([], lambda: listener.error)
+        for _ in range(2):
+            peer.sendall(mp.encode("progress", stream_bytes=100))
+            time.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(mp.PeerGone, match=r"said nothing for 5\.\d s during the target helpers' verification"):
+            _await_verdict(listener, watch, 256 << 20)
+        elapsed = time.monotonic() - started
+        watch.close()
+    channel.close()
+    assert elapsed < mp.SWITCHOVER_SILENCE + 1.0, elapsed
+
+
+def test_the_source_gives_up_on_a_target_that_only_says_progress_after_its_bound() -> None:
+    """A target that says 'progress' every 0.2 s and never its verdict: the
+    wait ends at its bound (idle timeout + hashing the guest at HASH_RATE +
+    the backlog), not never."""
+    from host_shim.migration.migrate import _await_verdict, _TargetListener, _Watch
+
+    channel, peer = _pair(idle=1.0)
+    size = 16 << 20  # 1 s of hashing at HASH_RATE
+    stop = threading.Event()
+
+    def chatter() -> None:
+        while not stop.wait(0.2):
+            with suppress(OSError):
+                peer.sendall(mp.encode("progress", stream_bytes=0))
+
+    thread = threading.Thread(target=chatter, daemon=True)
+    with peer:
+        listener = _TargetListener(channel)
+        listener.stream_ending.set()
+        watch = _Watch([], lambda: listener.error)
+        thread.start()
+        started = time.monotonic()
+        with pytest.raises(Exception, match=r"sent no verdict within 2 s of the stream's end"):
+            _await_verdict(listener, watch, size)
+        elapsed = time.monotonic() - started
+        stop.set()
+        watch.close()
+    channel.close()
+    assert 1.9 < elapsed < 2.0 + 1.0, elapsed
+
+
+def test_after_resumed_a_silent_target_ends_the_wait_within_the_silence_bound() -> None:
+    """A link cut right after the target's 'cont': the source waited 135 s
+    and said 'lost'. The target says 'progress' every second until its
+    guest's first heartbeat; SWITCHOVER_SILENCE without it ends the wait
+    (the caller reports the guest's state as unknown)."""
+    from host_shim.migration.migrate import _await_running
+
+    channel, peer = _pair(idle=15.0)
+    channel.phase = "the target's first heartbeat"
+    with peer:
+        peer.sendall(mp.encode("progress", stream_bytes=1))
+        started = time.monotonic()
+        with pytest.raises(mp.PeerGone, match="did not answer within 5 s"):
+            _await_running(channel)
+        elapsed = time.monotonic() - started
+    channel.close()
+    assert elapsed < mp.SWITCHOVER_SILENCE + 1.0, elapsed
+
+
+def test_after_resumed_progress_then_running_is_taken() -> None:
+    from host_shim.migration.migrate import _await_running
+
+    channel, peer = _pair()
+    with peer:
+        peer.sendall(mp.encode("progress", stream_bytes=1) + mp.encode("running", heartbeat="HB seq=3"))
+        assert _await_running(channel)["heartbeat"] == "HB seq=3"
+    channel.close()

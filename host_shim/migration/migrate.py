@@ -651,8 +651,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         channel.stream().flush()
         stream_done = True
         watch.phase = channel.phase = "the target helpers' verification"
-        while listener.alive() and watch.fault is None:
-            listener.join(timeout=WATCH_INTERVAL)
+        _await_verdict(listener, watch, size)
         watch.check()
         verdict = listener.verdict
         if verdict is None:
@@ -703,8 +702,9 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         report.total_seconds = time.monotonic() - started - report.verify_seconds
         report.guest_state = "running on target"
         channel.phase = "the target's first heartbeat"
-        # The target waits for the guest's first heartbeat before it says so.
-        running = channel.receive("running", timeout=channel.idle_timeout + PREPARE_TIMEOUT)
+        # The target waits for the guest's first heartbeat before it says
+        # so, saying 'progress' every second meanwhile.
+        running = _await_running(channel)
         report.target_heartbeat = running["heartbeat"]
         report.outcome = "ok"
         report.source_qemu = _leave_source(source_guest, config.quit_source)
@@ -727,7 +727,10 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
                 channel.send("abort", reason=report.error[: mp.MAX_TEXT])
         if channel is not None:
             channel.abandon()
-        if resumed_target:
+        if resumed_target and isinstance(exc, mp.PeerGone):
+            report.guest_state = ("unknown: the target resumed the guest ('resumed'), then the connection broke or "
+                                  "went silent before its first heartbeat: the guest may run there")
+        elif resumed_target:
             report.guest_state = "lost: the target failed after it resumed the guest"
         elif committed:
             report.guest_state = ("unknown: the target was told to resume and did not confirm; the source "
@@ -815,6 +818,50 @@ def _wait_for_catch_up(channel: mp.Channel, watch: _Watch) -> tuple[float, int]:
             return time.monotonic() - started, channel.stream_bytes_sent - channel.peer_stream_bytes
         time.sleep(CATCH_UP_POLL)
     return time.monotonic() - started, backlog
+
+
+#: The slowest rate the verdict's bound allows the target for stream it had
+#: not taken when the stream ended (its backlog).
+BACKLOG_RATE = 1024 * 1024
+
+
+def _await_verdict(listener: _TargetListener, watch: _Watch, size: int) -> None:
+    """Wait for the target's verdict, the guest stopped. The target says
+    'progress' every second while it imports and hashes: SWITCHOVER_SILENCE
+    without a message is a stopped target or a cut link, not the idle
+    timeout's 15 s. And the whole wait follows the work left: the stream the
+    target had not taken (at BACKLOG_RATE) and the hashing of its RAM."""
+    channel = listener.channel
+    began = time.monotonic()
+    backlog = max(0, channel.stream_bytes_sent - max(channel.peer_stream_bytes, 0))
+    bound = mp.hashing_bound(channel.idle_timeout, size) + backlog / BACKLOG_RATE
+    while listener.alive() and watch.fault is None:
+        listener.join(timeout=WATCH_INTERVAL)
+        silent = time.monotonic() - channel.last_message_at
+        if listener.alive() and silent >= mp.SWITCHOVER_SILENCE:
+            raise mp.PeerGone(f"the peer {channel.peer} said nothing for {silent:.1f} s during {channel.phase} "
+                              f"(it says 'progress' every second: at most {mp.SWITCHOVER_SILENCE:g} s)",
+                              peer=channel.peer, phase=channel.phase)
+        if listener.alive() and time.monotonic() - began >= bound:
+            raise MigrationError(f"the {channel.peer} sent no verdict within {bound:.0f} s of the stream's end "
+                                 f"(the bound for its backlog of {backlog} bytes and hashing {size >> 20} MiB)")
+
+
+def _await_running(channel: mp.Channel) -> mp.Message:
+    """After 'resumed': the target's 'running' (its guest's first
+    heartbeat), with its 'progress' every second meanwhile. A silence of
+    SWITCHOVER_SILENCE ends the wait (PeerGone: the guest's state is then
+    unknown), and so does the whole wait's bound."""
+    deadline = time.monotonic() + channel.idle_timeout + PREPARE_TIMEOUT
+    while True:
+        timeout = min(mp.SWITCHOVER_SILENCE, max(0.1, deadline - time.monotonic()))
+        message = channel.receive("running", "progress", timeout=timeout)
+        if message.type == "running":
+            return message
+        if time.monotonic() >= deadline:
+            raise mp.PeerGone(f"the peer {channel.peer} did not report the guest's first heartbeat within "
+                              f"{channel.idle_timeout + PREPARE_TIMEOUT:g} s of 'resumed'", peer=channel.peer,
+                              phase=channel.phase)
 
 
 def _check_peer_quiet(channel: mp.Channel) -> None:

@@ -24,6 +24,7 @@ from typing import IO, Any, cast
 
 from host_shim.errors import OvmfMhError
 from host_shim.transfer import container as ct
+from host_shim.transfer.liveness import Liveness, StreamStalled
 
 PROTOCOL = "ovmf-mh-migration"
 #: Versions this program speaks. Version 2: ``accept`` carries the target
@@ -36,6 +37,36 @@ PROTOCOL = "ovmf-mh-migration"
 VERSIONS = (4,)
 #: Seconds without a frame after which the source sends a KEEPALIVE frame.
 STREAM_KEEPALIVE = 1.0
+#: During the switchover (the guest runs nowhere) and after the target's
+#: 'resumed', both sides say 'progress' every second while they work: this
+#: many seconds of silence there mean a stopped peer or a cut link, not the
+#: idle timeout's.
+SWITCHOVER_SILENCE = 5.0
+#: The target's bounds on the source's page stream (docs/migration-protocol.md,
+#: "Bounds"): waiting for a frame that carries work, --idle-timeout plus this
+#: per GiB of guest (a source's helpers check every page of a reset log with
+#: only KEEPALIVE frames on the wire: tens of seconds at 16 GiB) ...
+STREAM_STALL_PER_GIB = 10.0
+#: ... and the whole stream, from 'accept' to its DONE frame.
+STREAM_LIMIT = 300.0
+STREAM_LIMIT_PER_GIB = 60.0
+#: The slowest rate the bounds after the stream allow for hashing a RAM file.
+HASH_RATE = 16 * 1024 * 1024
+GIB = 1024 * 1024 * 1024
+
+
+def stream_liveness(idle_timeout: float, guest_size: int, peer: str) -> Liveness:
+    """The target's bounds on a source's page stream of a guest of this size."""
+    gib = guest_size / GIB
+    return Liveness(idle_timeout + STREAM_STALL_PER_GIB * gib, peer, "--idle-timeout plus "
+                    f"{STREAM_STALL_PER_GIB:g} s per GiB of guest", total=STREAM_LIMIT + STREAM_LIMIT_PER_GIB * gib)
+
+
+def hashing_bound(idle_timeout: float, guest_size: int) -> float:
+    """How long a peer may take over a step that hashes its RAM file (a
+    verdict, or the source's check before its commit), saying 'progress'
+    meanwhile."""
+    return idle_timeout + guest_size / HASH_RATE
 LENGTH = struct.Struct(">I")
 #: No control message comes near this; a length above it is refused unread.
 MAX_MESSAGE = 16 * 1024
@@ -163,6 +194,11 @@ def encode(kind: str, **fields: Any) -> bytes:
     return LENGTH.pack(len(body)) + body
 
 
+#: TCP states (linux/tcp_states.h) of a connection whose peer has closed it.
+_TCP_CLOSE = 7
+_TCP_CLOSE_WAIT = 8
+_TCP_LAST_ACK = 9
+
 #: Seconds a blocked write waits before it looks again at whether the peer
 #: is still taking the stream (see _PatientSocketIO).
 WRITE_SLICE = 0.5
@@ -229,6 +265,13 @@ class _DeadlineSocketIO(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         sock = self._channel.sock
         deadline = self._channel.message_deadline
+        liveness = self._channel.stream_liveness
+        if deadline is None and liveness is not None:
+            # The page stream: alive means progress (transfer/liveness.py).
+            liveness.wait_readable(sock)
+            received = sock.recv_into(buffer)
+            liveness.bytes_since += received
+            return received
         if deadline is not None:
             remaining = deadline - time.monotonic()
             readable = remaining > 0 and select.select([sock], [], [], remaining)[0]
@@ -265,6 +308,10 @@ class Channel:
         self.message_deadline: float | None = None
         # Bytes that arrived since the message's first byte was awaited.
         self.message_bytes = 0
+        # While the target reads the page stream: its bounds (stream_liveness).
+        self.stream_liveness: Liveness | None = None
+        # When the peer's last whole message arrived.
+        self.last_message_at = time.monotonic()
         self.reader = cast(IO[bytes], io.BufferedReader(_DeadlineSocketIO(self), buffer_size=256 * 1024))
         self.writer = cast(IO[bytes], io.BufferedWriter(_PatientSocketIO(self), buffer_size=256 * 1024))
         self._send_lock = threading.Lock()
@@ -276,6 +323,8 @@ class Channel:
         return self._peer_stream_bytes
 
     def gone(self, exc: BaseException | None, timeout: float | None = None) -> PeerGone:
+        if isinstance(exc, StreamStalled):
+            return PeerGone(f"{exc}, during {self.phase}", peer=self.peer, phase=self.phase)
         if isinstance(exc, MessageDeadline):
             how = (f"sent no whole control message within {timeout or self.idle_timeout:g} s (bytes that "
                    "trickle in are not a message)")
@@ -332,6 +381,7 @@ class Channel:
             raise self.gone(exc, timeout) from exc
         finally:
             self.message_deadline = None
+        self.last_message_at = time.monotonic()
         try:
             message = decode(data)
         except ProtocolError as exc:
@@ -350,6 +400,20 @@ class Channel:
             raise ProtocolError(f"the peer {self.peer} sent {message.type!r} during {self.phase}, {wanted}: "
                                 "out of order, refused", peer=self.peer, phase=self.phase)
         return message
+
+    def peer_departed(self) -> bool:
+        """Whether the peer closed or reset the connection, even with data of
+        its still unread here (the kernel's TCP state says it: CLOSE_WAIT
+        once its FIN arrived; a reset leaves an error pending)."""
+        if self.sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        try:
+            if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return True
+            state = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except OSError:
+            return True
+        return state in (_TCP_CLOSE_WAIT, _TCP_CLOSE, _TCP_LAST_ACK)
 
     def close(self) -> None:
         for stream in (self.writer, self.reader):

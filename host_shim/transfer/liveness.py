@@ -54,6 +54,11 @@ class Liveness:
         self.waited = 0.0
         self.bytes_since = 0
 
+    def restart(self) -> None:
+        """Both clocks from now (the stream begins)."""
+        self.started = time.monotonic()
+        self.progressed()
+
     def on_frame(self, kind: int, payload_size: int) -> None:
         if is_progress(kind, payload_size):
             self.progressed()
