@@ -425,7 +425,7 @@ def test_a_failed_import_after_the_source_left_blames_the_source() -> None:
     finds its own helper's mailbox timeout expired too; once in four runs it
     blamed that. The source closed the connection (with stream data of its
     still unread here): that is the cause named."""
-    from host_shim.helpers.mailbox import MailboxError
+    from host_shim.errors import MailboxError
     from host_shim.migration.migrate_target import _import_failure
 
     channel, peer = _tcp_pair()
