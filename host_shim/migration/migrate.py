@@ -379,6 +379,9 @@ class _TargetListener:
         # before it is out of order (a target cannot have verified a stream
         # it has not seen end).
         self.stream_ending = threading.Event()
+        # Set when the source stops its guest: from then on the target's
+        # silence is bounded by SWITCHOVER_SILENCE, not the idle timeout.
+        self.switchover = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migrate-target-listener", daemon=True)
         self._thread.start()
 
@@ -399,6 +402,19 @@ class _TargetListener:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def fault(self) -> BaseException | None:
+        """What the watch stops the run for: the listener's error, or, in
+        the switchover, a target silent for SWITCHOVER_SILENCE (it says
+        'progress' every second: a stopped target or a cut link)."""
+        if self.error is not None or not self.switchover.is_set() or not self.alive():
+            return self.error
+        silent = time.monotonic() - self.channel.last_message_at
+        if silent < mp.SWITCHOVER_SILENCE:
+            return None
+        return mp.PeerGone(f"the peer {self.channel.peer} said nothing for {silent:.1f} s during "
+                           f"{self.channel.phase} (it says 'progress' every second: at most "
+                           f"{mp.SWITCHOVER_SILENCE:g} s)", peer=self.channel.peer, phase=self.channel.phase)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -530,7 +546,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         device_state_port, nonces = _handshake(channel, description)
         listener = _TargetListener(channel)
         target_listener = listener
-        watch = _Watch([source], lambda: target_listener.error)
+        watch = _Watch([source], target_listener.fault)
         stack.callback(watch.close)
         # The target side is prepared, as a plain migration's target QEMU is
         # before 'migrate': the migration proper starts here.
@@ -634,6 +650,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         # Marked before the command: a 'stop' whose answer is lost (a QMP
         # timeout) may have stopped the guest, and a failure must resume it.
         _guard_paused_guest(source_guest)
+        listener.switchover.set()
         stopped = True
         source.qmp("stop")
         marks: dict[str, float] = {"stop": time.monotonic() - stop_at}
