@@ -241,6 +241,12 @@ def test_a_running_guest_migrates_between_two_programs_and_its_workload_goes_on(
     serial = work_dir / "target" / "target" / "serial.log"
     assert _beats_on(serial, 2), "the guest stopped beating on the target"
     assert guest.CORRUPTION not in serial.read_text(errors="replace")
+    # The source is gone: the target, serving the guest, holds no dead
+    # control connection (CLOSE-WAIT) meanwhile.
+    deadline = time.monotonic() + 5
+    while _close_wait_sockets(target.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _close_wait_sockets(target.proc.pid) == 0, "migrate-incoming keeps its dead control connection"
     target.proc.send_signal(signal.SIGTERM)
     assert target.proc.wait(timeout=60) == 0, target.stderr()
     assert target.report()["guest_state"] == "ran here until stopped on request"
@@ -250,6 +256,24 @@ def test_a_running_guest_migrates_between_two_programs_and_its_workload_goes_on(
     assert json.loads(stop.stdout)["stopped"] == "quit over QMP"
     assert _wait_gone(_qemu_pids(work_dir), 10) == []
     assert list(ram_dir.iterdir()) == []
+
+
+def _close_wait_sockets(pid: int) -> int:
+    """TCP sockets of process ``pid`` in CLOSE-WAIT (the peer closed, the
+    process did not): /proc/PID/fd against /proc/net/tcp{,6}, state 08."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:["):-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "08" and fields[9] in inodes:
+                count += 1
+    return count
 
 
 def _hold_pre_copy(work: Path, source: Program) -> list[int]:

@@ -343,6 +343,9 @@ def test_the_target_ends_a_handshake_that_trickles_within_its_bound(tmp_path: Pa
     def talk(channel: mp.Channel, digest: str) -> float:
         started = time.monotonic()
         _trickle(channel.sock, mp.encode("hello", protocol=mp.PROTOCOL, versions=[4]) * 10, 1.0, stop)
+        # Until the target hangs up (its error message, then its close), at
+        # most 30 s: the old target waited as long as the bytes came.
+        channel.sock.settimeout(30)
         with suppress(OSError):
             while channel.sock.recv(100):
                 pass
