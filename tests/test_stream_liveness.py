@@ -254,3 +254,46 @@ def test_receive_ends_a_sender_that_sends_no_progress_within_its_idle_timeout(tm
     assert "made no progress for 5 s (--idle-timeout)" in err, err
     assert ended < IDLE + SLACK, f"receive took {ended:.2f} s (bound: --idle-timeout {IDLE:g} s + {SLACK:g} s)"
     assert not dst.exists() or dst.stat().st_size == 0
+
+
+def test_a_flood_of_frames_that_carry_no_work_does_not_hold_the_receiver() -> None:
+    """KEEPALIVE frames (or empty RECORDS frames) sent as fast as the link
+    allows never make the receiver wait, so the waiting clock alone would
+    not end them: past twice the stall bound of wall-clock time since the
+    last progress, such a frame ends the stream."""
+    from host_shim.transfer.liveness import Liveness, StreamStalled
+
+    liveness = Liveness(0.2, "sender test", "--idle-timeout")
+    started = time.monotonic()
+    with pytest.raises(StreamStalled, match="made no progress"):
+        while time.monotonic() - started < 5:
+            liveness.on_frame(ct.KIND_KEEPALIVE, 0)
+            liveness.on_frame(ct.KIND_RECORDS, 0)
+    assert 0.4 <= time.monotonic() - started < 1.0
+    # A frame that carries work restarts the clock.
+    liveness.on_frame(ct.KIND_RECORDS, 64)
+    liveness.on_frame(ct.KIND_KEEPALIVE, 0)
+
+
+def test_data_waiting_is_taken_whatever_this_side_was_busy_with() -> None:
+    """Time this side spent on its own work (or stopped, SIGSTOP) with the
+    peer's data waiting is not the peer's silence; waiting with nothing
+    there is, and ends at the bound."""
+    from host_shim.transfer.liveness import Liveness, StreamStalled
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        liveness = Liveness(0.3, "sender test", "--idle-timeout")
+        liveness.waited = 10.0  # far past the bound: as after a long stop
+        theirs.sendall(b"x")
+        liveness.wait_readable(ours)  # returns: the data is there
+        assert ours.recv(1) == b"x"
+        started = time.monotonic()
+        with pytest.raises(StreamStalled, match=r"sent nothing for 0\.3 s"):
+            liveness.wait_readable(ours)
+        assert time.monotonic() - started < 0.1  # the budget was spent already
+        liveness.progressed()
+        started = time.monotonic()
+        with pytest.raises(StreamStalled):
+            liveness.wait_readable(ours)
+        assert 0.25 < time.monotonic() - started < 1.0

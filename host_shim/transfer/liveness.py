@@ -9,6 +9,9 @@ peer is alive while it delivers *progress*: a whole frame that carries work
 receiver waits for the peer at most ``stall`` seconds in all since the last
 progress (time this side spends on its own work, with the socket's data
 waiting, does not count), and the whole stream at most ``total`` seconds.
+Frames that carry no work and arrive without a wait (a flood of KEEPALIVE
+frames) do not hold it either: past twice ``stall`` of wall-clock time
+since the last progress, such a frame ends the stream.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Liveness:
         self.option = option
         self.started = time.monotonic()
         self.waited = 0.0
+        self.progress_at = self.started
         # Bytes and frames that arrived since the last progress (a peer that
         # sends nothing at all is said as silent, not as pretending).
         self.bytes_since = 0
@@ -53,6 +57,7 @@ class Liveness:
         peer for something (its challenge): the stall clock restarts."""
         self.waited = 0.0
         self.bytes_since = 0
+        self.progress_at = time.monotonic()
 
     def restart(self) -> None:
         """Both clocks from now (the stream begins)."""
@@ -62,6 +67,12 @@ class Liveness:
     def on_frame(self, kind: int, payload_size: int) -> None:
         if is_progress(kind, payload_size):
             self.progressed()
+        else:
+            self.bytes_since += ct.FRAME_HEADER.size + payload_size
+            if time.monotonic() - self.progress_at >= 2 * self.stall:
+                raise self.stalled()
+        if self.total is not None and time.monotonic() - self.started >= self.total:
+            raise self.stalled()
 
     def wait_budget(self) -> float:
         """Seconds this side may still wait for the peer now."""
@@ -85,6 +96,10 @@ class Liveness:
         """Return once ``sock`` has data, or raise StreamStalled when the
         budget runs out first. Time spent here is time waited for the peer."""
         while True:
+            # Data already waiting is taken whatever the clocks say: the
+            # time this side was busy (or stopped) is not the peer's.
+            if select.select([sock], [], [], 0)[0]:
+                return
             budget = self.wait_budget()
             if budget <= 0:
                 raise self.stalled()
