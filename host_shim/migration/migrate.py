@@ -125,6 +125,9 @@ class MigrationReport:
     # Pages the full check found changed that the log did not mark (only
     # when both ran: --verify-all, or a log in doubt). 0 when the log is exact.
     log_missed_pages: int | None = None
+    # What backs the log: the page cache and the kernel's write record
+    # (dirty_log.py), with the pages only the record marked, or why no record.
+    log_trace: str = ""
     # Before 'stop': how long the source waited for the target to take the
     # stream sent so far, and how many bytes it had not taken then.
     catch_up_seconds: float = 0.0
@@ -175,7 +178,8 @@ class MigrationReport:
             + (f": dirty log read in {1000 * self.log_read_seconds:.0f} ms, {self.log_pages} pages"
                if self.switchover_check.startswith("dirty-log") else "")
             + f"; CHECK_PAGES {1000 * self.check_seconds:.0f} ms found {self.check_pages_changed} changed"
-            + (f"; pages the log missed: {self.log_missed_pages}" if self.log_missed_pages is not None else ""),
+            + (f"; pages the log missed: {self.log_missed_pages}" if self.log_missed_pages is not None else "")
+            + (f"\n  dirty log: {self.log_trace}" if self.log_trace else ""),
             f"  before stop, the target caught up with {self.catch_up_backlog} stream bytes in "
             f"{1000 * self.catch_up_seconds:.0f} ms ({self.catch_up_passes} pass(es) after a catch-up)",
         ]
@@ -878,7 +882,8 @@ def _switchover_by_log(dirty_log: DirtyLog, exporter: Exporter, every_page: Page
     report.log_read_seconds = time.monotonic() - start
     report.log_pages = len(logged)
     marks["log_read"] = time.monotonic() - stop_at
-    doubt = dirty_log.doubt()
+    doubt = dirty_log.switchover_doubt()
+    report.log_trace = dirty_log.describe_trace()
     full = verify_all or doubt is not None
     check_start = time.monotonic()
     # --verify-all checks every page (it counts what the log missed); a log
