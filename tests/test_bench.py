@@ -18,6 +18,7 @@ from host_shim.devtools.bench import bench_pipeline, format_pipeline_report
 from host_shim.devtools.profile_reference import format_profile
 from host_shim.errors import OvmfMhError
 from host_shim.migration.migrate import MigrationConfig, MigrationReport, PassReport
+from host_shim.migration.migration_vm import MigrationError
 
 
 def test_rate_is_bytes_per_second_in_megabytes() -> None:
@@ -158,6 +159,35 @@ def test_bench_migrate_table_has_a_row_per_size_refused_ones_with_the_reason(tmp
     _decoded(tmp_path / "bench.png")
 
 
+def test_bench_migrate_runs_a_failed_baseline_again_once_and_says_so(tmp_path: Path) -> None:
+    """A plain QEMU run that fails is never the baseline: it runs once more;
+    the row and a line under the table say the first run failed and why; two
+    failures leave the plain column failed, with both reasons."""
+    from host_shim.devtools.bench_migrate import bench_migrate, format_table
+
+    calls: list[tuple[int, str]] = []
+
+    def flaky_plain(image: Path, work: Path, guest_mib: int, workload_mib: int,
+                    ram_dir: Path | None) -> dict[str, Any]:
+        calls.append((guest_mib, work.name))
+        if guest_mib == 512 or len([c for c in calls if c[0] == guest_mib]) == 1:
+            raise MigrationError(f"no 'HB seq=' on the serial console ({work.name})")
+        return _fake_plain(image, work, guest_mib, workload_mib, ram_dir)
+
+    results = bench_migrate(tmp_path / "unused.fd", tmp_path, sizes=[256, 512],
+                            run_migrate=_fake_report, run_plain=flaky_plain)
+    assert calls == [(256, "plain"), (256, "plain-retry-1"), (512, "plain"), (512, "plain-retry-1")]
+    retried, failed = results["rows"]
+    assert retried["plain"]["total_seconds"] == 2.0 and "(plain)" in retried["plain_retried"]
+    assert retried["ratio_total"] == 4.0
+    assert "plain" not in failed and "ratio_total" not in failed
+    assert "(plain)" in failed["plain_error"] and "(plain-retry-1)" in failed["plain_error"]
+    table = format_table(results)
+    assert any(line.startswith("| 256 MiB | 2.00 s (2nd run) | 50 ms (2nd run) | 8.00 s | 4.0x |") for line in table)
+    assert any(line.startswith("256 MiB, plain QEMU's first run failed and is not a measurement") for line in table)
+    assert any(line.startswith("512 MiB, plain QEMU failed twice: ") for line in table)
+
+
 def _decoded(picture: Path) -> Any:
     import matplotlib.image
 
@@ -192,7 +222,7 @@ def test_bench_migrate_runs_a_small_guest_and_draws_it(firmware: Path, work_dir:
         assert f"{row['ratio_total']:.1f}x" in line
     else:
         assert line.startswith("| 256 MiB | failed | failed | ") and "ratio_total" not in row
-        assert table[-1] == f"256 MiB, plain QEMU failed: {row['plain_error']}"
+        assert table[-1] == f"256 MiB, plain QEMU failed twice: {row['plain_error']}"
     picture = work_dir / "bench.png"
     plot_bench(results, picture)
     _decoded(picture)
