@@ -226,3 +226,37 @@ def test_bench_migrate_runs_a_small_guest_and_draws_it(firmware: Path, work_dir:
     picture = work_dir / "bench.png"
     plot_bench(results, picture)
     _decoded(picture)
+
+
+class _Console:
+    """A target QEMU as _check_plain_target sees it: a serial console that
+    prints one more line at each read."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self._lines, self._shown = lines, 0
+
+    def serial_text(self) -> str:
+        self._shown = min(self._shown + 1, len(self._lines))
+        return "".join(line + "\n" for line in self._lines[: self._shown])
+
+    def is_running(self) -> bool:
+        return True
+
+    def error(self, message: str) -> MigrationError:
+        return MigrationError(message)
+
+
+def test_a_plain_baseline_whose_target_kernel_failed_or_rebooted_is_refused(tmp_path: Path) -> None:
+    """The plain target's heartbeat alone is not enough: a kernel that hit a
+    BUG and rebooted (panic=-1) beats again from seq=0 (seen here); its
+    console since 'cont' must hold no fault and no new boot."""
+    from host_shim.migration.migrate import _check_plain_target
+
+    healthy = _Console(["HB seq=40 sweeps=3", "HB seq=41 sweeps=3", "HB seq=42 sweeps=3"])
+    _check_plain_target(healthy, 0, tmp_path)  # type: ignore[arg-type]
+    for fault in ("[   85.013296] kernel BUG at lib/list_debug.c:27!",
+                  "[    3.1] BUG: kernel tried to execute NX-protected page - exploit attempt? (uid: 0)",
+                  "[    0.000000] Linux version 6.1.0-57-cloud-amd64"):
+        crashed = _Console(["HB seq=40 sweeps=3", fault, "HB seq=0 sweeps=0", "HB seq=1 sweeps=0"])
+        with pytest.raises(MigrationError, match="failed after 'cont'"):
+            _check_plain_target(crashed, 0, tmp_path)  # type: ignore[arg-type]

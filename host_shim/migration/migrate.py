@@ -1021,9 +1021,30 @@ def plain_qemu_migration(
         serial_before = len(target.serial_text())
         target.qmp("cont")
         heartbeat = _wait_for(target, guest.HEARTBEAT, 30, after=serial_before)
+        _check_plain_target(target, serial_before, work)
         return {
             "total_seconds": info["total-time"] / 1000,
             "downtime_seconds": info.get("downtime", 0) / 1000,
             "transferred_bytes": info.get("ram", {}).get("transferred", 0),
             "target_heartbeat": heartbeat,
         }
+
+
+#: Lines a guest kernel prints when it faults, panics or starts again
+#: (panic=-1 reboots at once, and the rebooted guest beats too).
+KERNEL_FAULTS = ("BUG:", "kernel BUG at", "Oops:", "Kernel panic", "general protection fault", "Linux version",
+                 "CORRUPTION")
+
+
+def _check_plain_target(target: QemuHandle, serial_before: int, work: Path) -> None:
+    """The plain baseline's target must go on as the guest that was
+    migrated: its console since 'cont', until its next heartbeat after the
+    first, holds no kernel fault and no new boot (docs/migration.md,
+    "Plain QEMU's baseline")."""
+    with suppress(OvmfMhError):
+        _wait_for(target, guest.HEARTBEAT, 10, after=len(target.serial_text()))
+    text = target.serial_text()[serial_before:]
+    faults = [line.strip() for line in text.splitlines() if any(mark in line for mark in KERNEL_FAULTS)]
+    if faults:
+        raise MigrationError(f"plain QEMU migration: the target's guest kernel failed after 'cont': {faults[0]!r} "
+                             f"(see {work / 'target'})")
