@@ -548,6 +548,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         stack.callback(channel.close)
         description = source_guest.description
         device_state_port, nonces = _handshake(channel, description)
+        channel.write_stall = mp.stream_liveness(config.idle_timeout, size, channel.peer).stall
         listener = _TargetListener(channel)
         target_listener = listener
         watch = _Watch([source], target_listener.fault)
