@@ -182,8 +182,8 @@ def _run_target_against(tmp_path: Path, talk: Any) -> tuple[TargetReport, Any]:
 
 def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[4, 7])
-        assert channel.receive("welcome")["version"] == 4
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[5, 7])
+        assert channel.receive("welcome")["version"] == 5
         channel.send("describe", guest=_good() | {"firmware_sha256": digest, "machine": "pc; reboot"})
         return channel.receive("refuse")
 
@@ -198,11 +198,11 @@ def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: P
 
 def test_the_target_refuses_a_source_without_a_common_version(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 2, 3])  # before ABI 4.0, before keepalives
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 2, 3, 4])  # before the commit proof
         return channel.receive("error")
 
     report, answer = _run_target_against(tmp_path, talk)
-    assert "versions [1, 2, 3]" in answer["reason"] and answer["phase"] == "the handshake"
+    assert "versions [1, 2, 3, 4]" in answer["reason"] and answer["phase"] == "the handshake"
     assert report.outcome == "failed" and report.peer.startswith("127.0.0.1:")
 
 
