@@ -59,10 +59,10 @@ def test_the_reaper_signals_a_pid_only_if_its_start_time_matches() -> None:
     try:
         started = reaper.start_time(sleeper.pid)
         assert started is not None
-        reaper._reap({sleeper.pid: started + 1}, [])
+        reaper._reap({sleeper.pid: started + 1}, [], {})
         time.sleep(0.2)
         assert sleeper.poll() is None, "a pid with another start time was signalled"
-        reaper._reap({sleeper.pid: started}, [])
+        reaper._reap({sleeper.pid: started}, [], {})
         assert sleeper.wait(timeout=10) == -9
     finally:
         if sleeper.poll() is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -18,7 +19,9 @@ from host_shim.errors import OvmfMhError, SetupError
 from host_shim.helpers.backends import KINDS
 from host_shim.helpers.keys import read_key
 from host_shim.local_files import create_exclusive
+from host_shim.transfer import commit_proof
 from host_shim.transfer.container import FileHeader
+from host_shim.transfer.liveness import Liveness, LiveSocketIO, StreamStalled
 from host_shim.transfer.pipeline import (
     Nonces,
     TransferSummary,
@@ -132,7 +135,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     receive.add_argument("--accept-timeout", type=float, default=300.0,
                          help="seconds to wait for the sender to connect (default 300)")
     receive.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
-                         help="give up when the sender sends nothing for this many seconds "
+                         help="give up when the sender makes no progress (no frame that carries pages: KEEPALIVE "
+                         "frames and trickling bytes do not count) for this many seconds of waiting "
                          f"(default {IDLE_TIMEOUT:.0f})")
     _common(receive, "import")
     receive.set_defaults(handler=run_receive)
@@ -342,8 +346,8 @@ def run_send(args: argparse.Namespace) -> int:
             try:
                 summary = export_ram(args.ram, key, sink, work_dir=work, page_map=args.page_map,
                                      challenge=lambda: _socket_challenge(sock, args.ram),
-                                     zero_ranges=args.zero_ranges, **_helper_options(args))
-                sink.close()
+                                     zero_ranges=args.zero_ranges, confirm=lambda: _receiver_proof(sock, sink),
+                                     **_helper_options(args))
             except BaseException as exc:
                 # A receiver that refuses writes its verdict and closes: what
                 # this end sees is a failed write or a challenge that is none.
@@ -357,8 +361,6 @@ def run_send(args: argparse.Namespace) -> int:
                 if refusal is not None:
                     raise OvmfMhError(f"the receiver at {args.to} refused the transfer: {refusal}") from exc
                 raise
-            sock.shutdown(socket.SHUT_WR)
-            verdict = _read_verdict(sock)
     except TimeoutError as exc:
         return _report(args, summary, OvmfMhError(
             f"the receiver at {args.to} took no data and sent no verdict for {args.idle_timeout:g} s "
@@ -370,8 +372,6 @@ def run_send(args: argparse.Namespace) -> int:
                        "send", exc)
     except OvmfMhError as exc:
         return _report(args, summary, exc, "send")
-    if verdict.get("outcome") != "ok":
-        return _report(args, summary, OvmfMhError(f"receiver reports failure: {verdict.get('error')}"), "send")
     summary.direction = "send"
     return _report(args, summary, None, "send")
 
@@ -420,6 +420,19 @@ def _receiver_refusal(sock: socket.socket) -> str | None:
         if isinstance(verdict, dict) and verdict.get("outcome") == "failed":
             return str(verdict.get("error"))
     return None
+
+
+def _receiver_proof(sock: socket.socket, sink: IO[bytes]) -> bytes:
+    """Once the stream is out: the receiver's verdict, and in it the commit
+    proof of its target helper 0, which the source helpers then check. An
+    "ok" without a proof they accept is no success (a man in the middle can
+    write "ok"; only helpers holding the key can write the proof)."""
+    sink.close()
+    sock.shutdown(socket.SHUT_WR)
+    verdict = _read_verdict(sock)
+    if verdict.get("outcome") != "ok":
+        raise OvmfMhError(f"receiver reports failure: {verdict.get('error')}")
+    return commit_proof.from_hex(verdict.get("commit_proof"), "receiver")
 
 
 def _read_verdict(sock: socket.socket) -> dict[str, Any]:
@@ -490,12 +503,19 @@ def run_receive(args: argparse.Namespace) -> int:
         error: OvmfMhError | None = None
         cause: BaseException | None = None
         reader: _CountingReader | None = None
+        # Alive means progress: a frame that carries work within
+        # --idle-timeout of waiting (host_shim/transfer/liveness.py).
+        liveness = Liveness(args.idle_timeout, f"sender {peer[0]}:{peer[1]}", "--idle-timeout")
+
+        def challenge(nonces: Nonces, size: int) -> None:
+            conn.sendall(encode_challenge(nonces, size))
+            liveness.progressed()  # the sender's helpers start now
+
         try:
-            with cast(IO[bytes], conn.makefile("rb", buffering=1024 * 1024)) as raw:
-                reader = _CountingReader(raw)
+            with io.BufferedReader(LiveSocketIO(conn, liveness), buffer_size=1024 * 1024) as raw:
+                reader = _CountingReader(cast(IO[bytes], raw))
                 summary = import_ram(args.ram, key, cast(IO[bytes], reader), work_dir=work,
-                                     challenge=lambda nonces, size: conn.sendall(encode_challenge(nonces, size)),
-                                     **_helper_options(args))
+                                     challenge=challenge, on_frame=liveness.on_frame, **_helper_options(args))
         except OvmfMhError as exc:
             error, cause = exc, exc
             if reader is not None and reader.ended:
@@ -503,6 +523,9 @@ def run_receive(args: argparse.Namespace) -> int:
                     f"the sender {peer[0]}:{peer[1]} closed the connection after {reader.bytes} bytes, before the "
                     f"end of the stream: it stopped or failed (its own output says why); nothing was kept "
                     f"({exc})")
+        except StreamStalled as exc:
+            cause = exc
+            error = OvmfMhError(f"{exc}; import abandoned, nothing was kept")
         except TimeoutError as exc:
             cause = exc
             error = OvmfMhError(f"the sender {peer[0]}:{peer[1]} sent nothing for {args.idle_timeout:g} s "
