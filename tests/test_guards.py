@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import ci_provides
@@ -19,6 +20,8 @@ from host_shim.firmware import boot
 from host_shim.firmware.boot import BootMode, boot_image
 from host_shim.helpers.helper_memory import HelperMemory
 from host_shim.helpers.keys import secret_page_base
+from host_shim.local_files import LocalFileError
+from host_shim.migration.migration_vm import ram_file
 from host_shim.vm import reaper
 
 PAGE = 4096
@@ -170,3 +173,20 @@ def test_a_missing_thing_ci_provides_skips_here_and_fails_under_ci(monkeypatch: 
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match="Debian's ovmf package is not installed"):
         ci_provides.missing("Debian's ovmf package is not installed")
+
+
+def test_a_ram_file_in_a_shared_ram_dir_is_never_created_through_a_planted_link(work_dir: Path) -> None:
+    """--ram-dir may be /dev/shm, where anyone can plant a link at the
+    predictable name; it used to be opened "wb" (the link's target truncated)."""
+    ram_dir = work_dir / "shared"
+    ram_dir.mkdir()
+    work = work_dir / "run"
+    victim = work_dir / "victim"
+    victim.write_bytes(b"keep me")
+    (ram_dir / f"ovmf-mh-{os.getpid()}-{work.name}-target.ram").symlink_to(victim)
+    with ExitStack() as stack, pytest.raises(LocalFileError, match="is in the way: it is a symbolic link to"):
+        ram_file(stack, work, ram_dir, "target", 2 * PAGE)
+    assert victim.read_bytes() == b"keep me"
+    with ExitStack() as stack:
+        source = ram_file(stack, work, ram_dir, "source", 2 * PAGE)
+        assert source.stat().st_size == 2 * PAGE and source.stat().st_mode & 0o777 == 0o600

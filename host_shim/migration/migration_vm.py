@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from host_shim.errors import OvmfMhError
+from host_shim.local_files import create_exclusive
 from host_shim.transfer.holes import hole_pages
 from host_shim.vm import guest, process
 from host_shim.vm.attached import QemuHandle
@@ -60,8 +61,8 @@ def ram_file(stack: ExitStack, work: Path, ram_dir: Path | None, role: str, size
         path = ram_dir / f"ovmf-mh-{os.getpid()}-{work.name}-{role}.ram"
         process.remove_on_exit(path)
         stack.callback(process.remove, path)
-    path.unlink(missing_ok=True)
-    with path.open("wb") as f:
+    # --ram-dir may be shared (/dev/shm): never through a link planted at the name (local_files.py).
+    with os.fdopen(create_exclusive(path), "wb") as f:
         f.truncate(size)
     return path
 

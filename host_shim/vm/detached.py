@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from host_shim.errors import OvmfMhError, QemuError, SetupError
+from host_shim.local_files import create_exclusive
 from host_shim.vm.attached import AttachedQemu, QmpUnreachable
 from host_shim.vm.qemu import QemuConfig, QemuLogs, build_command
 from host_shim.vm.reaper import process_state, start_time
@@ -109,8 +110,8 @@ def start(config: QemuConfig, work: Path, qmp: Path, ram: Path, details: dict[st
         stale.unlink(missing_ok=True)
     size = sum(b.size for b in config.memory)
     ram.parent.mkdir(parents=True, exist_ok=True)
-    ram.unlink(missing_ok=True)
-    with ram.open("wb") as f:
+    # A regular file there is replaced; a planted link is refused (local_files.py).
+    with os.fdopen(create_exclusive(ram), "wb") as f:
         f.truncate(size)
     if config.firmware_vars is not None:
         shutil.copyfile(config.firmware_vars, work / "vars.fd")
