@@ -69,7 +69,9 @@ def _common(parser: argparse.ArgumentParser, direction: str) -> None:
                             "zero (ABI 2.1; default on); --no-zero-ranges sends every page as its own record, "
                             "as a 2.0 target needs")
     else:
-        parser.add_argument("--helpers", type=int, help="must equal the stream's shard count (default: that)")
+        parser.add_argument("--helpers", type=int,
+                            help="must equal the stream's shard count (default: that, if at most max(4, CPUs): "
+                            "the header is not verified before the helpers start)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
