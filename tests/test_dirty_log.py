@@ -239,10 +239,8 @@ def test_without_root_the_log_has_no_record_and_the_switchover_says_why(
         ram: tuple[Path, mmap.mmap], monkeypatch: pytest.MonkeyPatch) -> None:
     """tracefs needs root: elsewhere the log falls back to the page cache
     alone, names why, and its switchover always checks every page."""
-    from host_shim.migration import write_trace
-
     path, _ = ram
-    monkeypatch.setattr(write_trace.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     log = DirtyLog(path, PAGES * PAGE)
     try:
         assert log.trace is None and log.trace_unavailable is not None
