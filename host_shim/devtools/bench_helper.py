@@ -29,9 +29,10 @@ from typing import Any
 from helper import abi
 from host_shim.helpers.helper_vm import HelperSpec, HelperVM, IdlePolicy
 
-#: Seconds between two commands of the latency run: longer than the helper's
-#: spin (3 ms), so every command finds it halted (or spinning, the baseline).
-DEFAULT_GAP = 0.02
+#: Seconds between two commands of the latency run: twice the helper's spin
+#: (OVMF_MH_IDLE_DEFAULT_SPIN_US), so every command finds it halted (or
+#: spinning, the baseline).
+DEFAULT_GAP = 2 * abi.load().const("OVMF_MH_IDLE_DEFAULT_SPIN_US") / 1e6
 
 
 @dataclass(frozen=True)
