@@ -500,7 +500,7 @@ typedef struct {
 #define OVMF_MH_IDLE_POLICY_FW_CFG_NAME  "opt/ovmf-mh/idle-policy"
 #define OVMF_MH_IDLE_POLICY_SIGNATURE    0x4c44494d          // "MIDL"
 #define OVMF_MH_IDLE_POLICY_NEVER_HALT   0x00000001          ///< Spin forever (the pre-4.1 behaviour, a bench baseline)
-#define OVMF_MH_IDLE_DEFAULT_SPIN_US     3000
+#define OVMF_MH_IDLE_DEFAULT_SPIN_US     20000
 #define OVMF_MH_IDLE_MAX_SPIN_US         1000000
 #define OVMF_MH_IDLE_MAX_STRETCH_US      10000000
 
