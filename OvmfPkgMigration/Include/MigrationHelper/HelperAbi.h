@@ -21,7 +21,7 @@
 // meaning; the minor number when commands or capabilities are added.
 //
 #define OVMF_MH_ABI_MAJOR  4
-#define OVMF_MH_ABI_MINOR  0   ///< 4.0: shared pages sealed in the END record (stream version 3); 3.0: request version 2, own page tables
+#define OVMF_MH_ABI_MINOR  1   ///< 4.1: idle word, helpers halt when idle (HALT_WAKE); commit proof (IMPORT_COMMIT_PROOF, EXPORT_VERIFY_COMMIT); 4.0: shared pages sealed in the END record (stream version 3); 3.0: request version 2, own page tables
 
 #define OVMF_MH_PAGE_SIZE  0x1000
 
@@ -168,6 +168,8 @@ typedef struct {
 #define OVMF_MH_CMD_IMPORT_RECEIPT   12 ///< Arg0 out offset, Arg1 capacity -> OVMF_MH_RECEIPT of the completed import
 #define OVMF_MH_CMD_IMPORT_COMMIT    13 ///< Arg0 in offset, Arg1 size: ShardCount receipts, one per shard, in shard order
 #define OVMF_MH_CMD_EXPORT_ZERO_RANGES 14 ///< Arg0 range-list offset, Arg1 range count, Arg2 out offset, Arg3 capacity (ABI 2.1)
+#define OVMF_MH_CMD_IMPORT_COMMIT_PROOF  15 ///< Arg0 out offset, Arg1 capacity -> OVMF_MH_COMMIT_PROOF of the commit this session passed (ABI 4.1)
+#define OVMF_MH_CMD_EXPORT_VERIFY_COMMIT 16 ///< Arg0 in offset, Arg1 size: OVMF_MH_COMMIT_PROOF, then ShardCount receipts in shard order (ABI 4.1)
 
 //
 // Capability bits (OVMF_MH_MAILBOX_HEADER.Capabilities and image info).
@@ -181,6 +183,19 @@ typedef struct {
 #define OVMF_MH_CAP_CHECK_PAGES 0x0000000000000040  ///< CHECK_PAGES (ABI 1.2)
 #define OVMF_MH_CAP_BINDING     0x0000000000000080  ///< IMPORT_CHALLENGE, IMPORT_RECEIPT, IMPORT_COMMIT, bound streams (ABI 2.0)
 #define OVMF_MH_CAP_ZERO_RANGES 0x0000000000000100  ///< EXPORT_ZERO_RANGES, ZERO_RANGE records imported (ABI 2.1)
+#define OVMF_MH_CAP_HALT_WAKE   0x0000000000000200  ///< Halts when idle, publishes Idle; woken by an NMI (ABI 4.1)
+#define OVMF_MH_CAP_COMMIT_PROOF 0x0000000000000800 ///< IMPORT_COMMIT_PROOF, EXPORT_VERIFY_COMMIT (ABI 4.1)
+
+//
+// Idle word (OVMF_MH_MAILBOX_HEADER.Idle, ABI 4.1; docs/mailbox.md). A helper
+// with HALT_WAKE sets it before its last look at CommandSeq and halts; a
+// host that posts a command and then reads it non-zero wakes the helper (a
+// firmware helper with an NMI, the reference helper with SIGUSR1), and keeps
+// waking it while it stays idle without answering.
+//
+#define OVMF_MH_IDLE_BUSY       0     ///< Serving, or polling CommandSeq
+#define OVMF_MH_IDLE_HALTING    1     ///< About to halt or halted: post, then wake
+#define OVMF_MH_IDLE_STRETCHED  2     ///< Test knob only: inside a stretched halt window, past the re-check
 
 //
 // Status codes: command results (Status) and halt reasons (HaltReason).
@@ -229,6 +244,12 @@ typedef struct {
 //
 #define OVMF_MH_STATUS_SHARED_PAGES_MISMATCH  0x30 ///< Shared-page count or digest differs from the END record's
 //
+// Commit proof (ABI 4.1): EXPORT_VERIFY_COMMIT was given a proof whose MAC,
+// outcome or receipt digest is not what a target helper 0 that committed
+// this stream's migration writes. Nothing changes (the export stays COMPLETE).
+//
+#define OVMF_MH_STATUS_BAD_COMMIT_PROOF       0x31 ///< Commit proof MAC, outcome or receipt digest invalid
+//
 // Request rejections (HaltReason, also logged to debugcon). 0x100 and up.
 //
 #define OVMF_MH_STATUS_REQUEST_SIZE           0x100 ///< Blob size or Size field wrong
@@ -252,6 +273,7 @@ typedef struct {
 #define OVMF_MH_STATUS_WORK_AREA_TOO_SMALL    0x112 ///< Work area cannot hold session state and page tracking
 #define OVMF_MH_STATUS_PAGE_TABLES_TOO_LARGE  0x113 ///< The layout needs more than OVMF_MH_PAGE_TABLE_BUDGET tables
 #define OVMF_MH_STATUS_MAPPING_UNSUPPORTED    0x114 ///< A range lies beyond the CPU's physical address width
+#define OVMF_MH_STATUS_IDLE_POLICY            0x115 ///< opt/ovmf-mh/idle-policy malformed (size, signature, flags, bounds)
 #define OVMF_MH_STATUS_UNEXPECTED             0x1FF
 
 #pragma pack(1)
@@ -274,7 +296,13 @@ typedef struct {
   UINT64    GuestWindowSize;               ///< Guest bytes the helper accepted
   UINT32    MaxBatchPages;                 ///< Pages per EXPORT_BATCH / IMPORT_BATCH
   UINT32    SessionState;                  ///< OVMF_MH_SESSION_*
-  UINT8     Reserved0[168];
+  //
+  // Idle state (ABI 4.1), written by a HALT_WAKE helper only (offset 88).
+  //
+  UINT32    Idle;                          ///< OVMF_MH_IDLE_*
+  UINT32    HaltCount;                     ///< Halts an NMI ended
+  UINT32    WindowWakes;                   ///< NMIs that landed between the idle word and HLT (no halt)
+  UINT8     Reserved0[156];
   //
   // Command: written by the host, CommandSeq last (offset 256).
   //
@@ -351,6 +379,15 @@ typedef struct {
 #define OVMF_MH_CHAIN_LABEL         "ovmf-mh v2 chain"
 #define OVMF_MH_RECEIPT_INFO        "ovmf-mh v2 receipt"
 #define OVMF_MH_PAGE_HASH_INFO      "ovmf-mh v1 page hash"
+//
+// Commit proof (ABI 4.1): CommitKey = HKDF-SHA256 (IKM = TK, salt =
+// MigrationId, info = OVMF_MH_COMMIT_PROOF_INFO, 32 bytes); ReceiptsDigest =
+// SHA-256 (OVMF_MH_COMMIT_RECEIPTS_LABEL || the ShardCount receipts
+// IMPORT_COMMIT accepted, in shard order).
+//
+#define OVMF_MH_COMMIT_PROOF_INFO      "ovmf-mh v4 commit proof"
+#define OVMF_MH_COMMIT_RECEIPTS_LABEL  "ovmf-mh v4 committed receipts"
+#define OVMF_MH_COMMIT_OUTCOME_COMMITTED  1   ///< Target helper 0 verified every shard's receipt (IMPORT_COMMIT)
 //
 // Shared pages (ABI 4.0): SharedDigest = SHA-256 (OVMF_MH_SHARED_LABEL ||
 // for each shared page of the shard, in stream order: UINT64 guest offset ||
@@ -441,6 +478,40 @@ typedef struct {
 } OVMF_MH_RECEIPT;
 
 //
+// Commit proof (ABI 4.1): written by IMPORT_COMMIT_PROOF on the target helper
+// that passed IMPORT_COMMIT, checked by EXPORT_VERIFY_COMMIT on a source
+// helper before its host commits. Mac = HMAC-SHA256 (CommitKey, the bytes
+// before Mac); see OVMF_MH_COMMIT_PROOF_INFO.
+//
+typedef struct {
+  UINT8     MigrationId[OVMF_MH_MIGRATION_ID_SIZE]; ///< The committed migration
+  UINT32    ShardCount;                    ///< Receipts the commit checked
+  UINT32    Flags;                         ///< The streams' header Flags
+  UINT32    Outcome;                       ///< OVMF_MH_COMMIT_OUTCOME_COMMITTED
+  UINT32    Reserved;                      ///< Zero
+  UINT8     ReceiptsDigest[OVMF_MH_DIGEST_SIZE]; ///< Of the receipts IMPORT_COMMIT accepted
+  UINT8     Mac[OVMF_MH_DIGEST_SIZE];
+} OVMF_MH_COMMIT_PROOF;
+
+// Idle policy: optional fw_cfg file "opt/ovmf-mh/idle-policy", for benches
+// and tests only (docs/mailbox.md). Without it a helper spins
+// OVMF_MH_IDLE_DEFAULT_SPIN_US after its last command and then halts.
+//
+#define OVMF_MH_IDLE_POLICY_FW_CFG_NAME  "opt/ovmf-mh/idle-policy"
+#define OVMF_MH_IDLE_POLICY_SIGNATURE    0x4c44494d          // "MIDL"
+#define OVMF_MH_IDLE_POLICY_NEVER_HALT   0x00000001          ///< Spin forever (the pre-4.1 behaviour, a bench baseline)
+#define OVMF_MH_IDLE_DEFAULT_SPIN_US     3000
+#define OVMF_MH_IDLE_MAX_SPIN_US         1000000
+#define OVMF_MH_IDLE_MAX_STRETCH_US      10000000
+
+typedef struct {
+  UINT32    Signature;                     ///< OVMF_MH_IDLE_POLICY_SIGNATURE
+  UINT32    Flags;                         ///< OVMF_MH_IDLE_POLICY_* bits; others zero
+  UINT32    SpinMicroseconds;              ///< Polling after the last command before halting, <= MAX_SPIN_US
+  UINT32    WindowStretchMicroseconds;     ///< Test only: wait this long between the re-check and HLT, <= MAX_STRETCH_US
+} OVMF_MH_IDLE_POLICY;
+
+//
 // Image info: a constant record in the SEC module that tools find by its
 // GUID-shaped signature without running the image. The build id is a PCD
 // that the platform DSC sets, so the record holds its address; SEC runs in
@@ -487,6 +558,8 @@ STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, Result) == 392, "Result offset
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, CommandsServed) == 512, "counters offset");
 
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, MaxBatchPages) == 80, "MaxBatchPages offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, Idle) == 88, "Idle offset");
+STATIC_ASSERT (sizeof (OVMF_MH_IDLE_POLICY) == 16, "OVMF_MH_IDLE_POLICY size");
 
 STATIC_ASSERT (sizeof (OVMF_MH_SECRET) == 48, "OVMF_MH_SECRET size");
 STATIC_ASSERT (sizeof (OVMF_MH_STREAM_HEADER) == 160, "OVMF_MH_STREAM_HEADER size");
@@ -507,6 +580,9 @@ STATIC_ASSERT (OVMF_MH_SHARD_BLOCK_PAGES == OVMF_MH_MAX_BATCH_PAGES, "a shard bl
 STATIC_ASSERT (OVMF_MH_MAX_ZERO_RANGES * 16 <= OVMF_MH_MAX_BATCH_PAGES * 8, "a range list fits the page-list copy");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECEIPT, RecordCount) == 48, "receipt RecordCount offset");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECEIPT, Mac) == 88, "receipt Mac offset");
+STATIC_ASSERT (sizeof (OVMF_MH_COMMIT_PROOF) == 112, "OVMF_MH_COMMIT_PROOF size");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_COMMIT_PROOF, ReceiptsDigest) == 48, "commit proof ReceiptsDigest offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_COMMIT_PROOF, Mac) == 80, "commit proof Mac offset");
 
 STATIC_ASSERT (sizeof (OVMF_MH_IMAGE_INFO) == 112, "OVMF_MH_IMAGE_INFO size");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_IMAGE_INFO, BuildIdAddress) == 32, "image BuildIdAddress offset");
