@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from ci_provides import missing
 from tcp_states import close_wait_sockets
 
 from host_shim.migration.attach import REASONS
@@ -417,7 +418,7 @@ def test_a_guest_that_does_not_fit_is_refused_with_its_reason_and_left_running(
     ram = work_dir / "user.ram"
     qmp = short_dir / "user.sock"
     if reason == "firmware" and not Path("/usr/share/OVMF/OVMF_CODE_4M.fd").is_file():
-        pytest.skip("Debian's ovmf package (another firmware to run) is not installed")
+        missing("Debian's ovmf package (another firmware to run) is not installed")
     changes = CASES[case](firmware, ram)
     with _user_guest(firmware, work_dir / "user-guest", ram, qmp, **changes) as vm:
         before = vm.qmp("query-status")["status"]

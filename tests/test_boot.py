@@ -116,6 +116,9 @@ BAD_REQUESTS = [
     ("unused-range-not-zero", _blob(WindowRangeCount=0, WindowSize=[0, 4096]), "WINDOW_RANGES", False, 64, 0),
     ("mailbox-misaligned", _blob(MailboxBase=MIN_BASE + 0x800), "MAILBOX_ALIGNMENT", False, 64, 0),
     ("mailbox-too-small", _blob(MailboxSize=0x1000), "MAILBOX_SIZE", False, 64, 0),
+    # One page over OVMF_MH_MAILBOX_MAX_SIZE, in RAM (160 MiB), the work area after it: only the size is wrong.
+    ("mailbox-one-page-too-large", _blob(MailboxSize=A.const("OVMF_MH_MAILBOX_MAX_SIZE") + 4096,
+                                         WorkAreaBase=MIN_BASE + 80 * MIB), "MAILBOX_SIZE", False, 160, 0),
     ("mailbox-over-sec-memory", _blob(MailboxBase=0x800000, MailboxSize=0x10000), "MAILBOX_RESERVED", False, 64,
      0),
     ("mailbox-past-ram", _blob(MailboxBase=56 * MIB, MailboxSize=16 * MIB), "MAILBOX_NOT_RAM", False, 64, 0),

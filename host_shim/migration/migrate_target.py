@@ -161,6 +161,9 @@ def run_target(config: TargetConfig, server: socket.socket | None = None) -> Tar
             target = _receive_guest(channel, config, report, description, stack, bound[0])
             if config.keep_running:
                 _serve_guest(report, target)
+            else:
+                report.guest_state = "ran here, stopped on exit (--no-keep-running)"
+            report.phase = "done"
         except (OvmfMhError, OSError) as exc:
             report.error = str(exc)
             if channel is not None:
