@@ -30,6 +30,22 @@ mh_set_cpuid1_ecx_clear (
   host_shim_set_cpuid1_ecx_clear (EcxClearMask);
 }
 
+MH_EXPORT int
+mh_cpu_has_vaes (
+  void
+  )
+{
+  return MigrationHelperCpuHasVaes () ? 1 : 0;
+}
+
+MH_EXPORT void
+mh_set_cpuid7_ecx_clear (
+  UINT32  EcxClearMask
+  )
+{
+  host_shim_set_cpuid7_ecx_clear (EcxClearMask);
+}
+
 MH_EXPORT UINTN
 mh_ocb_key_struct_size (
   void
@@ -59,6 +75,30 @@ mh_ocb_init (
   }
 
   return (int)Key->Aes.Path;
+}
+
+/**
+  Expand a key with MigrationHelperOcbInitPaths.
+
+  @return The AES path chosen, plus 0x100 when whole blocks take the VAES
+          loop; 0 on failure.
+**/
+MH_EXPORT int
+mh_ocb_init_paths (
+  void         *KeyStruct,
+  CONST UINT8  *KeyBytes,
+  UINTN        KeySize,
+  UINT32       Allow
+  )
+{
+  OVMF_MH_OCB_KEY  *Key;
+
+  Key = (OVMF_MH_OCB_KEY *)KeyStruct;
+  if (!MigrationHelperOcbInitPaths (Key, KeyBytes, KeySize, Allow)) {
+    return 0;
+  }
+
+  return (int)Key->Aes.Path | (Key->UseVaes ? 0x100 : 0);
 }
 
 MH_EXPORT void

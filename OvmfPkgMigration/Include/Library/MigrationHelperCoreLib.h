@@ -97,6 +97,7 @@ typedef struct {
   BOOLEAN                            ShutdownRequested;
   VOID                               *Private;         ///< MigrationHelperWorkAreaSize (GuestWindowSize) bytes or more, helper-only
   UINTN                              PrivateSize;
+  BOOLEAN                            NoVectorCrypto;   ///< Request flag OVMF_MH_REQUEST_NO_VECTOR_CRYPTO: never use the VAES path
 } OVMF_MH_HELPER_CONTEXT;
 
 /**

@@ -217,7 +217,14 @@ InternalStartSession (
          Okm,
          sizeof (Okm)
          );
-  Ok = (BOOLEAN)(Ok && MigrationHelperOcbInit (&Session->Key, Okm, OVMF_MH_KEY_SIZE, Session->AllowAesNi));
+  Ok = (BOOLEAN)(
+                 Ok && MigrationHelperOcbInitPaths (
+                         &Session->Key,
+                         Okm,
+                         OVMF_MH_KEY_SIZE,
+                         (Session->AllowAesNi ? OVMF_MH_OCB_ALLOW_AESNI : 0) | (Session->AllowVaes ? OVMF_MH_OCB_ALLOW_VAES : 0)
+                         )
+                 );
   CopyMem (Session->SessionId, Okm + OVMF_MH_KEY_SIZE, OVMF_MH_SESSION_ID_SIZE);
   MigrationHelperSecureZero (Okm, sizeof (Okm));
 
