@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import struct
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +33,8 @@ from host_shim.helpers.hostcore_helper import HostCoreHelper
 VECTORS = Path(__file__).resolve().parent / "vectors"
 sys.path.insert(0, str(VECTORS))
 import make_vectors  # noqa: E402
+from ocb_paths_driver import Case, build_driver, run_driver  # noqa: E402
 
-DRIVER = Path(__file__).resolve().parent / "c" / "qemu_user" / "OcbPaths.c"
 ALLOW_AESNI = 0x1
 ALLOW_VAES = 0x2
 USES_VAES = 0x100
@@ -45,7 +44,6 @@ CPUID7_ECX_VAES = 1 << 9
 _P = ctypes.c_void_p
 _N = ctypes.c_size_t
 
-Case = tuple[bytes, bytes, bytes, bytes]  # key, nonce, ad, plaintext
 
 
 def _host_has_vaes() -> bool:
@@ -227,38 +225,12 @@ def test_request_flag_forbids_vaes_and_capability_says_so() -> None:
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ocbpaths") / "ocbpaths"
-    sources = [p for p in hostcore.CORE_LIB_DIR.glob("*.c")
-               if p.name in ("Aes.c", "AesNi.c", "AesVaes.c", "Ocb.c", "Sha256.c", "HmacSha256.c")]
-    command = ["gcc", "-O2", "-Wall", "-Werror", "-fshort-wchar", "-fno-strict-aliasing", "-fno-common",
-               "-DEFIAPI=__attribute__((ms_abi))", *(f"-I{p}" for p in hostcore.include_dirs()),
-               str(DRIVER), *map(str, sources), str(hostcore.HARNESS_DIR / "HostShim.c"), "-o", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr
-    return out
-
-
-def _run(command: list[str], cases: list[Case]) -> tuple[dict[str, int], list[dict[str, tuple[int, bytes, bool]]]]:
-    text = "".join(" ".join(field.hex() or "-" for field in case) + "\n" for case in cases)
-    result = subprocess.run(command, input=text, capture_output=True, text=True, check=False, timeout=600)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    head = dict(item.split("=") for item in lines[0].split()[1:])
-    cpu = {name: int(value) for name, value in head.items()}
-    rows: list[dict[str, tuple[int, bytes, bool]]] = []
-    for index in range(len(cases)):
-        row: dict[str, tuple[int, bytes, bool]] = {}
-        for line in lines[1 + 3 * index : 4 + 3 * index]:
-            name, path, cipher, tag, ok, equal = line.split()
-            sealed = bytes.fromhex("" if cipher == "-" else cipher) + bytes.fromhex(tag)
-            row[name] = (int(path), sealed, ok == "1" and equal == "1")
-        rows.append(row)
-    return cpu, rows
+    return build_driver(tmp_path_factory.mktemp("ocbpaths") / "ocbpaths")
 
 
 def _check(command: list[str]) -> dict[str, int]:
     cases = [*_appendix_a(), *_random_cases(7), *_iterated_first_pass(128), *_iterated_first_pass(256)]
-    cpu, rows = _run(command, cases)
+    cpu, rows = run_driver(command, cases)
     assert cpu["aesni"] == 1
     # The core uses VAES exactly when the 256-bit instructions agree with
     # AES-NI on both lanes (the driver's own check, not the core's).
@@ -275,7 +247,7 @@ def _check(command: list[str]) -> dict[str, int]:
         outputs = b"".join(row["vaes"][1] for row in rows[first : first + 384])
         first += 384
         key = bytes(key_bits // 8 - 1) + bytes([128])
-        _, last = _run(command, [(key, (385).to_bytes(12, "big"), outputs, b"")])
+        _, last = run_driver(command, [(key, (385).to_bytes(12, "big"), outputs, b"")])
         vector = next(v for v in json.loads((VECTORS / "ocb3_rfc7253.json").read_text())["iterated"]
                       if v["key_bits"] == key_bits)
         assert {sealed.hex() for _, sealed, _ in last[0].values()} == {vector["output"]}

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "1 against N firmware helpers, next to a plain copy of the same RAM file. "
             "migrate: plain QEMU migration of the test guest against ovmf-mh, per guest size; ovmf-mh runs as two "
             "programs over loopback TCP (a migrate-incoming program as the target). "
+            "helper: one firmware helper's export and import MB/s with and without the vector (VAES) path. "
             "All numbers are measured side by side in one run; the machine's load moves them."
         ),
     )
@@ -36,6 +37,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     crypto.add_argument("--image", help="firmware image (default: the DEBUG build)")
     crypto.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     crypto.set_defaults(handler=run_crypto)
+
+    helper = bench_sub.add_parser(
+        "helper", help="one firmware helper: export and import MB/s with and without the vector path")
+    helper.add_argument("--section", action="append", metavar="NAME", choices=["crypto"],
+                        help="run only this section (crypto); default: all")
+    helper.add_argument("--crypto-guest-mib", type=int, default=64,
+                        help="random guest RAM each helper exports and imports (default 64)")
+    helper.add_argument("--crypto-rounds", type=int, default=3,
+                        help="alternating rounds of both paths, best counts (default 3)")
+    helper.add_argument("--image", help="firmware image (default: the DEBUG build)")
+    helper.add_argument("--work-dir", type=Path, help="folder for logs and RAM files (default: a new temp folder)")
+    helper.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
+    helper.set_defaults(handler=run_helper)
 
     pipeline = bench_sub.add_parser("pipeline", help="transfer pipeline speed and helper scaling")
     pipeline.add_argument("--guest-mib", type=int, default=128, help="random guest RAM to move (default 128)")
@@ -94,6 +108,27 @@ def run_crypto(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         print("\n".join(format_report(results)))
+    return 0
+
+
+def run_helper(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+
+    from host_shim.devtools.bench_helper_crypto import CryptoSettings, format_crypto, run_crypto
+
+    image = resolve_image(Path(args.image) if args.image else None)
+    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-helper-"))).resolve()
+    try:
+        results = {"sections": {"crypto": run_crypto(
+            CryptoSettings(image, work / "crypto", guest_mib=args.crypto_guest_mib, rounds=args.crypto_rounds))}}
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(format_crypto(results["sections"]["crypto"])))
     return 0
 
 
