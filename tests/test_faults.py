@@ -378,9 +378,13 @@ def test_command_killed_mid_transfer_leaves_nothing(
             assert "stopped by SIGTERM" in victim.stderr
             assert seconds < TERM_BOUND
         for peer in commands[1:]:
+            # Its peer's death is the victim's exit: the survivor ends
+            # within DEATH_BOUND of it (waited for longer, so that a slow
+            # end is reported with its time).
             peer_code, peer_seconds = peer.wait_exit(DEATH_BOUND + 5)
             assert peer_code == 1, peer.stderr
             assert "closed the connection" in peer.stderr
+            assert peer_seconds < DEATH_BOUND, f"{peer.name} ended {peer_seconds:.2f} s after its peer's death"
             record(f"{command} killed by {signal.Signals(signum).name}: its peer {peer.name}",
                    seconds + peer_seconds, peer_code, peer.stderr, 0)
         gone = assert_clean(sandbox, started, KILL_BOUND)
