@@ -17,7 +17,9 @@
   - every function that touches a vector type carries MH_VAES_TARGET, and
     no vector crosses a non-inlined call;
   - no vector constants from .rodata; every load is unaligned;
-  - the entry point realigns the stack, so spills are aligned.
+  - the entry point realigns the stack, so spills are aligned;
+  - the entry points end with VZEROUPPER (the firmware's compiler flags do
+    not add it), which also clears the upper halves of the registers.
   It runs only when MigrationHelperCpuHasVaes () says the CPU has VAES and
   AVX2 and the platform enabled the AVX register state (XCR0).
 
@@ -196,6 +198,7 @@ InternalMhVaesSelfTest (
     }
   }
 
+  _mm256_zeroupper ();
   return (BOOLEAN)(Difference == 0);
 }
 
@@ -352,6 +355,12 @@ InternalMhVaesOcbEights (
   Folded = _mm_xor_si128 (_mm256_castsi256_si128 (Sum), _mm256_extracti128_si256 (Sum, 1));
   Folded = _mm_xor_si128 (Folded, MH_LOAD128 (Checksum));
   _mm_storeu_si128 ((__m128i *)(VOID *)Checksum, Folded);
+
+  //
+  // Clear the upper halves (key-dependent offsets) before returning to
+  // code that uses only the lower 128 bits.
+  //
+  _mm256_zeroupper ();
 }
 
 /**
