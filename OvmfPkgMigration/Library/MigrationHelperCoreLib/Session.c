@@ -1387,7 +1387,12 @@ InternalImportBatch (
       }
 
       Result[3]++;
-    } else {
+    } else if (!InternalIsZero ((CONST UINT8 *)(Context->GuestWindow + Record.GuestOffset), OVMF_MH_PAGE_SIZE)) {
+      //
+      // A page that is already zero is left alone, as for ZERO_RANGE: on a
+      // fresh target most are, and writing zeros would make the host
+      // allocate and dirty a page of a sparse RAM file for nothing.
+      //
       ZeroMem ((VOID *)(Context->GuestWindow + Record.GuestOffset), OVMF_MH_PAGE_SIZE);
     }
 
