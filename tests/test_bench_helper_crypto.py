@@ -24,8 +24,8 @@ from host_shim.helpers.keys import secret_record
 
 
 def test_bench_helper_crypto_end_to_end(firmware: Path, work_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["bench", "helper", "--crypto-guest-mib", "4", "--crypto-rounds", "2", "--image", str(firmware),
-                     "--work-dir", str(work_dir), "--json"])
+    code = cli.main(["bench", "helper", "--section", "crypto", "--crypto-guest-mib", "4", "--crypto-rounds", "2",
+                     "--image", str(firmware), "--work-dir", str(work_dir), "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)["sections"]["crypto"]
     rows = result["firmware"]

@@ -15,7 +15,7 @@ from host_shim.migration.migrate import SWITCHOVER_MODES
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser(
         "bench",
-        help="side-by-side speed: page crypto, transfer pipeline, live migration",
+        help="side-by-side speed: page crypto, transfer pipeline, live migration, idle helpers",
         description=(
             "crypto: the host-built core (the firmware's C sources) against OpenSSL through "
             "pyca cryptography on the same 4 KiB pages in one run, as MB/s and ratios; then the "
@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "1 against N firmware helpers, next to a plain copy of the same RAM file. "
             "migrate: plain QEMU migration of the test guest against ovmf-mh, per guest size; ovmf-mh runs as two "
             "programs over loopback TCP (a migrate-incoming program as the target). "
-            "helper: one firmware helper's export and import MB/s with and without the vector (VAES) path. "
+            "helper: a firmware helper's CPU use while idle and its wake latency, halting beside spinning; "
+            "its export and import MB/s with and without the vector (VAES) path. "
             "All numbers are measured side by side in one run; the machine's load moves them."
         ),
     )
@@ -37,19 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     crypto.add_argument("--image", help="firmware image (default: the DEBUG build)")
     crypto.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     crypto.set_defaults(handler=run_crypto)
-
-    helper = bench_sub.add_parser(
-        "helper", help="one firmware helper: export and import MB/s with and without the vector path")
-    helper.add_argument("--section", action="append", metavar="NAME", choices=["crypto"],
-                        help="run only this section (crypto); default: all")
-    helper.add_argument("--crypto-guest-mib", type=int, default=64,
-                        help="random guest RAM each helper exports and imports (default 64)")
-    helper.add_argument("--crypto-rounds", type=int, default=3,
-                        help="alternating rounds of both paths, best counts (default 3)")
-    helper.add_argument("--image", help="firmware image (default: the DEBUG build)")
-    helper.add_argument("--work-dir", type=Path, help="folder for logs and RAM files (default: a new temp folder)")
-    helper.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
-    helper.set_defaults(handler=run_helper)
 
     pipeline = bench_sub.add_parser("pipeline", help="transfer pipeline speed and helper scaling")
     pipeline.add_argument("--guest-mib", type=int, default=128, help="random guest RAM to move (default 128)")
@@ -81,10 +69,29 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     mig.add_argument("--ram-dir", type=Path,
                      help="RAM files of every run here for the run only, e.g. /dev/shm with --switchover "
                      "full-check (default: work folder)")
+    mig.add_argument("--background-load", type=int, default=0, metavar="N",
+                     help="run N busy processes beside every migration, plain QEMU and ovmf-mh alike (default 0)")
     mig.add_argument("--plot", type=Path, metavar="FILE.png",
                      help="draw downtime and total time against guest size, plain beside ovmf-mh")
     mig.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     mig.set_defaults(handler=run_migrate)
+
+    helper = bench_sub.add_parser(
+        "helper", help="one firmware helper: idle CPU and wake latency, page crypto with and without vectors")
+    helper.add_argument("--section", action="append", metavar="NAME",
+                        help="run only this section (repeatable; default all: idle, crypto)")
+    helper.add_argument("--idle-seconds", type=float, default=5.0,
+                        help="seconds over which idle CPU is measured (default 5)")
+    helper.add_argument("--samples", type=int, default=100,
+                        help="empty commands timed per helper for the wake latency (default 100)")
+    helper.add_argument("--crypto-guest-mib", type=int, default=64,
+                        help="random guest RAM each helper of section crypto exports and imports (default 64)")
+    helper.add_argument("--crypto-rounds", type=int, default=3,
+                        help="alternating rounds of both paths in section crypto, best counts (default 3)")
+    helper.add_argument("--image", help="firmware image (default: the DEBUG build)")
+    helper.add_argument("--work-dir", type=Path, help="folder for logs (default: a new temp folder)")
+    helper.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
+    helper.set_defaults(handler=run_helper)
 
     zero = bench_sub.add_parser("zero-ranges",
                                 help="never-written memory: export page by page against zero ranges")
@@ -108,27 +115,6 @@ def run_crypto(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         print("\n".join(format_report(results)))
-    return 0
-
-
-def run_helper(args: argparse.Namespace) -> int:
-    import shutil
-    import tempfile
-
-    from host_shim.devtools.bench_helper_crypto import CryptoSettings, format_crypto, run_crypto
-
-    image = resolve_image(Path(args.image) if args.image else None)
-    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-helper-"))).resolve()
-    try:
-        results = {"sections": {"crypto": run_crypto(
-            CryptoSettings(image, work / "crypto", guest_mib=args.crypto_guest_mib, rounds=args.crypto_rounds))}}
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print("\n".join(format_crypto(results["sections"]["crypto"])))
     return 0
 
 
@@ -156,7 +142,8 @@ def run_migrate(args: argparse.Namespace) -> int:
     image = resolve_image(Path(args.image) if args.image else None)
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-migrate-"))).resolve()
     results = bench_migrate(image, work, sizes=sizes, workload_mib=args.workload_mib, helpers=args.helpers,
-                            ram_dir=args.ram_dir, switchover=args.switchover, idle_timeout=args.idle_timeout)
+                            ram_dir=args.ram_dir, switchover=args.switchover, idle_timeout=args.idle_timeout,
+                            background_load=args.background_load)
     (work / "bench.json").write_text(json.dumps(results, indent=2))
     if args.plot is not None:
         from host_shim.devtools.plots import plot_bench
@@ -167,6 +154,24 @@ def run_migrate(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(format_table(results)))
     print(f"logs in {work}" + (f"; drawn in {args.plot}" if args.plot else ""))
+    return 0
+
+
+def run_helper(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from host_shim.devtools.bench_helper import BenchContext, bench_helper, format_helper_report
+
+    image = resolve_image(Path(args.image) if args.image else None)
+    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-helper-"))).resolve()
+    context = BenchContext(image=image, work=work, idle_seconds=args.idle_seconds, samples=args.samples,
+                           crypto_guest_mib=args.crypto_guest_mib, crypto_rounds=args.crypto_rounds)
+    results = bench_helper(context, args.section)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(format_helper_report(results)))
+        print(f"logs in {work}")
     return 0
 
 

@@ -49,8 +49,14 @@ PATHS = ("vector", "no-vector")
 
 
 class CryptoBenchContext(Protocol):
-    image: Path
-    work: Path
+    @property
+    def image(self) -> Path: ...
+    @property
+    def work(self) -> Path: ...
+    @property
+    def crypto_guest_mib(self) -> int: ...
+    @property
+    def crypto_rounds(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -274,8 +280,9 @@ def run_crypto(settings: CryptoSettings) -> dict[str, Any]:
 
 
 def section_crypto(context: CryptoBenchContext) -> dict[str, Any]:
-    """The section for a bench that runs sections by name (default sizes)."""
-    return run_crypto(CryptoSettings(context.image, context.work / "crypto"))
+    """The section of `ovmf-mh bench helper` (host_shim/devtools/bench_helper.py)."""
+    return run_crypto(CryptoSettings(context.image, context.work / "crypto", guest_mib=context.crypto_guest_mib,
+                                     rounds=context.crypto_rounds))
 
 
 def format_crypto(result: dict[str, Any]) -> list[str]:

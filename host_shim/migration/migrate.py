@@ -126,6 +126,9 @@ class MigrationReport:
     # Pages the full check found changed that the log did not mark (only
     # when both ran: --verify-all, or a log in doubt). 0 when the log is exact.
     log_missed_pages: int | None = None
+    # What backs the log: the page cache and the kernel's write record
+    # (dirty_log.py), with the pages only the record marked, or why no record.
+    log_trace: str = ""
     # Before 'stop': how long the source waited for the target to take the
     # stream sent so far, and how many bytes it had not taken then.
     catch_up_seconds: float = 0.0
@@ -176,7 +179,8 @@ class MigrationReport:
             + (f": dirty log read in {1000 * self.log_read_seconds:.0f} ms, {self.log_pages} pages"
                if self.switchover_check.startswith("dirty-log") else "")
             + f"; CHECK_PAGES {1000 * self.check_seconds:.0f} ms found {self.check_pages_changed} changed"
-            + (f"; pages the log missed: {self.log_missed_pages}" if self.log_missed_pages is not None else ""),
+            + (f"; pages the log missed: {self.log_missed_pages}" if self.log_missed_pages is not None else "")
+            + (f"\n  dirty log: {self.log_trace}" if self.log_trace else ""),
             f"  before stop, the target caught up with {self.catch_up_backlog} stream bytes in "
             f"{1000 * self.catch_up_seconds:.0f} ms ({self.catch_up_passes} pass(es) after a catch-up)",
         ]
@@ -544,6 +548,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         stack.callback(channel.close)
         description = source_guest.description
         device_state_port, nonces = _handshake(channel, description)
+        channel.write_stall = mp.stream_liveness(config.idle_timeout, size, channel.peer).stall
         listener = _TargetListener(channel)
         target_listener = listener
         watch = _Watch([source], target_listener.fault)
@@ -1017,7 +1022,8 @@ def _switchover_by_log(dirty_log: DirtyLog, exporter: Exporter, every_page: Page
     report.log_read_seconds = time.monotonic() - start
     report.log_pages = len(logged)
     marks["log_read"] = time.monotonic() - stop_at
-    doubt = dirty_log.doubt()
+    doubt = dirty_log.switchover_doubt()
+    report.log_trace = dirty_log.describe_trace()
     full = verify_all or doubt is not None
     check_start = time.monotonic()
     # --verify-all checks every page (it counts what the log missed); a log
@@ -1155,9 +1161,30 @@ def plain_qemu_migration(
         serial_before = len(target.serial_text())
         target.qmp("cont")
         heartbeat = _wait_for(target, guest.HEARTBEAT, 30, after=serial_before)
+        _check_plain_target(target, serial_before, work)
         return {
             "total_seconds": info["total-time"] / 1000,
             "downtime_seconds": info.get("downtime", 0) / 1000,
             "transferred_bytes": info.get("ram", {}).get("transferred", 0),
             "target_heartbeat": heartbeat,
         }
+
+
+#: Lines a guest kernel prints when it faults, panics or starts again
+#: (panic=-1 reboots at once, and the rebooted guest beats too).
+KERNEL_FAULTS = ("BUG:", "kernel BUG at", "Oops:", "Kernel panic", "general protection fault", "Linux version",
+                 "CORRUPTION")
+
+
+def _check_plain_target(target: QemuHandle, serial_before: int, work: Path) -> None:
+    """The plain baseline's target must go on as the guest that was
+    migrated: its console since 'cont', until its next heartbeat after the
+    first, holds no kernel fault and no new boot (docs/migration.md,
+    "Plain QEMU's baseline")."""
+    with suppress(OvmfMhError):
+        _wait_for(target, guest.HEARTBEAT, 10, after=len(target.serial_text()))
+    text = target.serial_text()[serial_before:]
+    faults = [line.strip() for line in text.splitlines() if any(mark in line for mark in KERNEL_FAULTS)]
+    if faults:
+        raise MigrationError(f"plain QEMU migration: the target's guest kernel failed after 'cont': {faults[0]!r} "
+                             f"(see {work / 'target'})")

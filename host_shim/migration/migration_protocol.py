@@ -236,6 +236,12 @@ class _PatientSocketIO(io.RawIOBase):
                 quiet = time.monotonic() - max(sent_at, self._channel.peer_took_at)
                 if quiet >= self._channel.idle_timeout:
                     raise
+                # However often the peer says it took more, a write that
+                # sends no byte for this long ends: a target that claims
+                # progress it does not make holds nobody.
+                stall = self._channel.write_stall
+                if stall is not None and time.monotonic() - sent_at >= stall:
+                    raise
 
     def close(self) -> None:
         with suppress(OSError):
@@ -310,6 +316,9 @@ class Channel:
         self.message_bytes = 0
         # While the target reads the page stream: its bounds (stream_liveness).
         self.stream_liveness: Liveness | None = None
+        # The source's bound on one write that sends nothing, whatever the
+        # target's 'progress' claims (the target's stall bound, mirrored).
+        self.write_stall: float | None = None
         # When the peer's last whole message arrived.
         self.last_message_at = time.monotonic()
         self.reader = cast(IO[bytes], io.BufferedReader(_DeadlineSocketIO(self), buffer_size=256 * 1024))
