@@ -272,6 +272,71 @@ mh_ocb_encrypt_pages (
 }
 
 /**
+  Seal (Decrypt == 0) or open Count pages with the paths Allow permits
+  (OVMF_MH_OCB_ALLOW_* bits), one call per page as the helper makes them:
+  for benchmarks of one path against another. Opening checks the tags in
+  Tags.
+
+  @return The path bits of the key (mh_ocb_init_paths) when every page
+          succeeded, 0 otherwise.
+**/
+MH_EXPORT int
+mh_ocb_pages_paths (
+  CONST UINT8  *KeyBytes,
+  UINTN        KeySize,
+  UINT32       Allow,
+  int          Decrypt,
+  CONST UINT8  *Nonces,
+  CONST UINT8  *Ads,
+  UINTN        AdSize,
+  CONST UINT8  *In,
+  UINTN        PageSize,
+  UINTN        Count,
+  UINT8        *Out,
+  UINT8        *Tags
+  )
+{
+  OVMF_MH_OCB_KEY  Key;
+  int              Result;
+  UINTN            Index;
+  BOOLEAN          Ok;
+
+  Result = mh_ocb_init_paths (&Key, KeyBytes, KeySize, Allow);
+  for (Index = 0; (Result != 0) && (Index < Count); Index++) {
+    if (Decrypt) {
+      Ok = MigrationHelperOcbDecrypt (
+             &Key,
+             Nonces + OVMF_MH_OCB_NONCE_SIZE * Index,
+             Ads + AdSize * Index,
+             AdSize,
+             In + PageSize * Index,
+             PageSize,
+             Tags + OVMF_MH_OCB_TAG_SIZE * Index,
+             Out + PageSize * Index
+             );
+    } else {
+      Ok = MigrationHelperOcbEncrypt (
+             &Key,
+             Nonces + OVMF_MH_OCB_NONCE_SIZE * Index,
+             Ads + AdSize * Index,
+             AdSize,
+             In + PageSize * Index,
+             PageSize,
+             Out + PageSize * Index,
+             Tags + OVMF_MH_OCB_TAG_SIZE * Index
+             );
+    }
+
+    if (!Ok) {
+      Result = 0;
+    }
+  }
+
+  MigrationHelperOcbWipe (&Key);
+  return Result;
+}
+
+/**
   Decrypt Count pages laid out as mh_ocb_encrypt_pages writes them.
 
   @return The number of pages whose tag verified.
