@@ -68,6 +68,7 @@ from host_shim.migration.migration_vm import (
     wait_for_serial,
 )
 from host_shim.progress import Progress
+from host_shim.transfer import commit_proof
 from host_shim.transfer.holes import hole_pages
 from host_shim.transfer.pipeline import Exporter, PageNumbers
 from host_shim.vm import guest, process
@@ -378,6 +379,8 @@ class _TargetListener:
     def __init__(self, channel: mp.Channel) -> None:
         self.channel = channel
         self.verdict: mp.Message | None = None
+        #: The target's ``proof`` (its commit proof), which comes before its verdict.
+        self.proof: mp.Message | None = None
         self.error: BaseException | None = None
         # Set by the source before its stream's end (DONE) goes: a verdict
         # before it is out of order (a target cannot have verified a stream
@@ -392,12 +395,15 @@ class _TargetListener:
     def _run(self) -> None:
         try:
             while True:
-                message = self.channel.receive("progress", "verdict")
-                if message.type == "verdict" and not self.stream_ending.is_set():
+                message = self.channel.receive(*(("progress", "verdict") if self.proof else
+                                                   ("progress", "proof", "verdict")))
+                if message.type in ("proof", "verdict") and not self.stream_ending.is_set():
                     raise mp.ProtocolError(
-                        f"the peer {self.channel.peer} sent 'verdict' during {self.channel.phase}, before the "
-                        "stream's end was sent: out of order, refused", peer=self.channel.peer,
+                        f"the peer {self.channel.peer} sent {message.type!r} during {self.channel.phase}, before "
+                        "the stream's end was sent: out of order, refused", peer=self.channel.peer,
                         phase=self.channel.phase)
+                if message.type == "proof":
+                    self.proof = message
                 if message.type == "verdict":
                     self.verdict = message
                     return
@@ -681,6 +687,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         if not verdict["ok"]:
             raise MigrationError(f"the {channel.peer} did not verify the stream: {verdict['reason']}")
         marks["target_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
+        _verify_target_commit(exporter, listener, channel, config.helpers)
+        marks["commit_proof_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
         # The target waits for the commit; until then it hears progress
         # every second, so a source busy hashing or moving the device state
         # is not taken for a silent one.
@@ -794,6 +802,21 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         # Their logs stay in the work folder; a failure names them.
         report.logs = logs_under(work)
     return report
+
+
+def _verify_target_commit(exporter: Exporter, listener: _TargetListener, channel: mp.Channel, shards: int) -> None:
+    """Before anything is committed: the target's commit proof, accepted by
+    every source helper (docs/stream-format.md, "Commit proof"). A verdict,
+    ``resumed`` or ``running`` is a plain message anyone on the path can
+    write; only helpers holding the transport key that committed every shard
+    of this stream can write the proof. Without it the source guest resumes
+    here, with or without the RAM comparison."""
+    if listener.proof is None:
+        raise commit_proof.CommitProofError(
+            f"the {channel.peer} sent its verdict without a commit proof: nothing shows that its helpers "
+            "imported and committed this stream; not committing")
+    blob = commit_proof.decode(listener.proof["commit_proof"], listener.proof["receipts"], shards, channel.peer)
+    exporter.verify_commit(blob, channel.peer)
 
 
 class _KeepAlive:
