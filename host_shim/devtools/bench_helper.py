@@ -11,6 +11,9 @@ median and 99th percentile, with the wake-ups it took, and the median round
 trip of a QMP command that does nothing (query-status), which a wake-up
 (inject-nmi) costs on top of the spinning baseline.
 
+Section ``crypto`` (issue 21): export and import MB/s of one helper with and
+without the vector page-crypto path (host_shim/devtools/bench_helper_crypto.py).
+
 Sections are entries of SECTIONS (a function from a BenchContext to a JSON
 dict) and FORMATTERS (that dict to text lines); a new measure of helper
 speed is one more pair, run with ``--section NAME``.
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from helper import abi
+from host_shim.devtools.bench_helper_crypto import format_crypto, section_crypto
 from host_shim.helpers.helper_vm import HelperSpec, HelperVM, IdlePolicy
 
 #: Seconds between two commands of the latency run: twice the helper's spin
@@ -42,6 +46,8 @@ class BenchContext:
     idle_seconds: float = 5.0
     samples: int = 100
     gap: float = DEFAULT_GAP
+    crypto_guest_mib: int = 64
+    crypto_rounds: int = 3
 
 
 def cpu_seconds(pid: int) -> float:
@@ -123,9 +129,11 @@ def format_idle(result: dict[str, Any]) -> list[str]:
 #: Sections of the bench, in the order they run by default.
 SECTIONS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "idle": section_idle,
+    "crypto": section_crypto,
 }
 FORMATTERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "idle": format_idle,
+    "crypto": format_crypto,
 }
 
 

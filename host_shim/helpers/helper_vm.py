@@ -77,6 +77,7 @@ class HelperSpec:
     guest_ram: Path | None = None
     key: bytes | None = None  # transport key, injected as the launch secret
     request_override: bytes | None = None  # raw blob, for tests of bad requests
+    request_flags: int = 0  # OVMF_MH_REQUEST_* flags, e.g. NO_VECTOR_CRYPTO
     idle_policy: IdlePolicy | None = None  # None: the firmware's default (spin, then halt)
 
     @property
@@ -110,6 +111,7 @@ class HelperSpec:
             work_area_base=self.work_area_base,
             work_area_size=self.work_area_size,
             window=window_ranges(self.own_ram_size, window, self.own_ram_size + window) if window else (),
+            flags=self.request_flags,
         )
 
 
