@@ -1,0 +1,106 @@
+"""The Debian guest: its image recipe, its disk, its device model, and a boot
+from the disk through the project's OVMF (normal mode, no -kernel)."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from host_shim.errors import SetupError
+from host_shim.firmware.boot import REMOVABLE_MEDIA_PATH, BootMode, boot_image
+from host_shim.vm import guest, guest_image
+from host_shim.vm.devices import DeviceModel, NicBackend
+
+
+def test_mirror_entries_come_from_the_machines_deb822_entry(tmp_path: Path) -> None:
+    sources = tmp_path / "debian.sources"
+    sources.write_text(
+        "Types: deb\nURIs: http://mirror.invalid/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n"
+        "Types: deb-src\nURIs: http://src.invalid/debian\nSuites: bookworm\nComponents: main\n\n"
+        "Types: deb\nURIs: http://mirror.invalid/other\nSuites: trixie\nComponents: main contrib\n"
+    )
+    assert guest_image.mirror_entries((sources,)) == [
+        "deb http://mirror.invalid/debian bookworm main",
+        "deb http://mirror.invalid/debian bookworm-updates main",
+    ]
+
+
+def test_mirror_entries_read_the_one_line_format_and_refuse_none(tmp_path: Path) -> None:
+    one_line = tmp_path / "sources.list"
+    one_line.write_text("# comment\ndeb-src http://x.invalid/debian bookworm main\n"
+                        "deb http://x.invalid/debian bookworm main contrib\n")
+    assert guest_image.mirror_entries((tmp_path / "absent.sources", one_line)) == [
+        "deb http://x.invalid/debian bookworm main contrib"]
+    one_line.write_text("deb http://x.invalid/debian trixie main\n")
+    with pytest.raises(SetupError, match="no Debian 'bookworm' entry"):
+        guest_image.mirror_entries((one_line,))
+
+
+def test_recipe_key_follows_the_recipe_not_the_prose(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = guest_image.recipe_key()
+    assert guest_image.image_path().name == f"debian-{key}.raw"
+    monkeypatch.setattr(guest_image, "PACKAGES", (*guest_image.PACKAGES, "socat"))
+    assert guest_image.recipe_key() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(guest_image, "ROOT_FILES", {**guest_image.ROOT_FILES, "etc/motd": "hi\n"})
+    assert guest_image.recipe_key() != key
+    monkeypatch.undo()
+    assert guest_image.recipe_key() == key
+
+
+def test_device_model_boots_from_the_disk_with_virtio_devices() -> None:
+    argv = DeviceModel(vcpus=2, disk=Path("/srv/vm/disk.qcow2"), nic=NicBackend("user")).qemu_args()
+    text = shlex.join(argv)
+    assert argv[:2] == ["-smp", "2"]
+    assert "if=none,id=disk0,file=/srv/vm/disk.qcow2,format=qcow2" in text
+    assert "virtio-blk-pci,drive=disk0,bootindex=1" in text
+    assert "virtio-net-pci,mac=52:54:00:12:34:56,netdev=net0" in text
+    assert "-netdev user,id=net0" in text
+    assert "virtio-rng-pci,rng=rng0" in text
+    # A NIC with no host side has no netdev; a tap names this host's own device.
+    assert "-netdev" not in DeviceModel(disk=Path("/d")).qemu_args()
+    assert "tap,id=net0,ifname=omh-tap0" in " ".join(NicBackend("tap", "omh-tap0").qemu_args("net0"))
+
+
+@pytest.fixture(scope="module")
+def debian_image() -> Path:
+    """The cached Debian image (built here the first time: minutes, needs the mirror)."""
+    return guest_image.build_image()
+
+
+def _partitions(disk: Path) -> str:
+    return subprocess.run(["sgdisk", "--print", str(disk)], capture_output=True, text=True, check=True).stdout
+
+
+def test_image_has_a_gpt_esp_with_the_boot_loader_and_a_root_by_partuuid(debian_image: Path) -> None:
+    table = _partitions(debian_image)
+    assert "EF00" in table and "8304" in table, table
+    info = subprocess.run(["sgdisk", "--info=2", str(debian_image)], capture_output=True, text=True,
+                          check=True).stdout
+    assert guest_image.root_partuuid().upper() in info.upper()
+    esp = f"{debian_image}@@{guest_image.FIRST_LBA * 512}"
+    listing = subprocess.run(["mdir", "-i", esp, "-b", "::/EFI/BOOT"], capture_output=True, text=True,
+                             check=True).stdout
+    assert "BOOTX64.EFI" in listing.upper()
+    entry = subprocess.run(["mtype", "-i", esp, "::/loader/entries/ovmf-mh-debian.conf"], capture_output=True,
+                           text=True, check=True).stdout
+    assert f"root=PARTUUID={guest_image.root_partuuid()}" in entry and "console=ttyS0" in entry
+
+
+@pytest.mark.qemu
+def test_debian_guest_boots_from_its_disk_to_multi_user(firmware: Path, work_dir: Path,
+                                                       debian_image: Path) -> None:
+    outcome = boot_image(firmware, BootMode.NORMAL, work_dir, timeout=600, guest_kind="debian")
+    assert outcome.ok, "\n".join(outcome.describe())
+    cmdline = outcome.logs.cmdline.read_text()
+    assert "-kernel" not in cmdline and "-initrd" not in cmdline, "the firmware boots the disk itself"
+    assert "-smp 2" in cmdline and "virtio-blk-pci" in cmdline and "virtio-net-pci" in cmdline
+    assert "memory-backend-file" in cmdline and "share=on" in cmdline
+    debugcon = outcome.logs.debugcon.read_text()
+    assert any("[Bds] Expand" in line and REMOVABLE_MEDIA_PATH in line for line in debugcon.splitlines())
+    serial = outcome.logs.serial.read_text(errors="replace")
+    assert "Debian GNU/Linux 12" in serial
+    assert guest.HEARTBEAT in serial and guest.CORRUPTION not in serial
