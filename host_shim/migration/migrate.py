@@ -45,12 +45,14 @@ import numpy as np
 from host_shim.errors import OvmfMhError
 from host_shim.helpers.keys import read_key
 from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
+from host_shim.migration import debian_guest
 from host_shim.migration import migration_protocol as mp
 from host_shim.migration.attach import SourceGuest, attach, restore
 from host_shim.migration.dirty_log import DirtyLog, DirtyLogUnavailable, unavailable_reason
 from host_shim.migration.guest_description import (
     ACCELERATORS,
     CPUS,
+    DEBIAN_GUEST,
     GUEST_KINDS,
     MACHINES,
     GuestDescription,
@@ -238,6 +240,11 @@ class MigrationConfig:
     after_switchover: Callable[[QemuVM], None] | None = None
     # Seconds a helper may take to answer one command (docs/mailbox.md).
     mailbox_timeout: float = DEFAULT_TIMEOUT
+    # 'test' (the test guest) or 'debian' (host_shim/migration/debian_guest.py):
+    # its vCPUs and its disk on shared storage (None: a fresh overlay in the work folder).
+    guest: str = "test"
+    vcpus: int = 2
+    disk: Path | None = None
     # Pages in holes of the source RAM file (never written) go as zero
     # ranges that the source helpers check (EXPORT_ZERO_RANGES, ABI 2.1).
     zero_ranges: bool = True
@@ -468,6 +475,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         image=config.image, work_dir=config.work_dir, key=key, helper=config.helper, helpers=config.helpers,
         ram_dir=config.ram_dir, idle_timeout=config.idle_timeout, heartbeat_timeout=config.heartbeat_timeout,
         mailbox_timeout=config.mailbox_timeout, keep_running=False, after_resume=hook,
+        disk=_shared_disk(config),
     )
     server = listen(("127.0.0.1", 0))
     results: list[TargetReport] = []
@@ -512,7 +520,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
     watch: _Watch | None = None
     try:
         if not source_guest.attached:
-            _wait_for(source, guest.HEARTBEAT, 120)
+            _wait_for(source, guest.HEARTBEAT, _boot_timeout(source_guest))
         prepare_start = time.monotonic()
         channel = _connect(config, address)
         stack.callback(channel.close)
@@ -811,10 +819,15 @@ def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> Sour
     (--qmp, --ram), or the test guest, booted here on a fresh RAM file."""
     if config.attach_qmp is not None and config.attach_ram is not None:
         vm = AttachedQemu(config.attach_qmp, work / "source", "source")
-        found = attach(vm, config.attach_ram, config.image, config.helpers)
+        found = attach(vm, config.attach_ram, config.image, config.helpers, config.disk)
         stack.callback(vm.close)
         stack.callback(restore, found)  # before the connection closes
         return found
+    if config.guest == "debian":
+        disk = _shared_disk(config)
+        assert disk is not None
+        return debian_guest.source_guest(config.image, stack, work, config.ram_dir, config.guest_mib, config.vcpus,
+                                         disk, config.helpers, new_overlay=config.disk is None)
     size = config.guest_mib * MIB
     ram = ram_file(stack, work, config.ram_dir, "source", size)
     booted = stack.enter_context(QemuVM(guest_config(config.image, ram, size, incoming=False,
@@ -825,6 +838,19 @@ def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> Sour
         memory_mib=config.guest_mib, workload_mib=config.workload_mib, shards=config.helpers,
         firmware_sha256=firmware_digest(config.image))
     return SourceGuest(booted, ram, size, description)
+
+
+def _shared_disk(config: MigrationConfig) -> Path | None:
+    """The Debian guest's disk both roles open (one machine: the same path)."""
+    if config.attach_qmp is not None:
+        return config.disk
+    if config.guest != "debian":
+        return None
+    return (config.disk or config.work_dir / "disk.qcow2").absolute()
+
+
+def _boot_timeout(source: SourceGuest) -> float:
+    return debian_guest.BOOT_TIMEOUT if source.description.guest == DEBIAN_GUEST else 120.0
 
 
 def _leave_source(source: SourceGuest, quit_source: bool) -> str:

@@ -1,0 +1,88 @@
+"""The Debian guest in both migration roles: the source boots it from its
+disk and describes its devices; the target rebuilds the same devices from
+the checked description, on its own path to the shared disk and its own NIC
+host side (docs/migration.md, "Migrate a real VM").
+
+Only the guest's RAM goes through the helpers: QEMU's own migration (with
+x-ignore-shared) carries the state of the virtio devices, and the disk stays
+where it is, on storage both hosts see. The source QEMU flushes and releases
+the disk when it stops for the switchover; the target's QEMU opens it on
+``migrate-incoming`` and takes it over on ``cont``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from contextlib import ExitStack
+from pathlib import Path
+
+from host_shim.migration.attach import SourceGuest
+from host_shim.migration.guest_description import (
+    ACCELERATORS,
+    CPUS,
+    DEBIAN_GUEST,
+    MACHINES,
+    MAX_VCPUS,
+    DescriptionError,
+    GuestDescription,
+    describe_devices,
+    device_model,
+    firmware_digest,
+)
+from host_shim.migration.migration_vm import MIB, MigrationError, ram_file
+from host_shim.vm import debian_vm, guest_image
+from host_shim.vm.devices import DeviceModel, NicBackend
+from host_shim.vm.qemu import QemuConfig, QemuVM
+
+#: Seconds the source gives the Debian guest to boot to its first heartbeat
+#: (about 40 s on an idle machine under TCG, minutes on a loaded one).
+BOOT_TIMEOUT = 600.0
+
+
+def disk_info(disk: Path) -> tuple[str, int]:
+    """(format, virtual size) of a disk image, as qemu-img sees it."""
+    if not disk.is_file():
+        raise MigrationError(f"the guest's disk {disk} is not a file")
+    result = subprocess.run(["qemu-img", "info", "--output=json", "--force-share", str(disk)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise MigrationError(f"qemu-img info {disk} failed: {result.stderr.strip()}")
+    info = json.loads(result.stdout)
+    return str(info["format"]), int(info["virtual-size"])
+
+
+def source_guest(image: Path, stack: ExitStack, work: Path, ram_dir: Path | None, guest_mib: int, vcpus: int,
+                 disk: Path, helpers: int, *, new_overlay: bool) -> SourceGuest:
+    """Boot the Debian guest from its disk (with ``new_overlay``, a fresh
+    overlay made there over the cached image) and describe it."""
+    if not 1 <= vcpus <= MAX_VCPUS:
+        raise MigrationError(f"--vcpus {vcpus}: the Debian guest runs with 1..{MAX_VCPUS} vCPUs")
+    if new_overlay:
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        guest_image.overlay(disk)
+    disk = disk.absolute()
+    disk_format, disk_size = disk_info(disk)
+    model = DeviceModel(vcpus=vcpus, disk=disk, disk_format=disk_format)
+    size = guest_mib * MIB
+    ram = ram_file(stack, work, ram_dir, "source", size)
+    vm = stack.enter_context(QemuVM(debian_vm.config(image, ram, size, model), work / "source", "source"))
+    description = GuestDescription(
+        guest=DEBIAN_GUEST, machine=MACHINES[0], accel=ACCELERATORS[0], cpu=CPUS[0], memory_mib=guest_mib,
+        workload_mib=guest_image.WORKLOAD_MIB, shards=helpers, firmware_sha256=firmware_digest(image),
+        vcpus=vcpus, devices=describe_devices(model, disk_size))
+    return SourceGuest(vm, ram, size, description)
+
+
+def target_config(image: Path, ram: Path, size: int, description: GuestDescription, disk: Path | None,
+                  nic: NicBackend) -> QemuConfig:
+    """The target QEMU for a checked Debian description: this host's own
+    disk path, checked against the described format and size."""
+    model = device_model(description, disk, nic)
+    described = description.device("virtio-blk-pci")
+    if model.disk is not None and described is not None:
+        found = disk_info(model.disk)
+        if found != (described["format"], described["size"]):
+            raise DescriptionError("devices", f"the source's disk is {described['format']}, {described['size']} "
+                                   f"bytes; this target's --disk {model.disk} is {found[0]}, {found[1]} bytes")
+    return debian_vm.config(image, ram, size, model, incoming=True)
