@@ -3,6 +3,7 @@ from the disk through the project's OVMF (normal mode, no -kernel)."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -11,8 +12,11 @@ import pytest
 
 from host_shim.errors import SetupError
 from host_shim.firmware.boot import REMOVABLE_MEDIA_PATH, BootMode, boot_image
+from host_shim.migration.migrate import MigrationConfig, migrate
+from host_shim.migration.migration_vm import wait_for_serial
 from host_shim.vm import guest, guest_image
-from host_shim.vm.devices import DeviceModel, NicBackend
+from host_shim.vm.devices import DeviceModel, NicBackend, parse_nic
+from host_shim.vm.qemu import QemuVM
 
 
 def test_mirror_entries_come_from_the_machines_deb822_entry(tmp_path: Path) -> None:
@@ -65,6 +69,14 @@ def test_device_model_boots_from_the_disk_with_virtio_devices() -> None:
     assert "tap,id=net0,ifname=omh-tap0" in " ".join(NicBackend("tap", "omh-tap0").qemu_args("net0"))
 
 
+def test_the_nic_host_side_is_none_user_or_a_named_tap() -> None:
+    assert parse_nic("none") == NicBackend("none") and parse_nic("user") == NicBackend("user")
+    assert parse_nic("tap:omh-tap0") == NicBackend("tap", "omh-tap0")
+    for bad in ("tap:", "tap:a,script=/bin/sh", "tap:" + "x" * 16, "bridge:br0", "socket"):
+        with pytest.raises(SetupError, match="one of none, user, tap:NAME"):
+            parse_nic(bad)
+
+
 @pytest.fixture(scope="module")
 def debian_image() -> Path:
     """The cached Debian image (built here the first time: minutes, needs the mirror)."""
@@ -104,3 +116,37 @@ def test_debian_guest_boots_from_its_disk_to_multi_user(firmware: Path, work_dir
     serial = outcome.logs.serial.read_text(errors="replace")
     assert "Debian GNU/Linux 12" in serial
     assert guest.HEARTBEAT in serial and guest.CORRUPTION not in serial
+
+
+def _probe_digests(serial: str, what: str) -> list[str]:
+    return re.findall(rf"{re.escape(what)} sha256=([0-9a-f]{{64}})", serial)
+
+
+@pytest.mark.qemu
+@pytest.mark.firmware
+def test_the_debian_guest_migrates_with_its_devices_and_its_disk_reads_back_the_same(
+        firmware: Path, work_dir: Path, debian_image: Path) -> None:
+    """Both roles in one call: the Debian guest booted from its disk with 2
+    vCPUs and virtio disk, NIC and RNG migrates through the helpers; the
+    target's RAM equals the source's at switchover, its workload beats on,
+    and the file the guest wrote and fsynced at boot reads back from the
+    disk (O_DIRECT, past the guest's page cache) with the same digest on the
+    target."""
+    seen: dict[str, str] = {}
+
+    def after_resume(target: QemuVM) -> None:
+        seen["check"] = wait_for_serial(target, guest_image.DISK_CHECK, 120)
+
+    report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False, guest="debian",
+                                     guest_mib=512, vcpus=2, after_switchover=after_resume))
+    assert report.outcome == "ok", "\n".join(report.describe())
+    assert report.ram_identical is True and report.guest_state == "running on target"
+    assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
+    assert report.target is not None and report.target["guest"]["vcpus"] == 2
+    assert [d["type"] for d in report.target["guest"]["devices"]] == ["virtio-blk-pci", "virtio-net-pci",
+                                                                      "virtio-rng-pci"]
+    target_cmdline = (work_dir / "target" / "qemu-cmdline.txt").read_text()
+    assert "-kernel" not in target_cmdline and f"file={work_dir / 'disk.qcow2'}" in target_cmdline
+    wrote = _probe_digests((work_dir / "source" / "serial.log").read_text(errors="replace"), guest_image.DISK_WROTE)
+    assert len(wrote) == 1, "the guest wrote its probe file once, at boot on the source"
+    assert _probe_digests(seen["check"], guest_image.DISK_CHECK) == wrote

@@ -62,6 +62,9 @@ ECHO_PORT = 7
 WORKLOAD_MIB = 64
 MULTI_USER_MARKER = "OVMF-MH-DEBIAN: multi-user.target reached"
 SERIAL = "/dev/ttyS0"
+DISK_PROBE_FILE = "/var/lib/ovmf-mh/probe"
+DISK_WROTE = "OVMF-MH-DISK wrote"
+DISK_CHECK = "OVMF-MH-DISK check"
 
 _KERNEL_OPTIONS = "rw console=ttyS0 panic=-1 fsck.mode=skip"
 _NAMESPACE = uuid.UUID("6b0f3c2e-0d0e-4f55-9a51-6f766d662d6d")
@@ -89,6 +92,26 @@ ROOT_FILES: dict[str, str] = {
         "ovmf-mh: say on the serial console that multi-user.target is reached",
         "After=multi-user.target\n\n[Service]\nType=oneshot\nExecStart=/usr/local/bin/ovmf-mh-ready\n",
     ),
+    "usr/local/bin/ovmf-mh-disk-probe": (
+        "#!/bin/sh\n"
+        "# Writes a file once and fsyncs it; then reads it back from the disk\n"
+        "# (O_DIRECT, past the guest's page cache) every 2 s and prints its digest.\n"
+        f"f={DISK_PROBE_FILE}\nmkdir -p \"${{f%/*}}\"\n"
+        "if [ ! -s \"$f\" ]; then\n"
+        "  dd if=/dev/urandom of=\"$f\" bs=1M count=1 iflag=fullblock conv=fsync 2>/dev/null && sync \"${f%/*}\"\n"
+        "  s=$(sha256sum < \"$f\")\n"
+        f"  echo \"{DISK_WROTE} sha256=${{s%% *}}\" > {SERIAL}\n"
+        "fi\n"
+        "while :; do\n"
+        "  s=$(dd if=\"$f\" iflag=direct bs=1M 2>/dev/null | sha256sum)\n"
+        f"  echo \"{DISK_CHECK} sha256=${{s%% *}}\" > {SERIAL}\n"
+        "  sleep 2\n"
+        "done\n"
+    ),
+    "etc/systemd/system/ovmf-mh-disk-probe.service": _unit(
+        "ovmf-mh disk probe: a file written and fsynced once, read back from the disk every 2 s",
+        "After=multi-user.target\n\n[Service]\nExecStart=/usr/local/bin/ovmf-mh-disk-probe\n",
+    ),
     "etc/systemd/system/ovmf-mh-echo.socket": _unit(
         "ovmf-mh TCP echo service",
         f"\n[Socket]\nListenStream={ECHO_PORT}\nAccept=yes\n",
@@ -105,7 +128,8 @@ ROOT_FILES: dict[str, str] = {
     "etc/systemd/journald.conf.d/ovmf-mh.conf": "[Journal]\nStorage=volatile\n",
 }
 UNITS_ENABLED = {
-    "multi-user.target.wants": ("ovmf-mh-workload.service", "ovmf-mh-ready.service"),
+    "multi-user.target.wants": ("ovmf-mh-workload.service", "ovmf-mh-ready.service",
+                                "ovmf-mh-disk-probe.service"),
     "sockets.target.wants": ("ovmf-mh-echo.socket",),
 }
 #: systemd's own units to enable by link (as 'systemctl enable' would).
