@@ -69,10 +69,9 @@ class DeviceModel:
         """-smp and -device arguments (pure). The disk is the boot device:
         the firmware's BDS finds it and starts the boot loader at the
         removable-media path. The disk goes through the host's page cache
-        (cache=writeback), not O_DIRECT: a direct read lands in guest RAM by
-        DMA into pinned pages, which the kernel's dirty log of the RAM file
-        misses when it is reset while the read is in flight (seen: the RAM
-        check at switchover found 34 of 256 parts differing with cache=none)."""
+        (cache=writeback): what QEMU reads from it into guest RAM is then an
+        ordinary write through the RAM file's mapping, which the dirty log of
+        the RAM file sees (O_DIRECT would fill pinned pages instead)."""
         argv = ["-smp", str(self.vcpus)]
         if self.disk is not None:
             argv += ["-drive", f"if=none,id=disk0,file={self.disk},format={self.disk_format},cache=writeback",
