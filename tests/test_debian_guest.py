@@ -116,6 +116,7 @@ def test_debian_guest_boots_from_its_disk_to_multi_user(firmware: Path, work_dir
     serial = outcome.logs.serial.read_text(errors="replace")
     assert "Debian GNU/Linux 12" in serial
     assert guest.HEARTBEAT in serial and guest.CORRUPTION not in serial
+    assert any("bytes echoed back unchanged" in detail for detail in outcome.details), outcome.details
 
 
 def _probe_digests(serial: str, what: str) -> list[str]:

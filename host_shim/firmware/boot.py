@@ -11,6 +11,8 @@ helper: with a valid request; the helper must publish READY, must not reach
 from __future__ import annotations
 
 import enum
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,20 +122,51 @@ BDS_EXPAND_MARKER = "[Bds] Expand"
 REMOVABLE_MEDIA_PATH = "\\EFI\\BOOT\\BOOTX64.EFI"
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _echo(port: int, timeout: float) -> str | None:
+    """Send bytes to the guest's echo service through QEMU's user network;
+    what came back, or None if nothing did within ``timeout``."""
+    payload = os.urandom(4096)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(payload)
+                received = b""
+                while len(received) < len(payload):
+                    chunk = conn.recv(len(payload) - len(received))
+                    if not chunk:
+                        break
+                    received += chunk
+        except OSError:
+            received = b""
+        if received == payload:
+            return f"{len(payload)} bytes echoed back unchanged"
+        time.sleep(1)
+    return None
+
+
 def _boot_debian(image: Path, work_dir: Path, timeout: float) -> BootOutcome:
     disk = guest_image.overlay(work_dir / "disk.qcow2")
     ram = work_dir / "guest.ram"
     with ram.open("wb") as f:
         f.truncate(debian_vm.DEFAULT_MIB * 1024 * 1024)
-    devices = DeviceModel(vcpus=2, disk=disk, nic=NicBackend("user"))
+    port = _free_port()
+    devices = DeviceModel(vcpus=2, disk=disk, nic=NicBackend("user", forward=(port, guest_image.ECHO_PORT)))
     config = debian_vm.config(image, ram, debian_vm.DEFAULT_MIB * 1024 * 1024, devices)
     details: list[str] = []
     try:
         with QemuVM(config, work_dir, "debian") as vm:
             seconds = vm.wait_for_log(vm.logs.serial, guest_image.MULTI_USER_MARKER, timeout)
-            beat = None
+            beat = echoed = None
             if seconds is not None:
                 beat = vm.wait_for_log(vm.logs.serial, guest.HEARTBEAT, 30)
+                echoed = _echo(port, 60)
             debugcon = vm.debugcon_text()
             serial = vm.serial_text()
     finally:
@@ -150,7 +183,9 @@ def _boot_debian(image: Path, work_dir: Path, timeout: float) -> BootOutcome:
     else:
         details += ready[:1]
         details.append("workload heartbeat seen" if beat is not None else "no workload heartbeat within 30 s")
-    ok = seconds is not None and beat is not None and bool(bds) and DIVERSION_MARKER not in debugcon
+        details.append(f"TCP echo service (guest port {guest_image.ECHO_PORT}): {echoed or 'no answer within 60 s'}")
+    ok = seconds is not None and beat is not None and bool(bds) and DIVERSION_MARKER not in debugcon \
+        and echoed is not None
     reached = "Debian multi-user.target" if seconds is not None else "no multi-user.target"
     return BootOutcome(BootMode.NORMAL, ok, reached, seconds, vm.logs, details)
 

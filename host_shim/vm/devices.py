@@ -30,9 +30,14 @@ class NicBackend:
 
     kind: str = "none"
     tap: str | None = None
+    #: With the user network: this host's loopback port forwarded to the guest's echo port.
+    forward: tuple[int, int] | None = None
 
     def qemu_args(self, netdev_id: str) -> list[str]:
         if self.kind == "user":
+            if self.forward is not None:
+                host_port, guest_port = self.forward
+                return ["-netdev", f"user,id={netdev_id},hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"]
             return ["-netdev", f"user,id={netdev_id}"]
         if self.kind == "tap":
             if self.tap is None:
