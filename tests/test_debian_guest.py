@@ -3,6 +3,7 @@ from the disk through the project's OVMF (normal mode, no -kernel)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -16,6 +17,7 @@ from host_shim.migration.migrate import MigrationConfig, migrate
 from host_shim.migration.migration_vm import wait_for_serial
 from host_shim.vm import guest, guest_image
 from host_shim.vm.devices import DeviceModel, NicBackend, parse_nic
+from host_shim.vm.netns import L2Network
 from host_shim.vm.qemu import QemuVM
 
 
@@ -127,12 +129,16 @@ def _probe_digests(serial: str, what: str) -> list[str]:
 @pytest.mark.firmware
 def test_the_debian_guest_migrates_with_its_devices_and_its_disk_reads_back_the_same(
         firmware: Path, work_dir: Path, debian_image: Path) -> None:
-    """Both roles in one call: the Debian guest booted from its disk with 2
-    vCPUs and virtio disk, NIC and RNG migrates through the helpers; the
+    """Both roles in one call, over the L2 network of namespaces: the Debian
+    guest booted from its disk with 2 vCPUs and virtio disk, NIC (on a tap in
+    each host's namespace) and RNG migrates through the helpers; the
     target's RAM equals the source's at switchover, its workload beats on,
-    and the file the guest wrote and fsynced at boot reads back from the
-    disk (O_DIRECT, past the guest's page cache) with the same digest on the
-    target."""
+    a TCP connection from the client namespace streams through the whole
+    migration with every byte echoed in order and no reset, and the file
+    the guest wrote and fsynced at boot reads back from the disk (O_DIRECT,
+    past the guest's page cache) with the same digest on the target."""
+    if os.geteuid() != 0:
+        pytest.skip("the L2 network of namespaces needs root")
     seen: dict[str, str] = {}
 
     def after_resume(target: QemuVM) -> None:
@@ -142,9 +148,10 @@ def test_the_debian_guest_migrates_with_its_devices_and_its_disk_reads_back_the_
     # outlasts the kernel flusher's expiry and the dirty log is reset under
     # it (docs/migration.md, "Shared storage").
     ram_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
-    report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False, guest="debian",
-                                     guest_mib=512, vcpus=2, after_switchover=after_resume,
-                                     switchover="full-check", ram_dir=ram_dir))
+    with L2Network() as network:
+        report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False,
+                                         guest="debian", guest_mib=512, vcpus=2, after_switchover=after_resume,
+                                         switchover="full-check", ram_dir=ram_dir, network=network))
     assert report.outcome == "ok", "\n".join(report.describe())
     assert report.ram_identical is True and report.guest_state == "running on target"
     assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
@@ -153,6 +160,10 @@ def test_the_debian_guest_migrates_with_its_devices_and_its_disk_reads_back_the_
                                                                       "virtio-rng-pci"]
     target_cmdline = (work_dir / "target" / "qemu-cmdline.txt").read_text()
     assert "-kernel" not in target_cmdline and f"file={work_dir / 'disk.qcow2'}" in target_cmdline
+    assert target_cmdline.startswith("nsenter --net=") and "ifname=omh-tap0" in target_cmdline
+    probe = report.tcp_probe
+    assert probe is not None and probe["bytes_sent"] > 0 and probe["bytes_echoed"] == probe["bytes_sent"], probe
+    assert probe["in_order"] is True and probe["connection_reset"] is False, probe
     wrote = _probe_digests((work_dir / "source" / "serial.log").read_text(errors="replace"), guest_image.DISK_WROTE)
     assert len(wrote) == 1, "the guest wrote its probe file once, at boot on the source"
     assert _probe_digests(seen["check"], guest_image.DISK_CHECK) == wrote

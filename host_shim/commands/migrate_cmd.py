@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from host_shim.commands.options import add_mailbox_timeout
@@ -15,6 +16,7 @@ from host_shim.migration.migration_protocol import parse_address
 from host_shim.migration.migration_vm import MigrationError
 from host_shim.vm import process
 from host_shim.vm.debian_vm import DEFAULT_MIB, GUEST_KINDS
+from host_shim.vm.netns import L2Network
 from host_shim.vm.qemu import describe_logs
 
 
@@ -83,6 +85,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="with --guest debian: the guest's disk on storage both hosts see (default: a fresh "
                         "qcow2 overlay WORK_DIR/disk.qcow2 over the cached image); with --qmp: the attached "
                         "guest's disk, checked against what QEMU says (the target opens this path)")
+    parser.add_argument("--network", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --guest debian: put the source host, the target host and a client in network "
+                        "namespaces on one L2 segment, the guest's NIC on a tap in each host's, and stream a TCP "
+                        "connection from the client to the guest's echo service through the migration (the report's "
+                        "tcp_probe); needs root (default on; --no-network: a NIC with no host side)")
     parser.add_argument("--max-passes", type=int, default=6, help="pre-copy passes at most (default 6)")
     parser.add_argument("--converge-pages", type=int, default=2048,
                         help="stop pre-copy when a pass sent at most this many pages (default 2048)")
@@ -168,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
         disk=args.disk.absolute() if args.disk else None,
     )
     try:
-        report = migrate(config)
+        with L2Network() if args.guest == "debian" and args.network else nullcontext() as network:
+            config.network = network
+            report = migrate(config)
     except Exception:
         # Refused before it started, or a failure not foreseen: whatever
         # QEMU ran keeps its logs. (A signal, KeyboardInterrupt, keeps

@@ -13,9 +13,12 @@ the disk when it stops for the switchover; the target's QEMU opens it on
 from __future__ import annotations
 
 import json
+import select
 import subprocess
-from contextlib import ExitStack
+import sys
+from contextlib import ExitStack, suppress
 from pathlib import Path
+from typing import Any
 
 from host_shim.migration.attach import SourceGuest
 from host_shim.migration.guest_description import (
@@ -31,8 +34,10 @@ from host_shim.migration.guest_description import (
     firmware_digest,
 )
 from host_shim.migration.migration_vm import MIB, MigrationError, ram_file
-from host_shim.vm import debian_vm, guest_image
+from host_shim.vm import debian_vm, guest_image, process
+from host_shim.vm.attached import QemuHandle
 from host_shim.vm.devices import DeviceModel, NicBackend
+from host_shim.vm.netns import TAP, L2Network
 from host_shim.vm.qemu import QemuConfig, QemuVM
 
 #: Seconds the source gives the Debian guest to boot to its first heartbeat
@@ -53,7 +58,7 @@ def disk_info(disk: Path) -> tuple[str, int]:
 
 
 def source_guest(image: Path, stack: ExitStack, work: Path, ram_dir: Path | None, guest_mib: int, vcpus: int,
-                 disk: Path, helpers: int, *, new_overlay: bool) -> SourceGuest:
+                 disk: Path, helpers: int, *, new_overlay: bool, network: L2Network | None = None) -> SourceGuest:
     """Boot the Debian guest from its disk (with ``new_overlay``, a fresh
     overlay made there over the cached image) and describe it."""
     if not 1 <= vcpus <= MAX_VCPUS:
@@ -63,10 +68,13 @@ def source_guest(image: Path, stack: ExitStack, work: Path, ram_dir: Path | None
         guest_image.overlay(disk)
     disk = disk.absolute()
     disk_format, disk_size = disk_info(disk)
-    model = DeviceModel(vcpus=vcpus, disk=disk, disk_format=disk_format)
+    nic = NicBackend("tap", TAP) if network is not None else NicBackend()
+    model = DeviceModel(vcpus=vcpus, disk=disk, disk_format=disk_format, nic=nic)
     size = guest_mib * MIB
     ram = ram_file(stack, work, ram_dir, "source", size)
-    vm = stack.enter_context(QemuVM(debian_vm.config(image, ram, size, model), work / "source", "source"))
+    wrapper = network.enter("source") if network is not None else []
+    vm = stack.enter_context(QemuVM(debian_vm.config(image, ram, size, model, wrapper=wrapper), work / "source",
+                                    "source"))
     description = GuestDescription(
         guest=DEBIAN_GUEST, machine=MACHINES[0], accel=ACCELERATORS[0], cpu=CPUS[0], memory_mib=guest_mib,
         workload_mib=guest_image.WORKLOAD_MIB, shards=helpers, firmware_sha256=firmware_digest(image),
@@ -75,7 +83,7 @@ def source_guest(image: Path, stack: ExitStack, work: Path, ram_dir: Path | None
 
 
 def target_config(image: Path, ram: Path, size: int, description: GuestDescription, disk: Path | None,
-                  nic: NicBackend) -> QemuConfig:
+                  nic: NicBackend, wrapper: list[str]) -> QemuConfig:
     """The target QEMU for a checked Debian description: this host's own
     disk path, checked against the described format and size."""
     model = device_model(description, disk, nic)
@@ -85,4 +93,64 @@ def target_config(image: Path, ram: Path, size: int, description: GuestDescripti
         if found != (described["format"], described["size"]):
             raise DescriptionError("devices", f"the source's disk is {described['format']}, {described['size']} "
                                    f"bytes; this target's --disk {model.disk} is {found[0]}, {found[1]} bytes")
-    return debian_vm.config(image, ram, size, model, incoming=True)
+    return debian_vm.config(image, ram, size, model, incoming=True, wrapper=wrapper)
+
+
+def announce(target: QemuHandle, description: GuestDescription) -> None:
+    """After 'cont': the guest's NIC announces its MAC from its new port
+    (QEMU's self-announcement, as libvirt's migration does), so the switch
+    sends the client's packets to the target host."""
+    if description.device("virtio-net-pci") is not None:
+        target.qmp("announce-self", initial=50, max=550, rounds=5, step=100)
+
+
+class ProbeClient:
+    """The TCP probe (host_shim/vm/tcp_probe.py) in the client's namespace,
+    streaming to the guest's echo service from before the migration until
+    the guest runs on the target."""
+
+    def __init__(self, network: L2Network, timeout: float = 180.0) -> None:
+        address = guest_image.GUEST_ADDRESS.split("/")[0]
+        self.proc = process.spawn(
+            [*network.enter("client"), sys.executable, "-m", "host_shim.vm.tcp_probe", address,
+             str(guest_image.ECHO_PORT), "--connect-timeout", str(timeout)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        line = self._line(timeout + 10)
+        if line.strip() != "connected":
+            self.close()
+            raise MigrationError(f"the TCP probe could not reach the guest's echo service at {address}:"
+                                 f"{guest_image.ECHO_PORT} from the client namespace: {line.strip() or 'no answer'}")
+
+    def _line(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline().decode(errors="replace") if ready else ""
+
+    def finish(self) -> dict[str, Any]:
+        """Stop streaming, wait for the echo's rest, return the probe's result."""
+        assert self.proc.stdin is not None
+        with suppress(OSError):
+            self.proc.stdin.write(b"stop\n")
+            self.proc.stdin.close()
+        line = self._line(60)
+        self.close()
+        try:
+            result: dict[str, Any] = json.loads(line)
+        except ValueError:
+            raise MigrationError(f"the TCP probe gave no result: {line.strip()!r}") from None
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            with suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+        process.kill_if_running(self.proc, "the TCP probe")
+
+
+def start_probe(network: L2Network | None, stack: ExitStack) -> ProbeClient | None:
+    if network is None:
+        return None
+    probe = ProbeClient(network)
+    stack.callback(probe.close)
+    return probe

@@ -74,6 +74,8 @@ from host_shim.transfer.holes import hole_pages
 from host_shim.transfer.pipeline import Exporter, PageNumbers
 from host_shim.vm import guest, process
 from host_shim.vm.attached import AttachedQemu, QemuHandle
+from host_shim.vm.devices import NicBackend
+from host_shim.vm.netns import TAP, L2Network
 from host_shim.vm.qemu import QemuVM, describe_logs, logs_under
 
 log = logging.getLogger(__name__)
@@ -139,6 +141,8 @@ class MigrationReport:
     passes: list[PassReport] = field(default_factory=list)
     ram_identical: bool | None = None
     target_heartbeat: str | None = None
+    # The TCP probe's result (the Debian guest with --network): bytes sent and echoed, reset, longest gap.
+    tcp_probe: dict[str, Any] | None = None
     source_heartbeat_after_failure: str | None = None
     guest_state: str = "unknown"
     # What became of the source QEMU: stopped by this command (the demo's),
@@ -195,6 +199,8 @@ class MigrationReport:
             lines.append(f"  target RAM file identical to source at switchover: {self.ram_identical}")
         if self.target_heartbeat:
             lines.append(f"  target heartbeat: {self.target_heartbeat}")
+        if self.tcp_probe:
+            lines.append(f"  TCP probe: {self.tcp_probe}")
         if self.source_heartbeat_after_failure:
             lines.append(f"  source heartbeat after the failure: {self.source_heartbeat_after_failure}")
         if self.source_qemu:
@@ -245,6 +251,9 @@ class MigrationConfig:
     guest: str = "test"
     vcpus: int = 2
     disk: Path | None = None
+    # The Debian guest's L2 network (source, target and client namespaces):
+    # its NIC on a tap in each host's namespace, a TCP probe from the client.
+    network: L2Network | None = None
     # Pages in holes of the source RAM file (never written) go as zero
     # ranges that the source helpers check (EXPORT_ZERO_RANGES, ABI 2.1).
     zero_ranges: bool = True
@@ -476,6 +485,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         ram_dir=config.ram_dir, idle_timeout=config.idle_timeout, heartbeat_timeout=config.heartbeat_timeout,
         mailbox_timeout=config.mailbox_timeout, keep_running=False, after_resume=hook,
         disk=_shared_disk(config),
+        nic=NicBackend("tap", TAP) if config.network else NicBackend(),
+        wrapper=config.network.enter("target") if config.network else [],
     )
     server = listen(("127.0.0.1", 0))
     results: list[TargetReport] = []
@@ -521,6 +532,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
     try:
         if not source_guest.attached:
             _wait_for(source, guest.HEARTBEAT, _boot_timeout(source_guest))
+        probe = debian_guest.start_probe(config.network, stack)
         prepare_start = time.monotonic()
         channel = _connect(config, address)
         stack.callback(channel.close)
@@ -701,6 +713,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         # The target waits for the guest's first heartbeat before it says so.
         running = channel.receive("running", timeout=channel.idle_timeout + PREPARE_TIMEOUT)
         report.target_heartbeat = running["heartbeat"]
+        if probe is not None:
+            report.tcp_probe = probe.finish()
         report.outcome = "ok"
         report.source_qemu = _leave_source(source_guest, config.quit_source)
     except (OvmfMhError, OSError) as exc:
@@ -827,7 +841,8 @@ def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> Sour
         disk = _shared_disk(config)
         assert disk is not None
         return debian_guest.source_guest(config.image, stack, work, config.ram_dir, config.guest_mib, config.vcpus,
-                                         disk, config.helpers, new_overlay=config.disk is None)
+                                         disk, config.helpers, new_overlay=config.disk is None,
+                                         network=config.network)
     size = config.guest_mib * MIB
     ram = ram_file(stack, work, config.ram_dir, "source", size)
     booted = stack.enter_context(QemuVM(guest_config(config.image, ram, size, incoming=False,

@@ -76,6 +76,8 @@ class TargetConfig:
     # (never a path from the source), and the host side of its NIC.
     disk: Path | None = None
     nic: NicBackend = field(default_factory=NicBackend)
+    # Programs the target QEMU starts through (nsenter into this host's namespace).
+    wrapper: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -212,7 +214,8 @@ def _handshake(channel: mp.Channel, config: TargetConfig, report: TargetReport) 
 
 def _target_qemu(config: TargetConfig, description: GuestDescription, ram: Path, size: int) -> QemuConfig:
     if description.guest == DEBIAN_GUEST:
-        return debian_guest.target_config(config.image, ram, size, description, config.disk, config.nic)
+        return debian_guest.target_config(config.image, ram, size, description, config.disk, config.nic,
+                                          config.wrapper)
     return guest_config(config.image, ram, size, incoming=True, workload_mib=description.workload_mib)
 
 
@@ -324,6 +327,7 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     report.guest_state = "resumed here (cont sent)"
     target.qmp("cont")
     report.guest_state = "running here"
+    debian_guest.announce(target, description)
     # From here on this is the only copy of the guest that may run: the
     # source sent commit and never resumes its own. A source that is gone
     # now (it gave up waiting for 'resumed', or the link broke) costs the

@@ -13,7 +13,8 @@ GUEST_KINDS = ("test", "debian")
 DEFAULT_MIB = 512
 
 
-def config(image: Path, ram: Path, size: int, devices: DeviceModel, *, incoming: bool = False) -> QemuConfig:
+def config(image: Path, ram: Path, size: int, devices: DeviceModel, *, incoming: bool = False,
+           wrapper: list[str] | None = None) -> QemuConfig:
     """Source and target differ in their RAM file and -incoming only."""
     from host_shim.firmware.boot import vars_for
 
@@ -25,4 +26,5 @@ def config(image: Path, ram: Path, size: int, devices: DeviceModel, *, incoming:
         memory=[MemoryBackend("ram", ram, size)],
         incoming="defer" if incoming else None,
         extra_args=devices.qemu_args() + (["-S"] if incoming else []),
+        wrapper=list(wrapper or []),
     )
