@@ -273,6 +273,9 @@ class ReferenceHelper:
         #: IMPORT_BATCH's private copy of its input, allocated at first use and reused.
         self._import_buffer: memoryview | None = None
         self.shutdown_requested = False
+        #: OVMF_MH_CAP_* of how the helper is run, like the firmware's
+        #: platform capabilities: HALT_WAKE when a process serves it (helper.serve).
+        self.platform_capabilities = 0
         self._handlers: dict[int, Callable[[tuple[int, ...]], tuple[int, ...]]] = {
             CMD["NOP"]: self._nop,
             CMD["QUERY"]: self._query,
@@ -308,7 +311,7 @@ class ReferenceHelper:
             caps |= _A.const(f"OVMF_MH_CAP_{name}")
         if self.key_loaded:
             caps |= _A.const("OVMF_MH_CAP_KEY_LOADED")
-        return caps
+        return caps | self.platform_capabilities
 
     def dispatch(self, command: int, args: Sequence[int]) -> Outcome:
         """Serve one command: (status, six results). Never raises for any

@@ -14,6 +14,12 @@ calls hold it).
 The guest RAM file is mapped writable only with --target; a source maps it
 copy-on-write, so nothing the helper does can reach the file.
 
+Idle and wake (HALT_WAKE, docs/mailbox.md): after SPIN_SECONDS without a
+command the process sets the idle word, looks at CommandSeq once more and
+then blocks in sigtimedwait() on SIGUSR1, which it keeps blocked: a wake-up
+the host sends between the idle word and the wait stays pending, so it is
+never lost, the POSIX form of the firmware's NMI and HLT window.
+
 Exit codes: 0 after SHUTDOWN, 2 for bad arguments, 3 when the host process
 went away without SHUTDOWN (the helper does not outlive its host).
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import mmap
 import os
+import signal
 import struct
 import sys
 import time
@@ -41,11 +48,13 @@ if _OFF["Command"] != _OFF["CommandSeq"] + 4 or _OFF["Status"] != _OFF["Response
     raise ImportError("helper.serve expects Command after CommandSeq and Status after ResponseSeq")
 #: Build id the reference helper publishes: "ovmf-mh-ref-py" padded, never a firmware build id.
 REFERENCE_BUILD_ID = b"ovmf-mh-ref-py\0\0"
-#: Seconds of busy polling after a response before the helper starts to nap:
-#: a host that keeps the helper busy posts its next batch within this time.
-SPIN_SECONDS = 0.0005
-#: Longest nap while idle; bounds the latency of a command posted to an idle helper.
-MAX_NAP_SECONDS = 0.001
+#: Seconds of busy polling after a response before the helper blocks: a host
+#: that keeps the helper busy posts its next batch within this time.
+SPIN_SECONDS = 0.003
+#: The host's wake-up (Mailbox.wake): blocked, and taken only by sigtimedwait.
+WAKE_SIGNAL = signal.SIGUSR1
+#: Seconds one wait for the wake-up lasts before the helper checks that its host lives.
+HOST_CHECK_SECONDS = 1.0
 
 
 class MailboxServer:
@@ -61,6 +70,7 @@ class MailboxServer:
         self._words = self._view[:header_size].cast("I")
         secret = self._memory[secret_base : secret_base + _A.const("OVMF_MH_PAGE_SIZE")]
         self.helper = ReferenceHelper(window, self._view[header_size:], secret)
+        self.helper.platform_capabilities = _A.const("OVMF_MH_CAP_HALT_WAKE")
         secret.release()
         self._served = 0
         self._failed = 0
@@ -121,8 +131,21 @@ class MailboxServer:
         self._store_u32("ResponseSeq", seq)
         return seq
 
+    def wait_for_wake(self, last: int) -> bool:
+        """Publish the idle word, look at CommandSeq once more, then wait for
+        the host's wake-up (at most HOST_CHECK_SECONDS). WAKE_SIGNAL must be
+        blocked in this thread. False when the wait timed out."""
+        self._store_u32("Idle", _A.const("OVMF_MH_IDLE_HALTING"))
+        try:
+            if self._words[_OFF["CommandSeq"] // 4] != last:
+                return True
+            return signal.sigtimedwait({WAKE_SIGNAL}, HOST_CHECK_SECONDS) is not None
+        finally:
+            self._store_u32("Idle", _A.const("OVMF_MH_IDLE_BUSY"))
+
     def run(self, host_alive: Callable[[], bool] = lambda: True) -> int:
-        """The serve loop: spin briefly after each response, then nap."""
+        """The serve loop: spin briefly after each response, then block until
+        the host wakes the helper. WAKE_SIGNAL must be blocked in this thread."""
         last = self._ready_seq
         idle_since = time.perf_counter()
         while True:
@@ -133,11 +156,10 @@ class MailboxServer:
                     return 0
                 idle_since = time.perf_counter()
                 continue
-            idle = time.perf_counter() - idle_since
-            if idle > SPIN_SECONDS:
-                if not host_alive():
+            if time.perf_counter() - idle_since > SPIN_SECONDS:
+                if not self.wait_for_wake(last) and not host_alive():
                     return 3
-                time.sleep(min(MAX_NAP_SECONDS, idle / 50))
+                idle_since = time.perf_counter()
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -161,6 +183,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     options = _parse(sys.argv[1:] if argv is None else argv)
     parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {WAKE_SIGNAL})
     with options.memory.open("r+b") as own, options.guest_ram.open("r+b" if options.target else "rb") as guest:
         memory = mmap.mmap(own.fileno(), 0)
         access = mmap.ACCESS_WRITE if options.target else mmap.ACCESS_COPY

@@ -94,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        notes = "".join(f"; {note}" for note in getattr(exc, "__notes__", []))
         print(f"ovmf-mh {args.command}: interrupted: stopped by {signal.Signals(signum).name}; every helper "
-              "and QEMU it started is stopped and its temporary files are removed", file=sys.stderr)
+              f"and QEMU it started is stopped and its temporary files are removed{notes}", file=sys.stderr)
         return 128 + signum
 
 

@@ -242,6 +242,12 @@ def test_a_running_guest_migrates_between_two_programs_and_its_workload_goes_on(
     serial = work_dir / "target" / "target" / "serial.log"
     assert _beats_on(serial, 2), "the guest stopped beating on the target"
     assert guest.CORRUPTION not in serial.read_text(errors="replace")
+    # The source is gone: the target, serving the guest, holds no dead
+    # control connection (CLOSE-WAIT) meanwhile.
+    deadline = time.monotonic() + 5
+    while _close_wait_sockets(target.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _close_wait_sockets(target.proc.pid) == 0, "migrate-incoming keeps its dead control connection"
     target.proc.send_signal(signal.SIGTERM)
     assert target.proc.wait(timeout=60) == 0, target.stderr()
     assert target.report()["guest_state"] == "ran here until stopped on request"
@@ -251,6 +257,24 @@ def test_a_running_guest_migrates_between_two_programs_and_its_workload_goes_on(
     assert json.loads(stop.stdout)["stopped"] == "quit over QMP"
     assert _wait_gone(_qemu_pids(work_dir), 10) == []
     assert list(ram_dir.iterdir()) == []
+
+
+def _close_wait_sockets(pid: int) -> int:
+    """TCP sockets of process ``pid`` in CLOSE-WAIT (the peer closed, the
+    process did not): /proc/PID/fd against /proc/net/tcp{,6}, state 08."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with suppress(OSError):
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:["):-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "08" and fields[9] in inodes:
+                count += 1
+    return count
 
 
 def _hold_pre_copy(work: Path, source: Program) -> list[int]:
@@ -602,3 +626,112 @@ def test_guest_stop_leaves_a_process_that_reuses_the_recorded_pid_alone(work_dir
     finally:
         other.kill()
         other.wait(timeout=10)
+
+
+#: The guardian's bound (host_shim/vm/reaper.py, RESUME_BOUND) plus one
+#: heartbeat period of the workload (1 s) and a second of slack for a loaded
+#: machine: the user's guest beats again within this of the program's end.
+RESUMED_BEATING = 2.0 + 1.0 + 1.0
+
+
+def _hold_switchover(work: Path, source: Program) -> list[int]:
+    """The source stopped the user's guest for the switchover: stop
+    (SIGSTOP) the target helper VMs at once, so that the final pass and the
+    end records wait for them and nothing can commit, however fast the
+    machine; the target program goes on saying 'progress'. The caller
+    continues them (SIGCONT)."""
+    _wait_for_source_stop(work, source)
+    helpers = [int(p.read_text()) for p in sorted((work / "target" / "target-helpers").glob("helper-*/qemu.pid"))]
+    for pid in helpers:
+        os.kill(pid, signal.SIGSTOP)
+    assert '"x-ignore-shared", "state": true' not in (work / "source" / "source" / "qmp.log").read_text(), \
+        "the switchover was past the verdict before the target helpers were stopped"
+    return helpers
+
+
+def _first_new_beat(serial: Path, since: float, timeout: float) -> float:
+    """Seconds from ``since`` until the serial log shows a heartbeat it did not show then."""
+    beats = len(_heartbeats(serial))
+    while len(_heartbeats(serial)) <= beats:
+        assert time.monotonic() - since < timeout, f"no new heartbeat within {timeout} s"
+        time.sleep(0.02)
+    return time.monotonic() - since
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_the_source_program_ended_in_the_switchover_leaves_the_user_guest_running(
+        work_dir: Path, key: Path, detached_guest: dict[str, Any], programs: list[Program], ram_dir: Path,
+        signum: int) -> None:
+    """SIGTERM: the program resumes the guest it paused and says so; SIGKILL:
+    its reaper does, once the program's QMP connection is gone. Either way
+    the user's guest beats again within RESUMED_BEATING, its status is
+    'running', its capabilities as found, and the target never resumes."""
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, detached_guest)
+    helpers = _hold_switchover(work_dir, source)
+    serial = Path(detached_guest["logs"]["serial"])
+    try:
+        os.kill(source.proc.pid, signum)
+        ended = time.monotonic()
+        beating = _first_new_beat(serial, ended, 30)
+        code = source.proc.wait(timeout=30)
+    finally:
+        for pid in helpers:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    print(f"source {signal.Signals(signum).name} in the switchover: the user's guest beat again after "
+          f"{beating:.2f} s; exit {code}")
+    assert beating < RESUMED_BEATING, f"the guest beat again only {beating:.2f} s after the program's end"
+    assert code == -signum if signum == signal.SIGKILL else code == 128 + signum, source.stderr()
+    if signum == signal.SIGTERM:
+        assert "stopped by SIGTERM" in source.stderr() and "was resumed and runs" in source.stderr(), \
+            source.stderr()
+    assert _alive(detached_guest["pid"])
+    assert _beats_on(serial, 2), "the guest stopped beating on the source"
+    with AttachedQemu(Path(detached_guest["qmp"]), work_dir / "check", "check") as vm:
+        assert vm.qmp("query-status")["status"] == "running"
+        capabilities = {c["capability"]: c["state"] for c in vm.qmp("query-migrate-capabilities")}
+    assert capabilities["x-ignore-shared"] is False
+    # The target never resumed: it sees its source gone and ends.
+    assert target.proc.wait(timeout=60) == 1, target.stderr()
+    assert '"cont"' not in (work_dir / "target" / "target" / "qmp.log").read_text()
+    assert target.report()["guest_state"] == "never resumed here"
+
+
+def test_a_source_killed_after_its_commit_leaves_the_user_guest_paused_for_the_target(
+        work_dir: Path, key: Path, detached_guest: dict[str, Any], programs: list[Program], ram_dir: Path) -> None:
+    """The target program is stopped (SIGSTOP) as the device state moves, so
+    that the source's 'commit' waits unread; the source, committed, is
+    killed (SIGKILL). Its reaper must not resume the guest: the target, once
+    continued, reads the commit and runs it. One copy runs, on the target."""
+    target, port = _target(programs, work_dir, key, ram_dir)
+    source = _source(programs, work_dir, key, port, detached_guest)
+    qmp_log = work_dir / "source" / "source" / "qmp.log"
+    deadline = time.monotonic() + 600
+    while '"execute": "migrate", ' not in qmp_log.read_text(errors="replace"):
+        assert source.proc.poll() is None and time.monotonic() < deadline, source.stderr()[-3000:]
+        time.sleep(0.005)
+    os.kill(target.proc.pid, signal.SIGSTOP)
+    try:
+        while '"status": "completed"' not in qmp_log.read_text(errors="replace"):
+            assert source.proc.poll() is None and time.monotonic() < deadline, source.stderr()[-3000:]
+            time.sleep(0.005)
+        time.sleep(1.0)  # the source marks itself committed and writes 'commit' at once
+        os.kill(source.proc.pid, signal.SIGKILL)
+        source.proc.wait(timeout=30)
+        # Past the guardian's bound: the guest stays paused after the migration.
+        time.sleep(5.0)
+        assert _status(Path(detached_guest["qmp"]), work_dir / "check") == "postmigrate"
+    finally:
+        os.kill(target.proc.pid, signal.SIGCONT)
+    serial = work_dir / "target" / "target" / "serial.log"
+    deadline = time.monotonic() + 120
+    while "the guest runs here" not in target.stderr() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _beats_on(serial, 2), "the guest does not run on the target"
+    assert _status(Path(detached_guest["qmp"]), work_dir / "check") == "postmigrate"
+    target.proc.send_signal(signal.SIGTERM)
+    assert target.proc.wait(timeout=60) == 0, target.stderr()
+    report = target.report()
+    assert report["outcome"] == "ok" and report["source_lost"], report
+

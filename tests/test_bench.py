@@ -6,6 +6,8 @@ unnoticed and its ratios from drifting from what the report says they are."""
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -196,3 +198,51 @@ def test_bench_migrate_runs_a_small_guest_and_draws_it(firmware: Path, work_dir:
     picture = work_dir / "bench.png"
     plot_bench(results, picture)
     _decoded(picture)
+
+
+def test_bench_migrate_background_load_runs_beside_both_migrations_and_stops(tmp_path: Path) -> None:
+    """--background-load N: N busy processes run during the plain run and
+    during the ovmf-mh run (each sees them alive and using CPU), and none is
+    left afterwards."""
+    from host_shim.devtools.bench_helper import cpu_seconds
+    from host_shim.devtools.bench_migrate import bench_migrate, format_table
+
+    seen: list[list[int]] = []
+
+    def burners() -> list[int]:
+        ours = [int(p) for p in os.popen(f"pgrep -P {os.getpid()}").read().split()]
+        return [pid for pid in ours if "while True" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+
+    def busy() -> None:
+        pids = burners()
+        time.sleep(0.5)
+        assert all(cpu_seconds(pid) > 0.05 for pid in pids), "a burner did not burn"
+        seen.append(pids)
+
+    def plain(*args: Any) -> dict[str, Any]:
+        busy()
+        return _fake_plain(*args)
+
+    def ours(config: Any) -> Any:
+        busy()
+        return _fake_report(config)
+
+    results = bench_migrate(tmp_path / "unused.fd", tmp_path, sizes=[256], run_migrate=ours, run_plain=plain,
+                            background_load=2)
+    assert [len(pids) for pids in seen] == [2, 2] and set(seen[0]).isdisjoint(seen[1])
+    assert burners() == []
+    assert results["background_load"] == 2 and "background load 2 busy" in format_table(results)[0]
+
+
+def test_bench_helper_report_has_a_row_per_helper_kind() -> None:
+    from host_shim.devtools.bench_helper import FORMATTERS, SECTIONS, format_helper_report
+
+    row = {"halt_wake": True, "idle_cpu_percent": 0.4, "idle_seconds": 5.0, "wake_latency_ms_median": 0.8,
+           "wake_latency_ms_p99": 2.5, "samples": 100, "gap_ms": 20.0, "wakes_sent": 100, "halts": 100,
+           "window_wakes": 0}
+    result = {"halting": row, "spinning": dict(row, idle_cpu_percent=97.0, wakes_sent=0, halts=0),
+              "load_average": 0.5}
+    assert set(SECTIONS) == set(FORMATTERS)
+    lines = format_helper_report({"sections": {"idle": result}})
+    assert lines[3] == "| halts when idle (ABI 4.1) | 0.4 % | 0.80 ms | 2.50 ms | 100 | 100 | 100 |"
+    assert lines[4].startswith("| spins (NEVER_HALT baseline) | 97.0 % |")

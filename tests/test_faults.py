@@ -29,7 +29,7 @@ import pytest
 
 from helper import abi
 from host_shim.errors import MailboxError
-from host_shim.helpers.helper_vm import HelperSpec, HelperVM
+from host_shim.helpers.helper_vm import HelperSpec, HelperVM, IdlePolicy
 from host_shim.vm.reaper import process_state, start_time
 
 MIB = 1024 * 1024
@@ -378,9 +378,13 @@ def test_command_killed_mid_transfer_leaves_nothing(
             assert "stopped by SIGTERM" in victim.stderr
             assert seconds < TERM_BOUND
         for peer in commands[1:]:
+            # Its peer's death is the victim's exit: the survivor ends
+            # within DEATH_BOUND of it (waited for longer, so that a slow
+            # end is reported with its time).
             peer_code, peer_seconds = peer.wait_exit(DEATH_BOUND + 5)
             assert peer_code == 1, peer.stderr
             assert "closed the connection" in peer.stderr
+            assert peer_seconds < DEATH_BOUND, f"{peer.name} ended {peer_seconds:.2f} s after its peer's death"
             record(f"{command} killed by {signal.Signals(signum).name}: its peer {peer.name}",
                    seconds + peer_seconds, peer_code, peer.stderr, 0)
         gone = assert_clean(sandbox, started, KILL_BOUND)
@@ -640,10 +644,14 @@ def test_firmware_helper_wipes_its_keys_on_a_cpu_exception(firmware: Path, work_
     the helper's RAM holds its private copy of the key (so the search can
     fail); after FAULT is published it holds the key nowhere, FAULT names
     vector 13 and that RIP, and the next command fails at once saying the
-    helper took a CPU exception."""
+    helper took a CPU exception. The helper polls instead of halting (the
+    idle policy, a fw_cfg file, not a build switch)."""
     key = os.urandom(32)
     gdb = Path(tempfile.mkdtemp(prefix="omh-gdb-", dir="/tmp")) / "gdb.sock"
-    helper = HelperVM(HelperSpec(firmware, key=key), work_dir / "helper", "helper-0")
+    # An idle helper halts (ABI 4.1), and a halted vCPU runs nothing until an
+    # interrupt: with the idle policy NEVER_HALT it polls, and the new RIP runs.
+    helper = HelperVM(HelperSpec(firmware, key=key, idle_policy=IdlePolicy(never_halt=True)), work_dir / "helper",
+                      "helper-0")
     helper.vm.config.extra_args.extend(["-gdb", f"unix:{gdb},server=on,wait=off"])
     try:
         with helper, socket.socket(socket.AF_UNIX) as sock:

@@ -9,6 +9,7 @@ import re
 import socket
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -358,3 +359,257 @@ def test_the_ram_digest_reads_only_written_memory_and_agrees_across_hole_layouts
     changed = [i for i, (a, b) in enumerate(zip(ram_digest(files[0], size), ram_digest(files[1], size),
                                                  strict=True)) if a != b]
     assert changed == [DIGEST_PARTS // 2]
+
+
+# --- bounded waits and messages out of order (hostile peers, no QEMU) ----------------------
+
+
+def _trickle(sock: socket.socket, data: bytes, every: float, stop: threading.Event) -> threading.Thread:
+    """Send ``data`` one byte every ``every`` seconds until done or stopped."""
+    def run() -> None:
+        for byte in data:
+            if stop.wait(every):
+                return
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_message_that_trickles_in_ends_within_the_idle_timeout() -> None:
+    """One byte every 0.2 s keeps no read waiting past 0.2 s, but the whole
+    message must arrive within the idle timeout (1 s): a peer that trickles
+    is gone as a silent one is."""
+    channel, peer = _pair(idle=1.0)
+    stop = threading.Event()
+    with peer:
+        _trickle(peer, mp.encode("hello", protocol=mp.PROTOCOL, versions=[4]), 0.2, stop)
+        started = time.monotonic()
+        with pytest.raises(mp.PeerGone, match=r"sent no whole control message within 1 s"):
+            channel.receive("hello")
+        elapsed = time.monotonic() - started
+        stop.set()
+    channel.close()
+    assert 0.9 < elapsed < 1.0 + 1.0, elapsed
+
+
+def test_a_message_that_comes_whole_in_time_is_read_however_it_is_cut() -> None:
+    channel, peer = _pair(idle=3.0)
+    stop = threading.Event()
+    with peer:
+        data = mp.encode("progress", stream_bytes=7)
+        _trickle(peer, data, 0.01, stop).join()
+        assert channel.receive("progress")["stream_bytes"] == 7
+    channel.close()
+
+
+def test_the_target_ends_a_handshake_that_trickles_within_its_bound(tmp_path: Path) -> None:
+    """A source sending its hello one byte a second held migrate-incoming in
+    the handshake for as long as it liked: now the hello must arrive whole
+    within --idle-timeout (5 s here), and the target ends, starting nothing."""
+    stop = threading.Event()
+
+    def talk(channel: mp.Channel, digest: str) -> float:
+        started = time.monotonic()
+        _trickle(channel.sock, mp.encode("hello", protocol=mp.PROTOCOL, versions=[4]) * 10, 1.0, stop)
+        # Until the target hangs up (its error message, then its close), at
+        # most 30 s: the old target waited as long as the bytes came.
+        channel.sock.settimeout(30)
+        with suppress(OSError):
+            while channel.sock.recv(100):
+                pass
+        stop.set()
+        return time.monotonic() - started
+
+    report, elapsed = _run_target_against(tmp_path, talk)
+    assert report.outcome == "failed" and report.phase == "the handshake", report
+    assert report.error is not None and "sent no whole control message within 5 s" in report.error, report.error
+    assert elapsed < 5 + 2, f"the target took {elapsed:.1f} s to end a trickling handshake"
+    assert report.guest_state == "not started"
+
+
+def test_a_verdict_in_the_middle_of_the_stream_is_refused_by_name() -> None:
+    """A fake target that answers 'verdict' while the source still sends
+    pass 1 was believed: the source went on to move its device state to the
+    fake's port. The source's listener refuses it, naming it and the phase."""
+    from host_shim.migration.migrate import _TargetListener
+
+    channel, peer = _pair()
+    channel.phase = "pre-copy pass 1"
+    with peer:
+        peer.sendall(mp.encode("progress", stream_bytes=10))
+        peer.sendall(mp.encode("verdict", ok=True, reason="", private_pages=1, shared_pages=0,
+                               ram_digest=["00"] * 256, digest_ms=1))
+        listener = _TargetListener(channel)
+        listener.join(5)
+    assert listener.verdict is None
+    assert isinstance(listener.error, mp.ProtocolError)
+    assert "sent 'verdict' during pre-copy pass 1, before the stream's end was sent: out of order, refused" \
+        in str(listener.error)
+    channel.close()
+
+
+def test_a_verdict_after_the_stream_ends_is_taken() -> None:
+    from host_shim.migration.migrate import _TargetListener
+
+    channel, peer = _pair()
+    with peer:
+        listener = _TargetListener(channel)
+        listener.stream_ending.set()
+        peer.sendall(mp.encode("verdict", ok=True, reason="", private_pages=1, shared_pages=0,
+                               ram_digest=["00"] * 256, digest_ms=1))
+        listener.join(5)
+    assert listener.error is None and listener.verdict is not None
+    channel.close()
+
+
+@pytest.mark.parametrize("kind", ["resumed", "running", "welcome", "verdict"])
+def test_a_message_before_the_commit_is_refused_by_name(kind: str) -> None:
+    """Before the commit the target has nothing to say: what it says is
+    named (the error ended in an empty 'expected ""')."""
+    from host_shim.migration.migrate import _check_peer_quiet
+
+    fields: dict[str, dict[str, Any]] = {
+        "resumed": {}, "running": {"heartbeat": "HB"}, "welcome": {"protocol": mp.PROTOCOL, "version": 4},
+        "verdict": {"ok": True, "reason": "", "private_pages": 1, "shared_pages": 0, "ram_digest": [],
+                    "digest_ms": 1}}
+    channel, peer = _pair()
+    channel.phase = "the device-state move"
+    with peer:
+        peer.sendall(mp.encode(kind, **fields[kind]))
+        time.sleep(0.1)
+        with pytest.raises(mp.ProtocolError) as caught:
+            _check_peer_quiet(channel)
+    assert str(caught.value).endswith(f"sent {kind!r} during the device-state move, where it may send nothing: "
+                                      "out of order, refused"), str(caught.value)
+    channel.close()
+
+
+def _tcp_pair(idle: float = 5.0) -> tuple[mp.Channel, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        theirs = socket.create_connection(server.getsockname()[:2])
+        ours, _ = server.accept()
+    return mp.Channel(ours, "source test", idle), theirs
+
+
+def test_a_failed_import_after_the_source_left_blames_the_source() -> None:
+    """A target stopped (SIGSTOP) and continued after its source gave it up
+    finds its own helper's mailbox timeout expired too; once in four runs it
+    blamed that. The source closed the connection (with stream data of its
+    still unread here): that is the cause named."""
+    from host_shim.errors import MailboxError
+    from host_shim.migration.migrate_target import _import_failure
+
+    channel, peer = _tcp_pair()
+    channel.phase = "pre-copy"
+    peer.sendall(b"\0" * 4096)  # unread stream
+    peer.close()
+    deadline = time.monotonic() + 5
+    while not channel.peer_departed():
+        assert time.monotonic() < deadline, "the peer's close was not seen"
+        time.sleep(0.01)
+    error = _import_failure(channel, MailboxError("helper-0: no answer to IMPORT_BATCH within 10 s"))
+    assert isinstance(error, mp.PeerGone)
+    assert str(error).startswith("the peer source test closed the connection during pre-copy"), str(error)
+    assert "no answer to IMPORT_BATCH" in str(error)
+    channel.close()
+
+
+def test_a_failed_import_with_the_source_still_there_is_the_imports() -> None:
+    from host_shim.migration.migrate_target import _import_failure
+    from host_shim.migration.migration_vm import MigrationError
+
+    channel, peer = _tcp_pair()
+    with peer:
+        error = _import_failure(channel, RuntimeError("shard 0: AUTH_FAILED"))
+        assert not channel.peer_departed()
+    assert type(error) is MigrationError and str(error) == "the import failed: shard 0: AUTH_FAILED"
+    channel.close()
+
+
+def test_the_source_gives_up_on_a_target_silent_in_the_switchover_within_its_bound() -> None:
+    """A link cut during the switchover was seen only after the idle timeout
+    (15 s), the source guest paused meanwhile. The target says 'progress'
+    every second there: SWITCHOVER_SILENCE (5 s) without a message ends it."""
+    from host_shim.migration.migrate import _await_verdict, _TargetListener, _Watch
+
+    channel, peer = _pair(idle=60.0)
+    channel.phase = "the target helpers' verification"
+    with peer:
+        listener = _TargetListener(channel)
+        listener.stream_ending.set()
+        watch = _Watch([], lambda: listener.error)
+        for _ in range(2):
+            peer.sendall(mp.encode("progress", stream_bytes=100))
+            time.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(mp.PeerGone, match=r"said nothing for 5\.\d s during the target helpers' verification"):
+            _await_verdict(listener, watch, 256 << 20)
+        elapsed = time.monotonic() - started
+        watch.close()
+    channel.close()
+    assert elapsed < mp.SWITCHOVER_SILENCE + 1.0, elapsed
+
+
+def test_the_source_gives_up_on_a_target_that_only_says_progress_after_its_bound() -> None:
+    """A target that says 'progress' every 0.2 s and never its verdict: the
+    wait ends at its bound (idle timeout + hashing the guest at HASH_RATE +
+    the backlog), not never."""
+    from host_shim.migration.migrate import _await_verdict, _TargetListener, _Watch
+
+    channel, peer = _pair(idle=1.0)
+    size = 16 << 20  # 1 s of hashing at HASH_RATE
+    stop = threading.Event()
+
+    def chatter() -> None:
+        while not stop.wait(0.2):
+            with suppress(OSError):
+                peer.sendall(mp.encode("progress", stream_bytes=0))
+
+    thread = threading.Thread(target=chatter, daemon=True)
+    with peer:
+        listener = _TargetListener(channel)
+        listener.stream_ending.set()
+        watch = _Watch([], lambda: listener.error)
+        thread.start()
+        started = time.monotonic()
+        with pytest.raises(Exception, match=r"sent no verdict within 2 s of the stream's end"):
+            _await_verdict(listener, watch, size)
+        elapsed = time.monotonic() - started
+        stop.set()
+        watch.close()
+    channel.close()
+    assert 1.9 < elapsed < 2.0 + 1.0, elapsed
+
+
+def test_after_resumed_a_silent_target_ends_the_wait_within_the_silence_bound() -> None:
+    """A link cut right after the target's 'cont': the source waited 135 s
+    and said 'lost'. The target says 'progress' every second until its
+    guest's first heartbeat; SWITCHOVER_SILENCE without it ends the wait
+    (the caller reports the guest's state as unknown)."""
+    from host_shim.migration.migrate import _await_running
+
+    channel, peer = _pair(idle=15.0)
+    channel.phase = "the target's first heartbeat"
+    with peer:
+        peer.sendall(mp.encode("progress", stream_bytes=1))
+        started = time.monotonic()
+        with pytest.raises(mp.PeerGone, match="did not answer within 5 s"):
+            _await_running(channel)
+        elapsed = time.monotonic() - started
+    channel.close()
+    assert elapsed < mp.SWITCHOVER_SILENCE + 1.0, elapsed
+
+
+def test_after_resumed_progress_then_running_is_taken() -> None:
+    from host_shim.migration.migrate import _await_running
+
+    channel, peer = _pair()
+    with peer:
+        peer.sendall(mp.encode("progress", stream_bytes=1) + mp.encode("running", heartbeat="HB seq=3"))
+        assert _await_running(channel)["heartbeat"] == "HB seq=3"
+    channel.close()

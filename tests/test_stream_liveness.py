@@ -14,6 +14,8 @@ from __future__ import annotations
 import io
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -178,3 +180,120 @@ def test_a_blocked_write_waits_for_a_busy_target_and_gives_up_on_a_stuck_one(adv
     else:
         assert failure is not None, "a target that took nothing for the idle timeout was waited for"
         assert "sent nothing and took nothing for 1 s" in str(failure) and "pre-copy pass 1" in str(failure)
+
+
+# --- liveness is progress: a receiver's bound against a sender that only pretends --------
+
+OVMF_MH = Path(sys.executable).parent / "ovmf-mh"
+#: The receiver's --idle-timeout in these tests, and the slack its end may take
+#: beyond it (stopping its helper, writing its verdict) on a loaded machine.
+IDLE = 5.0
+SLACK = 5.0
+
+
+def _pretending_sender(port: int, style: str, stop: threading.Event) -> float:
+    """A sender that sends a good file header, takes the receiver's
+    challenge, and then only pretends: an empty KEEPALIVE frame every 2 s,
+    or a frame header one byte every 2 s. Returns when the receiver hung up
+    (the time of the challenge's arrival is when the receiver's clock runs)."""
+    from host_shim.transfer.pipeline import read_challenge
+
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(ct.FileHeader(256 * PAGE, 1).encode())
+        reader = sock.makefile("rb", buffering=0)
+        read_challenge(cast(IO[bytes], reader))
+        challenged = time.monotonic()
+        keepalive = ct.FRAME_HEADER.pack(ct.KIND_KEEPALIVE, 0, 0)
+        trickle = iter(ct.FRAME_HEADER.pack(ct.KIND_RECORDS, 0, 4096))
+        sock.settimeout(2.0)
+        while not stop.is_set():
+            try:
+                if sock.recv(4096) == b"":
+                    break  # the receiver hung up (its verdict came first)
+            except TimeoutError:
+                pass
+            except OSError:
+                break
+            try:
+                sock.sendall(keepalive if style == "keepalive" else bytes([next(trickle, 0)]))
+            except OSError:
+                break
+        return challenged
+
+
+@pytest.mark.parametrize("style", ["keepalive", "trickle"])
+def test_receive_ends_a_sender_that_sends_no_progress_within_its_idle_timeout(tmp_path: Path, style: str) -> None:
+    """`receive --idle-timeout 5` was held for as long as the sender liked by
+    an empty KEEPALIVE every 2 s, or one byte every 2 s: neither is progress.
+    It now ends within the idle timeout (plus its own stopping), names the
+    sender and the bound, and keeps nothing."""
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    dst = tmp_path / "dst.ram"
+    receiver = subprocess.Popen(
+        [str(OVMF_MH), "receive", "--ram", str(dst), "--key", str(key), "--listen", "127.0.0.1:0",
+         "--helper", "host-core", "--idle-timeout", str(IDLE), "--work-dir", str(tmp_path / "recv")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stop = threading.Event()
+    try:
+        assert receiver.stderr is not None
+        line = receiver.stderr.readline()
+        port = int(line.rsplit(":", 1)[1])
+        challenged = _pretending_sender(port, style, stop)
+        code = receiver.wait(timeout=IDLE + SLACK + 60)
+        ended = time.monotonic() - challenged
+        err = receiver.stderr.read()
+    finally:
+        stop.set()
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+    print(f"receive against a {style} sender ended {ended:.2f} s after its challenge: {err.strip()[-300:]}")
+    assert code == 1, err
+    assert "made no progress for 5 s (--idle-timeout)" in err, err
+    assert ended < IDLE + SLACK, f"receive took {ended:.2f} s (bound: --idle-timeout {IDLE:g} s + {SLACK:g} s)"
+    assert not dst.exists() or dst.stat().st_size == 0
+
+
+def test_a_flood_of_frames_that_carry_no_work_does_not_hold_the_receiver() -> None:
+    """KEEPALIVE frames (or empty RECORDS frames) sent as fast as the link
+    allows never make the receiver wait, so the waiting clock alone would
+    not end them: past twice the stall bound of wall-clock time since the
+    last progress, such a frame ends the stream."""
+    from host_shim.transfer.liveness import Liveness, StreamStalled
+
+    liveness = Liveness(0.2, "sender test", "--idle-timeout")
+    started = time.monotonic()
+    with pytest.raises(StreamStalled, match="made no progress"):
+        while time.monotonic() - started < 5:
+            liveness.on_frame(ct.KIND_KEEPALIVE, 0)
+            liveness.on_frame(ct.KIND_RECORDS, 0)
+    assert 0.4 <= time.monotonic() - started < 1.0
+    # A frame that carries work restarts the clock.
+    liveness.on_frame(ct.KIND_RECORDS, 64)
+    liveness.on_frame(ct.KIND_KEEPALIVE, 0)
+
+
+def test_data_waiting_is_taken_whatever_this_side_was_busy_with() -> None:
+    """Time this side spent on its own work (or stopped, SIGSTOP) with the
+    peer's data waiting is not the peer's silence; waiting with nothing
+    there is, and ends at the bound."""
+    from host_shim.transfer.liveness import Liveness, StreamStalled
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        liveness = Liveness(0.3, "sender test", "--idle-timeout")
+        liveness.waited = 10.0  # far past the bound: as after a long stop
+        theirs.sendall(b"x")
+        liveness.wait_readable(ours)  # returns: the data is there
+        assert ours.recv(1) == b"x"
+        started = time.monotonic()
+        with pytest.raises(StreamStalled, match=r"sent nothing for 0\.3 s"):
+            liveness.wait_readable(ours)
+        assert time.monotonic() - started < 0.1  # the budget was spent already
+        liveness.progressed()
+        started = time.monotonic()
+        with pytest.raises(StreamStalled):
+            liveness.wait_readable(ours)
+        assert 0.25 < time.monotonic() - started < 1.0

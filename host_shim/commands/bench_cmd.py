@@ -15,7 +15,7 @@ from host_shim.migration.migrate import SWITCHOVER_MODES
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser(
         "bench",
-        help="side-by-side speed: page crypto, transfer pipeline, live migration",
+        help="side-by-side speed: page crypto, transfer pipeline, live migration, idle helpers",
         description=(
             "crypto: the host-built core (the firmware's C sources) against OpenSSL through "
             "pyca cryptography on the same 4 KiB pages in one run, as MB/s and ratios; then the "
@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "1 against N firmware helpers, next to a plain copy of the same RAM file. "
             "migrate: plain QEMU migration of the test guest against ovmf-mh, per guest size; ovmf-mh runs as two "
             "programs over loopback TCP (a migrate-incoming program as the target). "
+            "helper: a firmware helper's CPU use while idle and its wake latency, halting beside spinning. "
             "All numbers are measured side by side in one run; the machine's load moves them."
         ),
     )
@@ -67,10 +68,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     mig.add_argument("--ram-dir", type=Path,
                      help="RAM files of every run here for the run only, e.g. /dev/shm with --switchover "
                      "full-check (default: work folder)")
+    mig.add_argument("--background-load", type=int, default=0, metavar="N",
+                     help="run N busy processes beside every migration, plain QEMU and ovmf-mh alike (default 0)")
     mig.add_argument("--plot", type=Path, metavar="FILE.png",
                      help="draw downtime and total time against guest size, plain beside ovmf-mh")
     mig.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     mig.set_defaults(handler=run_migrate)
+
+    helper = bench_sub.add_parser("helper", help="one firmware helper: idle CPU and wake latency")
+    helper.add_argument("--section", action="append", metavar="NAME",
+                        help="run only this section (repeatable; default all: idle)")
+    helper.add_argument("--idle-seconds", type=float, default=5.0,
+                        help="seconds over which idle CPU is measured (default 5)")
+    helper.add_argument("--samples", type=int, default=100,
+                        help="empty commands timed per helper for the wake latency (default 100)")
+    helper.add_argument("--image", help="firmware image (default: the DEBUG build)")
+    helper.add_argument("--work-dir", type=Path, help="folder for logs (default: a new temp folder)")
+    helper.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
+    helper.set_defaults(handler=run_helper)
 
     zero = bench_sub.add_parser("zero-ranges",
                                 help="never-written memory: export page by page against zero ranges")
@@ -121,7 +136,8 @@ def run_migrate(args: argparse.Namespace) -> int:
     image = resolve_image(Path(args.image) if args.image else None)
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-migrate-"))).resolve()
     results = bench_migrate(image, work, sizes=sizes, workload_mib=args.workload_mib, helpers=args.helpers,
-                            ram_dir=args.ram_dir, switchover=args.switchover, idle_timeout=args.idle_timeout)
+                            ram_dir=args.ram_dir, switchover=args.switchover, idle_timeout=args.idle_timeout,
+                            background_load=args.background_load)
     (work / "bench.json").write_text(json.dumps(results, indent=2))
     if args.plot is not None:
         from host_shim.devtools.plots import plot_bench
@@ -132,6 +148,23 @@ def run_migrate(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(format_table(results)))
     print(f"logs in {work}" + (f"; drawn in {args.plot}" if args.plot else ""))
+    return 0
+
+
+def run_helper(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from host_shim.devtools.bench_helper import BenchContext, bench_helper, format_helper_report
+
+    image = resolve_image(Path(args.image) if args.image else None)
+    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-helper-"))).resolve()
+    context = BenchContext(image=image, work=work, idle_seconds=args.idle_seconds, samples=args.samples)
+    results = bench_helper(context, args.section)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(format_helper_report(results)))
+        print(f"logs in {work}")
     return 0
 
 

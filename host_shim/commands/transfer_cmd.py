@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ from host_shim.errors import OvmfMhError, SetupError
 from host_shim.helpers.backends import KINDS
 from host_shim.helpers.keys import read_key
 from host_shim.transfer.container import FileHeader
+from host_shim.transfer.liveness import Liveness, LiveSocketIO, StreamStalled
 from host_shim.transfer.pipeline import (
     Nonces,
     TransferSummary,
@@ -131,7 +133,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     receive.add_argument("--accept-timeout", type=float, default=300.0,
                          help="seconds to wait for the sender to connect (default 300)")
     receive.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT,
-                         help="give up when the sender sends nothing for this many seconds "
+                         help="give up when the sender makes no progress (no frame that carries pages: KEEPALIVE "
+                         "frames and trickling bytes do not count) for this many seconds of waiting "
                          f"(default {IDLE_TIMEOUT:.0f})")
     _common(receive, "import")
     receive.set_defaults(handler=run_receive)
@@ -440,12 +443,19 @@ def run_receive(args: argparse.Namespace) -> int:
         error: OvmfMhError | None = None
         cause: BaseException | None = None
         reader: _CountingReader | None = None
+        # Alive means progress: a frame that carries work within
+        # --idle-timeout of waiting (host_shim/transfer/liveness.py).
+        liveness = Liveness(args.idle_timeout, f"sender {peer[0]}:{peer[1]}", "--idle-timeout")
+
+        def challenge(nonces: Nonces, size: int) -> None:
+            conn.sendall(encode_challenge(nonces, size))
+            liveness.progressed()  # the sender's helpers start now
+
         try:
-            with cast(IO[bytes], conn.makefile("rb", buffering=1024 * 1024)) as raw:
-                reader = _CountingReader(raw)
+            with io.BufferedReader(LiveSocketIO(conn, liveness), buffer_size=1024 * 1024) as raw:
+                reader = _CountingReader(cast(IO[bytes], raw))
                 summary = import_ram(args.ram, key, cast(IO[bytes], reader), work_dir=work,
-                                     challenge=lambda nonces, size: conn.sendall(encode_challenge(nonces, size)),
-                                     **_helper_options(args))
+                                     challenge=challenge, on_frame=liveness.on_frame, **_helper_options(args))
         except OvmfMhError as exc:
             error, cause = exc, exc
             if reader is not None and reader.ended:
@@ -453,6 +463,9 @@ def run_receive(args: argparse.Namespace) -> int:
                     f"the sender {peer[0]}:{peer[1]} closed the connection after {reader.bytes} bytes, before the "
                     f"end of the stream: it stopped or failed (its own output says why); nothing was kept "
                     f"({exc})")
+        except StreamStalled as exc:
+            cause = exc
+            error = OvmfMhError(f"{exc}; import abandoned, nothing was kept")
         except TimeoutError as exc:
             cause = exc
             error = OvmfMhError(f"the sender {peer[0]}:{peer[1]} sent nothing for {args.idle_timeout:g} s "

@@ -22,6 +22,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from host_shim.devtools.background_load import background_load as load
 from host_shim.errors import OvmfMhError
 from host_shim.helpers.keys import generate_key
 from host_shim.migration.migrate import MigrationConfig, MigrationReport, migrate, plain_qemu_migration
@@ -72,6 +73,7 @@ def bench_migrate(
     idle_timeout: float = 60.0,
     run_migrate: Migrate | None = None,
     run_plain: Plain = plain_qemu_migration,
+    background_load: int = 0,
 ) -> dict[str, Any]:
     """One row per guest size: plain QEMU, then ovmf-mh, same guest, same
     RAM-file place. A failure of either is the row's content, not the end
@@ -84,14 +86,16 @@ def bench_migrate(
         row: dict[str, Any] = {"guest_mib": mib}
         folder = work / f"{mib}-mib"
         try:
-            row["plain"] = run_plain(image, folder / "plain", mib, workload_mib, ram_dir)
+            with load(background_load):
+                row["plain"] = run_plain(image, folder / "plain", mib, workload_mib, ram_dir)
         except OvmfMhError as exc:
             row["plain_error"] = str(exc)
         try:
-            report = run(MigrationConfig(
-                image=image, work_dir=folder / "ovmf-mh", helpers=helpers, guest_mib=mib,
-                workload_mib=workload_mib, progress=False, ram_dir=ram_dir, switchover=switchover,
-                idle_timeout=idle_timeout))
+            with load(background_load):
+                report = run(MigrationConfig(
+                    image=image, work_dir=folder / "ovmf-mh", helpers=helpers, guest_mib=mib,
+                    workload_mib=workload_mib, progress=False, ram_dir=ram_dir, switchover=switchover,
+                    idle_timeout=idle_timeout))
         except OvmfMhError as exc:  # refused before it started (a size the test guest cannot have)
             row["refused"] = str(exc)
         else:
@@ -111,6 +115,7 @@ def bench_migrate(
             row["downtime_excess_ms"] = 1000 * (ours["downtime_seconds"] - plain["downtime_seconds"])
         rows.append(row)
     return {"workload_mib": workload_mib, "helpers": helpers, "switchover": switchover,
+            "background_load": background_load,
             "roles": "two programs over loopback TCP" if run_migrate is None else "as given",
             "ram_dir": str(ram_dir) if ram_dir else "work folder", "rows": rows}
 
@@ -131,7 +136,8 @@ def format_table(results: dict[str, Any]) -> list[str]:
     lines = [
         f"live migration, {results['workload_mib']} MiB workload, {results['helpers']} helper(s) per side, "
         f"switchover by {results['switchover']}, ovmf-mh roles: {results.get('roles', 'as given')}, "
-        f"RAM files in {results['ram_dir']}",
+        f"RAM files in {results['ram_dir']}, background load {results.get('background_load', 0)} busy "
+        "process(es) during each run",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "|".join("---:" if i else "---" for i in range(len(COLUMNS))) + "|",
     ]

@@ -35,8 +35,38 @@ QEMU_RAM_ALIGNMENT = 8192
 SHUTDOWN_TIMEOUT = 2.0
 
 
+#: The helper VM's machine, as small as q35 allows (docs/fw-cfg-request.md): no
+#: 8259 PIC, no PIT, no HPET, no SMBus, no SATA, no vmport, no i8042;
+#: q35 keeps its IO-APIC and the ICH9 LPC bridge (fw_cfg, the ACPI PM block).
+HELPER_MACHINE = (f"q35,max-ram-below-4g={HELPER_RAM_BELOW_4G},pic=off,pit=off,hpet=off,smbus=off,sata=off,"
+                  "vmport=off,graphics=off,i8042=off")
+#: No local APIC: QMP inject-nmi then raises the NMI on the CPU itself (with a
+#: local APIC, QEMU routes it through LINT1, masked after reset).
+HELPER_CPU = "max,-apic"
+
 #: Own RAM grows in steps of this much when the work area needs more.
 OWN_RAM_STEP = 2 * MIB
+
+
+@dataclass(frozen=True)
+class IdlePolicy:
+    """The optional fw_cfg idle policy (OVMF_MH_IDLE_POLICY, docs/mailbox.md):
+    benches and tests only. ``never_halt`` is the spinning baseline;
+    ``stretch_us`` a test knob that widens the halt window."""
+
+    spin_us: int = 3000
+    never_halt: bool = False
+    stretch_us: int = 0
+    signature: int | None = None  # None: the right one; tests override it
+
+    def encode(self) -> bytes:
+        a = abi.load()
+        return a.layout("OVMF_MH_IDLE_POLICY").pack(
+            Signature=a.const("OVMF_MH_IDLE_POLICY_SIGNATURE") if self.signature is None else self.signature,
+            Flags=a.const("OVMF_MH_IDLE_POLICY_NEVER_HALT") if self.never_halt else 0,
+            SpinMicroseconds=self.spin_us,
+            WindowStretchMicroseconds=self.stretch_us,
+        )
 
 
 @dataclass
@@ -47,6 +77,7 @@ class HelperSpec:
     guest_ram: Path | None = None
     key: bytes | None = None  # transport key, injected as the launch secret
     request_override: bytes | None = None  # raw blob, for tests of bad requests
+    idle_policy: IdlePolicy | None = None  # None: the firmware's default (spin 3 ms, then halt)
 
     @property
     def mailbox_base(self) -> int:
@@ -90,6 +121,7 @@ class HelperVM:
         self.work_dir = work_dir
         self.name = name
         self.request_file = work_dir / "request.bin"
+        self.idle_policy_file = work_dir / "idle-policy.bin"
         self._memory: HelperMemory | None = None
         self.mailbox: Mailbox | None = None
         self.ready_header: dict[str, Any] | None = None
@@ -106,10 +138,13 @@ class HelperVM:
         self.vm = QemuVM(
             QemuConfig(
                 firmware_code=spec.firmware_code,
-                machine=f"q35,max-ram-below-4g={HELPER_RAM_BELOW_4G}",
+                machine=HELPER_MACHINE,
+                cpu=HELPER_CPU,
                 memory=memory,
                 numa=len(memory) > 1,
-                fw_cfg_files=[(fw_cfg_name(), self.request_file)],
+                fw_cfg_files=[(fw_cfg_name(), self.request_file)] + (
+                    [(abi.load().strings["OVMF_MH_IDLE_POLICY_FW_CFG_NAME"], self.idle_policy_file)]
+                    if spec.idle_policy is not None else []),
             ),
             work_dir,
             name,
@@ -136,6 +171,8 @@ class HelperVM:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         blob = self.spec.request_override or self.spec.request().encode()
         self.request_file.write_bytes(blob)
+        if self.spec.idle_policy is not None:
+            self.idle_policy_file.write_bytes(self.spec.idle_policy.encode())
         self._memory = HelperMemory(self.spec.own_ram_size, self.spec.key)
         self.vm.config.memory[0] = MemoryBackend("own", self._memory.path, self.spec.own_ram_size)
         if self.spec.mailbox_base + self.spec.mailbox_size <= self.spec.own_ram_size:
@@ -156,6 +193,12 @@ class HelperVM:
         if self.mailbox is not None:
             self.mailbox.label = f"{self.name} (helper VM, QEMU pid {self.vm.pid})"
             self.mailbox.pid = self.vm.pid
+            self.mailbox.wake = self.wake
+
+    def wake(self) -> None:
+        """Wake the halted helper: an NMI through QMP (its vCPU has no local
+        APIC, so QEMU raises the NMI on the CPU directly)."""
+        self.vm.qmp("inject-nmi")
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
         if self.mailbox is None:

@@ -3,9 +3,18 @@
 The mailbox lives in the helper VM's own RAM, which is a shared memory file
 the host maps. The host writes Command and Arg[] and then CommandSeq; the
 helper answers with Status and Result[] and then ResponseSeq. x86 keeps
-stores and loads in program order, and every access here is a single
-struct pack/unpack on the mapping, so no further fences are needed on x86
-hosts. Offsets come from the C header through helper.abi.
+stores in order and loads in order, and every access here is a single
+struct pack/unpack on the mapping. Offsets come from the C header through
+helper.abi.
+
+Helpers with HALT_WAKE (ABI 4.1) halt when idle and publish the idle word
+first. After posting CommandSeq the host reads that word and, when it is
+set, calls ``wake`` (a firmware helper: QMP inject-nmi; the reference
+helper process: SIGUSR1). x86 may let that load pass the CommandSeq store
+(the one reordering it allows, and Python has no fence), so while waiting
+the host keeps reading the idle word and wakes the helper again, at most
+every REWAKE_SECONDS, as long as it is idle and has not answered: a command
+is never lost, only delayed (docs/mailbox.md, "Idle and wake").
 """
 
 from __future__ import annotations
@@ -19,13 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from helper import abi
-from host_shim.errors import HelperTimeout, MailboxError
+from host_shim.errors import HelperTimeout, MailboxError, QemuError
 from host_shim.vm.reaper import process_state
 
 #: Seconds a helper may take to answer one command before the host gives up
 #: on it (docs/mailbox.md; --mailbox-timeout). A full batch takes tens of
 #: milliseconds under TCG, so this only trips on a helper that stalled.
 DEFAULT_TIMEOUT = 10.0
+#: Seconds between two wake-ups of a helper that stays idle without answering.
+REWAKE_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,7 @@ class Mailbox:
         is_alive: Callable[[], bool] = lambda: True,
         debugcon: Path | None = None,
         label: str = "helper",
+        wake: Callable[[], None] | None = None,
     ) -> None:
         a = abi.load()
         self._layout = a.layout("OVMF_MH_MAILBOX_HEADER")
@@ -72,6 +84,10 @@ class Mailbox:
         self._words = self._view[: self._layout.size].cast("I")
         self.size = size
         self._is_alive = is_alive
+        #: Wakes a halted helper (HALT_WAKE); None: the helper never halts.
+        self.wake = wake
+        #: Wake-ups sent so far (benches and tests read it).
+        self.wakes = 0
         self.debugcon = debugcon
         #: Names the helper in errors: which one, what kind, which pid.
         self.label = label
@@ -155,6 +171,24 @@ class Mailbox:
             )
         return response
 
+    def _wake_if_idle(self, command: str, idle_index: int, now: float, last_wake: float) -> float:
+        """Wake the helper when it published the idle word and the last wake
+        is REWAKE_SECONDS old; return the time of the last wake."""
+        if self.wake is None or not self._words[idle_index] or now - last_wake < REWAKE_SECONDS:
+            return last_wake
+        if self._state():
+            # Stopped (SIGSTOP): it can take no wake-up; the timeout names it.
+            return last_wake
+        try:
+            self.wake()
+        except (OSError, QemuError) as exc:
+            if not self._is_alive():
+                raise MailboxError(f"{self.label} exited while serving", command=command, log=self.debugcon) from exc
+            raise MailboxError(f"{self.label}: waking the halted helper failed: {exc}", command=command,
+                               log=self.debugcon) from exc
+        self.wakes += 1
+        return now
+
     def _fault(self, command: str) -> MailboxError:
         """The helper took a CPU exception: it wiped its keys, published FAULT
         with the vector and the faulting RIP, and halted (docs/mailbox.md)."""
@@ -201,6 +235,8 @@ class Mailbox:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         start = time.monotonic()
         self._store_u32("CommandSeq", self._seq)
+        idle_index = self._off["Idle"] // 4
+        last_wake = self._wake_if_idle(command, idle_index, start, -REWAKE_SECONDS)
         deadline = start + timeout
         spins = 0
         response_index = self._off["ResponseSeq"] // 4
@@ -226,6 +262,7 @@ class Mailbox:
                         f"{self._state()}; if the machine is merely slow, raise --mailbox-timeout",
                         command=command, log=self.debugcon,
                     )
+                last_wake = self._wake_if_idle(command, idle_index, time.monotonic(), last_wake)
                 # Sleeping releases the GIL for other helpers' threads; the
                 # nap grows with the wait (at most 2% of it, 0.5 ms), so long
                 # batches cost few wake-ups and short commands stay quick.

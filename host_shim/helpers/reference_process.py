@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from helper import abi
+from helper.serve import WAKE_SIGNAL
 from host_shim import paths
 from host_shim.errors import SetupError
 from host_shim.helpers.helper_memory import HelperMemory
@@ -105,8 +106,14 @@ class ReferenceHelperProcess:
         (self.work_dir / "pid").write_text(f"{self._proc.pid}\n")
         self.mailbox = Mailbox(self._memory.map, self.mailbox_base, self.mailbox_size,
                                is_alive=self.is_running, debugcon=self.log_file,
-                               label=f"{self.name} (reference helper pid {self._proc.pid})")
+                               label=f"{self.name} (reference helper pid {self._proc.pid})",
+                               wake=self.wake)
         self.mailbox.pid = self._proc.pid
+
+    def wake(self) -> None:
+        """Wake the idle process (helper.serve's WAKE_SIGNAL), by its own pid."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, WAKE_SIGNAL)
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
         if self.mailbox is None:

@@ -77,6 +77,7 @@ from host_shim.vm.attached import AttachedQemu, QemuHandle
 from host_shim.vm.devices import NicBackend
 from host_shim.vm.netns import TAP, L2Network
 from host_shim.vm.qemu import QemuVM, describe_logs, logs_under
+from host_shim.vm.reaper import MIGRATING, reaper
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +391,13 @@ class _TargetListener:
         self.channel = channel
         self.verdict: mp.Message | None = None
         self.error: BaseException | None = None
+        # Set by the source before its stream's end (DONE) goes: a verdict
+        # before it is out of order (a target cannot have verified a stream
+        # it has not seen end).
+        self.stream_ending = threading.Event()
+        # Set when the source stops its guest: from then on the target's
+        # silence is bounded by SWITCHOVER_SILENCE, not the idle timeout.
+        self.switchover = threading.Event()
         self._thread = threading.Thread(target=self._run, name="migrate-target-listener", daemon=True)
         self._thread.start()
 
@@ -397,6 +405,11 @@ class _TargetListener:
         try:
             while True:
                 message = self.channel.receive("progress", "verdict")
+                if message.type == "verdict" and not self.stream_ending.is_set():
+                    raise mp.ProtocolError(
+                        f"the peer {self.channel.peer} sent 'verdict' during {self.channel.phase}, before the "
+                        "stream's end was sent: out of order, refused", peer=self.channel.peer,
+                        phase=self.channel.phase)
                 if message.type == "verdict":
                     self.verdict = message
                     return
@@ -405,6 +418,19 @@ class _TargetListener:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def fault(self) -> BaseException | None:
+        """What the watch stops the run for: the listener's error, or, in
+        the switchover, a target silent for SWITCHOVER_SILENCE (it says
+        'progress' every second: a stopped target or a cut link)."""
+        if self.error is not None or not self.switchover.is_set() or not self.alive():
+            return self.error
+        silent = time.monotonic() - self.channel.last_message_at
+        if silent < mp.SWITCHOVER_SILENCE:
+            return None
+        return mp.PeerGone(f"the peer {self.channel.peer} said nothing for {silent:.1f} s during "
+                           f"{self.channel.phase} (it says 'progress' every second: at most "
+                           f"{mp.SWITCHOVER_SILENCE:g} s)", peer=self.channel.peer, phase=self.channel.phase)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -540,7 +566,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         device_state_port, nonces = _handshake(channel, description)
         listener = _TargetListener(channel)
         target_listener = listener
-        watch = _Watch([source], lambda: target_listener.error)
+        watch = _Watch([source], target_listener.fault)
         stack.callback(watch.close)
         # The target side is prepared, as a plain migration's target QEMU is
         # before 'migrate': the migration proper starts here.
@@ -643,6 +669,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         stop_at = time.monotonic()
         # Marked before the command: a 'stop' whose answer is lost (a QMP
         # timeout) may have stopped the guest, and a failure must resume it.
+        _guard_paused_guest(source_guest)
+        listener.switchover.set()
         stopped = True
         source.qmp("stop")
         marks: dict[str, float] = {"stop": time.monotonic() - stop_at}
@@ -655,12 +683,12 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             marks["check"] = time.monotonic() - stop_at
         run_pass(final, False, report.log_pages, report.check_seconds)
         marks["final_pass"] = time.monotonic() - stop_at
+        listener.stream_ending.set()
         exporter.finish()
         channel.stream().flush()
         stream_done = True
         watch.phase = channel.phase = "the target helpers' verification"
-        while listener.alive() and watch.fault is None:
-            listener.join(timeout=WATCH_INTERVAL)
+        _await_verdict(listener, watch, size)
         watch.check()
         verdict = listener.verdict
         if verdict is None:
@@ -700,6 +728,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         # one lost one). Marked before the write: a write that fails may
         # still have delivered it.
         channel.phase = "the target's resume"
+        _release_paused_guest(source_guest)
         committed = True
         channel.send("commit")
         channel.receive("resumed")
@@ -710,8 +739,9 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         report.total_seconds = time.monotonic() - started - report.verify_seconds
         report.guest_state = "running on target"
         channel.phase = "the target's first heartbeat"
-        # The target waits for the guest's first heartbeat before it says so.
-        running = channel.receive("running", timeout=channel.idle_timeout + PREPARE_TIMEOUT)
+        # The target waits for the guest's first heartbeat before it says
+        # so, saying 'progress' every second meanwhile.
+        running = _await_running(channel)
         report.target_heartbeat = running["heartbeat"]
         if probe is not None:
             report.tcp_probe = probe.finish()
@@ -736,7 +766,10 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
                 channel.send("abort", reason=report.error[: mp.MAX_TEXT])
         if channel is not None:
             channel.abandon()
-        if resumed_target:
+        if resumed_target and isinstance(exc, mp.PeerGone):
+            report.guest_state = ("unknown: the target resumed the guest ('resumed'), then the connection broke or "
+                                  "went silent before its first heartbeat: the guest may run there")
+        elif resumed_target:
             report.guest_state = "lost: the target failed after it resumed the guest"
         elif committed:
             report.guest_state = ("unknown: the target was told to resume and did not confirm; the source "
@@ -755,6 +788,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             with suppress(OvmfMhError):
                 if stopped:
                     source.qmp("cont")
+                    _release_paused_guest(source_guest)
                 # Show that the guest really goes on: running, and beating
                 # (the user's serial console is not this command's to read).
                 serial_before = len(source.serial_text())
@@ -764,6 +798,13 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
                 elif status == "running":
                     report.source_heartbeat_after_failure = _wait_for(source, guest.HEARTBEAT, 15, after=serial_before)
                     report.guest_state = "running on source"
+    except KeyboardInterrupt as exc:
+        # SIGINT, SIGTERM, SIGHUP (cli.py): the user's guest is resumed
+        # here if this command paused it, and the message says so.
+        if channel is not None:
+            channel.abandon()
+        exc.add_note(_resume_after_signal(source_guest, stopped, committed))
+        raise
     finally:
         # Every QEMU and helper this run started stops here, by its own pid.
         stack.close()
@@ -818,14 +859,56 @@ def _wait_for_catch_up(channel: mp.Channel, watch: _Watch) -> tuple[float, int]:
     return time.monotonic() - started, backlog
 
 
+#: The slowest rate the verdict's bound allows the target for stream it had
+#: not taken when the stream ended (its backlog).
+BACKLOG_RATE = 1024 * 1024
+
+
+def _await_verdict(listener: _TargetListener, watch: _Watch, size: int) -> None:
+    """Wait for the target's verdict, the guest stopped. The target says
+    'progress' every second while it imports and hashes: SWITCHOVER_SILENCE
+    without a message is a stopped target or a cut link, not the idle
+    timeout's 15 s. And the whole wait follows the work left: the stream the
+    target had not taken (at BACKLOG_RATE) and the hashing of its RAM."""
+    channel = listener.channel
+    began = time.monotonic()
+    backlog = max(0, channel.stream_bytes_sent - max(channel.peer_stream_bytes, 0))
+    bound = mp.hashing_bound(channel.idle_timeout, size) + backlog / BACKLOG_RATE
+    while listener.alive() and watch.fault is None:
+        listener.join(timeout=WATCH_INTERVAL)
+        silent = time.monotonic() - channel.last_message_at
+        if listener.alive() and silent >= mp.SWITCHOVER_SILENCE:
+            raise mp.PeerGone(f"the peer {channel.peer} said nothing for {silent:.1f} s during {channel.phase} "
+                              f"(it says 'progress' every second: at most {mp.SWITCHOVER_SILENCE:g} s)",
+                              peer=channel.peer, phase=channel.phase)
+        if listener.alive() and time.monotonic() - began >= bound:
+            raise MigrationError(f"the {channel.peer} sent no verdict within {bound:.0f} s of the stream's end "
+                                 f"(the bound for its backlog of {backlog} bytes and hashing {size >> 20} MiB)")
+
+
+def _await_running(channel: mp.Channel) -> mp.Message:
+    """After 'resumed': the target's 'running' (its guest's first
+    heartbeat), with its 'progress' every second meanwhile. A silence of
+    SWITCHOVER_SILENCE ends the wait (PeerGone: the guest's state is then
+    unknown), and so does the whole wait's bound."""
+    deadline = time.monotonic() + channel.idle_timeout + PREPARE_TIMEOUT
+    while True:
+        timeout = min(mp.SWITCHOVER_SILENCE, max(0.1, deadline - time.monotonic()))
+        message = channel.receive("running", "progress", timeout=timeout)
+        if message.type == "running":
+            return message
+        if time.monotonic() >= deadline:
+            raise mp.PeerGone(f"the peer {channel.peer} did not report the guest's first heartbeat within "
+                              f"{channel.idle_timeout + PREPARE_TIMEOUT:g} s of 'resumed'", peer=channel.peer,
+                              phase=channel.phase)
+
+
 def _check_peer_quiet(channel: mp.Channel) -> None:
     """Before the commit the target has nothing to say: anything readable
     now is its ``error`` or its end (raised as such)."""
     readable, _, _ = select.select([channel.sock], [], [], 0)
     if readable:
-        message = channel.receive()
-        raise mp.ProtocolError(f"the {channel.peer} sent {message.type!r} before the commit",
-                               peer=channel.peer, phase=channel.phase)
+        channel.receive()  # raises: nothing is expected here
 
 
 def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> SourceGuest:
@@ -866,6 +949,62 @@ def _shared_disk(config: MigrationConfig) -> Path | None:
 
 def _boot_timeout(source: SourceGuest) -> float:
     return debian_guest.BOOT_TIMEOUT if source.description.guest == DEBIAN_GUEST else 120.0
+
+
+def _guard_paused_guest(source: SourceGuest) -> None:
+    """Before 'stop': the reaper, which outlives this program, resumes the
+    user's guest should the program end (a SIGKILL included) before it
+    commits or resumes the guest itself (host_shim/vm/reaper.py). The test
+    guest this command boots ends with it: nothing to guard."""
+    if source.attached and isinstance(source.vm, AttachedQemu) and source.vm.pid is not None:
+        reaper().guard_guest(source.vm.qmp_socket, source.vm.pid, source.ignore_shared_before)
+
+
+def _release_paused_guest(source: SourceGuest) -> None:
+    """The guest is no longer the reaper's to resume: about to commit (the
+    target may run it from then on), or resumed here."""
+    if source.attached and isinstance(source.vm, AttachedQemu):
+        reaper().release_guest(source.vm.qmp_socket)
+
+
+def _resume_after_signal(source: SourceGuest, stopped: bool, committed: bool) -> str:
+    """On SIGINT/SIGTERM/SIGHUP: resume the user's guest if this command
+    paused it and did not commit; the sentence the command ends with."""
+    if not source.attached:
+        return "the test guest it booted is stopped with it"
+    if not stopped:
+        return "the user's guest was never paused and runs on"
+    if committed:
+        return ("the user's guest stays paused: the migration was committed and the target may run it "
+                "(its state is unknown)")
+    vm = source.vm
+    for attempt in range(2):
+        try:
+            if attempt and isinstance(vm, AttachedQemu):
+                # The signal may have cut a QMP exchange short: a new connection.
+                vm.close()
+                vm.connect()
+            _cancel_device_state_move(vm)
+            vm.qmp("cont")
+            status = vm.qmp("query-status").get("status")
+        except OvmfMhError:
+            continue
+        if status == "running":
+            _release_paused_guest(source)
+            return f"the user's guest (QEMU pid {vm.pid}), paused for the switchover, was resumed and runs"
+    return (f"the user's guest (QEMU pid {vm.pid}) was paused for the switchover and did not answer 'cont'; "
+            "the reaper resumes it as this command exits")
+
+
+def _cancel_device_state_move(vm: QemuHandle) -> None:
+    """A device-state move still in flight is cancelled (QEMU refuses 'cont'
+    meanwhile); at most 3 s."""
+    if vm.qmp("query-migrate").get("status") not in MIGRATING:
+        return
+    vm.qmp("migrate_cancel")
+    deadline = time.monotonic() + 3.0
+    while vm.qmp("query-migrate").get("status") in MIGRATING and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _leave_source(source: SourceGuest, quit_source: bool) -> str:

@@ -261,6 +261,7 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
                 expect=ct.FileHeader(size, description.shards), on_ready=ready.set,
                 mailbox_timeout=config.mailbox_timeout,
                 challenge=lambda given, _size: nonces.extend(given), on_committed=on_committed,
+                on_frame=liveness.on_frame,
             )
         except BaseException as exc:
             if committed.is_set():
@@ -273,6 +274,10 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
         finally:
             settled.set()
 
+    # Alive means progress: the source's stream within its bounds
+    # (migration_protocol.stream_liveness), its clocks restarted at 'accept'.
+    liveness = mp.stream_liveness(config.idle_timeout, size, f"source {channel.peer}")
+    channel.stream_liveness = liveness
     receiver = threading.Thread(target=receive, name="migrate-incoming-receive", daemon=True)
     receiver.start()
     # After a commit the helpers power off in that thread: done before this
@@ -284,16 +289,14 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     if "error" in imported:
         raise MigrationError(f"the target helpers did not start: {imported['error']}")
     report.setup_seconds = time.monotonic() - prepare_start
+    liveness.restart()
     channel.send("accept", device_state_port=device_state_port, nonces=[nonce.hex() for nonce in nonces])
     channel.phase = "pre-copy"
     _watch_import(channel, target, reader, settled)
+    channel.stream_liveness = None
     report.stream_bytes = reader.bytes
     if "error" in imported:
-        error = imported["error"]
-        # A stream that stops short is the source going away, not a forgery.
-        if isinstance(error, OSError) or (isinstance(error, ct.ContainerError) and "truncated" in str(error)):
-            raise channel.gone(error)
-        raise MigrationError(f"the import failed: {error}")
+        raise _import_failure(channel, imported["error"])
     summary: TransferSummary = imported["summary"]
     report.private_pages = summary.private_pages
     report.zero_range_pages = summary.zero_range_pages
@@ -317,8 +320,7 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     channel.phase = "switchover"
     # The source hashes its RAM and moves the device state before it
     # commits, saying it is alive every second meanwhile.
-    while channel.receive("commit", "progress").type != "commit":
-        pass
+    _await_commit(channel, size)
     channel.phase = "the device-state move"
     _wait_for_device_state(target)
     serial_before = len(target.serial_text())
@@ -337,8 +339,8 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
         config.after_resume(target)
     channel.phase = "the first heartbeat after resume"
     try:
-        report.target_heartbeat = wait_for_serial(target, guest.HEARTBEAT, config.heartbeat_timeout,
-                                                  after=serial_before)
+        report.target_heartbeat = _while_telling_source(channel, report, reader, lambda: wait_for_serial(
+            target, guest.HEARTBEAT, config.heartbeat_timeout, after=serial_before))
     except QemuError as exc:
         report.guest_state = "lost: the target QEMU failed after switchover"
         raise MigrationError(f"target QEMU failed after switchover: {exc}") from exc
@@ -347,8 +349,26 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
         raise MigrationError("the workload reports CORRUPTION on the target")
     _tell_source(channel, report, "running", heartbeat=report.target_heartbeat[: mp.MAX_TEXT])
     channel.phase = "running the guest"
+    # The protocol is over: the connection closes now, not when the guest
+    # stops (a source that left would keep it in CLOSE-WAIT meanwhile).
+    channel.close()
     report.outcome = "ok"
     return target
+
+
+def _import_failure(channel: mp.Channel, error: BaseException) -> OvmfMhError:
+    """What a failed import is said as. A stream that stops short is the
+    source going away, not a forgery; and so is any failure once the source
+    has left: a target stopped (SIGSTOP) and continued finds its own helper's
+    mailbox timeout expired as well, but the cause is the source that gave it
+    up meanwhile."""
+    if isinstance(error, OSError) or (isinstance(error, ct.ContainerError) and "truncated" in str(error)):
+        return channel.gone(error)
+    if channel.peer_departed():
+        gone = channel.gone(None)
+        return mp.PeerGone(f"{gone} (this side's import then failed too: {error})", peer=gone.peer,
+                           phase=gone.phase)
+    return MigrationError(f"the import failed: {error}")
 
 
 def _alive_while(channel: mp.Channel, reader: _CountingReader, work: Callable[[], T]) -> T:
@@ -370,6 +390,53 @@ def _alive_while(channel: mp.Channel, reader: _CountingReader, work: Callable[[]
         if not worker.is_alive():
             break
         channel.send("progress", stream_bytes=reader.bytes)
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+#: The longest the device state may take to arrive after the source's commit,
+#: and the source to move it after the verdict.
+DEVICE_STATE_LIMIT = 60.0
+
+
+def _await_commit(channel: mp.Channel, size: int) -> None:
+    """After the verdict: the source's 'commit'. It says 'progress' every
+    second while it hashes its RAM and moves the device state:
+    SWITCHOVER_SILENCE without a message is a stopped source or a cut link;
+    the whole wait is bounded by its hashing and the device-state move."""
+    bound = mp.hashing_bound(channel.idle_timeout, size) + DEVICE_STATE_LIMIT
+    deadline = time.monotonic() + bound
+    while True:
+        timeout = min(mp.SWITCHOVER_SILENCE, channel.idle_timeout)
+        if channel.receive("commit", "progress", timeout=timeout).type == "commit":
+            return
+        if time.monotonic() >= deadline:
+            raise MigrationError(f"the source {channel.peer} did not commit within {bound:.0f} s of the verdict "
+                                 "(the bound for hashing its RAM and moving the device state)")
+
+
+def _while_telling_source(channel: mp.Channel, report: TargetReport, reader: _CountingReader,
+                          work: Callable[[], T]) -> T:
+    """After the resume: run ``work`` (waiting for the guest's heartbeat),
+    telling the source every PROGRESS_INTERVAL that this side is alive; a
+    source that no longer hears it is noted (_tell_source), not a failure."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="migrate-incoming-after-resume", daemon=True)
+    worker.start()
+    while True:
+        worker.join(timeout=PROGRESS_INTERVAL)
+        if not worker.is_alive():
+            break
+        _tell_source(channel, report, "progress", stream_bytes=reader.bytes)
     if failure:
         raise failure[0]
     return result[0]

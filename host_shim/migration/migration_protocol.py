@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import select
 import socket
 import struct
 import threading
@@ -23,6 +24,7 @@ from typing import IO, Any, cast
 
 from host_shim.errors import OvmfMhError
 from host_shim.transfer import container as ct
+from host_shim.transfer.liveness import Liveness, StreamStalled
 
 PROTOCOL = "ovmf-mh-migration"
 #: Versions this program speaks. Version 2: ``accept`` carries the target
@@ -35,6 +37,36 @@ PROTOCOL = "ovmf-mh-migration"
 VERSIONS = (4,)
 #: Seconds without a frame after which the source sends a KEEPALIVE frame.
 STREAM_KEEPALIVE = 1.0
+#: During the switchover (the guest runs nowhere) and after the target's
+#: 'resumed', both sides say 'progress' every second while they work: this
+#: many seconds of silence there mean a stopped peer or a cut link, not the
+#: idle timeout's.
+SWITCHOVER_SILENCE = 5.0
+#: The target's bounds on the source's page stream (docs/migration-protocol.md,
+#: "Bounds"): waiting for a frame that carries work, --idle-timeout plus this
+#: per GiB of guest (a source's helpers check every page of a reset log with
+#: only KEEPALIVE frames on the wire: tens of seconds at 16 GiB) ...
+STREAM_STALL_PER_GIB = 10.0
+#: ... and the whole stream, from 'accept' to its DONE frame.
+STREAM_LIMIT = 300.0
+STREAM_LIMIT_PER_GIB = 60.0
+#: The slowest rate the bounds after the stream allow for hashing a RAM file.
+HASH_RATE = 16 * 1024 * 1024
+GIB = 1024 * 1024 * 1024
+
+
+def stream_liveness(idle_timeout: float, guest_size: int, peer: str) -> Liveness:
+    """The target's bounds on a source's page stream of a guest of this size."""
+    gib = guest_size / GIB
+    return Liveness(idle_timeout + STREAM_STALL_PER_GIB * gib, peer, "--idle-timeout plus "
+                    f"{STREAM_STALL_PER_GIB:g} s per GiB of guest", total=STREAM_LIMIT + STREAM_LIMIT_PER_GIB * gib)
+
+
+def hashing_bound(idle_timeout: float, guest_size: int) -> float:
+    """How long a peer may take over a step that hashes its RAM file (a
+    verdict, or the source's check before its commit), saying 'progress'
+    meanwhile."""
+    return idle_timeout + guest_size / HASH_RATE
 LENGTH = struct.Struct(">I")
 #: No control message comes near this; a length above it is refused unread.
 MAX_MESSAGE = 16 * 1024
@@ -162,6 +194,11 @@ def encode(kind: str, **fields: Any) -> bytes:
     return LENGTH.pack(len(body)) + body
 
 
+#: TCP states (linux/tcp_states.h) of a connection whose peer has closed it.
+_TCP_CLOSE = 7
+_TCP_CLOSE_WAIT = 8
+_TCP_LAST_ACK = 9
+
 #: Seconds a blocked write waits before it looks again at whether the peer
 #: is still taking the stream (see _PatientSocketIO).
 WRITE_SLICE = 0.5
@@ -206,6 +243,47 @@ class _PatientSocketIO(io.RawIOBase):
         super().close()
 
 
+class MessageDeadline(TimeoutError):
+    """A control message did not arrive whole in time: a peer that trickles
+    a byte now and then is as gone as a silent one."""
+
+
+class _DeadlineSocketIO(io.RawIOBase):
+    """The receiving side of the connection. While a control message is
+    read, every read waits at most until the message's deadline (its step's
+    timeout from when its first byte was awaited), however often bytes
+    trickle in; otherwise, and for the page stream, at most the socket's
+    timeout per read, as a plain socket file would."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self._channel = channel
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        sock = self._channel.sock
+        deadline = self._channel.message_deadline
+        liveness = self._channel.stream_liveness
+        if deadline is None and liveness is not None:
+            # The page stream: alive means progress (transfer/liveness.py).
+            liveness.wait_readable(sock)
+            received = sock.recv_into(buffer)
+            liveness.bytes_since += received
+            return received
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            readable = remaining > 0 and select.select([sock], [], [], remaining)[0]
+            if not readable and self._channel.message_bytes:
+                raise MessageDeadline("the message did not arrive whole in time")
+            if not readable:
+                raise TimeoutError("nothing arrived")
+        received = sock.recv_into(buffer)
+        self._channel.message_bytes += received
+        return received
+
+
 class Channel:
     """One control connection: messages both ways, the page stream from the
     source to the target in between. Sends are serialised (the target's
@@ -226,7 +304,15 @@ class Channel:
         self._peer_stream_bytes = -1
         # Page-stream bytes this side has handed to the writer (the source).
         self.stream_bytes_sent = 0
-        self.reader = cast(IO[bytes], sock.makefile("rb", buffering=256 * 1024))
+        # While a control message is read: when it must have arrived whole.
+        self.message_deadline: float | None = None
+        # Bytes that arrived since the message's first byte was awaited.
+        self.message_bytes = 0
+        # While the target reads the page stream: its bounds (stream_liveness).
+        self.stream_liveness: Liveness | None = None
+        # When the peer's last whole message arrived.
+        self.last_message_at = time.monotonic()
+        self.reader = cast(IO[bytes], io.BufferedReader(_DeadlineSocketIO(self), buffer_size=256 * 1024))
         self.writer = cast(IO[bytes], io.BufferedWriter(_PatientSocketIO(self), buffer_size=256 * 1024))
         self._send_lock = threading.Lock()
 
@@ -237,7 +323,12 @@ class Channel:
         return self._peer_stream_bytes
 
     def gone(self, exc: BaseException | None, timeout: float | None = None) -> PeerGone:
-        if isinstance(exc, TimeoutError) and timeout is not None:
+        if isinstance(exc, StreamStalled):
+            return PeerGone(f"{exc}, during {self.phase}", peer=self.peer, phase=self.phase)
+        if isinstance(exc, MessageDeadline):
+            how = (f"sent no whole control message within {timeout or self.idle_timeout:g} s (bytes that "
+                   "trickle in are not a message)")
+        elif isinstance(exc, TimeoutError) and timeout is not None:
             how = f"did not answer within {timeout:g} s"
         elif isinstance(exc, TimeoutError):
             how = f"sent nothing and took nothing for {self.idle_timeout:g} s (--idle-timeout)"
@@ -276,6 +367,10 @@ class Channel:
                 self.sock.settimeout(self.idle_timeout)
 
     def _receive(self, expected: tuple[str, ...], timeout: float | None) -> Message:
+        # The whole message within the step's timeout (the idle timeout
+        # unless the step has its own): liveness is a message, not a byte.
+        self.message_deadline = time.monotonic() + (timeout if timeout is not None else self.idle_timeout)
+        self.message_bytes = 0
         try:
             (length,) = LENGTH.unpack(ct.read_exact(self.reader, LENGTH.size, "a message length"))
             if not 0 < length <= MAX_MESSAGE:
@@ -284,6 +379,9 @@ class Channel:
             data = ct.read_exact(self.reader, length, "a control message")
         except (OSError, ValueError, ct.ContainerError) as exc:
             raise self.gone(exc, timeout) from exc
+        finally:
+            self.message_deadline = None
+        self.last_message_at = time.monotonic()
         try:
             message = decode(data)
         except ProtocolError as exc:
@@ -298,9 +396,24 @@ class Channel:
             raise PeerFailed(f"the peer {self.peer} failed during {self.phase}{theirs}: {message['reason']}",
                              peer=self.peer, phase=self.phase)
         if message.type not in expected:
-            raise ProtocolError(f"the peer {self.peer} sent {message.type!r} during {self.phase}, expected "
-                                f"{' or '.join(expected)}", peer=self.peer, phase=self.phase)
+            wanted = f"expected {' or '.join(expected)}" if expected else "where it may send nothing"
+            raise ProtocolError(f"the peer {self.peer} sent {message.type!r} during {self.phase}, {wanted}: "
+                                "out of order, refused", peer=self.peer, phase=self.phase)
         return message
+
+    def peer_departed(self) -> bool:
+        """Whether the peer closed or reset the connection, even with data of
+        its still unread here (the kernel's TCP state says it: CLOSE_WAIT
+        once its FIN arrived; a reset leaves an error pending)."""
+        if self.sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        try:
+            if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return True
+            state = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        except OSError:
+            return True
+        return state in (_TCP_CLOSE_WAIT, _TCP_CLOSE, _TCP_LAST_ACK)
 
     def close(self) -> None:
         for stream in (self.writer, self.reader):

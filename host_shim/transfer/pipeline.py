@@ -835,6 +835,7 @@ def import_ram(
     mailbox_timeout: float = DEFAULT_TIMEOUT,
     challenge: Callable[[Nonces, int], None] | None = None,
     on_committed: Callable[[TransferSummary], None] | None = None,
+    on_frame: Callable[[int, int], None] | None = None,
 ) -> TransferSummary:
     """Read a transfer stream from ``source`` into RAM file ``dst``; raises
     TransferError (or the helper's MailboxError) unless everything verified.
@@ -857,6 +858,9 @@ def import_ram(
     succeeded, before the helpers are shut down: a live migration's target
     can give its verdict while its helper VMs power off (a helper VM that
     mapped a 16 GiB guest takes a while to exit).
+
+    ``on_frame`` gets each frame's kind and payload size as it is read (the
+    stream's liveness: host_shim/transfer/liveness.py).
     """
     page, _, _ = _geometry()
     header = expect if expect is not None else ct.read_file_header(source)
@@ -946,6 +950,8 @@ def import_ram(
                     for frame in ct.read_frames(source, header.shards):
                         failure.raise_if_set()
                         summary.stream_bytes += ct.FRAME_HEADER.size + len(frame.payload)
+                        if on_frame is not None:
+                            on_frame(frame.kind, len(frame.payload))
                         if frame.kind == ct.KIND_PLAIN_PAGE:
                             offset = plain.accept(frame)
                             digest.update(frame.payload)

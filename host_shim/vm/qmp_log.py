@@ -11,6 +11,7 @@ file is what tells which command was in flight.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -31,6 +32,9 @@ class LoggedQmp:
         self.epoch = time.monotonic() if epoch is None else epoch
         self.connection: QEMUMonitorProtocol | None = None
         self._log: IO[str] | None = log_path.open("w")
+        # A helper's mailbox thread wakes it (inject-nmi) while another
+        # thread may stop it: one command at a time on the connection.
+        self._lock = threading.Lock()
 
     @property
     def connected(self) -> bool:
@@ -51,13 +55,14 @@ class LoggedQmp:
         answer, a lost connection, a timeout) raises ``error(message)``."""
         if self.connection is None:
             raise error(f"QMP is not connected (command {command})")
-        self.note(">", {"execute": command, "arguments": arguments})
-        try:
-            result = self.connection.cmd(command, **arguments)
-        except Exception as exc:
-            self.note("!", {"error": str(exc)})
-            raise error(f"QMP command {command} failed: {exc}") from exc
-        self.note("<", {"return": result})
+        with self._lock:
+            self.note(">", {"execute": command, "arguments": arguments})
+            try:
+                result = self.connection.cmd(command, **arguments)
+            except Exception as exc:
+                self.note("!", {"error": str(exc)})
+                raise error(f"QMP command {command} failed: {exc}") from exc
+            self.note("<", {"return": result})
         for event in self.events():
             self.note("*", event)
         return result

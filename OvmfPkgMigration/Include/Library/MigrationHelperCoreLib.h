@@ -97,6 +97,7 @@ typedef struct {
   BOOLEAN                            ShutdownRequested;
   VOID                               *Private;         ///< MigrationHelperWorkAreaSize (GuestWindowSize) bytes or more, helper-only
   UINTN                              PrivateSize;
+  UINT64                             PlatformCapabilities; ///< OVMF_MH_CAP_* the platform adds (HALT_WAKE); 0 on the host
 } OVMF_MH_HELPER_CONTEXT;
 
 /**

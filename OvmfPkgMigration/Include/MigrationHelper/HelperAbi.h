@@ -21,7 +21,7 @@
 // meaning; the minor number when commands or capabilities are added.
 //
 #define OVMF_MH_ABI_MAJOR  4
-#define OVMF_MH_ABI_MINOR  0   ///< 4.0: shared pages sealed in the END record (stream version 3); 3.0: request version 2, own page tables
+#define OVMF_MH_ABI_MINOR  1   ///< 4.1: idle word, helpers halt when idle (HALT_WAKE); 4.0: shared pages sealed in the END record (stream version 3); 3.0: request version 2, own page tables
 
 #define OVMF_MH_PAGE_SIZE  0x1000
 
@@ -181,6 +181,18 @@ typedef struct {
 #define OVMF_MH_CAP_CHECK_PAGES 0x0000000000000040  ///< CHECK_PAGES (ABI 1.2)
 #define OVMF_MH_CAP_BINDING     0x0000000000000080  ///< IMPORT_CHALLENGE, IMPORT_RECEIPT, IMPORT_COMMIT, bound streams (ABI 2.0)
 #define OVMF_MH_CAP_ZERO_RANGES 0x0000000000000100  ///< EXPORT_ZERO_RANGES, ZERO_RANGE records imported (ABI 2.1)
+#define OVMF_MH_CAP_HALT_WAKE   0x0000000000000200  ///< Halts when idle, publishes Idle; woken by an NMI (ABI 4.1)
+
+//
+// Idle word (OVMF_MH_MAILBOX_HEADER.Idle, ABI 4.1; docs/mailbox.md). A helper
+// with HALT_WAKE sets it before its last look at CommandSeq and halts; a
+// host that posts a command and then reads it non-zero wakes the helper (a
+// firmware helper with an NMI, the reference helper with SIGUSR1), and keeps
+// waking it while it stays idle without answering.
+//
+#define OVMF_MH_IDLE_BUSY       0     ///< Serving, or polling CommandSeq
+#define OVMF_MH_IDLE_HALTING    1     ///< About to halt or halted: post, then wake
+#define OVMF_MH_IDLE_STRETCHED  2     ///< Test knob only: inside a stretched halt window, past the re-check
 
 //
 // Status codes: command results (Status) and halt reasons (HaltReason).
@@ -252,6 +264,7 @@ typedef struct {
 #define OVMF_MH_STATUS_WORK_AREA_TOO_SMALL    0x112 ///< Work area cannot hold session state and page tracking
 #define OVMF_MH_STATUS_PAGE_TABLES_TOO_LARGE  0x113 ///< The layout needs more than OVMF_MH_PAGE_TABLE_BUDGET tables
 #define OVMF_MH_STATUS_MAPPING_UNSUPPORTED    0x114 ///< A range lies beyond the CPU's physical address width
+#define OVMF_MH_STATUS_IDLE_POLICY            0x115 ///< opt/ovmf-mh/idle-policy malformed (size, signature, flags, bounds)
 #define OVMF_MH_STATUS_UNEXPECTED             0x1FF
 
 #pragma pack(1)
@@ -274,7 +287,13 @@ typedef struct {
   UINT64    GuestWindowSize;               ///< Guest bytes the helper accepted
   UINT32    MaxBatchPages;                 ///< Pages per EXPORT_BATCH / IMPORT_BATCH
   UINT32    SessionState;                  ///< OVMF_MH_SESSION_*
-  UINT8     Reserved0[168];
+  //
+  // Idle state (ABI 4.1), written by a HALT_WAKE helper only (offset 88).
+  //
+  UINT32    Idle;                          ///< OVMF_MH_IDLE_*
+  UINT32    HaltCount;                     ///< Halts an NMI ended
+  UINT32    WindowWakes;                   ///< NMIs that landed between the idle word and HLT (no halt)
+  UINT8     Reserved0[156];
   //
   // Command: written by the host, CommandSeq last (offset 256).
   //
@@ -441,6 +460,25 @@ typedef struct {
 } OVMF_MH_RECEIPT;
 
 //
+// Idle policy: optional fw_cfg file "opt/ovmf-mh/idle-policy", for benches
+// and tests only (docs/mailbox.md). Without it a helper spins
+// OVMF_MH_IDLE_DEFAULT_SPIN_US after its last command and then halts.
+//
+#define OVMF_MH_IDLE_POLICY_FW_CFG_NAME  "opt/ovmf-mh/idle-policy"
+#define OVMF_MH_IDLE_POLICY_SIGNATURE    0x4c44494d          // "MIDL"
+#define OVMF_MH_IDLE_POLICY_NEVER_HALT   0x00000001          ///< Spin forever (the pre-4.1 behaviour, a bench baseline)
+#define OVMF_MH_IDLE_DEFAULT_SPIN_US     3000
+#define OVMF_MH_IDLE_MAX_SPIN_US         1000000
+#define OVMF_MH_IDLE_MAX_STRETCH_US      10000000
+
+typedef struct {
+  UINT32    Signature;                     ///< OVMF_MH_IDLE_POLICY_SIGNATURE
+  UINT32    Flags;                         ///< OVMF_MH_IDLE_POLICY_* bits; others zero
+  UINT32    SpinMicroseconds;              ///< Polling after the last command before halting, <= MAX_SPIN_US
+  UINT32    WindowStretchMicroseconds;     ///< Test only: wait this long between the re-check and HLT, <= MAX_STRETCH_US
+} OVMF_MH_IDLE_POLICY;
+
+//
 // Image info: a constant record in the SEC module that tools find by its
 // GUID-shaped signature without running the image. The build id is a PCD
 // that the platform DSC sets, so the record holds its address; SEC runs in
@@ -487,6 +525,8 @@ STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, Result) == 392, "Result offset
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, CommandsServed) == 512, "counters offset");
 
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, MaxBatchPages) == 80, "MaxBatchPages offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, Idle) == 88, "Idle offset");
+STATIC_ASSERT (sizeof (OVMF_MH_IDLE_POLICY) == 16, "OVMF_MH_IDLE_POLICY size");
 
 STATIC_ASSERT (sizeof (OVMF_MH_SECRET) == 48, "OVMF_MH_SECRET size");
 STATIC_ASSERT (sizeof (OVMF_MH_STREAM_HEADER) == 160, "OVMF_MH_STREAM_HEADER size");

@@ -63,7 +63,7 @@ InternalCapabilities (
   UINT64           Capabilities;
 
   Session      = InternalSession (Context);
-  Capabilities = OVMF_MH_BASE_CAPABILITIES;
+  Capabilities = OVMF_MH_BASE_CAPABILITIES | Context->PlatformCapabilities;
   if (Session->AllowAesNi) {
     Capabilities |= OVMF_MH_CAP_AES_NI;
   }

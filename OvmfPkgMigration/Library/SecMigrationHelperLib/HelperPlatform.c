@@ -18,8 +18,9 @@
 ///
 /// I/O base the helper gives the ACPI PM block; the value OVMF's PEI uses.
 ///
-#define SEC_MH_PM_BASE          0x600
+#define SEC_MH_PM_BASE          0x600    ///< also in X64/IdleHalt.nasm (PM_TIMER_PORT)
 #define SEC_MH_PM1_CNT_OFFSET   4
+#define SEC_MH_PM_TMR_OFFSET    8
 #define SEC_MH_PM1_SLP_TYP_MASK (BIT12 | BIT11 | BIT10)
 #define SEC_MH_PM1_SLP_EN       BIT13
 
@@ -156,13 +157,14 @@ InternalHelperReadPaging (
 }
 
 /**
-  Power the helper VM off through the chipset's ACPI PM block.
+  Give the chipset's ACPI PM block its I/O base (SEC_MH_PM_BASE) and enable
+  it: the power-off register and the PM timer the idle loop reads.
 
-  @retval RETURN_UNSUPPORTED  The chipset is neither Q35 nor i440FX, or the
-                              power-off request had no effect.
+  @retval RETURN_SUCCESS      The PM block answers at SEC_MH_PM_BASE.
+  @retval RETURN_UNSUPPORTED  The chipset is neither Q35 nor i440FX.
 **/
 RETURN_STATUS
-InternalHelperPowerOff (
+InternalHelperEnablePm (
   VOID
   )
 {
@@ -171,8 +173,6 @@ InternalHelperPowerOff (
   UINT32  PmBaseMask;
   UINTN   EnableRegister;
   UINT8   EnableBit;
-  UINT16  Control;
-  UINTN   Spin;
 
   HostBridgeDeviceId = PciRead16 (PCI_LIB_ADDRESS (0, 0, 0, PCI_DEVICE_ID_OFFSET));
   switch (HostBridgeDeviceId) {
@@ -194,6 +194,39 @@ InternalHelperPowerOff (
 
   PciAndThenOr32 (PmBaseRegister, ~PmBaseMask, SEC_MH_PM_BASE);
   PciOr8 (EnableRegister, EnableBit);
+  return RETURN_SUCCESS;
+}
+
+/**
+  Read the ACPI PM timer (3.579545 MHz; compare only the low 24 bits).
+
+  @return The timer's count.
+**/
+UINT32
+InternalHelperPmTimer (
+  VOID
+  )
+{
+  return IoRead32 (SEC_MH_PM_BASE + SEC_MH_PM_TMR_OFFSET);
+}
+
+/**
+  Power the helper VM off through the chipset's ACPI PM block.
+
+  @retval RETURN_UNSUPPORTED  The chipset is neither Q35 nor i440FX, or the
+                              power-off request had no effect.
+**/
+RETURN_STATUS
+InternalHelperPowerOff (
+  VOID
+  )
+{
+  UINT16  Control;
+  UINTN   Spin;
+
+  if (RETURN_ERROR (InternalHelperEnablePm ())) {
+    return RETURN_UNSUPPORTED;
+  }
 
   //
   // SLP_TYP 0 with SLP_EN is soft-off on QEMU's PM1 control register.

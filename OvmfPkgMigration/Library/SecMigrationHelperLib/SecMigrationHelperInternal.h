@@ -158,6 +158,109 @@ InternalHelperPowerOff (
   );
 
 /**
+  Give the chipset's ACPI PM block its I/O base and enable it.
+
+  @retval RETURN_SUCCESS      The PM block answers.
+  @retval RETURN_UNSUPPORTED  The chipset is neither Q35 nor i440FX.
+**/
+RETURN_STATUS
+InternalHelperEnablePm (
+  VOID
+  );
+
+/**
+  Read the ACPI PM timer (3.579545 MHz; compare only the low 24 bits).
+
+  @return The timer's count.
+**/
+UINT32
+InternalHelperPmTimer (
+  VOID
+  );
+
+///
+/// ACPI PM timer frequency and the bits every chipset implements.
+///
+#define SEC_MH_PM_TIMER_HZ    3579545
+#define SEC_MH_PM_TIMER_MASK  0x00FFFFFF
+
+///
+/// How the helper waits for commands (HelperIdle.c).
+///
+typedef struct {
+  BOOLEAN    Halt;           ///< Halt when idle (FALSE: spin forever, the NEVER_HALT knob)
+  UINT32     SpinTicks;      ///< PM timer ticks of polling after the last command
+  UINT64     StretchTicks;   ///< Test knob: PM timer ticks between the re-check and HLT; 0 normally
+} SEC_MH_IDLE;
+
+/**
+  Read the optional idle policy (fw_cfg OVMF_MH_IDLE_POLICY_FW_CFG_NAME) and
+  turn it into PM timer ticks; without the file, the defaults.
+
+  @param[in]  PmUsable  Whether the PM timer answers (InternalHelperEnablePm).
+  @param[out] Idle      Receives the policy.
+  @param[out] Detail    Receives a clause for the log line on failure.
+
+  @retval OVMF_MH_STATUS_SUCCESS      Idle is set.
+  @retval OVMF_MH_STATUS_IDLE_POLICY  The file is malformed.
+**/
+UINT32
+InternalHelperReadIdlePolicy (
+  IN  BOOLEAN      PmUsable,
+  OUT SEC_MH_IDLE  *Idle,
+  OUT CONST CHAR8  **Detail
+  );
+
+/**
+  Serve the mailbox until the host asks for shutdown: spin for
+  Idle->SpinTicks after each command, then halt until an NMI.
+
+  @param[in,out] Context  A published helper context.
+  @param[in]     Idle     The idle policy.
+**/
+VOID
+InternalHelperServeUntilShutdown (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN CONST SEC_MH_IDLE           *Idle
+  );
+
+///
+/// Results of InternalHelperIdleHalt.
+///
+#define SEC_MH_IDLE_WOKEN   0   ///< Halted; an NMI ended the halt
+#define SEC_MH_IDLE_WINDOW  1   ///< An NMI landed before the HLT; the handler skipped it
+#define SEC_MH_IDLE_POSTED  2   ///< The re-check found a command; no halt
+
+/**
+  Publish the idle word, re-check CommandSeq and halt until an NMI
+  (X64/IdleHalt.nasm). Clears the idle word before it returns.
+
+  @param[in] IdleWord      The mailbox header's Idle.
+  @param[in] CommandSeq    The mailbox header's CommandSeq.
+  @param[in] LastSeq       The last sequence number served.
+  @param[in] StretchTicks  0; a test knob may stretch the window.
+
+  @return SEC_MH_IDLE_WOKEN, SEC_MH_IDLE_WINDOW or SEC_MH_IDLE_POSTED.
+**/
+UINT32
+EFIAPI
+InternalHelperIdleHalt (
+  IN volatile UINT32  *IdleWord,
+  IN volatile UINT32  *CommandSeq,
+  IN UINT32           LastSeq,
+  IN UINT64           StretchTicks
+  );
+
+/**
+  NMI handler (X64/IdleHalt.nasm), reached from the vector 2 stub.
+**/
+VOID
+EFIAPI
+InternalHelperNmiHandler (
+  VOID
+  );
+
+/**
   Stop this CPU for good.
 **/
 VOID

@@ -25,7 +25,7 @@ STATIC CONST OVMF_MH_IMAGE_INFO  mImageInfo = {
   OVMF_MH_ABI_MAJOR,
   OVMF_MH_ABI_MINOR,
   OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN | OVMF_MH_CAP_EXPORT | OVMF_MH_CAP_IMPORT | OVMF_MH_CAP_CHECK_PAGES |
-  OVMF_MH_CAP_BINDING,
+  OVMF_MH_CAP_BINDING | OVMF_MH_CAP_HALT_WAKE,
   (UINT64)(UINTN)FixedPcdGetPtr (PcdMigrationHelperBuildId),
   OVMF_MH_REQUEST_FW_CFG_NAME,
   OVMF_MH_SECRET_PAGE_BASE,
@@ -58,26 +58,20 @@ InternalReadBuildId (
   Serve the mailbox until the host asks for shutdown, then power off.
 
   @param[in,out] Private  Helper-private state with a published context.
+  @param[in]     Idle     How the helper waits for commands.
 **/
 STATIC
 VOID
 InternalServeForever (
-  IN OUT SEC_MH_PRIVATE  *Private
+  IN OUT SEC_MH_PRIVATE  *Private,
+  IN CONST SEC_MH_IDLE   *Idle
   )
 {
-  for ( ; ;) {
-    if (!MigrationHelperServeOne (&Private->Context)) {
-      CpuPause ();
-      continue;
-    }
-
-    if (Private->Context.ShutdownRequested) {
-      InternalHelperLog ("ovmf-mh: shutdown requested through the mailbox; powering off\n");
-      InternalHelperPowerOff ();
-      InternalHelperLog ("ovmf-mh: power-off had no effect on this machine type; halting\n");
-      InternalHelperHalt ();
-    }
-  }
+  InternalHelperServeUntilShutdown (&Private->Context, Idle);
+  InternalHelperLog ("ovmf-mh: shutdown requested through the mailbox; powering off\n");
+  InternalHelperPowerOff ();
+  InternalHelperLog ("ovmf-mh: power-off had no effect on this machine type; halting\n");
+  InternalHelperHalt ();
 }
 
 /**
@@ -213,6 +207,9 @@ InternalHelperRun (
   SEC_MH_PRIVATE        *Private;
   BOOLEAN               KeyLoaded;
   UINT64                WindowVirtual;
+  SEC_MH_IDLE           Idle;
+  BOOLEAN               PmUsable;
+  CONST CHAR8           *Detail;
 
   InternalReadBuildId (BuildId);
   InternalHelperLog (
@@ -293,6 +290,13 @@ InternalHelperRun (
   //
   InternalHelperInitializeCpu (Private);
   InternalLoadPageTables (&Request, &Paging, BuildId, &WindowVirtual);
+
+  PmUsable = (BOOLEAN)!RETURN_ERROR (InternalHelperEnablePm ());
+  Status   = InternalHelperReadIdlePolicy (PmUsable, &Idle, &Detail);
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    InternalRefuse (Status, &Request, MailboxUsable, BuildId, Detail);
+  }
+
   Private->Context.GuestWindow     = (volatile UINT8 *)(UINTN)WindowVirtual;
   Private->Context.GuestWindowSize = MigrationHelperWindowSize (&Request);
   Private->Magic                   = SEC_MH_PRIVATE_MAGIC;
@@ -312,6 +316,20 @@ InternalHelperRun (
     "ovmf-mh: transport key %a; launch-secret page wiped\n",
     KeyLoaded ? "loaded" : "absent (export and import refuse with NO_KEY)"
     );
+  if (Idle.Halt) {
+    Private->Context.PlatformCapabilities = OVMF_MH_CAP_HALT_WAKE;
+  }
+
+  Private->Context.Header->Idle        = OVMF_MH_IDLE_BUSY;
+  Private->Context.Header->HaltCount   = 0;
+  Private->Context.Header->WindowWakes = 0;
+  InternalHelperLog (
+    "ovmf-mh: idle: %a, %u PM timer ticks of polling after each command%a\n",
+    Idle.Halt ? "halts until an NMI (HALT_WAKE)" :
+    (PmUsable ? "never halts (idle policy NEVER_HALT)" : "never halts (no ACPI PM timer on this chipset)"),
+    Idle.SpinTicks,
+    (Idle.StretchTicks != 0) ? "; TEST KNOB: halt window stretched" : ""
+    );
   MigrationHelperPublishReady (&Private->Context);
 
   InternalHelperLog (
@@ -327,7 +345,7 @@ InternalHelperRun (
     BuildId[8], BuildId[9], BuildId[10], BuildId[11], BuildId[12], BuildId[13], BuildId[14], BuildId[15]
     );
 
-  InternalServeForever (Private);
+  InternalServeForever (Private, &Idle);
 }
 
 /**

@@ -1,7 +1,9 @@
 ;------------------------------------------------------------------------------
 ; @file
 ;   Exception entry stubs of the SEC migration helper: one 16-byte stub per
-;   vector 0..31 that pushes a uniform frame and calls InternalHelperFault.
+;   vector 0..31 that pushes a uniform frame and calls InternalHelperFault,
+;   except vector 2 (NMI, the host's wake-up), whose stub jumps to
+;   InternalHelperNmiHandler (IdleHalt.nasm), which returns.
 ;
 ;   SPDX-License-Identifier: BSD-2-Clause-Patent
 ;------------------------------------------------------------------------------
@@ -10,6 +12,7 @@
     SECTION .text
 
 extern ASM_PFX(InternalHelperFault)
+extern ASM_PFX(InternalHelperNmiHandler)
 
 ;
 ; Vectors for which the CPU pushes an error code itself.
@@ -18,14 +21,18 @@ extern ASM_PFX(InternalHelperFault)
 
 %macro EXCEPTION_STUB 1
     align 16
-%if HAS_ERROR_CODE(%1)
+%if (%1) == 2
+    jmp     strict near ASM_PFX(InternalHelperNmiHandler)
+%elif HAS_ERROR_CODE(%1)
     nop
     nop
 %else
     push    byte 0
 %endif
+%if (%1) != 2
     push    byte %1
     jmp     strict near CommonFault
+%endif
 %endmacro
 
 global ASM_PFX(InternalHelperExceptionStubs)

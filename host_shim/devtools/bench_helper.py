@@ -1,0 +1,136 @@
+"""ovmf-mh bench helper: what one firmware helper VM costs and how fast it
+answers, in sections measured side by side in one run.
+
+Section ``idle`` (issue 21): a helper that halts when idle (ABI 4.1,
+HALT_WAKE; the default) beside the spinning baseline (the idle policy's
+NEVER_HALT, how every helper behaved before): the percent of a CPU its QEMU
+uses while it waits for a command (from /proc/PID/stat over
+``idle_seconds``), and the round trip of an empty command (QUERY) posted
+after the helper had time to halt (``gap`` seconds after the previous one),
+median and 99th percentile, with the wake-ups it took.
+
+Sections are entries of SECTIONS (a function from a BenchContext to a JSON
+dict) and FORMATTERS (that dict to text lines); a new measure of helper
+speed is one more pair, run with ``--section NAME``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from helper import abi
+from host_shim.helpers.helper_vm import HelperSpec, HelperVM, IdlePolicy
+
+#: Seconds between two commands of the latency run: longer than the helper's
+#: spin (3 ms), so every command finds it halted (or spinning, the baseline).
+DEFAULT_GAP = 0.02
+
+
+@dataclass(frozen=True)
+class BenchContext:
+    image: Path
+    work: Path
+    idle_seconds: float = 5.0
+    samples: int = 100
+    gap: float = DEFAULT_GAP
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_share(pid: int, seconds: float) -> float:
+    """Percent of one CPU the process used over the next ``seconds``."""
+    before, start = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return 100.0 * (cpu_seconds(pid) - before) / (time.monotonic() - start)
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def _measure_helper(context: BenchContext, name: str, policy: IdlePolicy | None) -> dict[str, Any]:
+    with HelperVM(HelperSpec(context.image, idle_policy=policy), context.work / name, name) as helper:
+        header = helper.wait_ready()
+        mailbox = helper.mailbox
+        assert mailbox is not None and helper.vm.pid is not None
+        time.sleep(0.2)  # past the spin after READY
+        idle_cpu = cpu_share(helper.vm.pid, context.idle_seconds)
+        latencies = []
+        for _ in range(context.samples):
+            time.sleep(context.gap)
+            latencies.append(mailbox.call("QUERY").seconds)
+        after = mailbox.header()
+        return {
+            "halt_wake": bool(header["Capabilities"] & abi.load().const("OVMF_MH_CAP_HALT_WAKE")),
+            "idle_cpu_percent": idle_cpu,
+            "idle_seconds": context.idle_seconds,
+            "wake_latency_ms_median": 1000 * statistics.median(latencies),
+            "wake_latency_ms_p99": 1000 * _percentile(latencies, 0.99),
+            "samples": len(latencies),
+            "gap_ms": 1000 * context.gap,
+            "wakes_sent": mailbox.wakes,
+            "halts": after["HaltCount"],
+            "window_wakes": after["WindowWakes"],
+        }
+
+
+def section_idle(context: BenchContext) -> dict[str, Any]:
+    """The halting helper and the spinning baseline, one after the other."""
+    return {
+        "halting": _measure_helper(context, "halting", None),
+        "spinning": _measure_helper(context, "spinning", IdlePolicy(never_halt=True)),
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def format_idle(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"idle firmware helper (load average {result['load_average']:.1f}): CPU while waiting over "
+        f"{result['halting']['idle_seconds']:.0f} s, and an empty command's round trip "
+        f"{result['halting']['gap_ms']:.0f} ms after the previous one",
+        "| helper | idle CPU | wake latency median | p99 | samples | wakes sent | halts |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, label in (("halting", "halts when idle (ABI 4.1)"), ("spinning", "spins (NEVER_HALT baseline)")):
+        row = result[name]
+        lines.append(
+            f"| {label} | {row['idle_cpu_percent']:.1f} % | {row['wake_latency_ms_median']:.2f} ms | "
+            f"{row['wake_latency_ms_p99']:.2f} ms | {row['samples']} | {row['wakes_sent']} | {row['halts']} |")
+    return lines
+
+
+#: Sections of the bench, in the order they run by default.
+SECTIONS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
+    "idle": section_idle,
+}
+FORMATTERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "idle": format_idle,
+}
+
+
+def bench_helper(context: BenchContext, sections: list[str] | None = None) -> dict[str, Any]:
+    """Run the named sections (default: all) and return their results by name."""
+    chosen = sections or list(SECTIONS)
+    unknown = [name for name in chosen if name not in SECTIONS]
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    context.work.mkdir(parents=True, exist_ok=True)
+    return {"sections": {name: SECTIONS[name](context) for name in chosen}}
+
+
+def format_helper_report(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for name, result in results["sections"].items():
+        lines += [*FORMATTERS[name](result), ""]
+    return lines[:-1]

@@ -1,0 +1,234 @@
+"""Helpers that halt when idle and a host that wakes them (docs/mailbox.md,
+"Idle and wake"): the lost wake-up race host-built, and in QEMU."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helper import abi
+from host_shim.errors import HelperTimeout
+from host_shim.helpers import hostcore
+from host_shim.helpers.helper_vm import HelperSpec, HelperVM, IdlePolicy
+
+A = abi.load()
+HEADER = A.layout("OVMF_MH_MAILBOX_HEADER")
+HEADER_SIZE = A.const("OVMF_MH_MAILBOX_HEADER_SIZE")
+
+#: mh_idle_race flags (tests/c/IdleRaceHarness.c).
+HOST_FENCE, REWAKE, NO_FIXUP, IN_WINDOW = 0x1, 0x2, 0x4, 0x8
+#: PAUSE loops of a stretched window: long enough (tenths of a second) that
+#: the host's wake lands inside it even on a loaded machine.
+STRETCH = 2_000_000
+#: Stats indices.
+ANSWERED, LOST, WAKES, HALTS, WINDOW, POSTED = range(6)
+
+
+# --- host-built: the race hammered -------------------------------------------------------------
+
+
+class _Race:
+    def __init__(self) -> None:
+        self.lib = hostcore.load()
+        self.lib.mh_create.restype = ctypes.c_void_p
+        self.lib.mh_create.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
+                                       ctypes.c_void_p, ctypes.c_uint64]
+        self.lib.mh_destroy.argtypes = [ctypes.c_void_p]
+        self.lib.mh_idle_race.restype = ctypes.c_int
+        self.lib.mh_idle_race.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_uint32] * 6 + [
+            ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64)]
+
+    def run(self, commands: int, flags: int, stretch: int = 0, timeout: float = 0.05) -> list[int]:
+        mailbox = (ctypes.c_uint8 * (HEADER_SIZE + 64 * 1024))()
+        context = self.lib.mh_create(ctypes.addressof(mailbox), len(mailbox), None, 0, None, 0)
+        assert context
+        stats = (ctypes.c_uint64 * 6)()
+        try:
+            rc = self.lib.mh_idle_race(
+                context, ctypes.addressof(mailbox), HEADER.offset("CommandSeq"), HEADER.offset("Command"),
+                HEADER.offset("ResponseSeq"), HEADER.offset("Idle"), commands, flags, stretch,
+                int(timeout * 1e9), stats)
+        finally:
+            self.lib.mh_destroy(context)
+        assert rc == 0
+        return list(stats)
+
+
+@pytest.fixture(scope="module")
+def race() -> _Race:
+    return _Race()
+
+
+@pytest.mark.parametrize("flags", [HOST_FENCE, REWAKE], ids=["host-fence", "no-fence-rewake"])
+def test_race_loses_no_command(race: _Race, flags: int) -> None:
+    """20,000 commands to a helper thread that goes idle (publish, fence,
+    re-check, halt) after every one: every command is answered, and the race
+    was really run: the helper both halted and found commands at its re-check."""
+    stats = race.run(20000, flags, timeout=2.0)
+    assert stats[ANSWERED] == 20000 and stats[LOST] == 0, stats
+    assert stats[HALTS] > 0 and stats[WAKES] > 0, stats
+
+
+def test_race_window_is_fixed_up(race: _Race) -> None:
+    """A stretched window (the helper spins between its re-check and the
+    halt; the host posts only once the helper is past its re-check): wakes
+    land inside it, the handler skips the halt, nothing is lost."""
+    stats = race.run(50, HOST_FENCE | IN_WINDOW, stretch=STRETCH, timeout=5.0)
+    assert stats[LOST] == 0 and stats[ANSWERED] == 50, stats
+    assert stats[WINDOW] > 0, stats
+
+
+def test_race_without_fixup_loses_commands(race: _Race) -> None:
+    """Negative control: the same stretched window with a handler that does
+    not move the return address: wakes inside the window are slept through
+    and commands are lost (until the harness wakes the helper again), so the
+    tests above can fail."""
+    stats = race.run(5, HOST_FENCE | IN_WINDOW | NO_FIXUP, stretch=STRETCH, timeout=0.2)
+    assert stats[LOST] > 0 and stats[WINDOW] == 0, stats
+
+
+# --- in QEMU: the firmware helper ----------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_idle(helper: HelperVM, value: int, timeout: float = 20.0) -> None:
+    assert helper.mailbox is not None
+    deadline = time.monotonic() + timeout
+    while helper.mailbox.header()["Idle"] != value:
+        assert time.monotonic() < deadline, f"Idle never became {value}: {helper.mailbox.header()['Idle']}"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def halting_helper(firmware: Path, work_dir: Path) -> Iterator[HelperVM]:
+    with HelperVM(HelperSpec(firmware), work_dir / "helper") as helper:
+        helper.wait_ready()
+        yield helper
+
+
+def test_idle_firmware_helper_uses_almost_no_cpu(halting_helper: HelperVM) -> None:
+    """An idle firmware helper halts: it claims HALT_WAKE, publishes Idle and
+    its QEMU uses far less than the ~100 % of a CPU a spinning helper uses
+    (a generous bound, over 3 s, for a loaded machine)."""
+    helper = halting_helper
+    assert helper.mailbox is not None and helper.vm.pid is not None
+    assert helper.mailbox.header()["Capabilities"] & A.const("OVMF_MH_CAP_HALT_WAKE")
+    _wait_idle(helper, A.const("OVMF_MH_IDLE_HALTING"))
+    before, start = _cpu_seconds(helper.vm.pid), time.monotonic()
+    time.sleep(3.0)
+    share = (_cpu_seconds(helper.vm.pid) - before) / (time.monotonic() - start)
+    assert share < 0.20, f"idle helper used {share:.0%} of a CPU"
+
+
+def test_commands_around_the_halt_threshold_are_never_lost(halting_helper: HelperVM) -> None:
+    """Commands posted at random delays around the 3 ms spin-then-halt
+    threshold (some to a spinning helper, some to one about to halt, some to
+    a halted one): every one is answered, and both paths were taken."""
+    helper = halting_helper
+    assert helper.mailbox is not None
+    rng = random.Random(21)
+    for _ in range(150):
+        time.sleep(rng.uniform(0.0, 0.008))
+        assert helper.mailbox.call("QUERY").results[1] & A.const("OVMF_MH_CAP_HALT_WAKE")
+    header = helper.mailbox.header()
+    assert header["CommandsServed"] >= 150
+    assert header["HaltCount"] > 0 and helper.mailbox.wakes > 0, (header["HaltCount"], helper.mailbox.wakes)
+    assert helper.mailbox.wakes < 150, "every command needed a wake: the helper never caught one while spinning"
+
+
+def test_nmi_inside_the_halt_window_is_not_slept_through(firmware: Path, work_dir: Path) -> None:
+    """The test knob stretches the window between the re-check and HLT to
+    1.5 s. A command posted inside it, with exactly one NMI, is answered:
+    the handler moved the return address past the HLT (WindowWakes). Then
+    the negative control: a command posted in the window with no NMI is not
+    answered (the helper halted), until an NMI wakes it."""
+    spec = HelperSpec(firmware, idle_policy=IdlePolicy(spin_us=0, stretch_us=1_500_000))
+    with HelperVM(spec, work_dir / "helper") as helper:
+        helper.wait_ready()
+        mailbox = helper.mailbox
+        assert mailbox is not None
+        stretched = A.const("OVMF_MH_IDLE_STRETCHED")
+        sent: list[float] = []
+
+        def one_nmi() -> None:
+            if not sent:
+                helper.vm.qmp("inject-nmi")
+                sent.append(time.monotonic())
+
+        mailbox.wake = one_nmi
+        _wait_idle(helper, stretched)
+        assert mailbox.call("NOP", timeout=10.0).status == 0
+        assert len(sent) == 1
+        header = mailbox.header()
+        assert header["WindowWakes"] == 1 and header["HaltCount"] == 0, header
+
+        mailbox.wake = None
+        _wait_idle(helper, stretched)
+        with pytest.raises(HelperTimeout):
+            mailbox.call("NOP", timeout=3.0)
+        assert mailbox.header()["ResponseSeq"] != mailbox.header()["CommandSeq"]
+        helper.vm.qmp("inject-nmi")
+        mailbox.wake = helper.wake
+        assert mailbox.call("NOP", timeout=10.0).status == 0
+        assert mailbox.header()["HaltCount"] >= 1
+
+
+def test_malformed_idle_policy_is_refused(firmware: Path, work_dir: Path) -> None:
+    spec = HelperSpec(firmware, idle_policy=IdlePolicy(signature=0x12345678))
+    with HelperVM(spec, work_dir / "helper") as helper:
+        assert helper.mailbox is not None
+        header = helper.mailbox.wait_published(30.0)
+        assert header["State"] == A.const("OVMF_MH_STATE_HALTED")
+        assert header["HaltReason"] == A.const("OVMF_MH_STATUS_IDLE_POLICY")
+    assert "idle policy: bad signature" in (work_dir / "helper" / "debugcon.log").read_text()
+
+
+def test_never_halt_policy_is_the_spinning_baseline(firmware: Path, work_dir: Path) -> None:
+    spec = HelperSpec(firmware, idle_policy=IdlePolicy(never_halt=True))
+    with HelperVM(spec, work_dir / "helper") as helper:
+        header = helper.wait_ready()
+        assert helper.mailbox is not None
+        assert not header["Capabilities"] & A.const("OVMF_MH_CAP_HALT_WAKE")
+        time.sleep(0.1)
+        assert helper.mailbox.call("NOP").status == 0
+        assert helper.mailbox.header()["Idle"] == 0 and helper.mailbox.wakes == 0
+
+
+# --- the reference helper process keeps the same contract ---------------------------------------
+
+
+def test_reference_process_blocks_when_idle_and_is_woken(tmp_path: Path) -> None:
+    """helper.serve: HALT_WAKE, the idle word set while it waits in
+    sigtimedwait (little CPU), and commands at random delays around its spin
+    all answered, some of them after a SIGUSR1 wake."""
+    from host_shim.helpers.reference_process import ReferenceHelperProcess
+
+    guest = tmp_path / "guest.ram"
+    guest.write_bytes(bytes(64 * 4096))
+    with ReferenceHelperProcess(guest, None, tmp_path / "helper", target=False) as helper:
+        header = helper.wait_ready()
+        mailbox = helper.mailbox
+        assert mailbox is not None and helper.pid is not None
+        assert header["Capabilities"] & A.const("OVMF_MH_CAP_HALT_WAKE")
+        deadline = time.monotonic() + 10
+        while mailbox.header()["Idle"] != A.const("OVMF_MH_IDLE_HALTING"):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        before, start = _cpu_seconds(helper.pid), time.monotonic()
+        time.sleep(2.0)
+        assert (_cpu_seconds(helper.pid) - before) / (time.monotonic() - start) < 0.20
+        rng = random.Random(7)
+        for _ in range(100):
+            time.sleep(rng.uniform(0.0, 0.008))
+            assert mailbox.call("QUERY").results[1] & A.const("OVMF_MH_CAP_HALT_WAKE")
+        assert 0 < mailbox.wakes < 100
