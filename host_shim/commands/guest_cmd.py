@@ -196,7 +196,9 @@ def run_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"argv": argv, "prepare": prepare}, indent=2))
         return 0
-    print(f"# the test guest, attachable by 'ovmf-mh migrate --qmp {qmp} --ram {ram}'; prepare first:")
+    what = "the Debian guest" if args.guest == "debian" else "the test guest"
+    attach = f"--qmp {qmp} --ram {ram}" + (f" --disk {work / 'disk.qcow2'}" if args.guest == "debian" else "")
+    print(f"# {what}, attachable by 'ovmf-mh migrate {attach}'; prepare first:")
     print(f"#   mkdir -p {shlex.quote(str(work))} && truncate -s {args.guest_mib * MIB} {shlex.quote(str(ram))}")
     if config.firmware_vars:
         print(f"#   cp {shlex.quote(str(config.firmware_vars))} {shlex.quote(str(work / 'vars.fd'))}")
