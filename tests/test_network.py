@@ -79,6 +79,17 @@ def test_the_client_reaches_a_host_namespace_across_the_switch_and_nothing_is_le
             server.kill()
             server.wait()
         assert result["bytes_sent"] == result["bytes_echoed"] and result["connection_reset"] is False
+        # The device-state path: from the source host's namespace to the target host's own address.
+        target = net.address("target")
+        server = subprocess.Popen([*net.enter("target"), sys.executable, "-c", ECHO_SERVER, target, "4444"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == "listening"
+            result = _probe(net.enter("source"), target, 4444, 0.5)
+        finally:
+            server.kill()
+            server.wait()
+        assert result["bytes_sent"] == result["bytes_echoed"]
         holders = [holder.pid for holder in net.holders.values()]
     # The holders are gone, and with them the namespaces and every link in them.
     assert not any(Path(f"/proc/{pid}").exists() for pid in holders)

@@ -513,6 +513,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         disk=_shared_disk(config),
         nic=NicBackend("tap", TAP) if config.network else NicBackend(),
         wrapper=config.network.enter("target") if config.network else [],
+        device_state_host=config.network.address("target") if config.network else None,
     )
     server = listen(("127.0.0.1", 0))
     results: list[TargetReport] = []
@@ -716,7 +717,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
                     channel.send("abort", reason=message)
                 raise MigrationError(message)
         watch.phase = channel.phase = "the device-state move"
-        report.device_state_seconds = _migrate_device_state(source, address[0], device_state_port)
+        device_state_host = config.network.address("target") if config.network else address[0]
+        report.device_state_seconds = _migrate_device_state(source, device_state_host, device_state_port)
         marks["device_state"] = time.monotonic() - stop_at - report.verify_seconds
         watch.check()
         alive.close()

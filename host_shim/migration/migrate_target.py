@@ -76,8 +76,11 @@ class TargetConfig:
     # (never a path from the source), and the host side of its NIC.
     disk: Path | None = None
     nic: NicBackend = field(default_factory=NicBackend)
-    # Programs the target QEMU starts through (nsenter into this host's namespace).
+    # Programs the target QEMU starts through (nsenter into this host's namespace),
+    # and the address its device-state migration listens on there (default: the
+    # control connection's).
     wrapper: list[str] = field(default_factory=list)
+    device_state_host: str | None = None
 
 
 @dataclass
@@ -231,7 +234,7 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     target = stack.enter_context(QemuVM(_target_qemu(config, description, ram, size), work / "target", "target"))
     report.guest_state = "waiting for the stream (never resumed)"
     target.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-    device_state_port = _listen_for_device_state(target, listen_host)
+    device_state_port = _listen_for_device_state(target, config.device_state_host or listen_host)
 
     reader = _CountingReader(channel.reader)
     ready = threading.Event()

@@ -25,6 +25,9 @@ from host_shim.vm import process
 HOSTS = ("source", "target")
 ROLES = ("switch", *HOSTS, "client")
 CLIENT_ADDRESS = "10.0.2.100/24"
+#: Each host's own address on its bridge: QEMU's device-state migration goes
+#: from the source host's namespace to the target host's over the segment.
+HOST_ADDRESSES = {"source": "10.0.2.201/24", "target": "10.0.2.202/24"}
 TAP = "omh-tap0"
 UPLINK = "omh-up0"
 BRIDGE = "omh-br0"
@@ -108,5 +111,11 @@ class L2Network:
             self.ip(role, "link", "set", UPLINK, "master", BRIDGE)
             self.ip(role, "tuntap", "add", "dev", TAP, "mode", "tap")
             self.ip(role, "link", "set", TAP, "master", BRIDGE, "up")
+            self.ip(role, "addr", "add", HOST_ADDRESSES[role], "dev", BRIDGE)
             self.ip(role, "link", "set", BRIDGE, "up")
         self.ip("client", "addr", "add", CLIENT_ADDRESS, "dev", UPLINK)
+
+    @staticmethod
+    def address(role: str) -> str:
+        """A host namespace's own address (without the prefix length)."""
+        return HOST_ADDRESSES[role].split("/")[0]
