@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="with --guest debian: put the source host, the target host and a client in network "
                         "namespaces on one L2 segment, the guest's NIC on a tap in each host's, and stream a TCP "
                         "connection from the client to the guest's echo service through the migration (the report's "
-                        "tcp_probe); needs root (default on; --no-network: a NIC with no host side)")
+                        "tcp_probe); needs root; not with --to (default on; --no-network: a NIC with no host side)")
     parser.add_argument("--max-passes", type=int, default=6, help="pre-copy passes at most (default 6)")
     parser.add_argument("--converge-pages", type=int, default=2048,
                         help="stop pre-copy when a pass sent at most this many pages (default 2048)")
@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
         disk=args.disk.absolute() if args.disk else None,
     )
     try:
-        with L2Network() if args.guest == "debian" and args.network else nullcontext() as network:
+        # The namespaces hold both hosts: only when this command runs both roles.
+        with L2Network() if args.guest == "debian" and args.network and not args.to else nullcontext() as network:
             config.network = network
             report = migrate(config)
     except Exception:
