@@ -25,9 +25,9 @@ while (d := c.recv(65536)):
 """
 
 
-def _probe(prefix: list[str], host: str, port: int, seconds: float) -> dict[str, object]:
+def _probe(prefix: list[str], host: str, port: int, seconds: float, *options: str) -> dict[str, object]:
     probe = subprocess.Popen([*prefix, sys.executable, "-m", "host_shim.vm.tcp_probe", host, str(port),
-                              "--connect-timeout", "20", "--drain", "5"],
+                              "--connect-timeout", "20", "--drain", "5", *options],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert probe.stdin is not None and probe.stdout is not None
@@ -61,6 +61,32 @@ def test_the_probe_counts_every_byte_echoed_in_order() -> None:
     assert result["bytes_sent"] == result["bytes_echoed"] and int(str(result["bytes_sent"])) >= 10 * 1024
     assert result["in_order"] is True and result["connection_reset"] is False
     assert float(str(result["longest_gap_ms"])) < 1000
+
+
+def test_a_peer_that_stops_reading_for_a_while_is_a_gap_not_a_reset() -> None:
+    """As a guest stopped for the switchover: the echo pauses, the window
+    fills and the probe's sends wait; nothing is lost and nothing is reset,
+    and the pause shows as the longest gap."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def echo_with_a_pause() -> None:
+        conn, _ = server.accept()
+        with conn:
+            paused = False
+            while data := conn.recv(65536):
+                conn.sendall(data)
+                if not paused:
+                    paused = True
+                    time.sleep(2.0)
+
+    threading.Thread(target=echo_with_a_pause, daemon=True).start()
+    result = _probe([], "127.0.0.1", server.getsockname()[1], 3.0, "--chunk", "65536", "--interval-ms", "1")
+    server.close()
+    assert result["connection_reset"] is False, result
+    assert result["bytes_sent"] == result["bytes_echoed"] and result["in_order"] is True, result
+    assert float(str(result["longest_gap_ms"])) >= 1500, result
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")

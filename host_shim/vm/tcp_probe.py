@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import socket
 import sys
 import threading
@@ -41,6 +42,9 @@ class Probe:
         self._last = time.monotonic()
 
     def send_loop(self) -> None:
+        # Blocking sends: while the guest is stopped for the switchover the
+        # window closes and a send waits, as an application's would; only an
+        # error of the connection itself counts as a reset.
         while not self.stopping.is_set():
             try:
                 self.conn.sendall(_pattern(self.sent, self.chunk))
@@ -51,14 +55,14 @@ class Probe:
             time.sleep(self.interval)
 
     def receive_loop(self, deadline: list[float]) -> None:
-        self.conn.settimeout(0.1)
         while time.monotonic() < deadline[0]:
             if self.stopping.is_set() and self.echoed >= self.sent:
                 return
+            readable, _, _ = select.select([self.conn], [], [], 0.1)
+            if not readable:
+                continue
             try:
                 data = self.conn.recv(65536)
-            except TimeoutError:
-                continue
             except OSError:
                 self.reset = True
                 return
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(json.dumps({"error": f"cannot connect to {args.host}:{args.port}: {exc}"}), flush=True)
         return 1
+    conn.settimeout(None)
     probe = Probe(conn, args.chunk, args.interval_ms / 1000)
     print("connected", flush=True)
     deadline = [float("inf")]
