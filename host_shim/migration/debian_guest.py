@@ -16,6 +16,8 @@ import json
 import select
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,7 @@ class ProbeClient:
 
     def __init__(self, network: L2Network, timeout: float = 180.0) -> None:
         address = guest_image.GUEST_ADDRESS.split("/")[0]
+        self.result: dict[str, Any] | None = None
         self.proc = process.spawn(
             [*network.enter("client"), sys.executable, "-m", "host_shim.vm.tcp_probe", address,
              str(guest_image.ECHO_PORT), "--connect-timeout", str(timeout)],
@@ -127,7 +130,12 @@ class ProbeClient:
         return self.proc.stdout.readline().decode(errors="replace") if ready else ""
 
     def finish(self) -> dict[str, Any]:
-        """Stop streaming, wait for the echo's rest, return the probe's result."""
+        """Stop streaming, wait for the echo's rest, return the probe's
+        result (the same on every later call); a probe that gives none is
+        said in the result, never raised: the guest's migration is not the
+        probe's."""
+        if self.result is not None:
+            return self.result
         assert self.proc.stdin is not None
         with suppress(OSError):
             self.proc.stdin.write(b"stop\n")
@@ -135,10 +143,10 @@ class ProbeClient:
         line = self._line(60)
         self.close()
         try:
-            result: dict[str, Any] = json.loads(line)
+            self.result = dict(json.loads(line))
         except ValueError:
-            raise MigrationError(f"the TCP probe gave no result: {line.strip()!r}") from None
-        return result
+            self.result = {"error": f"the TCP probe gave no result: {line.strip()!r}"}
+        return self.result
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -148,9 +156,34 @@ class ProbeClient:
         process.kill_if_running(self.proc, "the TCP probe")
 
 
-def start_probe(network: L2Network | None, stack: ExitStack) -> ProbeClient | None:
+def start_probe(network: L2Network | None, stack: ExitStack,
+                probes: list[ProbeClient] | None = None) -> ProbeClient | None:
+    """With the L2 network: the probe, streaming from now on (also put in
+    ``probes``, for the target role to stop after 'cont')."""
     if network is None:
         return None
     probe = ProbeClient(network)
     stack.callback(probe.close)
+    if probes is not None:
+        probes.append(probe)
     return probe
+
+
+#: Seconds the probe streams on after 'cont': longer than TCP's backed-off
+#: retransmission after a downtime of a few seconds, so the echo resumes.
+STREAM_AFTER_RESUME = 8.0
+
+
+def finish_probe_after(hook: Callable[[QemuVM], None] | None,
+                       probes: list[ProbeClient]) -> Callable[[QemuVM], None] | None:
+    """The target role's after-resume hook: ``hook``, then, if the source
+    started a probe, let it stream on for STREAM_AFTER_RESUME and stop it
+    (the one-machine target stops the guest soon after its first heartbeat)."""
+    def after_resume(target: QemuVM) -> None:
+        if hook is not None:
+            hook(target)
+        if probes:
+            time.sleep(STREAM_AFTER_RESUME)
+            probes[0].finish()
+
+    return after_resume

@@ -505,7 +505,10 @@ def migrate(config: MigrationConfig) -> MigrationReport:
                                  "both hosts (it never crosses the connection)")
         return _migrate_source(config, read_key(config.key_file), config.target)
     key = read_key(config.key_file) if config.key_file else os.urandom(32)
-    hook = config.after_switchover
+    # The TCP probe, once the source started it, is stopped from the target
+    # role after 'cont', while the target still runs the guest.
+    probes: list[debian_guest.ProbeClient] = []
+    hook = debian_guest.finish_probe_after(config.after_switchover, probes)
     target_config = TargetConfig(
         image=config.image, work_dir=config.work_dir, key=key, helper=config.helper, helpers=config.helpers,
         ram_dir=config.ram_dir, idle_timeout=config.idle_timeout, heartbeat_timeout=config.heartbeat_timeout,
@@ -521,7 +524,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
                               name="migrate-target", daemon=True)
     target.start()
     try:
-        report = _migrate_source(config, key, server.getsockname()[:2])
+        report = _migrate_source(config, key, server.getsockname()[:2], probes)
     finally:
         # A source that never connected leaves the target waiting in accept:
         # shutting the listening socket down wakes it. Once connected, the
@@ -536,7 +539,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
     return report
 
 
-def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int]) -> MigrationReport:
+def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int],
+                    probes: list[debian_guest.ProbeClient] | None = None) -> MigrationReport:
     work = config.work_dir
     work.mkdir(parents=True, exist_ok=True)
     report = MigrationReport(helper=config.helper, helpers=config.helpers, guest_mib=config.guest_mib,
@@ -559,7 +563,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
     try:
         if not source_guest.attached:
             _wait_for(source, guest.HEARTBEAT, _boot_timeout(source_guest))
-        probe = debian_guest.start_probe(config.network, stack)
+        probe = debian_guest.start_probe(config.network, stack, probes)
         prepare_start = time.monotonic()
         channel = _connect(config, address)
         stack.callback(channel.close)

@@ -42,17 +42,32 @@ class Probe:
         self._last = time.monotonic()
 
     def send_loop(self) -> None:
-        # Blocking sends: while the guest is stopped for the switchover the
-        # window closes and a send waits, as an application's would; only an
-        # error of the connection itself counts as a reset.
+        """A chunk every interval. While the guest is stopped for the
+        switchover the window closes and the chunk waits, as an
+        application's would (a gap, not a reset); only an error of the
+        connection itself is a reset. Never blocks past a stop."""
+        pending = b""
+        next_at = time.monotonic()
         while not self.stopping.is_set():
+            if not pending:
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    self.stopping.wait(delay)
+                    continue
+                pending = _pattern(self.sent, self.chunk)
+                next_at = max(next_at + self.interval, time.monotonic())
+            _, writable, _ = select.select([], [self.conn], [], 0.1)
+            if not writable:
+                continue
             try:
-                self.conn.sendall(_pattern(self.sent, self.chunk))
+                count = self.conn.send(pending, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
             except OSError:
                 self.reset = True
                 return
-            self.sent += self.chunk
-            time.sleep(self.interval)
+            self.sent += count
+            pending = pending[count:]
 
     def receive_loop(self, deadline: list[float]) -> None:
         while time.monotonic() < deadline[0]:
