@@ -162,7 +162,8 @@ def test_the_debian_guest_migrates_with_its_devices_and_its_disk_reads_back_the_
     assert "-kernel" not in target_cmdline and f"file={work_dir / 'disk.qcow2'}" in target_cmdline
     assert target_cmdline.startswith("nsenter --net=") and "ifname=omh-tap0" in target_cmdline
     probe = report.tcp_probe
-    assert probe is not None and probe["bytes_sent"] > 0 and probe["bytes_echoed"] == probe["bytes_sent"], probe
+    assert probe is not None and "error" not in probe, probe
+    assert probe["bytes_sent"] > 0 and probe["bytes_echoed"] == probe["bytes_sent"], probe
     assert probe["in_order"] is True and probe["connection_reset"] is False, probe
     wrote = _probe_digests((work_dir / "source" / "serial.log").read_text(errors="replace"), guest_image.DISK_WROTE)
     assert len(wrote) == 1, "the guest wrote its probe file once, at boot on the source"
