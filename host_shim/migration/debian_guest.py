@@ -16,6 +16,7 @@ import json
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
@@ -114,6 +115,7 @@ class ProbeClient:
     def __init__(self, network: L2Network, timeout: float = 180.0) -> None:
         address = guest_image.GUEST_ADDRESS.split("/")[0]
         self.result: dict[str, Any] | None = None
+        self._lock = threading.Lock()
         self.proc = process.spawn(
             [*network.enter("client"), sys.executable, "-m", "host_shim.vm.tcp_probe", address,
              str(guest_image.ECHO_PORT), "--connect-timeout", str(timeout)],
@@ -134,6 +136,10 @@ class ProbeClient:
         result (the same on every later call); a probe that gives none is
         said in the result, never raised: the guest's migration is not the
         probe's."""
+        with self._lock:
+            return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
         if self.result is not None:
             return self.result
         assert self.proc.stdin is not None
@@ -158,32 +164,30 @@ class ProbeClient:
 
 def start_probe(network: L2Network | None, stack: ExitStack,
                 probes: list[ProbeClient] | None = None) -> ProbeClient | None:
-    """With the L2 network: the probe, streaming from now on (also put in
-    ``probes``, for the target role to stop after 'cont')."""
+    """With the L2 network: the probe, streaming from now on. Given
+    ``probes``, it goes there and its owner stops it (the one-machine
+    command, after the target role let it stream on); else ``stack`` does."""
     if network is None:
         return None
     probe = ProbeClient(network)
-    stack.callback(probe.close)
     if probes is not None:
         probes.append(probe)
+    else:
+        stack.callback(probe.close)
     return probe
 
 
-#: Seconds the probe streams on after 'cont': longer than TCP's backed-off
-#: retransmission after a downtime of a few seconds, so the echo resumes.
+#: Seconds the probe streams on after the guest runs on the target: longer
+#: than TCP's backed-off retransmission after a downtime of a few seconds.
 STREAM_AFTER_RESUME = 8.0
 
 
-def finish_probe_after(hook: Callable[[QemuVM], None] | None,
-                       probes: list[ProbeClient]) -> Callable[[QemuVM], None] | None:
-    """The target role's after-resume hook: ``hook``, then, if the source
-    started a probe, let it stream on for STREAM_AFTER_RESUME and stop it
-    (the one-machine target stops the guest soon after its first heartbeat)."""
-    def after_resume(target: QemuVM) -> None:
-        if hook is not None:
-            hook(target)
+def finish_probe_later(probes: list[ProbeClient]) -> Callable[[], None]:
+    """The one-machine target role's last step before it stops the guest:
+    if the source started a probe, let it stream on, then stop it."""
+    def linger() -> None:
         if probes:
             time.sleep(STREAM_AFTER_RESUME)
             probes[0].finish()
 
-    return after_resume
+    return linger

@@ -505,10 +505,10 @@ def migrate(config: MigrationConfig) -> MigrationReport:
                                  "both hosts (it never crosses the connection)")
         return _migrate_source(config, read_key(config.key_file), config.target)
     key = read_key(config.key_file) if config.key_file else os.urandom(32)
-    # The TCP probe, once the source started it, is stopped from the target
-    # role after 'cont', while the target still runs the guest.
+    # The TCP probe, once the source started it, streams on after 'cont'
+    # and is stopped by the target role while it still runs the guest.
     probes: list[debian_guest.ProbeClient] = []
-    hook = debian_guest.finish_probe_after(config.after_switchover, probes)
+    hook = config.after_switchover
     target_config = TargetConfig(
         image=config.image, work_dir=config.work_dir, key=key, helper=config.helper, helpers=config.helpers,
         ram_dir=config.ram_dir, idle_timeout=config.idle_timeout, heartbeat_timeout=config.heartbeat_timeout,
@@ -517,6 +517,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         nic=NicBackend("tap", TAP) if config.network else NicBackend(),
         wrapper=config.network.enter("target") if config.network else [],
         device_state_host=config.network.address("target") if config.network else None,
+        linger=debian_guest.finish_probe_later(probes),
     )
     server = listen(("127.0.0.1", 0))
     results: list[TargetReport] = []
@@ -532,6 +533,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         with suppress(OSError):
             server.shutdown(socket.SHUT_RDWR)
         target.join(timeout=60)
+        tcp_probe = probes[0].finish() if probes else None
+    report.tcp_probe = tcp_probe
     if results:
         report.target = results[0].as_json()
     # Both roles' QEMUs ran under this work folder.
@@ -563,7 +566,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
     try:
         if not source_guest.attached:
             _wait_for(source, guest.HEARTBEAT, _boot_timeout(source_guest))
-        probe = debian_guest.start_probe(config.network, stack, probes)
+        debian_guest.start_probe(config.network, stack, probes)
         prepare_start = time.monotonic()
         channel = _connect(config, address)
         stack.callback(channel.close)
@@ -749,8 +752,6 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         # so, saying 'progress' every second meanwhile.
         running = _await_running(channel)
         report.target_heartbeat = running["heartbeat"]
-        if probe is not None:
-            report.tcp_probe = probe.finish()
         report.outcome = "ok"
         report.source_qemu = _leave_source(source_guest, config.quit_source)
     except (OvmfMhError, OSError) as exc:

@@ -81,6 +81,9 @@ class TargetConfig:
     # control connection's).
     wrapper: list[str] = field(default_factory=list)
     device_state_host: str | None = None
+    # Without keep_running: called once the guest runs here, before this
+    # role stops it (the one-machine demo's TCP probe streams on meanwhile).
+    linger: Callable[[], None] | None = None
 
 
 @dataclass
@@ -177,6 +180,8 @@ def run_target(config: TargetConfig, server: socket.socket | None = None) -> Tar
             target = _receive_guest(channel, config, report, description, stack, bound[0])
             if config.keep_running:
                 _serve_guest(report, target)
+            elif config.linger is not None:
+                config.linger()
         except (OvmfMhError, OSError) as exc:
             report.error = str(exc)
             if channel is not None:
