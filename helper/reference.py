@@ -63,6 +63,16 @@ Order of the checks, for every command (the first failing check answers):
    (Arg3 pages, digest at Arg2) are not those the source sealed (ABI 4.0);
    IMPORT_COMMIT, receipt by receipt: WRONG_SHARD, WRONG_MIGRATION,
    BAD_RECEIPT.
+7. Commit proof (ABI 4.1). IMPORT_COMMIT_PROOF: BAD_STATE unless an
+   IMPORT_COMMIT of the completed import passed; the range (OUT_OF_BOUNDS);
+   the capacity (BUFFER_TOO_SMALL). EXPORT_VERIFY_COMMIT: BAD_STATE unless
+   the session is COMPLETE after an export; the range (OUT_OF_BOUNDS); an
+   input that is not one proof and ShardCount receipts (INVALID_PARAMETER);
+   then the proof's migration id, shard count, flags and reserved field
+   (WRONG_MIGRATION), its MAC and outcome, its receipt digest
+   (BAD_COMMIT_PROOF), then the receipts as IMPORT_COMMIT checks them, this
+   shard's against the receipt of what this session exported. Every
+   refusal of EXPORT_VERIFY_COMMIT leaves the session as it was.
 
 Checks 1-5 look only at arguments (and the page list) and leave the session
 as it was; an export failure writes nothing. A failed check of step 6 leaves
@@ -73,7 +83,6 @@ its outcome; RESET and EXPORT_BEGIN drop it.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import mmap
 import os
 import struct
@@ -83,6 +92,7 @@ from functools import reduce
 from operator import or_
 
 from helper import abi
+from helper import commit_proof as cp
 from helper import stream as s
 
 _A = abi.load()
@@ -218,6 +228,7 @@ class _Export:
     writer: s.StreamWriter
     sealed: SealedPages | None  # None: not tracked (no TRACK_PAGES)
     shard: tuple[int, int]  # (ShardIndex, ShardCount) of the header: where zero ranges may lie
+    binding: s.Binding
 
 
 @dataclass
@@ -228,11 +239,18 @@ class _Import:
 
 @dataclass(frozen=True)
 class _Imported:
-    """What a completed import vouches for in its receipt."""
+    """What a completed import vouches for in its receipt (or what a
+    completed export expects the target's receipt to say)."""
 
     binding: s.Binding
     record_count: int
     chain_digest: bytes
+
+    def receipt(self, transport_key: bytes | bytearray) -> s.Receipt:
+        b = self.binding
+        receipt = s.Receipt(b.migration_id, b.shard_index, b.shard_count, b.flags, self.record_count,
+                            self.chain_digest)
+        return dataclasses.replace(receipt, mac=s.receipt_mac(transport_key, receipt))
 
 
 class ReferenceHelper:
@@ -270,6 +288,10 @@ class ReferenceHelper:
         self._challenge: bytes | None = None
         #: The completed import IMPORT_RECEIPT and IMPORT_COMMIT speak for.
         self._imported: _Imported | None = None
+        #: The completed export EXPORT_VERIFY_COMMIT checks a proof against.
+        self._exported: _Imported | None = None
+        #: The receipts the passed IMPORT_COMMIT accepted (IMPORT_COMMIT_PROOF).
+        self._committed: bytes | None = None
         #: IMPORT_BATCH's private copy of its input, allocated at first use and reused.
         self._import_buffer: memoryview | None = None
         self.shutdown_requested = False
@@ -292,6 +314,8 @@ class ReferenceHelper:
             CMD["IMPORT_RECEIPT"]: self._import_receipt,
             CMD["IMPORT_COMMIT"]: self._import_commit,
             CMD["EXPORT_ZERO_RANGES"]: self._export_zero_ranges,
+            CMD["IMPORT_COMMIT_PROOF"]: self._import_commit_proof,
+            CMD["EXPORT_VERIFY_COMMIT"]: self._export_verify_commit,
         }
 
     # --- public view ---------------------------------------------------------
@@ -307,7 +331,8 @@ class ReferenceHelper:
     @property
     def capabilities(self) -> int:
         caps = 0
-        for name in ("QUERY", "SHUTDOWN", "EXPORT", "IMPORT", "CHECK_PAGES", "BINDING", "ZERO_RANGES"):
+        for name in ("QUERY", "SHUTDOWN", "EXPORT", "IMPORT", "CHECK_PAGES", "BINDING", "ZERO_RANGES",
+                     "COMMIT_PROOF"):
             caps |= _A.const(f"OVMF_MH_CAP_{name}")
         if self.key_loaded:
             caps |= _A.const("OVMF_MH_CAP_KEY_LOADED")
@@ -374,7 +399,7 @@ class ReferenceHelper:
     def _reset(self, args: tuple[int, ...]) -> tuple[int, ...]:
         self._end_session("IDLE")
         self._challenge = None
-        self._imported = None
+        self._forget_completed()
         return ()
 
     # --- export ---------------------------------------------------------------
@@ -404,11 +429,11 @@ class ReferenceHelper:
         else:
             binding = s.Binding.unbound(binding_input, shard_index, shard_count)
         self._challenge = None
-        self._imported = None
+        self._forget_completed()
         writer = s.StreamWriter(key, salt, len(self.window), binding)
         out[: len(writer.header)] = writer.header
         tracked = SealedPages(len(self.window) // s.PAGE_SIZE) if flags & EXPORT_TRACK_PAGES else None
-        self._session = _Export(writer, tracked, (shard_index, shard_count))
+        self._session = _Export(writer, tracked, (shard_index, shard_count), binding)
         self._state = SESSION["EXPORTING"]
         return (len(writer.header),)
 
@@ -498,10 +523,12 @@ class ReferenceHelper:
         if capacity < s.END_RECORD_SIZE:
             raise _refuse("BUFFER_TOO_SMALL")
         shared_digest = self._shared_pages(shared_at, shared_count)
-        writer = self._export_writer()
+        session = self._export_session()
+        writer = session.writer
         record = writer.end_record(shared_count, shared_digest)
         out[: len(record)] = record
         self._end_session("COMPLETE")
+        self._exported = _Imported(session.binding, writer.record_count, writer.chain_digest)
         return len(record), writer.record_count
 
     def _pages_ok(self, offsets: Sequence[int]) -> bool:
@@ -528,7 +555,7 @@ class ReferenceHelper:
         # Private copy; one byte more than a header is enough to see a wrong size.
         header = bytes(self._region(in_offset, size)[: s.STREAM_HEADER_SIZE + 1])
         challenge, self._challenge = self._challenge, None  # good for one IMPORT_BEGIN
-        self._imported = None
+        self._forget_completed()
         try:
             verifier = s.StreamVerifier.from_header(key, header, len(self.window))
         except s.VerifyError as error:
@@ -573,18 +600,21 @@ class ReferenceHelper:
         if len(nonce) != s.CHALLENGE_SIZE:
             raise ValueError(f"salt_source returned {len(nonce)} bytes, not {s.CHALLENGE_SIZE}")
         self._challenge = bytes(nonce)
-        self._imported = None
+        self._forget_completed()
         out[: s.CHALLENGE_SIZE] = self._challenge
         return (s.CHALLENGE_SIZE,)
+
+    def _forget_completed(self) -> None:
+        """A new session (or a challenge) ends what the last one vouched for."""
+        self._imported = None
+        self._exported = None
+        self._committed = None
 
     def _own_receipt(self) -> s.Receipt:
         """The receipt of the completed import (BAD_STATE without one)."""
         if self._state != SESSION["COMPLETE"] or self._imported is None:
             raise _refuse("BAD_STATE")
-        done = self._imported
-        receipt = s.Receipt(done.binding.migration_id, done.binding.shard_index, done.binding.shard_count,
-                            done.binding.flags, done.record_count, done.chain_digest)
-        return dataclasses.replace(receipt, mac=s.receipt_mac(self._require_key(), receipt))
+        return self._imported.receipt(self._require_key())
 
     def _import_receipt(self, args: tuple[int, ...]) -> tuple[int, ...]:
         out_offset, capacity = args[0], args[1]
@@ -603,22 +633,40 @@ class ReferenceHelper:
             raise _refuse("INVALID_PARAMETER")
         receipts = bytes(data)  # private copy
         key = self._require_key()
-        for index in range(own.shard_count):
-            receipt = s.Receipt.decode(receipts[index * s.RECEIPT_SIZE : (index + 1) * s.RECEIPT_SIZE])
-            refusal = None
-            if (receipt.shard_index, receipt.shard_count) != (index, own.shard_count):
-                refusal = "WRONG_SHARD"
-            elif (receipt.migration_id, receipt.flags, receipt.reserved) != (own.migration_id, own.flags, 0):
-                refusal = "WRONG_MIGRATION"
-            elif not hmac.compare_digest(s.receipt_mac(key, receipt), receipt.mac) or (
-                index == own.shard_index and receipt != own
-            ):
-                refusal = "BAD_RECEIPT"
-            if refusal is not None:
-                self._imported = None
-                self._end_session("FAILED")
-                raise _refuse(refusal)
+        decoded = [s.Receipt.decode(receipts[i : i + s.RECEIPT_SIZE]) for i in range(0, size, s.RECEIPT_SIZE)]
+        refusal = cp.receipt_refusal(key, decoded, own)
+        if refusal is not None:
+            self._forget_completed()
+            self._end_session("FAILED")
+            raise _refuse(refusal)
+        self._committed = receipts
         return (own.shard_count,)
+
+    def _import_commit_proof(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        out_offset, capacity = args[0], args[1]
+        if self._state != SESSION["COMPLETE"] or self._imported is None or self._committed is None:
+            raise _refuse("BAD_STATE")
+        out = self._region(out_offset, capacity)
+        if capacity < cp.PROOF_SIZE:
+            raise _refuse("BUFFER_TOO_SMALL")
+        out[: cp.PROOF_SIZE] = cp.make_proof(self._require_key(), self._imported.binding, self._committed).pack()
+        return (cp.PROOF_SIZE,)
+
+    def _export_verify_commit(self, args: tuple[int, ...]) -> tuple[int, ...]:
+        in_offset, size = args[0], args[1]
+        if self._state != SESSION["COMPLETE"] or self._exported is None:
+            raise _refuse("BAD_STATE")
+        data = self._region(in_offset, size)
+        shards = self._exported.binding.shard_count
+        if size != cp.PROOF_SIZE + shards * s.RECEIPT_SIZE:
+            raise _refuse("INVALID_PARAMETER")
+        copy = bytes(data)  # private copy
+        key = self._require_key()
+        own = self._exported.receipt(key)
+        refusal = cp.proof_refusal(key, cp.CommitProof.decode(copy[: cp.PROOF_SIZE]), copy[cp.PROOF_SIZE :], own)
+        if refusal is not None:
+            raise _refuse(refusal)
+        return (shards,)
 
     def _import_batch(self, args: tuple[int, ...]) -> tuple[int, ...]:
         in_offset, size = args[0], args[1]

@@ -718,6 +718,11 @@ class StreamWriter:
         self.record_count += 1
         return record
 
+    @property
+    def chain_digest(self) -> bytes:
+        """D(N) over the records written so far (what the END record seals)."""
+        return self._chain.digest()
+
     def end_record(self, shared_page_count: int = 0, shared_digest: bytes = NO_SHARED_PAGES) -> bytes:
         """The END record, sealing the count and chain and the host's account
         of the shard's shared pages (count and digest, see SharedPages)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import itertools
 import mmap
 import os
@@ -45,6 +46,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helper import abi
+from helper import commit_proof as cp
 from helper import stream as s
 from helper.reference import MAX_IMPORT_BATCH_SIZE, ReferenceHelper, SaltSource
 from host_shim.errors import HelperTimeout, MailboxError
@@ -904,6 +906,7 @@ OOB_COMMANDS: dict[str, tuple[str, Callable[[int, int], tuple[int, ...]]]] = {
     "IMPORT_BEGIN": ("IDLE", lambda o, n: (o, n)),
     "IMPORT_BATCH": ("IMPORTING", lambda o, n: (o, n)),
     "IMPORT_END": ("IMPORTING", lambda o, n: (o, n)),
+    "EXPORT_VERIFY_COMMIT": ("COMPLETE", lambda o, n: (o, n)),
 }
 
 
@@ -1073,6 +1076,10 @@ CHECK_ORDER: dict[str, tuple[str, str, tuple[int, ...], str]] = {
     "empty range at the end is in bounds": ("IDLE", "EXPORT_BEGIN", (D, 0, 0, 0, 0, 1), "BUFFER_TOO_SMALL"),
     "pages before capacity": ("EXPORTING", "EXPORT_BATCH", (LIST_AT, 1, OUT_AT, 0), "BAD_PAGE"),
     "end bounds before end record": ("IMPORTING", "IMPORT_END", (D, 1), "OUT_OF_BOUNDS"),
+    "proof state before bounds": ("COMPLETE", "IMPORT_COMMIT_PROOF", (U64_MAX, 1), "BAD_STATE"),
+    "verify state before bounds": ("EXPORTING", "EXPORT_VERIFY_COMMIT", (U64_MAX, 1), "BAD_STATE"),
+    "verify bounds before size": ("COMPLETE", "EXPORT_VERIFY_COMMIT", (D - 10, 20), "OUT_OF_BOUNDS"),
+    "verify size before the proof": ("COMPLETE", "EXPORT_VERIFY_COMMIT", (OUT_AT, cp.PROOF_SIZE), "INVALID_PARAMETER"),
 }
 
 
@@ -1673,6 +1680,213 @@ def test_commit_refuses_receipts_under_another_key(two_shards: TwoShards) -> Non
     forged = s.Receipt.decode(r1)
     forged = dataclasses.replace(forged, mac=s.receipt_mac(OTHER_KEY, forged))
     commit(two_shards.target0, [r0, forged.pack()], "BAD_RECEIPT")
+
+
+# --- commit proof (ABI 4.1) --------------------------------------------------------
+
+PROOF_AT = 3 * PAGE
+
+
+def commit_proof(ep: Endpoint, expected: str = "SUCCESS") -> bytes:
+    results = expect(ep, expected, "IMPORT_COMMIT_PROOF", PROOF_AT, cp.PROOF_SIZE)
+    if expected != "SUCCESS":
+        return b""
+    assert results[0] == cp.PROOF_SIZE
+    return bytes(ep.data[PROOF_AT : PROOF_AT + cp.PROOF_SIZE])
+
+
+def verify_commit(ep: Endpoint, proof: bytes, receipts: Sequence[bytes], expected: str = "SUCCESS") -> tuple[int, ...]:
+    return expect(ep, expected, "EXPORT_VERIFY_COMMIT", *put(ep, proof + b"".join(receipts), PROOF_AT))
+
+
+@dataclass
+class Committed:
+    """A bound two-shard migration through commit: source 0 and target 0 are
+    the pair under test, shard 1 runs on reference helpers."""
+
+    sources: list[Endpoint]
+    targets: list[Endpoint]
+    nonces: list[bytes]
+    receipts: list[bytes]
+    proof: bytes
+
+
+def _migrate_two_shards(sources: Sequence[Endpoint], targets: Sequence[Endpoint]) -> Committed:
+    nonces = [challenge(t) for t in targets]
+    for index, source in enumerate(sources):
+        fill(source, 0, os.urandom(2 * PAGE))
+        import_shard(targets[index], bound_export(source, nonces, index, [0, PAGE]), (index, 2))
+    receipts = [receipt(t) for t in targets]
+    assert commit(targets[0], receipts)[0] == 2
+    return Committed(list(sources), list(targets), nonces, receipts, commit_proof(targets[0]))
+
+
+@pytest.fixture
+def committed(endpoint_pair: tuple[Endpoint, Endpoint]) -> Committed:
+    source, target = endpoint_pair
+    return _migrate_two_shards([source, ReferenceEndpoint(SPEC)], [target, ReferenceEndpoint(SPEC)])
+
+
+def test_commit_proof_is_verified_by_every_source(committed: Committed) -> None:
+    proof = cp.CommitProof.decode(committed.proof)
+    header_binding = s.Binding.bound(committed.nonces, 0)
+    assert (proof.migration_id, proof.shard_count, proof.flags, proof.outcome, proof.reserved) == (
+        header_binding.migration_id, 2, s.STREAM_BOUND, cp.OUTCOME_COMMITTED, 0)
+    # pyca HKDF and hmac, hashlib: an independent check of the MAC and the digest.
+    assert proof.mac == cp.proof_mac(KEY, proof)
+    assert proof.receipts_digest == hashlib.sha256(cp.RECEIPTS_LABEL + b"".join(committed.receipts)).digest()
+    for source in committed.sources:
+        assert verify_commit(source, committed.proof, committed.receipts)[0] == 2
+        assert session_state(source) == "COMPLETE"
+    assert commit_proof(committed.targets[0]) == committed.proof  # same bytes when asked again
+
+
+def test_commit_proof_is_the_same_bytes_in_every_implementation(committed: Committed) -> None:
+    binding = s.Binding.bound(committed.nonces, 0)
+    assert committed.proof == cp.make_proof(KEY, binding, b"".join(committed.receipts)).pack()
+
+
+def test_commit_proof_needs_a_passed_commit(endpoint: Endpoint) -> None:
+    commit_proof(endpoint, "BAD_STATE")  # IDLE
+    export(endpoint, [[0]])
+    commit_proof(endpoint, "BAD_STATE")  # COMPLETE after an export
+    source = ReferenceEndpoint(SPEC)
+    stream = bound_export(source, [challenge(endpoint)], 0, [0])
+    import_shard(endpoint, stream, (0, 1))
+    commit_proof(endpoint, "BAD_STATE")  # imported, not committed
+    mine = receipt(endpoint)
+    commit(endpoint, [mine])
+    expect(endpoint, "OUT_OF_BOUNDS", "IMPORT_COMMIT_PROOF", SPEC.data_size - 10, cp.PROOF_SIZE)
+    expect(endpoint, "BUFFER_TOO_SMALL", "IMPORT_COMMIT_PROOF", PROOF_AT, cp.PROOF_SIZE - 1)
+    assert verify_commit(source, commit_proof(endpoint), [mine])[0] == 1
+    challenge(endpoint)  # a new session ends what the last commit proved
+    commit_proof(endpoint, "BAD_STATE")
+
+
+def test_failed_commit_gives_no_proof(two_shards: TwoShards) -> None:
+    r0, r1 = _import_both(two_shards)
+    commit(two_shards.target0, [r0, flip(r1, s.RECEIPT.offset("Mac"))], "BAD_RECEIPT")
+    commit_proof(two_shards.target0, "SESSION_FAILED")
+    ok(two_shards.target0, "RESET")
+    commit_proof(two_shards.target0, "BAD_STATE")
+
+
+def test_verify_commit_needs_a_completed_export(endpoint: Endpoint) -> None:
+    size = cp.PROOF_SIZE + s.RECEIPT_SIZE
+    expect(endpoint, "BAD_STATE", "EXPORT_VERIFY_COMMIT", PROOF_AT, size)  # IDLE
+    source = ReferenceEndpoint(SPEC)
+    import_shard(endpoint, bound_export(source, [challenge(endpoint)], 0, [0]), (0, 1))
+    expect(endpoint, "BAD_STATE", "EXPORT_VERIFY_COMMIT", PROOF_AT, size)  # COMPLETE after an import
+    export_begin(endpoint)
+    expect(endpoint, "BAD_STATE", "EXPORT_VERIFY_COMMIT", PROOF_AT, size)  # EXPORTING
+    export_end(endpoint)
+    ok(endpoint, "RESET")
+    expect(endpoint, "BAD_STATE", "EXPORT_VERIFY_COMMIT", PROOF_AT, size)  # RESET forgets the export
+
+
+def _proof_field(name: str, value: int | bytes, remac: bool) -> Callable[[Committed], tuple[bytes, list[bytes]]]:
+    def lie(m: Committed) -> tuple[bytes, list[bytes]]:
+        fields: dict[str, Any] = {name: value}
+        proof = dataclasses.replace(cp.CommitProof.decode(m.proof), **fields)
+        if remac:  # only a holder of TK could: checks the field itself, behind the MAC
+            proof = dataclasses.replace(proof, mac=cp.proof_mac(KEY, proof))
+        return proof.pack(), m.receipts
+    return lie
+
+
+def _made_up(m: Committed) -> tuple[bytes, list[bytes]]:
+    """A fake target that imported nothing: it knows the migration id (the
+    nonces it sent), the shard count and the flags, not TK."""
+    proof = cp.CommitProof(s.migration_id(m.nonces), 2, s.STREAM_BOUND, os.urandom(s.DIGEST_SIZE),
+                           mac=os.urandom(s.DIGEST_SIZE))
+    return proof.pack(), m.receipts
+
+
+def _under_other_key(m: Committed) -> tuple[bytes, list[bytes]]:
+    proof = cp.CommitProof.decode(m.proof)
+    return dataclasses.replace(proof, mac=cp.proof_mac(OTHER_KEY, proof)).pack(), m.receipts
+
+
+def _receipt_swapped(m: Committed) -> tuple[bytes, list[bytes]]:
+    """The receipts the proof covers, but one changed on the way."""
+    return m.proof, [m.receipts[0], flip(m.receipts[1], s.RECEIPT.offset("ChainDigest"))]
+
+
+def _receipt_mac_made_by_proof_key(m: Committed) -> tuple[bytes, list[bytes]]:
+    """A receipt key is not the commit key: a proof MACed like a receipt fails."""
+    proof = cp.CommitProof.decode(m.proof)
+    key = HKDF(algorithm=hashes.SHA256(), length=s.KEY_SIZE, salt=proof.migration_id,
+               info=s.RECEIPT_INFO).derive(KEY)
+    return dataclasses.replace(proof, mac=hmac.new(key, proof.body(), hashlib.sha256).digest()).pack(), m.receipts
+
+
+def _another_stream_of_this_shard(m: Committed) -> tuple[bytes, list[bytes]]:
+    """Target 0 (holding TK) committed another stream of shard 0 of this
+    migration (another export of the same nonces): the proof is genuine, but
+    not for the stream this source sent."""
+    other = ReferenceEndpoint(SPEC)
+    fill(other, 0, os.urandom(PAGE))
+    stream = bound_export(other, m.nonces, 0, [0])
+    target = ReferenceEndpoint(SPEC, salt_source=lambda n: m.nonces[0][:n])  # draws target 0's nonce again
+    assert challenge(target) == m.nonces[0]
+    import_shard(target, stream, (0, 2))
+    receipts = [receipt(target), m.receipts[1]]
+    assert commit(target, receipts)[0] == 2
+    return commit_proof(target), receipts
+
+
+PROOF_LIES: dict[str, tuple[Callable[[Committed], tuple[bytes, list[bytes]]], str]] = {
+    "made up by a target that imported nothing": (_made_up, "BAD_COMMIT_PROOF"),
+    "MAC flipped": (lambda m: (flip(m.proof, cp.PROOF.offset("Mac")), m.receipts), "BAD_COMMIT_PROOF"),
+    "MAC under another key": (_under_other_key, "BAD_COMMIT_PROOF"),
+    "MAC under the receipt key": (_receipt_mac_made_by_proof_key, "BAD_COMMIT_PROOF"),
+    "outcome changed": (_proof_field("outcome", 2, False), "BAD_COMMIT_PROOF"),
+    "outcome not committed, MACed": (_proof_field("outcome", 0, True), "BAD_COMMIT_PROOF"),
+    "receipt digest changed": (lambda m: (flip(m.proof, cp.PROOF.offset("ReceiptsDigest")), m.receipts),
+                               "BAD_COMMIT_PROOF"),
+    "a receipt changed on the way": (_receipt_swapped, "BAD_COMMIT_PROOF"),
+    "migration id": (_proof_field("migration_id", os.urandom(s.MIGRATION_ID_SIZE), True), "WRONG_MIGRATION"),
+    "shard count": (_proof_field("shard_count", 1, True), "WRONG_MIGRATION"),
+    "flags": (_proof_field("flags", 0, True), "WRONG_MIGRATION"),
+    "reserved": (_proof_field("reserved", 1, True), "WRONG_MIGRATION"),
+    "receipts swapped, MACed": (lambda m: (cp.make_proof(KEY, s.Binding.bound(m.nonces, 0), b"".join(
+        m.receipts[::-1])).pack(), m.receipts[::-1]), "WRONG_SHARD"),
+    "another stream of this shard, MACed": (_another_stream_of_this_shard, "BAD_RECEIPT"),
+}
+
+
+@pytest.mark.parametrize("case", list(PROOF_LIES))
+def test_verify_commit_refuses_a_proof_that_does_not_prove(committed: Committed, case: str) -> None:
+    """Every refusal leaves the export as it was: the genuine proof still verifies."""
+    make, expected = PROOF_LIES[case]
+    proof, receipts = make(committed)
+    source = committed.sources[0]
+    assert verify_commit(source, proof, receipts, expected) == (0,) * 6
+    assert session_state(source) == "COMPLETE"
+    assert verify_commit(source, committed.proof, committed.receipts)[0] == 2
+
+
+def test_verify_commit_refuses_a_replayed_proof(endpoint: Endpoint) -> None:
+    """The proof of an earlier, complete migration of the same guest between
+    the same helpers does not prove the next one."""
+    sources = [endpoint, ReferenceEndpoint(SPEC)]
+    targets = [ReferenceEndpoint(SPEC), ReferenceEndpoint(SPEC)]
+    old = _migrate_two_shards(sources, targets)
+    for ep in targets:
+        ok(ep, "RESET")
+    new = _migrate_two_shards(sources, targets)
+    verify_commit(endpoint, old.proof, old.receipts, "WRONG_MIGRATION")
+    # The old receipts under a proof of the new migration id: only TK could MAC it; the receipts still say old.
+    relabel = cp.make_proof(KEY, s.Binding.bound(new.nonces, 0), b"".join(old.receipts))
+    verify_commit(endpoint, relabel.pack(), old.receipts, "WRONG_MIGRATION")
+    assert verify_commit(endpoint, new.proof, new.receipts)[0] == 2
+
+
+def test_verify_commit_wrong_size(committed: Committed) -> None:
+    source = committed.sources[0]
+    verify_commit(source, committed.proof, committed.receipts[:1], "INVALID_PARAMETER")
+    verify_commit(source, committed.proof + b"\0", committed.receipts, "INVALID_PARAMETER")
+    assert session_state(source) == "COMPLETE"
 
 
 # --- zero ranges (ABI 2.1) --------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 from host_shim.migration.dirty_log import SCAN_CHUNK, DirtyLog, DirtyLogUnavailable, unavailable_reason
 from host_shim.migration.migrate import MigrationConfig, _written_pages, migrate
 from host_shim.migration.migration_vm import PAGE
+from host_shim.migration.write_trace import folio_spans
 
 PAGES = 16384  # 64 MiB: 9 dirty 2 MiB folios would still be far from half
 
@@ -82,11 +85,93 @@ def test_take_clears_only_what_it_read_and_a_later_write_is_logged_again(ram: tu
         log.clean(np.array([20], dtype=np.uint64))
         assert 3000 in set(log.dirty_pages().tolist())
         assert log.doubt() is None
+    finally:
+        log.close()
+
+
+def test_without_the_write_record_the_flusher_expiry_puts_the_log_in_doubt(ram: tuple[Path, mmap.mmap]) -> None:
+    """Without tracefs the page cache is the whole log: its doubt follows
+    the flusher's clock, and the switchover always checks every page."""
+    path, _ = ram
+    log = DirtyLog(path, PAGES * PAGE, trace=False)
+    try:
+        log.reset()
+        assert log.doubt() is None
+        switchover = log.switchover_doubt()
+        assert switchover is not None and "sync(2)" in switchover
         log.expire_seconds = 0.0  # the flusher's expiry is past: the log is in doubt
         doubt = log.doubt()
         assert doubt is not None and "dirty_expire_centisecs" in doubt
     finally:
         log.close()
+
+
+def _write_back_elsewhere(path: Path, how: str) -> None:
+    """Another process writes the file back: fsync, sync_file_range or sync(1)."""
+    script = {
+        "fsync": "import os,sys; fd=os.open(sys.argv[1], os.O_RDWR); os.fsync(fd)",
+        "sync_file_range": ("import ctypes,os,sys; fd=os.open(sys.argv[1], os.O_RDWR); "
+                            "assert ctypes.CDLL(None).sync_file_range(fd, 0, 0, 7) == 0"),
+    }
+    argv = ["sync"] if how == "sync" else [sys.executable, "-c", script[how], str(path)]
+    subprocess.run(argv, check=True, timeout=120)
+
+
+@pytest.mark.parametrize("how", ["fsync", "sync_file_range", "sync"])
+def test_a_page_another_process_wrote_back_between_reads_is_still_logged(
+        ram: tuple[Path, mmap.mmap], how: str) -> None:
+    """The busy host's case: a page written, then written back by somebody
+    else (another process's fsync or sync_file_range, sync(1)) before the
+    log's read, is clean in the page cache and still in the log; the same
+    after a take(), and the log is not in doubt (nothing was lost)."""
+    path, memory = ram
+    log = DirtyLog(path, PAGES * PAGE)
+    try:
+        assert log.trace is not None, f"the tests run as root with tracefs: {log.trace_unavailable}"
+        log.reset()
+        first = [3, 700, 5000, PAGES - 1]
+        _write(memory, first, same_bytes=True)
+        _write_back_elsewhere(path, how)
+        assert not set(first) & set(log.cache_dirty_pages().tolist()), "written back: clean in the page cache"
+        assert set(first) <= set(log.dirty_pages().tolist())
+        assert set(first) <= set(log.take().tolist())
+        # A write after a take, written back elsewhere before the next one.
+        _write(memory, [701, 9000], same_bytes=False)
+        _write_back_elsewhere(path, how)
+        again = set(log.take().tolist())
+        assert {701, 9000} <= again
+        assert log.trace_pages > 0
+        assert log.doubt() is None and log.switchover_doubt() is None
+        assert "written back by somebody else" in log.describe_trace()
+        # Read and cleared: nothing left to mark.
+        assert len(log.take()) == 0
+    finally:
+        log.close()
+
+
+def test_a_record_that_lost_events_puts_the_log_in_doubt(ram: tuple[Path, mmap.mmap]) -> None:
+    """Tracing switched off in the log's instance (by anyone): the record may
+    lack writes, so the log is in doubt until its next reset."""
+    path, memory = ram
+    log = DirtyLog(path, PAGES * PAGE)
+    try:
+        assert log.trace is not None
+        log.reset()
+        (log.trace.instance / "tracing_on").write_text("0\n")
+        _write(memory, [42], same_bytes=False)
+        doubt = log.switchover_doubt()
+        assert doubt is not None and "switched off" in doubt
+    finally:
+        log.close()
+    assert not log.trace.instance.exists(), "the tracefs instance is removed on close"
+
+
+def test_folio_spans_mark_the_largest_folio_that_can_start_at_each_index() -> None:
+    spans = folio_spans(np.array([0, 3, 4, 1024, 1030, 1030], dtype=np.uint64), 1300)
+    expected = set(range(0, 512)) | {3} | set(range(4, 8)) | set(range(1024, 1300))
+    assert set(spans.tolist()) == expected
+    assert list(spans) == sorted(spans.tolist())
+    assert len(folio_spans(np.array([7], dtype=np.uint64), 4)) == 0, "an index past the file marks nothing"
 
 
 def test_tmpfs_keeps_no_log_and_migrate_says_so_before_starting(firmware: Path, work_dir: Path) -> None:

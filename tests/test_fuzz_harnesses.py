@@ -125,3 +125,19 @@ def test_every_surface_has_a_harness() -> None:
     assert fuzz.target("page-tables").core_files == ("PageTables.c",)
     with pytest.raises(fuzz.FuzzError, match="unknown fuzz target"):
         fuzz.target("no-such-surface")
+
+
+@pytest.mark.parametrize(("seed", "status"), [("proof", "SUCCESS"), ("proof-forged", "BAD_COMMIT_PROOF")])
+def test_commit_proof_seed_reaches_the_source_in_the_harness(seed: str, status: str) -> None:
+    """The mailbox harness gets a commit through to the source's check of the
+    proof (ABI 4.1): accepted as target helper 0 wrote it, refused forged."""
+    path = fuzz.seed_dir("mailbox") / f"seq-3p-plain-{seed}"
+    result = subprocess.run([str(fuzz.build("mailbox")), "-runs=1", str(path)], capture_output=True, text=True,
+                            check=False, env=dict(os.environ, FUZZ_TRACE="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = abi.load()
+    verify, proof = a.const("OVMF_MH_CMD_EXPORT_VERIFY_COMMIT"), a.const("OVMF_MH_CMD_IMPORT_COMMIT_PROOF")
+    lines = result.stderr.splitlines()
+    assert any(f"command {proof} (" in line and "-> status 0x0 " in line for line in lines), result.stderr
+    expected = a.const(f"OVMF_MH_STATUS_{status}")
+    assert any(f"command {verify} (" in line and f"-> status {expected:#x} " in line for line in lines), result.stderr

@@ -232,3 +232,34 @@ def test_reference_process_blocks_when_idle_and_is_woken(tmp_path: Path) -> None
             time.sleep(rng.uniform(0.0, 0.008))
             assert mailbox.call("QUERY").results[1] & A.const("OVMF_MH_CAP_HALT_WAKE")
         assert 0 < mailbox.wakes < 100
+
+
+def test_two_helpers_woken_from_two_threads_at_once(firmware: Path, work_dir: Path) -> None:
+    """Each helper's mailbox thread wakes its own helper over QMP: two QEMUs'
+    QMP connections used from two threads at the same time both work (each
+    legacy client runs on its own event loop; sharing the starting thread's
+    loop failed with 'This event loop is already running')."""
+    import threading
+
+    with HelperVM(HelperSpec(firmware), work_dir / "a", "a") as first, \
+            HelperVM(HelperSpec(firmware), work_dir / "b", "b") as second:
+        first.wait_ready()
+        second.wait_ready()
+        errors: list[BaseException] = []
+
+        def hammer(helper: HelperVM) -> None:
+            try:
+                assert helper.mailbox is not None
+                for _ in range(40):
+                    helper.wake()
+                    time.sleep(0.004)
+                    assert helper.mailbox.call("NOP").status == 0
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=hammer, args=(helper,)) for helper in (first, second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors

@@ -85,6 +85,8 @@ def test_pages_changed_and_changed_back_are_resent_and_the_run_draws_its_passes(
     assert report.switchover_check == "dirty-log + full CHECK_PAGES"
     assert report.ram_identical is True
     assert report.log_missed_pages == 0, "\n".join(report.describe())
+    # The kernel's write record backed the log (root and tracefs here).
+    assert report.log_trace.startswith("page cache + "), report.log_trace
     assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
     # The flips really ran on the source until it stopped: its heartbeats count them.
     source_serial = (work_dir / "source" / "serial.log").read_text(errors="replace")

@@ -256,8 +256,8 @@ def _run_target_against(tmp_path: Path, talk: Any) -> tuple[TargetReport, Any]:
 
 def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[4, 7])
-        assert channel.receive("welcome")["version"] == 4
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[5, 7])
+        assert channel.receive("welcome")["version"] == 5
         channel.send("describe", guest=_good() | {"firmware_sha256": digest, "machine": "pc; reboot"})
         return channel.receive("refuse")
 
@@ -272,11 +272,11 @@ def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: P
 
 def test_the_target_refuses_a_source_without_a_common_version(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 2, 3])  # before ABI 4.0, before keepalives
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 2, 3, 4])  # before the commit proof
         return channel.receive("error")
 
     report, answer = _run_target_against(tmp_path, talk)
-    assert "versions [1, 2, 3]" in answer["reason"] and answer["phase"] == "the handshake"
+    assert "versions [1, 2, 3, 4]" in answer["reason"] and answer["phase"] == "the handshake"
     assert report.outcome == "failed" and report.peer.startswith("127.0.0.1:")
 
 
@@ -387,7 +387,7 @@ def test_a_message_that_trickles_in_ends_within_the_idle_timeout() -> None:
     channel, peer = _pair(idle=1.0)
     stop = threading.Event()
     with peer:
-        _trickle(peer, mp.encode("hello", protocol=mp.PROTOCOL, versions=[4]), 0.2, stop)
+        _trickle(peer, mp.encode("hello", protocol=mp.PROTOCOL, versions=list(mp.VERSIONS)), 0.2, stop)
         started = time.monotonic()
         with pytest.raises(mp.PeerGone, match=r"sent no whole control message within 1 s"):
             channel.receive("hello")
@@ -415,7 +415,7 @@ def test_the_target_ends_a_handshake_that_trickles_within_its_bound(tmp_path: Pa
 
     def talk(channel: mp.Channel, digest: str) -> float:
         started = time.monotonic()
-        _trickle(channel.sock, mp.encode("hello", protocol=mp.PROTOCOL, versions=[4]) * 10, 1.0, stop)
+        _trickle(channel.sock, mp.encode("hello", protocol=mp.PROTOCOL, versions=list(mp.VERSIONS)) * 10, 1.0, stop)
         # Until the target hangs up (its error message, then its close), at
         # most 30 s: the old target waited as long as the bytes came.
         channel.sock.settimeout(30)

@@ -11,6 +11,7 @@ buffer held minutes of work, so the source's blocked write gave up.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -297,3 +298,43 @@ def test_data_waiting_is_taken_whatever_this_side_was_busy_with() -> None:
         with pytest.raises(StreamStalled):
             liveness.wait_readable(ours)
         assert 0.25 < time.monotonic() - started < 1.0
+
+
+def test_a_target_claiming_progress_it_does_not_make_holds_no_write() -> None:
+    """A target that reads nothing but reports one byte more taken every
+    0.3 s kept the source's blocked write patient for as long as it liked
+    (each claim restarts the idle timeout). The write now ends after the
+    channel's write stall bound (the target's own stall bound, mirrored)
+    without a byte sent, whatever the claims."""
+    ours, theirs = socket.socketpair()
+    channel = mp.Channel(ours, "target", idle_timeout=1.0)
+    channel.write_stall = 2.0
+    channel.phase = "pre-copy pass 1"
+    stop = threading.Event()
+
+    def lie() -> None:
+        taken = 0
+        while not stop.wait(0.3):
+            taken += 1
+            with contextlib.suppress(OSError):
+                theirs.sendall(mp.encode("progress", stream_bytes=taken))
+
+    def listen() -> None:
+        with contextlib.suppress(mp.ProtocolError):
+            while True:
+                channel.receive("progress")
+
+    threading.Thread(target=lie, daemon=True).start()
+    threading.Thread(target=listen, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(mp.PeerGone):
+            stream = channel.stream()
+            stream.write(os.urandom(8 << 20))
+            stream.flush()
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        channel.close()
+        theirs.close()
+    assert 2.0 <= elapsed < 2.0 + 2.0, elapsed

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from helper import abi
+from helper import commit_proof as cp
 from helper import stream as s
 from helper.reference import ReferenceHelper
 from host_shim.helpers.keys import secret_record
@@ -116,7 +117,8 @@ def _call(helper: ReferenceHelper, command: str, *args: int) -> tuple[int, ...]:
     return results
 
 
-def test_reference_export_reproduces_the_stream(vector: dict[str, Any]) -> None:
+def _export_vector(vector: dict[str, Any]) -> tuple[ReferenceHelper, bytes]:
+    """Source helper 1 of the migration exports the vector's pages: (helper, stream)."""
     helper = _helper(vector, _b(vector, "salt"))
     for record in vector["records"]:
         offset = record["guest_offset"]
@@ -137,7 +139,32 @@ def test_reference_export_reproduces_the_stream(vector: dict[str, Any]) -> None:
     ):
         written = _call(helper, command, *args)[0]
         pieces.append(bytes(helper.data[out : out + written]))
-    assert b"".join(pieces) == _b(vector, "stream")
+    return helper, b"".join(pieces)
+
+
+def test_reference_export_reproduces_the_stream(vector: dict[str, Any]) -> None:
+    assert _export_vector(vector)[1] == _b(vector, "stream")
+
+
+def test_commit_proof_of_the_vector(vector: dict[str, Any]) -> None:
+    """The codec makes the vector's proof from its two receipts, and source
+    helper 1, having exported the vector's stream, accepts it (and refuses it
+    with one bit changed, leaving its export as it was)."""
+    key = _b(vector, "transport_key")
+    receipts = _b(vector, "receipt_shard0") + _b(vector, "receipt")
+    assert cp.receipts_digest(receipts) == _b(vector, "receipts_digest")
+    proof = cp.CommitProof.decode(_b(vector, "commit_proof"))
+    assert proof.receipts_digest == _b(vector, "receipts_digest")
+    assert hmac.new(_b(vector, "commit_key"), proof.body(), hashlib.sha256).digest() == proof.mac
+    assert cp.make_proof(key, _binding(vector), receipts).pack() == _b(vector, "commit_proof")
+    helper, _ = _export_vector(vector)
+    at = 0x2000
+    for blob, status in ((bytes([proof.mac[0] ^ 1]) + proof.mac[1:], "BAD_COMMIT_PROOF"), (proof.mac, "SUCCESS")):
+        data = proof.body() + blob + receipts
+        helper.data[at : at + len(data)] = data
+        result = helper.dispatch(A.const("OVMF_MH_CMD_EXPORT_VERIFY_COMMIT"), (at, len(data)))
+        assert result[0] == A.const(f"OVMF_MH_STATUS_{status}"), status
+    assert result[1][0] == len(vector["target_nonces"])
 
 
 def test_reference_import_of_the_stream(vector: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from host_shim.commands.options import add_mailbox_timeout
 from host_shim.errors import OvmfMhError, SetupError
 from host_shim.helpers.backends import KINDS
 from host_shim.helpers.keys import read_key
+from host_shim.transfer import commit_proof
 from host_shim.transfer.container import FileHeader
 from host_shim.transfer.liveness import Liveness, LiveSocketIO, StreamStalled
 from host_shim.transfer.pipeline import (
@@ -333,8 +334,8 @@ def run_send(args: argparse.Namespace) -> int:
             try:
                 summary = export_ram(args.ram, key, sink, work_dir=work, page_map=args.page_map,
                                      challenge=lambda: _socket_challenge(sock, args.ram),
-                                     zero_ranges=args.zero_ranges, **_helper_options(args))
-                sink.close()
+                                     zero_ranges=args.zero_ranges, confirm=lambda: _receiver_proof(sock, sink),
+                                     **_helper_options(args))
             except BaseException:
                 # Closing the buffered sink would flush into a dead or stalled
                 # connection (another idle timeout): drop the connection first.
@@ -343,8 +344,6 @@ def run_send(args: argparse.Namespace) -> int:
                 with suppress(OSError):
                     sink.close()
                 raise
-            sock.shutdown(socket.SHUT_WR)
-            verdict = _read_verdict(sock)
     except TimeoutError as exc:
         return _report(args, summary, OvmfMhError(
             f"the receiver at {args.to} took no data and sent no verdict for {args.idle_timeout:g} s "
@@ -356,8 +355,6 @@ def run_send(args: argparse.Namespace) -> int:
                        "send", exc)
     except OvmfMhError as exc:
         return _report(args, summary, exc, "send")
-    if verdict.get("outcome") != "ok":
-        return _report(args, summary, OvmfMhError(f"receiver reports failure: {verdict.get('error')}"), "send")
     summary.direction = "send"
     return _report(args, summary, None, "send")
 
@@ -385,6 +382,19 @@ def _peer_gone(args: argparse.Namespace, exc: OSError) -> OvmfMhError:
     return OvmfMhError(
         f"the receiver at {args.to} closed the connection during the transfer ({exc.strerror or exc}): it "
         "stopped or failed; its own output says why; nothing was imported there")
+
+
+def _receiver_proof(sock: socket.socket, sink: IO[bytes]) -> bytes:
+    """Once the stream is out: the receiver's verdict, and in it the commit
+    proof of its target helper 0, which the source helpers then check. An
+    "ok" without a proof they accept is no success (a man in the middle can
+    write "ok"; only helpers holding the key can write the proof)."""
+    sink.close()
+    sock.shutdown(socket.SHUT_WR)
+    verdict = _read_verdict(sock)
+    if verdict.get("outcome") != "ok":
+        raise OvmfMhError(f"receiver reports failure: {verdict.get('error')}")
+    return commit_proof.from_hex(verdict.get("commit_proof"), "receiver")
 
 
 def _read_verdict(sock: socket.socket) -> dict[str, Any]:

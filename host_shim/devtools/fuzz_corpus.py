@@ -9,7 +9,9 @@ Everything is generated, nothing is typed in by hand:
 * ``mailbox`` seeds encode command sequences (FuzzMailbox.c's input format)
   that the reference helper served successfully on the harness's own window:
   export sessions with and without TRACK_PAGES and CHECK_PAGES, the stream
-  forwarded to the target and imported, replays, resets, tampering.
+  forwarded to the target and imported, replays, resets, tampering, and a
+  commit whose proof goes back to the source (EXPORT_VERIFY_COMMIT, as it
+  is and with a byte flipped).
 * ``request`` seeds are the fw_cfg requests helper VMs get
   (host_shim/helpers/helper_vm.py through host_shim/helpers/request.py) with e820 tables as
   QEMU builds them for those VMs.
@@ -24,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from helper import abi
+from helper import commit_proof as cp
 from helper import stream as s
 from helper.reference import CMD, STATUS, ReferenceHelper
 from host_shim.helpers.helper_vm import DEFAULT_MAILBOX_SIZE, DEFAULT_OWN_RAM
@@ -160,6 +163,7 @@ def mailbox_sequence(pages: list[int], tracked: bool, tail: str) -> bytes:
     source = _helper(window, data)
     list_at, out_at, check_at, end_at, bind_at, receipt_at = 0x0, 0x100, 0x7000, 0x7200, 0x7400, 0x7500
     shared_at = 0x7800
+    proof_at = 0x7600  # the proof, then the receipt: up to 0x76E8
     seq = bytes([0])
     flags = 1 if tracked else 0
     if tail == "bound":
@@ -200,9 +204,18 @@ def mailbox_sequence(pages: list[int], tracked: bool, tail: str) -> bytes:
         seq += _cmd(1, "IMPORT_END", HEADER + written, END, shared_at, 1)
     else:
         seq += _cmd(1, "IMPORT_END", HEADER + written, END)
-    if tail in ("bound", "commit", "shared"):
+    if tail in ("bound", "commit", "shared", "proof", "proof-forged"):
         seq += _cmd(1, "IMPORT_RECEIPT", receipt_at, s.RECEIPT_SIZE)
         seq += _cmd(1, "IMPORT_COMMIT", receipt_at, s.RECEIPT_SIZE)
+    if tail in ("proof", "proof-forged"):
+        # Target helper 0's commit proof and the receipt it covers travel
+        # back to the source, which checks them against what it exported.
+        seq += _cmd(1, "IMPORT_COMMIT_PROOF", proof_at, cp.PROOF_SIZE)
+        seq += _forward(1, proof_at, proof_at, cp.PROOF_SIZE)
+        seq += _forward(1, receipt_at, proof_at + cp.PROOF_SIZE, s.RECEIPT_SIZE)
+        if tail == "proof-forged":
+            seq += _write(0, proof_at + cp.PROOF_MAC_OFFSET, b"\x00")
+        seq += _cmd(0, "EXPORT_VERIFY_COMMIT", proof_at, cp.PROOF_SIZE + s.RECEIPT_SIZE)
     if tail == "replay":
         seq += _cmd(1, "IMPORT_BEGIN", 0, HEADER, 0, 1) + _cmd(1, "IMPORT_BATCH", HEADER, written)
     seq += _cmd(1, "QUERY") + _cmd(0, "QUERY")
@@ -213,7 +226,8 @@ def mailbox_seeds() -> dict[str, bytes]:
     seeds: dict[str, bytes] = {}
     for pages in ([1], [0, 1, 2], [3, 4, 5, 6, 7]):
         for tracked in (False, True):
-            for tail in ("", "changed", "tamper", "reset", "replay", "bound", "commit", "shared", "shared-lie"):
+            for tail in ("", "changed", "tamper", "reset", "replay", "bound", "commit", "shared", "shared-lie",
+                         "proof", "proof-forged"):
                 if tail == "changed" and not tracked:
                     continue
                 name = f"seq-{len(pages)}p-{'tracked' if tracked else 'plain'}-{tail or 'clean'}"
@@ -225,6 +239,8 @@ def mailbox_seeds() -> dict[str, bytes]:
         + _cmd(0, "EXPORT_BEGIN", MAILBOX_DATA_SIZE - 8, HEADER)
         + _cmd(0, "EXPORT_BEGIN", 0, HEADER, 4, 0, 0, 1)
         + _cmd(1, "IMPORT_COMMIT", 0, s.RECEIPT_SIZE)
+        + _cmd(1, "IMPORT_COMMIT_PROOF", 0, cp.PROOF_SIZE)
+        + _cmd(0, "EXPORT_VERIFY_COMMIT", 0, cp.PROOF_SIZE + s.RECEIPT_SIZE)
         + _cmd(0, "SHUTDOWN")
         + _cmd(0, "QUERY")
     )
@@ -364,13 +380,14 @@ def dictionary() -> str:
         if short.endswith(("SIGNATURE", "MAGIC")) or short.startswith("IMAGE_INFO_SIGNATURE"):
             width = 8 if value > 0xFFFFFFFF else 4
             add(short, value, width)
-        elif short.startswith(("CMD_", "RECORD_", "STREAM_VERSION", "EXPORT_", "STATUS_")):
+        elif short.startswith(("CMD_", "RECORD_", "STREAM_VERSION", "EXPORT_", "STATUS_", "COMMIT_OUTCOME_")):
             add(short, value, 4)
         elif short.startswith(("MAX_BATCH", "MAX_ZERO_RANGES", "SHARD_BLOCK_PAGES", "PAGE_SIZE", "MAILBOX_MIN",
                                "MAILBOX_MAX", "ADDRESS_LIMIT",
                                "PRIVATE_", "SECRET_PAGE")):
             add(short, value, 8)
-    for name in ("OVMF_MH_STREAM_HEADER", "OVMF_MH_RECORD_HEADER", "OVMF_MH_REQUEST", "OVMF_MH_ZERO_RANGE_PAYLOAD"):
+    for name in ("OVMF_MH_STREAM_HEADER", "OVMF_MH_RECORD_HEADER", "OVMF_MH_REQUEST", "OVMF_MH_ZERO_RANGE_PAYLOAD",
+                 "OVMF_MH_RECEIPT", "OVMF_MH_COMMIT_PROOF"):
         add(name.removeprefix("OVMF_MH_") + "_SIZE", a.layout(name).size, 4)
     lines = [key + '="' + "".join(f"\\x{b:02x}" for b in blob) + '"' for key, blob in entries.items()]
     return "# generated from HelperAbi.h by host_shim/devtools/fuzz_corpus.py\n" + "\n".join(lines) + "\n"

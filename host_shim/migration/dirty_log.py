@@ -20,8 +20,17 @@ does on its own: the flusher writes back an inode dirty for longer than
 ``vm.dirty_expire_centisecs`` (measured here: 30 s after the reset, 14,336
 dirty pages of a 64 MiB file went clean at once), global dirty memory above
 the background threshold starts writeback, and so do ``sync(2)`` and memory
-pressure. :meth:`DirtyLog.doubt` names the first two when they may have
-happened; the others it cannot see.
+pressure (measured here: a ``sync`` loop beside a 4 GiB migration wrote
+the RAM file back every few seconds, docs/migration.md). So the log has a
+second half: the kernel's record of every folio of the file that became
+dirty (host_shim/migration/write_trace.py, a tracepoint), kept whoever
+writes the folio back later. Each read is the page cache's dirty pages
+plus every page of the folios the record names: a page written back by
+somebody else before the read is still marked. Where that record is
+unavailable (not root, no tracefs) :meth:`DirtyLog.doubt` names the
+flusher's expiry and the background threshold when they may have
+happened, and the switchover always checks every page
+(:meth:`DirtyLog.switchover_doubt`): a ``sync(2)`` would go unseen.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from host_shim.migration.migration_vm import PAGE, MigrationError
+from host_shim.migration.write_trace import WriteTrace, WriteTraceUnavailable, folio_spans
 
 PageNumbers = npt.NDArray[np.uint64]
 
@@ -115,7 +125,7 @@ def _vmstat(*names: str) -> dict[str, int]:
 class DirtyLog:
     """The dirty pages of one RAM file, read and cleared per pass."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, *, trace: bool = True) -> None:
         reason = unavailable_reason(path.parent)
         if reason is not None:
             raise DirtyLogUnavailable(reason)
@@ -128,6 +138,21 @@ class DirtyLog:
         # The highest global dirty memory seen, as a share of the kernel's
         # background-writeback threshold, sampled while the log is in use.
         self.background_peak = 0.0
+        # The record of folios that became dirty: None where unavailable, and why.
+        self.trace: WriteTrace | None = None
+        self.trace_unavailable: str | None = None
+        try:
+            if not trace:
+                raise WriteTraceUnavailable("not asked for")
+            self.trace = WriteTrace(path)
+        except WriteTraceUnavailable as exc:
+            self.trace_unavailable = str(exc)
+        # First pages of folios the record named since the last take().
+        self._traced: list[PageNumbers] = []
+        # Pages marked only by the record (written back by somebody else
+        # before the read), over every read so far, and in the last one.
+        self.trace_pages = 0
+        self.last_trace_pages = 0
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, name="dirty-log-sampler", daemon=True)
         self._sampler.start()
@@ -166,7 +191,12 @@ class DirtyLog:
         clock for the file restarts. A page written while the fsync runs is
         cleared without being seen: only where every page is read or
         checked next (before the first pass, or followed by a full
-        CHECK_PAGES)."""
+        CHECK_PAGES). The record's events so far are dropped before the
+        fsync: a page written after the drop is in the next read even if
+        somebody else writes it back."""
+        if self.trace is not None:
+            self.trace.restart()
+        self._traced = []
         os.fsync(self._fd)
         self.reset_at = time.monotonic()
         self.background_peak = 0.0
@@ -177,7 +207,37 @@ class DirtyLog:
         return self._dirty_in(0, self.pages)
 
     def dirty_pages(self) -> PageNumbers:
-        """The pages now dirty, ascending: a bisection of cachestat(2)
+        """The pages written since the last take() or reset(), ascending:
+        those the page cache holds dirty now, and every page of each folio
+        the write record named since (it may have been written back by
+        somebody else). Reading does not clear."""
+        return self._marked(clean=False)
+
+    def take(self) -> PageNumbers:
+        """Read the log, then clear the pages read: the next pass sends them.
+        The record is read first: a folio dirtied after that read is either
+        still dirty in the page cache's read that follows, or in the next
+        record read, whoever writes it back meanwhile."""
+        return self._marked(clean=True)
+
+    def _marked(self, clean: bool) -> PageNumbers:
+        if self.trace is not None:
+            self._traced.append(self.trace.drain())
+        dirty = self.cache_dirty_pages()
+        if clean:
+            self.clean(dirty)
+        if self.trace is None:
+            return dirty
+        spans = folio_spans(np.concatenate(self._traced), self.pages)
+        if clean:
+            self._traced = []
+        extra = np.setdiff1d(spans, dirty, assume_unique=True)
+        self.last_trace_pages = len(extra)
+        self.trace_pages += len(extra)
+        return np.union1d(dirty, extra).astype(np.uint64)
+
+    def cache_dirty_pages(self) -> PageNumbers:
+        """The pages now dirty in the page cache, ascending: a bisection of cachestat(2)
         counts that skips clean ranges and takes all-dirty ranges whole. A
         dirty large folio counts as dirty in every page it holds (more is
         sent, never less)."""
@@ -215,19 +275,16 @@ class DirtyLog:
         for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             self._write_back(int(numbers[start]), end - start)
 
-    def take(self) -> PageNumbers:
-        """Read the log, then clear the pages read: the next pass sends them."""
-        pages = self.dirty_pages()
-        self.clean(pages)
-        return pages
-
     def doubt(self, ahead: float = 0.0) -> str | None:
         """Why the kernel may have written back (so cleared) pages this log
         did not report by now, or ``ahead`` seconds from now; None if it
         cannot have. The flusher's expiry counts from the reset: after the
         whole-file fsync the inode was clean, and the first write after it
         starts its clock; clearing page ranges never makes it wholly clean
-        while the guest writes."""
+        while the guest writes. With the write record, only a record that
+        lost events is in doubt: it sees the flusher and sync(2) too."""
+        if self.trace is not None:
+            return self.trace.lost()
         self._note_background()
         if self.reset_at is not None:
             age = time.monotonic() - self.reset_at
@@ -240,7 +297,24 @@ class DirtyLog:
                     "background-writeback threshold")
         return None
 
+    def switchover_doubt(self) -> str | None:
+        """Why the switchover must check every page: doubt(), or no write
+        record (then another process's writeback would go unseen)."""
+        if self.trace is None:
+            return (f"no write record ({self.trace_unavailable}): a writeback of the RAM file by another "
+                    "process (sync(2), fsync) would go unseen")
+        return self.doubt()
+
+    def describe_trace(self) -> str:
+        """What backs the log, for the report."""
+        if self.trace is None:
+            return f"page cache only; no write record: {self.trace_unavailable}"
+        return (f"page cache + {self.trace.events} writeback_dirty_folio events on inode {self.trace.ino}; "
+                f"{self.trace_pages} pages marked only by them (written back by somebody else)")
+
     def close(self) -> None:
         self._stop.set()
         self._sampler.join(timeout=1)
+        if self.trace is not None:
+            self.trace.close()
         os.close(self._fd)

@@ -70,6 +70,7 @@ from host_shim.migration.migration_vm import (
     wait_for_serial,
 )
 from host_shim.progress import Progress
+from host_shim.transfer import commit_proof
 from host_shim.transfer.holes import hole_pages
 from host_shim.transfer.pipeline import Exporter, PageNumbers
 from host_shim.vm import guest, process
@@ -130,6 +131,9 @@ class MigrationReport:
     # Pages the full check found changed that the log did not mark (only
     # when both ran: --verify-all, or a log in doubt). 0 when the log is exact.
     log_missed_pages: int | None = None
+    # What backs the log: the page cache and the kernel's write record
+    # (dirty_log.py), with the pages only the record marked, or why no record.
+    log_trace: str = ""
     # Before 'stop': how long the source waited for the target to take the
     # stream sent so far, and how many bytes it had not taken then.
     catch_up_seconds: float = 0.0
@@ -182,7 +186,8 @@ class MigrationReport:
             + (f": dirty log read in {1000 * self.log_read_seconds:.0f} ms, {self.log_pages} pages"
                if self.switchover_check.startswith("dirty-log") else "")
             + f"; CHECK_PAGES {1000 * self.check_seconds:.0f} ms found {self.check_pages_changed} changed"
-            + (f"; pages the log missed: {self.log_missed_pages}" if self.log_missed_pages is not None else ""),
+            + (f"; pages the log missed: {self.log_missed_pages}" if self.log_missed_pages is not None else "")
+            + (f"\n  dirty log: {self.log_trace}" if self.log_trace else ""),
             f"  before stop, the target caught up with {self.catch_up_backlog} stream bytes in "
             f"{1000 * self.catch_up_seconds:.0f} ms ({self.catch_up_passes} pass(es) after a catch-up)",
         ]
@@ -390,6 +395,8 @@ class _TargetListener:
     def __init__(self, channel: mp.Channel) -> None:
         self.channel = channel
         self.verdict: mp.Message | None = None
+        #: The target's ``proof`` (its commit proof), which comes before its verdict.
+        self.proof: mp.Message | None = None
         self.error: BaseException | None = None
         # Set by the source before its stream's end (DONE) goes: a verdict
         # before it is out of order (a target cannot have verified a stream
@@ -404,12 +411,15 @@ class _TargetListener:
     def _run(self) -> None:
         try:
             while True:
-                message = self.channel.receive("progress", "verdict")
-                if message.type == "verdict" and not self.stream_ending.is_set():
+                message = self.channel.receive(*(("progress", "verdict") if self.proof else
+                                                   ("progress", "proof", "verdict")))
+                if message.type in ("proof", "verdict") and not self.stream_ending.is_set():
                     raise mp.ProtocolError(
-                        f"the peer {self.channel.peer} sent 'verdict' during {self.channel.phase}, before the "
-                        "stream's end was sent: out of order, refused", peer=self.channel.peer,
+                        f"the peer {self.channel.peer} sent {message.type!r} during {self.channel.phase}, before "
+                        "the stream's end was sent: out of order, refused", peer=self.channel.peer,
                         phase=self.channel.phase)
+                if message.type == "proof":
+                    self.proof = message
                 if message.type == "verdict":
                     self.verdict = message
                     return
@@ -572,6 +582,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         stack.callback(channel.close)
         description = source_guest.description
         device_state_port, nonces = _handshake(channel, description)
+        channel.write_stall = mp.stream_liveness(config.idle_timeout, size, channel.peer).stall
         listener = _TargetListener(channel)
         target_listener = listener
         watch = _Watch([source], target_listener.fault)
@@ -704,6 +715,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         if not verdict["ok"]:
             raise MigrationError(f"the {channel.peer} did not verify the stream: {verdict['reason']}")
         marks["target_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
+        _verify_target_commit(exporter, listener, channel, config.helpers)
+        marks["commit_proof_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
         # The target waits for the commit; until then it hears progress
         # every second, so a source busy hashing or moving the device state
         # is not taken for a silent one.
@@ -818,6 +831,21 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         # Their logs stay in the work folder; a failure names them.
         report.logs = logs_under(work)
     return report
+
+
+def _verify_target_commit(exporter: Exporter, listener: _TargetListener, channel: mp.Channel, shards: int) -> None:
+    """Before anything is committed: the target's commit proof, accepted by
+    every source helper (docs/stream-format.md, "Commit proof"). A verdict,
+    ``resumed`` or ``running`` is a plain message anyone on the path can
+    write; only helpers holding the transport key that committed every shard
+    of this stream can write the proof. Without it the source guest resumes
+    here, with or without the RAM comparison."""
+    if listener.proof is None:
+        raise commit_proof.CommitProofError(
+            f"the {channel.peer} sent its verdict without a commit proof: nothing shows that its helpers "
+            "imported and committed this stream; not committing")
+    blob = commit_proof.decode(listener.proof["commit_proof"], listener.proof["receipts"], shards, channel.peer)
+    exporter.verify_commit(blob, channel.peer)
 
 
 class _KeepAlive:
@@ -1065,7 +1093,8 @@ def _switchover_by_log(dirty_log: DirtyLog, exporter: Exporter, every_page: Page
     report.log_read_seconds = time.monotonic() - start
     report.log_pages = len(logged)
     marks["log_read"] = time.monotonic() - stop_at
-    doubt = dirty_log.doubt()
+    doubt = dirty_log.switchover_doubt()
+    report.log_trace = dirty_log.describe_trace()
     full = verify_all or doubt is not None
     check_start = time.monotonic()
     # --verify-all checks every page (it counts what the log missed); a log
@@ -1203,9 +1232,30 @@ def plain_qemu_migration(
         serial_before = len(target.serial_text())
         target.qmp("cont")
         heartbeat = _wait_for(target, guest.HEARTBEAT, 30, after=serial_before)
+        _check_plain_target(target, serial_before, work)
         return {
             "total_seconds": info["total-time"] / 1000,
             "downtime_seconds": info.get("downtime", 0) / 1000,
             "transferred_bytes": info.get("ram", {}).get("transferred", 0),
             "target_heartbeat": heartbeat,
         }
+
+
+#: Lines a guest kernel prints when it faults, panics or starts again
+#: (panic=-1 reboots at once, and the rebooted guest beats too).
+KERNEL_FAULTS = ("BUG:", "kernel BUG at", "Oops:", "Kernel panic", "general protection fault", "Linux version",
+                 "CORRUPTION")
+
+
+def _check_plain_target(target: QemuHandle, serial_before: int, work: Path) -> None:
+    """The plain baseline's target must go on as the guest that was
+    migrated: its console since 'cont', until its next heartbeat after the
+    first, holds no kernel fault and no new boot (docs/migration.md,
+    "Plain QEMU's baseline")."""
+    with suppress(OvmfMhError):
+        _wait_for(target, guest.HEARTBEAT, 10, after=len(target.serial_text()))
+    text = target.serial_text()[serial_before:]
+    faults = [line.strip() for line in text.splitlines() if any(mark in line for mark in KERNEL_FAULTS)]
+    if faults:
+        raise MigrationError(f"plain QEMU migration: the target's guest kernel failed after 'cont': {faults[0]!r} "
+                             f"(see {work / 'target'})")

@@ -34,6 +34,7 @@ from host_shim.migration.guest_description import (
     validate,
 )
 from host_shim.migration.migration_vm import MIB, MigrationError, guest_config, ram_digest, ram_file, wait_for_serial
+from host_shim.transfer import commit_proof
 from host_shim.transfer import container as ct
 from host_shim.transfer.pipeline import TransferSummary, import_ram
 from host_shim.vm import guest
@@ -322,6 +323,8 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     digest_start = time.monotonic()
     digest = _alive_while(channel, reader, lambda: ram_digest(ram, size))
     digest_ms = round(1000 * (time.monotonic() - digest_start))
+    # Target helper 0's commit proof: the only thing the source commits on.
+    channel.send("proof", **commit_proof.encode(bytes.fromhex(summary.commit_proof)))
     channel.send("verdict", ok=True, reason="", private_pages=summary.private_pages,
                  shared_pages=summary.shared_pages, ram_digest=digest, digest_ms=digest_ms)
     report.guest_state = "verified, waiting for the source's commit (never resumed)"

@@ -34,7 +34,10 @@ PROTOCOL = "ovmf-mh-migration"
 #: Version 4: the source's stream carries KEEPALIVE frames while its helpers
 #: put nothing on it, each frame goes out once no other is queued, and a
 #: blocked write waits as long as the target reports taking the stream.
-VERSIONS = (4,)
+#: Version 5 (ABI 4.1): before its ``verdict`` the target sends ``proof``,
+#: target helper 0's commit proof with the receipts it covers; the source
+#: commits only once its own helpers accepted it.
+VERSIONS = (5,)
 #: Seconds without a frame after which the source sends a KEEPALIVE frame.
 STREAM_KEEPALIVE = 1.0
 #: During the switchover (the guest runs nowhere) and after the target's
@@ -82,6 +85,7 @@ MESSAGE_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "accept": {"device_state_port": int, "nonces": list},
     "refuse": {"field": str, "reason": str},
     "progress": {"stream_bytes": int},
+    "proof": {"commit_proof": str, "receipts": list},
     "verdict": {"ok": bool, "reason": str, "private_pages": int, "shared_pages": int, "ram_digest": list,
                 "digest_ms": int},
     "commit": {},
@@ -236,6 +240,12 @@ class _PatientSocketIO(io.RawIOBase):
                 quiet = time.monotonic() - max(sent_at, self._channel.peer_took_at)
                 if quiet >= self._channel.idle_timeout:
                     raise
+                # However often the peer says it took more, a write that
+                # sends no byte for this long ends: a target that claims
+                # progress it does not make holds nobody.
+                stall = self._channel.write_stall
+                if stall is not None and time.monotonic() - sent_at >= stall:
+                    raise
 
     def close(self) -> None:
         with suppress(OSError):
@@ -310,6 +320,9 @@ class Channel:
         self.message_bytes = 0
         # While the target reads the page stream: its bounds (stream_liveness).
         self.stream_liveness: Liveness | None = None
+        # The source's bound on one write that sends nothing, whatever the
+        # target's 'progress' claims (the target's stall bound, mirrored).
+        self.write_stall: float | None = None
         # When the peer's last whole message arrived.
         self.last_message_at = time.monotonic()
         self.reader = cast(IO[bytes], io.BufferedReader(_DeadlineSocketIO(self), buffer_size=256 * 1024))

@@ -54,6 +54,7 @@ from host_shim.errors import MailboxError, OvmfMhError
 from host_shim.helpers.backends import Backend, open_backends
 from host_shim.helpers.mailbox import DEFAULT_TIMEOUT, status_name
 from host_shim.progress import Progress
+from host_shim.transfer import commit_proof
 from host_shim.transfer import container as ct
 from host_shim.transfer import holes as zr
 from host_shim.vm import process
@@ -151,6 +152,10 @@ class TransferSummary:
     shard_records: list[int] = field(default_factory=list)
     #: The streams were bound to the target helpers' challenge nonces.
     bound: bool = False
+    #: Import: target helper 0's commit proof and the receipts it covers, as
+    #: hex (docs/stream-format.md, "Commit proof"); export: "verified" once
+    #: the source helpers accepted the target's.
+    commit_proof: str = ""
 
     @property
     def pages(self) -> int:
@@ -716,6 +721,13 @@ class Exporter:
         self.summary.outcome = "ok"
         return self.summary
 
+    def verify_commit(self, blob: bytes, peer: str) -> None:
+        """Every source helper checks the target's commit proof against the
+        stream it exported (EXPORT_VERIFY_COMMIT); CommitProofError if one
+        refuses. Call after finish(), before anything is committed."""
+        commit_proof.verify(self._backends, blob, peer)
+        self.summary.commit_proof = "verified"
+
     def _put_and_drain(self) -> None:
         """Let the writer put every queued frame on the sink, then stop it."""
         self._put_end_marker()
@@ -747,10 +759,14 @@ def export_ram(
     mailbox_timeout: float = DEFAULT_TIMEOUT,
     challenge: Callable[[], Nonces] | None = None,
     zero_ranges: bool = True,
+    confirm: Callable[[], bytes] | None = None,
 ) -> TransferSummary:
     """Write the transfer stream of RAM file ``src`` to ``sink`` (one pass),
     bound to the target's ``challenge`` nonces if given, else unbound;
     pages in holes of ``src`` as zero ranges unless ``zero_ranges`` is False.
+    ``confirm`` (a TCP sender): called once the stream is written, returns
+    the target's commit proof, which every source helper must accept before
+    this returns (CommitProofError otherwise).
     On failure the exception carries what was done (``partial_summary``)."""
     # Checks the arguments and the RAM file; starts nothing before __enter__.
     exporter = Exporter(src, key, sink, kind=kind, helpers=helpers, firmware=firmware, work_dir=work_dir,
@@ -763,6 +779,8 @@ def export_ram(
             exporter.send(private, meter)
             exporter.send_plain(shared, meter)
             summary = exporter.finish(excluded)
+            if confirm is not None:
+                exporter.verify_commit(confirm(), "receiver")
     except BaseException as exc:
         exporter.summary.error = str(exc)
         _attach(exc, exporter.summary)
@@ -785,9 +803,10 @@ def _challenge_all(backends: list[Backend]) -> Nonces:
     return nonces
 
 
-def _commit(backends: list[Backend]) -> None:
+def _commit(backends: list[Backend]) -> bytes:
     """Every target helper's receipt, checked by helper 0 (IMPORT_COMMIT):
-    each shard of this migration imported completely, exactly once."""
+    each shard of this migration imported completely, exactly once. Returns
+    helper 0's commit proof followed by those receipts, for the source."""
     size = abi.load().layout("OVMF_MH_RECEIPT").size
     receipts = b""
     for backend in backends:
@@ -796,6 +815,7 @@ def _commit(backends: list[Backend]) -> None:
     first = backends[0]
     first.data[IO_AT : IO_AT + len(receipts)] = receipts
     _call(first, "IMPORT_COMMIT", IO_AT, len(receipts))
+    return commit_proof.take(first, receipts)
 
 
 def _prepare_target(dst: Path, guest_size: int, mode: str) -> Path:
@@ -1006,7 +1026,7 @@ def import_ram(
                     )
                 if digest.hexdigest() != totals.plain_digest:
                     raise TransferError("plain pages do not match the DONE frame's digest")
-                _commit(backends)
+                summary.commit_proof = _commit(backends).hex()
                 summary.transfer_seconds = time.monotonic() - started - summary.helper_start_seconds
                 if mode == "replace":
                     # Durable before the rename; in place (live migration),

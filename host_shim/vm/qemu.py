@@ -21,12 +21,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 from host_shim.errors import QemuError, SetupError
 from host_shim.vm import process
 from host_shim.vm.process import describe_exit, is_stopped, kill_if_running
-from host_shim.vm.qmp_log import LoggedQmp
+from host_shim.vm.qmp_log import LoggedQmp, client_with_own_loop
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +295,7 @@ class QemuVM:
             if self.exit_code() is not None:
                 raise self.error("QEMU exited during start-up")
             if self.qmp_socket.exists():
-                qmp = QEMUMonitorProtocol(str(self.qmp_socket))
+                qmp, loop = client_with_own_loop(str(self.qmp_socket))
                 try:
                     qmp.connect()
                 except Exception as exc:
@@ -306,12 +304,13 @@ class QemuVM:
                     # raises the connection's own EOFError again.
                     with suppress(Exception):
                         qmp.close()
+                    loop.close()
                     time.sleep(0.02)
                     continue
                 qmp.settimeout(QMP_TIMEOUT)
                 if self._qmp is None:
                     raise self.error("QEMU was stopped during start-up")
-                self._qmp.connect(qmp)
+                self._qmp.connect(qmp, loop)
                 try:
                     self.qmp("query-status")
                 except QemuError:
@@ -368,7 +367,7 @@ class QemuVM:
         connection = session.connection if session is not None else None
         if proc is not None and proc.poll() is None and session is not None and connection is not None \
                 and not is_stopped(proc):
-            with suppress(Exception):
+            with suppress(Exception), session.lock:
                 session.note(">", {"execute": "quit"})
                 connection.settimeout(soft_timeout)
                 connection.cmd("quit")

@@ -10,9 +10,11 @@ file is what tells which command was in flight.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -21,6 +23,30 @@ from typing import IO, Any
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from host_shim.errors import QemuError
+
+
+def client_with_own_loop(address: str) -> tuple[QEMUMonitorProtocol, asyncio.AbstractEventLoop]:
+    """A legacy QMP client on an event loop of its own. The legacy client
+    runs every command on the loop that was current when it was made; made
+    in one thread, all clients would share that thread's loop, and two of
+    them used at once from two threads (helpers woken by their mailbox
+    threads) fail with "This event loop is already running"."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            previous: asyncio.AbstractEventLoop | None = asyncio.get_event_loop()
+        except RuntimeError:
+            previous = None
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        client = QEMUMonitorProtocol(address)
+    except BaseException:
+        loop.close()
+        raise
+    finally:
+        asyncio.set_event_loop(previous)
+    return client, loop
 
 
 class LoggedQmp:
@@ -34,14 +60,18 @@ class LoggedQmp:
         self._log: IO[str] | None = log_path.open("w")
         # A helper's mailbox thread wakes it (inject-nmi) while another
         # thread may stop it: one command at a time on the connection.
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def connected(self) -> bool:
         return self.connection is not None
 
-    def connect(self, connection: QEMUMonitorProtocol) -> None:
+    def connect(self, connection: QEMUMonitorProtocol, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Take a negotiated connection; ``loop``, when given, is its own
+        event loop (client_with_own_loop), closed with it."""
         self.connection = connection
+        self._loop = loop
 
     def note(self, direction: str, message: object) -> None:
         """One log line: '>' sent, '<' answered, '!' failed, '*' event."""
@@ -55,7 +85,7 @@ class LoggedQmp:
         answer, a lost connection, a timeout) raises ``error(message)``."""
         if self.connection is None:
             raise error(f"QMP is not connected (command {command})")
-        with self._lock:
+        with self.lock:
             self.note(">", {"execute": command, "arguments": arguments})
             try:
                 result = self.connection.cmd(command, **arguments)
@@ -83,6 +113,9 @@ class LoggedQmp:
             with suppress(Exception):
                 self.connection.close()
             self.connection = None
+        if self._loop is not None and not self._loop.is_running():
+            self._loop.close()
+            self._loop = None
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -16,7 +16,9 @@ definition of them (tests/test_abi.py checks that parse against gcc).
 Besides the stream, the file holds the intermediate values (migration id,
 KDF info, OKM, session key, session id, every nonce, D(0)..D(N), the shared
 pages and their digest, the end payload, the receipt key) so that an implementation can be debugged step
-by step.
+by step. The commit proof (ABI 4.1) target helper 0 gives once it committed
+this receipt and shard 0's (a fixed receipt here: shard 0's stream is not
+in the file) closes it, with its key and the digest of the receipts.
 
 Run ``python tests/vectors/stream_vectors.py`` to rewrite the file;
 ``--check`` only checks that the file on disk matches.
@@ -50,12 +52,16 @@ HEADER = A.layout("OVMF_MH_STREAM_HEADER")
 RECORD = A.layout("OVMF_MH_RECORD_HEADER")
 END_PAYLOAD = A.layout("OVMF_MH_END_PAYLOAD")
 RECEIPT = A.layout("OVMF_MH_RECEIPT")
+PROOF = A.layout("OVMF_MH_COMMIT_PROOF")
 OKM_SIZE = KEY_SIZE + A.const("OVMF_MH_SESSION_ID_SIZE")
 
 # docs/stream-format.md, "Key schedule", "End payload" and "Receipts".
 KDF_INFO = b"ovmf-mh v2 stream"
 CHAIN_LABEL = b"ovmf-mh v2 chain"
 RECEIPT_INFO = b"ovmf-mh v2 receipt"
+COMMIT_PROOF_INFO = b"ovmf-mh v4 commit proof"  # "Commit proof"
+COMMIT_RECEIPTS_LABEL = b"ovmf-mh v4 committed receipts"
+COMMITTED = 1  # the proof's Outcome
 SHARED_LABEL = b"ovmf-mh v3 shared pages"  # "End payload": the digest of a shard's shared pages
 BOUND = 1  # the header's Flags bit of a bound stream
 
@@ -170,6 +176,18 @@ def build() -> dict[str, Any]:
         Reserved=0, RecordCount=count, ChainDigest=chain[-1],
     )[: RECEIPT.offset("Mac")]
     receipt = receipt_body + hmac.new(receipt_key, receipt_body, hashlib.sha256).digest()
+    # Shard 0's receipt: fixed values (its stream is not part of this file).
+    receipt0_body = RECEIPT.pack(
+        MigrationId=migration_id, ShardIndex=0, ShardCount=len(TARGET_NONCES), Flags=BOUND, Reserved=0,
+        RecordCount=3, ChainDigest=hashlib.sha256(b"ovmf-mh stream-v2 shard 0 chain").digest(),
+    )[: RECEIPT.offset("Mac")]
+    receipt0 = receipt0_body + hmac.new(receipt_key, receipt0_body, hashlib.sha256).digest()
+    receipts_digest = hashlib.sha256(COMMIT_RECEIPTS_LABEL + receipt0 + receipt).digest()
+    commit_key = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=migration_id,
+                      info=COMMIT_PROOF_INFO).derive(TRANSPORT_KEY)
+    proof_body = PROOF.pack(MigrationId=migration_id, ShardCount=len(TARGET_NONCES), Flags=BOUND,
+                            Outcome=COMMITTED, Reserved=0, ReceiptsDigest=receipts_digest)[: PROOF.offset("Mac")]
+    proof = proof_body + hmac.new(commit_key, proof_body, hashlib.sha256).digest()
     return {
         "description": "ovmf-mh page stream v3 known answer (docs/stream-format.md); written by stream_vectors.py",
         "transport_key": TRANSPORT_KEY.hex(),
@@ -194,6 +212,10 @@ def build() -> dict[str, Any]:
         "stream": stream.hex(),
         "receipt_key": receipt_key.hex(),
         "receipt": receipt.hex(),
+        "receipt_shard0": receipt0.hex(),
+        "receipts_digest": receipts_digest.hex(),
+        "commit_key": commit_key.hex(),
+        "commit_proof": proof.hex(),
     }
 
 

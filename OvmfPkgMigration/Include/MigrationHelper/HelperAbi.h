@@ -21,7 +21,7 @@
 // meaning; the minor number when commands or capabilities are added.
 //
 #define OVMF_MH_ABI_MAJOR  4
-#define OVMF_MH_ABI_MINOR  1   ///< 4.1: idle word, helpers halt when idle (HALT_WAKE); 4.0: shared pages sealed in the END record (stream version 3); 3.0: request version 2, own page tables
+#define OVMF_MH_ABI_MINOR  1   ///< 4.1: idle word, helpers halt when idle (HALT_WAKE); commit proof (IMPORT_COMMIT_PROOF, EXPORT_VERIFY_COMMIT); 4.0: shared pages sealed in the END record (stream version 3); 3.0: request version 2, own page tables
 
 #define OVMF_MH_PAGE_SIZE  0x1000
 
@@ -168,6 +168,8 @@ typedef struct {
 #define OVMF_MH_CMD_IMPORT_RECEIPT   12 ///< Arg0 out offset, Arg1 capacity -> OVMF_MH_RECEIPT of the completed import
 #define OVMF_MH_CMD_IMPORT_COMMIT    13 ///< Arg0 in offset, Arg1 size: ShardCount receipts, one per shard, in shard order
 #define OVMF_MH_CMD_EXPORT_ZERO_RANGES 14 ///< Arg0 range-list offset, Arg1 range count, Arg2 out offset, Arg3 capacity (ABI 2.1)
+#define OVMF_MH_CMD_IMPORT_COMMIT_PROOF  15 ///< Arg0 out offset, Arg1 capacity -> OVMF_MH_COMMIT_PROOF of the commit this session passed (ABI 4.1)
+#define OVMF_MH_CMD_EXPORT_VERIFY_COMMIT 16 ///< Arg0 in offset, Arg1 size: OVMF_MH_COMMIT_PROOF, then ShardCount receipts in shard order (ABI 4.1)
 
 //
 // Capability bits (OVMF_MH_MAILBOX_HEADER.Capabilities and image info).
@@ -182,6 +184,7 @@ typedef struct {
 #define OVMF_MH_CAP_BINDING     0x0000000000000080  ///< IMPORT_CHALLENGE, IMPORT_RECEIPT, IMPORT_COMMIT, bound streams (ABI 2.0)
 #define OVMF_MH_CAP_ZERO_RANGES 0x0000000000000100  ///< EXPORT_ZERO_RANGES, ZERO_RANGE records imported (ABI 2.1)
 #define OVMF_MH_CAP_HALT_WAKE   0x0000000000000200  ///< Halts when idle, publishes Idle; woken by an NMI (ABI 4.1)
+#define OVMF_MH_CAP_COMMIT_PROOF 0x0000000000000800 ///< IMPORT_COMMIT_PROOF, EXPORT_VERIFY_COMMIT (ABI 4.1)
 
 //
 // Idle word (OVMF_MH_MAILBOX_HEADER.Idle, ABI 4.1; docs/mailbox.md). A helper
@@ -240,6 +243,12 @@ typedef struct {
 // the END record. The session is failed afterwards.
 //
 #define OVMF_MH_STATUS_SHARED_PAGES_MISMATCH  0x30 ///< Shared-page count or digest differs from the END record's
+//
+// Commit proof (ABI 4.1): EXPORT_VERIFY_COMMIT was given a proof whose MAC,
+// outcome or receipt digest is not what a target helper 0 that committed
+// this stream's migration writes. Nothing changes (the export stays COMPLETE).
+//
+#define OVMF_MH_STATUS_BAD_COMMIT_PROOF       0x31 ///< Commit proof MAC, outcome or receipt digest invalid
 //
 // Request rejections (HaltReason, also logged to debugcon). 0x100 and up.
 //
@@ -371,6 +380,15 @@ typedef struct {
 #define OVMF_MH_RECEIPT_INFO        "ovmf-mh v2 receipt"
 #define OVMF_MH_PAGE_HASH_INFO      "ovmf-mh v1 page hash"
 //
+// Commit proof (ABI 4.1): CommitKey = HKDF-SHA256 (IKM = TK, salt =
+// MigrationId, info = OVMF_MH_COMMIT_PROOF_INFO, 32 bytes); ReceiptsDigest =
+// SHA-256 (OVMF_MH_COMMIT_RECEIPTS_LABEL || the ShardCount receipts
+// IMPORT_COMMIT accepted, in shard order).
+//
+#define OVMF_MH_COMMIT_PROOF_INFO      "ovmf-mh v4 commit proof"
+#define OVMF_MH_COMMIT_RECEIPTS_LABEL  "ovmf-mh v4 committed receipts"
+#define OVMF_MH_COMMIT_OUTCOME_COMMITTED  1   ///< Target helper 0 verified every shard's receipt (IMPORT_COMMIT)
+//
 // Shared pages (ABI 4.0): SharedDigest = SHA-256 (OVMF_MH_SHARED_LABEL ||
 // for each shared page of the shard, in stream order: UINT64 guest offset ||
 // the 4096-byte page). The host computes it (it carries those pages in
@@ -460,6 +478,21 @@ typedef struct {
 } OVMF_MH_RECEIPT;
 
 //
+// Commit proof (ABI 4.1): written by IMPORT_COMMIT_PROOF on the target helper
+// that passed IMPORT_COMMIT, checked by EXPORT_VERIFY_COMMIT on a source
+// helper before its host commits. Mac = HMAC-SHA256 (CommitKey, the bytes
+// before Mac); see OVMF_MH_COMMIT_PROOF_INFO.
+//
+typedef struct {
+  UINT8     MigrationId[OVMF_MH_MIGRATION_ID_SIZE]; ///< The committed migration
+  UINT32    ShardCount;                    ///< Receipts the commit checked
+  UINT32    Flags;                         ///< The streams' header Flags
+  UINT32    Outcome;                       ///< OVMF_MH_COMMIT_OUTCOME_COMMITTED
+  UINT32    Reserved;                      ///< Zero
+  UINT8     ReceiptsDigest[OVMF_MH_DIGEST_SIZE]; ///< Of the receipts IMPORT_COMMIT accepted
+  UINT8     Mac[OVMF_MH_DIGEST_SIZE];
+} OVMF_MH_COMMIT_PROOF;
+
 // Idle policy: optional fw_cfg file "opt/ovmf-mh/idle-policy", for benches
 // and tests only (docs/mailbox.md). Without it a helper spins
 // OVMF_MH_IDLE_DEFAULT_SPIN_US after its last command and then halts.
@@ -547,6 +580,9 @@ STATIC_ASSERT (OVMF_MH_SHARD_BLOCK_PAGES == OVMF_MH_MAX_BATCH_PAGES, "a shard bl
 STATIC_ASSERT (OVMF_MH_MAX_ZERO_RANGES * 16 <= OVMF_MH_MAX_BATCH_PAGES * 8, "a range list fits the page-list copy");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECEIPT, RecordCount) == 48, "receipt RecordCount offset");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_RECEIPT, Mac) == 88, "receipt Mac offset");
+STATIC_ASSERT (sizeof (OVMF_MH_COMMIT_PROOF) == 112, "OVMF_MH_COMMIT_PROOF size");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_COMMIT_PROOF, ReceiptsDigest) == 48, "commit proof ReceiptsDigest offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_COMMIT_PROOF, Mac) == 80, "commit proof Mac offset");
 
 STATIC_ASSERT (sizeof (OVMF_MH_IMAGE_INFO) == 112, "OVMF_MH_IMAGE_INFO size");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_IMAGE_INFO, BuildIdAddress) == 32, "image BuildIdAddress offset");

@@ -288,6 +288,8 @@ InternalDispatch (
       Session->State        = OVMF_MH_SESSION_IDLE;
       Session->ChallengeSet = FALSE;
       Session->ImportDone   = FALSE;
+      Session->ExportDone   = FALSE;
+      Session->Committed    = FALSE;
       return OVMF_MH_STATUS_SUCCESS;
 
     case OVMF_MH_CMD_EXPORT_BEGIN:
@@ -318,6 +320,10 @@ InternalDispatch (
       return InternalImportCommit (Context, Arg, Result);
     case OVMF_MH_CMD_EXPORT_ZERO_RANGES:
       return InternalExportZeroRanges (Context, Arg, Result);
+    case OVMF_MH_CMD_IMPORT_COMMIT_PROOF:
+      return InternalImportCommitProof (Context, Arg, Result);
+    case OVMF_MH_CMD_EXPORT_VERIFY_COMMIT:
+      return InternalExportVerifyCommit (Context, Arg, Result);
 
     default:
       return OVMF_MH_STATUS_UNSUPPORTED;

@@ -16,7 +16,7 @@
 
 #define OVMF_MH_BASE_CAPABILITIES \
   (OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN | OVMF_MH_CAP_EXPORT | OVMF_MH_CAP_IMPORT | OVMF_MH_CAP_CHECK_PAGES | \
-   OVMF_MH_CAP_BINDING | OVMF_MH_CAP_ZERO_RANGES)
+   OVMF_MH_CAP_BINDING | OVMF_MH_CAP_ZERO_RANGES | OVMF_MH_CAP_COMMIT_PROOF)
 
 ///
 /// Largest record (PAGE) and the end record, in bytes.
@@ -56,8 +56,11 @@ struct OVMF_MH_SESSION {
   UINT64                   TrackedPageCount;             ///< Entries of PageHash: every page of the guest window
   BOOLEAN                  ChallengeSet;                 ///< IMPORT_CHALLENGE issued Challenge, not yet used
   BOOLEAN                  ImportDone;                   ///< COMPLETE after an import: IMPORT_RECEIPT/COMMIT allowed
+  BOOLEAN                  ExportDone;                   ///< COMPLETE after an export: EXPORT_VERIFY_COMMIT allowed
+  BOOLEAN                  Committed;                    ///< IMPORT_COMMIT passed: IMPORT_COMMIT_PROOF allowed
+  UINT8                    ReceiptsDigest[OVMF_MH_DIGEST_SIZE]; ///< Of the receipts IMPORT_COMMIT accepted
   UINT8                    Challenge[OVMF_MH_CHALLENGE_SIZE];
-  UINT8                    Input[OVMF_MH_MAX_SHARDS * sizeof (OVMF_MH_RECEIPT)]; ///< Private copy of a binding or commit input
+  UINT8                    Input[sizeof (OVMF_MH_COMMIT_PROOF) + OVMF_MH_MAX_SHARDS * sizeof (OVMF_MH_RECEIPT)]; ///< Private copy of a binding, commit or commit-proof input
 };
 
 OVMF_MH_SESSION *
@@ -142,6 +145,20 @@ InternalImportReceipt (
 
 UINT32
 InternalImportCommit (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalImportCommitProof (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  );
+
+UINT32
+InternalExportVerifyCommit (
   IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
   IN     CONST UINT64            *Arg,
   OUT    UINT64                  *Result

@@ -21,6 +21,11 @@
 #define RECEIPT_MAC_SIZE   OFFSET_OF (OVMF_MH_RECEIPT, Mac)
 #define SHARED_LABEL       OVMF_MH_SHARED_LABEL
 #define SHARED_LABEL_SIZE  (sizeof (SHARED_LABEL) - 1)
+#define PROOF_INFO         OVMF_MH_COMMIT_PROOF_INFO
+#define PROOF_INFO_SIZE    (sizeof (PROOF_INFO) - 1)
+#define PROOF_MAC_SIZE     OFFSET_OF (OVMF_MH_COMMIT_PROOF, Mac)
+#define RECEIPTS_LABEL       OVMF_MH_COMMIT_RECEIPTS_LABEL
+#define RECEIPTS_LABEL_SIZE  (sizeof (RECEIPTS_LABEL) - 1)
 #define RDRAND_RETRIES     32
 #define CPUID_RDRAND       BIT30
 
@@ -498,6 +503,8 @@ InternalExportBegin (
 
   Session->ChallengeSet = FALSE;
   Session->ImportDone   = FALSE;
+  Session->ExportDone   = FALSE;
+  Session->Committed    = FALSE;
   Header                = &Session->StreamHeader;
   CopyMem (Header, &Fresh, sizeof (Fresh));
   if (!InternalStartSession (Session, Header)) {
@@ -799,8 +806,9 @@ InternalExportEnd (
   CopyMem (Out + sizeof (Record), Session->Scratch, sizeof (Payload) + OVMF_MH_TAG_SIZE);
 
   InternalEndSession (Session);
-  Session->State = OVMF_MH_SESSION_COMPLETE;
-  Result[0]      = OVMF_MH_END_RECORD_SIZE;
+  Session->State      = OVMF_MH_SESSION_COMPLETE;
+  Session->ExportDone = TRUE;
+  Result[0]           = OVMF_MH_END_RECORD_SIZE;
   Result[1]      = Payload.RecordCount;
   return OVMF_MH_STATUS_SUCCESS;
 }
@@ -1167,6 +1175,8 @@ InternalImportBegin (
   Challenged            = Session->ChallengeSet;
   Session->ChallengeSet = FALSE;
   Session->ImportDone   = FALSE;
+  Session->ExportDone   = FALSE;
+  Session->Committed    = FALSE;
   Session->State        = OVMF_MH_SESSION_FAILED;
   if (Arg[1] != sizeof (OVMF_MH_STREAM_HEADER)) {
     return OVMF_MH_STATUS_BAD_HEADER;
@@ -1573,6 +1583,8 @@ InternalImportChallenge (
 
   Session->ChallengeSet = TRUE;
   Session->ImportDone   = FALSE;
+  Session->ExportDone   = FALSE;
+  Session->Committed    = FALSE;
   CopyMem ((VOID *)(Context->Data + Arg[0]), Session->Challenge, OVMF_MH_CHALLENGE_SIZE);
   Result[0] = OVMF_MH_CHALLENGE_SIZE;
   return OVMF_MH_STATUS_SUCCESS;
@@ -1646,11 +1658,124 @@ InternalImportReceipt (
 }
 
 /**
+  Check a private copy of ShardCount receipts, receipt i for shard i: index
+  and count, migration id, flags and reserved field, MAC, and for this
+  session's own shard that the receipt is exactly Own.
+
+  @param[in] Session   The session (holds the transport key and the header).
+  @param[in] Receipts  ShardCount receipts in private memory.
+  @param[in] Own       The receipt of this session's own shard.
+
+  @retval OVMF_MH_STATUS_SUCCESS          Every receipt checked.
+  @retval OVMF_MH_STATUS_WRONG_SHARD      A receipt at the wrong index or of another count.
+  @retval OVMF_MH_STATUS_WRONG_MIGRATION  A receipt of another migration or binding.
+  @retval OVMF_MH_STATUS_BAD_RECEIPT      A MAC fails, or the own shard's receipt differs from Own.
+**/
+STATIC
+UINT32
+InternalCheckReceipts (
+  IN OVMF_MH_SESSION        *Session,
+  IN CONST UINT8            *Receipts,
+  IN CONST OVMF_MH_RECEIPT  *Own
+  )
+{
+  OVMF_MH_STREAM_HEADER  *Header;
+  OVMF_MH_RECEIPT        Receipt;
+  UINT8                  Mac[OVMF_MH_DIGEST_SIZE];
+  UINT32                 Index;
+  UINT32                 Status;
+
+  Header = &Session->StreamHeader;
+  Status = OVMF_MH_STATUS_SUCCESS;
+  for (Index = 0; (Index < Header->ShardCount) && (Status == OVMF_MH_STATUS_SUCCESS); Index++) {
+    CopyMem (&Receipt, Receipts + Index * sizeof (OVMF_MH_RECEIPT), sizeof (Receipt));
+    if ((Receipt.ShardIndex != Index) || (Receipt.ShardCount != Header->ShardCount)) {
+      Status = OVMF_MH_STATUS_WRONG_SHARD;
+    } else if ((CompareMem (Receipt.MigrationId, Header->MigrationId, OVMF_MH_MIGRATION_ID_SIZE) != 0) ||
+               (Receipt.Flags != Header->Flags) || (Receipt.Reserved != 0))
+    {
+      Status = OVMF_MH_STATUS_WRONG_MIGRATION;
+    } else if (!InternalReceiptMac (Session, &Receipt, Mac) ||
+               !InternalEqual (Mac, Receipt.Mac, OVMF_MH_DIGEST_SIZE) ||
+               ((Index == Header->ShardIndex) && !InternalEqual ((CONST UINT8 *)&Receipt, (CONST UINT8 *)Own, sizeof (*Own))))
+    {
+      Status = OVMF_MH_STATUS_BAD_RECEIPT;
+    }
+  }
+
+  MigrationHelperSecureZero (Mac, sizeof (Mac));
+  return Status;
+}
+
+/**
+  The digest a commit proof carries of the receipts a commit accepted:
+  SHA-256 (OVMF_MH_COMMIT_RECEIPTS_LABEL || the receipts, in shard order).
+
+  @param[in]  Receipts  Count receipts.
+  @param[in]  Count     Number of receipts.
+  @param[out] Digest    Receives OVMF_MH_DIGEST_SIZE bytes.
+**/
+STATIC
+VOID
+InternalReceiptsDigest (
+  IN  CONST UINT8  *Receipts,
+  IN  UINT32       Count,
+  OUT UINT8        *Digest
+  )
+{
+  OVMF_MH_SHA256_CONTEXT  Hash;
+
+  MigrationHelperSha256Init (&Hash);
+  MigrationHelperSha256Update (&Hash, (CONST UINT8 *)RECEIPTS_LABEL, RECEIPTS_LABEL_SIZE);
+  MigrationHelperSha256Update (&Hash, Receipts, (UINTN)Count * sizeof (OVMF_MH_RECEIPT));
+  MigrationHelperSha256Final (&Hash, Digest);
+}
+
+/**
+  MAC a commit proof: HMAC-SHA256 under the commit key, which HKDF derives
+  from the transport key with the proof's migration id as salt and its own
+  label, so that neither a receipt's MAC nor a stream key can stand for it.
+
+  @param[in]  Session  The session (holds the transport key).
+  @param[in]  Proof    The proof; its bytes before Mac are authenticated.
+  @param[out] Mac      Receives OVMF_MH_DIGEST_SIZE bytes.
+
+  @retval TRUE   Mac written.
+  @retval FALSE  Derivation failed (cannot happen with valid sizes).
+**/
+STATIC
+BOOLEAN
+InternalCommitProofMac (
+  IN  OVMF_MH_SESSION             *Session,
+  IN  CONST OVMF_MH_COMMIT_PROOF  *Proof,
+  OUT UINT8                       *Mac
+  )
+{
+  UINT8    Key[OVMF_MH_KEY_SIZE];
+  BOOLEAN  Ok;
+
+  Ok = MigrationHelperHkdfSha256 (
+         Proof->MigrationId,
+         OVMF_MH_MIGRATION_ID_SIZE,
+         Session->TransportKey,
+         OVMF_MH_KEY_SIZE,
+         (CONST UINT8 *)PROOF_INFO,
+         PROOF_INFO_SIZE,
+         Key,
+         sizeof (Key)
+         );
+  Ok = (BOOLEAN)(Ok && MigrationHelperHmacSha256 (Key, sizeof (Key), (CONST UINT8 *)Proof, PROOF_MAC_SIZE, Mac));
+  MigrationHelperSecureZero (Key, sizeof (Key));
+  return Ok;
+}
+
+/**
   IMPORT_COMMIT: check that every shard of this helper's migration was
   imported completely, exactly once, by a helper holding the transport key:
   one valid receipt per shard index 0..ShardCount-1, in order, all for this
   session's migration id, shard count and binding, this helper's own among
-  them unchanged. A failure fails the session.
+  them unchanged. A failure fails the session; success remembers the
+  receipts' digest for IMPORT_COMMIT_PROOF.
 
   @param[in,out] Context  The helper context.
   @param[in]     Arg      In offset, size (ShardCount receipts).
@@ -1667,10 +1792,7 @@ InternalImportCommit (
 {
   OVMF_MH_SESSION        *Session;
   OVMF_MH_STREAM_HEADER  *Header;
-  OVMF_MH_RECEIPT        Receipt;
   OVMF_MH_RECEIPT        Own;
-  UINT8                  Mac[OVMF_MH_DIGEST_SIZE];
-  UINT32                 Index;
   UINT32                 Status;
 
   Session = InternalSession (Context);
@@ -1692,27 +1814,153 @@ InternalImportCommit (
   }
 
   CopyMem (Session->Input, (VOID *)(Context->Data + Arg[0]), (UINTN)Arg[1]);
+  Status = InternalCheckReceipts (Session, Session->Input, &Own);
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
+    Session->ImportDone = FALSE;
+    Session->Committed  = FALSE;
+    Session->State      = OVMF_MH_SESSION_FAILED;
+    return Status;
+  }
+
+  InternalReceiptsDigest (Session->Input, Header->ShardCount, Session->ReceiptsDigest);
+  Session->Committed = TRUE;
+  Result[0]          = Header->ShardCount;
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  IMPORT_COMMIT_PROOF: write the commit proof of the IMPORT_COMMIT this
+  session passed, for the source helpers to check before their host commits.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      Out offset, capacity.
+  @param[out]    Result   Bytes written (sizeof (OVMF_MH_COMMIT_PROOF)).
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalImportCommitProof (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION       *Session;
+  OVMF_MH_COMMIT_PROOF  Proof;
+
+  Session = InternalSession (Context);
+  if ((Session->State != OVMF_MH_SESSION_COMPLETE) || !Session->ImportDone || !Session->Committed) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  if (Arg[1] < sizeof (OVMF_MH_COMMIT_PROOF)) {
+    return OVMF_MH_STATUS_BUFFER_TOO_SMALL;
+  }
+
+  ZeroMem (&Proof, sizeof (Proof));
+  CopyMem (Proof.MigrationId, Session->StreamHeader.MigrationId, OVMF_MH_MIGRATION_ID_SIZE);
+  Proof.ShardCount = Session->StreamHeader.ShardCount;
+  Proof.Flags      = Session->StreamHeader.Flags;
+  Proof.Outcome    = OVMF_MH_COMMIT_OUTCOME_COMMITTED;
+  CopyMem (Proof.ReceiptsDigest, Session->ReceiptsDigest, OVMF_MH_DIGEST_SIZE);
+  if (!InternalCommitProofMac (Session, &Proof, Proof.Mac)) {
+    return OVMF_MH_STATUS_UNEXPECTED;
+  }
+
+  CopyMem ((VOID *)(Context->Data + Arg[0]), &Proof, sizeof (Proof));
+  Result[0] = sizeof (Proof);
+  return OVMF_MH_STATUS_SUCCESS;
+}
+
+/**
+  EXPORT_VERIFY_COMMIT: check that the target helpers committed the stream
+  this session exported: a commit proof for this stream's migration id,
+  shard count and flags, MACed under the commit key, whose receipt digest
+  covers the ShardCount receipts that follow it; every receipt valid for
+  its shard, and this shard's receipt exactly the one a target helper gives
+  after importing this export to its end record. A refusal changes nothing.
+
+  @param[in,out] Context  The helper context.
+  @param[in]     Arg      In offset, size (the proof, then ShardCount receipts).
+  @param[out]    Result   Shards the proof covers.
+
+  @return OVMF_MH_STATUS_* value.
+**/
+UINT32
+InternalExportVerifyCommit (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN     CONST UINT64            *Arg,
+  OUT    UINT64                  *Result
+  )
+{
+  OVMF_MH_SESSION        *Session;
+  OVMF_MH_STREAM_HEADER  *Header;
+  OVMF_MH_COMMIT_PROOF   Proof;
+  OVMF_MH_RECEIPT        Own;
+  UINT8                  Expected[OVMF_MH_DIGEST_SIZE];
+  UINT8                  *Receipts;
+  UINT32                 Status;
+
+  Session = InternalSession (Context);
+  Header  = &Session->StreamHeader;
+  if ((Session->State != OVMF_MH_SESSION_COMPLETE) || !Session->ExportDone) {
+    return OVMF_MH_STATUS_BAD_STATE;
+  }
+
+  if (!InternalDataSpanOk (Context, Arg[0], Arg[1])) {
+    return OVMF_MH_STATUS_OUT_OF_BOUNDS;
+  }
+
+  if (Arg[1] != sizeof (OVMF_MH_COMMIT_PROOF) + (UINT64)Header->ShardCount * sizeof (OVMF_MH_RECEIPT)) {
+    return OVMF_MH_STATUS_INVALID_PARAMETER;
+  }
+
+  //
+  // One copy of the whole input: the proof, then the receipts it names.
+  //
+  CopyMem (Session->Input, (VOID *)(Context->Data + Arg[0]), (UINTN)Arg[1]);
+  CopyMem (&Proof, Session->Input, sizeof (Proof));
+  Receipts = Session->Input + sizeof (Proof);
+  if ((CompareMem (Proof.MigrationId, Header->MigrationId, OVMF_MH_MIGRATION_ID_SIZE) != 0) ||
+      (Proof.ShardCount != Header->ShardCount) || (Proof.Flags != Header->Flags) || (Proof.Reserved != 0))
+  {
+    return OVMF_MH_STATUS_WRONG_MIGRATION;
+  }
+
+  if (!InternalCommitProofMac (Session, &Proof, Expected)) {
+    return OVMF_MH_STATUS_UNEXPECTED;
+  }
+
   Status = OVMF_MH_STATUS_SUCCESS;
-  for (Index = 0; (Index < Header->ShardCount) && (Status == OVMF_MH_STATUS_SUCCESS); Index++) {
-    CopyMem (&Receipt, Session->Input + Index * sizeof (OVMF_MH_RECEIPT), sizeof (Receipt));
-    if ((Receipt.ShardIndex != Index) || (Receipt.ShardCount != Header->ShardCount)) {
-      Status = OVMF_MH_STATUS_WRONG_SHARD;
-    } else if ((CompareMem (Receipt.MigrationId, Header->MigrationId, OVMF_MH_MIGRATION_ID_SIZE) != 0) ||
-               (Receipt.Flags != Header->Flags) || (Receipt.Reserved != 0))
-    {
-      Status = OVMF_MH_STATUS_WRONG_MIGRATION;
-    } else if (!InternalReceiptMac (Session, &Receipt, Mac) ||
-               !InternalEqual (Mac, Receipt.Mac, OVMF_MH_DIGEST_SIZE) ||
-               ((Index == Header->ShardIndex) && !InternalEqual ((CONST UINT8 *)&Receipt, (CONST UINT8 *)&Own, sizeof (Own))))
-    {
-      Status = OVMF_MH_STATUS_BAD_RECEIPT;
+  if (!InternalEqual (Expected, Proof.Mac, OVMF_MH_DIGEST_SIZE) || (Proof.Outcome != OVMF_MH_COMMIT_OUTCOME_COMMITTED)) {
+    Status = OVMF_MH_STATUS_BAD_COMMIT_PROOF;
+  } else {
+    InternalReceiptsDigest (Receipts, Header->ShardCount, Expected);
+    if (!InternalEqual (Expected, Proof.ReceiptsDigest, OVMF_MH_DIGEST_SIZE)) {
+      Status = OVMF_MH_STATUS_BAD_COMMIT_PROOF;
     }
   }
 
-  MigrationHelperSecureZero (Mac, sizeof (Mac));
+  MigrationHelperSecureZero (Expected, sizeof (Expected));
   if (Status != OVMF_MH_STATUS_SUCCESS) {
-    Session->ImportDone = FALSE;
-    Session->State      = OVMF_MH_SESSION_FAILED;
+    return Status;
+  }
+
+  //
+  // The receipt a target helper gives after importing this export to its
+  // end record has the export session's own fields: the header's binding,
+  // the record count and the chain digest D(N).
+  //
+  if (!InternalMakeReceipt (Session, &Own)) {
+    return OVMF_MH_STATUS_UNEXPECTED;
+  }
+
+  Status = InternalCheckReceipts (Session, Receipts, &Own);
+  if (Status != OVMF_MH_STATUS_SUCCESS) {
     return Status;
   }
 

@@ -270,6 +270,14 @@ InternalRefused (
   IN UINT32  Status
   )
 {
+  //
+  // EXPORT_VERIFY_COMMIT only reads: whatever it refuses, the export stays
+  // as it was (ABI 4.1).
+  //
+  if ((Command == OVMF_MH_CMD_EXPORT_VERIFY_COMMIT) && (Status != OVMF_MH_STATUS_SUCCESS)) {
+    return TRUE;
+  }
+
   switch (Status) {
     case OVMF_MH_STATUS_UNSUPPORTED:
     case OVMF_MH_STATUS_INVALID_PARAMETER:
@@ -300,7 +308,7 @@ InternalKnownStatus (
   )
 {
   return (BOOLEAN)(Status <= OVMF_MH_STATUS_NO_ENTROPY ||
-                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_SHARED_PAGES_MISMATCH));
+                   (Status >= OVMF_MH_STATUS_BAD_RECORD && Status <= OVMF_MH_STATUS_BAD_COMMIT_PROOF));
 }
 
 STATIC
@@ -707,6 +715,8 @@ InternalUsesData (
     case OVMF_MH_CMD_IMPORT_CHALLENGE:
     case OVMF_MH_CMD_IMPORT_RECEIPT:
     case OVMF_MH_CMD_IMPORT_COMMIT:
+    case OVMF_MH_CMD_IMPORT_COMMIT_PROOF:
+    case OVMF_MH_CMD_EXPORT_VERIFY_COMMIT:
       return TRUE;
     default:
       return FALSE;
@@ -871,7 +881,8 @@ FuzzCall (
     }
   }
 
-  if ((((Status >= OVMF_MH_STATUS_BAD_RECORD) && (Status <= OVMF_MH_STATUS_BAD_RECEIPT)) ||
+  if ((Command != OVMF_MH_CMD_EXPORT_VERIFY_COMMIT) &&
+      (((Status >= OVMF_MH_STATUS_BAD_RECORD) && (Status <= OVMF_MH_STATUS_BAD_RECEIPT)) ||
        (Status == OVMF_MH_STATUS_SHARED_PAGES_MISMATCH) ||
        ((Status == OVMF_MH_STATUS_RANGE_OUTSIDE_SHARD) && (Command == OVMF_MH_CMD_IMPORT_BATCH))) &&
       (Session->State != OVMF_MH_SESSION_FAILED))
@@ -894,7 +905,9 @@ FuzzCall (
   } else if (Command == OVMF_MH_CMD_CHECK_PAGES) {
     OutStart = Arg[2];
     OutEnd   = Arg[2] + Arg[1];
-  } else if ((Command == OVMF_MH_CMD_IMPORT_CHALLENGE) || (Command == OVMF_MH_CMD_IMPORT_RECEIPT)) {
+  } else if ((Command == OVMF_MH_CMD_IMPORT_CHALLENGE) || (Command == OVMF_MH_CMD_IMPORT_RECEIPT) ||
+             (Command == OVMF_MH_CMD_IMPORT_COMMIT_PROOF))
+  {
     OutStart = Arg[0];
     OutEnd   = Arg[0] + Arg[1];
   }

@@ -14,7 +14,10 @@
     the stream is mutated (bit flips, dropped, duplicated, swapped or
     truncated records, foreign headers) or the target host's account of
     the shared pages differs, and the target imports it; an intact import then gives its receipt, which
-    IMPORT_COMMIT must accept as it is and refuse with any byte flipped.
+    IMPORT_COMMIT must accept as it is and refuse with any byte flipped; a
+    commit then gives its commit proof, which the source's
+    EXPORT_VERIFY_COMMIT must accept with the receipt as they are and
+    refuse with any byte of either flipped (ABI 4.1).
 
   After every command FuzzCall() checks the invariants (FuzzCommon.h); on top
   of them this driver checks that a mutated stream never completes and that
@@ -39,6 +42,8 @@
 #define STREAM_HEADER  FUZZ_STREAM_HEADER
 #define RECEIPT_AT     (DATA_SIZE - PAGE)
 #define SHARED_AT      (DATA_SIZE - 2 * PAGE)   ///< The host's shared-page digest (EXPORT_END, IMPORT_END)
+#define PROOF_AT       (RECEIPT_AT + 256)       ///< The commit proof, then the receipt it covers
+#define PROOF_INPUT    (sizeof (OVMF_MH_COMMIT_PROOF) + sizeof (OVMF_MH_RECEIPT))
 
 STATIC UINT64  mRng;
 STATIC UINT64  mSharedCount;                    ///< Shared pages the last export sealed
@@ -102,7 +107,7 @@ HostileCommand (
     Arg[Index] = HostileValue (Helper->Context.DataSize);
   }
 
-  Command = (Below (16) == 0) ? (UINT32)Next () : (UINT32)Below (12);
+  Command = (Below (16) == 0) ? (UINT32)Next () : (UINT32)Below (OVMF_MH_CMD_EXPORT_VERIFY_COMMIT + 1);
   if (Command == OVMF_MH_CMD_SHUTDOWN) {
     //
     // SHUTDOWN ends a helper's life (keys wiped, VM powered off); the driver
@@ -222,6 +227,55 @@ ExportStream (
 
   memcpy (Stream + Size, (VOID *)Source->Context.Data, END_RECORD);
   return Size + END_RECORD;
+}
+
+/**
+  After a commit: target helper 0's proof, with the receipt it covers, goes
+  to the source that exported the stream; as it is it must verify, with any
+  byte flipped it must not, and a refusal must leave the export verifiable.
+**/
+STATIC
+VOID
+VerifyCommitProof (
+  FUZZ_HELPER  *Source,
+  FUZZ_HELPER  *Target
+  )
+{
+  UINT64   Arg[OVMF_MH_ARG_COUNT] = { 0 };
+  UINT64   Result[OVMF_MH_RESULT_COUNT];
+  UINT8    *Input;
+  UINT32   Status;
+  BOOLEAN  Mutated;
+
+  Arg[0] = PROOF_AT;
+  Arg[1] = sizeof (OVMF_MH_COMMIT_PROOF);
+  Status = FuzzCall (Target, OVMF_MH_CMD_IMPORT_COMMIT_PROOF, Arg, Result);
+  if ((Status != OVMF_MH_STATUS_SUCCESS) || (Result[0] != sizeof (OVMF_MH_COMMIT_PROOF))) {
+    FuzzFail ("no commit proof after a commit", Status);
+  }
+
+  Input = (UINT8 *)Source->Context.Data + PROOF_AT;
+  memcpy (Input, (UINT8 *)Target->Context.Data + PROOF_AT, sizeof (OVMF_MH_COMMIT_PROOF));
+  memcpy (Input + sizeof (OVMF_MH_COMMIT_PROOF), (UINT8 *)Target->Context.Data + RECEIPT_AT, sizeof (OVMF_MH_RECEIPT));
+  Mutated = (BOOLEAN)Below (2);
+  if (Mutated) {
+    Input[Below (PROOF_INPUT)] ^= (UINT8)(1 << Below (8));
+  }
+
+  Arg[1] = PROOF_INPUT;
+  Status = FuzzCall (Source, OVMF_MH_CMD_EXPORT_VERIFY_COMMIT, Arg, Result);
+  if (Mutated == (Status == OVMF_MH_STATUS_SUCCESS)) {
+    FuzzFail (Mutated ? "a forged commit proof verified" : "a genuine commit proof was refused", Status);
+  }
+
+  if (Mutated) {
+    memcpy (Input, (UINT8 *)Target->Context.Data + PROOF_AT, sizeof (OVMF_MH_COMMIT_PROOF));
+    memcpy (Input + sizeof (OVMF_MH_COMMIT_PROOF), (UINT8 *)Target->Context.Data + RECEIPT_AT, sizeof (OVMF_MH_RECEIPT));
+    Status = FuzzCall (Source, OVMF_MH_CMD_EXPORT_VERIFY_COMMIT, Arg, Result);
+    if (Status != OVMF_MH_STATUS_SUCCESS) {
+      FuzzFail ("a refused commit proof changed the export", Status);
+    }
+  }
 }
 
 /**
@@ -408,6 +462,10 @@ RoundTrip (
     Status = FuzzCall (Target, OVMF_MH_CMD_IMPORT_COMMIT, Arg, Result);
     if (Mutated == (Status == OVMF_MH_STATUS_SUCCESS)) {
       FuzzFail (Mutated ? "a forged receipt committed" : "an intact import did not commit", Status);
+    }
+
+    if (!Mutated) {
+      VerifyCommitProof (Source, Target);
     }
   }
 }
