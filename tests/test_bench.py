@@ -287,7 +287,7 @@ def test_bench_helper_runs_end_to_end(firmware: Path, work_dir: Path) -> None:
     was woken for its commands and halted; the baseline claims neither."""
     from host_shim.devtools.bench_helper import BenchContext, bench_helper, format_helper_report
 
-    results = bench_helper(BenchContext(image=firmware, work=work_dir, idle_seconds=1.0, samples=5))
+    results = bench_helper(BenchContext(image=firmware, work=work_dir, idle_seconds=1.0, samples=5), ["idle"])
     idle = results["sections"]["idle"]
     halting, spinning = idle["halting"], idle["spinning"]
     assert halting["halt_wake"] and halting["wakes_sent"] >= 5 and halting["halts"] >= 5
