@@ -180,3 +180,29 @@ def test_a_monitor_served_by_another_process_is_left_alone(folder: Path) -> None
         assert monitor.commands == [] and monitor.status == "paused"
     finally:
         monitor.close()
+
+
+class LateStopMonitor(FakeMonitor):
+    """The dead shim's 'stop' still queued in the monitor: the guardian's
+    first look finds the guest running, the stop runs right after it."""
+
+    def _answer(self, name: str) -> Any:
+        answer = super()._answer(name)
+        if name == "query-status" and not getattr(self, "stopped_late", False):
+            self.stopped_late = True
+            self.status = "paused"
+        return answer
+
+
+def test_a_late_stop_of_the_dead_shim_is_resumed_too(folder: Path) -> None:
+    monitor = LateStopMonitor(folder / "qmp.sock", "running")
+    try:
+        reaper = Reaper()
+        reaper.guard_guest(monitor.path, os.getpid(), ignore_shared=False)
+        _end_shim(reaper)
+        _wait_reaper(reaper)
+        names = monitor.names()
+        assert names.count("query-status") >= 2 and "cont" in names, names
+        assert monitor.status == "running"
+    finally:
+        monitor.close()
