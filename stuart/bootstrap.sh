@@ -34,6 +34,8 @@ packages=(qemu-system-x86 qemu-utils nasm acpica-tools uuid-dev dpkg-dev ovmf
 packages+=(mmdebstrap mtools dosfstools gdisk e2fsprogs)
 # libFuzzer harnesses (tests/c/fuzz): clang, its fuzzer/sanitizer runtimes, llvm-cov
 packages+=(clang-14 libclang-rt-14-dev llvm-14)
+# qemu-x86_64 (user-mode TCG): the page-crypto paths run under QEMU's TCG AES helpers (tests/test_crypto_vaes.py)
+packages+=(qemu-user)
 
 apt_updated=0
 apt_update_once() {

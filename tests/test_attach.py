@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from ci_provides import missing
+from tcp_states import close_wait_sockets
 
 from host_shim.migration.attach import REASONS
 from host_shim.migration.guest_description import MAX_GUEST_MIB
@@ -246,9 +248,9 @@ def test_a_running_guest_migrates_between_two_programs_and_its_workload_goes_on(
     # The source is gone: the target, serving the guest, holds no dead
     # control connection (CLOSE-WAIT) meanwhile.
     deadline = time.monotonic() + 5
-    while _close_wait_sockets(target.proc.pid) and time.monotonic() < deadline:
+    while close_wait_sockets(target.proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _close_wait_sockets(target.proc.pid) == 0, "migrate-incoming keeps its dead control connection"
+    assert close_wait_sockets(target.proc.pid) == 0, "migrate-incoming keeps its dead control connection"
     target.proc.send_signal(signal.SIGTERM)
     assert target.proc.wait(timeout=60) == 0, target.stderr()
     assert target.report()["guest_state"] == "ran here until stopped on request"
@@ -258,24 +260,6 @@ def test_a_running_guest_migrates_between_two_programs_and_its_workload_goes_on(
     assert json.loads(stop.stdout)["stopped"] == "quit over QMP"
     assert _wait_gone(_qemu_pids(work_dir), 10) == []
     assert list(ram_dir.iterdir()) == []
-
-
-def _close_wait_sockets(pid: int) -> int:
-    """TCP sockets of process ``pid`` in CLOSE-WAIT (the peer closed, the
-    process did not): /proc/PID/fd against /proc/net/tcp{,6}, state 08."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with suppress(OSError):
-            link = os.readlink(fd)
-            if link.startswith("socket:["):
-                inodes.add(link[len("socket:["):-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "08" and fields[9] in inodes:
-                count += 1
-    return count
 
 
 def _hold_pre_copy(work: Path, source: Program) -> list[int]:
@@ -435,7 +419,7 @@ def test_a_guest_that_does_not_fit_is_refused_with_its_reason_and_left_running(
     ram = work_dir / "user.ram"
     qmp = short_dir / "user.sock"
     if reason == "firmware" and not Path("/usr/share/OVMF/OVMF_CODE_4M.fd").is_file():
-        pytest.skip("Debian's ovmf package (another firmware to run) is not installed")
+        missing("Debian's ovmf package (another firmware to run) is not installed")
     changes = CASES[case](firmware, ram)
     with _user_guest(firmware, work_dir / "user-guest", ram, qmp, **changes) as vm:
         before = vm.qmp("query-status")["status"]
@@ -741,7 +725,7 @@ def test_a_source_killed_after_its_commit_leaves_the_user_guest_paused_for_the_t
     assert _status(Path(detached_guest["qmp"]), work_dir / "check") == "postmigrate"
     # Its source is gone: the target serves the guest without keeping the
     # dead control connection (CLOSE-WAIT).
-    assert _close_wait_sockets(target.proc.pid) == 0, "migrate-incoming keeps its dead control connection"
+    assert close_wait_sockets(target.proc.pid) == 0, "migrate-incoming keeps its dead control connection"
     target.proc.send_signal(signal.SIGTERM)
     assert target.proc.wait(timeout=60) == 0, target.stderr()
     report = target.report()

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from ci_provides import missing
 
 from host_shim import paths
 from host_shim.errors import BuildError, SetupError
@@ -81,8 +82,9 @@ def test_first_error_prefers_the_compiler_line() -> None:
     assert first_error(["all fine\n", "WARNING - something\n"]) is None
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("make") is None, reason="needs gcc and make")
 def test_failing_make_names_the_compiler_error_and_its_log(tmp_path: Path) -> None:
+    if shutil.which("gcc") is None or shutil.which("make") is None:
+        missing("needs gcc and make (build-essential)")
     (tmp_path / "broken.c").write_text("int main(void) { return undefined_thing; }\n")
     (tmp_path / "Makefile").write_text(
         textwrap.dedent(

@@ -18,6 +18,7 @@ from host_shim.commands.options import add_mailbox_timeout
 from host_shim.errors import OvmfMhError, SetupError
 from host_shim.helpers.backends import KINDS
 from host_shim.helpers.keys import read_key
+from host_shim.local_files import create_exclusive
 from host_shim.transfer import commit_proof
 from host_shim.transfer.container import FileHeader
 from host_shim.transfer.liveness import Liveness, LiveSocketIO, StreamStalled
@@ -212,6 +213,8 @@ def _file_challenge(args: argparse.Namespace) -> Nonces | None:
     try:
         with args.challenge.open("rb") as f:
             nonces, guest_size = read_challenge(f)
+            if f.read(1):
+                raise OvmfMhError(f"the challenge {args.challenge} has bytes after its last nonce")
     except OSError as exc:
         raise OvmfMhError(f"cannot read the challenge {args.challenge}: {exc.strerror or exc}") from None
     if len(nonces) != args.helpers:
@@ -232,10 +235,18 @@ def run_export(args: argparse.Namespace) -> int:
     nonces = _file_challenge(args)
     work = _work_dir(args, "export")
     partial = args.out.with_name(f".{args.out.name}.partial")
-    process.remove_on_exit(partial)  # even if the export is killed
     summary: TransferSummary | None = None
     try:
-        with partial.open("wb") as sink:
+        # Never through a link planted at the partial name (local_files.py).
+        descriptor = create_exclusive(partial)
+    except OSError as exc:
+        return _report(args, None, OvmfMhError(f"cannot write {args.out}: {exc.strerror or exc} (creating {partial})"),
+                       "export")
+    except OvmfMhError as exc:
+        return _report(args, None, exc, "export")
+    process.remove_on_exit(partial)  # even if the export is killed
+    try:
+        with os.fdopen(descriptor, "wb") as sink:
             summary = export_ram(args.ram, key, sink, work_dir=work, page_map=args.page_map,
                                  challenge=None if nonces is None else lambda: nonces,
                                  zero_ranges=args.zero_ranges, **_helper_options(args))
@@ -280,7 +291,8 @@ class _AppearingFile:
 
 def _write_challenge(path: Path, nonces: Nonces, guest_size: int) -> None:
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_bytes(encode_challenge(nonces, guest_size))
+    with os.fdopen(create_exclusive(partial), "wb") as out:
+        out.write(encode_challenge(nonces, guest_size))
     os.replace(partial, path)
 
 
@@ -336,13 +348,18 @@ def run_send(args: argparse.Namespace) -> int:
                                      challenge=lambda: _socket_challenge(sock, args.ram),
                                      zero_ranges=args.zero_ranges, confirm=lambda: _receiver_proof(sock, sink),
                                      **_helper_options(args))
-            except BaseException:
+            except BaseException as exc:
+                # A receiver that refuses writes its verdict and closes: what
+                # this end sees is a failed write or a challenge that is none.
+                refusal = _receiver_refusal(sock) if isinstance(exc, (OSError, OvmfMhError)) else None
                 # Closing the buffered sink would flush into a dead or stalled
                 # connection (another idle timeout): drop the connection first.
                 with suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 with suppress(OSError):
                     sink.close()
+                if refusal is not None:
+                    raise OvmfMhError(f"the receiver at {args.to} refused the transfer: {refusal}") from exc
                 raise
     except TimeoutError as exc:
         return _report(args, summary, OvmfMhError(
@@ -372,6 +389,9 @@ class _SocketReader:
 
 def _socket_challenge(sock: socket.socket, ram: Path) -> Nonces:
     """The receiver's challenge, sent once it read the file header."""
+    if sock.recv(1, socket.MSG_PEEK) == b"{":
+        # Not a challenge: the receiver refused the header and sent its verdict.
+        raise OvmfMhError(f"the receiver refused the transfer: {_receiver_refusal(sock)}")
     nonces, guest_size = read_challenge(_SocketReader(sock))
     if guest_size != ram.stat().st_size:
         raise OvmfMhError(f"the receiver's challenge is for a {guest_size}-byte guest, not {ram.stat().st_size}")
@@ -382,6 +402,24 @@ def _peer_gone(args: argparse.Namespace, exc: OSError) -> OvmfMhError:
     return OvmfMhError(
         f"the receiver at {args.to} closed the connection during the transfer ({exc.strerror or exc}): it "
         "stopped or failed; its own output says why; nothing was imported there")
+
+
+def _receiver_refusal(sock: socket.socket) -> str | None:
+    """The error of a failed verdict the receiver already sent, if any (read
+    for at most 1 s: a refusing receiver has written it before closing)."""
+    data = b""
+    with suppress(OSError):
+        sock.settimeout(1.0)
+        while len(data) < VERDICT_LIMIT:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    with suppress(UnicodeDecodeError, ValueError):
+        verdict = json.loads(data.decode())
+        if isinstance(verdict, dict) and verdict.get("outcome") == "failed":
+            return str(verdict.get("error"))
+    return None
 
 
 def _receiver_proof(sock: socket.socket, sink: IO[bytes]) -> bytes:
@@ -427,6 +465,18 @@ class _CountingReader:
         if size and len(data) < size:
             self.ended = True
         return data
+
+
+def _let_the_sender_read(conn: socket.socket, seconds: float = 2.0) -> None:
+    """After a refusal's verdict: end this side's writing and take what the
+    sender still sends (at most ``seconds``), so that closing with unread
+    data does not reset the connection and discard the verdict on its way."""
+    conn.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        conn.settimeout(left)
+        if not conn.recv(1 << 20):
+            return
 
 
 def run_receive(args: argparse.Namespace) -> int:
@@ -491,6 +541,8 @@ def run_receive(args: argparse.Namespace) -> int:
         verdict = summary.as_json() if summary else {"outcome": "failed", "error": str(error)}
         with suppress(OSError):
             conn.sendall(json.dumps(verdict).encode())
+            if summary is None:
+                _let_the_sender_read(conn)
     if summary is not None:
         summary.direction = "receive"
     return _report(args, summary, error, "receive", cause)

@@ -142,6 +142,16 @@ def mailbox_backend(
     return MailboxBackend(helper.mailbox, helper.memory, helper.mailbox_base, window, data_size, timeout)
 
 
+def check_guest_size(kind: str, guest_size: int) -> None:
+    """Refuse, before anything starts, a guest that helpers of ``kind``
+    cannot map: a firmware helper maps the guest RAM as its window, at most
+    OVMF_MH_MAX_WINDOW_SIZE bytes (docs/fw-cfg-request.md)."""
+    limit = abi.load().const("OVMF_MH_MAX_WINDOW_SIZE")
+    if kind == "firmware" and guest_size > limit:
+        raise SetupError(f"a {guest_size}-byte guest is larger than firmware helpers map: at most {limit} bytes "
+                         f"({limit >> 30} GiB, OVMF_MH_MAX_WINDOW_SIZE)")
+
+
 @contextmanager
 def open_backends(
     kind: str,
@@ -167,6 +177,7 @@ def open_backends(
     if count < 1:
         raise SetupError("at least one helper is needed")
     size = ram.stat().st_size
+    check_guest_size(kind, size)
     with ExitStack() as stack:
         handle = stack.enter_context(ram.open("r+b" if writable else "rb"))
         # A source is mapped copy-on-write: helpers that want a writable view

@@ -30,13 +30,19 @@ def generate_key(out: Path, *, force: bool = False) -> None:
     if out.exists() and not force:
         raise KeyError_(f"{out} exists; refusing to overwrite a key (use --force)")
     key = os.urandom(key_size())
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(out, flags, 0o600)
+    # Never through a symbolic link: the key would land wherever it points.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
+        fd = os.open(out, flags, 0o600)
+    except OSError as exc:
+        what = f"a symbolic link to {os.readlink(out)}, left untouched" if out.is_symlink() else exc.strerror
+        raise KeyError_(f"cannot write the key to {out}: {what}") from None
+    try:
+        # --force over an existing file: its old mode stays unless changed here.
+        os.fchmod(fd, 0o600)
         os.write(fd, key)
     finally:
         os.close(fd)
-    os.chmod(out, 0o600)
 
 
 def read_key(path: Path) -> bytes:

@@ -715,12 +715,13 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         if not verdict["ok"]:
             raise MigrationError(f"the {channel.peer} did not verify the stream: {verdict['reason']}")
         marks["target_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
-        _verify_target_commit(exporter, listener, channel, config.helpers)
-        marks["commit_proof_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
         # The target waits for the commit; until then it hears progress
-        # every second, so a source busy hashing or moving the device state
+        # every second (it gives a silent source up after 5 s), so a source
+        # busy checking the commit proof, hashing or moving the device state
         # is not taken for a silent one.
         alive = stack.enter_context(_KeepAlive(channel, sum(p.stream_bytes for p in report.passes)))
+        _verify_target_commit(exporter, listener, channel, config.helpers)
+        marks["commit_proof_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
         if config.verify_ram:
             # After the verdict, not while the target verifies: on one
             # machine the two would compete for the CPUs and slow the part

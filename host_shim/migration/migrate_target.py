@@ -181,8 +181,11 @@ def run_target(config: TargetConfig, server: socket.socket | None = None) -> Tar
             target = _receive_guest(channel, config, report, description, stack, bound[0])
             if config.keep_running:
                 _serve_guest(report, target)
-            elif config.linger is not None:
-                config.linger()
+            else:
+                if config.linger is not None:
+                    config.linger()
+                report.guest_state = "ran here, stopped on exit (--no-keep-running)"
+            report.phase = "done"
         except (OvmfMhError, OSError) as exc:
             report.error = str(exc)
             if channel is not None:

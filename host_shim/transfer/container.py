@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ KIND_NAMES = {
 }
 
 MAX_SHARDS = 64
+#: The largest guest a transfer carries: 64 TiB. The receiver creates a
+#: sparse target file of the header's guest size and maps it whole before
+#: anything is verified, so the bound must fit the address space of a
+#: process (128 TiB on x86-64) with room to spare, far below off_t's 2^63.
+MAX_GUEST_SIZE = 1 << 46
 
 
 class ContainerError(OvmfMhError):
@@ -73,7 +79,9 @@ def _limits() -> dict[int, tuple[int, int]]:
     batch = a.const("OVMF_MH_MAX_BATCH_PAGES") * (record + page + tag)
     return {
         KIND_STREAM_HEADER: (header, header),
-        KIND_RECORDS: (0, batch),
+        # At least one record: the exporter never writes an empty batch, and
+        # an empty frame would cost the receiver a helper call for nothing.
+        KIND_RECORDS: (record + tag, batch),
         KIND_STREAM_END: (end, end),
         KIND_PLAIN_PAGE: (PLAIN_PAGE.size + page, PLAIN_PAGE.size + page),
         KIND_DONE: (2, 4096),
@@ -118,18 +126,67 @@ class Totals:
 
     @classmethod
     def decode(cls, payload: bytes) -> Totals:
-        try:
-            fields = json.loads(payload)
-            return cls(
-                private_pages=int(fields["private_pages"]),
-                shared_pages=int(fields["shared_pages"]),
-                excluded_pages=int(fields["excluded_pages"]),
-                zero_pages=int(fields["zero_pages"]),
-                plain_digest=str(fields["plain_digest"]),
-                zero_range_pages=int(fields.get("zero_range_pages", 0)),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ContainerError(f"malformed DONE frame: {exc}") from None
+        """Parse a DONE frame strictly (docs/transfer-format.md, "DONE frame"):
+        one flat JSON object, each key once, exactly the known keys
+        (``zero_range_pages`` optional), counts JSON integers 0..2^63-1,
+        the digest 64 lower-case hex digits."""
+        fields = _done_fields(payload)
+        missing = sorted(DONE_COUNTS - {"zero_range_pages"} - fields.keys() | {"plain_digest"} - fields.keys())
+        if missing:
+            raise ContainerError(f"malformed DONE frame: missing {', '.join(missing)}")
+        unknown = sorted(fields.keys() - DONE_COUNTS - {"plain_digest"})
+        if unknown:
+            raise ContainerError(f"malformed DONE frame: unknown key(s) {', '.join(unknown)}")
+        counts: dict[str, int] = {}
+        for name in DONE_COUNTS:
+            value = fields.get(name, 0)
+            if type(value) is not int or not 0 <= value < 1 << 63:
+                raise ContainerError(f"malformed DONE frame: {name} must be an integer from 0 to 2^63-1, "
+                                     f"not {json.dumps(value)[:40]}")
+            counts[name] = value
+        digest = fields["plain_digest"]
+        if not isinstance(digest, str) or not _HEX_DIGEST.fullmatch(digest):
+            raise ContainerError(f"malformed DONE frame: plain_digest must be 64 lower-case hex digits, "
+                                 f"not {json.dumps(digest)[:80]}")
+        return cls(plain_digest=digest, **counts)
+
+
+#: The counts of a DONE frame; ``zero_range_pages`` may be absent (before ABI 2.1).
+DONE_COUNTS = frozenset({"private_pages", "shared_pages", "excluded_pages", "zero_pages", "zero_range_pages"})
+_HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _refuse_float(text: str) -> object:
+    raise ContainerError(f"malformed DONE frame: {text[:40]} is not an integer")
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    fields: dict[str, object] = {}
+    for name, value in pairs:
+        if name in fields:
+            raise ContainerError(f"malformed DONE frame: key {name[:40]!r} appears twice")
+        fields[name] = value
+    return fields
+
+
+def _done_fields(payload: bytes) -> dict[str, object]:
+    """The DONE frame's one flat JSON object. Its values are integers and a
+    hex string, so a second '{' or any '[' is malformed: refused before the
+    parser (whose recursion a deep nest would exhaust) sees it."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ContainerError("malformed DONE frame: not UTF-8") from None
+    if text.count("{") > 1 or "[" in text:
+        raise ContainerError("malformed DONE frame: not one flat JSON object (nested '{' or '[')")
+    try:
+        fields = json.loads(text, object_pairs_hook=_unique, parse_float=_refuse_float,
+                            parse_constant=_refuse_float)
+    except ValueError as exc:
+        raise ContainerError(f"malformed DONE frame: {exc}") from None
+    if not isinstance(fields, dict):
+        raise ContainerError("malformed DONE frame: not a JSON object")
+    return fields
 
 
 class PlainDigest:
@@ -248,14 +305,30 @@ def read_file_header(source: Reader | IO[bytes]) -> FileHeader:
         raise ContainerError("transfer stream version 1 (before ABI 4.0): its shared pages are not sealed by the "
                              f"helpers and its helper streams are version 2; this receiver needs version {VERSION}: "
                              "export it again")
-    if version != VERSION or size != FILE_HEADER.size or flags or reserved:
-        raise ContainerError(f"unsupported transfer stream version {version} (size {size}, flags {flags:#x})")
+    if version != VERSION:
+        raise ContainerError(f"unsupported transfer stream version {version} (this receiver reads version {VERSION})")
+    if size != FILE_HEADER.size:
+        raise ContainerError(f"file header: header size field is {size}, must be {FILE_HEADER.size}")
+    if flags:
+        raise ContainerError(f"file header: flags field (offset 12) is {flags:#x}, must be 0")
+    if reserved:
+        raise ContainerError(f"file header: reserved field (offset 28) is {reserved:#x}, must be 0")
     page = abi.load().const("OVMF_MH_PAGE_SIZE")
     if guest_size == 0 or guest_size % page:
         raise ContainerError(f"guest size {guest_size} is not a positive multiple of the page size")
+    if guest_size > MAX_GUEST_SIZE:
+        raise ContainerError(f"file header: guest size {guest_size} bytes is above the maximum of "
+                             f"{MAX_GUEST_SIZE} bytes ({MAX_GUEST_SIZE >> 40} TiB) a transfer carries")
     if not 1 <= shards <= MAX_SHARDS:
-        raise ContainerError(f"{shards} shards; at most {MAX_SHARDS}")
+        raise ContainerError(f"file header: {shards} shards; at most {MAX_SHARDS}")
     return FileHeader(guest_size, shards)
+
+
+def describe_mismatch(got: FileHeader, expected: FileHeader) -> str:
+    """Which field of a file header differs from the one expected, with both values."""
+    fields = [f"{name} {getattr(got, name)} (expected {getattr(expected, name)})"
+              for name in ("guest_size", "shards") if getattr(got, name) != getattr(expected, name)]
+    return "file header: " + ", ".join(fields).replace("guest_size", "guest size")
 
 
 def read_frames(source: Reader | IO[bytes], shards: int) -> Iterator[Frame]:

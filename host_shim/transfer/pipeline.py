@@ -51,8 +51,9 @@ import numpy.typing as npt
 from helper import abi
 from helper import stream as s
 from host_shim.errors import MailboxError, OvmfMhError
-from host_shim.helpers.backends import Backend, open_backends
+from host_shim.helpers.backends import Backend, check_guest_size, open_backends
 from host_shim.helpers.mailbox import DEFAULT_TIMEOUT, status_name
+from host_shim.local_files import create_exclusive
 from host_shim.progress import Progress
 from host_shim.transfer import commit_proof
 from host_shim.transfer import container as ct
@@ -105,7 +106,15 @@ def read_challenge(source: ct.Reader | IO[bytes]) -> tuple[Nonces, int]:
         raise TransferError(f"challenge for {count} shards; 1 to {ct.MAX_SHARDS}")
     size = abi.load().const("OVMF_MH_CHALLENGE_SIZE")
     raw = ct.read_exact(source, count * size, "the challenge nonces")
-    return [raw[i : i + size] for i in range(0, len(raw), size)], guest_size
+    nonces = [raw[i : i + size] for i in range(0, len(raw), size)]
+    for index, nonce in enumerate(nonces):
+        # A target helper draws its nonce at random: all zero or twice is no challenge of theirs.
+        if not any(nonce):
+            raise TransferError(f"challenge: the nonce of shard {index} is all zero")
+        if nonce in nonces[:index]:
+            raise TransferError(f"challenge: the nonce of shard {index} repeats the one of shard "
+                                f"{nonces.index(nonce)}")
+    return nonces, guest_size
 
 
 #: Statuses of IMPORT_BEGIN that a stream sealed under another key produces.
@@ -818,6 +827,13 @@ def _commit(backends: list[Backend]) -> bytes:
     return commit_proof.take(first, receipts)
 
 
+def unconfirmed_helper_limit() -> int:
+    """The most helpers an import starts on the word of a file header alone
+    (no --helpers): max(4, CPUs). The header is not verified before the
+    helpers run, so it must not make the host start 64 of them."""
+    return max(4, os.cpu_count() or 1)
+
+
 def _prepare_target(dst: Path, guest_size: int, mode: str) -> Path:
     if mode == "in-place":
         if not dst.is_file() or dst.stat().st_size != guest_size:
@@ -832,10 +848,18 @@ def _prepare_target(dst: Path, guest_size: int, mode: str) -> Path:
             f"{dst} has {dst.stat().st_size} bytes; the stream carries a {guest_size}-byte guest"
         )
     partial = dst.with_name(f".{dst.name}.ovmf-mh-partial")
-    partial.unlink(missing_ok=True)
+    # A leftover of a killed import is replaced; a planted link is refused (local_files.py).
+    descriptor = create_exclusive(partial)
     process.remove_on_exit(partial)  # even if the import is killed
-    with partial.open("wb") as f:
-        f.truncate(guest_size)
+    with os.fdopen(descriptor, "wb") as f:
+        try:
+            f.truncate(guest_size)
+        except OSError as exc:  # EFBIG: beyond what the file system holds
+            process.remove(partial)
+            raise TransferError(
+                f"cannot make the target file {partial} {guest_size} bytes long (the guest size of the stream's "
+                f"header): {exc.strerror or exc}; the file system of {dst} holds files up to a smaller size"
+            ) from None
     return partial
 
 
@@ -889,6 +913,13 @@ def import_ram(
             f"the stream has {header.shards} shard(s); import uses one helper per shard "
             f"(got --helpers {helpers})"
         )
+    if helpers is None and expect is None and header.shards > unconfirmed_helper_limit():
+        # Nothing in the header is verified until a helper runs: it alone must not start 64 helpers.
+        raise TransferError(
+            f"the stream's header claims {header.shards} shards; without --helpers an import starts at most "
+            f"{unconfirmed_helper_limit()} helpers (max(4, CPUs)) on a header nothing has verified yet: give "
+            f"--helpers {header.shards} to start that many")
+    check_guest_size(kind, header.guest_size)
     summary = TransferSummary("import", kind, header.shards, header.guest_size, work_dir=str(work_dir),
                               stream_bytes=ct.FILE_HEADER.size)
     target = _prepare_target(dst, header.guest_size, mode)
@@ -959,8 +990,11 @@ def import_ram(
                     summary.bound = True
                 if on_ready is not None:
                     on_ready()
-                if expect is not None and ct.read_file_header(source) != expect:
-                    raise TransferError(f"the stream does not match the expected {expect}")
+                if expect is not None:
+                    found = ct.read_file_header(source)
+                    if found != expect:
+                        raise TransferError("the stream is not the one expected: "
+                                            + ct.describe_mismatch(found, expect))
                 workers = [_thread(shard_worker(i, b), failure, f"import-{i}") for i, b in enumerate(backends)]
                 digest = ct.PlainDigest()
                 plain = ct.PlainPageChecker(header)
