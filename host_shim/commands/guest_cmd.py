@@ -160,8 +160,9 @@ def run_start(args: argparse.Namespace) -> int:
         print(f"  record       {work / detached.RECORD}")
         if "heartbeat" in record.details:
             print(f"  heartbeat    {record.details['heartbeat']}")
+        disk = f" --disk {shlex.quote(str(work / 'disk.qcow2'))}" if args.guest == "debian" else ""
         print(f"  migrate it:  ovmf-mh migrate --to HOST:PORT --key KEY --qmp {shlex.quote(record.qmp)} "
-              f"--ram {shlex.quote(record.ram)}")
+              f"--ram {shlex.quote(record.ram)}{disk}")
         print(f"  stop it:     ovmf-mh guest stop --work-dir {shlex.quote(str(work))}")
     return 0
 
