@@ -48,9 +48,10 @@ if _OFF["Command"] != _OFF["CommandSeq"] + 4 or _OFF["Status"] != _OFF["Response
     raise ImportError("helper.serve expects Command after CommandSeq and Status after ResponseSeq")
 #: Build id the reference helper publishes: "ovmf-mh-ref-py" padded, never a firmware build id.
 REFERENCE_BUILD_ID = b"ovmf-mh-ref-py\0\0"
-#: Seconds of busy polling after a response before the helper blocks: a host
-#: that keeps the helper busy posts its next batch within this time.
-SPIN_SECONDS = 0.003
+#: Seconds of busy polling after a response before the helper blocks, the
+#: firmware's default: a host that keeps the helper busy posts its next batch
+#: within this time.
+SPIN_SECONDS = _A.const("OVMF_MH_IDLE_DEFAULT_SPIN_US") / 1e6
 #: The host's wake-up (Mailbox.wake): blocked, and taken only by sigtimedwait.
 WAKE_SIGNAL = signal.SIGUSR1
 #: Seconds one wait for the wake-up lasts before the helper checks that its host lives.

@@ -9,6 +9,9 @@
 #      unless EDK2_PATH points at a tree of the user's own.
 #   4. A Debian cloud kernel and busybox-static for the boot tests, in
 #      .cache/guest.
+#      The tools that build the Debian guest's disk image (mmdebstrap, mtools,
+#      dosfstools, gdisk, e2fsprogs); the image itself is built on first use
+#      (`ovmf-mh guest image`, host_shim/vm/guest_image.py) into .cache/guest-debian.
 #   5. The project virtual environment in .venv.
 #   6. A second EDK2 tree for the tests: the newest edk2 source package Debian
 #      serves (chosen by asking the registry, see host_shim/firmware/edk2_debian.py),
@@ -27,8 +30,12 @@ as_root() {
 
 packages=(qemu-system-x86 qemu-utils nasm acpica-tools uuid-dev dpkg-dev ovmf
           build-essential python3-venv cpio)
+# the Debian guest's disk image (host_shim/vm/guest_image.py): root, FAT, GPT, ext4
+packages+=(mmdebstrap mtools dosfstools gdisk e2fsprogs)
 # libFuzzer harnesses (tests/c/fuzz): clang, its fuzzer/sanitizer runtimes, llvm-cov
 packages+=(clang-14 libclang-rt-14-dev llvm-14)
+# qemu-x86_64 (user-mode TCG): the page-crypto paths run under QEMU's TCG AES helpers (tests/test_crypto_vaes.py)
+packages+=(qemu-user)
 
 apt_updated=0
 apt_update_once() {

@@ -30,12 +30,14 @@ from typing import IO, Any
 
 import pytest
 from ci_provides import missing
+from tcp_states import close_wait_sockets
 
 from host_shim.migration.attach import REASONS
 from host_shim.migration.guest_description import MAX_GUEST_MIB
 from host_shim.migration.migration_vm import MIB, guest_config
-from host_shim.vm import guest
+from host_shim.vm import debian_vm, guest, guest_image
 from host_shim.vm.attached import AttachedQemu
+from host_shim.vm.devices import DeviceModel
 from host_shim.vm.qemu import QemuVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.firmware]
@@ -246,9 +248,9 @@ def test_a_running_guest_migrates_between_two_programs_and_its_workload_goes_on(
     # The source is gone: the target, serving the guest, holds no dead
     # control connection (CLOSE-WAIT) meanwhile.
     deadline = time.monotonic() + 5
-    while _close_wait_sockets(target.proc.pid) and time.monotonic() < deadline:
+    while close_wait_sockets(target.proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _close_wait_sockets(target.proc.pid) == 0, "migrate-incoming keeps its dead control connection"
+    assert close_wait_sockets(target.proc.pid) == 0, "migrate-incoming keeps its dead control connection"
     target.proc.send_signal(signal.SIGTERM)
     assert target.proc.wait(timeout=60) == 0, target.stderr()
     assert target.report()["guest_state"] == "ran here until stopped on request"
@@ -258,24 +260,6 @@ def test_a_running_guest_migrates_between_two_programs_and_its_workload_goes_on(
     assert json.loads(stop.stdout)["stopped"] == "quit over QMP"
     assert _wait_gone(_qemu_pids(work_dir), 10) == []
     assert list(ram_dir.iterdir()) == []
-
-
-def _close_wait_sockets(pid: int) -> int:
-    """TCP sockets of process ``pid`` in CLOSE-WAIT (the peer closed, the
-    process did not): /proc/PID/fd against /proc/net/tcp{,6}, state 08."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with suppress(OSError):
-            link = os.readlink(fd)
-            if link.startswith("socket:["):
-                inodes.add(link[len("socket:["):-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "08" and fields[9] in inodes:
-                count += 1
-    return count
 
 
 def _hold_pre_copy(work: Path, source: Program) -> list[int]:
@@ -504,9 +488,60 @@ def test_the_wrong_ram_file_a_paused_guest_and_a_busy_or_missing_monitor_are_ref
     _assert_refused(_attach(work_dir, other, ram, "not-a-socket"), "qmp-unreachable")
 
 
+def _debian_attach(work: Path, qmp: Path, ram: Path, disk: Path, name: str) -> subprocess.CompletedProcess[str]:
+    return _run(["migrate", "--to", "127.0.0.1:9", "--key", str(work / "transport.key"), "--qmp", str(qmp),
+                 "--ram", str(ram), "--disk", str(disk), "--work-dir", str(work / name), "--no-progress",
+                 "--connect-timeout", "2"], work, name, timeout=120)
+
+
+DEBIAN_CASES: dict[str, tuple[list[str], str, str]] = {
+    # case: (extra QEMU arguments, reason, what the message names)
+    "fits": ([], "", ""),
+    "an e1000 NIC": (["-device", "e1000"], "devices", "the guest has a e1000"),
+    "a second virtio disk": (["-drive", "if=none,id=disk9,file={scratch},format=raw",
+                              "-device", "virtio-blk-pci,drive=disk9"], "devices", "a second virtio-blk-pci"),
+    "another disk than --disk": ([], "disk", "not --disk"),
+}
+
+
+@pytest.mark.parametrize("case", list(DEBIAN_CASES))
+def test_a_disk_booted_guest_is_attached_when_its_devices_are_on_the_allow_list(
+        firmware: Path, work_dir: Path, key: Path, short_dir: Path, case: str) -> None:
+    """The Debian guest's QEMU (2 vCPUs, virtio disk, NIC and RNG, no
+    -kernel): every attach check passes, and the command goes on to the
+    target; a device off the allow-list, a second disk or another disk than
+    --disk is refused by name, the guest left running. The checks read QEMU,
+    not the guest: they run while the firmware still boots it."""
+    extra, reason, named = DEBIAN_CASES[case]
+    ram, qmp, disk = work_dir / "user.ram", short_dir / "user.sock", work_dir / "disk.qcow2"
+    scratch = work_dir / "scratch.raw"
+    scratch.write_bytes(bytes(1 << 20))
+    with ram.open("wb") as f:
+        f.truncate(512 * MIB)
+    guest_image.overlay(disk)
+    config = debian_vm.config(firmware, ram, 512 * MIB, DeviceModel(vcpus=2, disk=disk))
+    config = dataclasses.replace(config, extra_args=[
+        *config.extra_args, *(a.format(scratch=scratch) for a in extra),
+        "-chardev", f"socket,id=user-qmp,path={qmp},server=on,wait=off", "-mon", "chardev=user-qmp,mode=control"])
+    named_disk = scratch if case == "another disk than --disk" else disk
+    try:
+        with QemuVM(config, work_dir / "user-guest", "user-guest") as vm:
+            result = _debian_attach(work_dir, qmp, ram, named_disk, "migrate")
+            if reason:
+                _assert_refused(result, reason)
+                assert named in result.stderr, result.stderr
+            else:
+                assert result.returncode == 1 and "refused to attach" not in result.stderr, result.stderr
+                assert "cannot connect to the target 127.0.0.1:9" in result.stderr, result.stderr
+            assert vm.qmp("query-status")["status"] == "running"
+    finally:
+        ram.unlink(missing_ok=True)
+
+
 def test_every_reason_has_a_test() -> None:
     covered = {REASON_OF.get(case, case) for case in CASES}
     covered |= {"ram-file", "not-running", "migrating", "qmp-unreachable"}
+    covered |= {reason for _, reason, _ in DEBIAN_CASES.values() if reason}
     # Not reproducible on these machines: a KVM guest (KVM runs no guest here).
     untested = {"accel"}
     assert covered | untested == set(REASONS) and not covered & untested
@@ -690,7 +725,7 @@ def test_a_source_killed_after_its_commit_leaves_the_user_guest_paused_for_the_t
     assert _status(Path(detached_guest["qmp"]), work_dir / "check") == "postmigrate"
     # Its source is gone: the target serves the guest without keeping the
     # dead control connection (CLOSE-WAIT).
-    assert _close_wait_sockets(target.proc.pid) == 0, "migrate-incoming keeps its dead control connection"
+    assert close_wait_sockets(target.proc.pid) == 0, "migrate-incoming keeps its dead control connection"
     target.proc.send_signal(signal.SIGTERM)
     assert target.proc.wait(timeout=60) == 0, target.stderr()
     report = target.report()

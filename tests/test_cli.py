@@ -123,3 +123,16 @@ def test_migrate_attach_options_go_together(options: list[str], tmp_path: Path,
     assert code == 1
     assert "--qmp" in err and ("go together" in err or "applies to a guest attached" in err)
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (["--guest", "debian", "--qmp", "q.sock", "--ram", "g.ram"], "--guest debian boots the Debian guest here"),
+    (["--disk", "d.qcow2"], "--disk is the disk of the Debian guest"),
+])
+def test_migrate_refuses_debian_options_that_do_not_fit(options: list[str], says: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    code = main(["migrate", "--work-dir", str(tmp_path / "w"), *options])
+    err = capsys.readouterr().err
+    assert code == 1 and says in err, err
+    assert not (tmp_path / "w").exists()

@@ -233,3 +233,20 @@ def test_the_read_starts_from_chunks_and_finds_pages_on_their_borders(work_dir: 
         log.close()
         memory.close()
         os.close(fd)
+
+
+def test_without_root_the_log_has_no_record_and_the_switchover_says_why(
+        ram: tuple[Path, mmap.mmap], monkeypatch: pytest.MonkeyPatch) -> None:
+    """tracefs needs root: elsewhere the log falls back to the page cache
+    alone, names why, and its switchover always checks every page."""
+    path, _ = ram
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    log = DirtyLog(path, PAGES * PAGE)
+    try:
+        assert log.trace is None and log.trace_unavailable is not None
+        assert "needs root" in log.trace_unavailable
+        doubt = log.switchover_doubt()
+        assert doubt is not None and doubt.startswith("no write record (tracefs needs root")
+        assert log.describe_trace().startswith("page cache only; no write record")
+    finally:
+        log.close()

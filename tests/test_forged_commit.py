@@ -286,7 +286,7 @@ def test_send_never_believes_a_forged_ok(firmware: Path, work_dir: Path, key: Pa
         f.truncate(4 << 20)
     receiver = FakeReceiver(ram.stat().st_size, FAKES[fake](read_key(key)))
     code, out, err = _run(["send", "--ram", str(ram), "--key", str(key), "--to", f"127.0.0.1:{receiver.port}",
-                           "--helpers", "2", "--work-dir", str(work_dir / "send"), "--json"], work_dir, "send",
+                           "--helpers", "1", "--work-dir", str(work_dir / "send"), "--json"], work_dir, "send",
                           timeout=300)
     receiver.join(30)
     receiver.server.close()

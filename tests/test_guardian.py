@@ -8,6 +8,7 @@ and resumes the guest within RESUME_BOUND if it is paused; after a release
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -48,7 +49,8 @@ class FakeMonitor:
                 client, _ = self._server.accept()
             except OSError:
                 return
-            with client:
+            # A client that goes mid-answer (the guardian gave up) ends its session.
+            with client, contextlib.suppress(OSError):
                 self._session(client)
 
     def _session(self, client: socket.socket) -> None:
@@ -178,5 +180,31 @@ def test_a_monitor_served_by_another_process_is_left_alone(folder: Path) -> None
         _end_shim(reaper)
         _wait_reaper(reaper)
         assert monitor.commands == [] and monitor.status == "paused"
+    finally:
+        monitor.close()
+
+
+class LateStopMonitor(FakeMonitor):
+    """The dead shim's 'stop' still queued in the monitor: the guardian's
+    first look finds the guest running, the stop runs right after it."""
+
+    def _answer(self, name: str) -> Any:
+        answer = super()._answer(name)
+        if name == "query-status" and not getattr(self, "stopped_late", False):
+            self.stopped_late = True
+            self.status = "paused"
+        return answer
+
+
+def test_a_late_stop_of_the_dead_shim_is_resumed_too(folder: Path) -> None:
+    monitor = LateStopMonitor(folder / "qmp.sock", "running")
+    try:
+        reaper = Reaper()
+        reaper.guard_guest(monitor.path, os.getpid(), ignore_shared=False)
+        _end_shim(reaper)
+        _wait_reaper(reaper)
+        names = monitor.names()
+        assert names.count("query-status") >= 2 and "cont" in names, names
+        assert monitor.status == "running"
     finally:
         monitor.close()

@@ -21,6 +21,8 @@ A = abi.load()
 HEADER = A.layout("OVMF_MH_MAILBOX_HEADER")
 HEADER_SIZE = A.const("OVMF_MH_MAILBOX_HEADER_SIZE")
 
+#: Seconds a helper polls after a command before it halts.
+SPIN = A.const("OVMF_MH_IDLE_DEFAULT_SPIN_US") / 1e6
 #: mh_idle_race flags (tests/c/IdleRaceHarness.c).
 HOST_FENCE, REWAKE, NO_FIXUP, IN_WINDOW = 0x1, 0x2, 0x4, 0x8
 #: PAUSE loops of a stretched window: long enough (tenths of a second) that
@@ -131,14 +133,14 @@ def test_idle_firmware_helper_uses_almost_no_cpu(halting_helper: HelperVM) -> No
 
 
 def test_commands_around_the_halt_threshold_are_never_lost(halting_helper: HelperVM) -> None:
-    """Commands posted at random delays around the 3 ms spin-then-halt
-    threshold (some to a spinning helper, some to one about to halt, some to
-    a halted one): every one is answered, and both paths were taken."""
+    """Commands posted at random delays around the spin-then-halt threshold
+    (some to a spinning helper, some to one about to halt, some to a halted
+    one): every one is answered, and both paths were taken."""
     helper = halting_helper
     assert helper.mailbox is not None
     rng = random.Random(21)
     for _ in range(150):
-        time.sleep(rng.uniform(0.0, 0.008))
+        time.sleep(rng.uniform(0.0, 2 * SPIN))
         assert helper.mailbox.call("QUERY").results[1] & A.const("OVMF_MH_CAP_HALT_WAKE")
     header = helper.mailbox.header()
     assert header["CommandsServed"] >= 150
@@ -229,7 +231,7 @@ def test_reference_process_blocks_when_idle_and_is_woken(tmp_path: Path) -> None
         assert (_cpu_seconds(helper.pid) - before) / (time.monotonic() - start) < 0.20
         rng = random.Random(7)
         for _ in range(100):
-            time.sleep(rng.uniform(0.0, 0.008))
+            time.sleep(rng.uniform(0.0, 2 * SPIN))
             assert mailbox.call("QUERY").results[1] & A.const("OVMF_MH_CAP_HALT_WAKE")
         assert 0 < mailbox.wakes < 100
 
@@ -252,7 +254,7 @@ def test_two_helpers_woken_from_two_threads_at_once(firmware: Path, work_dir: Pa
                 assert helper.mailbox is not None
                 for _ in range(40):
                     helper.wake()
-                    time.sleep(0.004)
+                    time.sleep(SPIN / 4)
                     assert helper.mailbox.call("NOP").status == 0
             except BaseException as exc:  # reported by the main thread
                 errors.append(exc)

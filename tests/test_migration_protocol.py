@@ -16,15 +16,26 @@ from typing import Any
 import pytest
 
 from host_shim.migration import migration_protocol as mp
-from host_shim.migration.guest_description import DescriptionError, firmware_digest, validate
+from host_shim.migration.guest_description import DescriptionError, device_model, firmware_digest, validate
 from host_shim.migration.migrate_target import TargetConfig, TargetReport, run_target
+from host_shim.vm.devices import NicBackend
 
 DIGEST = "ab" * 32
 
 
 def _good() -> dict[str, Any]:
     return {"guest": "ovmf-mh-test-guest", "machine": "q35", "accel": "tcg", "cpu": "max", "memory_mib": 256,
-            "workload_mib": 64, "shards": 1, "firmware_sha256": DIGEST}
+            "workload_mib": 64, "shards": 1, "firmware_sha256": DIGEST, "vcpus": 1, "devices": []}
+
+
+DISK = {"type": "virtio-blk-pci", "format": "qcow2", "size": 1 << 30}
+NIC = {"type": "virtio-net-pci", "mac": "52:54:00:12:34:56"}
+
+
+def _debian() -> dict[str, Any]:
+    return _good() | {"guest": "debian-12", "memory_mib": 512, "vcpus": 2,
+                      "devices": [dict(DISK), dict(NIC), {"type": "virtio-rng-pci"}, {"type": "serial"},
+                                  {"type": "isa-debugcon"}]}
 
 
 def test_a_good_description_is_accepted_as_sent() -> None:
@@ -61,6 +72,68 @@ def test_hostile_descriptions_are_refused_naming_the_field(change: dict[str, Any
         validate(body, firmware_sha256=DIGEST, shards=1)
     assert caught.value.field == field
     assert reason in caught.value.reason
+
+
+def test_a_debian_description_with_the_allowed_devices_is_accepted() -> None:
+    description = validate(_debian(), firmware_sha256=DIGEST, shards=1)
+    assert description.as_json() == _debian()
+    assert description.device("virtio-net-pci") == NIC
+
+
+DEBIAN_HOSTILE: list[tuple[str, dict[str, Any], str, str]] = [
+    ("no vCPU", {"vcpus": 0}, "vcpus", "outside 1..8"),
+    ("too many vCPUs", {"vcpus": 9}, "vcpus", "outside 1..8"),
+    ("vCPUs as text", {"vcpus": "2"}, "vcpus", "must be an integer"),
+    ("devices not a list", {"devices": {"type": "virtio-rng-pci"}}, "devices", "must be a list"),
+    ("a device not an object", {"devices": [DISK, "virtio-rng-pci"]}, "devices[1]", "must be an object"),
+    ("an unknown device", {"devices": [DISK, {"type": "vfio-pci"}]}, "devices[1].type",
+     "device 'vfio-pci' is not on this target's allow-list"),
+    ("a device with no type", {"devices": [DISK, {"mac": "52:54:00:00:00:01"}]}, "devices[1].type",
+     "NoneType is not on this target's allow-list"),
+    ("a path in the disk", {"devices": [DISK | {"file": "/etc/shadow"}]}, "devices[0].file",
+     "unknown field of a virtio-blk-pci"),
+    ("a disk with no size", {"devices": [{"type": "virtio-blk-pci", "format": "raw"}]}, "devices[0].size",
+     "missing"),
+    ("a disk format QEMU probes", {"devices": [DISK | {"format": "vmdk"}]}, "devices[0].format",
+     "must be one of raw, qcow2"),
+    ("a disk of negative size", {"devices": [DISK | {"size": -1}]}, "devices[0].size", "must be an integer"),
+    ("a second disk", {"devices": [DISK, DISK]}, "devices[1].type", "a second virtio-blk-pci"),
+    ("no disk", {"devices": [NIC]}, "devices", "boots from its disk"),
+    ("a netdev in the NIC", {"devices": [DISK, NIC | {"netdev": "bridge,br=br0"}]}, "devices[1].netdev",
+     "unknown field of a virtio-net-pci"),
+    ("a multicast MAC", {"devices": [DISK, NIC | {"mac": "01:00:5e:00:00:01"}]}, "devices[1].mac", "unicast"),
+    ("a MAC with options", {"devices": [DISK, NIC | {"mac": "52:54:00:12:34:56,romfile=/x"}]},
+     "devices[1].mac", "unicast"),
+    ("too many devices", {"devices": [{"type": "serial"}] * 6}, "devices", "at most 5"),
+]
+
+
+@pytest.mark.parametrize(("change", "field", "reason"), [h[1:] for h in DEBIAN_HOSTILE],
+                         ids=[h[0] for h in DEBIAN_HOSTILE])
+def test_hostile_device_models_are_refused_naming_the_field(change: dict[str, Any], field: str,
+                                                            reason: str) -> None:
+    with pytest.raises(DescriptionError) as caught:
+        validate(_debian() | change, firmware_sha256=DIGEST, shards=1)
+    assert caught.value.field == field
+    assert reason in caught.value.reason
+
+
+def test_the_test_guest_has_one_vcpu_and_no_virtio_device() -> None:
+    with pytest.raises(DescriptionError, match=re.escape("'vcpus': 2 is outside 1..1")):
+        validate(_good() | {"vcpus": 2}, firmware_sha256=DIGEST, shards=1)
+    with pytest.raises(DescriptionError, match="the test guest has no virtio-net-pci"):
+        validate(_good() | {"devices": [NIC]}, firmware_sha256=DIGEST, shards=1)
+
+
+def test_the_target_builds_its_devices_from_its_own_disk_and_nic(tmp_path: Path) -> None:
+    description = validate(_debian(), firmware_sha256=DIGEST, shards=1)
+    own_disk = tmp_path / "shared" / "disk.qcow2"
+    model = device_model(description, own_disk, NicBackend("tap", "omh-tap1"))
+    argv = " ".join(model.qemu_args())
+    assert f"file={own_disk},format=qcow2" in argv and "mac=52:54:00:12:34:56,netdev=net0" in argv
+    assert "ifname=omh-tap1" in argv and "-smp 2" in argv and "virtio-rng-pci" in argv
+    with pytest.raises(DescriptionError, match="given none"):
+        device_model(description, None, NicBackend())
 
 
 @pytest.mark.parametrize("missing", sorted(_good()))

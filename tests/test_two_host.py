@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from tcp_states import close_wait_sockets
 
 from host_shim.migration import migration_protocol as mp
 from host_shim.migration.migration_vm import MIB
@@ -179,6 +180,12 @@ def test_two_programs_migrate_the_guest_and_the_target_keeps_it_running(
         time.sleep(0.2)
     assert serial.read_text(errors="replace").count("HB seq=") >= beats + 2, "the guest stopped beating"
     assert "CORRUPTION" not in serial.read_text(errors="replace")
+    # The source has ended: the target, serving the guest, keeps no dead
+    # control connection (CLOSE-WAIT) meanwhile.
+    deadline = time.monotonic() + 5
+    while close_wait_sockets(target.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert close_wait_sockets(target.pid) == 0, "migrate-incoming keeps its dead control connection"
     os.kill(target.pid, signal.SIGTERM)
     assert target.wait(timeout=60) == 0, target.stderr()
     target_report = _report(target)

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from host_shim.firmware.boot import BootMode, boot_image, resolve_image
+from host_shim.vm.debian_vm import GUEST_KINDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     parser.add_argument("--mode", choices=[m.value for m in BootMode], required=True,
                         help="normal: boot the guest without a helper request; helper: boot into the helper")
+    parser.add_argument("--guest", choices=GUEST_KINDS, default="test",
+                        help="normal mode's guest: the test guest (kernel + busybox initramfs, fast; default) "
+                        "or 'debian', a Debian 12 disk the firmware boots through BDS and systemd-boot, "
+                        "2 vCPUs, virtio disk, NIC and RNG; it succeeds at multi-user.target and the "
+                        "workload's heartbeat (the image is built into .cache/guest-debian first if needed)")
     parser.add_argument("--image", type=Path, help="OVMF code image (default: the DEBUG build)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     parser.add_argument("--work-dir", type=Path, help="folder for QEMU logs (default: a new temp folder)")
@@ -34,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     image = resolve_image(args.image)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix=f"ovmf-mh-boot-{args.mode}-"))
-    outcome = boot_image(image, BootMode(args.mode), work.resolve(), args.timeout)
+    outcome = boot_image(image, BootMode(args.mode), work.resolve(), args.timeout, guest_kind=args.guest)
     if args.json:
         print(json.dumps(outcome.as_json(), indent=2))
     else:

@@ -16,7 +16,8 @@ from host_shim.errors import OvmfMhError, QemuError
 from host_shim.firmware.boot import resolve_image
 from host_shim.migration.guest_description import MAX_GUEST_MIB, MIN_GUEST_MIB
 from host_shim.migration.migration_vm import MIB, MigrationError, guest_config
-from host_shim.vm import detached, guest
+from host_shim.vm import debian_vm, detached, guest, guest_image
+from host_shim.vm.devices import DeviceModel
 from host_shim.vm.qemu import QemuConfig
 
 
@@ -68,6 +69,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                       help="print the argument vector and the files to prepare as JSON (default: shell text)")
     show.set_defaults(handler=run_command)
 
+    image = commands.add_parser(
+        "image", help="build the Debian guest's disk image into .cache/guest-debian (cached; --force rebuilds)",
+        description=(
+            "Build the Debian 12 disk image '--guest debian' boots: mmdebstrap from the mirror of this "
+            "machine's own Debian sources entry, an EFI system partition filled with mtools (systemd-boot at "
+            "\\EFI\\BOOT\\BOOTX64.EFI), an ext4 root made by mkfs.ext4 -d, a GPT. Cached by a digest of the "
+            "recipe: once built, nothing is fetched again until the recipe changes. Needs root and the tools "
+            "stuart/bootstrap.sh installs. Prints the image's path."
+        ),
+    )
+    image.add_argument("--force", action="store_true", help="rebuild even when the cached image is current")
+    image.set_defaults(handler=run_image)
+
     stop = commands.add_parser(
         "stop", help="stop the guest that 'guest start' started in --work-dir, by its recorded pid",
         description=(
@@ -84,6 +98,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--guest", choices=debian_vm.GUEST_KINDS, default="test",
+                        help="the test guest (default) or 'debian': the Debian disk image booted by the firmware, "
+                        "2 vCPUs, a virtio disk (a qcow2 overlay WORK_DIR/disk.qcow2 over the cached image), a "
+                        "virtio NIC with no host side, a virtio RNG")
     parser.add_argument("--work-dir", type=Path, required=True,
                         help="folder for the guest's record, logs and (by default) RAM file and QMP socket")
     parser.add_argument("--image", type=Path, help="firmware image (default: the DEBUG build)")
@@ -108,6 +126,12 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 
 def _config(args: argparse.Namespace, ram: Path) -> QemuConfig:
+    if args.guest == "debian":
+        disk = args.work_dir.resolve() / "disk.qcow2"
+        if not disk.exists():
+            args.work_dir.mkdir(parents=True, exist_ok=True)
+            guest_image.overlay(disk)
+        return debian_vm.config(resolve_image(args.image), ram, args.guest_mib * MIB, DeviceModel(disk=disk))
     return guest_config(resolve_image(args.image), ram, args.guest_mib * MIB, incoming=False,
                         workload_mib=args.workload_mib)
 
@@ -136,8 +160,9 @@ def run_start(args: argparse.Namespace) -> int:
         print(f"  record       {work / detached.RECORD}")
         if "heartbeat" in record.details:
             print(f"  heartbeat    {record.details['heartbeat']}")
+        disk = f" --disk {shlex.quote(str(work / 'disk.qcow2'))}" if args.guest == "debian" else ""
         print(f"  migrate it:  ovmf-mh migrate --to HOST:PORT --key KEY --qmp {shlex.quote(record.qmp)} "
-              f"--ram {shlex.quote(record.ram)}")
+              f"--ram {shlex.quote(record.ram)}{disk}")
         print(f"  stop it:     ovmf-mh guest stop --work-dir {shlex.quote(str(work))}")
     return 0
 
@@ -172,7 +197,9 @@ def run_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"argv": argv, "prepare": prepare}, indent=2))
         return 0
-    print(f"# the test guest, attachable by 'ovmf-mh migrate --qmp {qmp} --ram {ram}'; prepare first:")
+    what = "the Debian guest" if args.guest == "debian" else "the test guest"
+    attach = f"--qmp {qmp} --ram {ram}" + (f" --disk {work / 'disk.qcow2'}" if args.guest == "debian" else "")
+    print(f"# {what}, attachable by 'ovmf-mh migrate {attach}'; prepare first:")
     print(f"#   mkdir -p {shlex.quote(str(work))} && truncate -s {args.guest_mib * MIB} {shlex.quote(str(ram))}")
     if config.firmware_vars:
         print(f"#   cp {shlex.quote(str(config.firmware_vars))} {shlex.quote(str(work / 'vars.fd'))}")
@@ -187,4 +214,9 @@ def run_stop(args: argparse.Namespace) -> int:
         print(json.dumps({"pid": record.pid, "stopped": how, "ram_removed": not args.keep_ram}, indent=2))
     else:
         print(f"guest QEMU pid {record.pid} {how}" + ("" if args.keep_ram else f"; removed {record.ram}"))
+    return 0
+
+
+def run_image(args: argparse.Namespace) -> int:
+    print(guest_image.build_image(force=args.force))
     return 0

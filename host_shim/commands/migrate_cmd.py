@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from host_shim.commands.options import add_mailbox_timeout
@@ -14,6 +15,8 @@ from host_shim.migration.migrate import SWITCHOVER_MODES, MigrationConfig, migra
 from host_shim.migration.migration_protocol import parse_address
 from host_shim.migration.migration_vm import MigrationError
 from host_shim.vm import process
+from host_shim.vm.debian_vm import DEFAULT_MIB, GUEST_KINDS
+from host_shim.vm.netns import L2Network
 from host_shim.vm.qemu import describe_logs
 
 
@@ -73,6 +76,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--workload-mib", type=int,
                         help="memory the booted test guest's workload rewrites (default 64; not with --qmp: "
                         "read from the running guest's initramfs)")
+    parser.add_argument("--guest", choices=GUEST_KINDS, default="test",
+                        help="the guest this command boots: the test guest (default) or 'debian', the Debian 12 "
+                        "disk the firmware boots, with --vcpus vCPUs, a virtio disk, NIC and RNG (docs/migration.md, "
+                        "'Migrate a real VM'); not with --qmp")
+    parser.add_argument("--vcpus", type=int, default=2, help="with --guest debian: vCPUs, 1..8 (default 2)")
+    parser.add_argument("--disk", type=Path,
+                        help="with --guest debian: the guest's disk on storage both hosts see (default: a fresh "
+                        "qcow2 overlay WORK_DIR/disk.qcow2 over the cached image); with --qmp: the attached "
+                        "guest's disk, checked against what QEMU says (the target opens this path)")
+    parser.add_argument("--network", action=argparse.BooleanOptionalAction, default=True,
+                        help="with --guest debian: put the source host, the target host and a client in network "
+                        "namespaces on one L2 segment, the guest's NIC on a tap in each host's, and stream a TCP "
+                        "connection from the client to the guest's echo service through the migration (the report's "
+                        "tcp_probe); needs root; not with --to (default on; --no-network: a NIC with no host side)")
     parser.add_argument("--max-passes", type=int, default=6, help="pre-copy passes at most (default 6)")
     parser.add_argument("--converge-pages", type=int, default=2048,
                         help="stop pre-copy when a pass sent at most this many pages (default 2048)")
@@ -123,6 +140,12 @@ def run(args: argparse.Namespace) -> int:
             verb = "does" if len(given) == 1 else "do"
             raise MigrationError(f"{', '.join(given)} {verb} not apply with --qmp: the running guest has its own "
                                  "RAM file and sizes (--ram-dir still places the target's RAM file without --to)")
+    if args.guest == "debian" and args.qmp is not None:
+        raise MigrationError("--guest debian boots the Debian guest here; --qmp attaches to a guest you run")
+    if args.guest != "debian" and args.disk is not None and args.qmp is None:
+        raise MigrationError("--disk is the disk of the Debian guest (--guest debian) or of the guest attached with "
+                             "--qmp")
+    default_mib = DEFAULT_MIB if args.guest == "debian" else 256
     work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
     config = MigrationConfig(
         image=resolve_image(args.image),
@@ -130,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         key_file=args.key,
         helper=args.helper,
         helpers=args.helpers,
-        guest_mib=256 if args.guest_mib is None else args.guest_mib,
+        guest_mib=default_mib if args.guest_mib is None else args.guest_mib,
         workload_mib=64 if args.workload_mib is None else args.workload_mib,
         max_passes=args.max_passes,
         converge_pages=args.converge_pages,
@@ -147,9 +170,15 @@ def run(args: argparse.Namespace) -> int:
         attach_qmp=args.qmp.absolute() if args.qmp else None,
         attach_ram=args.ram.absolute() if args.ram else None,
         quit_source=args.quit_source,
+        guest=args.guest,
+        vcpus=args.vcpus,
+        disk=args.disk.absolute() if args.disk else None,
     )
     try:
-        report = migrate(config)
+        # The namespaces hold both hosts: only when this command runs both roles.
+        with L2Network() if args.guest == "debian" and args.network and not args.to else nullcontext() as network:
+            config.network = network
+            report = migrate(config)
     except Exception:
         # Refused before it started, or a failure not foreseen: whatever
         # QEMU ran keeps its logs. (A signal, KeyboardInterrupt, keeps

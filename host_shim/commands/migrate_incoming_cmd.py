@@ -15,6 +15,7 @@ from host_shim.helpers.keys import read_key
 from host_shim.migration.migrate_target import TargetConfig, TargetReport, run_target
 from host_shim.migration.migration_protocol import parse_address
 from host_shim.vm import process
+from host_shim.vm.devices import parse_nic
 from host_shim.vm.qemu import describe_logs
 
 
@@ -57,6 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser.add_argument("--keep-running", action=argparse.BooleanOptionalAction, default=True,
                         help="after the guest runs here, keep running it until SIGINT/SIGTERM (default: yes)")
     add_mailbox_timeout(parser)
+    parser.add_argument("--disk", type=Path,
+                        help="for a disk-booted guest (the Debian guest): this host's path to its disk on storage "
+                        "both hosts see; checked against the format and size the source describes, never a path "
+                        "taken from the source (default: none, such a guest is refused)")
+    parser.add_argument("--nic", default="none", metavar="none|user|tap:NAME",
+                        help="the host side of the guest's virtio NIC on this host: none (a NIC with no link), "
+                        "QEMU's user network, or the tap device NAME, e.g. one on a bridge (default none)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (default: text)")
     parser.set_defaults(handler=run)
 
@@ -73,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         ram_dir=args.ram_dir, accept_timeout=args.accept_timeout, idle_timeout=args.idle_timeout,
         heartbeat_timeout=args.heartbeat_timeout, mailbox_timeout=args.mailbox_timeout,
         keep_running=args.keep_running, on_listening=_say_listening,
+        disk=args.disk.absolute() if args.disk else None, nic=parse_nic(args.nic),
     )
     try:
         report: TargetReport = run_target(config)

@@ -7,7 +7,12 @@ NEVER_HALT, how every helper behaved before): the percent of a CPU its QEMU
 uses while it waits for a command (from /proc/PID/stat over
 ``idle_seconds``), and the round trip of an empty command (QUERY) posted
 after the helper had time to halt (``gap`` seconds after the previous one),
-median and 99th percentile, with the wake-ups it took.
+median and 99th percentile, with the wake-ups it took, and the median round
+trip of a QMP command that does nothing (query-status), which a wake-up
+(inject-nmi) costs on top of the spinning baseline.
+
+Section ``crypto`` (issue 21): export and import MB/s of one helper with and
+without the vector page-crypto path (host_shim/devtools/bench_helper_crypto.py).
 
 Sections are entries of SECTIONS (a function from a BenchContext to a JSON
 dict) and FORMATTERS (that dict to text lines); a new measure of helper
@@ -25,11 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from helper import abi
+from host_shim.devtools.bench_helper_crypto import format_crypto, section_crypto
 from host_shim.helpers.helper_vm import HelperSpec, HelperVM, IdlePolicy
 
-#: Seconds between two commands of the latency run: longer than the helper's
-#: spin (3 ms), so every command finds it halted (or spinning, the baseline).
-DEFAULT_GAP = 0.02
+#: Seconds between two commands of the latency run: twice the helper's spin
+#: (OVMF_MH_IDLE_DEFAULT_SPIN_US), so every command finds it halted (or
+#: spinning, the baseline).
+DEFAULT_GAP = 2 * abi.load().const("OVMF_MH_IDLE_DEFAULT_SPIN_US") / 1e6
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class BenchContext:
     idle_seconds: float = 5.0
     samples: int = 100
     gap: float = DEFAULT_GAP
+    crypto_guest_mib: int = 64
+    crypto_rounds: int = 3
 
 
 def cpu_seconds(pid: int) -> float:
@@ -71,7 +80,13 @@ def _measure_helper(context: BenchContext, name: str, policy: IdlePolicy | None)
             time.sleep(context.gap)
             latencies.append(mailbox.call("QUERY").seconds)
         after = mailbox.header()
+        qmp = []
+        for _ in range(max(10, context.samples // 2)):
+            start = time.monotonic()
+            helper.vm.qmp("query-status")
+            qmp.append(time.monotonic() - start)
         return {
+            "qmp_round_trip_ms_median": 1000 * statistics.median(qmp),
             "halt_wake": bool(header["Capabilities"] & abi.load().const("OVMF_MH_CAP_HALT_WAKE")),
             "idle_cpu_percent": idle_cpu,
             "idle_seconds": context.idle_seconds,
@@ -99,23 +114,26 @@ def format_idle(result: dict[str, Any]) -> list[str]:
         f"idle firmware helper (load average {result['load_average']:.1f}): CPU while waiting over "
         f"{result['halting']['idle_seconds']:.0f} s, and an empty command's round trip "
         f"{result['halting']['gap_ms']:.0f} ms after the previous one",
-        "| helper | idle CPU | wake latency median | p99 | samples | wakes sent | halts |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| helper | idle CPU | wake latency median | p99 | samples | wakes sent | halts | QMP round trip |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, label in (("halting", "halts when idle (ABI 4.1)"), ("spinning", "spins (NEVER_HALT baseline)")):
         row = result[name]
         lines.append(
             f"| {label} | {row['idle_cpu_percent']:.1f} % | {row['wake_latency_ms_median']:.2f} ms | "
-            f"{row['wake_latency_ms_p99']:.2f} ms | {row['samples']} | {row['wakes_sent']} | {row['halts']} |")
+            f"{row['wake_latency_ms_p99']:.2f} ms | {row['samples']} | {row['wakes_sent']} | {row['halts']} | "
+            f"{row['qmp_round_trip_ms_median']:.2f} ms |")
     return lines
 
 
 #: Sections of the bench, in the order they run by default.
 SECTIONS: dict[str, Callable[[BenchContext], dict[str, Any]]] = {
     "idle": section_idle,
+    "crypto": section_crypto,
 }
 FORMATTERS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "idle": format_idle,
+    "crypto": format_crypto,
 }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mmap
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -54,7 +54,7 @@ class IdlePolicy:
     benches and tests only. ``never_halt`` is the spinning baseline;
     ``stretch_us`` a test knob that widens the halt window."""
 
-    spin_us: int = 3000
+    spin_us: int = field(default_factory=lambda: int(abi.load().const("OVMF_MH_IDLE_DEFAULT_SPIN_US")))
     never_halt: bool = False
     stretch_us: int = 0
     signature: int | None = None  # None: the right one; tests override it
@@ -77,7 +77,8 @@ class HelperSpec:
     guest_ram: Path | None = None
     key: bytes | None = None  # transport key, injected as the launch secret
     request_override: bytes | None = None  # raw blob, for tests of bad requests
-    idle_policy: IdlePolicy | None = None  # None: the firmware's default (spin 3 ms, then halt)
+    request_flags: int = 0  # OVMF_MH_REQUEST_* flags, e.g. NO_VECTOR_CRYPTO
+    idle_policy: IdlePolicy | None = None  # None: the firmware's default (spin, then halt)
 
     @property
     def mailbox_base(self) -> int:
@@ -110,6 +111,7 @@ class HelperSpec:
             work_area_base=self.work_area_base,
             work_area_size=self.work_area_size,
             window=window_ranges(self.own_ram_size, window, self.own_ram_size + window) if window else (),
+            flags=self.request_flags,
         )
 
 

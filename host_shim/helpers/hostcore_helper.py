@@ -24,11 +24,14 @@ class HostCoreHelper:
     place, so the caller sees imports land in it.
     """
 
-    def __init__(self, window: Any, key: bytes | None, data_size: int = _DEFAULT_DATA_SIZE) -> None:
+    def __init__(
+        self, window: Any, key: bytes | None, data_size: int = _DEFAULT_DATA_SIZE, *, request_flags: int = 0
+    ) -> None:
         a = abi.load()
         self._lib = hostcore.load()
-        self._lib.mh_create.restype = ctypes.c_void_p
-        self._lib.mh_create.argtypes = [ctypes.c_void_p, ctypes.c_uint64] * 3
+        self._lib.mh_create_with_flags.restype = ctypes.c_void_p
+        pointer, size = ctypes.c_void_p, ctypes.c_uint64
+        self._lib.mh_create_with_flags.argtypes = [pointer, size, pointer, size, pointer, size, ctypes.c_uint32]
         self._lib.mh_serve.argtypes = [ctypes.c_void_p]
         self._lib.mh_destroy.argtypes = [ctypes.c_void_p]
         header_size = a.const("OVMF_MH_MAILBOX_HEADER_SIZE")
@@ -38,10 +41,11 @@ class HostCoreHelper:
         if key is not None:
             page = a.const("OVMF_MH_PAGE_SIZE")
             secret = (ctypes.c_uint8 * page).from_buffer_copy(keys.secret_record(key).ljust(page, b"\0"))
-        self._context = self._lib.mh_create(
+        self._context = self._lib.mh_create_with_flags(
             ctypes.addressof(self._mailbox), len(self._mailbox),
             ctypes.addressof(self._window_buffer) if self._window_buffer is not None else None, len(window),
             ctypes.addressof(secret) if secret is not None else None, len(secret) if secret is not None else 0,
+            request_flags,
         )
         if not self._context:
             raise MemoryError("mh_create failed")

@@ -27,23 +27,30 @@ from host_shim.errors import QemuError
 from host_shim.migration.guest_description import (
     ACCELERATORS,
     CPUS,
-    GUEST_KINDS,
+    DEBIAN_GUEST,
+    DEVICE_TYPES,
     MACHINES,
     MAX_GUEST_MIB,
+    MAX_VCPUS,
     MIN_GUEST_MIB,
+    TEST_GUEST,
     GuestDescription,
     firmware_digest,
 )
 from host_shim.migration.migration_vm import MIB, MigrationError
 from host_shim.vm import guest
 from host_shim.vm.attached import AttachedQemu, QemuHandle, QmpUnreachable, same_file
+from host_shim.vm.devices import DISK_FORMATS
+from host_shim.vm.guest_image import WORKLOAD_MIB
 
 #: Every reason a guest is refused, as the error and the report name it.
 REASONS = (
     "qmp-unreachable", "not-running", "migrating", "machine", "accel", "cpu", "memory-layout",
     "ram-not-file", "ram-not-shared", "ram-file", "memory-size", "devices", "firmware", "kernel",
-    "initrd", "append",
+    "initrd", "append", "disk",
 )
+#: PCI vendor of virtio devices (Red Hat, Inc.).
+VIRTIO_VENDOR = 0x1AF4
 #: The devices a user adds that the target creates too (-device isa-debugcon,
 #: the firmware's debug console): anything else has no counterpart there.
 EXPECTED_ANON_DEVICES = ("isa-debugcon",)
@@ -77,7 +84,7 @@ class SourceGuest:
     ignore_shared_before: bool = False
 
 
-def attach(vm: AttachedQemu, ram: Path, image: Path, helpers: int) -> SourceGuest:
+def attach(vm: AttachedQemu, ram: Path, image: Path, helpers: int, disk: Path | None = None) -> SourceGuest:
     """Connect to the user's QEMU and check it (AttachRefused names what
     does not fit); the guest is left running as it was."""
     try:
@@ -85,7 +92,7 @@ def attach(vm: AttachedQemu, ram: Path, image: Path, helpers: int) -> SourceGues
     except QmpUnreachable as exc:
         raise AttachRefused("qmp-unreachable", str(exc), vm.qmp_socket) from None
     try:
-        return _inspect(vm, ram, image, helpers)
+        return _inspect(vm, ram, image, helpers, disk)
     except QemuError as exc:
         vm.close()
         # QMP answered the greeting but failed a query: as good as unreachable.
@@ -95,7 +102,7 @@ def attach(vm: AttachedQemu, ram: Path, image: Path, helpers: int) -> SourceGues
         raise
 
 
-def _inspect(vm: AttachedQemu, ram: Path, image: Path, helpers: int) -> SourceGuest:
+def _inspect(vm: AttachedQemu, ram: Path, image: Path, helpers: int, disk: Path | None) -> SourceGuest:
     def refuse(reason: str, detail: str) -> AttachRefused:
         return AttachRefused(reason, detail, vm.qmp_socket)
 
@@ -118,18 +125,27 @@ def _inspect(vm: AttachedQemu, ram: Path, image: Path, helpers: int) -> SourceGu
     cpus = vm.qmp("query-hotpluggable-cpus")
     types = sorted({str(c.get("type")) for c in cpus})
     present = vm.qmp("query-cpus-fast")
-    if types != [CPU_TYPE] or len(present) != 1 or len(cpus) != 1:
+    disk_booted = not vm.qmp("qom-get", path="/machine", property="kernel")
+    most = MAX_VCPUS if disk_booted else 1
+    if types != [CPU_TYPE] or not 1 <= len(present) <= most or len(cpus) != len(present):
         raise refuse("cpu", f"the guest has {len(present)} vCPU(s) of {types} ({len(cpus)} slots); the target "
-                     f"runs one {CPU_TYPE}")
+                     f"runs 1..{most} {CPU_TYPE}")
 
     size, backend_path = _check_memory(vm, ram, refuse)
-    _check_devices(vm, refuse)
+    if disk_booted:
+        devices = _check_disk_guest_devices(vm, refuse, disk)
+        workload_mib = WORKLOAD_MIB
+    else:
+        _check_devices(vm, refuse)
+        devices = ()
     digest = _check_firmware(vm, image, refuse)
-    workload_mib = _check_guest_boot(vm, refuse)
+    if not disk_booted:
+        workload_mib = _check_guest_boot(vm, refuse)
     capabilities = {c["capability"]: c["state"] for c in vm.qmp("query-migrate-capabilities")}
     description = GuestDescription(
-        guest=GUEST_KINDS[0], machine=MACHINES[0], accel=ACCELERATORS[0], cpu=CPUS[0],
-        memory_mib=size // MIB, workload_mib=workload_mib, shards=helpers, firmware_sha256=digest)
+        guest=DEBIAN_GUEST if disk_booted else TEST_GUEST, machine=MACHINES[0], accel=ACCELERATORS[0],
+        cpu=CPUS[0], memory_mib=size // MIB, workload_mib=workload_mib, shards=helpers, firmware_sha256=digest,
+        vcpus=len(present), devices=devices)
     vm.work_dir.mkdir(parents=True, exist_ok=True)
     (vm.work_dir / "attached-guest.txt").write_text(
         f"QEMU pid {vm.pid}, QMP {vm.qmp_socket}, RAM {backend_path} ({size} bytes), machine {machine}\n"
@@ -188,6 +204,63 @@ def _check_devices(vm: AttachedQemu, refuse: Any) -> None:
     if extra:
         raise refuse("devices", f"the guest has the PCI devices {extra} beyond the q35 chipset's own; the target "
                      "runs with -nodefaults and none of them")
+
+
+def _peripherals(vm: AttachedQemu) -> list[tuple[str, str]]:
+    """(QOM path, type) of every device given by -device, named or not."""
+    found = []
+    for parent in ("/machine/peripheral", "/machine/peripheral-anon"):
+        for child in vm.qmp("qom-list", path=parent):
+            kind = str(child.get("type", ""))
+            if kind.startswith("child<"):
+                found.append((f"{parent}/{child['name']}", kind[len("child<"):-1]))
+    return sorted(found, key=lambda item: item[1])
+
+
+def _check_disk_guest_devices(vm: AttachedQemu, refuse: Any, disk: Path | None) -> tuple[dict[str, Any], ...]:
+    """The devices of a guest the firmware booted from a disk: each on the
+    allow-list (DEVICE_TYPES), at most one of each, a virtio-blk-pci among
+    them whose image is --disk; returns the description's device list."""
+    devices: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for path, kind in _peripherals(vm):
+        if kind not in DEVICE_TYPES:
+            raise refuse("devices", f"the guest has a {kind} ({path}), not on the allow-list "
+                         f"({', '.join(DEVICE_TYPES)}): the target would not create it")
+        if kind in seen:
+            raise refuse("devices", f"the guest has a second {kind} ({path}); the target creates one")
+        seen.add(kind)
+        if kind == "virtio-blk-pci":
+            devices.append(_describe_disk(vm, path, refuse, disk))
+        elif kind == "virtio-net-pci":
+            devices.append({"type": kind, "mac": str(vm.qmp("qom-get", path=path, property="mac"))})
+        elif kind != "isa-debugcon":
+            devices.append({"type": kind})
+    if "virtio-blk-pci" not in seen:
+        raise refuse("devices", "the guest has no -kernel and no virtio-blk-pci disk to boot from")
+    virtio = [d for d in devices if d["type"].startswith("virtio-")]
+    extra = [f"{d.get('class_info', {}).get('desc') or 'device'} at {bus['bus']:02x}:{d['slot']:02x}.{d['function']}"
+             for bus in vm.qmp("query-pci") for d in bus.get("devices", [])
+             if (bus["bus"], d["slot"], d["function"]) not in Q35_BUILTIN_PCI and d["id"]["vendor"] != VIRTIO_VENDOR]
+    if extra or sum(1 for bus in vm.qmp("query-pci") for d in bus.get("devices", [])
+                    if d["id"]["vendor"] == VIRTIO_VENDOR) != len(virtio):
+        raise refuse("devices", f"the guest has PCI devices beyond the q35 chipset's own and its -device virtio "
+                     f"devices ({extra or 'another virtio device'}); the target runs with -nodefaults")
+    return tuple(devices)
+
+
+def _describe_disk(vm: AttachedQemu, path: str, refuse: Any, disk: Path | None) -> dict[str, Any]:
+    blocks = [b for b in vm.qmp("query-block") if str(b.get("qdev", "")).startswith(path)]
+    inserted = blocks[0].get("inserted") if len(blocks) == 1 else None
+    if not inserted:
+        raise refuse("disk", f"the guest's virtio-blk-pci ({path}) has no image inserted")
+    found, image_format = Path(str(inserted["file"])), str(inserted["drv"])
+    if disk is None or not same_file(found, disk):
+        raise refuse("disk", f"the guest's disk is {found}, not --disk {disk}: the target opens --disk, on "
+                     "storage both hosts see")
+    if image_format not in DISK_FORMATS:
+        raise refuse("disk", f"the guest's disk is a {image_format} image; the target opens {', '.join(DISK_FORMATS)}")
+    return {"type": "virtio-blk-pci", "format": image_format, "size": int(inserted["image"]["virtual-size"])}
 
 
 def _check_firmware(vm: AttachedQemu, image: Path, refuse: Any) -> str:

@@ -231,10 +231,13 @@ class DirtyLog:
         spans = folio_spans(np.concatenate(self._traced), self.pages)
         if clean:
             self._traced = []
-        extra = np.setdiff1d(spans, dirty, assume_unique=True)
-        self.last_trace_pages = len(extra)
-        self.trace_pages += len(extra)
-        return np.union1d(dirty, extra).astype(np.uint64)
+        marked = np.zeros(self.pages, dtype=np.bool_)
+        marked[dirty] = True
+        marked[spans] = True
+        union = np.flatnonzero(marked).astype(np.uint64)
+        self.last_trace_pages = len(union) - len(dirty)
+        self.trace_pages += self.last_trace_pages
+        return union
 
     def cache_dirty_pages(self) -> PageNumbers:
         """The pages now dirty in the page cache, ascending: a bisection of cachestat(2)

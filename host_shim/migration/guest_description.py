@@ -17,11 +17,15 @@ from typing import Any
 
 from host_shim.errors import OvmfMhError
 from host_shim.transfer import container as ct
+from host_shim.vm.devices import DISK_FORMATS, MAC, DeviceModel, NicBackend
 
-#: The one guest this step migrates: the project's test guest (Debian's
-#: cloud kernel, the busybox initramfs and the workload), which each host
-#: builds from its own copy of the project.
-GUEST_KINDS = ("ovmf-mh-test-guest",)
+#: The guests a target rebuilds: the project's test guest (Debian's cloud
+#: kernel, the busybox initramfs and the workload), which each host builds
+#: from its own copy of the project, and the Debian guest the firmware boots
+#: from a disk on storage both hosts see (host_shim/vm/guest_image.py).
+TEST_GUEST = "ovmf-mh-test-guest"
+DEBIAN_GUEST = "debian-12"
+GUEST_KINDS = (TEST_GUEST, DEBIAN_GUEST)
 MACHINES = ("q35",)
 ACCELERATORS = ("tcg",)
 CPUS = ("max",)
@@ -30,6 +34,20 @@ MIN_GUEST_MIB = 256
 #: page tracking come from request version 2, docs/fw-cfg-request.md).
 MAX_GUEST_MIB = 16384
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+MAX_VCPUS = 8
+#: The devices a target creates, each at most once, and the fields each
+#: carries (docs/migration.md, "The device allow-list"). The serial port and
+#: isa-debugcon every guest has may be listed; the target makes them anyway.
+DEVICE_FIELDS: dict[str, tuple[str, ...]] = {
+    "virtio-blk-pci": ("type", "format", "size"),
+    "virtio-net-pci": ("type", "mac"),
+    "virtio-rng-pci": ("type",),
+    "serial": ("type",),
+    "isa-debugcon": ("type",),
+}
+DEVICE_TYPES = tuple(DEVICE_FIELDS)
+#: Largest disk a description may announce (16 TiB).
+MAX_DISK_BYTES = 1 << 44
 
 
 class DescriptionError(OvmfMhError):
@@ -51,9 +69,17 @@ class GuestDescription:
     workload_mib: int
     shards: int
     firmware_sha256: str
+    vcpus: int = 1
+    devices: tuple[dict[str, Any], ...] = ()
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        body = asdict(self)
+        body["devices"] = [dict(device) for device in self.devices]
+        return body
+
+    def device(self, kind: str) -> dict[str, Any] | None:
+        """The description of the one device of type ``kind``, if listed."""
+        return next((d for d in self.devices if d["type"] == kind), None)
 
 
 FIELDS = tuple(GuestDescription.__dataclass_fields__)
@@ -78,6 +104,60 @@ def _choice(body: dict[str, Any], name: str, allowed: tuple[str, ...]) -> str:
         shown = repr(value)[:60] if isinstance(value, str) else type(value).__name__
         raise DescriptionError(name, f"{shown} is not one of {', '.join(allowed)}")
     return value
+
+
+def _device(entry: object, index: int) -> dict[str, Any]:
+    """One device of the list, checked against the allow-list, or
+    DescriptionError naming ``devices[i].field`` and, for an unknown one,
+    the device."""
+    where = f"devices[{index}]"
+    if not isinstance(entry, dict):
+        raise DescriptionError(where, f"must be an object, not {type(entry).__name__}")
+    kind = entry.get("type")
+    if not isinstance(kind, str) or kind not in DEVICE_FIELDS:
+        shown = repr(kind)[:60] if isinstance(kind, str) else type(kind).__name__
+        raise DescriptionError(f"{where}.type", f"device {shown} is not on this target's allow-list "
+                               f"({', '.join(DEVICE_TYPES)}): it would not create it")
+    for name in sorted(map(str, entry)):
+        if name not in DEVICE_FIELDS[kind]:
+            raise DescriptionError(f"{where}.{name[:40]}", f"unknown field of a {kind}")
+    for name in DEVICE_FIELDS[kind]:
+        if name not in entry:
+            raise DescriptionError(f"{where}.{name}", f"missing from the {kind}")
+    if kind == "virtio-blk-pci":
+        if not isinstance(entry["format"], str) or entry["format"] not in DISK_FORMATS:
+            raise DescriptionError(f"{where}.format", f"must be one of {', '.join(DISK_FORMATS)}")
+        size = entry["size"]
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= MAX_DISK_BYTES:
+            raise DescriptionError(f"{where}.size", f"must be an integer 1..{MAX_DISK_BYTES}")
+    if kind == "virtio-net-pci":
+        mac = entry["mac"]
+        if not isinstance(mac, str) or not MAC.fullmatch(mac) or int(mac[:2], 16) & 1:
+            raise DescriptionError(f"{where}.mac", "must be a unicast MAC address, six lowercase hex pairs "
+                                   "separated by ':'")
+    return dict(entry)
+
+
+def _devices(body: dict[str, Any], guest: str) -> tuple[dict[str, Any], ...]:
+    entries = body["devices"]
+    if not isinstance(entries, list):
+        raise DescriptionError("devices", f"must be a list, not {type(entries).__name__}")
+    if len(entries) > len(DEVICE_TYPES):
+        raise DescriptionError("devices", f"{len(entries)} devices; this target creates at most "
+                               f"{len(DEVICE_TYPES)}, one of each type")
+    devices: list[dict[str, Any]] = []
+    for index, entry in enumerate(entries):
+        device = _device(entry, index)
+        if any(d["type"] == device["type"] for d in devices):
+            raise DescriptionError(f"devices[{index}].type", f"a second {device['type']}: this target creates one")
+        devices.append(device)
+    kinds = {d["type"] for d in devices}
+    if guest == DEBIAN_GUEST and "virtio-blk-pci" not in kinds:
+        raise DescriptionError("devices", "the Debian guest boots from its disk: no virtio-blk-pci listed")
+    extra = sorted(kinds - {"serial", "isa-debugcon"})
+    if guest == TEST_GUEST and extra:
+        raise DescriptionError("devices", f"the test guest has no {', '.join(extra)}")
+    return tuple(devices)
 
 
 def validate(body: dict[str, Any], *, firmware_sha256: str, shards: int) -> GuestDescription:
@@ -106,4 +186,33 @@ def validate(body: dict[str, Any], *, firmware_sha256: str, shards: int) -> Gues
     if digest != firmware_sha256:
         raise DescriptionError("firmware_sha256", f"the source runs firmware {digest[:16]}..., this target "
                                f"{firmware_sha256[:16]}... (--image): device state would not fit")
-    return GuestDescription(guest, machine, accel, cpu, memory_mib, workload_mib, sent_shards, digest)
+    vcpus = _integer(body, "vcpus", 1, MAX_VCPUS if guest == DEBIAN_GUEST else 1)
+    devices = _devices(body, guest)
+    return GuestDescription(guest, machine, accel, cpu, memory_mib, workload_mib, sent_shards, digest, vcpus,
+                            devices)
+
+
+def device_model(description: GuestDescription, disk: Path | None, nic: NicBackend) -> DeviceModel:
+    """The devices this target creates for a checked description: the disk
+    is this host's own path to the shared storage (never one from the
+    wire), the NIC's host side this host's choice, the MAC the guest's."""
+    blk = description.device("virtio-blk-pci")
+    net = description.device("virtio-net-pci")
+    if blk is not None and disk is None:
+        raise DescriptionError("devices", "the guest has a virtio-blk-pci disk; this target was given none (--disk)")
+    return DeviceModel(vcpus=description.vcpus, disk=disk if blk is not None else None,
+                       disk_format=blk["format"] if blk is not None else "raw",
+                       mac=net["mac"] if net is not None else None, nic=nic,
+                       rng=description.device("virtio-rng-pci") is not None)
+
+
+def describe_devices(model: DeviceModel, disk_size: int) -> tuple[dict[str, Any], ...]:
+    """The description's device list for a source's device model."""
+    devices: list[dict[str, Any]] = []
+    if model.disk is not None:
+        devices.append({"type": "virtio-blk-pci", "format": model.disk_format, "size": disk_size})
+    if model.mac is not None:
+        devices.append({"type": "virtio-net-pci", "mac": model.mac})
+    if model.rng:
+        devices.append({"type": "virtio-rng-pci"})
+    return tuple(devices)

@@ -45,12 +45,14 @@ import numpy as np
 from host_shim.errors import OvmfMhError
 from host_shim.helpers.keys import read_key
 from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
+from host_shim.migration import debian_guest
 from host_shim.migration import migration_protocol as mp
 from host_shim.migration.attach import SourceGuest, attach, restore
 from host_shim.migration.dirty_log import DirtyLog, DirtyLogUnavailable, unavailable_reason
 from host_shim.migration.guest_description import (
     ACCELERATORS,
     CPUS,
+    DEBIAN_GUEST,
     GUEST_KINDS,
     MACHINES,
     GuestDescription,
@@ -73,6 +75,8 @@ from host_shim.transfer.holes import hole_pages
 from host_shim.transfer.pipeline import Exporter, PageNumbers
 from host_shim.vm import guest, process
 from host_shim.vm.attached import AttachedQemu, QemuHandle
+from host_shim.vm.devices import NicBackend
+from host_shim.vm.netns import TAP, L2Network
 from host_shim.vm.qemu import QemuVM, describe_logs, logs_under
 from host_shim.vm.reaper import MIGRATING, reaper
 
@@ -142,6 +146,8 @@ class MigrationReport:
     passes: list[PassReport] = field(default_factory=list)
     ram_identical: bool | None = None
     target_heartbeat: str | None = None
+    # The TCP probe's result (the Debian guest with --network): bytes sent and echoed, reset, longest gap.
+    tcp_probe: dict[str, Any] | None = None
     source_heartbeat_after_failure: str | None = None
     guest_state: str = "unknown"
     # What became of the source QEMU: stopped by this command (the demo's),
@@ -199,6 +205,8 @@ class MigrationReport:
             lines.append(f"  target RAM file identical to source at switchover: {self.ram_identical}")
         if self.target_heartbeat:
             lines.append(f"  target heartbeat: {self.target_heartbeat}")
+        if self.tcp_probe:
+            lines.append(f"  TCP probe: {self.tcp_probe}")
         if self.source_heartbeat_after_failure:
             lines.append(f"  source heartbeat after the failure: {self.source_heartbeat_after_failure}")
         if self.source_qemu:
@@ -244,6 +252,14 @@ class MigrationConfig:
     after_switchover: Callable[[QemuVM], None] | None = None
     # Seconds a helper may take to answer one command (docs/mailbox.md).
     mailbox_timeout: float = DEFAULT_TIMEOUT
+    # 'test' (the test guest) or 'debian' (host_shim/migration/debian_guest.py):
+    # its vCPUs and its disk on shared storage (None: a fresh overlay in the work folder).
+    guest: str = "test"
+    vcpus: int = 2
+    disk: Path | None = None
+    # The Debian guest's L2 network (source, target and client namespaces):
+    # its NIC on a tap in each host's namespace, a TCP probe from the client.
+    network: L2Network | None = None
     # Pages in holes of the source RAM file (never written) go as zero
     # ranges that the source helpers check (EXPORT_ZERO_RANGES, ABI 2.1).
     zero_ranges: bool = True
@@ -499,11 +515,19 @@ def migrate(config: MigrationConfig) -> MigrationReport:
                                  "both hosts (it never crosses the connection)")
         return _migrate_source(config, read_key(config.key_file), config.target)
     key = read_key(config.key_file) if config.key_file else os.urandom(32)
+    # The TCP probe, once the source started it, streams on after 'cont'
+    # and is stopped by the target role while it still runs the guest.
+    probes: list[debian_guest.ProbeClient] = []
     hook = config.after_switchover
     target_config = TargetConfig(
         image=config.image, work_dir=config.work_dir, key=key, helper=config.helper, helpers=config.helpers,
         ram_dir=config.ram_dir, idle_timeout=config.idle_timeout, heartbeat_timeout=config.heartbeat_timeout,
         mailbox_timeout=config.mailbox_timeout, keep_running=False, after_resume=hook,
+        disk=_shared_disk(config),
+        nic=NicBackend("tap", TAP) if config.network else NicBackend(),
+        wrapper=config.network.enter("target") if config.network else [],
+        device_state_host=config.network.address("target") if config.network else None,
+        linger=debian_guest.finish_probe_later(probes),
     )
     server = listen(("127.0.0.1", 0))
     results: list[TargetReport] = []
@@ -511,7 +535,7 @@ def migrate(config: MigrationConfig) -> MigrationReport:
                               name="migrate-target", daemon=True)
     target.start()
     try:
-        report = _migrate_source(config, key, server.getsockname()[:2])
+        report = _migrate_source(config, key, server.getsockname()[:2], probes)
     finally:
         # A source that never connected leaves the target waiting in accept:
         # shutting the listening socket down wakes it. Once connected, the
@@ -519,6 +543,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
         with suppress(OSError):
             server.shutdown(socket.SHUT_RDWR)
         target.join(timeout=60)
+        tcp_probe = probes[0].finish() if probes else None
+    report.tcp_probe = tcp_probe
     if results:
         report.target = results[0].as_json()
     # Both roles' QEMUs ran under this work folder.
@@ -526,7 +552,8 @@ def migrate(config: MigrationConfig) -> MigrationReport:
     return report
 
 
-def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int]) -> MigrationReport:
+def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int],
+                    probes: list[debian_guest.ProbeClient] | None = None) -> MigrationReport:
     work = config.work_dir
     work.mkdir(parents=True, exist_ok=True)
     report = MigrationReport(helper=config.helper, helpers=config.helpers, guest_mib=config.guest_mib,
@@ -548,7 +575,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
     watch: _Watch | None = None
     try:
         if not source_guest.attached:
-            _wait_for(source, guest.HEARTBEAT, 120)
+            _wait_for(source, guest.HEARTBEAT, _boot_timeout(source_guest))
+        debian_guest.start_probe(config.network, stack, probes)
         prepare_start = time.monotonic()
         channel = _connect(config, address)
         stack.callback(channel.close)
@@ -687,12 +715,13 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         if not verdict["ok"]:
             raise MigrationError(f"the {channel.peer} did not verify the stream: {verdict['reason']}")
         marks["target_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
-        _verify_target_commit(exporter, listener, channel, config.helpers)
-        marks["commit_proof_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
         # The target waits for the commit; until then it hears progress
-        # every second, so a source busy hashing or moving the device state
+        # every second (it gives a silent source up after 5 s), so a source
+        # busy checking the commit proof, hashing or moving the device state
         # is not taken for a silent one.
         alive = stack.enter_context(_KeepAlive(channel, sum(p.stream_bytes for p in report.passes)))
+        _verify_target_commit(exporter, listener, channel, config.helpers)
+        marks["commit_proof_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
         if config.verify_ram:
             # After the verdict, not while the target verifies: on one
             # machine the two would compete for the CPUs and slow the part
@@ -709,7 +738,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
                     channel.send("abort", reason=message)
                 raise MigrationError(message)
         watch.phase = channel.phase = "the device-state move"
-        report.device_state_seconds = _migrate_device_state(source, address[0], device_state_port)
+        device_state_host = config.network.address("target") if config.network else address[0]
+        report.device_state_seconds = _migrate_device_state(source, device_state_host, device_state_port)
         marks["device_state"] = time.monotonic() - stop_at - report.verify_seconds
         watch.check()
         alive.close()
@@ -922,10 +952,16 @@ def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> Sour
     (--qmp, --ram), or the test guest, booted here on a fresh RAM file."""
     if config.attach_qmp is not None and config.attach_ram is not None:
         vm = AttachedQemu(config.attach_qmp, work / "source", "source")
-        found = attach(vm, config.attach_ram, config.image, config.helpers)
+        found = attach(vm, config.attach_ram, config.image, config.helpers, config.disk)
         stack.callback(vm.close)
         stack.callback(restore, found)  # before the connection closes
         return found
+    if config.guest == "debian":
+        disk = _shared_disk(config)
+        assert disk is not None
+        return debian_guest.source_guest(config.image, stack, work, config.ram_dir, config.guest_mib, config.vcpus,
+                                         disk, config.helpers, new_overlay=config.disk is None,
+                                         network=config.network)
     size = config.guest_mib * MIB
     ram = ram_file(stack, work, config.ram_dir, "source", size)
     booted = stack.enter_context(QemuVM(guest_config(config.image, ram, size, incoming=False,
@@ -936,6 +972,19 @@ def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> Sour
         memory_mib=config.guest_mib, workload_mib=config.workload_mib, shards=config.helpers,
         firmware_sha256=firmware_digest(config.image))
     return SourceGuest(booted, ram, size, description)
+
+
+def _shared_disk(config: MigrationConfig) -> Path | None:
+    """The Debian guest's disk both roles open (one machine: the same path)."""
+    if config.attach_qmp is not None:
+        return config.disk
+    if config.guest != "debian":
+        return None
+    return (config.disk or config.work_dir / "disk.qcow2").absolute()
+
+
+def _boot_timeout(source: SourceGuest) -> float:
+    return debian_guest.BOOT_TIMEOUT if source.description.guest == DEBIAN_GUEST else 120.0
 
 
 def _guard_paused_guest(source: SourceGuest) -> None:

@@ -24,14 +24,22 @@ from typing import IO, Any, TypeVar, cast
 
 from host_shim.errors import OvmfMhError, QemuError
 from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
+from host_shim.migration import debian_guest
 from host_shim.migration import migration_protocol as mp
-from host_shim.migration.guest_description import DescriptionError, GuestDescription, firmware_digest, validate
+from host_shim.migration.guest_description import (
+    DEBIAN_GUEST,
+    DescriptionError,
+    GuestDescription,
+    firmware_digest,
+    validate,
+)
 from host_shim.migration.migration_vm import MIB, MigrationError, guest_config, ram_digest, ram_file, wait_for_serial
 from host_shim.transfer import commit_proof
 from host_shim.transfer import container as ct
 from host_shim.transfer.pipeline import TransferSummary, import_ram
 from host_shim.vm import guest
-from host_shim.vm.qemu import QemuVM, describe_logs, logs_under
+from host_shim.vm.devices import NicBackend
+from host_shim.vm.qemu import QemuConfig, QemuVM, describe_logs, logs_under
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,18 @@ class TargetConfig:
     on_listening: Callable[[tuple[str, int]], None] | None = None
     # Called right after the target is resumed (failure-injection tests).
     after_resume: Callable[[QemuVM], None] | None = None
+    # The Debian guest's disk on storage both hosts see, as this host names it
+    # (never a path from the source), and the host side of its NIC.
+    disk: Path | None = None
+    nic: NicBackend = field(default_factory=NicBackend)
+    # Programs the target QEMU starts through (nsenter into this host's namespace),
+    # and the address its device-state migration listens on there (default: the
+    # control connection's).
+    wrapper: list[str] = field(default_factory=list)
+    device_state_host: str | None = None
+    # Without keep_running: called once the guest runs here, before this
+    # role stops it (the one-machine demo's TCP probe streams on meanwhile).
+    linger: Callable[[], None] | None = None
 
 
 @dataclass
@@ -162,6 +182,8 @@ def run_target(config: TargetConfig, server: socket.socket | None = None) -> Tar
             if config.keep_running:
                 _serve_guest(report, target)
             else:
+                if config.linger is not None:
+                    config.linger()
                 report.guest_state = "ran here, stopped on exit (--no-keep-running)"
             report.phase = "done"
         except (OvmfMhError, OSError) as exc:
@@ -202,6 +224,13 @@ def _handshake(channel: mp.Channel, config: TargetConfig, report: TargetReport) 
     return description
 
 
+def _target_qemu(config: TargetConfig, description: GuestDescription, ram: Path, size: int) -> QemuConfig:
+    if description.guest == DEBIAN_GUEST:
+        return debian_guest.target_config(config.image, ram, size, description, config.disk, config.nic,
+                                          config.wrapper)
+    return guest_config(config.image, ram, size, incoming=True, workload_mib=description.workload_mib)
+
+
 def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetReport,
                    description: GuestDescription, stack: ExitStack, listen_host: str) -> QemuVM:
     """Prepare, import, verify, and resume on the source's commit. Returns
@@ -211,12 +240,10 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     channel.phase = "the target's preparation"
     prepare_start = time.monotonic()
     ram = ram_file(stack, work, config.ram_dir, "target", size)
-    target = stack.enter_context(QemuVM(guest_config(config.image, ram, size, incoming=True,
-                                                     workload_mib=description.workload_mib),
-                                        work / "target", "target"))
+    target = stack.enter_context(QemuVM(_target_qemu(config, description, ram, size), work / "target", "target"))
     report.guest_state = "waiting for the stream (never resumed)"
     target.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
-    device_state_port = _listen_for_device_state(target, listen_host)
+    device_state_port = _listen_for_device_state(target, config.device_state_host or listen_host)
 
     reader = _CountingReader(channel.reader)
     ready = threading.Event()
@@ -316,6 +343,7 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     report.guest_state = "resumed here (cont sent)"
     target.qmp("cont")
     report.guest_state = "running here"
+    debian_guest.announce(target, description)
     # From here on this is the only copy of the guest that may run: the
     # source sent commit and never resumes its own. A source that is gone
     # now (it gave up waiting for 'resumed', or the link broke) costs the

@@ -78,12 +78,10 @@ def folio_spans(indexes: PageNumbers, pages: int) -> PageNumbers:
     # Lowest set bit of each index (index 0: the largest folio).
     low = first & -first
     length = np.where(first == 0, MAX_FOLIO_PAGES, np.minimum(low, MAX_FOLIO_PAGES))
-    end = np.minimum(first + length, pages)
-    # Union of the ranges [first, end) as a page array.
-    marks = np.zeros(pages + 1, dtype=np.int32)
-    np.add.at(marks, first, 1)
-    np.add.at(marks, end, -1)
-    return np.flatnonzero(np.cumsum(marks[:-1]) > 0).astype(np.uint64)
+    length = np.minimum(first + length, pages) - first
+    # Every page of the ranges [first, first + length), then their union.
+    starts = np.repeat(first - (np.cumsum(length) - length), length)
+    return np.unique(starts + np.arange(int(length.sum()), dtype=np.int64)).astype(np.uint64)
 
 
 def _reap_stale_instances() -> None:

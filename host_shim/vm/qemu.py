@@ -63,6 +63,9 @@ class QemuConfig:
     fw_cfg_files: list[tuple[str, Path]] = field(default_factory=list)
     extra_args: list[str] = field(default_factory=list)
     incoming: str | None = None
+    # Programs QEMU is started through, which exec it in place (same pid),
+    # e.g. nsenter into a network namespace (host_shim/vm/netns.py).
+    wrapper: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ class QemuVM:
         if self.config.firmware_vars is not None:
             vars_copy = self.work_dir / "vars.fd"
             shutil.copyfile(self.config.firmware_vars, vars_copy)
-        self.argv = build_command(self.config, self.logs, vars_copy, self.qmp_socket)
+        self.argv = [*self.config.wrapper, *build_command(self.config, self.logs, vars_copy, self.qmp_socket)]
         self.logs.cmdline.write_text(shlex.join(self.argv) + "\n")
         stderr = self.logs.stderr.open("wb")
         log.debug("%s: starting %s", self.name, shlex.join(self.argv))

@@ -51,6 +51,10 @@ RESUME_BOUND = 2.0
 #: How long the reaper keeps trying to reach the guest's QMP monitor (the
 #: shim's connection closes as it dies; the monitor then greets the next).
 RESUME_WAIT = 10.0
+#: After its first look the reaper keeps looking this long: the shim's last
+#: 'stop', sent just before it died, may still be queued in the monitor and
+#: run after the reaper found the guest running (seen once in a few runs).
+RESUME_SETTLE = 1.0
 #: QMP run states in which a guest the shim paused is resumed: stopped by
 #: the shim, or its device state moved to a target that was never told to
 #: commit (and so never runs it).
@@ -229,6 +233,15 @@ def resume_guest(path: str, pid: int, started: int, ignore_shared: bool) -> str:
         if state in RESUMABLE:
             qmp.command("cont")
             done = f"resumed from {state}"
+        settle = time.monotonic() + RESUME_SETTLE
+        while state in (*RESUMABLE, "running") and time.monotonic() < settle:
+            time.sleep(0.05)
+            status = qmp.command("query-status")
+            state = status.get("status") if isinstance(status, dict) else None
+            if state == "paused":
+                # The dead shim's own 'stop', run late.
+                qmp.command("cont")
+                done = "resumed after a late stop"
         with suppress(OSError):
             qmp.command("migrate-set-capabilities",
                         capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])

@@ -30,6 +30,22 @@ mh_set_cpuid1_ecx_clear (
   host_shim_set_cpuid1_ecx_clear (EcxClearMask);
 }
 
+MH_EXPORT int
+mh_cpu_has_vaes (
+  void
+  )
+{
+  return MigrationHelperCpuHasVaes () ? 1 : 0;
+}
+
+MH_EXPORT void
+mh_set_cpuid7_ecx_clear (
+  UINT32  EcxClearMask
+  )
+{
+  host_shim_set_cpuid7_ecx_clear (EcxClearMask);
+}
+
 MH_EXPORT UINTN
 mh_ocb_key_struct_size (
   void
@@ -59,6 +75,30 @@ mh_ocb_init (
   }
 
   return (int)Key->Aes.Path;
+}
+
+/**
+  Expand a key with MigrationHelperOcbInitPaths.
+
+  @return The AES path chosen, plus 0x100 when whole blocks take the VAES
+          loop; 0 on failure.
+**/
+MH_EXPORT int
+mh_ocb_init_paths (
+  void         *KeyStruct,
+  CONST UINT8  *KeyBytes,
+  UINTN        KeySize,
+  UINT32       Allow
+  )
+{
+  OVMF_MH_OCB_KEY  *Key;
+
+  Key = (OVMF_MH_OCB_KEY *)KeyStruct;
+  if (!MigrationHelperOcbInitPaths (Key, KeyBytes, KeySize, Allow)) {
+    return 0;
+  }
+
+  return (int)Key->Aes.Path | (Key->UseVaes ? 0x100 : 0);
 }
 
 MH_EXPORT void
@@ -223,6 +263,71 @@ mh_ocb_encrypt_pages (
            Tags + OVMF_MH_OCB_TAG_SIZE * Index
            ))
     {
+      Result = 0;
+    }
+  }
+
+  MigrationHelperOcbWipe (&Key);
+  return Result;
+}
+
+/**
+  Seal (Decrypt == 0) or open Count pages with the paths Allow permits
+  (OVMF_MH_OCB_ALLOW_* bits), one call per page as the helper makes them:
+  for benchmarks of one path against another. Opening checks the tags in
+  Tags.
+
+  @return The path bits of the key (mh_ocb_init_paths) when every page
+          succeeded, 0 otherwise.
+**/
+MH_EXPORT int
+mh_ocb_pages_paths (
+  CONST UINT8  *KeyBytes,
+  UINTN        KeySize,
+  UINT32       Allow,
+  int          Decrypt,
+  CONST UINT8  *Nonces,
+  CONST UINT8  *Ads,
+  UINTN        AdSize,
+  CONST UINT8  *In,
+  UINTN        PageSize,
+  UINTN        Count,
+  UINT8        *Out,
+  UINT8        *Tags
+  )
+{
+  OVMF_MH_OCB_KEY  Key;
+  int              Result;
+  UINTN            Index;
+  BOOLEAN          Ok;
+
+  Result = mh_ocb_init_paths (&Key, KeyBytes, KeySize, Allow);
+  for (Index = 0; (Result != 0) && (Index < Count); Index++) {
+    if (Decrypt) {
+      Ok = MigrationHelperOcbDecrypt (
+             &Key,
+             Nonces + OVMF_MH_OCB_NONCE_SIZE * Index,
+             Ads + AdSize * Index,
+             AdSize,
+             In + PageSize * Index,
+             PageSize,
+             Tags + OVMF_MH_OCB_TAG_SIZE * Index,
+             Out + PageSize * Index
+             );
+    } else {
+      Ok = MigrationHelperOcbEncrypt (
+             &Key,
+             Nonces + OVMF_MH_OCB_NONCE_SIZE * Index,
+             Ads + AdSize * Index,
+             AdSize,
+             In + PageSize * Index,
+             PageSize,
+             Out + PageSize * Index,
+             Tags + OVMF_MH_OCB_TAG_SIZE * Index
+             );
+    }
+
+    if (!Ok) {
       Result = 0;
     }
   }

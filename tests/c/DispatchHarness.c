@@ -19,26 +19,29 @@ void  free (void *Pointer);
 #define MH_EXPORT  __attribute__ ((visibility ("default")))
 
 /**
-  Create a helper context over a mailbox and a guest window.
+  Create a helper context over a mailbox and a guest window, as a firmware
+  helper would with the given fw_cfg request flags.
 
-  @param[in] Mailbox      Mailbox area (header + data area).
-  @param[in] MailboxSize  Its size.
-  @param[in] Window       Guest window, or NULL.
-  @param[in] WindowSize   Its size.
-  @param[in] Secret       Launch-secret page (read, then wiped), or NULL.
-  @param[in] SecretSize   Its size.
+  @param[in] Mailbox       Mailbox area (header + data area).
+  @param[in] MailboxSize   Its size.
+  @param[in] Window        Guest window, or NULL.
+  @param[in] WindowSize    Its size.
+  @param[in] Secret        Launch-secret page (read, then wiped), or NULL.
+  @param[in] SecretSize    Its size.
+  @param[in] RequestFlags  OVMF_MH_REQUEST_* flags (NO_VECTOR_CRYPTO).
 
   @return The context, or NULL when memory ran out.
 **/
 MH_EXPORT
 void *
-mh_create (
+mh_create_with_flags (
   UINT8   *Mailbox,
   UINT64  MailboxSize,
   UINT8   *Window,
   UINT64  WindowSize,
   UINT8   *Secret,
-  UINT64  SecretSize
+  UINT64  SecretSize,
+  UINT32  RequestFlags
   )
 {
   OVMF_MH_HELPER_CONTEXT  *Context;
@@ -63,6 +66,7 @@ mh_create (
   Context->DataSize        = MailboxSize - OVMF_MH_MAILBOX_HEADER_SIZE;
   Context->GuestWindow     = Window;
   Context->GuestWindowSize = WindowSize;
+  Context->NoVectorCrypto  = (BOOLEAN)((RequestFlags & OVMF_MH_REQUEST_NO_VECTOR_CRYPTO) != 0);
   if (!MigrationHelperInitialize (Context)) {
     free (Context->Private);
     free (Context);
@@ -75,6 +79,33 @@ mh_create (
 
   MigrationHelperPublishReady (Context);
   return Context;
+}
+
+/**
+  Create a helper context over a mailbox and a guest window, with no
+  request flags.
+
+  @param[in] Mailbox      Mailbox area (header + data area).
+  @param[in] MailboxSize  Its size.
+  @param[in] Window       Guest window, or NULL.
+  @param[in] WindowSize   Its size.
+  @param[in] Secret       Launch-secret page (read, then wiped), or NULL.
+  @param[in] SecretSize   Its size.
+
+  @return The context, or NULL when memory ran out.
+**/
+MH_EXPORT
+void *
+mh_create (
+  UINT8   *Mailbox,
+  UINT64  MailboxSize,
+  UINT8   *Window,
+  UINT64  WindowSize,
+  UINT8   *Secret,
+  UINT64  SecretSize
+  )
+{
+  return mh_create_with_flags (Mailbox, MailboxSize, Window, WindowSize, Secret, SecretSize, 0);
 }
 
 /**

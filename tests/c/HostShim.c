@@ -1,7 +1,7 @@
 /** @file
   Host implementations of the EDK2 BaseLib/BaseMemoryLib functions used by
   MigrationHelperCoreLib: CopyMem, SetMem, ZeroMem, CompareMem,
-  MemoryFence, CpuPause, AsmCpuid, AsmCpuidEx.
+  MemoryFence, CpuPause, AsmCpuid, AsmCpuidEx, AsmXGetBv.
 
   They keep the EDK2 prototypes (EFIAPI is ms_abi in the host build, as in
   the firmware), so the core sources compile unchanged. Only this file may
@@ -17,6 +17,7 @@
 #include "HostShim.h"
 
 STATIC UINT32   mHostShimCpuid1EcxClear = 0;
+STATIC UINT32   mHostShimCpuid7EcxClear = 0;
 STATIC UINT32   mHostShimCpuidCache[2][4];
 STATIC BOOLEAN  mHostShimCpuidCached[2];
 
@@ -26,6 +27,14 @@ host_shim_set_cpuid1_ecx_clear (
   )
 {
   mHostShimCpuid1EcxClear = EcxClearMask;
+}
+
+void
+host_shim_set_cpuid7_ecx_clear (
+  UINT32  EcxClearMask
+  )
+{
+  mHostShimCpuid7EcxClear = EcxClearMask;
 }
 
 VOID *
@@ -148,6 +157,10 @@ AsmCpuidEx (
     Ecx &= ~mHostShimCpuid1EcxClear;
   }
 
+  if ((Index == 7) && (SubIndex == 0)) {
+    Ecx &= ~mHostShimCpuid7EcxClear;
+  }
+
   if (RegisterEax != NULL) {
     *RegisterEax = Eax;
   }
@@ -178,4 +191,17 @@ AsmCpuid (
   )
 {
   return AsmCpuidEx (Index, 0, RegisterEax, RegisterEbx, RegisterEcx, RegisterEdx);
+}
+
+UINT64
+EFIAPI
+AsmXGetBv (
+  IN UINT32  Index
+  )
+{
+  UINT32  Eax;
+  UINT32  Edx;
+
+  __asm__ __volatile__ ("xgetbv" : "=a" (Eax), "=d" (Edx) : "c" (Index));
+  return ((UINT64)Edx << 32) | Eax;
 }

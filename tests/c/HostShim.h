@@ -22,4 +22,15 @@ host_shim_set_cpuid1_ecx_clear (
   UINT32  EcxClearMask
   );
 
+/**
+  Clear bits of CPUID leaf 7 subleaf 0 ECX as AsmCpuidEx reports them (for
+  example BIT9, VAES). Not thread safe.
+
+  @param[in] EcxClearMask  Bits to clear; 0 restores the real CPUID.
+**/
+void
+host_shim_set_cpuid7_ecx_clear (
+  UINT32  EcxClearMask
+  );
+
 #endif

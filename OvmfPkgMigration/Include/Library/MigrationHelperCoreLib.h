@@ -98,6 +98,7 @@ typedef struct {
   VOID                               *Private;         ///< MigrationHelperWorkAreaSize (GuestWindowSize) bytes or more, helper-only
   UINTN                              PrivateSize;
   UINT64                             PlatformCapabilities; ///< OVMF_MH_CAP_* the platform adds (HALT_WAKE); 0 on the host
+  BOOLEAN                            NoVectorCrypto;   ///< Request flag OVMF_MH_REQUEST_NO_VECTOR_CRYPTO: never use the VAES path
 } OVMF_MH_HELPER_CONTEXT;
 
 /**

@@ -33,6 +33,12 @@
 #define OVMF_MH_REQUEST_SIGNATURE  0x52484d4f          // "OMHR"
 #define OVMF_MH_REQUEST_VERSION    2
 #define OVMF_MH_REQUEST_FW_CFG_NAME  "opt/ovmf-mh/request"
+//
+// Request Flags. NO_VECTOR_CRYPTO: never use the VAES page-crypto path,
+// even where the CPU offers it (benchmarks run both paths side by side).
+//
+#define OVMF_MH_REQUEST_NO_VECTOR_CRYPTO  0x1
+#define OVMF_MH_REQUEST_FLAGS_KNOWN       0x1
 
 //
 // Memory the helper itself uses, in guest-physical addresses of the helper
@@ -84,7 +90,7 @@ typedef struct {
   UINT32    Signature;        ///< OVMF_MH_REQUEST_SIGNATURE
   UINT16    Version;          ///< OVMF_MH_REQUEST_VERSION
   UINT16    Size;             ///< sizeof (OVMF_MH_REQUEST); the blob is exactly this long
-  UINT32    Flags;            ///< Must be zero in version 2
+  UINT32    Flags;            ///< OVMF_MH_REQUEST_* flags; other bits must be zero
   UINT32    WindowRangeCount; ///< Used entries of WindowBase/WindowSize, 0..OVMF_MH_MAX_WINDOW_RANGES
   UINT64    MailboxBase;      ///< GPA of the shared area, page aligned
   UINT64    MailboxSize;      ///< Bytes, page aligned, MIN_SIZE..MAX_SIZE
@@ -184,6 +190,7 @@ typedef struct {
 #define OVMF_MH_CAP_BINDING     0x0000000000000080  ///< IMPORT_CHALLENGE, IMPORT_RECEIPT, IMPORT_COMMIT, bound streams (ABI 2.0)
 #define OVMF_MH_CAP_ZERO_RANGES 0x0000000000000100  ///< EXPORT_ZERO_RANGES, ZERO_RANGE records imported (ABI 2.1)
 #define OVMF_MH_CAP_HALT_WAKE   0x0000000000000200  ///< Halts when idle, publishes Idle; woken by an NMI (ABI 4.1)
+#define OVMF_MH_CAP_VAES        0x0000000000000400  ///< Page crypto runs whole blocks on VAES + AVX2 (passed its self-test)
 #define OVMF_MH_CAP_COMMIT_PROOF 0x0000000000000800 ///< IMPORT_COMMIT_PROOF, EXPORT_VERIFY_COMMIT (ABI 4.1)
 
 //
@@ -500,7 +507,7 @@ typedef struct {
 #define OVMF_MH_IDLE_POLICY_FW_CFG_NAME  "opt/ovmf-mh/idle-policy"
 #define OVMF_MH_IDLE_POLICY_SIGNATURE    0x4c44494d          // "MIDL"
 #define OVMF_MH_IDLE_POLICY_NEVER_HALT   0x00000001          ///< Spin forever (the pre-4.1 behaviour, a bench baseline)
-#define OVMF_MH_IDLE_DEFAULT_SPIN_US     3000
+#define OVMF_MH_IDLE_DEFAULT_SPIN_US     20000
 #define OVMF_MH_IDLE_MAX_SPIN_US         1000000
 #define OVMF_MH_IDLE_MAX_STRETCH_US      10000000
 

@@ -68,6 +68,10 @@ InternalCapabilities (
     Capabilities |= OVMF_MH_CAP_AES_NI;
   }
 
+  if (Session->AllowVaes) {
+    Capabilities |= OVMF_MH_CAP_VAES;
+  }
+
   if (Session->KeyLoaded) {
     Capabilities |= OVMF_MH_CAP_KEY_LOADED;
   }
@@ -106,6 +110,7 @@ MigrationHelperInitialize (
   Session->TrackedPageCount = Context->GuestWindowSize / OVMF_MH_PAGE_SIZE;
   Session->State            = OVMF_MH_SESSION_IDLE;
   Session->AllowAesNi = MigrationHelperCpuHasAesNi ();
+  Session->AllowVaes  = (BOOLEAN)(Session->AllowAesNi && !Context->NoVectorCrypto && MigrationHelperCpuHasVaes ());
   return TRUE;
 }
 

@@ -37,6 +37,7 @@ struct OVMF_MH_SESSION {
   BOOLEAN                  KeyLoaded;                    ///< TransportKey is valid
   BOOLEAN                  KeyReady;                     ///< Key is a live session key
   BOOLEAN                  AllowAesNi;
+  BOOLEAN                  AllowVaes;                    ///< CPU passed MigrationHelperCpuHasVaes, request did not forbid it
   UINT8                    TransportKey[OVMF_MH_KEY_SIZE];
   OVMF_MH_OCB_KEY          Key;
   UINT8                    SessionId[OVMF_MH_SESSION_ID_SIZE];

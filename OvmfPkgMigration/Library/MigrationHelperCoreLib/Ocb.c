@@ -1,7 +1,7 @@
 /** @file
   AES-OCB3 (RFC 7253) with a 96-bit nonce and a 128-bit tag, on top of the
-  AES dispatch: whole blocks go to the AES-NI 8-way loop or to the portable
-  loop below, everything else (nonce, associated data, partial block, tag)
+  AES dispatch: whole blocks go to the VAES loop, the AES-NI 8-way loop or
+  to the portable loop below, everything else (nonce, associated data, partial block, tag)
   is shared and uses single-block AES through the same dispatch.
 
   SPDX-License-Identifier: BSD-2-Clause-Patent
@@ -126,6 +126,31 @@ MigrationHelperOcbInit (
   IN  BOOLEAN          AllowAesNi
   )
 {
+  return MigrationHelperOcbInitPaths (Key, KeyBytes, KeySize, AllowAesNi ? OVMF_MH_OCB_ALLOW_AESNI : 0);
+}
+
+/**
+  Prepare an AES-OCB3 key, choosing among the paths Allow permits the
+  fastest one the CPU has: VAES, AES-NI, or the portable code.
+
+  @param[out] Key       Receives the key.
+  @param[in]  KeyBytes  The raw key.
+  @param[in]  KeySize   32 (AES-256, the helper's transport key) or 16.
+  @param[in]  Allow     OVMF_MH_OCB_ALLOW_* bits; 0 forces the portable path.
+
+  @retval TRUE   Key is ready.
+  @retval FALSE  A pointer is NULL or KeySize is not supported; Key (when
+                 not NULL) is zeroed and unusable.
+**/
+BOOLEAN
+EFIAPI
+MigrationHelperOcbInitPaths (
+  OUT OVMF_MH_OCB_KEY  *Key,
+  IN  CONST UINT8      *KeyBytes,
+  IN  UINTN            KeySize,
+  IN  UINT32           Allow
+  )
+{
   UINTN  Index;
 
   if (Key == NULL) {
@@ -133,9 +158,13 @@ MigrationHelperOcbInit (
   }
 
   MigrationHelperSecureZero (Key, sizeof (*Key));
-  if (!MigrationHelperAesInit (&Key->Aes, KeyBytes, KeySize, AllowAesNi)) {
+  if (!MigrationHelperAesInit (&Key->Aes, KeyBytes, KeySize, (BOOLEAN)((Allow & OVMF_MH_OCB_ALLOW_AESNI) != 0))) {
     return FALSE;
   }
+
+  Key->UseVaes = (BOOLEAN)((Key->Aes.Path == OVMF_MH_CRYPTO_PATH_AESNI) &&
+                           ((Allow & OVMF_MH_OCB_ALLOW_VAES) != 0) &&
+                           InternalMhVaesBuilt () && MigrationHelperCpuHasVaes ());
 
   //
   // L_* = E(K, zeros(128)); LStar is already zero.
@@ -436,7 +465,9 @@ InternalMhOcbCrypt (
   BlockCount = Size / OVMF_MH_AES_BLOCK_SIZE;
   Rest       = Size % OVMF_MH_AES_BLOCK_SIZE;
   if (BlockCount > 0) {
-    if (Key->Aes.Path == OVMF_MH_CRYPTO_PATH_AESNI) {
+    if (Key->UseVaes && (Key->Aes.Path == OVMF_MH_CRYPTO_PATH_AESNI)) {
+      InternalMhVaesOcbBlocks (Key, Decrypt, 0, In, Out, BlockCount, Offset, Checksum);
+    } else if (Key->Aes.Path == OVMF_MH_CRYPTO_PATH_AESNI) {
       InternalMhAesNiOcbBlocks (Key, Decrypt, 0, In, Out, BlockCount, Offset, Checksum);
     } else {
       InternalMhOcbBlocksPortable (Key, Decrypt, 0, In, Out, BlockCount, Offset, Checksum);

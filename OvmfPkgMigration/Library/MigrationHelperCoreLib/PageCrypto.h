@@ -83,7 +83,15 @@ typedef struct {
   UINT8              LStar[OVMF_MH_AES_BLOCK_SIZE];                     ///< L_* = E(K, 0^128)
   UINT8              LDollar[OVMF_MH_AES_BLOCK_SIZE];                   ///< L_$ = double(L_*)
   UINT8              L[OVMF_MH_OCB_L_COUNT][OVMF_MH_AES_BLOCK_SIZE];    ///< L_i = double^(i+1)(L_$)
+  BOOLEAN            UseVaes;                                           ///< Whole blocks take the VAES loop (Aes.Path is AESNI)
 } OVMF_MH_OCB_KEY;
+
+///
+/// Paths MigrationHelperOcbInitPaths may choose (bits). Without AESNI the
+/// key uses the portable code; VAES needs AESNI as well.
+///
+#define OVMF_MH_OCB_ALLOW_AESNI  BIT0
+#define OVMF_MH_OCB_ALLOW_VAES   BIT1
 
 ///
 /// Streaming SHA-256 state.
@@ -107,6 +115,20 @@ typedef struct {
 BOOLEAN
 EFIAPI
 MigrationHelperCpuHasAesNi (
+  VOID
+  );
+
+/**
+  Tell whether the CPU can run the VAES path: AES-NI, AVX, AVX2 and VAES in
+  CPUID, CR4.OSXSAVE set and the AVX register state enabled in XCR0 (the
+  helper's SEC code sets both when the CPU has AVX).
+
+  @retval TRUE   The VAES path can be used.
+  @retval FALSE  It cannot, or this build has no VAES path.
+**/
+BOOLEAN
+EFIAPI
+MigrationHelperCpuHasVaes (
   VOID
   );
 
@@ -198,6 +220,29 @@ MigrationHelperOcbInit (
   IN  CONST UINT8      *KeyBytes,
   IN  UINTN            KeySize,
   IN  BOOLEAN          AllowAesNi
+  );
+
+/**
+  Prepare an AES-OCB3 key, choosing among the paths Allow permits the
+  fastest one the CPU has: VAES (whole blocks two per instruction), AES-NI,
+  or the portable code. Every path gives the same bytes.
+
+  @param[out] Key       Receives the key.
+  @param[in]  KeyBytes  The raw key.
+  @param[in]  KeySize   32 (AES-256, the helper's transport key) or 16.
+  @param[in]  Allow     OVMF_MH_OCB_ALLOW_* bits; 0 forces the portable path.
+
+  @retval TRUE   Key is ready.
+  @retval FALSE  A pointer is NULL or KeySize is not supported; Key (when
+                 not NULL) is zeroed and unusable.
+**/
+BOOLEAN
+EFIAPI
+MigrationHelperOcbInitPaths (
+  OUT OVMF_MH_OCB_KEY  *Key,
+  IN  CONST UINT8      *KeyBytes,
+  IN  UINTN            KeySize,
+  IN  UINT32           Allow
   );
 
 /**
@@ -562,6 +607,42 @@ InternalMhAesNiDecryptBlock (
 **/
 VOID
 InternalMhAesNiOcbBlocks (
+  IN     CONST OVMF_MH_OCB_KEY  *Key,
+  IN     BOOLEAN                Decrypt,
+  IN     UINT64                 BlockIndex,
+  IN     CONST UINT8            *In,
+  OUT    UINT8                  *Out,
+  IN     UINTN                  BlockCount,
+  IN OUT UINT8                  *Offset,
+  IN OUT UINT8                  *Checksum
+  );
+
+/**
+  Tell whether this build contains the VAES path at all.
+
+  @retval TRUE   AesVaes.c was compiled with its vector code.
+  @retval FALSE  No VAES path in this build.
+**/
+BOOLEAN
+InternalMhVaesBuilt (
+  VOID
+  );
+
+/**
+  OCB bulk processing of whole blocks with VAES and AVX2, eight blocks per
+  iteration; the same contract as InternalMhAesNiOcbBlocks.
+
+  @param[in]     Key         An OCB key whose UseVaes is set.
+  @param[in]     Decrypt     FALSE to encrypt, TRUE to decrypt.
+  @param[in]     BlockIndex  Number of blocks of the message already done.
+  @param[in]     In          BlockCount * 16 bytes.
+  @param[out]    Out         BlockCount * 16 bytes; may equal In.
+  @param[in]     BlockCount  Number of blocks.
+  @param[in,out] Offset      The running offset (16 bytes).
+  @param[in,out] Checksum    The running checksum (16 bytes).
+**/
+VOID
+InternalMhVaesOcbBlocks (
   IN     CONST OVMF_MH_OCB_KEY  *Key,
   IN     BOOLEAN                Decrypt,
   IN     UINT64                 BlockIndex,

@@ -220,7 +220,7 @@ MigrationHelperValidateRequest (
     return OVMF_MH_STATUS_REQUEST_SIZE;
   }
 
-  if (Request->Flags != 0) {
+  if ((Request->Flags & ~(UINT32)OVMF_MH_REQUEST_FLAGS_KNOWN) != 0) {
     return OVMF_MH_STATUS_REQUEST_FLAGS;
   }
 

@@ -222,7 +222,14 @@ InternalStartSession (
          Okm,
          sizeof (Okm)
          );
-  Ok = (BOOLEAN)(Ok && MigrationHelperOcbInit (&Session->Key, Okm, OVMF_MH_KEY_SIZE, Session->AllowAesNi));
+  Ok = (BOOLEAN)(
+                 Ok && MigrationHelperOcbInitPaths (
+                         &Session->Key,
+                         Okm,
+                         OVMF_MH_KEY_SIZE,
+                         (Session->AllowAesNi ? OVMF_MH_OCB_ALLOW_AESNI : 0) | (Session->AllowVaes ? OVMF_MH_OCB_ALLOW_VAES : 0)
+                         )
+                 );
   CopyMem (Session->SessionId, Okm + OVMF_MH_KEY_SIZE, OVMF_MH_SESSION_ID_SIZE);
   MigrationHelperSecureZero (Okm, sizeof (Okm));
 
@@ -1390,7 +1397,12 @@ InternalImportBatch (
       }
 
       Result[3]++;
-    } else {
+    } else if (!InternalIsZero ((CONST UINT8 *)(Context->GuestWindow + Record.GuestOffset), OVMF_MH_PAGE_SIZE)) {
+      //
+      // A page that is already zero is left alone, as for ZERO_RANGE: on a
+      // fresh target most are, and writing zeros would make the host
+      // allocate and dirty a page of a sparse RAM file for nothing.
+      //
       ZeroMem ((VOID *)(Context->GuestWindow + Record.GuestOffset), OVMF_MH_PAGE_SIZE);
     }
 

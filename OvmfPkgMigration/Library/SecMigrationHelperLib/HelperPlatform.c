@@ -35,6 +35,11 @@
 #define SEC_MH_CR0_EM          BIT2
 #define SEC_MH_CR4_OSFXSR      BIT9
 #define SEC_MH_CR4_OSXMMEXCPT  BIT10
+#define SEC_MH_CR4_OSXSAVE     BIT18
+
+#define SEC_MH_CPUID_1_ECX_XSAVE  BIT26
+#define SEC_MH_CPUID_1_ECX_AVX    BIT28
+#define SEC_MH_XCR0_X87_SSE_AVX   (BIT0 | BIT1 | BIT2)
 
 /**
   Read the helper VM's RAM ranges from fw_cfg "etc/e820".
@@ -79,8 +84,11 @@ InternalHelperReadRamRanges (
 }
 
 /**
-  Install the helper's exception handlers and enable SSE. SEC has neither
-  an IDT nor SSE enabled when library constructors run.
+  Install the helper's exception handlers and enable SSE, and the AVX
+  register state when the CPU has XSAVE and AVX (CR4.OSXSAVE, then XCR0 bits
+  x87, SSE and AVX), which the VAES page-crypto path needs. SEC has neither
+  an IDT nor SSE enabled when library constructors run. Whether the VAES
+  path is then used is the core's choice (MigrationHelperCpuHasVaes).
 
   @param[in,out] Private  Helper-private state holding the IDT.
 **/
@@ -93,6 +101,7 @@ InternalHelperInitializeCpu (
   UINTN            Vector;
   UINT64           Handler;
   UINT16           CodeSelector;
+  UINT32           Ecx;
 
   CodeSelector = AsmReadCs ();
   for (Vector = 0; Vector < SEC_MH_EXCEPTION_VECTORS; Vector++) {
@@ -112,6 +121,13 @@ InternalHelperInitializeCpu (
 
   AsmWriteCr0 ((AsmReadCr0 () & ~(UINTN)SEC_MH_CR0_EM) | SEC_MH_CR0_MP);
   AsmWriteCr4 (AsmReadCr4 () | SEC_MH_CR4_OSFXSR | SEC_MH_CR4_OSXMMEXCPT);
+
+  Ecx = 0;
+  AsmCpuid (1, NULL, NULL, &Ecx, NULL);
+  if ((Ecx & (SEC_MH_CPUID_1_ECX_XSAVE | SEC_MH_CPUID_1_ECX_AVX)) == (SEC_MH_CPUID_1_ECX_XSAVE | SEC_MH_CPUID_1_ECX_AVX)) {
+    AsmWriteCr4 (AsmReadCr4 () | SEC_MH_CR4_OSXSAVE);
+    AsmXSetBv (0, AsmXGetBv (0) | SEC_MH_XCR0_X87_SSE_AVX);
+  }
 }
 
 /**

@@ -206,6 +206,8 @@ InternalHelperRun (
   UINT8                 BuildId[16];
   SEC_MH_PRIVATE        *Private;
   BOOLEAN               KeyLoaded;
+  UINT32                Ebx7;
+  UINT32                Ecx7;
   UINT64                WindowVirtual;
   SEC_MH_IDLE           Idle;
   BOOLEAN               PmUsable;
@@ -283,6 +285,7 @@ InternalHelperRun (
   CopyMem (Private->Context.BuildId, BuildId, sizeof (BuildId));
   Private->Context.Private     = (VOID *)(UINTN)Request.WorkAreaBase;
   Private->Context.PrivateSize = (UINTN)Request.WorkAreaSize;
+  Private->Context.NoVectorCrypto = (BOOLEAN)((Request.Flags & OVMF_MH_REQUEST_NO_VECTOR_CRYPTO) != 0);
 
   //
   // SSE must be on before the core probes for AES-NI; the exception
@@ -331,6 +334,19 @@ InternalHelperRun (
     (Idle.StretchTicks != 0) ? "; TEST KNOB: halt window stretched" : ""
     );
   MigrationHelperPublishReady (&Private->Context);
+  Ebx7 = 0;
+  Ecx7 = 0;
+  AsmCpuidEx (7, 0, NULL, &Ebx7, &Ecx7, NULL);
+  InternalHelperLog (
+    "ovmf-mh: page crypto on %a%a\n",
+    ((Private->Context.Header->Capabilities & OVMF_MH_CAP_VAES) != 0) ? "VAES + AVX2" :
+    (((Private->Context.Header->Capabilities & OVMF_MH_CAP_AES_NI) != 0) ? "AES-NI" : "portable C"),
+    Private->Context.NoVectorCrypto ? " (the request forbids the VAES path)" :
+    (((Private->Context.Header->Capabilities & OVMF_MH_CAP_VAES) != 0) ? "" :
+     ((((Ebx7 & BIT5) != 0) && ((Ecx7 & BIT9) != 0)) ?
+      " (CPUID offers VAES and AVX2, but VAES failed the self-test against AES-NI)" :
+      " (CPUID offers no VAES with AVX2)"))
+    );
 
   InternalHelperLog (
     "ovmf-mh: READY: mailbox 0x%lx+0x%lx, work area 0x%lx+0x%lx, guest window 0x%lx bytes in %u ranges, "

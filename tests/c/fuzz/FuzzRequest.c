@@ -121,7 +121,7 @@ ModelStatus (
     return OVMF_MH_STATUS_REQUEST_SIZE;
   }
 
-  if (R.Flags != 0) {
+  if ((R.Flags & ~(UINT32)OVMF_MH_REQUEST_NO_VECTOR_CRYPTO) != 0) {
     return OVMF_MH_STATUS_REQUEST_FLAGS;
   }
 
