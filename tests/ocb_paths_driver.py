@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
+from ci_provides import missing
 
 from host_shim.helpers import hostcore
 
@@ -38,7 +38,7 @@ def emulator_vaes_agrees() -> bool:
     upper lane wrong."""
     qemu = shutil.which("qemu-x86_64")
     if qemu is None:
-        pytest.skip("qemu-x86_64 (Debian package qemu-user) is not installed")
+        missing("qemu-x86_64 (Debian package qemu-user) is not installed")
     with tempfile.TemporaryDirectory() as work:
         driver = build_driver(Path(work) / "ocbpaths")
         cpu, _ = run_driver([qemu, "-cpu", "max", str(driver)], [])

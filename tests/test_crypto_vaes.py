@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ci_provides import missing
 from cryptography.hazmat.primitives.ciphers.aead import AESOCB3
 
 from helper import abi
@@ -267,6 +268,6 @@ def test_paths_under_qemu_user_tcg(driver: Path) -> None:
     is what pyca computes either way."""
     qemu = shutil.which("qemu-x86_64")
     if qemu is None:
-        pytest.skip("qemu-x86_64 (Debian package qemu-user) is not installed")
+        missing("qemu-x86_64 (Debian package qemu-user) is not installed")
     cpu = _check([qemu, "-cpu", "max", str(driver)])
     assert cpu["vaes_cpuid"] == 1, "QEMU's -cpu max offers VAES and AVX2"
