@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,31 @@ def test_short_fuzz_run_finds_nothing(name: str, tmp_path: Path) -> None:
     assert not result.findings, f"{name}: findings {result.findings}; reproduce with " + "; ".join(
         fuzz.reproducer(name, p) for p in result.findings) + f"\n{logs}"
     assert result.executions > 0 and result.edges > 0, logs
+
+
+def test_a_harness_started_by_a_large_process_is_not_out_of_memory(tmp_path: Path) -> None:
+    """Linux carries the starting process's peak RSS into the harness's
+    getrusage: started from a process that once held 2.6 GB, a harness with
+    libFuzzer's default bound reported out-of-memory on its first input
+    (seen in CI after the large-guest tests). Run from such a process, a
+    short run and a replay find nothing."""
+    script = f"""
+import sys
+from pathlib import Path
+from host_shim.devtools import fuzz
+held = bytearray(2600 << 20)
+for offset in range(0, len(held), 4096):
+    held[offset] = 1
+del held
+result = fuzz.run("request", Path({str(tmp_path)!r}), seconds=2, seed=1)
+replayed = fuzz.replay("request", [fuzz.seed_dir("request")])
+print(len(result.findings), result.executions, replayed.returncode)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=600)
+    assert done.returncode == 0, done.stderr
+    findings, executions, replay_code = map(int, done.stdout.split()[-3:])
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in tmp_path.glob("*.log"))
+    assert (findings, replay_code) == (0, 0) and executions > 0, logs
 
 
 @pytest.mark.parametrize("name", sorted(fuzz.TARGETS))

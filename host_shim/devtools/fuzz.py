@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -243,6 +244,23 @@ def regression_inputs(name: str) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
+#: libFuzzer's own memory bound per input (its default), in MB.
+RSS_LIMIT_MB = 2048
+
+
+def _memory_limits() -> list[str]:
+    """libFuzzer's RSS bound, counted from what the harness inherits.
+
+    libFuzzer reads its peak RSS with getrusage(RUSAGE_SELF), and Linux
+    carries the peak of the process that started it across fork and exec:
+    a harness started from a Python process that once held 2.4 GB (a pytest
+    run after the large-guest tests) reported "out-of-memory (used: 2461Mb)"
+    on its first, empty input. The bound is therefore 2048 MB above that
+    inherited peak; a single allocation stays bounded at 2048 MB."""
+    inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    return [f"-rss_limit_mb={RSS_LIMIT_MB + inherited_mb}", f"-malloc_limit_mb={RSS_LIMIT_MB}"]
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     for key, value in SANITIZER_ENV.items():
@@ -258,7 +276,7 @@ def replay(name: str, inputs: Sequence[Path], timeout: float | None = 600) -> su
     if not files:
         raise FuzzError(f"no inputs to replay in {', '.join(map(str, inputs))}")
     return subprocess.run(
-        [str(build(name)), *map(str, files)],
+        [str(build(name)), *_memory_limits(), *map(str, files)],
         capture_output=True, text=True, check=False, timeout=timeout, env=_env(),
     )
 
@@ -343,7 +361,8 @@ def run(
     for job in range(jobs):
         log = work_dir / f"fuzz-{job}.log"
         command = [
-            str(binary), f"-seed={seed + job}", *limits, f"-max_len={spec.max_len}", f"-dict={dictionary_path}",
+            str(binary), f"-seed={seed + job}", *limits, *_memory_limits(), f"-max_len={spec.max_len}",
+            f"-dict={dictionary_path}",
             "-print_final_stats=1", "-timeout=60", "-reload=1", f"-artifact_prefix={findings}/",
             str(corpus), str(seeds),
         ]
