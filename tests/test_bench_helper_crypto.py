@@ -63,6 +63,9 @@ def test_firmware_helper_path_under_tcg(firmware: Path, work_dir: Path, flags: i
         header = vm.wait_ready()
         vaes = bool(header["Capabilities"] & a.const("OVMF_MH_CAP_VAES"))
         assert vaes == (flags == 0 and emulator_vaes_agrees())
+        # The helper names its path after publishing READY (the capability
+        # is in the header): wait for the log line that follows it.
+        assert vm.vm.wait_for_log(vm.vm.logs.debugcon, "ovmf-mh: READY:", 30) is not None
         log = vm.vm.logs.debugcon.read_text(errors="replace")
         assert "ovmf-mh: page crypto on " + ("VAES + AVX2" if vaes else "AES-NI") in log
         if flags:
