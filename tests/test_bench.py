@@ -332,3 +332,20 @@ def test_a_plain_baseline_whose_target_kernel_failed_or_rebooted_is_refused(tmp_
         crashed = _Console(["HB seq=40 sweeps=3", fault, "HB seq=0 sweeps=0", "HB seq=1 sweeps=0"])
         with pytest.raises(MigrationError, match="failed after 'cont'"):
             _check_plain_target(crashed, 0, tmp_path)  # type: ignore[arg-type]
+
+
+@pytest.mark.qemu
+@pytest.mark.firmware
+def test_bench_helper_without_a_work_dir_leaves_no_folder(
+        firmware: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A work folder the command made itself goes once the bench succeeded
+    (--work-dir keeps the logs on request)."""
+    import tempfile
+
+    from host_shim import cli
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = cli.main(["bench", "helper", "--section", "idle", "--idle-seconds", "0.5", "--samples", "2",
+                     "--image", str(firmware), "--json"])
+    assert code == 0
+    assert not list(tmp_path.glob("ovmf-mh-bench-helper-*"))

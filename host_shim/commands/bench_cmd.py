@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from host_shim.devtools.bench import bench_crypto, bench_pipeline, format_pipeline_report, format_report
 from host_shim.devtools.profile_reference import format_profile
 from host_shim.firmware.boot import resolve_image
 from host_shim.migration.migrate import SWITCHOVER_MODES
+from host_shim.vm import process
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -89,7 +91,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     helper.add_argument("--crypto-rounds", type=int, default=3,
                         help="alternating rounds of both paths in section crypto, best counts (default 3)")
     helper.add_argument("--image", help="firmware image (default: the DEBUG build)")
-    helper.add_argument("--work-dir", type=Path, help="folder for logs (default: a new temp folder)")
+    helper.add_argument("--work-dir", type=Path,
+                        help="folder for logs, kept (default: a new temp folder, removed after a success, "
+                             "kept and named after a failure)")
     helper.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     helper.set_defaults(handler=run_helper)
 
@@ -158,20 +162,30 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def run_helper(args: argparse.Namespace) -> int:
-    import tempfile
-
     from host_shim.devtools.bench_helper import BenchContext, bench_helper, format_helper_report
 
     image = resolve_image(Path(args.image) if args.image else None)
-    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-helper-"))).resolve()
+    # A folder of our own goes once the bench succeeded; a failure keeps it
+    # (its QEMU logs) and names it; the reaper removes it if we are killed.
+    own = args.work_dir is None
+    work = (process.temp_dir("ovmf-mh-bench-helper-") if own else args.work_dir).resolve()
     context = BenchContext(image=image, work=work, idle_seconds=args.idle_seconds, samples=args.samples,
                            crypto_guest_mib=args.crypto_guest_mib, crypto_rounds=args.crypto_rounds)
-    results = bench_helper(context, args.section)
+    try:
+        results = bench_helper(context, args.section)
+    except BaseException:
+        if own:
+            process.keep(work)
+            print(f"ovmf-mh: bench helper failed; logs kept in {work}", file=sys.stderr)
+        raise
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print("\n".join(format_helper_report(results)))
-        print(f"logs in {work}")
+        if not own:
+            print(f"logs in {work}")
+    if own:
+        process.remove(work)
     return 0
 
 
