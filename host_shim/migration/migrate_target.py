@@ -388,6 +388,13 @@ def _import_failure(channel: mp.Channel, error: BaseException) -> OvmfMhError:
 def _alive_while(channel: mp.Channel, reader: _CountingReader, work: Callable[[], T]) -> T:
     """Run ``work`` in a thread, telling the source every PROGRESS_INTERVAL
     that this side is alive; its result, or its exception."""
+    return _run_saying_progress(work, lambda: channel.send("progress", stream_bytes=reader.bytes),
+                                "migrate-incoming-work")
+
+
+def _run_saying_progress(work: Callable[[], T], say_progress: Callable[[], None], name: str) -> T:
+    """Run ``work`` in a thread named ``name``, calling ``say_progress``
+    every PROGRESS_INTERVAL until it ends; its result, or its exception."""
     result: list[T] = []
     failure: list[BaseException] = []
 
@@ -397,13 +404,13 @@ def _alive_while(channel: mp.Channel, reader: _CountingReader, work: Callable[[]
         except BaseException as exc:
             failure.append(exc)
 
-    worker = threading.Thread(target=run, name="migrate-incoming-work", daemon=True)
+    worker = threading.Thread(target=run, name=name, daemon=True)
     worker.start()
     while True:
         worker.join(timeout=PROGRESS_INTERVAL)
         if not worker.is_alive():
             break
-        channel.send("progress", stream_bytes=reader.bytes)
+        say_progress()
     if failure:
         raise failure[0]
     return result[0]
@@ -435,25 +442,9 @@ def _while_telling_source(channel: mp.Channel, report: TargetReport, reader: _Co
     """After the resume: run ``work`` (waiting for the guest's heartbeat),
     telling the source every PROGRESS_INTERVAL that this side is alive; a
     source that no longer hears it is noted (_tell_source), not a failure."""
-    result: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(work())
-        except BaseException as exc:
-            failure.append(exc)
-
-    worker = threading.Thread(target=run, name="migrate-incoming-after-resume", daemon=True)
-    worker.start()
-    while True:
-        worker.join(timeout=PROGRESS_INTERVAL)
-        if not worker.is_alive():
-            break
-        _tell_source(channel, report, "progress", stream_bytes=reader.bytes)
-    if failure:
-        raise failure[0]
-    return result[0]
+    return _run_saying_progress(
+        work, lambda: _tell_source(channel, report, "progress", stream_bytes=reader.bytes),
+        "migrate-incoming-after-resume")
 
 
 def _tell_source(channel: mp.Channel, report: TargetReport, kind: str, **fields: Any) -> None:
