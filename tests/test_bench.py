@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -349,3 +349,45 @@ def test_bench_helper_without_a_work_dir_leaves_no_folder(
                      "--image", str(firmware), "--json"])
     assert code == 0
     assert not list(tmp_path.glob("ovmf-mh-bench-helper-*"))
+
+
+def test_bench_suite_alternates_the_idle_policies_and_sums_them(tmp_path: Path) -> None:
+    """bench suite: one run per idle policy per round, the spinning baseline
+    first, the order swapped every round; totals and ratios per policy."""
+    from host_shim.devtools.bench_suite import bench_suite, format_suite
+
+    seen: list[tuple[tuple[str, ...], str, str]] = []
+
+    def fake(tests: Sequence[str], policy: str, log: Path) -> dict[str, Any]:
+        seen.append((tuple(tests), policy, log.name))
+        wall = 100.0 if policy == "never-halt" else 90.0
+        return {"policy": policy, "wall_seconds": wall, "cpu_seconds": wall * 1.5, "exit_code": 0,
+                "summary": "12 passed, 1 skipped in 99.0s", "load_average_before": 2.0, "load_average_after": 2.5,
+                "log": str(log)}
+
+    results = bench_suite(tmp_path, tests=["tests/test_x.py"], rounds=3, runner=fake)
+    assert [policy for _, policy, _ in seen] == ["never-halt", "default", "default", "never-halt",
+                                                 "never-halt", "default"]
+    assert seen[1] == (("tests/test_x.py",), "default", "round1-default.log")
+    assert results["totals"]["never-halt"] == {"wall_seconds": 300.0, "cpu_seconds": 450.0}
+    assert results["wall_ratio"] == pytest.approx(0.9) and results["cpu_ratio"] == pytest.approx(0.9)
+    lines = format_suite(results)
+    assert lines[3] == "| 1 | spin (never-halt) | 100.0 s | 150.0 s | 2.0 / 2.5 | 12 passed, 1 skipped |"
+    assert lines[-1].endswith("halting / spinning: wall 0.90, CPU 0.90")
+    with pytest.raises(ValueError, match="rounds"):
+        bench_suite(tmp_path, rounds=0, runner=fake)
+
+
+def test_bench_suite_runs_pytest_with_the_policy_in_its_environment(tmp_path: Path) -> None:
+    """A real run of the bench's pytest runner on a test that checks the
+    knob reached it (the helper launcher reads it from the environment)."""
+    from host_shim.devtools.bench_suite import run_pytest
+
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import os\n\n\ndef test_knob():\n"
+                     "    assert os.environ['OVMF_MH_BENCH_IDLE_POLICY'] == 'never-halt'\n")
+    run = run_pytest([str(probe)], "never-halt", tmp_path / "spin.log")
+    assert run["exit_code"] == 0 and "1 passed" in run["summary"], (tmp_path / "spin.log").read_text()
+    assert run["wall_seconds"] > 0 and run["cpu_seconds"] > 0
+    failed = run_pytest([str(probe)], "default", tmp_path / "default.log")
+    assert failed["exit_code"] == 1 and "1 failed" in failed["summary"]
