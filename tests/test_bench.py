@@ -278,6 +278,14 @@ def test_bench_helper_report_has_a_row_per_helper_kind() -> None:
     lines = format_helper_report({"sections": {"idle": result}})
     assert lines[3] == "| halts when idle (ABI 4.1) | 0.4 % | 0.80 ms | 2.50 ms | 100 | 100 | 100 | 0.30 ms |"
     assert lines[4].startswith("| spins (NEVER_HALT baseline) | 97.0 % |")
+    assert len(lines) == 5
+    sync = {"wake_latency_ms_median": 1.6, "wake_latency_ms_p99": 4.0, "samples": 100,
+            "inject_nmi_round_trip_ms_median": 0.7}
+    result["halting"] = dict(row, sync_wake=sync, answered_before_qmp_reply=80)
+    lines = format_helper_report({"sections": {"idle": result}})
+    assert lines[5] == ("same halting helper, alternating: wake in flight while polling (default) median 0.80 ms "
+                        "(answer before QMP's reply in 80 of 100); waiting for QMP's reply first (before) median "
+                        "1.60 ms, p99 4.00 ms (inject-nmi round trip median 0.70 ms)")
 
 
 @pytest.mark.qemu
@@ -297,7 +305,11 @@ def test_bench_helper_runs_end_to_end(firmware: Path, work_dir: Path) -> None:
     assert halting["halt_wake"] and halting["wakes_sent"] >= 3 and halting["halts"] >= 3
     assert not spinning["halt_wake"] and spinning["wakes_sent"] == 0 and spinning["halts"] == 0
     assert halting["idle_cpu_percent"] < 20.0
-    assert len(format_helper_report(results)) == 5
+    # The halting helper is timed both ways to wake it, alternating.
+    assert halting["samples"] == 5 and halting["sync_wake"]["samples"] == 5
+    assert 0 <= halting["answered_before_qmp_reply"] <= 5 and "sync_wake" not in spinning
+    assert halting["sync_wake"]["inject_nmi_round_trip_ms_median"] > 0
+    assert len(format_helper_report(results)) == 6
 
 
 class _Console:

@@ -8,8 +8,10 @@ uses while it waits for a command (from /proc/PID/stat over
 ``idle_seconds``), and the round trip of an empty command (QUERY) posted
 after the helper had time to halt (``gap`` seconds after the previous one),
 median and 99th percentile, with the wake-ups it took, and the median round
-trip of a QMP command that does nothing (query-status), which a wake-up
-(inject-nmi) costs on top of the spinning baseline.
+trip of a QMP command that does nothing (query-status). The halting helper
+is timed both ways the host can wake it, alternating sample by sample: the
+wake in flight while the host polls (the default) and the host waiting for
+QMP's reply to inject-nmi before it polls (before issue 21's wake work).
 
 Section ``crypto`` (issue 21): export and import MB/s of one helper with and
 without the vector page-crypto path (host_shim/devtools/bench_helper_crypto.py).
@@ -25,6 +27,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from typing import Any
 from helper import abi
 from host_shim.devtools.bench_helper_crypto import format_crypto, section_crypto
 from host_shim.helpers.helper_vm import HelperSpec, HelperVM, IdlePolicy
+from host_shim.helpers.mailbox import Mailbox
 
 #: Seconds between two commands of the latency run: twice the helper's spin
 #: (OVMF_MH_IDLE_DEFAULT_SPIN_US), so every command finds it halted (or
@@ -68,36 +72,86 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+class _TimedWakes:
+    """The halting helper's two ways to wake, each timed: ``sync`` waits
+    for QMP's reply to inject-nmi before the host polls (how the host woke
+    helpers before), ``in_flight`` polls at once while the helper's waker
+    thread waits for the reply (HelperVM.wake_async, the default)."""
+
+    def __init__(self, helper: HelperVM) -> None:
+        self.helper = helper
+        self.reply_ms: list[float] = []
+        self.last: Future[object] | None = None
+
+    def sync(self) -> None:
+        start = time.monotonic()
+        self.helper.wake()
+        self.reply_ms.append(1000 * (time.monotonic() - start))
+
+    def in_flight(self) -> Future[object]:
+        self.last = self.helper.wake_async()
+        return self.last
+
+
+def _latencies(mailbox: Mailbox, context: BenchContext, wakes: _TimedWakes | None) -> dict[str, list[float]]:
+    """Empty commands ``gap`` apart; with ``wakes``, alternating between the
+    two ways to wake (one sample of each in turn, so both see the same
+    load). Also counts the in-flight wakes whose QMP reply was still out
+    when the helper's answer had already arrived."""
+    modes: dict[str, list[float]] = {"in_flight": [], "sync": []} if wakes is not None else {"in_flight": []}
+    before_reply = 0
+    for index in range(context.samples * len(modes)):
+        mode = list(modes)[index % len(modes)]
+        if wakes is not None:
+            mailbox.wake = wakes.in_flight if mode == "in_flight" else wakes.sync
+            wakes.last = None
+        time.sleep(context.gap)
+        modes[mode].append(mailbox.call("QUERY").seconds)
+        if wakes is not None and wakes.last is not None and not wakes.last.done():
+            before_reply += 1
+    modes["before_reply"] = [float(before_reply)]
+    return modes
+
+
 def _measure_helper(context: BenchContext, name: str, policy: IdlePolicy | None) -> dict[str, Any]:
     with HelperVM(HelperSpec(context.image, idle_policy=policy), context.work / name, name) as helper:
         header = helper.wait_ready()
         mailbox = helper.mailbox
         assert mailbox is not None and helper.vm.pid is not None
+        halt_wake = bool(header["Capabilities"] & abi.load().const("OVMF_MH_CAP_HALT_WAKE"))
         time.sleep(0.2)  # past the spin after READY
         idle_cpu = cpu_share(helper.vm.pid, context.idle_seconds)
-        latencies = []
-        for _ in range(context.samples):
-            time.sleep(context.gap)
-            latencies.append(mailbox.call("QUERY").seconds)
+        wakes = _TimedWakes(helper) if halt_wake else None
+        latencies = _latencies(mailbox, context, wakes)
+        mailbox.wake = helper.wake_async
         after = mailbox.header()
         qmp = []
         for _ in range(max(10, context.samples // 2)):
             start = time.monotonic()
             helper.vm.qmp("query-status")
             qmp.append(time.monotonic() - start)
-        return {
+        row = {
             "qmp_round_trip_ms_median": 1000 * statistics.median(qmp),
-            "halt_wake": bool(header["Capabilities"] & abi.load().const("OVMF_MH_CAP_HALT_WAKE")),
+            "halt_wake": halt_wake,
             "idle_cpu_percent": idle_cpu,
             "idle_seconds": context.idle_seconds,
-            "wake_latency_ms_median": 1000 * statistics.median(latencies),
-            "wake_latency_ms_p99": 1000 * _percentile(latencies, 0.99),
-            "samples": len(latencies),
+            "wake_latency_ms_median": 1000 * statistics.median(latencies["in_flight"]),
+            "wake_latency_ms_p99": 1000 * _percentile(latencies["in_flight"], 0.99),
+            "samples": len(latencies["in_flight"]),
             "gap_ms": 1000 * context.gap,
             "wakes_sent": mailbox.wakes,
             "halts": after["HaltCount"],
             "window_wakes": after["WindowWakes"],
         }
+        if wakes is not None:
+            row["answered_before_qmp_reply"] = int(latencies["before_reply"][0])
+            row["sync_wake"] = {
+                "wake_latency_ms_median": 1000 * statistics.median(latencies["sync"]),
+                "wake_latency_ms_p99": 1000 * _percentile(latencies["sync"], 0.99),
+                "samples": len(latencies["sync"]),
+                "inject_nmi_round_trip_ms_median": statistics.median(wakes.reply_ms) if wakes.reply_ms else 0.0,
+            }
+        return row
 
 
 def section_idle(context: BenchContext) -> dict[str, Any]:
@@ -110,10 +164,11 @@ def section_idle(context: BenchContext) -> dict[str, Any]:
 
 
 def format_idle(result: dict[str, Any]) -> list[str]:
+    halting = result["halting"]
     lines = [
         f"idle firmware helper (load average {result['load_average']:.1f}): CPU while waiting over "
-        f"{result['halting']['idle_seconds']:.0f} s, and an empty command's round trip "
-        f"{result['halting']['gap_ms']:.0f} ms after the previous one",
+        f"{halting['idle_seconds']:.0f} s, and an empty command's round trip "
+        f"{halting['gap_ms']:.0f} ms after the previous one",
         "| helper | idle CPU | wake latency median | p99 | samples | wakes sent | halts | QMP round trip |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -123,6 +178,14 @@ def format_idle(result: dict[str, Any]) -> list[str]:
             f"| {label} | {row['idle_cpu_percent']:.1f} % | {row['wake_latency_ms_median']:.2f} ms | "
             f"{row['wake_latency_ms_p99']:.2f} ms | {row['samples']} | {row['wakes_sent']} | {row['halts']} | "
             f"{row['qmp_round_trip_ms_median']:.2f} ms |")
+    sync = halting.get("sync_wake")
+    if sync is not None:
+        lines.append(
+            f"same halting helper, alternating: wake in flight while polling (default) median "
+            f"{halting['wake_latency_ms_median']:.2f} ms (answer before QMP's reply in "
+            f"{halting['answered_before_qmp_reply']} of {halting['samples']}); waiting for QMP's reply first "
+            f"(before) median {sync['wake_latency_ms_median']:.2f} ms, p99 {sync['wake_latency_ms_p99']:.2f} ms "
+            f"(inject-nmi round trip median {sync['inject_nmi_round_trip_ms_median']:.2f} ms)")
     return lines
 
 
