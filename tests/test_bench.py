@@ -312,6 +312,33 @@ def test_bench_helper_runs_end_to_end(firmware: Path, work_dir: Path) -> None:
     assert len(format_helper_report(results)) == 6
 
 
+@pytest.mark.qemu
+@pytest.mark.firmware
+def test_bench_helper_compares_two_images_side_by_side(
+        firmware: Path, work_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--compare-image: both images' halting helpers run at once and each is
+    woken both ways, the same number of samples in each of the four rows
+    (here the same build under two names)."""
+    from host_shim import cli
+    from host_shim.devtools.bench_helper import BenchContext, bench_helper, format_helper_report
+
+    other = tmp_path / "older.fd"
+    other.write_bytes(firmware.read_bytes())
+    context = BenchContext(image=firmware, work=work_dir, idle_seconds=0.5, samples=3, gap=0.4, compare_image=other)
+    results = bench_helper(context, ["idle"])
+    images = results["sections"]["idle"]["images"]
+    assert images["compare_image"] == str(other)
+    assert [(row["image"], row["wake"], row["samples"]) for row in images["rows"]] == [
+        ("image", "in_flight", 3), ("image", "sync", 3),
+        ("compare_image", "in_flight", 3), ("compare_image", "sync", 3)]
+    assert all(0 < row["wake_latency_ms_p10"] <= row["wake_latency_ms_p99"] for row in images["rows"])
+    lines = format_helper_report(results)
+    assert lines[-1].startswith("| compared | waits for QMP's reply |") and len(lines) == 13
+    assert cli.main(["bench", "helper", "--section", "idle", "--image", str(firmware),
+                     "--compare-image", str(tmp_path / "missing.fd")]) != 0
+    assert "missing.fd not found" in capsys.readouterr().err
+
+
 class _Console:
     """A target QEMU as _check_plain_target sees it: a serial console that
     prints one more line at each read."""

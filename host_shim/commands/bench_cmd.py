@@ -92,6 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     helper.add_argument("--crypto-rounds", type=int, default=3,
                         help="alternating rounds of both paths in section crypto, best counts (default 3)")
     helper.add_argument("--image", help="firmware image (default: the DEBUG build)")
+    helper.add_argument("--compare-image", type=Path, metavar="IMAGE",
+                        help="section idle also times this image's halting helper beside --image's, alternating, "
+                             "e.g. an older build (default: none)")
     helper.add_argument("--work-dir", type=Path,
                         help="folder for logs, kept (default: a new temp folder, removed after a success, "
                              "kept and named after a failure)")
@@ -182,7 +185,8 @@ def run_helper(args: argparse.Namespace) -> int:
     own = args.work_dir is None
     work = (process.temp_dir("ovmf-mh-bench-helper-") if own else args.work_dir).resolve()
     context = BenchContext(image=image, work=work, idle_seconds=args.idle_seconds, samples=args.samples,
-                           crypto_guest_mib=args.crypto_guest_mib, crypto_rounds=args.crypto_rounds)
+                           crypto_guest_mib=args.crypto_guest_mib, crypto_rounds=args.crypto_rounds,
+                           compare_image=resolve_image(args.compare_image) if args.compare_image else None)
     try:
         results = bench_helper(context, args.section)
     except BaseException:

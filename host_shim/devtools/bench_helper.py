@@ -52,6 +52,9 @@ class BenchContext:
     gap: float = DEFAULT_GAP
     crypto_guest_mib: int = 64
     crypto_rounds: int = 3
+    #: Another firmware image (e.g. the main branch's) whose halting helper
+    #: section idle times beside this one's, alternating (--compare-image).
+    compare_image: Path | None = None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -154,13 +157,45 @@ def _measure_helper(context: BenchContext, name: str, policy: IdlePolicy | None)
         return row
 
 
+def _compare_images(context: BenchContext, other: Path) -> dict[str, Any]:
+    """Wake latency of two firmware images' halting helpers, both running,
+    each woken both ways, one sample of each of the four in turn."""
+    with HelperVM(HelperSpec(context.image), context.work / "image", "image") as this, \
+            HelperVM(HelperSpec(other), context.work / "compare", "compare") as that:
+        this.wait_ready()
+        that.wait_ready()
+        combos = [(name, helper, way) for name, helper in (("image", this), ("compare_image", that))
+                  for way in ("in_flight", "sync")]
+        timed: dict[tuple[str, str], list[float]] = {(name, way): [] for name, _, way in combos}
+        for _ in range(context.samples):
+            for name, helper, way in combos:
+                mailbox = helper.mailbox
+                assert mailbox is not None
+                wakes = _TimedWakes(helper)
+                mailbox.wake = wakes.in_flight if way == "in_flight" else wakes.sync
+                time.sleep(context.gap)
+                timed[(name, way)].append(mailbox.call("QUERY").seconds)
+        return {
+            "image": str(context.image),
+            "compare_image": str(other),
+            "rows": [{"image": name, "wake": way, "samples": len(values),
+                      "wake_latency_ms_median": 1000 * statistics.median(values),
+                      "wake_latency_ms_p10": 1000 * _percentile(values, 0.10),
+                      "wake_latency_ms_p99": 1000 * _percentile(values, 0.99)}
+                     for (name, way), values in timed.items()],
+        }
+
+
 def section_idle(context: BenchContext) -> dict[str, Any]:
-    """The halting helper and the spinning baseline, one after the other."""
-    return {
+    """The halting helper and the spinning baseline, one after the other;
+    with ``compare_image``, then both images' halting helpers side by side."""
+    result = {
         "halting": _measure_helper(context, "halting", None),
         "spinning": _measure_helper(context, "spinning", IdlePolicy(never_halt=True)),
-        "load_average": os.getloadavg()[0],
     }
+    if context.compare_image is not None:
+        result["images"] = _compare_images(context, context.compare_image)
+    return dict(result, load_average=os.getloadavg()[0])
 
 
 def format_idle(result: dict[str, Any]) -> list[str]:
@@ -186,6 +221,20 @@ def format_idle(result: dict[str, Any]) -> list[str]:
             f"{halting['answered_before_qmp_reply']} of {halting['samples']}); waiting for QMP's reply first "
             f"(before) median {sync['wake_latency_ms_median']:.2f} ms, p99 {sync['wake_latency_ms_p99']:.2f} ms "
             f"(inject-nmi round trip median {sync['inject_nmi_round_trip_ms_median']:.2f} ms)")
+    images = result.get("images")
+    if images is not None:
+        lines += [
+            f"two images' halting helpers side by side, alternating: this {images['image']}, "
+            f"compared {images['compare_image']}",
+            "| image | wake | median | p10 | p99 | samples |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for row in images["rows"]:
+            image = "this" if row["image"] == "image" else "compared"
+            way = "in flight while polling" if row["wake"] == "in_flight" else "waits for QMP's reply"
+            lines.append(f"| {image} | {way} | {row['wake_latency_ms_median']:.2f} ms | "
+                         f"{row['wake_latency_ms_p10']:.2f} ms | {row['wake_latency_ms_p99']:.2f} ms | "
+                         f"{row['samples']} |")
     return lines
 
 
