@@ -140,6 +140,17 @@ def test_the_answer_is_taken_before_the_wake_replied_and_a_failed_wake_is_report
     mailbox.release()
 
 
+def test_a_cancelled_wake_is_no_failure() -> None:
+    """A wake cancelled before it ran (HelperVM.close cancels queued ones)
+    is not reported as a failed wake."""
+    helper = _HaltedHelper()
+    mailbox = Mailbox(helper.memory, 0, len(helper.memory), wake=helper.wake)
+    assert mailbox.call("NOP", timeout=5.0).status == 0
+    assert helper.replies[0].cancel()
+    assert mailbox.call("NOP", timeout=5.0).status == 0
+    mailbox.release()
+
+
 class _Monitor:
     """A QMP connection as LoggedQmp sees it: cmd_obj answers with ``reply``."""
 

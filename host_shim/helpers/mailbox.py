@@ -210,7 +210,8 @@ class Mailbox:
         failed (QMP error, QEMU gone) raises MailboxError, naming the command
         being posted or waited for now; one still in flight stays."""
         while self._wakes_in_flight and self._wakes_in_flight[0].done():
-            exc = self._wakes_in_flight.pop(0).exception()
+            done = self._wakes_in_flight.pop(0)
+            exc = None if done.cancelled() else done.exception()
             if exc is not None:
                 raise self._wake_failed(command, exc) from exc
 
