@@ -180,6 +180,40 @@ def test_the_wake_is_sent_in_the_fewest_bytes_and_its_error_is_raised(tmp_path: 
     assert log.count('> {"execute": "inject-nmi"}') == 2 and "NMI injection failed" in log
 
 
+def test_closing_waits_for_the_wake_in_flight(tmp_path: Path) -> None:
+    """LoggedQmp.close from another thread while the waker thread's
+    inject-nmi waits for its reply: the connection (and its event loop) is
+    closed only after the wake returned, never under it."""
+    import threading
+
+    order: list[str] = []
+    release = threading.Event()
+
+    class _Slow(_Monitor):
+        def cmd_obj(self, message: dict[str, object]) -> dict[str, object]:
+            order.append("wake sent")
+            release.wait(5.0)
+            order.append("wake replied")
+            return {"return": {}}
+
+        def close(self) -> None:
+            order.append("closed")
+
+    qmp = LoggedQmp(tmp_path / "qmp.log")
+    qmp.connect(_Slow({}))  # type: ignore[arg-type]
+    waker = threading.Thread(target=qmp.bare_command, args=("inject-nmi", QemuError))
+    waker.start()
+    while not order:
+        time.sleep(0.001)
+    closer = threading.Thread(target=qmp.close)
+    closer.start()
+    time.sleep(0.2)
+    release.set()
+    waker.join(5.0)
+    closer.join(5.0)
+    assert order == ["wake sent", "wake replied", "closed"]
+
+
 def test_bench_knob_forces_the_idle_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """OVMF_MH_BENCH_IDLE_POLICY: never-halt gives a spec without an idle
     policy NEVER_HALT, a spec's own policy wins, a bad value is refused."""

@@ -140,9 +140,11 @@ class LoggedQmp:
             return []
 
     def close(self) -> None:
-        """Close the connection and the log (the QEMU itself goes on)."""
+        """Close the connection and the log (the QEMU itself goes on). Under
+        the lock: a helper's waker thread may be running a wake on the
+        connection's event loop, which two threads must not run at once."""
         if self.connection is not None:
-            with suppress(Exception):
+            with self.lock, suppress(Exception):
                 self.connection.close()
             self.connection = None
         if self._loop is not None and not self._loop.is_running():
