@@ -11,6 +11,7 @@ from pathlib import Path
 from host_shim.commands.options import add_mailbox_timeout
 from host_shim.firmware.boot import resolve_image
 from host_shim.helpers.backends import KINDS
+from host_shim.migration.convergence import DEFAULT_DOWNTIME_LIMIT_MS, THROTTLE_MAX, ConvergenceSettings
 from host_shim.migration.migrate import SWITCHOVER_MODES, MigrationConfig, migrate, write_report
 from host_shim.migration.migration_protocol import parse_address
 from host_shim.migration.migration_vm import MigrationError
@@ -91,8 +92,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "connection from the client to the guest's echo service through the migration (the report's "
                         "tcp_probe); needs root; not with --to (default on; --no-network: a NIC with no host side)")
     parser.add_argument("--max-passes", type=int, default=6, help="pre-copy passes at most (default 6)")
-    parser.add_argument("--converge-pages", type=int, default=2048,
-                        help="stop pre-copy when a pass sent at most this many pages (default 2048)")
+    parser.add_argument("--downtime-limit", type=float, default=DEFAULT_DOWNTIME_LIMIT_MS, metavar="MS",
+                        help="stop pre-copy once the final pass, by the page rate the last pass measured, would "
+                        "take at most this long with the guest stopped: the pages the dirty log marks times the "
+                        "seconds per page of the last pass (the check and the send; the target's verification, "
+                        "the device state and 'cont' come on top) (default "
+                        f"{DEFAULT_DOWNTIME_LIMIT_MS} ms)")
+    parser.add_argument("--auto-converge", action=argparse.BooleanOptionalAction, default=True,
+                        help="while a pre-copy pass leaves more than half of its pages dirty again, throttle the "
+                        "guest: stop it for a share of every 100 ms (QMP stop/cont), raised after each such pass, "
+                        f"at most {100 * THROTTLE_MAX:.0f}%%; the guest always runs again when pre-copy ends, "
+                        "whatever ends it (default on; --no-auto-converge: the pass limit ends a pre-copy that "
+                        "does not converge)")
     parser.add_argument("--switchover", choices=SWITCHOVER_MODES, default="dirty-log",
                         help="how pre-copy passes and the switchover find dirty pages: dirty-log, the kernel's "
                         "write log of the source RAM file (needs it on ext4, Linux 6.5+: the switchover then "
@@ -156,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         guest_mib=default_mib if args.guest_mib is None else args.guest_mib,
         workload_mib=64 if args.workload_mib is None else args.workload_mib,
         max_passes=args.max_passes,
-        converge_pages=args.converge_pages,
+        convergence=ConvergenceSettings(downtime_limit_ms=args.downtime_limit, auto_converge=args.auto_converge),
         switchover=args.switchover,
         verify_all=args.verify_all,
         verify_ram=not args.no_verify_ram,

@@ -48,6 +48,7 @@ from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
 from host_shim.migration import debian_guest
 from host_shim.migration import migration_protocol as mp
 from host_shim.migration.attach import SourceGuest, attach, restore
+from host_shim.migration.convergence import ConvergenceSettings, PassNumbers
 from host_shim.migration.dirty_log import DirtyLog, DirtyLogUnavailable, unavailable_reason
 from host_shim.migration.guest_description import (
     ACCELERATORS,
@@ -69,6 +70,7 @@ from host_shim.migration.migration_vm import (
     ram_file,
     wait_for_serial,
 )
+from host_shim.migration.precopy_control import PreCopyControl
 from host_shim.progress import Progress
 from host_shim.transfer import commit_proof
 from host_shim.transfer.holes import hole_pages
@@ -141,6 +143,10 @@ class MigrationReport:
     # Pre-copy passes run after a catch-up because the guest wrote much meanwhile.
     catch_up_passes: int = 0
     switchover_ms: dict[str, int] = field(default_factory=dict)  # milestones after 'stop'
+    # Pre-copy's end and the guest's throttle (precopy_control.py): the
+    # decision after each pass, the levels, the time the guest was stopped.
+    throttle: dict[str, Any] = field(default_factory=dict)
+    throttle_summary: str = ""
     phase_seconds: dict[str, float] = field(default_factory=dict)  # milestones after 'started'
     setup_seconds: float = 0.0
     passes: list[PassReport] = field(default_factory=list)
@@ -188,6 +194,7 @@ class MigrationReport:
             + f"; CHECK_PAGES {1000 * self.check_seconds:.0f} ms found {self.check_pages_changed} changed"
             + (f"; pages the log missed: {self.log_missed_pages}" if self.log_missed_pages is not None else "")
             + (f"\n  dirty log: {self.log_trace}" if self.log_trace else ""),
+            f"  {self.throttle_summary}" if self.throttle_summary else "  pre-copy ended before any decision",
             f"  before stop, the target caught up with {self.catch_up_backlog} stream bytes in "
             f"{1000 * self.catch_up_seconds:.0f} ms ({self.catch_up_passes} pass(es) after a catch-up)",
         ]
@@ -231,7 +238,9 @@ class MigrationConfig:
     # (the ABA case a comparison of bytes cannot see).
     aba_pages: int = 0
     max_passes: int = 6
-    converge_pages: int = 2048
+    # When pre-copy ends (the final pass's estimate within the downtime
+    # limit) and whether the guest is throttled until it does.
+    convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
     # 'dirty-log': passes and switchover follow the kernel's write log of
     # the RAM file (ext4); 'full-check': host comparison and CHECK_PAGES of
     # every page (any file system). Never switched silently.
@@ -287,9 +296,6 @@ CATCH_UP_LIMIT = 5.0
 CATCH_UP_POLL = 0.005
 #: Passes the catch-up may add when the guest wrote much while it waited.
 CATCH_UP_PASSES = 2
-#: The log counts dirty folios whole: about twice the pages really changed
-#: with the test workload (docs/migration.md, "The pass loop").
-FOLIO_SLACK = 2
 #: How often the watch looks at the source QEMU and the target side.
 WATCH_INTERVAL = 0.1
 #: How long a guest QEMU may stay stopped (state T in /proc/PID/stat: SIGSTOP,
@@ -573,6 +579,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
     channel: mp.Channel | None = None
     listener: _TargetListener | None = None
     watch: _Watch | None = None
+    control: PreCopyControl | None = None
     try:
         if not source_guest.attached:
             _wait_for(source, guest.HEARTBEAT, _boot_timeout(source_guest))
@@ -661,8 +668,10 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             return len(dirty_pages)
 
         run_pass(every_page, True)
+        control = stack.enter_context(_precopy_control(config, source_guest))
         while len(report.passes) < config.max_passes:
-            if pre_copy_pass() <= config.converge_pages:
+            pre_copy_pass()
+            if _switch_now(control, report.passes, dirty_log, config.max_passes):
                 break
 
         # The target imports behind the source; what it has not taken yet
@@ -675,14 +684,14 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             waited, backlog = _wait_for_catch_up(channel, watch)
             report.catch_up_seconds += waited
             report.catch_up_backlog += backlog
-            if dirty_log is None or attempt == CATCH_UP_PASSES or \
-                    dirty_log.dirty_count() <= config.converge_pages * FOLIO_SLACK:
+            if dirty_log is None or attempt == CATCH_UP_PASSES or control.fits(dirty_log.dirty_count()):
                 break
             report.catch_up_passes += 1
             pre_copy_pass()
             watch.phase = channel.phase = "the target's catch-up"
         # Switchover: from here until the target resumes, the guest runs
         # nowhere. Never for a target that is already gone or silent.
+        control.close()
         watch.check()
         watch.phase = channel.phase = "switchover (source guest stopped)"
         stop_at = time.monotonic()
@@ -769,6 +778,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         report.outcome = "ok"
         report.source_qemu = _leave_source(source_guest, config.quit_source)
     except (OvmfMhError, OSError) as exc:
+        # The throttle ends first: the guest runs (or counts as stopped here).
+        stopped = (control is not None and control.close()) or stopped
         # The target's reason beats the broken pipe it caused on this side.
         if listener is not None and listener.error is None and listener.alive():
             listener.join(timeout=1.0)
@@ -824,14 +835,42 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         # here if this command paused it, and the message says so.
         if channel is not None:
             channel.abandon()
+        stopped = (control is not None and control.close()) or stopped
         exc.add_note(_resume_after_signal(source_guest, stopped, committed))
         raise
     finally:
         # Every QEMU and helper this run started stops here, by its own pid.
         stack.close()
+        if control is not None:
+            report.throttle, report.throttle_summary = control.report(), control.describe()
         # Their logs stay in the work folder; a failure names them.
         report.logs = logs_under(work)
     return report
+
+
+def _precopy_control(config: MigrationConfig, source: SourceGuest) -> PreCopyControl:
+    """The switchover decision and the guest's throttle; while the throttle
+    may hold the user's guest paused, the reaper guards it."""
+    return PreCopyControl(config.convergence, source.vm, on_pause=lambda: _guard_paused_guest(source),
+                          on_release=lambda: _release_paused_guest(source))
+
+
+def _switch_now(control: PreCopyControl, passes: list[PassReport], dirty_log: DirtyLog | None,
+                max_passes: int) -> bool:
+    """After a pre-copy pass: stop pre-copy now? With the dirty log, the
+    pass checked and sent what the log marked at its start, and the log's
+    count now is the final pass's work; with the full check, the pass's
+    own pages stand for the next pass's. Pass 1's pages in zero ranges were
+    never written: they are not what the guest writes."""
+    last, before = passes[-1], passes[-2]
+    sent_before = before.pages - before.zero_range_pages
+    if dirty_log is not None:
+        numbers = PassNumbers(marked=last.logged, seconds=last.check_seconds + last.seconds, sent=last.pages,
+                              sent_before=sent_before, dirty_now=dirty_log.dirty_count())
+    else:
+        numbers = PassNumbers(marked=last.pages, seconds=last.seconds, sent=last.pages, sent_before=sent_before,
+                              dirty_now=last.pages)
+    return control.after_pass(numbers, max_passes - len(passes))
 
 
 def _verify_target_commit(exporter: Exporter, listener: _TargetListener, channel: mp.Channel, shards: int) -> None:
