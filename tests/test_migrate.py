@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from helper import abi
+from host_shim.migration.convergence import THROTTLE_MAX, ConvergenceSettings
 from host_shim.migration.migrate import MigrationConfig, migrate
 from host_shim.vm.qemu import QemuVM
 
@@ -163,6 +164,67 @@ def test_target_helper_killed_mid_migration_leaves_the_source_running(firmware: 
     assert report.source_heartbeat_after_failure is not None and "errors=0" in report.source_heartbeat_after_failure
     assert report.error is not None and "exited" in report.error
     assert time.monotonic() - started < 240
+
+
+def _throttle_commands(qmp_log: Path) -> list[str]:
+    """The source QEMU's stop and cont commands, in order, from its qmp.log."""
+    text = qmp_log.read_text(errors="replace") if qmp_log.exists() else ""
+    return re.findall(r'> \{"execute": "(stop|cont)"', text)
+
+
+def test_a_small_downtime_limit_throttles_the_guest_and_it_runs_on_the_target(firmware: Path, work_dir: Path) -> None:
+    """A downtime limit of 1 ms no pass can meet: from the second pass on
+    the guest is throttled (QMP stop/cont), the pass limit ends pre-copy,
+    and the guest goes on on the target, its memory intact."""
+    report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False,
+                                     convergence=ConvergenceSettings(downtime_limit_ms=1)))
+    assert report.outcome == "ok", "\n".join(report.describe())
+    assert report.guest_state == "running on target" and report.ram_identical is True
+    assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
+    throttle = report.throttle
+    assert throttle["cycles"] > 0 and 0 < throttle["max_level"] <= THROTTLE_MAX and throttle["error"] is None
+    assert 0 < throttle["stopped_seconds"] <= throttle["engaged_seconds"]
+    decisions = throttle["decisions"]
+    assert decisions and not decisions[0]["switch"] and decisions[-1]["switch"]
+    assert [d["throttle"] for d in decisions] == sorted(d["throttle"] for d in decisions)
+    # Every throttle stop was followed by its cont; the switchover's stop is the last command.
+    commands = _throttle_commands(work_dir / "source" / "qmp.log")
+    assert commands[-1] == "stop" and commands[:-1] == ["stop", "cont"] * throttle["cycles"]
+    assert "throttled up to" in "\n".join(report.describe())
+    assert "CORRUPTION" not in (work_dir / "target" / "serial.log").read_text(errors="replace")
+
+
+def test_a_target_killed_mid_throttle_leaves_the_source_guest_running(firmware: Path, work_dir: Path) -> None:
+    """The target QEMU killed while the throttle runs (a stop and its cont
+    seen in the source's qmp.log): the migration fails, the throttle ends
+    with a cont, and the source guest runs and beats."""
+    killed: list[int] = []
+
+    def kill_target_mid_throttle() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if _throttle_commands(work_dir / "source" / "qmp.log")[:2] == ["stop", "cont"]:
+                pid = int((work_dir / "target" / "qemu.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_target_mid_throttle, daemon=True)
+    killer.start()
+    report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False,
+                                     convergence=ConvergenceSettings(downtime_limit_ms=1)))
+    killer.join(timeout=5)
+    assert killed, "the throttle never engaged"
+    assert report.outcome == "failed", "\n".join(report.describe())
+    assert report.guest_state == "running on source", "\n".join(report.describe())
+    assert report.source_heartbeat_after_failure is not None and "errors=0" in report.source_heartbeat_after_failure
+    assert report.throttle["cycles"] > 0
+    # The throttle's last command was its cont, before the run looked at the
+    # guest (query-status said running), and it sent nothing after the run.
+    commands = _throttle_commands(work_dir / "source" / "qmp.log")
+    assert commands[-1] == "cont" and commands == ["stop", "cont"] * (len(commands) // 2)
+    time.sleep(0.5)
+    assert _throttle_commands(work_dir / "source" / "qmp.log") == commands
 
 
 def test_target_qemu_dying_after_switchover_is_reported(firmware: Path, work_dir: Path) -> None:
