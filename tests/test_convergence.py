@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -316,3 +317,60 @@ def test_the_control_throttles_as_decided_and_reports_it() -> None:
     assert [d["switch"] for d in report["decisions"]] == [False, True]
     assert "throttled up to 44%" in control.describe()
     assert "within 50 ms" in control.describe()
+
+
+class _OneLoopConnection:
+    """A QMP connection whose commands and event reads share one event loop,
+    as qemu.qmp's synchronous wrapper does: either raises when the other runs."""
+
+    def __init__(self) -> None:
+        self.running = False
+        self.clashes = 0
+
+    def _enter(self) -> None:
+        if self.running:
+            self.clashes += 1
+            raise RuntimeError("This event loop is already running")
+        self.running = True
+
+    def cmd(self, command: str, **_: object) -> dict[str, Any]:
+        self._enter()
+        try:
+            time.sleep(0.001)
+            return {}
+        finally:
+            self.running = False
+
+    def get_events(self, wait: bool = False) -> list[dict[str, Any]]:
+        self._enter()
+        try:
+            time.sleep(0.0005)
+            return []
+        finally:
+            self.running = False
+
+
+def test_qmp_commands_from_two_threads_never_share_the_connection(tmp_path: Path) -> None:
+    """The throttle's stop/cont and the main thread's commands go to one
+    QEMU: a command's reading of events must not run beside another
+    thread's command (it did: 'This event loop is already running')."""
+    from host_shim.vm.qmp_log import LoggedQmp
+
+    log = LoggedQmp(tmp_path / "qmp.log")
+    connection = _OneLoopConnection()
+    log.connect(connection)  # type: ignore[arg-type]
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        for _ in range(200):
+            try:
+                log.command("query-status", lambda message: QemuError(message))
+            except QemuError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert connection.clashes == 0 and errors == []

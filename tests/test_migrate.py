@@ -38,7 +38,10 @@ def test_live_migration_keeps_the_guest_running_and_its_memory_intact(firmware: 
     # check beside it only if the log got older than the flusher's expiry).
     assert report.switchover_check == "dirty-log" or (report.switchover_reason or "").startswith("log in doubt"), \
         "\n".join(report.describe())
-    assert report.passes[-1].logged == report.log_pages > 0
+    # The guest writes between the last pass and 'stop', unless the throttle
+    # held it stopped for most of that time (a loaded machine).
+    assert report.passes[-1].logged == report.log_pages
+    assert report.log_pages > 0 or report.throttle["max_level"] > 0, "\n".join(report.describe())
     assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
     assert len(report.passes) >= 2
     assert report.passes[0].pages == 256 * 256  # the full first pass
