@@ -230,6 +230,53 @@ def test_a_target_killed_mid_throttle_leaves_the_source_guest_running(firmware: 
     assert _throttle_commands(work_dir / "source" / "qmp.log") == commands
 
 
+def test_a_target_that_leaves_in_the_handshake_stops_the_source_helpers_started_beside_it(
+    firmware: Path, work_dir: Path
+) -> None:
+    """The source helpers start while the target prepares. A target that
+    reads the source's hello and closes the connection a second later: the
+    run fails with the handshake's error, waits for the helpers' start,
+    stops them by their pids, and the guest was never touched (running,
+    beating)."""
+    import socket
+
+    from host_shim.helpers.keys import generate_key
+
+    server = socket.create_server(("127.0.0.1", 0))
+    described: list[bytes] = []
+
+    def leave_after_the_hello() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.settimeout(120)
+            while b'"hello"' not in b"".join(described):
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                described.append(chunk)
+            time.sleep(1.0)  # the source helpers are starting meanwhile
+
+    fake = threading.Thread(target=leave_after_the_hello, daemon=True)
+    fake.start()
+    key = work_dir / "transport.key"
+    generate_key(key)
+    try:
+        report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False,
+                                         key_file=key, target=server.getsockname()[:2]))
+    finally:
+        server.close()
+    fake.join(timeout=5)
+    assert described, "the source never said hello"
+    assert report.outcome == "failed" and "closed the connection" in (report.error or ""), report.error
+    assert report.guest_state == "running on source", "\n".join(report.describe())
+    assert report.source_heartbeat_after_failure is not None
+    pid_files = list((work_dir / "source-helpers").rglob("qemu.pid"))
+    assert pid_files, "the source helpers were not started beside the handshake"
+    for pid_file in pid_files:
+        assert not Path(f"/proc/{int(pid_file.read_text())}").exists() or \
+            Path(f"/proc/{int(pid_file.read_text())}/stat").read_text().split(") ")[1][0] == "Z"
+
+
 def test_target_qemu_dying_after_switchover_is_reported(firmware: Path, work_dir: Path) -> None:
     def kill_target(target: QemuVM) -> None:
         assert target.pid is not None
