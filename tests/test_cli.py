@@ -128,6 +128,9 @@ def test_migrate_attach_options_go_together(options: list[str], tmp_path: Path,
 @pytest.mark.parametrize(("options", "says"), [
     (["--guest", "debian", "--qmp", "q.sock", "--ram", "g.ram"], "--guest debian boots the Debian guest here"),
     (["--disk", "d.qcow2"], "--disk is the disk of the Debian guest"),
+    (["--nic", "tap:omh-tap0"], "--nic is the host side of the Debian guest's NIC"),
+    (["--guest", "debian", "--nic", "tap:omh-tap0"], "--no-network to choose the host side yourself"),
+    (["--guest", "debian", "--to", "127.0.0.1:9", "--nic", "bridge:br0"], "one of none, user, tap:NAME"),
 ])
 def test_migrate_refuses_debian_options_that_do_not_fit(options: list[str], says: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,4 +138,12 @@ def test_migrate_refuses_debian_options_that_do_not_fit(options: list[str], says
     code = main(["migrate", "--work-dir", str(tmp_path / "w"), *options])
     err = capsys.readouterr().err
     assert code == 1 and says in err, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_guest_start_gives_a_nic_to_the_debian_guest_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    code = main(["guest", "command", "--work-dir", str(tmp_path / "w"), "--nic", "tap:omh-tap0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the test guest has no NIC" in err, err
     assert not (tmp_path / "w").exists()
