@@ -883,6 +883,7 @@ def test_a_link_cut_in_pre_copy_leaves_the_attached_debian_guest_and_its_tcp_con
         if probe is not None:
             probe.close()
         subprocess.run([str(OVMF_MH), "guest", "stop", "--work-dir", str(user)], capture_output=True, timeout=120)
+        shutil.rmtree(qmp.parent, ignore_errors=True)
     _all_echoed(tcp_probe)
     assert _sent_in_order(again, "target", "cont", "announce-self"), "no announce-self after cont"
     assert not _alive(record["pid"]), "the user's source QEMU still runs after --quit-source"
