@@ -705,12 +705,17 @@ def _debian_source(programs: list[Program], work: Path, key: Path, network: L2Ne
     return program
 
 
-def _probe_until_connected(network: L2Network, programs: list[Program]) -> debian_guest.ProbeClient:
-    """The TCP probe from the client's namespace, streaming to the guest's
-    echo service once it answers (the guest boots meanwhile)."""
-    for program in programs:
-        assert program.proc.poll() is None, f"{program.stderr_path}: {program.stderr()[-2000:]}"
-    return debian_guest.ProbeClient(network, timeout=DEBIAN_BOOT)
+def _probe_once_booted(network: L2Network, booting: Program, serial: Path) -> debian_guest.ProbeClient:
+    """Once the guest ``booting`` boots beats on ``serial``: the TCP probe
+    from the client's namespace, streaming to the guest's echo service (a
+    program that fails meanwhile fails the test at once, not after the
+    probe's timeout)."""
+    deadline = time.monotonic() + DEBIAN_BOOT
+    while guest.HEARTBEAT not in (serial.read_text(errors="replace") if serial.exists() else ""):
+        assert booting.proc.poll() in (None, 0), f"{booting.stderr_path}: {booting.stderr()[-2000:]}"
+        assert time.monotonic() < deadline, f"no heartbeat within {DEBIAN_BOOT:g} s; {serial}"
+        time.sleep(0.5)
+    return debian_guest.ProbeClient(network, timeout=120)
 
 
 def _sent_in_order(work: Path, side: str, *commands: str) -> bool:
@@ -746,7 +751,7 @@ def test_two_programs_migrate_the_debian_guest_over_the_namespaces_with_its_tcp_
     source = _debian_source(programs, work_dir, key, network, "--guest", "debian", "--guest-mib", "512",
                             "--vcpus", "2", "--nic", f"tap:{TAP}")
     # Streaming before the source connects: the target listens only now.
-    probe = _probe_until_connected(network, programs)
+    probe = _probe_once_booted(network, source, work_dir / "source" / "source" / "serial.log")
     try:
         target = _debian_target(programs, work_dir, key, network, work_dir / "source" / "disk.qcow2")
         assert source.wait(timeout=900) == 0, f"{source.stderr_path}: {source.stderr()[-3000:]}"
@@ -838,8 +843,8 @@ def test_a_link_cut_in_pre_copy_leaves_the_attached_debian_guest_and_its_tcp_con
     programs.append(start)
     probe: debian_guest.ProbeClient | None = None
     try:
-        probe = _probe_until_connected(network, [start])
-        assert start.wait(timeout=DEBIAN_BOOT + 60) == 0, start.stderr()
+        probe = _probe_once_booted(network, start, user / "serial.log")
+        assert start.wait(timeout=60) == 0, start.stderr()
         record = json.loads(start.stdout())
         disk = user / "disk.qcow2"
         attach = ["--qmp", record["qmp"], "--ram", record["ram"], "--disk", str(disk)]
