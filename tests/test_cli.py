@@ -129,7 +129,7 @@ def test_migrate_attach_options_go_together(options: list[str], tmp_path: Path,
     (["--guest", "debian", "--qmp", "q.sock", "--ram", "g.ram"], "--guest debian boots the Debian guest here"),
     (["--disk", "d.qcow2"], "--disk is the disk of the Debian guest"),
     (["--nic", "tap:omh-tap0"], "--nic is the host side of the Debian guest's NIC"),
-    (["--guest", "debian", "--nic", "tap:omh-tap0"], "--no-network to choose the host side yourself"),
+    (["--guest", "debian", "--nic", "tap:omh-tap0"], "--nic names the source host's side of the NIC with --to"),
     (["--guest", "debian", "--to", "127.0.0.1:9", "--nic", "bridge:br0"], "one of none, user, tap:NAME"),
 ])
 def test_migrate_refuses_debian_options_that_do_not_fit(options: list[str], says: str, tmp_path: Path,

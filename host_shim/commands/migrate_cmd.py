@@ -93,8 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "connection from the client to the guest's echo service through the migration (the report's "
                         "tcp_probe); needs root; not with --to (default on; --no-network: a NIC with no host side)")
     parser.add_argument("--nic", metavar="none|user|tap:NAME",
-                        help="with --guest debian and --to (or --no-network): the host side of the guest's virtio NIC "
-                        "on this host: none (a NIC with no link), QEMU's user network, or the tap device NAME, e.g. "
+                        help="with --guest debian and --to: the host side of the guest's virtio NIC on this (the "
+                        "source) host: none (a NIC with no link), QEMU's user network, or the tap device NAME, e.g. "
                         "one on a bridge; the target names its own with 'migrate-incoming --nic' (default none)")
     parser.add_argument("--max-passes", type=int, default=6, help="pre-copy passes at most (default 6)")
     parser.add_argument("--converge-pages", type=int, default=2048,
@@ -153,9 +153,10 @@ def run(args: argparse.Namespace) -> int:
                              "--qmp")
     if args.nic is not None and args.guest != "debian":
         raise MigrationError("--nic is the host side of the Debian guest's NIC (--guest debian)")
-    if args.nic is not None and args.network and not args.to:
-        raise MigrationError("--nic with both roles in this command: its network (--network, the default) puts the "
-                             "NIC on a tap in each host's namespace; --no-network to choose the host side yourself")
+    if args.nic is not None and not args.to:
+        raise MigrationError("--nic names the source host's side of the NIC with --to; with both roles in this "
+                             "command --network (the default) puts it on a tap in each host's namespace, and "
+                             "--no-network leaves it without a host side")
     nic = parse_nic(args.nic) if args.nic is not None else None
     default_mib = DEFAULT_MIB if args.guest == "debian" else 256
     work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
