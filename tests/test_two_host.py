@@ -794,9 +794,11 @@ def test_migrate_incoming_refuses_a_crafted_description_naming_the_unknown_devic
     straight onto the wire to the `migrate-incoming` program: refused with
     the device named (to the source, on stderr and in the report), exit 1,
     no QEMU started, no path or device from the wire used."""
+    disk = work_dir / "disk.qcow2"
+    disk.write_bytes(b"never opened: the description is refused first")
     target = Program(["migrate-incoming", "--listen", "127.0.0.1:0", "--key", str(key), "--work-dir",
-                      str(work_dir / "target"), "--json", "--image", str(firmware), "--disk",
-                      str(work_dir / "absent.qcow2")], work_dir, "migrate-incoming")
+                      str(work_dir / "target"), "--json", "--image", str(firmware), "--disk", str(disk)],
+                     work_dir, "migrate-incoming")
     programs.append(target)
     deadline = time.monotonic() + 60
     while not (found := re.search(r"listening on 127\.0\.0\.1:(\d+)", target.stderr())):

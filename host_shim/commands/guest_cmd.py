@@ -17,7 +17,7 @@ from host_shim.firmware.boot import resolve_image
 from host_shim.migration.guest_description import MAX_GUEST_MIB, MIN_GUEST_MIB
 from host_shim.migration.migration_vm import MIB, MigrationError, guest_config
 from host_shim.vm import debian_vm, detached, guest, guest_image
-from host_shim.vm.devices import DeviceModel, parse_nic
+from host_shim.vm.devices import DeviceModel, parse_nic, present_nic
 from host_shim.vm.qemu import QemuConfig
 
 
@@ -146,6 +146,8 @@ def _config(args: argparse.Namespace, ram: Path) -> QemuConfig:
 def run_start(args: argparse.Namespace) -> int:
     work, ram, qmp = _paths(args)
     config = _config(args, ram)
+    if args.nic is not None:
+        present_nic(parse_nic(args.nic))  # QEMU opens the tap in this namespace
     details: dict[str, Any] = {"guest_mib": args.guest_mib, "workload_mib": args.workload_mib,
                                "image": str(config.firmware_code)}
     record = detached.start(config, work, qmp, ram, details, timeout=args.timeout)

@@ -16,7 +16,7 @@ from host_shim.migration.migration_protocol import parse_address
 from host_shim.migration.migration_vm import MigrationError
 from host_shim.vm import process
 from host_shim.vm.debian_vm import DEFAULT_MIB, GUEST_KINDS
-from host_shim.vm.devices import parse_nic
+from host_shim.vm.devices import parse_nic, present_nic
 from host_shim.vm.netns import L2Network
 from host_shim.vm.qemu import describe_logs
 
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         raise MigrationError("--nic names the source host's side of the NIC with --to; with both roles in this "
                              "command --network (the default) puts it on a tap in each host's namespace, and "
                              "--no-network leaves it without a host side")
-    nic = parse_nic(args.nic) if args.nic is not None else None
+    nic = present_nic(parse_nic(args.nic)) if args.nic is not None else None
     default_mib = DEFAULT_MIB if args.guest == "debian" else 256
     work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
     config = MigrationConfig(
