@@ -270,6 +270,9 @@ class MigrationConfig:
     # The Debian guest's L2 network (source, target and client namespaces):
     # its NIC on a tap in each host's namespace, a TCP probe from the client.
     network: L2Network | None = None
+    # Without that network: the host side of the Debian guest's NIC on the
+    # source host (None: a NIC with no link); --to's target names its own.
+    nic: NicBackend | None = None
     # Pages in holes of the source RAM file (never written) go as zero
     # ranges that the source helpers check (EXPORT_ZERO_RANGES, ABI 2.1).
     zero_ranges: bool = True
@@ -453,13 +456,29 @@ class _TargetListener:
         self._thread.join(timeout)
 
 
+#: How often the source tries again while the target refuses the connection.
+CONNECT_RETRY = 0.2
+
+
 def _connect(config: MigrationConfig, address: tuple[str, int]) -> mp.Channel:
+    """The control connection, tried again while the target refuses it (its
+    `migrate-incoming` not listening yet), until --connect-timeout."""
     peer = f"target {address[0]}:{address[1]}"
-    try:
-        sock = socket.create_connection(address, timeout=config.connect_timeout)
-    except OSError as exc:
-        raise MigrationError(f"cannot connect to the {peer}: {exc.strerror or exc}; is 'ovmf-mh "
-                             "migrate-incoming' listening there?") from exc
+    deadline = time.monotonic() + config.connect_timeout
+    while True:
+        try:
+            sock = socket.create_connection(address, timeout=max(0.1, deadline - time.monotonic()))
+            break
+        except ConnectionRefusedError as exc:
+            if time.monotonic() + CONNECT_RETRY < deadline:
+                time.sleep(CONNECT_RETRY)
+                continue
+            raise MigrationError(f"cannot connect to the {peer}: {exc.strerror or exc} for "
+                                 f"{config.connect_timeout:g} s (--connect-timeout); is 'ovmf-mh "
+                                 "migrate-incoming' listening there?") from exc
+        except OSError as exc:
+            raise MigrationError(f"cannot connect to the {peer}: {exc.strerror or exc}; is 'ovmf-mh "
+                                 "migrate-incoming' listening there?") from exc
     return mp.Channel(sock, peer, config.idle_timeout)
 
 
@@ -1037,7 +1056,7 @@ def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> Sour
         assert disk is not None
         return debian_guest.source_guest(config.image, stack, work, config.ram_dir, config.guest_mib, config.vcpus,
                                          disk, config.helpers, new_overlay=config.disk is None,
-                                         network=config.network)
+                                         network=config.network, nic=config.nic)
     size = config.guest_mib * MIB
     ram = ram_file(stack, work, config.ram_dir, "source", size)
     booted = stack.enter_context(QemuVM(guest_config(config.image, ram, size, incoming=False,
