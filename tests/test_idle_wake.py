@@ -26,6 +26,8 @@ HEADER_SIZE = A.const("OVMF_MH_MAILBOX_HEADER_SIZE")
 
 #: Seconds a helper polls after a command before it halts.
 SPIN = A.const("OVMF_MH_IDLE_DEFAULT_SPIN_US") / 1e6
+#: Seconds of the tick window that follows the spin (ABI 4.2).
+TICK_WINDOW = A.const("OVMF_MH_IDLE_TICK_WINDOW_US") / 1e6
 #: mh_idle_race flags (tests/c/IdleRaceHarness.c).
 HOST_FENCE, REWAKE, NO_FIXUP, IN_WINDOW = 0x1, 0x2, 0x4, 0x8
 #: PAUSE loops of a stretched window: long enough (tenths of a second) that
@@ -255,6 +257,18 @@ def halting_helper(firmware: Path, work_dir: Path) -> Iterator[HelperVM]:
         yield helper
 
 
+@pytest.fixture
+def no_tick_helper(firmware: Path, work_dir: Path) -> Iterator[HelperVM]:
+    """The ABI 4.1 behaviour: spin, then the deep halt at once (NO_TICK)."""
+    with HelperVM(HelperSpec(firmware, idle_policy=IdlePolicy(no_tick=True)), work_dir / "helper") as helper:
+        helper.wait_ready()
+        yield helper
+
+
+def _no_wake(command: str) -> None:
+    raise AssertionError(f"the host woke the helper for {command}: it should be in its tick window")
+
+
 def test_idle_firmware_helper_uses_almost_no_cpu(halting_helper: HelperVM) -> None:
     """An idle firmware helper halts: it claims HALT_WAKE, publishes Idle and
     its QEMU uses far less than the ~100 % of a CPU a spinning helper uses
@@ -269,11 +283,12 @@ def test_idle_firmware_helper_uses_almost_no_cpu(halting_helper: HelperVM) -> No
     assert share < 0.20, f"idle helper used {share:.0%} of a CPU"
 
 
-def test_commands_around_the_halt_threshold_are_never_lost(halting_helper: HelperVM) -> None:
-    """Commands posted at random delays around the spin-then-halt threshold
-    (some to a spinning helper, some to one about to halt, some to a halted
-    one): every one is answered, and both paths were taken."""
-    helper = halting_helper
+def test_commands_around_the_halt_threshold_are_never_lost(no_tick_helper: HelperVM) -> None:
+    """NO_TICK (the NMI path alone): commands posted at random delays around
+    the spin-then-halt threshold (some to a spinning helper, some to one
+    about to halt, some to a halted one): every one is answered, and both
+    paths were taken."""
+    helper = no_tick_helper
     assert helper.mailbox is not None
     rng = random.Random(21)
     for _ in range(150):
@@ -283,6 +298,103 @@ def test_commands_around_the_halt_threshold_are_never_lost(halting_helper: Helpe
     assert header["CommandsServed"] >= 150
     assert header["HaltCount"] > 0 and helper.mailbox.wakes > 0, (header["HaltCount"], helper.mailbox.wakes)
     assert helper.mailbox.wakes < 150, "every command needed a wake: the helper never caught one while spinning"
+    assert header["TickWakes"] == 0
+
+
+def test_a_command_in_the_tick_window_needs_no_nmi(halting_helper: HelperVM) -> None:
+    """Commands twice the spin apart find the helper in its tick window: the
+    idle word stays BUSY, the host sends no wake (a wake would fail the
+    test), every command is picked up on a tick (TickWakes) and none ended a
+    deep halt (HaltCount)."""
+    helper = halting_helper
+    mailbox = helper.mailbox
+    assert mailbox is not None
+    mailbox.wake = lambda: _no_wake("NOP")
+    assert mailbox.call("NOP").status == 0
+    for index in range(30):
+        time.sleep(2 * SPIN)
+        header = mailbox.header()
+        assert header["Idle"] == A.const("OVMF_MH_IDLE_BUSY"), (index, header)
+        assert mailbox.call("NOP").status == 0
+    header = mailbox.header()
+    assert mailbox.wakes == 0 and header["HaltCount"] == 0, (mailbox.wakes, header["HaltCount"])
+    assert header["TickWakes"] >= 25, header["TickWakes"]
+
+
+def test_a_command_after_the_tick_window_needs_and_gets_an_nmi(halting_helper: HelperVM) -> None:
+    """Once the window has passed the helper publishes HALTING and halts
+    with interrupts off: a command then takes exactly one NMI and ends one
+    deep halt; the window itself took no wake."""
+    helper = halting_helper
+    mailbox = helper.mailbox
+    assert mailbox is not None
+    assert mailbox.call("NOP").status == 0
+    start = time.monotonic()
+    _wait_idle(helper, A.const("OVMF_MH_IDLE_HALTING"))
+    assert time.monotonic() - start >= 0.8 * TICK_WINDOW, "halted before the tick window was over"
+    ticks_before = mailbox.header()["TickWakes"]
+    assert mailbox.call("NOP").status == 0
+    header = mailbox.header()
+    assert mailbox.wakes >= 1 and header["HaltCount"] >= 1, (mailbox.wakes, header["HaltCount"])
+    assert header["TickWakes"] == ticks_before
+
+
+def test_commands_around_the_end_of_the_tick_window_are_never_lost(halting_helper: HelperVM) -> None:
+    """Commands posted at random delays around the end of the tick window
+    (some on a tick, some to a helper stopping its tick or about to halt,
+    some to a deep-halted one): every one is answered, and both the tick
+    and the NMI path were taken."""
+    helper = halting_helper
+    mailbox = helper.mailbox
+    assert mailbox is not None
+    rng = random.Random(42)
+    for _ in range(16):
+        assert mailbox.call("NOP").status == 0
+        time.sleep(SPIN + TICK_WINDOW + rng.uniform(-0.2, 0.1))
+    assert mailbox.call("NOP").status == 0
+    header = mailbox.header()
+    assert header["TickWakes"] > 0 and header["HaltCount"] > 0, (header["TickWakes"], header["HaltCount"])
+
+
+def test_no_tick_policy_and_a_machine_without_pic_or_pit_go_straight_to_the_deep_halt(
+        firmware: Path, work_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NO_TICK, and a helper VM without the 8259 PIC and the PIT (the probe
+    finds neither: a halt with interrupts on would never end): no tick
+    window, the helper publishes HALTING within its spin (well before the
+    window would end), and a command takes an NMI."""
+    from host_shim.helpers import helper_vm
+
+    cases = [("no-tick", IdlePolicy(no_tick=True), helper_vm.HELPER_MACHINE, "no tick window (idle policy NO_TICK)"),
+             ("no-pic", None, helper_vm.HELPER_MACHINE.replace("hpet=off", "pic=off,pit=off,hpet=off"),
+              "no tick window (no PIC or PIT)")]
+    for name, policy, machine, logged in cases:
+        monkeypatch.setattr(helper_vm, "HELPER_MACHINE", machine)
+        with HelperVM(HelperSpec(firmware, idle_policy=policy), work_dir / name) as helper:
+            helper.wait_ready()
+            mailbox = helper.mailbox
+            assert mailbox is not None
+            assert mailbox.call("NOP").status == 0
+            start = time.monotonic()
+            _wait_idle(helper, A.const("OVMF_MH_IDLE_HALTING"))
+            assert time.monotonic() - start < 0.5 * TICK_WINDOW, name
+            assert mailbox.call("NOP").status == 0
+            assert mailbox.wakes >= 1 and mailbox.header()["TickWakes"] == 0, name
+        assert logged in (work_dir / name / "debugcon.log").read_text()
+
+
+def test_cpu_of_a_helper_in_its_tick_window(halting_helper: HelperVM) -> None:
+    """A helper in its tick window halts between ticks: its QEMU's CPU over
+    most of the window is measured and bounded generously (a spinning helper
+    uses about 100 %); it is still BUSY, not deep-halted, at the end."""
+    helper = halting_helper
+    assert helper.mailbox is not None and helper.vm.pid is not None
+    assert helper.mailbox.call("NOP").status == 0
+    time.sleep(SPIN + 0.05)
+    before, start = _cpu_seconds(helper.vm.pid), time.monotonic()
+    time.sleep(0.6 * TICK_WINDOW)
+    share = (_cpu_seconds(helper.vm.pid) - before) / (time.monotonic() - start)
+    assert helper.mailbox.header()["Idle"] == A.const("OVMF_MH_IDLE_BUSY")
+    assert share < 0.50, f"helper in its tick window used {share:.0%} of a CPU"
 
 
 def test_nmi_inside_the_halt_window_is_not_slept_through(firmware: Path, work_dir: Path) -> None:
@@ -291,7 +403,7 @@ def test_nmi_inside_the_halt_window_is_not_slept_through(firmware: Path, work_di
     the handler moved the return address past the HLT (WindowWakes). Then
     the negative control: a command posted in the window with no NMI is not
     answered (the helper halted), until an NMI wakes it."""
-    spec = HelperSpec(firmware, idle_policy=IdlePolicy(spin_us=0, stretch_us=1_500_000))
+    spec = HelperSpec(firmware, idle_policy=IdlePolicy(spin_us=0, no_tick=True, stretch_us=1_500_000))
     with HelperVM(spec, work_dir / "helper") as helper:
         helper.wait_ready()
         mailbox = helper.mailbox

@@ -38,9 +38,10 @@ SHUTDOWN_TIMEOUT = 2.0
 
 
 #: The helper VM's machine, as small as q35 allows (docs/fw-cfg-request.md): no
-#: 8259 PIC, no PIT, no HPET, no SMBus, no SATA, no vmport, no i8042;
-#: q35 keeps its IO-APIC and the ICH9 LPC bridge (fw_cfg, the ACPI PM block).
-HELPER_MACHINE = (f"q35,max-ram-below-4g={HELPER_RAM_BELOW_4G},pic=off,pit=off,hpet=off,smbus=off,sata=off,"
+#: HPET, no SMBus, no SATA, no vmport, no i8042; q35 keeps its IO-APIC and the
+#: ICH9 LPC bridge (fw_cfg, the ACPI PM block), and the helper keeps the 8259
+#: PIC and the PIT for its tick window (docs/mailbox.md, "Idle and wake").
+HELPER_MACHINE = (f"q35,max-ram-below-4g={HELPER_RAM_BELOW_4G},hpet=off,smbus=off,sata=off,"
                   "vmport=off,graphics=off,i8042=off")
 #: No local APIC: QMP inject-nmi then raises the NMI on the CPU itself (with a
 #: local APIC, QEMU routes it through LINT1, masked after reset).
@@ -54,10 +55,12 @@ OWN_RAM_STEP = 2 * MIB
 class IdlePolicy:
     """The optional fw_cfg idle policy (OVMF_MH_IDLE_POLICY, docs/mailbox.md):
     benches and tests only. ``never_halt`` is the spinning baseline;
+    ``no_tick`` skips the tick window (the ABI 4.1 behaviour, a baseline);
     ``stretch_us`` a test knob that widens the halt window."""
 
     spin_us: int = field(default_factory=lambda: int(abi.load().const("OVMF_MH_IDLE_DEFAULT_SPIN_US")))
     never_halt: bool = False
+    no_tick: bool = False
     stretch_us: int = 0
     signature: int | None = None  # None: the right one; tests override it
 
@@ -65,7 +68,8 @@ class IdlePolicy:
         a = abi.load()
         return a.layout("OVMF_MH_IDLE_POLICY").pack(
             Signature=a.const("OVMF_MH_IDLE_POLICY_SIGNATURE") if self.signature is None else self.signature,
-            Flags=a.const("OVMF_MH_IDLE_POLICY_NEVER_HALT") if self.never_halt else 0,
+            Flags=((a.const("OVMF_MH_IDLE_POLICY_NEVER_HALT") if self.never_halt else 0)
+                   | (a.const("OVMF_MH_IDLE_POLICY_NO_TICK") if self.no_tick else 0)),
             SpinMicroseconds=self.spin_us,
             WindowStretchMicroseconds=self.stretch_us,
         )

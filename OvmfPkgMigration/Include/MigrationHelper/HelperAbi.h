@@ -21,7 +21,7 @@
 // meaning; the minor number when commands or capabilities are added.
 //
 #define OVMF_MH_ABI_MAJOR  4
-#define OVMF_MH_ABI_MINOR  1   ///< 4.1: idle word, helpers halt when idle (HALT_WAKE); commit proof (IMPORT_COMMIT_PROOF, EXPORT_VERIFY_COMMIT); 4.0: shared pages sealed in the END record (stream version 3); 3.0: request version 2, own page tables
+#define OVMF_MH_ABI_MINOR  2   ///< 4.2: tick window before the deep halt (idle policy NO_TICK); 4.1: idle word, helpers halt when idle (HALT_WAKE); commit proof (IMPORT_COMMIT_PROOF, EXPORT_VERIFY_COMMIT); 4.0: shared pages sealed in the END record (stream version 3); 3.0: request version 2, own page tables
 
 #define OVMF_MH_PAGE_SIZE  0x1000
 
@@ -309,7 +309,8 @@ typedef struct {
   UINT32    Idle;                          ///< OVMF_MH_IDLE_*
   UINT32    HaltCount;                     ///< Halts an NMI ended
   UINT32    WindowWakes;                   ///< NMIs that landed between the idle word and HLT (no halt)
-  UINT8     Reserved0[156];
+  UINT32    TickWakes;                     ///< Commands found on a tick of the tick window, no NMI needed (ABI 4.2)
+  UINT8     Reserved0[152];
   //
   // Command: written by the host, CommandSeq last (offset 256).
   //
@@ -507,9 +508,18 @@ typedef struct {
 #define OVMF_MH_IDLE_POLICY_FW_CFG_NAME  "opt/ovmf-mh/idle-policy"
 #define OVMF_MH_IDLE_POLICY_SIGNATURE    0x4c44494d          // "MIDL"
 #define OVMF_MH_IDLE_POLICY_NEVER_HALT   0x00000001          ///< Spin forever (the pre-4.1 behaviour, a bench baseline)
+#define OVMF_MH_IDLE_POLICY_NO_TICK      0x00000002          ///< No tick window: spin, then the deep halt at once (the 4.1 behaviour, ABI 4.2)
 #define OVMF_MH_IDLE_DEFAULT_SPIN_US     20000
 #define OVMF_MH_IDLE_MAX_SPIN_US         1000000
 #define OVMF_MH_IDLE_MAX_STRETCH_US      10000000
+//
+// Tick window (ABI 4.2): after the spin the helper halts with interrupts on
+// and the PIT ticking at OVMF_MH_IDLE_TICK_HZ for OVMF_MH_IDLE_TICK_WINDOW_US,
+// the idle word still OVMF_MH_IDLE_BUSY, and looks at CommandSeq on every
+// tick; only then does it publish OVMF_MH_IDLE_HALTING and halt for good.
+//
+#define OVMF_MH_IDLE_TICK_HZ             1000
+#define OVMF_MH_IDLE_TICK_WINDOW_US      1000000
 
 typedef struct {
   UINT32    Signature;                     ///< OVMF_MH_IDLE_POLICY_SIGNATURE
@@ -566,6 +576,7 @@ STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, CommandsServed) == 512, "count
 
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, MaxBatchPages) == 80, "MaxBatchPages offset");
 STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, Idle) == 88, "Idle offset");
+STATIC_ASSERT (OFFSET_OF (OVMF_MH_MAILBOX_HEADER, TickWakes) == 100, "TickWakes offset");
 STATIC_ASSERT (sizeof (OVMF_MH_IDLE_POLICY) == 16, "OVMF_MH_IDLE_POLICY size");
 
 STATIC_ASSERT (sizeof (OVMF_MH_SECRET) == 48, "OVMF_MH_SECRET size");

@@ -1,12 +1,19 @@
 /** @file
   The helper's idle loop: poll the mailbox for a short while after each
-  command (back-to-back batches never pay a wake-up), then halt with
-  interrupts off until the host's NMI (docs/mailbox.md, "Idle and wake").
+  command (back-to-back batches never pay a wake-up), then halt between the
+  ticks of a timer for a while (a command waits at most one tick, and the
+  host sends no NMI), then halt with interrupts off until the host's NMI
+  (docs/mailbox.md, "Idle and wake").
 
   SPDX-License-Identifier: BSD-2-Clause-Patent
 **/
 
 #include "SecMigrationHelperInternal.h"
+
+//
+// The tick window is timed with the 24-bit PM timer, which wraps after 4.68 s.
+//
+STATIC_ASSERT (OVMF_MH_IDLE_TICK_WINDOW_US < 4000000, "the tick window fits the PM timer's 24 bits");
 
 /**
   Microseconds to PM timer ticks.
@@ -28,7 +35,8 @@ InternalMicrosecondsToTicks (
   Read the optional idle policy (fw_cfg OVMF_MH_IDLE_POLICY_FW_CFG_NAME) and
   turn it into PM timer ticks; without the file, the defaults.
 
-  @param[in]  PmUsable  Whether the PM timer answers (InternalHelperEnablePm).
+  @param[in]  PmUsable    Whether the PM timer answers (InternalHelperEnablePm).
+  @param[in]  TickUsable  Whether the PIC and the PIT answer (InternalHelperTickInitialize).
   @param[out] Idle      Receives the policy.
   @param[out] Detail    Receives a clause for the log line on failure.
 
@@ -38,6 +46,7 @@ InternalMicrosecondsToTicks (
 UINT32
 InternalHelperReadIdlePolicy (
   IN  BOOLEAN      PmUsable,
+  IN  BOOLEAN      TickUsable,
   OUT SEC_MH_IDLE  *Idle,
   OUT CONST CHAR8  **Detail
   )
@@ -65,7 +74,7 @@ InternalHelperReadIdlePolicy (
       return OVMF_MH_STATUS_IDLE_POLICY;
     }
 
-    if ((Policy.Flags & ~(UINT32)OVMF_MH_IDLE_POLICY_NEVER_HALT) != 0) {
+    if ((Policy.Flags & ~(UINT32)(OVMF_MH_IDLE_POLICY_NEVER_HALT | OVMF_MH_IDLE_POLICY_NO_TICK)) != 0) {
       *Detail = " (idle policy: unknown flags)";
       return OVMF_MH_STATUS_IDLE_POLICY;
     }
@@ -83,14 +92,66 @@ InternalHelperReadIdlePolicy (
   // and does not claim HALT_WAKE (the caller logs it).
   //
   Idle->Halt         = (BOOLEAN)(PmUsable && ((Policy.Flags & OVMF_MH_IDLE_POLICY_NEVER_HALT) == 0));
+  Idle->Tick         = (BOOLEAN)(Idle->Halt && TickUsable && ((Policy.Flags & OVMF_MH_IDLE_POLICY_NO_TICK) == 0));
+  Idle->TickWindow   = (UINT32)InternalMicrosecondsToTicks (OVMF_MH_IDLE_TICK_WINDOW_US);
   Idle->SpinTicks    = (UINT32)InternalMicrosecondsToTicks (Policy.SpinMicroseconds);
   Idle->StretchTicks = InternalMicrosecondsToTicks (Policy.WindowStretchMicroseconds);
   return OVMF_MH_STATUS_SUCCESS;
 }
 
 /**
+  The tick window: halt between timer ticks, looking at CommandSeq before
+  each halt, for Idle->TickWindow PM timer ticks or until a command is
+  posted. The idle word stays OVMF_MH_IDLE_BUSY, so the host sends no NMI.
+  The PM timer (an I/O exit) is read every SEC_MH_TICKS_PER_TIMER_READ ticks:
+  counting ticks alone would stretch the window on a loaded host, where QEMU
+  merges the ticks a late vCPU missed into one.
+
+  @param[in,out] Context  A published helper context.
+  @param[in]     Idle     The idle policy.
+
+  @retval TRUE   A command was posted during the window.
+  @retval FALSE  The window ended without one.
+**/
+STATIC
+BOOLEAN
+InternalTickWindow (
+  IN OUT OVMF_MH_HELPER_CONTEXT  *Context,
+  IN CONST SEC_MH_IDLE           *Idle
+  )
+{
+  volatile OVMF_MH_MAILBOX_HEADER  *Header;
+  UINT32                           Ticks;
+  UINT32                           Start;
+  UINT32                           Result;
+
+  Header = Context->Header;
+  Result = SEC_MH_TICK_TICKED;
+  Start  = InternalHelperPmTimer ();
+  InternalHelperTickStart ();
+  for (Ticks = 1; ; Ticks++) {
+    Result = InternalHelperTickHalt (&Header->CommandSeq, Context->LastSeq);
+    if ((Result == SEC_MH_TICK_POSTED) ||
+        (((Ticks % SEC_MH_TICKS_PER_TIMER_READ) == 0) &&
+         (((InternalHelperPmTimer () - Start) & SEC_MH_PM_TIMER_MASK) >= Idle->TickWindow)))
+    {
+      break;
+    }
+  }
+
+  InternalHelperTickStop ();
+  if (Result == SEC_MH_TICK_POSTED) {
+    Header->TickWakes = Header->TickWakes + 1;
+    return TRUE;
+  }
+
+  return FALSE;
+}
+
+/**
   Serve the mailbox until the host asks for shutdown: spin for
-  Idle->SpinTicks after each command, then halt until an NMI.
+  Idle->SpinTicks after each command, then (unless NO_TICK) halt between
+  timer ticks for the tick window, then halt until an NMI.
 
   Reading the PM timer is an I/O exit that takes QEMU's global lock, which
   QEMU's main thread holds while it finishes the host's inject-nmi: a woken
@@ -134,6 +195,14 @@ InternalHelperServeUntilShutdown (
         (((InternalHelperPmTimer () - SpinStart) & SEC_MH_PM_TIMER_MASK) < Idle->SpinTicks))
     {
       CpuPause ();
+      continue;
+    }
+
+    if (Idle->Tick && InternalTickWindow (Context, Idle)) {
+      //
+      // Served like a command found while spinning; the spin starts again.
+      //
+      Polls = 0;
       continue;
     }
 

@@ -84,7 +84,8 @@ InternalHelperReadRamRanges (
 }
 
 /**
-  Install the helper's exception handlers and enable SSE, and the AVX
+  Install the helper's exception handlers and the PIC's interrupt handlers
+  (vectors SEC_MH_TICK_VECTOR_BASE on; interrupts stay off) and enable SSE, and the AVX
   register state when the CPU has XSAVE and AVX (CR4.OSXSAVE, then XCR0 bits
   x87, SSE and AVX), which the VAES page-crypto path needs. SEC has neither
   an IDT nor SSE enabled when library constructors run. Whether the VAES
@@ -106,6 +107,22 @@ InternalHelperInitializeCpu (
   CodeSelector = AsmReadCs ();
   for (Vector = 0; Vector < SEC_MH_EXCEPTION_VECTORS; Vector++) {
     Handler = (UINT64)(UINTN)InternalHelperExceptionStubs + Vector * SEC_MH_EXCEPTION_STUB_SIZE;
+    Private->Idt[Vector].Uint128.Uint64   = 0;
+    Private->Idt[Vector].Uint128.Uint64_1 = 0;
+    Private->Idt[Vector].Bits.OffsetLow   = (UINT16)Handler;
+    Private->Idt[Vector].Bits.Selector    = CodeSelector;
+    Private->Idt[Vector].Bits.GateType    = IA32_IDT_GATE_TYPE_INTERRUPT_32;
+    Private->Idt[Vector].Bits.OffsetHigh  = (UINT16)(Handler >> 16);
+    Private->Idt[Vector].Bits.OffsetUpper = (UINT32)(Handler >> 32);
+  }
+
+  //
+  // The PIC's vectors (the tick window's IRQ0; the others stay masked).
+  //
+  for (Vector = SEC_MH_TICK_VECTOR_BASE; Vector < SEC_MH_IDT_VECTORS; Vector++) {
+    Handler = (Vector < SEC_MH_TICK_VECTOR_BASE + 8) ?
+              (UINT64)(UINTN)InternalHelperPicMasterInterrupt :
+              (UINT64)(UINTN)InternalHelperPicSlaveInterrupt;
     Private->Idt[Vector].Uint128.Uint64   = 0;
     Private->Idt[Vector].Uint128.Uint64_1 = 0;
     Private->Idt[Vector].Bits.OffsetLow   = (UINT16)Handler;

@@ -13,6 +13,8 @@
 #include <Library/MigrationHelperCoreLib.h>
 
 #define SEC_MH_EXCEPTION_VECTORS  32
+#define SEC_MH_TICK_VECTOR_BASE   0x20      ///< The PIC's vectors: master 0x20-0x27, slave 0x28-0x2F
+#define SEC_MH_IDT_VECTORS        (SEC_MH_TICK_VECTOR_BASE + 16)
 #define SEC_MH_MAX_RAM_RANGES     32
 
 ///
@@ -20,7 +22,7 @@
 /// no writable globals, so the exception handler finds the mailbox here.
 ///
 typedef struct {
-  IA32_IDT_GATE_DESCRIPTOR    Idt[SEC_MH_EXCEPTION_VECTORS];
+  IA32_IDT_GATE_DESCRIPTOR    Idt[SEC_MH_IDT_VECTORS];
   UINT64                      Magic;           ///< SEC_MH_PRIVATE_MAGIC once Context is valid
   OVMF_MH_HELPER_CONTEXT      Context;
 } SEC_MH_PRIVATE;
@@ -192,10 +194,18 @@ InternalHelperPmTimer (
 #define SEC_MH_IDLE_POLLS_PER_TICK_READ  64
 
 ///
+/// Ticks of the tick window between two reads of the PM timer, which ends
+/// the window; it then ends at most that many ticks late.
+///
+#define SEC_MH_TICKS_PER_TIMER_READ  16
+
+///
 /// How the helper waits for commands (HelperIdle.c).
 ///
 typedef struct {
   BOOLEAN    Halt;           ///< Halt when idle (FALSE: spin forever, the NEVER_HALT knob)
+  BOOLEAN    Tick;           ///< Tick window between the spin and the deep halt (FALSE: NO_TICK, or no PIC/PIT)
+  UINT32     TickWindow;     ///< PM timer ticks the window lasts
   UINT32     SpinTicks;      ///< PM timer ticks of polling after the last command
   UINT64     StretchTicks;   ///< Test knob: PM timer ticks between the re-check and HLT; 0 normally
 } SEC_MH_IDLE;
@@ -205,6 +215,7 @@ typedef struct {
   turn it into PM timer ticks; without the file, the defaults.
 
   @param[in]  PmUsable  Whether the PM timer answers (InternalHelperEnablePm).
+  @param[in]  TickUsable  Whether the PIC and the PIT answer (InternalHelperTickInitialize).
   @param[out] Idle      Receives the policy.
   @param[out] Detail    Receives a clause for the log line on failure.
 
@@ -214,6 +225,7 @@ typedef struct {
 UINT32
 InternalHelperReadIdlePolicy (
   IN  BOOLEAN      PmUsable,
+  IN  BOOLEAN      TickUsable,
   OUT SEC_MH_IDLE  *Idle,
   OUT CONST CHAR8  **Detail
   );
@@ -256,6 +268,74 @@ InternalHelperIdleHalt (
   IN volatile UINT32  *CommandSeq,
   IN UINT32           LastSeq,
   IN UINT64           StretchTicks
+  );
+
+///
+/// Results of InternalHelperTickHalt.
+///
+#define SEC_MH_TICK_TICKED  0   ///< Halted until an interrupt (a tick, or a stray NMI)
+#define SEC_MH_TICK_POSTED  1   ///< CommandSeq moved; no halt
+
+/**
+  One tick of the tick window (X64/TickHalt.nasm): with interrupts off, look
+  at CommandSeq; unless it moved, STI; HLT until the next interrupt, then CLI.
+
+  @param[in] CommandSeq  The mailbox header's CommandSeq.
+  @param[in] LastSeq     The last sequence number served.
+
+  @return SEC_MH_TICK_TICKED or SEC_MH_TICK_POSTED.
+**/
+UINT32
+EFIAPI
+InternalHelperTickHalt (
+  IN volatile UINT32  *CommandSeq,
+  IN UINT32           LastSeq
+  );
+
+/**
+  Handler of the master PIC's vectors (X64/TickHalt.nasm): EOI, IRETQ.
+**/
+VOID
+EFIAPI
+InternalHelperPicMasterInterrupt (
+  VOID
+  );
+
+/**
+  Handler of the slave PIC's vectors (X64/TickHalt.nasm): EOI both, IRETQ.
+**/
+VOID
+EFIAPI
+InternalHelperPicSlaveInterrupt (
+  VOID
+  );
+
+/**
+  Find and initialize the PIC (vectors SEC_MH_TICK_VECTOR_BASE, all masked)
+  and the PIT (stopped) (HelperTick.c).
+
+  @retval TRUE   Both answer.
+  @retval FALSE  Either is missing: no tick window.
+**/
+BOOLEAN
+InternalHelperTickInitialize (
+  VOID
+  );
+
+/**
+  Start the tick: PIT channel 0 at OVMF_MH_IDLE_TICK_HZ, IRQ0 unmasked.
+**/
+VOID
+InternalHelperTickStart (
+  VOID
+  );
+
+/**
+  Stop the tick: IRQ0 masked, PIT channel 0 left with an ended one-shot count.
+**/
+VOID
+InternalHelperTickStop (
+  VOID
   );
 
 /**

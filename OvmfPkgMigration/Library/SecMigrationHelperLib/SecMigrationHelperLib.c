@@ -211,6 +211,7 @@ InternalHelperRun (
   UINT64                WindowVirtual;
   SEC_MH_IDLE           Idle;
   BOOLEAN               PmUsable;
+  BOOLEAN               TickUsable;
   CONST CHAR8           *Detail;
 
   InternalReadBuildId (BuildId);
@@ -295,7 +296,8 @@ InternalHelperRun (
   InternalLoadPageTables (&Request, &Paging, BuildId, &WindowVirtual);
 
   PmUsable = (BOOLEAN)!RETURN_ERROR (InternalHelperEnablePm ());
-  Status   = InternalHelperReadIdlePolicy (PmUsable, &Idle, &Detail);
+  TickUsable = InternalHelperTickInitialize ();
+  Status     = InternalHelperReadIdlePolicy (PmUsable, TickUsable, &Idle, &Detail);
   if (Status != OVMF_MH_STATUS_SUCCESS) {
     InternalRefuse (Status, &Request, MailboxUsable, BuildId, Detail);
   }
@@ -326,10 +328,13 @@ InternalHelperRun (
   Private->Context.Header->Idle        = OVMF_MH_IDLE_BUSY;
   Private->Context.Header->HaltCount   = 0;
   Private->Context.Header->WindowWakes = 0;
+  Private->Context.Header->TickWakes   = 0;
   InternalHelperLog (
-    "ovmf-mh: idle: %a, %u PM timer ticks of polling after each command%a\n",
+    "ovmf-mh: idle: %a%a, %u PM timer ticks of polling after each command%a\n",
     Idle.Halt ? "halts until an NMI (HALT_WAKE)" :
     (PmUsable ? "never halts (idle policy NEVER_HALT)" : "never halts (no ACPI PM timer on this chipset)"),
+    Idle.Tick ? ", after a tick window" :
+    (!Idle.Halt ? "" : (TickUsable ? ", no tick window (idle policy NO_TICK)" : ", no tick window (no PIC or PIT)")),
     Idle.SpinTicks,
     (Idle.StretchTicks != 0) ? "; TEST KNOB: halt window stretched" : ""
     );
