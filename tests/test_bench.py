@@ -303,9 +303,23 @@ def test_bench_helper_report_has_a_row_per_helper_kind() -> None:
               "load_average": 0.5}
     assert set(SECTIONS) == set(FORMATTERS)
     lines = format_helper_report({"sections": {"idle": result}})
-    assert lines[3] == "| halts when idle (ABI 4.1) | 0.4 % | 0.80 ms | 2.50 ms | 100 | 100 | 100 | 0.30 ms |"
+    assert lines[3] == ("| no tick window (NO_TICK baseline, ABI 4.1) | 0.4 % | 0.80 ms | 2.50 ms | 100 | 100 | 100 "
+                        "| 0.30 ms |")
     assert lines[4].startswith("| spins (NEVER_HALT baseline) | 97.0 % |")
     assert len(lines) == 5
+    tick_row = {"wake_latency_ms_median": 0.6, "wake_latency_ms_p99": 1.2, "samples": 100, "gap_ms": 40.0,
+                "wakes_sent": 0, "halts": 0, "tick_wakes": 100}
+    result["tick"] = {"idle_cpu_percent": 0.3, "idle_seconds": 5.0, "window_cpu_percent": 6.5,
+                      "window_cpu_seconds": 0.8, "tick_hz": 1000, "window_ms": 1000.0, "tick": tick_row,
+                      "deep_halt": dict(tick_row, wake_latency_ms_median=1.9, gap_ms=1220.0, samples=20,
+                                        wakes_sent=20, halts=20, tick_wakes=0)}
+    lines = format_helper_report({"sections": {"idle": result}})
+    assert lines[3] == ("| tick window, 1000 Hz (ABI 4.2, default) | 0.3 % | 0.60 ms (40 ms gap) | 1.20 ms | 100 | 0 "
+                        "| 0 (tick wakes 100) | - |")
+    assert lines[4].startswith("| after the window: deep halt, NMI (ABI 4.2, default) | 0.3 % | 1.90 ms (1220 ms gap)")
+    assert lines[5] == "| during the tick window (0.8 s of its 1000 ms) | 6.5 % | - | - | - | - | - | - |"
+    assert lines[6].startswith("| no tick window (NO_TICK baseline, ABI 4.1) |") and len(lines) == 8
+    del result["tick"]
     sync = {"wake_latency_ms_median": 1.6, "wake_latency_ms_p99": 4.0, "samples": 100,
             "inject_nmi_round_trip_ms_median": 0.7}
     result["halting"] = dict(row, sync_wake=sync, answered_before_qmp_reply=80)
@@ -318,17 +332,22 @@ def test_bench_helper_report_has_a_row_per_helper_kind() -> None:
 @pytest.mark.qemu
 @pytest.mark.firmware
 def test_bench_helper_runs_end_to_end(firmware: Path, work_dir: Path) -> None:
-    """bench helper with few samples: the halting helper claims HALT_WAKE,
-    was woken for its commands and halted; the baseline claims neither."""
+    """bench helper with few samples: the default helper answered its
+    commands in the tick window on ticks, without a wake, and those after
+    the window with one; the NO_TICK helper claims HALT_WAKE, was woken for
+    its commands and halted; the spinning baseline claims neither."""
     from host_shim.devtools.bench_helper import BenchContext, bench_helper, format_helper_report
 
     # A gap far past the spin: on a loaded machine a starved vCPU may not
     # have finished spinning 2 spins after the last command (seen: 4 wakes
     # of 5 at load 20); most commands must still find the helper halted.
-    results = bench_helper(BenchContext(image=firmware, work=work_dir, idle_seconds=1.0, samples=5, gap=0.4),
-                           ["idle"])
+    results = bench_helper(BenchContext(image=firmware, work=work_dir, idle_seconds=1.0, samples=5, gap=0.4,
+                                        deep_samples=2), ["idle"])
     idle = results["sections"]["idle"]
-    halting, spinning = idle["halting"], idle["spinning"]
+    halting, spinning, tick = idle["halting"], idle["spinning"], idle["tick"]
+    assert tick["tick"]["wakes_sent"] == 0 and tick["tick"]["halts"] == 0 and tick["tick"]["tick_wakes"] == 5
+    assert tick["deep_halt"]["wakes_sent"] >= 2 and tick["deep_halt"]["halts"] >= 2
+    assert tick["idle_cpu_percent"] < 20.0 and 0 < tick["window_cpu_percent"] < 100.0
     assert halting["halt_wake"] and halting["wakes_sent"] >= 3 and halting["halts"] >= 3
     assert not spinning["halt_wake"] and spinning["wakes_sent"] == 0 and spinning["halts"] == 0
     assert halting["idle_cpu_percent"] < 20.0
@@ -336,7 +355,7 @@ def test_bench_helper_runs_end_to_end(firmware: Path, work_dir: Path) -> None:
     assert halting["samples"] == 5 and halting["sync_wake"]["samples"] == 5
     assert 0 <= halting["answered_before_qmp_reply"] <= 5 and "sync_wake" not in spinning
     assert halting["sync_wake"]["inject_nmi_round_trip_ms_median"] > 0
-    assert len(format_helper_report(results)) == 6
+    assert len(format_helper_report(results)) == 9
 
 
 @pytest.mark.qemu
@@ -351,7 +370,8 @@ def test_bench_helper_compares_two_images_side_by_side(
 
     other = tmp_path / "older.fd"
     other.write_bytes(firmware.read_bytes())
-    context = BenchContext(image=firmware, work=work_dir, idle_seconds=0.5, samples=3, gap=0.4, compare_image=other)
+    context = BenchContext(image=firmware, work=work_dir, idle_seconds=0.5, samples=3, gap=0.4, deep_samples=1,
+                           compare_image=other)
     results = bench_helper(context, ["idle"])
     images = results["sections"]["idle"]["images"]
     assert images["compare_image"] == str(other)
@@ -360,7 +380,7 @@ def test_bench_helper_compares_two_images_side_by_side(
         ("compare_image", "in_flight", 3), ("compare_image", "sync", 3)]
     assert all(0 < row["wake_latency_ms_p10"] <= row["wake_latency_ms_p99"] for row in images["rows"])
     lines = format_helper_report(results)
-    assert lines[-1].startswith("| compared | waits for QMP's reply |") and len(lines) == 13
+    assert lines[-1].startswith("| compared | waits for QMP's reply |") and len(lines) == 16
     assert cli.main(["bench", "helper", "--section", "idle", "--image", str(firmware),
                      "--compare-image", str(tmp_path / "missing.fd")]) != 0
     assert "missing.fd not found" in capsys.readouterr().err

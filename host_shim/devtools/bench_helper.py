@@ -1,17 +1,22 @@
 """ovmf-mh bench helper: what one firmware helper VM costs and how fast it
 answers, in sections measured side by side in one run.
 
-Section ``idle`` (issue 21): a helper that halts when idle (ABI 4.1,
-HALT_WAKE; the default) beside the spinning baseline (the idle policy's
-NEVER_HALT, how every helper behaved before): the percent of a CPU its QEMU
-uses while it waits for a command (from /proc/PID/stat over
-``idle_seconds``), and the round trip of an empty command (QUERY) posted
-after the helper had time to halt (``gap`` seconds after the previous one),
+Section ``idle`` (issue 21): the default helper (ABI 4.2: spin, tick
+window, deep halt) beside two baselines, the helper without its tick window
+(the idle policy's NO_TICK: spin, then the deep halt, ABI 4.1) and the
+spinning one (NEVER_HALT, how every helper behaved before ABI 4.1): the
+percent of a CPU its QEMU uses while it waits for a command (from
+/proc/PID/stat over ``idle_seconds``; for the default helper once its tick
+window is over, and a second row over most of the window itself), and the
+round trip of an empty command (QUERY) posted ``gap`` seconds after the
+previous one (the default helper: in its tick window; NO_TICK: deep-halted),
 median and 99th percentile, with the wake-ups it took, and the median round
-trip of a QMP command that does nothing (query-status). The halting helper
-is timed both ways the host can wake it, alternating sample by sample: the
-wake in flight while the host polls (the default) and the host waiting for
-QMP's reply to inject-nmi before it polls (before issue 21's wake work).
+trip of a QMP command that does nothing (query-status). The default helper
+is also timed with commands posted after its window (deep-halted, woken by
+an NMI). The NO_TICK helper is timed both ways the host can wake it,
+alternating sample by sample: the wake in flight while the host polls (the
+default) and the host waiting for QMP's reply to inject-nmi before it polls
+(before issue 21's wake work).
 
 Section ``crypto`` (issue 21): export and import MB/s of one helper with and
 without the vector page-crypto path (host_shim/devtools/bench_helper_crypto.py).
@@ -37,10 +42,16 @@ from host_shim.devtools.bench_helper_crypto import format_crypto, section_crypto
 from host_shim.helpers.helper_vm import HelperSpec, HelperVM, IdlePolicy
 from host_shim.helpers.mailbox import Mailbox
 
+#: Seconds a helper spins after a command, then of its tick window (ABI 4.2).
+SPIN = abi.load().const("OVMF_MH_IDLE_DEFAULT_SPIN_US") / 1e6
+TICK_WINDOW = abi.load().const("OVMF_MH_IDLE_TICK_WINDOW_US") / 1e6
+
 #: Seconds between two commands of the latency run: twice the helper's spin
-#: (OVMF_MH_IDLE_DEFAULT_SPIN_US), so every command finds it halted (or
-#: spinning, the baseline).
-DEFAULT_GAP = 2 * abi.load().const("OVMF_MH_IDLE_DEFAULT_SPIN_US") / 1e6
+#: (OVMF_MH_IDLE_DEFAULT_SPIN_US), so every command finds it in its tick
+#: window (NO_TICK: halted; the baseline: spinning).
+DEFAULT_GAP = 2 * SPIN
+#: Seconds between two commands to a helper whose tick window is over.
+DEEP_GAP = SPIN + TICK_WINDOW + 0.2
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,9 @@ class BenchContext:
     idle_seconds: float = 5.0
     samples: int = 100
     gap: float = DEFAULT_GAP
+    #: Commands posted after the tick window (each waits DEEP_GAP); None:
+    #: a fifth of ``samples``, at least 2.
+    deep_samples: int | None = None
     crypto_guest_mib: int = 64
     crypto_rounds: int = 3
     #: Another firmware image (e.g. the main branch's) whose halting helper
@@ -114,6 +128,70 @@ def _latencies(mailbox: Mailbox, context: BenchContext, wakes: _TimedWakes | Non
             before_reply += 1
     modes["before_reply"] = [float(before_reply)]
     return modes
+
+
+def _wait_halting(mailbox: Mailbox, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while mailbox.header()["Idle"] != abi.load().const("OVMF_MH_IDLE_HALTING"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the helper did not halt within {timeout:.1f} s")
+        time.sleep(0.01)
+
+
+def _round_trips(mailbox: Mailbox, gap: float, samples: int) -> list[float]:
+    times = []
+    for _ in range(samples):
+        time.sleep(gap)
+        times.append(mailbox.call("QUERY").seconds)
+    return times
+
+
+def _measure_tick(context: BenchContext) -> dict[str, Any]:
+    """The default helper: CPU over most of its tick window and after it,
+    round trips ``gap`` apart (on a tick) and DEEP_GAP apart (deep halt)."""
+    with HelperVM(HelperSpec(context.image), context.work / "tick", "tick") as helper:
+        helper.wait_ready()
+        mailbox = helper.mailbox
+        assert mailbox is not None and helper.vm.pid is not None
+        mailbox.call("QUERY")
+        time.sleep(SPIN + 0.05)
+        window_seconds = 0.8 * TICK_WINDOW
+        window_cpu = cpu_share(helper.vm.pid, window_seconds)
+        _wait_halting(mailbox, 2 * TICK_WINDOW + 5.0)
+        idle_cpu = cpu_share(helper.vm.pid, context.idle_seconds)
+        mailbox.call("QUERY")  # wakes it from the deep halt: the samples start in its window
+        before, wakes_before = mailbox.header(), mailbox.wakes
+        tick = _round_trips(mailbox, context.gap, context.samples)
+        middle, tick_wakes_sent = mailbox.header(), mailbox.wakes - wakes_before
+        deep_samples = context.deep_samples if context.deep_samples is not None else max(2, context.samples // 5)
+        deep = _round_trips(mailbox, DEEP_GAP, deep_samples)
+        after = mailbox.header()
+        return {
+            "idle_cpu_percent": idle_cpu,
+            "idle_seconds": context.idle_seconds,
+            "window_cpu_percent": window_cpu,
+            "window_cpu_seconds": window_seconds,
+            "tick_hz": abi.load().const("OVMF_MH_IDLE_TICK_HZ"),
+            "window_ms": 1000 * TICK_WINDOW,
+            "tick": {
+                "wake_latency_ms_median": 1000 * statistics.median(tick),
+                "wake_latency_ms_p99": 1000 * _percentile(tick, 0.99),
+                "samples": len(tick),
+                "gap_ms": 1000 * context.gap,
+                "wakes_sent": tick_wakes_sent,
+                "halts": middle["HaltCount"] - before["HaltCount"],
+                "tick_wakes": middle["TickWakes"] - before["TickWakes"],
+            },
+            "deep_halt": {
+                "wake_latency_ms_median": 1000 * statistics.median(deep),
+                "wake_latency_ms_p99": 1000 * _percentile(deep, 0.99),
+                "samples": len(deep),
+                "gap_ms": 1000 * DEEP_GAP,
+                "wakes_sent": mailbox.wakes - wakes_before - tick_wakes_sent,
+                "halts": after["HaltCount"] - middle["HaltCount"],
+                "tick_wakes": after["TickWakes"] - middle["TickWakes"],
+            },
+        }
 
 
 def _measure_helper(context: BenchContext, name: str, policy: IdlePolicy | None) -> dict[str, Any]:
@@ -187,10 +265,12 @@ def _compare_images(context: BenchContext, other: Path) -> dict[str, Any]:
 
 
 def section_idle(context: BenchContext) -> dict[str, Any]:
-    """The halting helper and the spinning baseline, one after the other;
-    with ``compare_image``, then both images' halting helpers side by side."""
+    """The default helper, the NO_TICK and the spinning baselines, one after
+    the other; with ``compare_image``, then both images' default helpers
+    side by side."""
     result = {
-        "halting": _measure_helper(context, "halting", None),
+        "tick": _measure_tick(context),
+        "halting": _measure_helper(context, "halting", IdlePolicy(no_tick=True)),
         "spinning": _measure_helper(context, "spinning", IdlePolicy(never_halt=True)),
     }
     if context.compare_image is not None:
@@ -207,7 +287,20 @@ def format_idle(result: dict[str, Any]) -> list[str]:
         "| helper | idle CPU | wake latency median | p99 | samples | wakes sent | halts | QMP round trip |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, label in (("halting", "halts when idle (ABI 4.1)"), ("spinning", "spins (NEVER_HALT baseline)")):
+    tick = result.get("tick")
+    if tick is not None:
+        for key, label in (("tick", f"tick window, {tick['tick_hz']} Hz (ABI 4.2, default)"),
+                           ("deep_halt", "after the window: deep halt, NMI (ABI 4.2, default)")):
+            row = tick[key]
+            lines.append(
+                f"| {label} | {tick['idle_cpu_percent']:.1f} % | {row['wake_latency_ms_median']:.2f} ms "
+                f"({row['gap_ms']:.0f} ms gap) | {row['wake_latency_ms_p99']:.2f} ms | {row['samples']} | "
+                f"{row['wakes_sent']} | {row['halts']} (tick wakes {row['tick_wakes']}) | - |")
+        lines.append(
+            f"| during the tick window ({tick['window_cpu_seconds']:.1f} s of its {tick['window_ms']:.0f} ms) | "
+            f"{tick['window_cpu_percent']:.1f} % | - | - | - | - | - | - |")
+    for name, label in (("halting", "no tick window (NO_TICK baseline, ABI 4.1)"),
+                        ("spinning", "spins (NEVER_HALT baseline)")):
         row = result[name]
         lines.append(
             f"| {label} | {row['idle_cpu_percent']:.1f} % | {row['wake_latency_ms_median']:.2f} ms | "
