@@ -518,7 +518,7 @@ typedef struct {
 // the idle word still OVMF_MH_IDLE_BUSY, and looks at CommandSeq on every
 // tick; only then does it publish OVMF_MH_IDLE_HALTING and halt for good.
 //
-#define OVMF_MH_IDLE_TICK_HZ             1000
+#define OVMF_MH_IDLE_TICK_HZ             2000
 #define OVMF_MH_IDLE_TICK_WINDOW_US      1000000
 
 typedef struct {
