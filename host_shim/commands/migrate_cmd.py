@@ -11,7 +11,7 @@ from pathlib import Path
 from host_shim.commands.options import add_mailbox_timeout
 from host_shim.firmware.boot import resolve_image
 from host_shim.helpers.backends import KINDS
-from host_shim.migration.migrate import SWITCHOVER_MODES, MigrationConfig, migrate, write_report
+from host_shim.migration.migrate import SWITCHOVER_MODES, MigrationConfig, MigrationReport, migrate, write_report
 from host_shim.migration.migration_protocol import parse_address
 from host_shim.migration.migration_vm import MigrationError
 from host_shim.vm import process
@@ -122,9 +122,33 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the options, migrate, and say the report; 1 unless the guest
+    runs on the target."""
+    _check_options(args)
     # A temporary work folder stays after the run (logs, report, RAM files
     # unless --ram-dir) but not after the command is killed: the reaper
     # removes it unless the run reached its report.
+    work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
+    config = _config(args, work)
+    try:
+        # The namespaces hold both hosts: only when this command runs both roles.
+        with L2Network() if args.guest == "debian" and args.network and not args.to else nullcontext() as network:
+            config.network = network
+            report = migrate(config)
+    except Exception:
+        # Refused before it started, or a failure not foreseen: whatever
+        # QEMU ran keeps its logs. (A signal, KeyboardInterrupt, keeps
+        # nothing: docs/testing.md.)
+        if args.work_dir is None:
+            process.keep(work)
+        raise
+    if args.work_dir is None:
+        process.keep(work)
+    return _say_report(args, report, work)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Options that do not go together, refused by name before anything starts."""
     if (args.qmp is None) != (args.ram is None):
         raise MigrationError("--qmp SOCKET and --ram FILE go together: the running guest's QMP socket and RAM "
                              "file")
@@ -145,9 +169,12 @@ def run(args: argparse.Namespace) -> int:
     if args.guest != "debian" and args.disk is not None and args.qmp is None:
         raise MigrationError("--disk is the disk of the Debian guest (--guest debian) or of the guest attached with "
                              "--qmp")
+
+
+def _config(args: argparse.Namespace, work: Path) -> MigrationConfig:
+    """The migration the options ask for."""
     default_mib = DEFAULT_MIB if args.guest == "debian" else 256
-    work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
-    config = MigrationConfig(
+    return MigrationConfig(
         image=resolve_image(args.image),
         work_dir=work,
         key_file=args.key,
@@ -174,20 +201,11 @@ def run(args: argparse.Namespace) -> int:
         vcpus=args.vcpus,
         disk=args.disk.absolute() if args.disk else None,
     )
-    try:
-        # The namespaces hold both hosts: only when this command runs both roles.
-        with L2Network() if args.guest == "debian" and args.network and not args.to else nullcontext() as network:
-            config.network = network
-            report = migrate(config)
-    except Exception:
-        # Refused before it started, or a failure not foreseen: whatever
-        # QEMU ran keeps its logs. (A signal, KeyboardInterrupt, keeps
-        # nothing: docs/testing.md.)
-        if args.work_dir is None:
-            process.keep(work)
-        raise
-    if args.work_dir is None:
-        process.keep(work)
+
+
+def _say_report(args: argparse.Namespace, report: MigrationReport, work: Path) -> int:
+    """The report in WORK/report.json and on stdout (--json, --plot); the
+    error on stderr. The exit code: 0 only for a guest running on the target."""
     write_report(report, work / "report.json")
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
