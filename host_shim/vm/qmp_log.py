@@ -53,11 +53,18 @@ class LoggedQmp:
     """The log opens at once (so it exists for a QEMU that never answers);
     the connection is given to it once negotiated (:meth:`connect`)."""
 
-    def __init__(self, log_path: Path, epoch: float | None = None) -> None:
+    def __init__(self, log_path: Path, epoch: float | None = None, *, append: bool = False) -> None:
+        """``append``: keep what earlier connections logged (a QEMU that
+        outlives this connection, whose earlier sessions' lines tell what
+        was done to it), and mark where this connection's lines begin."""
         self.log_path = log_path
         self.epoch = time.monotonic() if epoch is None else epoch
         self.connection: QEMUMonitorProtocol | None = None
-        self._log: IO[str] | None = log_path.open("w")
+        self._log: IO[str] | None = log_path.open("a" if append else "w")
+        if append:
+            opened = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self._log.write(f"--- connection opened {opened}; stamps below count from here\n")
+            self._log.flush()
         # A helper's mailbox thread wakes it (inject-nmi) while another
         # thread may stop it: one command at a time on the connection.
         self.lock = threading.Lock()
@@ -93,13 +100,21 @@ class LoggedQmp:
                 self.note("!", {"error": str(exc)})
                 raise error(f"QMP command {command} failed: {exc}") from exc
             self.note("<", {"return": result})
-        for event in self.events():
-            self.note("*", event)
+            # Under the lock too: reading events runs the connection's event
+            # loop, which a command of another thread may be running (the
+            # migration's guest throttle stops the guest while the main
+            # thread asks QEMU something: "This event loop is already running").
+            for event in self._events():
+                self.note("*", event)
         return result
 
     def events(self) -> list[dict[str, Any]]:
         """The events that arrived so far, without waiting; none once the
         connection is gone."""
+        with self.lock:
+            return self._events()
+
+    def _events(self) -> list[dict[str, Any]]:
         if self.connection is None:
             return []
         try:
