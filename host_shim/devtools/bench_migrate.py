@@ -62,6 +62,7 @@ def _ovmf_mh_summary(report: MigrationReport) -> dict[str, Any]:
         "switchover_ms": report.switchover_ms,
         "ram_identical": report.ram_identical,
         "work_dir": report.work_dir,
+        "tcp_probe": report.tcp_probe,
     }
 
 

@@ -1,0 +1,182 @@
+"""`ovmf-mh bench migrate --guest debian`: its arguments, its rows, the
+probe's numbers and the issue's goals in its table, with both migrations
+replaced by numbers chosen here (no QEMU); and the client's cap on TCP's
+retransmission backoff reaching the probe's socket (root, no QEMU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_network import ECHO_SERVER
+from test_network import _probe as run_probe
+
+from host_shim import cli
+from host_shim.devtools import bench_migrate_debian as bench
+from host_shim.errors import SetupError
+from host_shim.migration.migrate import MigrationConfig, MigrationReport, PassReport
+from host_shim.vm.netns import BRIDGE, L2Network
+from host_shim.vm.tcp_probe import rto_max_ms
+
+
+def _probe(gap_ms: float) -> dict[str, Any]:
+    return {"bytes_sent": 4096, "bytes_echoed": 4096, "in_order": True, "connection_reset": False,
+            "longest_gap_ms": gap_ms, "rto_max_ms": 120000}
+
+
+class _Runs:
+    """Both migrations as the bench sees them, in the order they ran.
+    1024 MiB: plain 10 s / 100 ms (gap 300 ms); ovmf-mh 25 s / 200 ms (gap
+    1100 ms). 4096 MiB: plain 20 s / 100 ms (gap 250 ms); ovmf-mh 70 s /
+    400 ms (gap 3500 ms)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, Any]] = []
+        self.networks = 0
+
+    def network(self) -> AbstractContextManager[L2Network | None]:
+        self.networks += 1
+        return nullcontext(None)
+
+    def plain(self, image: Path, work: Path, mib: int, vcpus: int, ram_dir: Path | None,
+              network: L2Network | None) -> dict[str, Any]:
+        self.calls.append(("plain", mib, vcpus))
+        return {"total_seconds": 10.0 if mib == 1024 else 20.0, "downtime_seconds": 0.1,
+                "transferred_bytes": 1, "target_heartbeat": "HB",
+                "tcp_probe": _probe(300.0 if mib == 1024 else 250.0)}
+
+    def ours(self, config: MigrationConfig) -> MigrationReport:
+        self.calls.append(("ovmf-mh", config.guest_mib, (config.guest, config.vcpus, config.switchover)))
+        big = config.guest_mib == 4096
+        report = MigrationReport(outcome="ok", guest_mib=config.guest_mib, total_seconds=70.0 if big else 25.0,
+                                 downtime_seconds=0.4 if big else 0.2, ram_identical=True,
+                                 tcp_probe=_probe(3500.0 if big else 1100.0))
+        report.passes.append(PassReport(1, 262144, 0, 1, 4.0, True))
+        return report
+
+
+def test_debian_rows_put_plain_before_ovmf_mh_with_the_probe_and_the_goals(tmp_path: Path) -> None:
+    runs = _Runs()
+    said: list[str] = []
+    results = bench.bench_migrate_debian(
+        tmp_path / "unused.fd", tmp_path, sizes=[1024, 4096], vcpus=3, switchover="full-check",
+        network=(runs.network, "no probe: stand-in"), run_plain=runs.plain, run_migrate=runs.ours, say=said.append)
+    assert runs.calls == [("plain", 1024, 3), ("ovmf-mh", 1024, ("debian", 3, "full-check")),
+                          ("plain", 4096, 3), ("ovmf-mh", 4096, ("debian", 3, "full-check"))]
+    assert runs.networks == 4, "each migration has a network of its own"
+    assert results["guest"] == "debian" and results["vcpus"] == 3 and results["probe"] == "no probe: stand-in"
+    small, big = results["rows"]
+    # By hand: 25 / 10 = 2.5x, 200 - 100 = +100 ms, gap 1100 <= 200 + 1000;
+    # 70 / 20 = 3.5x, 400 - 100 = +300 ms, gap 3500 > 400 + 1000.
+    assert small["ratio_total"] == pytest.approx(2.5) and small["downtime_excess_ms"] == pytest.approx(100)
+    assert small["goals"] == {"downtime": True, "total": True, "gap": True}
+    assert big["ratio_total"] == pytest.approx(3.5) and big["downtime_excess_ms"] == pytest.approx(300)
+    assert big["goals"] == {"downtime": False, "total": False, "gap": False}
+    assert small["plain"]["tcp_probe"]["longest_gap_ms"] == 300.0
+    assert small["ovmf_mh"]["tcp_probe"]["longest_gap_ms"] == 1100.0
+    table = bench.format_debian_table(results)
+    assert "| 1024 MiB | 10.00 s | 100 ms | 25.00 s | 2.5x | 200 ms | 2.0x | +100 ms |" in table
+    assert ("1024 MiB, plain QEMU: probe 4096 bytes sent, 4096 echoed in order, no reset, longest gap 300 ms "
+            "(client RTO cap 120000 ms)") in table
+    assert "4096 MiB, ovmf-mh: probe 4096 bytes sent, 4096 echoed in order, no reset, longest gap 3500 ms " \
+           "(client RTO cap 120000 ms)" in table
+    assert ("4096 MiB, goals: downtime <= plain + 150 ms MISSED; total <= 3x plain MISSED; "
+            "probe gap <= downtime + 1000 ms MISSED") in table
+    assert "1024 MiB, goals: downtime <= plain + 150 ms met; total <= 3x plain met; " \
+           "probe gap <= downtime + 1000 ms met" in table
+    # Progress: a line as each migration starts and one as it ends.
+    assert len(said) == 8 and said[0].startswith("1024 MiB, plain QEMU: booting")
+    assert "longest gap 3500 ms" in said[7]
+
+
+def test_a_failed_side_or_no_probe_is_not_measured_rather_than_met(tmp_path: Path) -> None:
+    runs = _Runs()
+
+    def failing(config: MigrationConfig) -> MigrationReport:
+        return MigrationReport(outcome="failed", guest_mib=config.guest_mib, error="the source QEMU exited")
+
+    def no_probe(*args: Any) -> dict[str, Any]:
+        result = runs.plain(*args)
+        del result["tcp_probe"]
+        return result
+
+    results = bench.bench_migrate_debian(tmp_path / "unused.fd", tmp_path, sizes=[1024],
+                                         network=(runs.network, bench.NO_PROBE_NOT_ROOT), run_plain=no_probe,
+                                         run_migrate=failing, say=lambda line: None)
+    row = results["rows"][0]
+    assert row["failed"] == "the source QEMU exited"
+    assert row["goals"] == {"downtime": None, "total": None, "gap": None}
+    table = "\n".join(bench.format_debian_table(results))
+    assert "no probe: not root" in table and "1024 MiB, plain QEMU: no probe" in table
+    assert "1024 MiB, ovmf-mh failed: the source QEMU exited" in table
+    assert "total <= 3x plain not measured" in table
+
+
+def test_bench_migrate_guest_options_are_checked_before_anything_runs(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Each refused with the option named (exit 1, as any bad option), before the
+    firmware image is even looked for; a valid one reaches the Debian bench
+    with 1024 MiB by default."""
+    import host_shim.commands.bench_cmd as bench_cmd
+
+    def no_image(path: Path | None) -> Path:
+        raise AssertionError("the options are checked before the image is resolved")
+
+    monkeypatch.setattr(bench_cmd, "resolve_image", no_image)
+    for argv, message in (
+        (["--guest", "debian", "--workload-mib", "32"], "--workload-mib: the Debian guest's workload is fixed"),
+        (["--guest", "debian", "--vcpus", "9"], "--vcpus 9: the Debian guest runs with 1..8 vCPUs"),
+        (["--vcpus", "4"], "--vcpus is the Debian guest's"),
+        (["--client-rto-max-ms", "1000"], "--client-rto-max-ms is the TCP probe's client"),
+        (["--guest", "debian", "--guest-mib", "1024,x"], "--guest-mib '1024,x'"),
+    ):
+        assert cli.main(["bench", "migrate", *argv]) == 1, argv
+        assert message in capsys.readouterr().err, argv
+    seen: dict[str, Any] = {}
+
+    def fake_bench(image: Path, work: Path, **options: Any) -> dict[str, Any]:
+        seen.update(options)
+        return {"rows": []}
+
+    monkeypatch.setattr(bench_cmd, "resolve_image", lambda path: tmp_path / "image.fd")
+    monkeypatch.setattr(bench, "bench_migrate_debian", fake_bench)
+    monkeypatch.setattr(bench, "format_debian_table", lambda results: ["table"])
+    assert cli.main(["bench", "migrate", "--guest", "debian", "--work-dir", str(tmp_path)]) == 0
+    assert seen["sizes"] == [1024] and seen["vcpus"] == 2 and seen["client_rto_max_ms"] is None
+    assert capsys.readouterr().out.startswith("table")
+
+
+def test_the_clients_rto_cap_is_checked() -> None:
+    for bad in (999, 120001):
+        with pytest.raises(SetupError, match=r"outside 1000\.\.120000"):
+            L2Network(client_rto_max_ms=bad)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_the_clients_rto_cap_reaches_the_probes_socket_and_nothing_else() -> None:
+    """net.ipv4.tcp_rto_max_ms set in the client's namespace only: the
+    probe's connection runs with it and says so; this namespace keeps its own."""
+    with socket.socket() as ours:
+        before = rto_max_ms(ours)
+    if before is None:
+        pytest.skip("this kernel has no TCP_RTO_MAX_MS (Linux 6.15+)")
+    with L2Network(client_rto_max_ms=1000) as net:
+        # A stand-in for the guest's echo service on the source host's bridge.
+        net.ip("source", "addr", "add", "10.0.2.15/24", "dev", BRIDGE)
+        echo = subprocess.Popen([*net.enter("source"), sys.executable, "-c", ECHO_SERVER, "10.0.2.15", "7"],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert echo.stdout is not None and echo.stdout.readline().strip() == "listening"
+            result = run_probe(net.enter("client"), "10.0.2.15", 7, 0.3)
+        finally:
+            echo.kill()
+            echo.wait()
+    assert result["rto_max_ms"] == 1000 and result["bytes_echoed"] == result["bytes_sent"], result
+    with socket.socket() as ours:
+        assert rto_max_ms(ours) == before == 120000
