@@ -48,7 +48,7 @@ class _Runs:
               network: L2Network | None) -> dict[str, Any]:
         self.calls.append(("plain", mib, vcpus))
         return {"total_seconds": 10.0 if mib == 1024 else 20.0, "downtime_seconds": 0.1,
-                "transferred_bytes": 1, "target_heartbeat": "HB",
+                "transferred_bytes": 1, "target_heartbeat": "HB", "cont_after_completed_seconds": 0.03,
                 "tcp_probe": _probe(300.0 if mib == 1024 else 250.0)}
 
     def ours(self, config: MigrationConfig) -> MigrationReport:
@@ -83,7 +83,7 @@ def test_debian_rows_put_plain_before_ovmf_mh_with_the_probe_and_the_goals(tmp_p
     table = bench.format_debian_table(results)
     assert "| 1024 MiB | 10.00 s | 100 ms | 25.00 s | 2.5x | 200 ms | 2.0x | +100 ms |" in table
     assert ("1024 MiB, plain QEMU: probe 4096 bytes sent, 4096 echoed in order, no reset, longest gap 300 ms "
-            "(client RTO cap 120000 ms)") in table
+            "(client RTO cap 120000 ms); 'cont' 30 ms after QEMU said 'completed' (not in its downtime)") in table
     assert "4096 MiB, ovmf-mh: probe 4096 bytes sent, 4096 echoed in order, no reset, longest gap 3500 ms " \
            "(client RTO cap 120000 ms)" in table
     assert ("4096 MiB, goals: downtime <= plain + 150 ms MISSED; total <= 3x plain MISSED; "

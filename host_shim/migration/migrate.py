@@ -1228,6 +1228,7 @@ def qemu_migration(source: QemuHandle, target: QemuHandle, uri: str, work: Path,
         time.sleep(0.01)
     if info.get("status") != "completed":
         raise MigrationError(f"plain QEMU migration ended as {info.get('status')}")
+    completed_at = time.monotonic()
     # QEMU sets 'completed' a moment before it records the run's total
     # time and downtime: until then query-migrate answers 0 for both.
     settle = time.monotonic() + 5
@@ -1241,6 +1242,9 @@ def qemu_migration(source: QemuHandle, target: QemuHandle, uri: str, work: Path,
         time.sleep(0.005)
     serial_before = len(target.serial_text())
     target.qmp("cont")
+    # QEMU's downtime ends when the source sent its last byte; the guest
+    # runs again once the target loaded it and 'cont' returned.
+    cont_after = time.monotonic() - completed_at
     if after_cont is not None:
         after_cont(target)
     heartbeat = _wait_for(target, guest.HEARTBEAT, 30, after=serial_before)
@@ -1248,6 +1252,7 @@ def qemu_migration(source: QemuHandle, target: QemuHandle, uri: str, work: Path,
     return {
         "total_seconds": info["total-time"] / 1000,
         "downtime_seconds": info.get("downtime", 0) / 1000,
+        "cont_after_completed_seconds": cont_after,
         "transferred_bytes": info.get("ram", {}).get("transferred", 0),
         "target_heartbeat": heartbeat,
     }
