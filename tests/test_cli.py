@@ -128,6 +128,8 @@ def test_migrate_attach_options_go_together(options: list[str], tmp_path: Path,
 @pytest.mark.parametrize(("options", "says"), [
     (["--guest", "debian", "--qmp", "q.sock", "--ram", "g.ram"], "--guest debian boots the Debian guest here"),
     (["--disk", "d.qcow2"], "--disk is the disk of the Debian guest"),
+    (["--client-rto-max-ms", "1000"], "--client-rto-max-ms is the TCP probe's client"),
+    (["--guest", "debian", "--no-network", "--client-rto-max-ms", "1000"], "--client-rto-max-ms is the TCP probe's"),
 ])
 def test_migrate_refuses_debian_options_that_do_not_fit(options: list[str], says: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:

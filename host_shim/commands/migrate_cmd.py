@@ -90,6 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "namespaces on one L2 segment, the guest's NIC on a tap in each host's, and stream a TCP "
                         "connection from the client to the guest's echo service through the migration (the report's "
                         "tcp_probe); needs root; not with --to (default on; --no-network: a NIC with no host side)")
+    parser.add_argument("--client-rto-max-ms", type=int, metavar="MS",
+                        help="with --network: cap the client's TCP retransmission backoff at MS "
+                        "(net.ipv4.tcp_rto_max_ms in its namespace, 1000..120000, Linux 6.15+), so its first "
+                        "retransmission after the switchover comes at most MS after 'cont' (default: the kernel's "
+                        "120000; docs/migration.md, 'The probe's gap')")
     parser.add_argument("--max-passes", type=int, default=6, help="pre-copy passes at most (default 6)")
     parser.add_argument("--converge-pages", type=int, default=2048,
                         help="stop pre-copy when a pass sent at most this many pages (default 2048)")
@@ -145,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     if args.guest != "debian" and args.disk is not None and args.qmp is None:
         raise MigrationError("--disk is the disk of the Debian guest (--guest debian) or of the guest attached with "
                              "--qmp")
+    networked = args.guest == "debian" and args.network and not args.to
+    if args.client_rto_max_ms is not None and not networked:
+        raise MigrationError("--client-rto-max-ms is the TCP probe's client: it goes with --guest debian and the "
+                             "network of namespaces (not --no-network, not --to)")
     default_mib = DEFAULT_MIB if args.guest == "debian" else 256
     work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
     config = MigrationConfig(
@@ -176,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         # The namespaces hold both hosts: only when this command runs both roles.
-        with L2Network() if args.guest == "debian" and args.network and not args.to else nullcontext() as network:
+        with L2Network(client_rto_max_ms=args.client_rto_max_ms) if networked else nullcontext() as network:
             config.network = network
             report = migrate(config)
     except Exception:
