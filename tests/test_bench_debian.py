@@ -55,7 +55,8 @@ class _Runs:
         self.calls.append(("ovmf-mh", config.guest_mib, (config.guest, config.vcpus, config.switchover)))
         big = config.guest_mib == 4096
         report = MigrationReport(outcome="ok", guest_mib=config.guest_mib, total_seconds=70.0 if big else 25.0,
-                                 downtime_seconds=0.4 if big else 0.2, ram_identical=True,
+                                 downtime_seconds=0.4 if big else 0.2, ram_identical=config.verify_ram or None,
+                                 verify_seconds=1.5 if config.verify_ram else 0.0,
                                  tcp_probe=_probe(3500.0 if big else 1100.0))
         report.passes.append(PassReport(1, 262144, 0, 1, 4.0, True))
         return report
@@ -85,7 +86,8 @@ def test_debian_rows_put_plain_before_ovmf_mh_with_the_probe_and_the_goals(tmp_p
     assert ("1024 MiB, plain QEMU: probe 4096 bytes sent, 4096 echoed in order, no reset, longest gap 300 ms "
             "(client RTO cap 120000 ms); 'cont' 30 ms after QEMU said 'completed' (not in its downtime)") in table
     assert "4096 MiB, ovmf-mh: probe 4096 bytes sent, 4096 echoed in order, no reset, longest gap 3500 ms " \
-           "(client RTO cap 120000 ms)" in table
+           "(client RTO cap 120000 ms); guest stopped 1900 ms: the downtime and the RAM check's 1500 ms (not in " \
+           "the downtime; --no-verify-ram leaves it out)" in table
     assert ("4096 MiB, goals: downtime <= plain + 150 ms MISSED; total <= 3x plain MISSED; "
             "probe gap <= downtime + 1000 ms MISSED") in table
     assert "1024 MiB, goals: downtime <= plain + 150 ms met; total <= 3x plain met; " \
@@ -98,7 +100,10 @@ def test_debian_rows_put_plain_before_ovmf_mh_with_the_probe_and_the_goals(tmp_p
 def test_a_failed_side_or_no_probe_is_not_measured_rather_than_met(tmp_path: Path) -> None:
     runs = _Runs()
 
+    verified: list[bool] = []
+
     def failing(config: MigrationConfig) -> MigrationReport:
+        verified.append(config.verify_ram)
         return MigrationReport(outcome="failed", guest_mib=config.guest_mib, error="the source QEMU exited")
 
     def no_probe(*args: Any) -> dict[str, Any]:
@@ -108,7 +113,8 @@ def test_a_failed_side_or_no_probe_is_not_measured_rather_than_met(tmp_path: Pat
 
     results = bench.bench_migrate_debian(tmp_path / "unused.fd", tmp_path, sizes=[1024],
                                          network=(runs.network, bench.NO_PROBE_NOT_ROOT), run_plain=no_probe,
-                                         run_migrate=failing, say=lambda line: None)
+                                         run_migrate=failing, verify_ram=False, say=lambda line: None)
+    assert verified == [False] and results["verify_ram"] is False
     row = results["rows"][0]
     assert row["failed"] == "the source QEMU exited"
     assert row["goals"] == {"downtime": None, "total": None, "gap": None}
@@ -134,6 +140,7 @@ def test_bench_migrate_guest_options_are_checked_before_anything_runs(
         (["--guest", "debian", "--vcpus", "9"], "--vcpus 9: the Debian guest runs with 1..8 vCPUs"),
         (["--vcpus", "4"], "--vcpus is the Debian guest's"),
         (["--client-rto-max-ms", "1000"], "--client-rto-max-ms is the TCP probe's client"),
+        (["--no-verify-ram"], "--no-verify-ram goes with --guest debian"),
         (["--guest", "debian", "--guest-mib", "1024,x"], "--guest-mib '1024,x'"),
     ):
         assert cli.main(["bench", "migrate", *argv]) == 1, argv
@@ -149,6 +156,11 @@ def test_bench_migrate_guest_options_are_checked_before_anything_runs(
     monkeypatch.setattr(bench, "format_debian_table", lambda results: ["table"])
     assert cli.main(["bench", "migrate", "--guest", "debian", "--work-dir", str(tmp_path)]) == 0
     assert seen["sizes"] == [1024] and seen["vcpus"] == 2 and seen["client_rto_max_ms"] is None
+    assert seen["verify_ram"] is True
+    assert cli.main(["bench", "migrate", "--guest", "debian", "--work-dir", str(tmp_path), "--no-verify-ram",
+                     "--client-rto-max-ms", "1000", "--vcpus", "4", "--guest-mib", "512,2048"]) == 0
+    assert seen["sizes"] == [512, 2048] and seen["vcpus"] == 4 and seen["client_rto_max_ms"] == 1000
+    assert seen["verify_ram"] is False
     assert capsys.readouterr().out.startswith("table")
 
 

@@ -70,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                      help="with --guest debian: cap the probe client's TCP retransmission backoff at MS "
                      "(net.ipv4.tcp_rto_max_ms in its namespace, 1000..120000, Linux 6.15+; default: the "
                      "kernel's 120000)")
+    mig.add_argument("--no-verify-ram", action="store_true",
+                     help="with --guest debian: skip ovmf-mh's comparison of the source and target RAM at "
+                     "switchover (the guest is stopped during it, though it is not counted as downtime)")
     mig.add_argument("--workload-mib", type=int,
                      help="memory the guest's workload keeps rewriting, the same at every size (default 64; the "
                      "Debian guest's is fixed by its image)")
@@ -166,7 +169,8 @@ def run_migrate(args: argparse.Namespace) -> int:
         results = bench_migrate_debian(image, work, sizes=sizes, vcpus=args.vcpus, helpers=args.helpers,
                                        ram_dir=args.ram_dir, switchover=args.switchover,
                                        idle_timeout=args.idle_timeout, background_load=args.background_load,
-                                       client_rto_max_ms=args.client_rto_max_ms)
+                                       client_rto_max_ms=args.client_rto_max_ms,
+                                       verify_ram=not args.no_verify_ram)
         table = format_debian_table(results)
     else:
         results = bench_migrate(image, work, sizes=sizes, workload_mib=args.workload_mib or 64,
@@ -200,6 +204,8 @@ def _check_guest_options(args: argparse.Namespace) -> None:
         raise OvmfMhError("--vcpus is the Debian guest's (--guest debian); the test guest has one vCPU")
     if args.client_rto_max_ms is not None:
         raise OvmfMhError("--client-rto-max-ms is the TCP probe's client (--guest debian); the test guest has no NIC")
+    if args.no_verify_ram:
+        raise OvmfMhError("--no-verify-ram goes with --guest debian; the test guest's bench reports its RAM check")
 
 
 def run_helper(args: argparse.Namespace) -> int:
