@@ -163,8 +163,11 @@ def _stopped_text(run: dict[str, Any]) -> str:
     return ""
 
 
-def _verdict(value: bool | None) -> str:
-    return "not measured" if value is None else ("met" if value else "MISSED")
+def _verdict(value: bool | None, row: dict[str, Any] | None = None, key: str = "", shape: str = "") -> str:
+    if value is None:
+        return "not measured"
+    word = "met" if value else "MISSED"
+    return f"{word} ({shape.format(row[key])})" if row is not None and key in row else word
 
 
 def format_debian_table(results: dict[str, Any]) -> list[str]:
@@ -183,6 +186,7 @@ def format_debian_table(results: dict[str, Any]) -> list[str]:
                 lines.append(f"{mib} MiB, {name}: {probe_text(run.get('tcp_probe'))}{_stopped_text(run)}")
         met = row["goals"]
         lines.append(f"{mib} MiB, goals: downtime <= plain + {GOAL_DOWNTIME_EXCESS_MS:.0f} ms "
-                     f"{_verdict(met['downtime'])}; total <= {GOAL_TOTAL_RATIO:g}x plain {_verdict(met['total'])}; "
+                     f"{_verdict(met['downtime'], row, 'downtime_excess_ms', '{:+.0f} ms')}; total <= "
+                     f"{GOAL_TOTAL_RATIO:g}x plain {_verdict(met['total'], row, 'ratio_total', '{:.2f}x')}; "
                      f"probe gap <= downtime + {GOAL_GAP_OVER_DOWNTIME_MS:.0f} ms {_verdict(met['gap'])}")
     return lines
