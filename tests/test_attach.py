@@ -731,3 +731,33 @@ def test_a_source_killed_after_its_commit_leaves_the_user_guest_paused_for_the_t
     report = target.report()
     assert report["outcome"] == "ok" and report["source_lost"], report
 
+
+
+def test_a_second_connection_keeps_what_the_first_logged(work_dir: Path, short_dir: Path) -> None:
+    """The user's QEMU outlives each connection to it: the qmp.log of a
+    later connection in the same work folder adds to the earlier one's
+    lines instead of erasing them."""
+    qmp = short_dir / "qmp.sock"
+    argv = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+            "-qmp", f"unix:{qmp},server=on,wait=off"]
+    (work_dir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
+    qemu = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not qmp.exists():
+            assert qemu.poll() is None and time.monotonic() < deadline, "QEMU did not open its QMP socket"
+            time.sleep(0.05)
+        for command in ("query-status", "query-name"):
+            with AttachedQemu(qmp, work_dir / "attach") as vm:
+                vm.qmp(command)
+        log = (work_dir / "attach" / "qmp.log").read_text()
+        assert log.count("--- connection opened") == 2, log
+        assert '"execute": "query-status"' in log and '"execute": "query-name"' in log, log
+        assert log.index("query-status") < log.index("query-name"), log
+    finally:
+        qemu.terminate()
+        with suppress(subprocess.TimeoutExpired):
+            qemu.wait(timeout=10)
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()

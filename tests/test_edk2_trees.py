@@ -4,8 +4,13 @@ source package that is actually served, complete serial lines only."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +107,59 @@ def test_failing_make_names_the_compiler_error_and_its_log(tmp_path: Path) -> No
     assert "broken.c:1:" in message and "error:" in message and "undefined_thing" in message
     assert f"log: {log}" in message
     assert caught.value.log == log and "Error" in log.read_text()
+
+
+_STOPPED_BUILD_DRIVER = """\
+import sys
+from pathlib import Path
+from host_shim import cli
+from host_shim.firmware import build
+cli._stop_on_signals()
+work = Path(sys.argv[1])
+build._run_logged(["sh", str(work / "step.sh")], work / "step.log", False, work)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_a_stopped_build_stops_the_processes_its_step_started(tmp_path: Path) -> None:
+    """SIGTERM of a build (as of `ovmf-mh build`) ends the step's whole
+    process tree, as make and the compilers would be, not only the step."""
+    pid_file = tmp_path / "grandchild.pid"
+    (tmp_path / "step.sh").write_text(
+        f"sleep 300 &\necho $! > {pid_file}\necho started\nwait\n"
+    )
+    driver = subprocess.Popen([sys.executable, "-c", _STOPPED_BUILD_DRIVER, str(tmp_path)],
+                              stderr=subprocess.PIPE, text=True)
+    grandchild = 0
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.is_file() and pid_file.read_text().strip()):
+            assert driver.poll() is None, f"driver ended early: {driver.stderr.read() if driver.stderr else ''}"
+            assert time.monotonic() < deadline, "the build step never started its child"
+            time.sleep(0.05)
+        grandchild = int(pid_file.read_text())
+        assert _alive(grandchild)
+        driver.send_signal(signal.SIGTERM)
+        code = driver.wait(timeout=60)
+        assert code != 0
+        deadline = time.monotonic() + 30
+        while _alive(grandchild) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(grandchild), f"the step's child {grandchild} outlived the stopped build"
+        assert "build step stopped" in (tmp_path / "step.log").read_text()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        if grandchild and _alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)
 
 
 # --- the newest Debian source package that is served -------------------------

@@ -623,6 +623,45 @@ def test_firmware_helper_leaves_no_key_bytes(firmware: Path, sandbox: Sandbox, e
         export.stop()
 
 
+@pytest.mark.qemu
+@pytest.mark.parametrize("moment", ["at once", "helpers starting", "waiting for the stream"])
+def test_import_waiting_on_a_fifo_killed_leaves_nothing(firmware: Path, sandbox: Sandbox, moment: str) -> None:
+    """An `import --challenge-out` of firmware helpers waiting on a FIFO
+    nobody writes, killed by SIGKILL at three moments (before its reaper can
+    have learnt much, while its helpers boot, once the challenge is out):
+    no process, no folder in TMPDIR or the runtime folder, no key bytes."""
+    fifo = sandbox.root / "stream.fifo"
+    os.mkfifo(fifo)
+    challenge = sandbox.root / "challenge"
+    victim = sandbox.launch("import", "import", "--ram", sandbox.root / "dst.ram", "--key", sandbox.key,
+                            "--in", fifo, "--challenge-out", challenge, "--helpers", "2",
+                            "--guest-size", str(16 * 1024 * 1024))
+    started: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 120
+        if moment == "at once":
+            time.sleep(0.3)
+        elif moment == "helpers starting":
+            while not any("qemu" in _cmdline(pid) for pid in victim.descendants()):
+                assert victim.proc.poll() is None, victim.stderr
+                assert time.monotonic() < deadline, "no helper QEMU started"
+                time.sleep(0.01)
+        else:
+            while not challenge.exists():
+                assert victim.proc.poll() is None, victim.stderr
+                assert time.monotonic() < deadline, "the challenge never appeared"
+                time.sleep(0.05)
+        started = victim.descendants()
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        code, seconds = victim.wait_exit(KILL_BOUND)
+        assert code == -signal.SIGKILL
+        gone = assert_clean(sandbox, started, KILL_BOUND + 5)
+        record(f"import on a FIFO killed by SIGKILL ({moment})", seconds, code, victim.stderr, gone)
+        assert not (sandbox.root / "dst.ram").exists()
+    finally:
+        victim.stop()
+
+
 def _gdb_packet(sock: socket.socket, body: str) -> str:
     """One GDB remote-protocol request to QEMU's gdbstub and its reply."""
     sock.sendall(f"${body}#{sum(body.encode()) & 0xFF:02x}".encode())

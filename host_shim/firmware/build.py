@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from host_shim import paths
 from host_shim.errors import BuildError
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 PLATFORM_BUILD = paths.REPO_ROOT / "stuart" / "PlatformBuild.py"
 # stuart console lines worth showing while a build runs.
 _PROGRESS_PREFIXES = ("PROGRESS", "SECTION", "ERROR", "CRITICAL", "WARNING")
+#: Seconds a stopped build step's process group gets after SIGTERM before SIGKILL.
+STEP_STOP_GRACE_SECONDS = 5.0
 
 
 def _stuart(tool: str) -> str:
@@ -40,17 +44,25 @@ def _run_logged(
     started = time.time()
     with log_path.open("w") as out:
         out.write("$ " + " ".join(argv) + "\n")
+        # Its own process group, so that a stop of this command (Ctrl-C,
+        # SIGTERM: Terminated) stops the make and compiler processes the step
+        # started too, not only the step itself.
         proc = subprocess.Popen(
-            argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
         )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.write(line)
-            if line.startswith(("ERROR", "CRITICAL")):
-                errors.append(line.rstrip())
-            if show_progress and line.startswith(_PROGRESS_PREFIXES):
-                print(f"  {line.rstrip()}", file=sys.stderr, flush=True)
-        code = proc.wait()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                if line.startswith(("ERROR", "CRITICAL")):
+                    errors.append(line.rstrip())
+                if show_progress and line.startswith(_PROGRESS_PREFIXES):
+                    print(f"  {line.rstrip()}", file=sys.stderr, flush=True)
+            code = proc.wait()
+        except BaseException:
+            _stop_step(proc, out)
+            raise
     if code != 0:
         for candidate in (log_path, *extra_logs):
             if not candidate.is_file() or candidate.stat().st_mtime < started - 1:
@@ -61,6 +73,28 @@ def _run_logged(
                 raise BuildError(f"{Path(argv[0]).name} failed: {found}", command=argv, log=candidate)
         summary = "; ".join(errors[:5]) or f"exit code {code}"
         raise BuildError(f"{Path(argv[0]).name} failed: {summary}", command=argv, log=log_path)
+
+
+def _stop_step(proc: subprocess.Popen[str], out: TextIO) -> None:
+    """Stop a build step's whole process group (its pid is the group's id):
+    SIGTERM, then SIGKILL for whatever is left after a grace period. Only
+    the group this command started is signalled, never a process by name."""
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=STEP_STOP_GRACE_SECONDS)
+        if not _group_alive(proc.pid):
+            break
+    out.write(f"\n[ovmf-mh] build step stopped (process group {proc.pid})\n")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def ensure_basetools(edk2: Path, show_progress: bool) -> None:

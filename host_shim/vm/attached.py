@@ -132,7 +132,10 @@ class AttachedQemu:
             raise
         qmp.settimeout(QMP_TIMEOUT)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._qmp = LoggedQmp(self.work_dir / "qmp.log")
+        # The user's QEMU outlives this connection; a later connection to it
+        # (a retry, a second command with the same work folder) must not
+        # erase what this one did to it.
+        self._qmp = LoggedQmp(self.work_dir / "qmp.log", append=True)
         self._qmp.connect(qmp)
 
     def qmp(self, command: str, **arguments: object) -> Any:

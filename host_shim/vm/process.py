@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -86,11 +87,26 @@ def remove(path: Path) -> None:
     reaper().forget_path(path)
 
 
+#: Random names tried for a temporary folder before giving up.
+_TEMP_NAME_TRIES = 100
+
+
 def temp_dir(prefix: str, base: Path | None = None) -> Path:
-    """A new folder (mode 0700) that the reaper removes if the shim dies."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-    remove_on_exit(path)
-    return path
+    """A new folder (mode 0700) that the reaper removes if the shim dies.
+    The reaper learns the name before the folder exists, so that a SIGKILL
+    between the two leaves no folder behind (``mkdtemp`` then register had
+    that window)."""
+    parent = Path(base if base is not None else tempfile.gettempdir())
+    for _ in range(_TEMP_NAME_TRIES):
+        path = parent / f"{prefix}{secrets.token_hex(5)}"
+        remove_on_exit(path)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            reaper().forget_path(path)  # somebody else's: never the reaper's to remove
+            continue
+        return path
+    raise FileExistsError(f"no free name for a temporary folder {parent / prefix}* after {_TEMP_NAME_TRIES} tries")
 
 
 def private_base() -> Path:

@@ -53,11 +53,18 @@ class LoggedQmp:
     """The log opens at once (so it exists for a QEMU that never answers);
     the connection is given to it once negotiated (:meth:`connect`)."""
 
-    def __init__(self, log_path: Path, epoch: float | None = None) -> None:
+    def __init__(self, log_path: Path, epoch: float | None = None, *, append: bool = False) -> None:
+        """``append``: keep what earlier connections logged (a QEMU that
+        outlives this connection, whose earlier sessions' lines tell what
+        was done to it), and mark where this connection's lines begin."""
         self.log_path = log_path
         self.epoch = time.monotonic() if epoch is None else epoch
         self.connection: QEMUMonitorProtocol | None = None
-        self._log: IO[str] | None = log_path.open("w")
+        self._log: IO[str] | None = log_path.open("a" if append else "w")
+        if append:
+            opened = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self._log.write(f"--- connection opened {opened}; stamps below count from here\n")
+            self._log.flush()
         # A helper's mailbox thread wakes it (inject-nmi) while another
         # thread may stop it: one command at a time on the connection.
         self.lock = threading.Lock()
