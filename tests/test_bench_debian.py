@@ -204,3 +204,31 @@ def test_a_plain_baseline_whose_echo_is_not_the_bytes_sent_is_no_measurement(tmp
             check_probe({**_probe(300.0), **bad}, tmp_path)
     with pytest.raises(MigrationError, match="gave no result"):
         check_probe({"error": "the TCP probe gave no result: ''"}, tmp_path)
+
+
+@pytest.mark.qemu
+def test_plain_qemu_migrates_the_debian_vm_across_the_namespaces_with_the_probe_streaming(
+        firmware: Path, work_dir: Path) -> None:
+    """The baseline's real path: the Debian guest booted from its disk in
+    the source host's namespace, QEMU's own migration over the L2 segment
+    to a target QEMU in the target host's, resumed there, the client's
+    probe echoed unchanged through it."""
+    from host_shim.devtools.plain_debian import plain_debian_migration
+    from host_shim.vm import guest_image
+
+    if os.geteuid() != 0:
+        pytest.skip("the L2 network of namespaces needs root")
+    guest_image.build_image()
+    with L2Network() as net:
+        result = plain_debian_migration(firmware, work_dir, 512, 2, None, net)
+    assert result["total_seconds"] > 0 and result["transferred_bytes"] > 0, result
+    assert 0 <= result["cont_after_completed_seconds"] < 60, result
+    assert "errors=0" in result["target_heartbeat"], result
+    probe = result["tcp_probe"]
+    assert probe["bytes_sent"] > 0 and probe["bytes_echoed"] == probe["bytes_sent"] and probe["in_order"], probe
+    assert probe["connection_reset"] is False and probe["rto_max_ms"] in (None, 120000), probe
+    target = (work_dir / "target" / "qemu-cmdline.txt").read_text()
+    assert target.startswith("nsenter --net=") and "ifname=omh-tap0" in target and "-kernel" not in target
+    assert f"file={work_dir / 'disk.qcow2'}" in target and "-smp 2" in target
+    qmp = (work_dir / "target" / "qmp.log").read_text()
+    assert "tcp:10.0.2.202:4444" in qmp and "announce-self" in qmp
