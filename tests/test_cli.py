@@ -138,3 +138,23 @@ def test_migrate_refuses_debian_options_that_do_not_fit(options: list[str], says
     err = capsys.readouterr().err
     assert code == 1 and says in err, err
     assert not (tmp_path / "w").exists()
+
+
+def test_boot_waits_for_the_debian_guest_as_long_as_migrate_does(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """The Debian guest's boot takes minutes under TCG: its default timeout
+    is migrate's (60 s, the test guest's, failed it at 46 s into systemd)."""
+    import host_shim.commands.boot_cmd as boot_cmd
+    from host_shim.errors import OvmfMhError
+
+    waited: list[float] = []
+
+    def fake_boot(image: Path, mode: object, work: Path, timeout: float, guest_kind: str) -> None:
+        waited.append(timeout)
+        raise OvmfMhError("no QEMU in this test")
+
+    monkeypatch.setattr(boot_cmd, "resolve_image", lambda image: tmp_path / "code.fd")
+    monkeypatch.setattr(boot_cmd, "boot_image", fake_boot)
+    for argv in (["--guest", "debian"], [], ["--guest", "debian", "--timeout", "5"]):
+        assert main(["boot", "--mode", "normal", "--work-dir", str(tmp_path), *argv]) == 1
+    assert waited == [600.0, 60.0, 5.0]
