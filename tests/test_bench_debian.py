@@ -21,6 +21,7 @@ from host_shim import cli
 from host_shim.devtools import bench_migrate_debian as bench
 from host_shim.errors import OvmfMhError, SetupError
 from host_shim.migration.migrate import KERNEL_FAULTS, MigrationConfig, MigrationReport, PassReport
+from host_shim.migration.migration_vm import MigrationError
 from host_shim.vm.netns import BRIDGE, L2Network
 from host_shim.vm.tcp_probe import rto_max_ms
 
@@ -101,20 +102,29 @@ def test_a_failed_side_or_no_probe_is_not_measured_rather_than_met(tmp_path: Pat
     runs = _Runs()
 
     verified: list[bool] = []
+    said: list[str] = []
 
     def failing(config: MigrationConfig) -> MigrationReport:
         verified.append(config.verify_ram)
         return MigrationReport(outcome="failed", guest_mib=config.guest_mib, error="the source QEMU exited")
 
+    attempts: list[int] = []
+
     def no_probe(*args: Any) -> dict[str, Any]:
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            raise MigrationError("plain QEMU migration: the guest's TCP echo after it was not the bytes sent")
         result = runs.plain(*args)
         del result["tcp_probe"]
         return result
 
     results = bench.bench_migrate_debian(tmp_path / "unused.fd", tmp_path, sizes=[1024],
                                          network=(runs.network, bench.NO_PROBE_NOT_ROOT), run_plain=no_probe,
-                                         run_migrate=failing, verify_ram=False, say=lambda line: None)
+                                         run_migrate=failing, verify_ram=False, say=said.append)
     assert verified == [False] and results["verify_ram"] is False
+    assert len(attempts) == 2 and "plain_retried" in results["rows"][0]
+    assert said[1] == ("1024 MiB, plain QEMU failed (the bench runs a failed baseline once more): plain QEMU "
+                       "migration: the guest's TCP echo after it was not the bytes sent"), said
     row = results["rows"][0]
     assert row["failed"] == "the source QEMU exited"
     assert row["goals"] == {"downtime": None, "total": None, "gap": None}

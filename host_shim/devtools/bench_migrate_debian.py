@@ -87,8 +87,12 @@ def bench_migrate_debian(
 
     def plain(image: Path, folder: Path, mib: int, _workload: int, ram: Path | None) -> dict[str, Any]:
         say(f"{mib} MiB, plain QEMU: booting the Debian guest from its disk, then migrating it")
-        with open_network() as net:
-            result = run_plain(image, folder, mib, vcpus, ram, net)
+        try:
+            with open_network() as net:
+                result = run_plain(image, folder, mib, vcpus, ram, net)
+        except OvmfMhError as exc:
+            say(f"{mib} MiB, plain QEMU failed (the bench runs a failed baseline once more): {exc}")
+            raise
         say(f"{mib} MiB, plain QEMU: {_summary(result)}")
         return result
 
