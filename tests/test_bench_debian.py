@@ -206,7 +206,6 @@ def test_the_clients_rto_cap_reaches_the_probes_socket_and_nothing_else() -> Non
 
 def test_a_plain_baseline_whose_echo_is_not_the_bytes_sent_is_no_measurement(tmp_path: Path) -> None:
     from host_shim.devtools.plain_debian import check_probe
-    from host_shim.migration.migration_vm import MigrationError
 
     check_probe(_probe(300.0), tmp_path)
     for bad in ({"in_order": False}, {"bytes_echoed": 1024}, {"connection_reset": True}):
