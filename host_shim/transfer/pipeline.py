@@ -33,6 +33,7 @@ if it did not exist). ``mode="in-place"`` writes DST directly; the caller
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import queue
@@ -863,6 +864,42 @@ def _prepare_target(dst: Path, guest_size: int, mode: str) -> Path:
     return partial
 
 
+@dataclass
+class _ImportRun:
+    """One import's state, handed from phase to phase: the stream's header,
+    the file the helpers write, the summary being filled and, per shard,
+    what its helper thread has applied so far."""
+
+    header: ct.FileHeader
+    mode: str
+    target: Path
+    summary: TransferSummary
+    meter: Progress
+    started: float
+    failure: _Failure = field(default_factory=_Failure)
+    completed: list[bool] = field(default_factory=list)
+    records: list[int] = field(default_factory=list)
+    zero_pages: list[int] = field(default_factory=list)
+    range_records: list[int] = field(default_factory=list)
+    range_pages: list[int] = field(default_factory=list)
+    applied_pages: list[int] = field(default_factory=list)
+    #: Shared pages per shard (count, digest) as received before the shard's
+    #: STREAM_END; its helper compares them with what the source sealed.
+    sealed_shared: list[tuple[int, bytes]] = field(default_factory=list)
+    #: Short queues: what is in flight must be imported before a switchover.
+    queues: list[queue.Queue[ct.Frame | None]] = field(default_factory=list)
+    #: Plain (shared) pages written so far.
+    shared_pages: int = 0
+
+    def __post_init__(self) -> None:
+        shards = self.header.shards
+        self.completed = [False] * shards
+        self.records, self.zero_pages = [0] * shards, [0] * shards
+        self.range_records, self.range_pages, self.applied_pages = [0] * shards, [0] * shards, [0] * shards
+        self.sealed_shared = [(0, s.NO_SHARED_PAGES)] * shards
+        self.queues = [queue.Queue(maxsize=1) for _ in range(shards)]
+
+
 def import_ram(
     dst: Path,
     key: bytes,
@@ -905,7 +942,45 @@ def import_ram(
 
     ``on_frame`` gets each frame's kind and payload size as it is read (the
     stream's liveness: host_shim/transfer/liveness.py).
+
+    The phases, each a function: ``_import_prepare`` (header, target file),
+    then with the helpers running ``_import_ready`` (challenge, the expected
+    header), ``_import_stream`` (every frame through its shard's helper),
+    ``_import_check_totals`` and ``_import_commit`` (IMPORT_COMMIT), and
+    last ``_import_keep`` (replace mode: the file becomes DST).
     """
+    run = _import_prepare(dst, source, kind=kind, helpers=helpers, work_dir=work_dir, mode=mode,
+                          progress=progress, expect=expect)
+    succeeded = False
+    with _timed(run.summary):
+        try:
+            with open_backends(kind, run.header.shards, run.target, key, work_dir, firmware=firmware,
+                               mailbox_timeout=mailbox_timeout) as backends, \
+                    run.target.open("r+b") as raw, mmap.mmap(raw.fileno(), run.header.guest_size) as target_map:
+                run.summary.helper_start_seconds = time.monotonic() - run.started
+                _import_ready(run, backends, source, expect, challenge, on_ready)
+                totals, digest = _import_stream(run, backends, source, target_map, on_frame)
+                private = _import_check_totals(run, totals, digest)
+                _import_commit(run, backends, target_map, private, totals, on_committed)
+            _import_keep(run, dst)
+            succeeded = True
+        except BaseException as exc:
+            run.summary.error = str(exc)
+            if not succeeded:
+                _import_partial(run, exc)
+            raise
+        finally:
+            run.meter.finish()
+            if mode == "replace" and not succeeded:
+                process.remove(run.target)
+    run.summary.outcome = "ok"
+    return run.summary
+
+
+def _import_prepare(dst: Path, source: IO[bytes], *, kind: str, helpers: int | None, work_dir: Path, mode: str,
+                    progress: bool | None, expect: ct.FileHeader | None) -> _ImportRun:
+    """Phase prepare: the stream's header (read, or the expected one), the
+    helper count it allows, and the file the helpers will write."""
     page, _, _ = _geometry()
     header = expect if expect is not None else ct.read_file_header(source)
     if helpers is not None and helpers != header.shards:
@@ -924,175 +999,186 @@ def import_ram(
                               stream_bytes=ct.FILE_HEADER.size)
     target = _prepare_target(dst, header.guest_size, mode)
     meter = Progress("import", header.guest_size // page, enabled=progress)
-    failure = _Failure()
-    completed = [False] * header.shards
-    records = [0] * header.shards
-    zero_pages = [0] * header.shards
-    range_records = [0] * header.shards
-    range_pages = [0] * header.shards
-    applied_pages = [0] * header.shards
-    # Shared pages per shard (count, digest) as received before the shard's
-    # STREAM_END; its helper compares them with what the source sealed.
-    sealed_shared: list[tuple[int, bytes]] = [(0, s.NO_SHARED_PAGES)] * header.shards
-    # Short queues: what is in flight must be imported before a switchover.
-    queues: list[queue.Queue[ct.Frame | None]] = [queue.Queue(maxsize=1) for _ in range(header.shards)]
+    return _ImportRun(header, mode, target, summary, meter, started=time.monotonic())
 
-    def shard_worker(index: int, backend: Backend) -> Callable[[], None]:
-        def run() -> None:
-            data = backend.data
-            began = False
-            while True:
-                frame = queues[index].get()
-                if frame is None or failure.event.is_set():
-                    return
-                if completed[index]:
-                    raise TransferError(f"shard {index}: frames after its end record")
-                data[IO_AT : IO_AT + len(frame.payload)] = frame.payload
-                if frame.kind == ct.KIND_STREAM_HEADER:
-                    if began:
-                        raise TransferError(f"shard {index}: second stream header")
-                    guest = _call(backend, "IMPORT_BEGIN", IO_AT, len(frame.payload), index, header.shards)[0]
-                    if guest != header.guest_size:
-                        raise TransferError(f"shard {index}: the helper verified a {guest}-byte guest, the "
-                                            f"container claims {header.guest_size} bytes")
-                    began = True
-                elif not began:
-                    raise TransferError(f"shard {index}: {ct.KIND_NAMES[frame.kind]} before the stream header")
-                elif frame.kind == ct.KIND_RECORDS:
-                    applied, written, _, ranges, covered = _call(
-                        backend, "IMPORT_BATCH", IO_AT, len(frame.payload))[:5]
-                    zero_pages[index] += applied - written - ranges
-                    range_records[index] += ranges
-                    range_pages[index] += covered
-                    applied_pages[index] += applied - ranges + covered
-                    meter.advance(applied - ranges + covered)
-                else:
-                    # What this shard's plain frames were when its end record
-                    # arrived (the reader stores it before queueing the frame).
-                    count, shared_digest = sealed_shared[index]
-                    data[LIST_AT : LIST_AT + len(shared_digest)] = shared_digest
-                    records[index] = _call(backend, "IMPORT_END", IO_AT, len(frame.payload), LIST_AT, count)[0]
-                    completed[index] = True
 
-        return run
+def _import_ready(run: _ImportRun, backends: list[Backend], source: IO[bytes], expect: ct.FileHeader | None,
+                  challenge: Callable[[Nonces, int], None] | None, on_ready: Callable[[], None] | None) -> None:
+    """Phase prepare, helpers running: their nonces to the source, the
+    caller told, and (with ``expect``) the stream's header checked."""
+    if challenge is not None:
+        challenge(_challenge_all(backends), run.header.guest_size)
+        run.summary.bound = True
+    if on_ready is not None:
+        on_ready()
+    if expect is not None:
+        found = ct.read_file_header(source)
+        if found != expect:
+            raise TransferError("the stream is not the one expected: " + ct.describe_mismatch(found, expect))
 
-    succeeded = False
-    shared_pages_seen = [0]
-    started = time.monotonic()
-    with _timed(summary):
-        try:
-            with open_backends(kind, header.shards, target, key, work_dir, firmware=firmware,
-                               mailbox_timeout=mailbox_timeout) as backends, \
-                    target.open("r+b") as raw, mmap.mmap(raw.fileno(), header.guest_size) as target_map:
-                summary.helper_start_seconds = time.monotonic() - started
-                if challenge is not None:
-                    challenge(_challenge_all(backends), header.guest_size)
-                    summary.bound = True
-                if on_ready is not None:
-                    on_ready()
-                if expect is not None:
-                    found = ct.read_file_header(source)
-                    if found != expect:
-                        raise TransferError("the stream is not the one expected: "
-                                            + ct.describe_mismatch(found, expect))
-                workers = [_thread(shard_worker(i, b), failure, f"import-{i}") for i, b in enumerate(backends)]
-                digest = ct.PlainDigest()
-                plain = ct.PlainPageChecker(header)
-                shared = 0
-                totals: ct.Totals | None = None
-                try:
-                    for frame in ct.read_frames(source, header.shards):
-                        failure.raise_if_set()
-                        summary.stream_bytes += ct.FRAME_HEADER.size + len(frame.payload)
-                        if on_frame is not None:
-                            on_frame(frame.kind, len(frame.payload))
-                        if frame.kind == ct.KIND_PLAIN_PAGE:
-                            offset = plain.accept(frame)
-                            digest.update(frame.payload)
-                            target_map[offset : offset + page] = frame.payload[ct.PLAIN_PAGE.size :]
-                            shared += 1
-                            shared_pages_seen[0] = shared
-                            meter.advance(1)
-                        elif frame.kind == ct.KIND_DONE:
-                            totals = ct.Totals.decode(bytes(frame.payload))
-                        elif frame.kind == ct.KIND_KEEPALIVE:
-                            continue
-                        else:
-                            if frame.kind == ct.KIND_RECORDS:
-                                plain.records(frame)
-                            elif frame.kind == ct.KIND_STREAM_END:
-                                sealed_shared[frame.shard] = plain.end(frame.shard)
-                            while not failure.event.is_set():
-                                with suppress(queue.Full):
-                                    queues[frame.shard].put(frame, timeout=0.1)
-                                    break
-                    for q in queues:
-                        while not failure.event.is_set():
-                            with suppress(queue.Full):
-                                q.put(None, timeout=0.1)
-                                break
-                    for worker in workers:
-                        while worker.is_alive() and not failure.event.is_set():
-                            worker.join(timeout=0.1)
-                    failure.raise_if_set()
-                finally:
-                    failure.event.set()
-                    for q in queues:
-                        with suppress(queue.Full):
-                            q.put_nowait(None)
-                if totals is None:
-                    raise TransferError("stream ended without its DONE frame")
-                missing = [i for i, ok in enumerate(completed) if not ok]
-                if missing:
-                    raise TransferError(f"shard(s) {missing} never delivered a verified end record (truncated stream)")
-                # A ZERO_RANGE record is one record of the END count and
-                # PageCount pages (the helpers report both per batch).
-                private = sum(records) - sum(range_records) + sum(range_pages)
-                if private != totals.private_pages or shared != totals.shared_pages:
-                    raise TransferError(
-                        f"totals disagree: {private} private / {shared} shared pages arrived, "
-                        f"DONE says {totals.private_pages} / {totals.shared_pages}"
-                    )
-                if sum(range_pages) != totals.zero_range_pages:
-                    raise TransferError(
-                        f"totals disagree: {sum(range_pages)} pages arrived as zero ranges, DONE says "
-                        f"{totals.zero_range_pages}"
-                    )
-                if digest.hexdigest() != totals.plain_digest:
-                    raise TransferError("plain pages do not match the DONE frame's digest")
-                summary.commit_proof = _commit(backends).hex()
-                summary.transfer_seconds = time.monotonic() - started - summary.helper_start_seconds
-                if mode == "replace":
-                    # Durable before the rename; in place (live migration),
-                    # QEMU reads the same page cache and waiting for the disk
-                    # would only lengthen the downtime.
-                    target_map.flush()
-                summary.private_pages = private
-                summary.shared_pages = shared
-                summary.excluded_pages = totals.excluded_pages
-                summary.zero_pages = sum(zero_pages)
-                summary.zero_range_pages = sum(range_pages)
-                summary.shard_records = list(records)
-                if on_committed is not None and mode != "replace":
-                    on_committed(summary)
-            if mode == "replace":
-                with target.open("rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(target, dst)
-                process.keep(target)
-            succeeded = True
-        except BaseException as exc:
-            summary.error = str(exc)
-            if not succeeded:
-                summary.private_pages = sum(applied_pages)
-                summary.shared_pages = shared_pages_seen[0]
-                summary.zero_pages = sum(zero_pages)
-                summary.zero_range_pages = sum(range_pages)
-                _attach(exc, summary)
-            raise
-        finally:
-            meter.finish()
-            if mode == "replace" and not succeeded:
-                process.remove(target)
-    summary.outcome = "ok"
-    return summary
+
+def _import_shard(run: _ImportRun, index: int, backend: Backend) -> None:
+    """Thread body of shard ``index``: its frames, in order, through its helper."""
+    data = backend.data
+    began = False
+    while True:
+        frame = run.queues[index].get()
+        if frame is None or run.failure.event.is_set():
+            return
+        if run.completed[index]:
+            raise TransferError(f"shard {index}: frames after its end record")
+        data[IO_AT : IO_AT + len(frame.payload)] = frame.payload
+        if frame.kind == ct.KIND_STREAM_HEADER:
+            if began:
+                raise TransferError(f"shard {index}: second stream header")
+            guest = _call(backend, "IMPORT_BEGIN", IO_AT, len(frame.payload), index, run.header.shards)[0]
+            if guest != run.header.guest_size:
+                raise TransferError(f"shard {index}: the helper verified a {guest}-byte guest, the "
+                                    f"container claims {run.header.guest_size} bytes")
+            began = True
+        elif not began:
+            raise TransferError(f"shard {index}: {ct.KIND_NAMES[frame.kind]} before the stream header")
+        elif frame.kind == ct.KIND_RECORDS:
+            applied, written, _, ranges, covered = _call(backend, "IMPORT_BATCH", IO_AT, len(frame.payload))[:5]
+            run.zero_pages[index] += applied - written - ranges
+            run.range_records[index] += ranges
+            run.range_pages[index] += covered
+            run.applied_pages[index] += applied - ranges + covered
+            run.meter.advance(applied - ranges + covered)
+        else:
+            # What this shard's plain frames were when its end record
+            # arrived (the reader stores it before queueing the frame).
+            count, shared_digest = run.sealed_shared[index]
+            data[LIST_AT : LIST_AT + len(shared_digest)] = shared_digest
+            run.records[index] = _call(backend, "IMPORT_END", IO_AT, len(frame.payload), LIST_AT, count)[0]
+            run.completed[index] = True
+
+
+def _import_stream(run: _ImportRun, backends: list[Backend], source: IO[bytes], target_map: mmap.mmap,
+                   on_frame: Callable[[int, int], None] | None) -> tuple[ct.Totals, str]:
+    """Phase pre-copy: every frame of the stream, sealed ones through their
+    shard's helper thread, plain ones written here; returns the DONE
+    frame's totals and the plain pages' digest."""
+    workers = [_thread(functools.partial(_import_shard, run, i, b), run.failure, f"import-{i}")
+               for i, b in enumerate(backends)]
+    try:
+        totals, digest = _import_frames(run, source, target_map, on_frame)
+        for q in run.queues:
+            _put_unless_failed(run.failure, q, None)
+        for worker in workers:
+            while worker.is_alive() and not run.failure.event.is_set():
+                worker.join(timeout=0.1)
+        run.failure.raise_if_set()
+    finally:
+        run.failure.event.set()
+        for q in run.queues:
+            with suppress(queue.Full):
+                q.put_nowait(None)
+    if totals is None:
+        raise TransferError("stream ended without its DONE frame")
+    return totals, digest
+
+
+def _put_unless_failed(failure: _Failure, q: queue.Queue[ct.Frame | None], item: ct.Frame | None) -> None:
+    """Put ``item`` on a shard's queue, waiting while it is full, unless a thread failed."""
+    while not failure.event.is_set():
+        with suppress(queue.Full):
+            q.put(item, timeout=0.1)
+            return
+
+
+def _import_frames(run: _ImportRun, source: IO[bytes], target_map: mmap.mmap,
+                   on_frame: Callable[[int, int], None] | None) -> tuple[ct.Totals | None, str]:
+    """The reader: parse frames (hostile input, bounded), write plain pages
+    after their checks, queue the others for their shard."""
+    page, _, _ = _geometry()
+    digest = ct.PlainDigest()
+    plain = ct.PlainPageChecker(run.header)
+    totals: ct.Totals | None = None
+    for frame in ct.read_frames(source, run.header.shards):
+        run.failure.raise_if_set()
+        run.summary.stream_bytes += ct.FRAME_HEADER.size + len(frame.payload)
+        if on_frame is not None:
+            on_frame(frame.kind, len(frame.payload))
+        if frame.kind == ct.KIND_PLAIN_PAGE:
+            offset = plain.accept(frame)
+            digest.update(frame.payload)
+            target_map[offset : offset + page] = frame.payload[ct.PLAIN_PAGE.size :]
+            run.shared_pages += 1
+            run.meter.advance(1)
+        elif frame.kind == ct.KIND_DONE:
+            totals = ct.Totals.decode(bytes(frame.payload))
+        elif frame.kind == ct.KIND_KEEPALIVE:
+            continue
+        else:
+            if frame.kind == ct.KIND_RECORDS:
+                plain.records(frame)
+            elif frame.kind == ct.KIND_STREAM_END:
+                run.sealed_shared[frame.shard] = plain.end(frame.shard)
+            _put_unless_failed(run.failure, run.queues[frame.shard], frame)
+    return totals, digest.hexdigest()
+
+
+def _import_check_totals(run: _ImportRun, totals: ct.Totals, digest: str) -> int:
+    """Every shard ended verified and the counts agree with the DONE frame;
+    returns the private pages that arrived."""
+    missing = [i for i, ok in enumerate(run.completed) if not ok]
+    if missing:
+        raise TransferError(f"shard(s) {missing} never delivered a verified end record (truncated stream)")
+    # A ZERO_RANGE record is one record of the END count and
+    # PageCount pages (the helpers report both per batch).
+    private = sum(run.records) - sum(run.range_records) + sum(run.range_pages)
+    if private != totals.private_pages or run.shared_pages != totals.shared_pages:
+        raise TransferError(
+            f"totals disagree: {private} private / {run.shared_pages} shared pages arrived, "
+            f"DONE says {totals.private_pages} / {totals.shared_pages}"
+        )
+    if sum(run.range_pages) != totals.zero_range_pages:
+        raise TransferError(
+            f"totals disagree: {sum(run.range_pages)} pages arrived as zero ranges, DONE says "
+            f"{totals.zero_range_pages}"
+        )
+    if digest != totals.plain_digest:
+        raise TransferError("plain pages do not match the DONE frame's digest")
+    return private
+
+
+def _import_commit(run: _ImportRun, backends: list[Backend], target_map: mmap.mmap, private: int,
+                   totals: ct.Totals, on_committed: Callable[[TransferSummary], None] | None) -> None:
+    """Phase commit: target helper 0 commits every shard's receipt; the
+    summary is filled and (in place) given to ``on_committed`` at once."""
+    summary = run.summary
+    summary.commit_proof = _commit(backends).hex()
+    summary.transfer_seconds = time.monotonic() - run.started - summary.helper_start_seconds
+    if run.mode == "replace":
+        # Durable before the rename; in place (live migration),
+        # QEMU reads the same page cache and waiting for the disk
+        # would only lengthen the downtime.
+        target_map.flush()
+    summary.private_pages = private
+    summary.shared_pages = run.shared_pages
+    summary.excluded_pages = totals.excluded_pages
+    summary.zero_pages = sum(run.zero_pages)
+    summary.zero_range_pages = sum(run.range_pages)
+    summary.shard_records = list(run.records)
+    if on_committed is not None and run.mode != "replace":
+        on_committed(summary)
+
+
+def _import_keep(run: _ImportRun, dst: Path) -> None:
+    """Replace mode, helpers stopped: the verified file, made durable, becomes DST."""
+    if run.mode == "replace":
+        with run.target.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(run.target, dst)
+        process.keep(run.target)
+
+
+def _import_partial(run: _ImportRun, error: BaseException) -> None:
+    """What a failed import did before ``error``, on the summary it carries."""
+    summary = run.summary
+    summary.private_pages = sum(run.applied_pages)
+    summary.shared_pages = run.shared_pages
+    summary.zero_pages = sum(run.zero_pages)
+    summary.zero_range_pages = sum(run.range_pages)
+    _attach(error, summary)

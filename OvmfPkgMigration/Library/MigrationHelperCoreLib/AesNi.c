@@ -59,6 +59,76 @@ MigrationHelperCpuHasAesNi (
  #endif
 }
 
+#if MH_AESNI_BUILT && defined (MDE_CPU_X64)
+//
+// The firmware's C code is built without SSE: naming the vector registers
+// needs the SSE target for this one function; noinline keeps the wipe
+// where it is called.
+//
+#define MH_WIPE_TARGET  __attribute__ ((target ("sse2"), noinline))
+#else
+#define MH_WIPE_TARGET
+#endif
+
+/**
+  Zero the sixteen vector registers, whole (YMM) when the AVX register
+  state is enabled, else their XMM part.
+
+  The page crypto leaves round keys, OCB offsets and plaintext in them, and
+  a halted helper's registers are what the host sees at the exit (on SEV
+  without ES, the register state is not encrypted). Called before a
+  response is published and when keys are wiped.
+
+  This function is not EFIAPI on purpose: under the Microsoft calling
+  convention XMM6-XMM15 are callee-saved, so the compiler would save them
+  before the wipe and restore them after it.
+**/
+VOID
+MH_WIPE_TARGET
+InternalMhWipeVectorRegisters (
+  VOID
+  )
+{
+ #if MH_AESNI_BUILT && defined (MDE_CPU_X64)
+  UINT32  Ecx;
+
+  Ecx = 0;
+  AsmCpuid (1, NULL, NULL, &Ecx, NULL);
+  //
+  // XGETBV is only defined once CR4.OSXSAVE is set (CPUID.1:ECX bit 27).
+  //
+  if (((Ecx & BIT27) != 0) && ((AsmXGetBv (0) & (BIT1 | BIT2)) == (BIT1 | BIT2))) {
+    __asm__ __volatile__ (
+      "vzeroall"
+      ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7",
+      "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory"
+      );
+  } else {
+    __asm__ __volatile__ (
+      "pxor %%xmm0, %%xmm0\n\t"
+      "pxor %%xmm1, %%xmm1\n\t"
+      "pxor %%xmm2, %%xmm2\n\t"
+      "pxor %%xmm3, %%xmm3\n\t"
+      "pxor %%xmm4, %%xmm4\n\t"
+      "pxor %%xmm5, %%xmm5\n\t"
+      "pxor %%xmm6, %%xmm6\n\t"
+      "pxor %%xmm7, %%xmm7\n\t"
+      "pxor %%xmm8, %%xmm8\n\t"
+      "pxor %%xmm9, %%xmm9\n\t"
+      "pxor %%xmm10, %%xmm10\n\t"
+      "pxor %%xmm11, %%xmm11\n\t"
+      "pxor %%xmm12, %%xmm12\n\t"
+      "pxor %%xmm13, %%xmm13\n\t"
+      "pxor %%xmm14, %%xmm14\n\t"
+      "pxor %%xmm15, %%xmm15"
+      ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7",
+      "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory"
+      );
+  }
+
+ #endif
+}
+
 #if MH_AESNI_BUILT
 
 #include <wmmintrin.h>

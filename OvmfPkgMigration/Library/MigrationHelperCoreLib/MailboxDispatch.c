@@ -180,6 +180,7 @@ MigrationHelperWipeKeys (
   InternalEndSession (Session);
   MigrationHelperSecureZero (Session->TransportKey, OVMF_MH_KEY_SIZE);
   Session->KeyLoaded = FALSE;
+  InternalMhWipeVectorRegisters ();
 }
 
 /**
@@ -395,6 +396,11 @@ MigrationHelperServeOne (
     Header->State = OVMF_MH_STATE_SHUTDOWN;
   }
 
+  //
+  // Nothing the command computed stays in a register the host can read
+  // while the helper waits for the next one.
+  //
+  InternalMhWipeVectorRegisters ();
   MemoryFence ();
   Header->ResponseSeq = Seq;
   Context->LastSeq    = Seq;

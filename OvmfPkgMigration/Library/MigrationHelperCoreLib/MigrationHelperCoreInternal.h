@@ -64,6 +64,16 @@ struct OVMF_MH_SESSION {
   UINT8                    Input[sizeof (OVMF_MH_COMMIT_PROOF) + OVMF_MH_MAX_SHARDS * sizeof (OVMF_MH_RECEIPT)]; ///< Private copy of a binding, commit or commit-proof input
 };
 
+/**
+  Zero the vector registers (AesNi.c): the page crypto leaves key-derived
+  values and plaintext in them, and the host sees a halted helper's
+  registers.
+**/
+VOID
+InternalMhWipeVectorRegisters (
+  VOID
+  );
+
 OVMF_MH_SESSION *
 InternalSession (
   IN OVMF_MH_HELPER_CONTEXT  *Context
