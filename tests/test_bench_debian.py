@@ -33,7 +33,7 @@ def _probe(gap_ms: float) -> dict[str, Any]:
 
 class _Runs:
     """Both migrations as the bench sees them, in the order they ran.
-    1024 MiB: plain 10 s / 100 ms (gap 300 ms); ovmf-mh 25 s / 200 ms (gap
+    1024 MiB: plain 10 s / 100 ms (gap 700 ms); ovmf-mh 25 s / 200 ms (gap
     1100 ms). 4096 MiB: plain 20 s / 100 ms (gap 250 ms); ovmf-mh 70 s /
     400 ms (gap 3500 ms)."""
 
@@ -50,7 +50,9 @@ class _Runs:
         self.calls.append(("plain", mib, vcpus))
         return {"total_seconds": 10.0 if mib == 1024 else 20.0, "downtime_seconds": 0.1,
                 "transferred_bytes": 1, "target_heartbeat": "HB", "cont_after_completed_seconds": 0.03,
-                "tcp_probe": _probe(300.0 if mib == 1024 else 250.0)}
+                "cont_monotonic": 100.0,
+                "tcp_probe": {**_probe(700.0 if mib == 1024 else 250.0),
+                              "long_gaps": [{"end": 90.0, "ms": 600.0}, {"end": 100.25, "ms": 700.0}]}}
 
     def ours(self, config: MigrationConfig) -> MigrationReport:
         self.calls.append(("ovmf-mh", config.guest_mib, (config.guest, config.vcpus, config.switchover)))
@@ -80,12 +82,13 @@ def test_debian_rows_put_plain_before_ovmf_mh_with_the_probe_and_the_goals(tmp_p
     assert small["goals"] == {"downtime": True, "total": True, "gap": True}
     assert big["ratio_total"] == pytest.approx(3.5) and big["downtime_excess_ms"] == pytest.approx(300)
     assert big["goals"] == {"downtime": False, "total": False, "gap": False}
-    assert small["plain"]["tcp_probe"]["longest_gap_ms"] == 300.0
+    assert small["plain"]["tcp_probe"]["longest_gap_ms"] == 700.0
     assert small["ovmf_mh"]["tcp_probe"]["longest_gap_ms"] == 1100.0
     table = bench.format_debian_table(results)
     assert "| 1024 MiB | 10.00 s | 100 ms | 25.00 s | 2.5x | 200 ms | 2.0x | +100 ms |" in table
-    assert ("1024 MiB, plain QEMU: probe 4096 bytes sent, 4096 echoed in order, no reset, longest gap 300 ms "
-            "(client RTO cap 120000 ms); 'cont' 30 ms after QEMU said 'completed' (not in its downtime)") in table
+    assert ("1024 MiB, plain QEMU: probe 4096 bytes sent, 4096 echoed in order, no reset, longest gap 700 ms "
+            "(client RTO cap 120000 ms), 2 silence(s) of 0.5 s or more; 'cont' 30 ms after QEMU said 'completed' "
+            "(not in its downtime); the longest gap ended +250 ms from 'cont'") in table
     assert "4096 MiB, ovmf-mh: probe 4096 bytes sent, 4096 echoed in order, no reset, longest gap 3500 ms " \
            "(client RTO cap 120000 ms); guest stopped 1900 ms: the downtime and the RAM check's 1500 ms (not in " \
            "the downtime; --no-verify-ram leaves it out)" in table
@@ -252,3 +255,34 @@ def test_plain_qemu_migrates_the_debian_vm_across_the_namespaces_with_the_probe_
     assert f"file={work_dir / 'disk.qcow2'}" in target and "-smp 2" in target
     qmp = (work_dir / "target" / "qmp.log").read_text()
     assert "tcp:10.0.2.202:4444" in qmp and "announce-self" in qmp
+
+
+def test_the_probe_places_each_long_silence_on_the_shared_clock() -> None:
+    """A silence of 0.5 s or more is listed with its end on CLOCK_MONOTONIC
+    (the shim's time.monotonic()), so the bench can tell whether the
+    longest gap was the switchover's; short ones are not."""
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    paused_at: list[float] = []
+
+    def echo_with_a_pause() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while data := conn.recv(65536):
+                if not paused_at:
+                    paused_at.append(time.monotonic())
+                    time.sleep(1.2)
+                conn.sendall(data)
+
+    threading.Thread(target=echo_with_a_pause, daemon=True).start()
+    result = run_probe([], "127.0.0.1", server.getsockname()[1], 2.5)
+    server.close()
+    gaps = result["long_gaps"]
+    assert isinstance(gaps, list) and len(gaps) == 1, result
+    (gap,) = gaps
+    assert gap["ms"] >= 1100 and gap["ms"] == result["longest_gap_ms"], result
+    assert paused_at[0] + 1.1 <= gap["end"] <= paused_at[0] + 10, (paused_at, gap)

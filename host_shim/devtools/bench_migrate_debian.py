@@ -134,9 +134,11 @@ def probe_text(probe: dict[str, Any] | None) -> str:
     order = "in order" if probe["in_order"] else "OUT OF ORDER"
     reset = "reset" if probe["connection_reset"] else "no reset"
     cap = probe.get("rto_max_ms")
+    silences = probe.get("long_gaps")
     return (f"probe {probe['bytes_sent']} bytes sent, {probe['bytes_echoed']} echoed {order}, {reset}, "
             f"longest gap {probe['longest_gap_ms']:.0f} ms"
-            + (f" (client RTO cap {cap} ms)" if cap is not None else ""))
+            + (f" (client RTO cap {cap} ms)" if cap is not None else "")
+            + (f", {len(silences)} silence(s) of 0.5 s or more" if silences is not None else ""))
 
 
 def goals(row: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +161,12 @@ def _stopped_text(run: dict[str, Any]) -> str:
     QEMU's target loading the last state and 'cont'; ovmf-mh's RAM check."""
     cont = run.get("cont_after_completed_seconds")
     if cont is not None:
-        return f"; 'cont' {1000 * cont:.0f} ms after QEMU said 'completed' (not in its downtime)"
+        text = f"; 'cont' {1000 * cont:.0f} ms after QEMU said 'completed' (not in its downtime)"
+        gaps = (run.get("tcp_probe") or {}).get("long_gaps") or []
+        if gaps and run.get("cont_monotonic") is not None:
+            longest = max(gaps, key=lambda gap: gap["ms"])
+            text += f"; the longest gap ended {1000 * (longest['end'] - run['cont_monotonic']):+.0f} ms from 'cont'"
+        return text
     verify = run.get("verify_seconds")
     if verify:
         return (f"; guest stopped {1000 * (run['downtime_seconds'] + verify):.0f} ms: the downtime and the RAM "

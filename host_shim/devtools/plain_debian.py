@@ -72,6 +72,8 @@ def plain_debian_migration(image: Path, work: Path, guest_mib: int, vcpus: int, 
             # so a backed-off retransmission still lands in the run.
             time.sleep(max(0.0, resumed[0] + debian_guest.STREAM_AFTER_RESUME - time.monotonic()))
             result["tcp_probe"] = probe.finish()
+            # On the probe's clock (CLOCK_MONOTONIC): its long gaps against 'cont'.
+            result["cont_monotonic"] = round(resumed[0], 3)
             check_probe(result["tcp_probe"], work)
         return result
 
