@@ -52,7 +52,8 @@ class _Runs:
                 "transferred_bytes": 1, "target_heartbeat": "HB", "cont_after_completed_seconds": 0.03,
                 "cont_monotonic": 100.0,
                 "tcp_probe": {**_probe(700.0 if mib == 1024 else 250.0),
-                              "long_gaps": [{"end": 90.0, "ms": 600.0}, {"end": 100.25, "ms": 700.0}]}}
+                              "long_gaps": [{"end": 90.0, "ms": 600.0}, {"end": 100.25, "ms": 700.0}]
+                              if mib == 1024 else []}}
 
     def ours(self, config: MigrationConfig) -> MigrationReport:
         self.calls.append(("ovmf-mh", config.guest_mib, (config.guest, config.vcpus, config.switchover)))
