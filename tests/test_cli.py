@@ -130,6 +130,9 @@ def test_migrate_attach_options_go_together(options: list[str], tmp_path: Path,
     (["--disk", "d.qcow2"], "--disk is the disk of the Debian guest"),
     (["--client-rto-max-ms", "1000"], "--client-rto-max-ms is the TCP probe's client"),
     (["--guest", "debian", "--no-network", "--client-rto-max-ms", "1000"], "--client-rto-max-ms is the TCP probe's"),
+    (["--nic", "tap:omh-tap0"], "--nic is the host side of the Debian guest's NIC"),
+    (["--guest", "debian", "--nic", "tap:omh-tap0"], "--nic names the source host's side of the NIC with --to"),
+    (["--guest", "debian", "--to", "127.0.0.1:9", "--nic", "bridge:br0"], "one of none, user, tap:NAME"),
 ])
 def test_migrate_refuses_debian_options_that_do_not_fit(options: list[str], says: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
@@ -158,3 +161,30 @@ def test_boot_waits_for_the_debian_guest_as_long_as_migrate_does(monkeypatch: py
     for argv in (["--guest", "debian"], [], ["--guest", "debian", "--timeout", "5"]):
         assert main(["boot", "--mode", "normal", "--work-dir", str(tmp_path), *argv]) == 1
     assert waited == [600.0, 60.0, 5.0]
+
+
+def test_guest_start_gives_a_nic_to_the_debian_guest_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    code = main(["guest", "command", "--work-dir", str(tmp_path / "w"), "--nic", "tap:omh-tap0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the test guest has no NIC" in err, err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (["migrate-incoming", "--disk", "{tmp}/absent.qcow2"], "absent.qcow2: not a file"),
+    (["migrate-incoming", "--nic", "tap:omh-absent9"], "no network interface 'omh-absent9' in this host's network"),
+    (["migrate", "--to", "127.0.0.1:9", "--guest", "debian", "--nic", "tap:omh-absent9"],
+     "no network interface 'omh-absent9'"),
+])
+def test_a_missing_disk_or_tap_is_refused_before_anything_starts(options: list[str], says: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Said at once, not after a source connected (migrate-incoming) or the
+    guest booted (migrate): the target's disk, a tap QEMU would open."""
+    capsys.readouterr()
+    argv = [option.format(tmp=tmp_path) for option in options]
+    code = main([*argv, "--key", str(tmp_path / "k.key"), "--work-dir", str(tmp_path / "w"),
+                 *(["--listen", "127.0.0.1:0"] if argv[0] == "migrate-incoming" else [])])
+    err = capsys.readouterr().err
+    assert code == 1 and says in err, err
+    assert "listening on" not in err and not (tmp_path / "w").exists()

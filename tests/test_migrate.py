@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from helper import abi
+from host_shim.migration.convergence import THROTTLE_MAX, ConvergenceSettings
 from host_shim.migration.migrate import MigrationConfig, migrate
 from host_shim.vm.qemu import QemuVM
 
@@ -37,7 +38,10 @@ def test_live_migration_keeps_the_guest_running_and_its_memory_intact(firmware: 
     # check beside it only if the log got older than the flusher's expiry).
     assert report.switchover_check == "dirty-log" or (report.switchover_reason or "").startswith("log in doubt"), \
         "\n".join(report.describe())
-    assert report.passes[-1].logged == report.log_pages > 0
+    # The guest writes between the last pass and 'stop', unless the throttle
+    # held it stopped for most of that time (a loaded machine).
+    assert report.passes[-1].logged == report.log_pages
+    assert report.log_pages > 0 or report.throttle["max_level"] > 0, "\n".join(report.describe())
     assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
     assert len(report.passes) >= 2
     assert report.passes[0].pages == 256 * 256  # the full first pass
@@ -163,6 +167,114 @@ def test_target_helper_killed_mid_migration_leaves_the_source_running(firmware: 
     assert report.source_heartbeat_after_failure is not None and "errors=0" in report.source_heartbeat_after_failure
     assert report.error is not None and "exited" in report.error
     assert time.monotonic() - started < 240
+
+
+def _throttle_commands(qmp_log: Path) -> list[str]:
+    """The source QEMU's stop and cont commands, in order, from its qmp.log."""
+    text = qmp_log.read_text(errors="replace") if qmp_log.exists() else ""
+    return re.findall(r'> \{"execute": "(stop|cont)"', text)
+
+
+def test_a_small_downtime_limit_throttles_the_guest_and_it_runs_on_the_target(firmware: Path, work_dir: Path) -> None:
+    """A downtime limit of 1 ms no pass can meet: from the second pass on
+    the guest is throttled (QMP stop/cont), the pass limit ends pre-copy,
+    and the guest goes on on the target, its memory intact."""
+    report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False,
+                                     convergence=ConvergenceSettings(downtime_limit_ms=1)))
+    assert report.outcome == "ok", "\n".join(report.describe())
+    assert report.guest_state == "running on target" and report.ram_identical is True
+    assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
+    throttle = report.throttle
+    assert throttle["cycles"] > 0 and 0 < throttle["max_level"] <= THROTTLE_MAX and throttle["error"] is None
+    assert 0 < throttle["stopped_seconds"] <= throttle["engaged_seconds"]
+    decisions = throttle["decisions"]
+    assert decisions and not decisions[0]["switch"] and decisions[-1]["switch"]
+    assert [d["throttle"] for d in decisions] == sorted(d["throttle"] for d in decisions)
+    # Every throttle stop was followed by its cont; the switchover's stop is the last command.
+    commands = _throttle_commands(work_dir / "source" / "qmp.log")
+    assert commands[-1] == "stop" and commands[:-1] == ["stop", "cont"] * throttle["cycles"]
+    assert "throttled up to" in "\n".join(report.describe())
+    assert "CORRUPTION" not in (work_dir / "target" / "serial.log").read_text(errors="replace")
+
+
+def test_a_target_killed_mid_throttle_leaves_the_source_guest_running(firmware: Path, work_dir: Path) -> None:
+    """The target QEMU killed while the throttle runs (a stop and its cont
+    seen in the source's qmp.log): the migration fails, the throttle ends
+    with a cont, and the source guest runs and beats."""
+    killed: list[int] = []
+
+    def kill_target_mid_throttle() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if _throttle_commands(work_dir / "source" / "qmp.log")[:2] == ["stop", "cont"]:
+                pid = int((work_dir / "target" / "qemu.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_target_mid_throttle, daemon=True)
+    killer.start()
+    report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False,
+                                     convergence=ConvergenceSettings(downtime_limit_ms=1)))
+    killer.join(timeout=5)
+    assert killed, "the throttle never engaged"
+    assert report.outcome == "failed", "\n".join(report.describe())
+    assert report.guest_state == "running on source", "\n".join(report.describe())
+    assert report.source_heartbeat_after_failure is not None and "errors=0" in report.source_heartbeat_after_failure
+    assert report.throttle["cycles"] > 0
+    # The throttle's last command was its cont, before the run looked at the
+    # guest (query-status said running), and it sent nothing after the run.
+    commands = _throttle_commands(work_dir / "source" / "qmp.log")
+    assert commands[-1] == "cont" and commands == ["stop", "cont"] * (len(commands) // 2)
+    time.sleep(0.5)
+    assert _throttle_commands(work_dir / "source" / "qmp.log") == commands
+
+
+def test_a_target_that_leaves_in_the_handshake_stops_the_source_helpers_started_beside_it(
+    firmware: Path, work_dir: Path
+) -> None:
+    """The source helpers start while the target prepares. A target that
+    reads the source's hello and closes the connection a second later: the
+    run fails with the handshake's error, waits for the helpers' start,
+    stops them by their pids, and the guest was never touched (running,
+    beating)."""
+    import socket
+
+    from host_shim.helpers.keys import generate_key
+
+    server = socket.create_server(("127.0.0.1", 0))
+    described: list[bytes] = []
+
+    def leave_after_the_hello() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.settimeout(120)
+            while b'"hello"' not in b"".join(described):
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                described.append(chunk)
+            time.sleep(1.0)  # the source helpers are starting meanwhile
+
+    fake = threading.Thread(target=leave_after_the_hello, daemon=True)
+    fake.start()
+    key = work_dir / "transport.key"
+    generate_key(key)
+    try:
+        report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False,
+                                         key_file=key, target=server.getsockname()[:2]))
+    finally:
+        server.close()
+    fake.join(timeout=5)
+    assert described, "the source never said hello"
+    assert report.outcome == "failed" and "closed the connection" in (report.error or ""), report.error
+    assert report.guest_state == "running on source", "\n".join(report.describe())
+    assert report.source_heartbeat_after_failure is not None
+    pid_files = list((work_dir / "source-helpers").rglob("qemu.pid"))
+    assert pid_files, "the source helpers were not started beside the handshake"
+    for pid_file in pid_files:
+        assert not Path(f"/proc/{int(pid_file.read_text())}").exists() or \
+            Path(f"/proc/{int(pid_file.read_text())}/stat").read_text().split(") ")[1][0] == "Z"
 
 
 def test_target_qemu_dying_after_switchover_is_reported(firmware: Path, work_dir: Path) -> None:

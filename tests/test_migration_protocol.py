@@ -15,9 +15,12 @@ from typing import Any
 
 import pytest
 
+from host_shim.migration import migrate as migrate_module
 from host_shim.migration import migration_protocol as mp
 from host_shim.migration.guest_description import DescriptionError, device_model, firmware_digest, validate
+from host_shim.migration.migrate import MigrationConfig
 from host_shim.migration.migrate_target import TargetConfig, TargetReport, run_target
+from host_shim.migration.migration_vm import MigrationError
 from host_shim.vm.devices import NicBackend
 
 DIGEST = "ab" * 32
@@ -613,3 +616,36 @@ def test_after_resumed_progress_then_running_is_taken() -> None:
         peer.sendall(mp.encode("progress", stream_bytes=1) + mp.encode("running", heartbeat="HB seq=3"))
         assert _await_running(channel)["heartbeat"] == "HB seq=3"
     channel.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_the_source_connects_to_a_target_that_listens_only_later(tmp_path: Path) -> None:
+    """--connect-timeout bounds the whole wait: a target whose
+    migrate-incoming starts listening after the source first tried (refused)
+    is reached once it listens; one that never listens is given up after
+    the timeout, said with the option."""
+    port = _free_port()
+    accepted: list[socket.socket] = []
+
+    def listen_later() -> None:
+        time.sleep(1.0)
+        with socket.create_server(("127.0.0.1", port)) as server:
+            server.settimeout(10)
+            accepted.append(server.accept()[0])
+
+    late = threading.Thread(target=listen_later, daemon=True)
+    late.start()
+    config = MigrationConfig(image=tmp_path / "image.fd", work_dir=tmp_path, connect_timeout=10.0)
+    channel = migrate_module._connect(config, ("127.0.0.1", port))
+    late.join(timeout=15)
+    assert accepted and channel.peer == f"target 127.0.0.1:{port}"
+    channel.close()
+    accepted[0].close()
+    config.connect_timeout = 0.5
+    with pytest.raises(MigrationError, match=r"for 0\.5 s \(--connect-timeout\); is 'ovmf-mh migrate-incoming'"):
+        migrate_module._connect(config, ("127.0.0.1", _free_port()))

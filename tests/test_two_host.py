@@ -8,11 +8,13 @@ the pid files in their work folders)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,8 +27,11 @@ from typing import IO, Any
 import pytest
 from tcp_states import close_wait_sockets
 
+from host_shim.migration import debian_guest
 from host_shim.migration import migration_protocol as mp
 from host_shim.migration.migration_vm import MIB
+from host_shim.vm import guest, guest_image
+from host_shim.vm.netns import TAP, UPLINK, L2Network
 
 pytestmark = [pytest.mark.qemu, pytest.mark.firmware]
 
@@ -639,3 +644,261 @@ def test_link_down_in_the_switchover(
     _nothing_left(work_dir, ram_dir)
     print(f"link down in the switchover: source exited 1 after {source_seconds:.2f} s ({_last_line(source)}); "
           f"target exited 1 after {target_seconds:.2f} s ({_last_line(target)})")
+
+
+# --- the Debian guest over the L2 network of namespaces ---------------------------------------------------
+
+#: The port migrate-incoming listens on in the target host's namespace: the
+#: namespace is the test's own, nothing else listens there, so the source can
+#: be started first and connect once the target listens (--connect-timeout).
+DEBIAN_PORT = 7300
+#: The Debian guest's boot to its first heartbeat under TCG on a loaded machine.
+DEBIAN_BOOT = debian_guest.BOOT_TIMEOUT
+#: Silence that counts as a gone peer in the Debian tests: a 512 MiB guest
+#: under two vCPUs of TCG leaves the helpers little CPU on a loaded machine.
+DEBIAN_IDLE = 20.0
+
+
+@pytest.fixture
+def debian_image() -> Path:
+    """The cached Debian image (built here the first time: minutes, needs the mirror)."""
+    return guest_image.build_image()
+
+
+@pytest.fixture
+def l2_network() -> Iterator[L2Network]:
+    """The source host, the target host and a client in namespaces of their
+    own on one L2 segment (host_shim/vm/netns.py); gone afterwards, with
+    every link in them, once their holders and the QEMUs inside have ended."""
+    if os.geteuid() != 0:
+        pytest.skip("the L2 network of namespaces needs root")
+    with L2Network() as network:
+        yield network
+
+
+def _debian_target(programs: list[Program], work: Path, key: Path, network: L2Network, disk: Path,
+                   *extra: str) -> Program:
+    """migrate-incoming in the target host's namespace, the guest's disk at
+    this host's own path, its NIC on this host's tap; the RAM file in its
+    work folder (the default)."""
+    program = Program(["migrate-incoming", "--listen", f"{network.address('target')}:{DEBIAN_PORT}", "--key",
+                       str(key), "--work-dir", str(work / "target"), "--json", "--idle-timeout", str(DEBIAN_IDLE),
+                       "--disk", str(disk), "--nic", f"tap:{TAP}", *extra],
+                      work, "migrate-incoming", tuple(network.enter("target")))
+    programs.append(program)
+    deadline = time.monotonic() + 60
+    while f"listening on {network.address('target')}:{DEBIAN_PORT}" not in program.stderr():
+        assert program.proc.poll() is None, f"migrate-incoming exited: {program.stderr()}"
+        assert time.monotonic() < deadline, f"migrate-incoming did not listen; {program.stderr_path}"
+        time.sleep(0.05)
+    return program
+
+
+def _debian_source(programs: list[Program], work: Path, key: Path, network: L2Network, *guest: str) -> Program:
+    """migrate --to in the source host's namespace, with the default
+    switchover (the dirty log of the RAM file in its work folder)."""
+    program = Program(["migrate", "--to", f"{network.address('target')}:{DEBIAN_PORT}", "--key", str(key),
+                       "--work-dir", str(work / "source"), "--helpers", "1", "--json", "--no-progress",
+                       "--idle-timeout", str(DEBIAN_IDLE), "--connect-timeout", "300", *guest],
+                      work, "migrate", tuple(network.enter("source")))
+    programs.append(program)
+    return program
+
+
+def _probe_once_booted(network: L2Network, booting: Program, serial: Path) -> debian_guest.ProbeClient:
+    """Once the guest ``booting`` boots beats on ``serial``: the TCP probe
+    from the client's namespace, streaming to the guest's echo service (a
+    program that fails meanwhile fails the test at once, not after the
+    probe's timeout)."""
+    deadline = time.monotonic() + DEBIAN_BOOT
+    while guest.HEARTBEAT not in (serial.read_text(errors="replace") if serial.exists() else ""):
+        assert booting.proc.poll() in (None, 0), f"{booting.stderr_path}: {booting.stderr()[-2000:]}"
+        assert time.monotonic() < deadline, f"no heartbeat within {DEBIAN_BOOT:g} s; {serial}"
+        time.sleep(0.5)
+    return debian_guest.ProbeClient(network, timeout=120)
+
+
+def _sent_in_order(work: Path, side: str, *commands: str) -> bool:
+    """``side``'s guest QEMU was sent ``commands`` in this order (its QMP log)."""
+    log = (work / side / side / "qmp.log").read_text()
+    at = [log.find(f'"execute": "{command}"') for command in commands]
+    return -1 not in at and at == sorted(at)
+
+
+def _disk_digests(serial: Path, what: str) -> list[str]:
+    return re.findall(rf"{re.escape(what)} sha256=([0-9a-f]{{64}})", serial.read_text(errors="replace"))
+
+
+def _all_echoed(probe: dict[str, Any]) -> None:
+    assert "error" not in probe, probe
+    assert probe["bytes_sent"] > 0 and probe["bytes_echoed"] == probe["bytes_sent"], probe
+    assert probe["in_order"] is True and probe["connection_reset"] is False, probe
+    assert isinstance(probe["longest_gap_ms"], (int, float)) and probe["longest_gap_ms"] > 0, probe
+
+
+def test_two_programs_migrate_the_debian_guest_over_the_namespaces_with_its_tcp_connection(
+        firmware: Path, work_dir: Path, key: Path, programs: list[Program], l2_network: L2Network,
+        debian_image: Path) -> None:
+    """`ovmf-mh migrate --to --guest debian` in the source host's namespace,
+    `ovmf-mh migrate-incoming --disk --nic tap:` in the target's: the
+    Debian guest, booted from its disk with 2 vCPUs and virtio disk, NIC and
+    RNG, migrates with the default switchover while a TCP connection from
+    the client namespace streams to its echo service: every byte echoed in
+    order, no reset; the target resumes it ('cont'), announces its MAC
+    ('announce-self'), and the file the guest wrote and fsynced at boot on
+    the source reads back with the same digest on the target."""
+    network = l2_network
+    source = _debian_source(programs, work_dir, key, network, "--guest", "debian", "--guest-mib", "512",
+                            "--vcpus", "2", "--nic", f"tap:{TAP}")
+    # Streaming before the source connects: the target listens only now.
+    probe = _probe_once_booted(network, source, work_dir / "source" / "source" / "serial.log")
+    try:
+        target = _debian_target(programs, work_dir, key, network, work_dir / "source" / "disk.qcow2")
+        assert source.wait(timeout=900) == 0, f"{source.stderr_path}: {source.stderr()[-3000:]}"
+        report = _report(source)
+        assert report["outcome"] == "ok" and report["guest_state"] == "running on target", report
+        assert report["ram_identical"] is True and "errors=0" in report["target_heartbeat"], report
+        assert report["switchover_check"].startswith("dirty-log"), report["switchover_check"]
+        time.sleep(debian_guest.STREAM_AFTER_RESUME)  # the probe streams on to the guest's new home
+        tcp_probe = probe.finish()
+    finally:
+        probe.close()
+    _all_echoed(tcp_probe)
+    source_cmdline = (work_dir / "source" / "source" / "qemu-cmdline.txt").read_text()
+    assert "-kernel" not in source_cmdline and "-smp 2" in source_cmdline
+    assert f"ifname={TAP}" in source_cmdline and "virtio-blk-pci" in source_cmdline
+    target_cmdline = (work_dir / "target" / "target" / "qemu-cmdline.txt").read_text()
+    assert f"file={work_dir / 'source' / 'disk.qcow2'}" in target_cmdline and f"ifname={TAP}" in target_cmdline
+    assert _sent_in_order(work_dir, "target", "cont", "announce-self"), "no announce-self after cont"
+    wrote = _disk_digests(work_dir / "source" / "source" / "serial.log", guest_image.DISK_WROTE)
+    assert len(wrote) == 1, "the guest wrote its probe file once, at boot on the source"
+    checked = _disk_digests(work_dir / "target" / "target" / "serial.log", guest_image.DISK_CHECK)
+    assert checked and set(checked) == set(wrote), (wrote, checked)
+    assert target.proc.poll() is None, f"{target.stderr_path}: {target.stderr()[-2000:]}"
+    os.kill(target.pid, signal.SIGTERM)
+    assert target.wait(timeout=60) == 0, target.stderr()
+    target_report = _report(target)
+    assert target_report["outcome"] == "ok" and target_report["phase"] == "done", target_report
+    assert target_report["peer"].startswith(f"{network.address('source')}:"), target_report
+    assert [d["type"] for d in target_report["guest"]["devices"]] == ["virtio-blk-pci", "virtio-net-pci",
+                                                                      "virtio-rng-pci"]
+    assert _all_gone(work_dir, 15) == []
+    print(f"Debian guest over the namespaces: {len(report['passes'])} passes, total {report['total_seconds']:.1f} s, "
+          f"downtime {report['downtime_seconds']:.2f} s, switchover by {report['switchover_check']}; "
+          f"tcp_probe {tcp_probe}")
+
+
+def test_migrate_incoming_refuses_a_crafted_description_naming_the_unknown_device(
+        firmware: Path, work_dir: Path, key: Path, programs: list[Program]) -> None:
+    """A source that describes the Debian guest with an e1000 NIC, written
+    straight onto the wire to the `migrate-incoming` program: refused with
+    the device named (to the source, on stderr and in the report), exit 1,
+    no QEMU started, no path or device from the wire used."""
+    disk = work_dir / "disk.qcow2"
+    disk.write_bytes(b"never opened: the description is refused first")
+    target = Program(["migrate-incoming", "--listen", "127.0.0.1:0", "--key", str(key), "--work-dir",
+                      str(work_dir / "target"), "--json", "--image", str(firmware), "--disk", str(disk)],
+                     work_dir, "migrate-incoming")
+    programs.append(target)
+    deadline = time.monotonic() + 60
+    while not (found := re.search(r"listening on 127\.0\.0\.1:(\d+)", target.stderr())):
+        assert target.proc.poll() is None and time.monotonic() < deadline, target.stderr()
+        time.sleep(0.05)
+    digest = hashlib.sha256(firmware.read_bytes()).hexdigest()
+    crafted = {"guest": "debian-12", "machine": "q35", "accel": "tcg", "cpu": "max", "memory_mib": 512,
+               "workload_mib": 64, "shards": 1, "firmware_sha256": digest, "vcpus": 2,
+               "devices": [{"type": "virtio-blk-pci", "format": "qcow2", "size": 1 << 30},
+                           {"type": "e1000", "mac": "52:54:00:12:34:56"}]}
+    with socket.create_connection(("127.0.0.1", int(found.group(1))), timeout=30) as sock:
+        channel = mp.Channel(sock, "target", 30)
+        channel.send("hello", protocol=mp.PROTOCOL, versions=list(mp.VERSIONS))
+        channel.receive("welcome")
+        channel.send("describe", guest=crafted)
+        answer = channel.receive("refuse")
+    assert answer["field"] == "devices[1].type", answer
+    assert "device 'e1000' is not on this target's allow-list" in answer["reason"], answer
+    assert target.wait(timeout=60) == 1, target.stderr()
+    assert "'e1000'" in target.stderr() and "during the guest description (refused)" in target.stderr()
+    report = _report(target)
+    assert report["outcome"] == "failed" and report["guest_state"] == "not started", report
+    assert "'e1000'" in report["error"], report
+    assert not (work_dir / "target" / "target").exists(), "a target QEMU was prepared"
+
+
+def test_a_link_cut_in_pre_copy_leaves_the_attached_debian_guest_and_its_tcp_connection_running(
+        firmware: Path, work_dir: Path, key: Path, programs: list[Program], l2_network: L2Network,
+        debian_image: Path) -> None:
+    """The Debian guest the user runs ('ovmf-mh guest start --guest debian
+    --nic tap:', in the source host's namespace), attached by `migrate --qmp
+    --ram --disk --to`: the target host's uplink is cut during pre-copy.
+    Both programs fail with the peer named, the target never resumes, the
+    guest runs on at the source and the client's TCP connection to it
+    streams on without a reset. With the link back, the same guest migrates
+    (attach) and the same connection streams on to its new home: every byte
+    echoed in order across both migrations. Nothing is left running."""
+    network = l2_network
+    user = work_dir / "user"
+    qmp = Path(tempfile.mkdtemp(prefix="omh-deb-")) / "qmp.sock"
+    start = Program(["guest", "start", "--guest", "debian", "--guest-mib", "512", "--nic", f"tap:{TAP}", "--work-dir",
+                     str(user), "--qmp", str(qmp), "--timeout", str(DEBIAN_BOOT), "--json"], work_dir, "guest-start",
+                    tuple(network.enter("source")))
+    programs.append(start)
+    probe: debian_guest.ProbeClient | None = None
+    try:
+        probe = _probe_once_booted(network, start, user / "serial.log")
+        assert start.wait(timeout=60) == 0, start.stderr()
+        record = json.loads(start.stdout())
+        disk = user / "disk.qcow2"
+        attach = ["--qmp", record["qmp"], "--ram", record["ram"], "--disk", str(disk)]
+        cut = work_dir / "cut"
+        target = _debian_target(programs, cut, key, network, disk)
+        source = _debian_source(programs, cut, key, network, *attach)
+        with _pre_copy_held(cut, source):
+            network.ip("target", "link", "set", UPLINK, "down")
+            cut_at = time.monotonic()
+        assert source.wait(timeout=300) == 1, source.stderr()
+        source_seconds = time.monotonic() - cut_at
+        assert target.wait(timeout=300) == 1, target.stderr()
+        target_seconds = time.monotonic() - cut_at
+        report = _report(source)
+        assert report["outcome"] == "failed" and report["guest_state"] == "running on source", report
+        assert f"target {network.address('target')}:{DEBIAN_PORT}" in report["error"], report["error"]
+        target_report = _report(target)
+        assert target_report["guest_state"] == "never resumed here" and target_report["phase"] == "pre-copy", \
+            target_report
+        assert not _qmp_sent(cut, "target", "cont"), "the target QEMU was resumed"
+        assert _all_gone(cut, 15) == [], "a QEMU of the failed migration still runs"
+        # The user's guest beats on at the source, its QEMU running.
+        serial = Path(record["logs"]["serial"])
+        beats = serial.read_text(errors="replace").count(guest.HEARTBEAT)
+        deadline = time.monotonic() + 60
+        while serial.read_text(errors="replace").count(guest.HEARTBEAT) < beats + 2:
+            assert time.monotonic() < deadline, f"the guest stopped beating at the source; {serial}"
+            time.sleep(0.5)
+        assert probe.proc.poll() is None, "the TCP probe ended"
+        # The link back, the same guest migrates, the connection still open.
+        network.ip("target", "link", "set", UPLINK, "up")
+        again = work_dir / "again"
+        target = _debian_target(programs, again, key, network, disk)
+        source = _debian_source(programs, again, key, network, *attach, "--quit-source")
+        assert source.wait(timeout=900) == 0, f"{source.stderr_path}: {source.stderr()[-3000:]}"
+        report_again = _report(source)
+        assert report_again["outcome"] == "ok" and report_again["ram_identical"] is True, report_again
+        time.sleep(debian_guest.STREAM_AFTER_RESUME)
+        tcp_probe = probe.finish()
+    finally:
+        if probe is not None:
+            probe.close()
+        subprocess.run([str(OVMF_MH), "guest", "stop", "--work-dir", str(user)], capture_output=True, timeout=120)
+        shutil.rmtree(qmp.parent, ignore_errors=True)
+    _all_echoed(tcp_probe)
+    assert _sent_in_order(again, "target", "cont", "announce-self"), "no announce-self after cont"
+    assert not _alive(record["pid"]), "the user's source QEMU still runs after --quit-source"
+    os.kill(target.pid, signal.SIGTERM)
+    assert target.wait(timeout=60) == 0, target.stderr()
+    holders = [holder.pid for holder in network.holders.values()]
+    network.close()
+    assert _all_gone(work_dir, 15) == [] and not any(_alive(pid) for pid in holders)
+    print(f"link cut in pre-copy: source exited 1 after {source_seconds:.1f} s ({report['error'][:200]}); target "
+          f"after {target_seconds:.1f} s; then migrated in {report_again['total_seconds']:.1f} s, downtime "
+          f"{report_again['downtime_seconds']:.2f} s; tcp_probe {tcp_probe}")

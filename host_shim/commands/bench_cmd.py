@@ -11,6 +11,7 @@ from host_shim.devtools.bench import bench_crypto, bench_pipeline, format_pipeli
 from host_shim.devtools.profile_reference import format_profile
 from host_shim.errors import OvmfMhError
 from host_shim.firmware.boot import resolve_image
+from host_shim.migration.convergence import DEFAULT_DOWNTIME_LIMIT_MS, ConvergenceSettings
 from host_shim.migration.migrate import SWITCHOVER_MODES
 from host_shim.vm import process
 from host_shim.vm.debian_vm import GUEST_KINDS
@@ -89,6 +90,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                      "full-check (default: work folder)")
     mig.add_argument("--background-load", type=int, default=0, metavar="N",
                      help="run N busy processes beside every migration, plain QEMU and ovmf-mh alike (default 0)")
+    mig.add_argument("--downtime-limit", type=float, default=DEFAULT_DOWNTIME_LIMIT_MS, metavar="MS",
+                     help="ovmf-mh's downtime limit for the final pass (see 'ovmf-mh migrate --help'; default "
+                     f"{DEFAULT_DOWNTIME_LIMIT_MS})")
+    mig.add_argument("--auto-converge", action=argparse.BooleanOptionalAction, default=True,
+                     help="ovmf-mh throttles the source guest while pre-copy does not converge (see 'ovmf-mh "
+                     "migrate --help'; default on)")
     mig.add_argument("--plot", type=Path, metavar="FILE.png",
                      help="draw downtime and total time against guest size, plain beside ovmf-mh")
     mig.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
@@ -163,6 +170,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     _check_guest_options(args)
     image = resolve_image(Path(args.image) if args.image else None)
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-migrate-"))).resolve()
+    convergence = ConvergenceSettings(downtime_limit_ms=args.downtime_limit, auto_converge=args.auto_converge)
     if debian:
         from host_shim.devtools.bench_migrate_debian import bench_migrate_debian, format_debian_table
 
@@ -170,12 +178,13 @@ def run_migrate(args: argparse.Namespace) -> int:
                                        ram_dir=args.ram_dir, switchover=args.switchover,
                                        idle_timeout=args.idle_timeout, background_load=args.background_load,
                                        client_rto_max_ms=args.client_rto_max_ms,
-                                       verify_ram=not args.no_verify_ram)
+                                       verify_ram=not args.no_verify_ram, convergence=convergence)
         table = format_debian_table(results)
     else:
         results = bench_migrate(image, work, sizes=sizes, workload_mib=args.workload_mib or 64,
                                 helpers=args.helpers, ram_dir=args.ram_dir, switchover=args.switchover,
-                                idle_timeout=args.idle_timeout, background_load=args.background_load)
+                                idle_timeout=args.idle_timeout, background_load=args.background_load,
+                                convergence=convergence)
         table = format_table(results)
     (work / "bench.json").write_text(json.dumps(results, indent=2))
     if args.plot is not None:

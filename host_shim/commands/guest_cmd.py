@@ -17,7 +17,7 @@ from host_shim.firmware.boot import resolve_image
 from host_shim.migration.guest_description import MAX_GUEST_MIB, MIN_GUEST_MIB
 from host_shim.migration.migration_vm import MIB, MigrationError, guest_config
 from host_shim.vm import debian_vm, detached, guest, guest_image
-from host_shim.vm.devices import DeviceModel
+from host_shim.vm.devices import DeviceModel, parse_nic, present_nic
 from host_shim.vm.qemu import QemuConfig
 
 
@@ -101,7 +101,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guest", choices=debian_vm.GUEST_KINDS, default="test",
                         help="the test guest (default) or 'debian': the Debian disk image booted by the firmware, "
                         "2 vCPUs, a virtio disk (a qcow2 overlay WORK_DIR/disk.qcow2 over the cached image), a "
-                        "virtio NIC with no host side, a virtio RNG")
+                        "virtio NIC (its host side: --nic), a virtio RNG")
     parser.add_argument("--work-dir", type=Path, required=True,
                         help="folder for the guest's record, logs and (by default) RAM file and QMP socket")
     parser.add_argument("--image", type=Path, help="firmware image (default: the DEBUG build)")
@@ -113,6 +113,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="the guest's RAM file, e.g. under /dev/shm (default: WORK_DIR/guest.ram)")
     parser.add_argument("--qmp", type=Path,
                         help="the QMP unix socket, at most 107 bytes of path (default: WORK_DIR/qmp.sock)")
+    parser.add_argument("--nic", metavar="none|user|tap:NAME",
+                        help="with --guest debian: the host side of the guest's virtio NIC: none (a NIC with no "
+                        "link), QEMU's user network, or the tap device NAME, e.g. one on a bridge (default none)")
 
 
 def _paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
@@ -126,12 +129,16 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 
 
 def _config(args: argparse.Namespace, ram: Path) -> QemuConfig:
+    if args.nic is not None and args.guest != "debian":
+        raise MigrationError("--nic is the host side of the Debian guest's NIC (--guest debian); the test guest "
+                             "has no NIC")
     if args.guest == "debian":
+        nic = parse_nic(args.nic or "none")
         disk = args.work_dir.resolve() / "disk.qcow2"
         if not disk.exists():
             args.work_dir.mkdir(parents=True, exist_ok=True)
             guest_image.overlay(disk)
-        return debian_vm.config(resolve_image(args.image), ram, args.guest_mib * MIB, DeviceModel(disk=disk))
+        return debian_vm.config(resolve_image(args.image), ram, args.guest_mib * MIB, DeviceModel(disk=disk, nic=nic))
     return guest_config(resolve_image(args.image), ram, args.guest_mib * MIB, incoming=False,
                         workload_mib=args.workload_mib)
 
@@ -139,6 +146,8 @@ def _config(args: argparse.Namespace, ram: Path) -> QemuConfig:
 def run_start(args: argparse.Namespace) -> int:
     work, ram, qmp = _paths(args)
     config = _config(args, ram)
+    if args.nic is not None:
+        present_nic(parse_nic(args.nic))  # QEMU opens the tap in this namespace
     details: dict[str, Any] = {"guest_mib": args.guest_mib, "workload_mib": args.workload_mib,
                                "image": str(config.firmware_code)}
     record = detached.start(config, work, qmp, ram, details, timeout=args.timeout)

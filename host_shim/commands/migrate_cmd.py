@@ -11,11 +11,13 @@ from pathlib import Path
 from host_shim.commands.options import add_mailbox_timeout
 from host_shim.firmware.boot import resolve_image
 from host_shim.helpers.backends import KINDS
+from host_shim.migration.convergence import DEFAULT_DOWNTIME_LIMIT_MS, THROTTLE_MAX, ConvergenceSettings
 from host_shim.migration.migrate import SWITCHOVER_MODES, MigrationConfig, migrate, write_report
 from host_shim.migration.migration_protocol import parse_address
 from host_shim.migration.migration_vm import MigrationError
 from host_shim.vm import process
 from host_shim.vm.debian_vm import DEFAULT_MIB, GUEST_KINDS
+from host_shim.vm.devices import parse_nic, present_nic
 from host_shim.vm.netns import L2Network
 from host_shim.vm.qemu import describe_logs
 
@@ -51,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         help="transport key file, the same on both hosts; required with --to (default "
                         "without --to: a fresh one for this run)")
     parser.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="give up connecting to the target after this long (default 30)")
+                        help="keep trying while the target refuses the connection ('migrate-incoming' not listening "
+                        "yet), give up after this long (default 30)")
     parser.add_argument("--idle-timeout", type=float, default=15.0, metavar="SECONDS",
                         help="the target counts as gone when it says nothing (it reports progress every "
                         "second) or takes no data for this long (default 15)")
@@ -95,9 +98,23 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "(net.ipv4.tcp_rto_max_ms in its namespace, 1000..120000, Linux 6.15+), so its first "
                         "retransmission after the switchover comes at most MS after 'cont' (default: the kernel's "
                         "120000; docs/migration.md, 'The probe's gap')")
+    parser.add_argument("--nic", metavar="none|user|tap:NAME",
+                        help="with --guest debian and --to: the host side of the guest's virtio NIC on this (the "
+                        "source) host: none (a NIC with no link), QEMU's user network, or the tap device NAME, e.g. "
+                        "one on a bridge; the target names its own with 'migrate-incoming --nic' (default none)")
     parser.add_argument("--max-passes", type=int, default=6, help="pre-copy passes at most (default 6)")
-    parser.add_argument("--converge-pages", type=int, default=2048,
-                        help="stop pre-copy when a pass sent at most this many pages (default 2048)")
+    parser.add_argument("--downtime-limit", type=float, default=DEFAULT_DOWNTIME_LIMIT_MS, metavar="MS",
+                        help="stop pre-copy once the final pass, by the page rate the last pass measured, would "
+                        "take at most this long with the guest stopped: the pages the dirty log marks times the "
+                        "seconds per page of the last pass (the check and the send; the target's verification, "
+                        "the device state and 'cont' come on top) (default "
+                        f"{DEFAULT_DOWNTIME_LIMIT_MS} ms)")
+    parser.add_argument("--auto-converge", action=argparse.BooleanOptionalAction, default=True,
+                        help="while a pre-copy pass leaves more than half of its pages dirty again, throttle the "
+                        "guest: stop it for a share of every 100 ms (QMP stop/cont), raised after each such pass, "
+                        f"at most {100 * THROTTLE_MAX:.0f}%%; the guest always runs again when pre-copy ends, "
+                        "whatever ends it (default on; --no-auto-converge: the pass limit ends a pre-copy that "
+                        "does not converge)")
     parser.add_argument("--switchover", choices=SWITCHOVER_MODES, default="dirty-log",
                         help="how pre-copy passes and the switchover find dirty pages: dirty-log, the kernel's "
                         "write log of the source RAM file (needs it on ext4, Linux 6.5+: the switchover then "
@@ -154,6 +171,13 @@ def run(args: argparse.Namespace) -> int:
     if args.client_rto_max_ms is not None and not networked:
         raise MigrationError("--client-rto-max-ms is the TCP probe's client: it goes with --guest debian and the "
                              "network of namespaces (not --no-network, not --to)")
+    if args.nic is not None and args.guest != "debian":
+        raise MigrationError("--nic is the host side of the Debian guest's NIC (--guest debian)")
+    if args.nic is not None and not args.to:
+        raise MigrationError("--nic names the source host's side of the NIC with --to; with both roles in this "
+                             "command --network (the default) puts it on a tap in each host's namespace, and "
+                             "--no-network leaves it without a host side")
+    nic = present_nic(parse_nic(args.nic)) if args.nic is not None else None
     default_mib = DEFAULT_MIB if args.guest == "debian" else 256
     work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
     config = MigrationConfig(
@@ -165,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         guest_mib=default_mib if args.guest_mib is None else args.guest_mib,
         workload_mib=64 if args.workload_mib is None else args.workload_mib,
         max_passes=args.max_passes,
-        converge_pages=args.converge_pages,
+        convergence=ConvergenceSettings(downtime_limit_ms=args.downtime_limit, auto_converge=args.auto_converge),
         switchover=args.switchover,
         verify_all=args.verify_all,
         verify_ram=not args.no_verify_ram,
@@ -182,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
         guest=args.guest,
         vcpus=args.vcpus,
         disk=args.disk.absolute() if args.disk else None,
+        nic=nic,
     )
     try:
         # The namespaces hold both hosts: only when this command runs both roles.

@@ -15,7 +15,7 @@ from host_shim.helpers.keys import read_key
 from host_shim.migration.migrate_target import TargetConfig, TargetReport, run_target
 from host_shim.migration.migration_protocol import parse_address
 from host_shim.vm import process
-from host_shim.vm.devices import parse_nic
+from host_shim.vm.devices import parse_nic, present_nic
 from host_shim.vm.qemu import describe_logs
 
 
@@ -72,6 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     if args.helpers < 1:
         raise OvmfMhError(f"--helpers {args.helpers}: at least 1")
+    if args.disk is not None and not args.disk.is_file():
+        raise OvmfMhError(f"--disk {args.disk}: not a file; give this host's path to the guest's disk on the storage "
+                          "both hosts see")
+    nic = present_nic(parse_nic(args.nic))
     image = resolve_image(args.image)
     key = read_key(args.key)
     listen = parse_address(args.listen, "--listen")
@@ -81,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         ram_dir=args.ram_dir, accept_timeout=args.accept_timeout, idle_timeout=args.idle_timeout,
         heartbeat_timeout=args.heartbeat_timeout, mailbox_timeout=args.mailbox_timeout,
         keep_running=args.keep_running, on_listening=_say_listening,
-        disk=args.disk.absolute() if args.disk else None, nic=parse_nic(args.nic),
+        disk=args.disk.absolute() if args.disk else None, nic=nic,
     )
     try:
         report: TargetReport = run_target(config)

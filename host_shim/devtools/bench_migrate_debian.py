@@ -26,6 +26,7 @@ from typing import Any
 from host_shim.devtools.bench_migrate import Migrate, bench_migrate, format_table
 from host_shim.devtools.plain_debian import plain_debian_migration
 from host_shim.errors import OvmfMhError
+from host_shim.migration.convergence import ConvergenceSettings
 from host_shim.migration.guest_description import MAX_VCPUS
 from host_shim.migration.migrate import MigrationConfig, MigrationReport, migrate
 from host_shim.vm import guest_image
@@ -75,6 +76,7 @@ def bench_migrate_debian(
     background_load: int = 0,
     client_rto_max_ms: int | None = None,
     verify_ram: bool = True,
+    convergence: ConvergenceSettings | None = None,
     network: tuple[Network, str | None] | None = None,
     run_migrate: Migrate = migrate,
     run_plain: Callable[..., dict[str, Any]] = plain_debian_migration,
@@ -107,7 +109,8 @@ def bench_migrate_debian(
 
     results = bench_migrate(image, work, sizes=sizes, workload_mib=guest_image.WORKLOAD_MIB, helpers=helpers,
                             ram_dir=ram_dir, switchover=switchover, idle_timeout=idle_timeout,
-                            run_migrate=ours, run_plain=plain, background_load=background_load)
+                            run_migrate=ours, run_plain=plain, background_load=background_load,
+                            convergence=convergence)
     results.update(guest="debian", vcpus=vcpus, roles="one process, the target role in a thread, over loopback TCP",
                    probe=no_probe or "TCP probe from the client namespace to the guest's echo service",
                    client_rto_max_ms=client_rto_max_ms, verify_ram=verify_ram)

@@ -61,9 +61,12 @@ def disk_info(disk: Path) -> tuple[str, int]:
 
 
 def source_guest(image: Path, stack: ExitStack, work: Path, ram_dir: Path | None, guest_mib: int, vcpus: int,
-                 disk: Path, helpers: int, *, new_overlay: bool, network: L2Network | None = None) -> SourceGuest:
+                 disk: Path, helpers: int, *, new_overlay: bool, network: L2Network | None = None,
+                 nic: NicBackend | None = None) -> SourceGuest:
     """Boot the Debian guest from its disk (with ``new_overlay``, a fresh
-    overlay made there over the cached image) and describe it."""
+    overlay made there over the cached image) and describe it. Its NIC's
+    host side: the tap in the source's namespace of ``network``, else
+    ``nic`` (default: none)."""
     if not 1 <= vcpus <= MAX_VCPUS:
         raise MigrationError(f"--vcpus {vcpus}: the Debian guest runs with 1..{MAX_VCPUS} vCPUs")
     if new_overlay:
@@ -71,8 +74,9 @@ def source_guest(image: Path, stack: ExitStack, work: Path, ram_dir: Path | None
         guest_image.overlay(disk)
     disk = disk.absolute()
     disk_format, disk_size = disk_info(disk)
-    nic = NicBackend("tap", TAP) if network is not None else NicBackend()
-    model = DeviceModel(vcpus=vcpus, disk=disk, disk_format=disk_format, nic=nic)
+    if network is not None:
+        nic = NicBackend("tap", TAP)
+    model = DeviceModel(vcpus=vcpus, disk=disk, disk_format=disk_format, nic=nic or NicBackend())
     size = guest_mib * MIB
     ram = ram_file(stack, work, ram_dir, "source", size)
     wrapper = network.enter("source") if network is not None else []

@@ -48,6 +48,7 @@ from host_shim.helpers.mailbox import DEFAULT_TIMEOUT
 from host_shim.migration import debian_guest
 from host_shim.migration import migration_protocol as mp
 from host_shim.migration.attach import SourceGuest, attach, restore
+from host_shim.migration.convergence import ConvergenceSettings, PassNumbers
 from host_shim.migration.dirty_log import DirtyLog, DirtyLogUnavailable, unavailable_reason
 from host_shim.migration.guest_description import (
     ACCELERATORS,
@@ -69,6 +70,7 @@ from host_shim.migration.migration_vm import (
     ram_file,
     wait_for_serial,
 )
+from host_shim.migration.precopy_control import PreCopyControl
 from host_shim.progress import Progress
 from host_shim.transfer import commit_proof
 from host_shim.transfer.holes import hole_pages
@@ -141,6 +143,10 @@ class MigrationReport:
     # Pre-copy passes run after a catch-up because the guest wrote much meanwhile.
     catch_up_passes: int = 0
     switchover_ms: dict[str, int] = field(default_factory=dict)  # milestones after 'stop'
+    # Pre-copy's end and the guest's throttle (precopy_control.py): the
+    # decision after each pass, the levels, the time the guest was stopped.
+    throttle: dict[str, Any] = field(default_factory=dict)
+    throttle_summary: str = ""
     phase_seconds: dict[str, float] = field(default_factory=dict)  # milestones after 'started'
     setup_seconds: float = 0.0
     passes: list[PassReport] = field(default_factory=list)
@@ -175,8 +181,9 @@ class MigrationReport:
         lines = [
             f"migration {self.outcome}: {self.guest_mib} MiB guest, {self.helpers} {self.helper} helper(s); "
             f"guest is {self.guest_state}",
-            f"  total {self.total_seconds:.2f} s from source helper start to target running "
-            f"(target QEMU and helpers prepared before, in {self.setup_seconds:.2f} s), "
+            f"  total {self.total_seconds:.2f} s from the target's accept to target running "
+            f"(target QEMU and helpers prepared before, the source helpers started beside them, in "
+            f"{self.setup_seconds:.2f} s), "
             f"downtime {1000 * self.downtime_seconds:.0f} ms "
             f"(device state {1000 * self.device_state_seconds:.0f} ms; RAM check of "
             f"{1000 * self.verify_seconds:.0f} ms not counted); steps after stop: "
@@ -188,6 +195,7 @@ class MigrationReport:
             + f"; CHECK_PAGES {1000 * self.check_seconds:.0f} ms found {self.check_pages_changed} changed"
             + (f"; pages the log missed: {self.log_missed_pages}" if self.log_missed_pages is not None else "")
             + (f"\n  dirty log: {self.log_trace}" if self.log_trace else ""),
+            f"  {self.throttle_summary}" if self.throttle_summary else "  pre-copy ended before any decision",
             f"  before stop, the target caught up with {self.catch_up_backlog} stream bytes in "
             f"{1000 * self.catch_up_seconds:.0f} ms ({self.catch_up_passes} pass(es) after a catch-up)",
         ]
@@ -231,7 +239,9 @@ class MigrationConfig:
     # (the ABA case a comparison of bytes cannot see).
     aba_pages: int = 0
     max_passes: int = 6
-    converge_pages: int = 2048
+    # When pre-copy ends (the final pass's estimate within the downtime
+    # limit) and whether the guest is throttled until it does.
+    convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
     # 'dirty-log': passes and switchover follow the kernel's write log of
     # the RAM file (ext4); 'full-check': host comparison and CHECK_PAGES of
     # every page (any file system). Never switched silently.
@@ -260,6 +270,9 @@ class MigrationConfig:
     # The Debian guest's L2 network (source, target and client namespaces):
     # its NIC on a tap in each host's namespace, a TCP probe from the client.
     network: L2Network | None = None
+    # Without that network: the host side of the Debian guest's NIC on the
+    # source host (None: a NIC with no link); --to's target names its own.
+    nic: NicBackend | None = None
     # Pages in holes of the source RAM file (never written) go as zero
     # ranges that the source helpers check (EXPORT_ZERO_RANGES, ABI 2.1).
     zero_ranges: bool = True
@@ -287,9 +300,6 @@ CATCH_UP_LIMIT = 5.0
 CATCH_UP_POLL = 0.005
 #: Passes the catch-up may add when the guest wrote much while it waited.
 CATCH_UP_PASSES = 2
-#: The log counts dirty folios whole: about twice the pages really changed
-#: with the test workload (docs/migration.md, "The pass loop").
-FOLIO_SLACK = 2
 #: How often the watch looks at the source QEMU and the target side.
 WATCH_INTERVAL = 0.1
 #: How long a guest QEMU may stay stopped (state T in /proc/PID/stat: SIGSTOP,
@@ -446,13 +456,29 @@ class _TargetListener:
         self._thread.join(timeout)
 
 
+#: How often the source tries again while the target refuses the connection.
+CONNECT_RETRY = 0.2
+
+
 def _connect(config: MigrationConfig, address: tuple[str, int]) -> mp.Channel:
+    """The control connection, tried again while the target refuses it (its
+    `migrate-incoming` not listening yet), until --connect-timeout."""
     peer = f"target {address[0]}:{address[1]}"
-    try:
-        sock = socket.create_connection(address, timeout=config.connect_timeout)
-    except OSError as exc:
-        raise MigrationError(f"cannot connect to the {peer}: {exc.strerror or exc}; is 'ovmf-mh "
-                             "migrate-incoming' listening there?") from exc
+    deadline = time.monotonic() + config.connect_timeout
+    while True:
+        try:
+            sock = socket.create_connection(address, timeout=max(0.1, deadline - time.monotonic()))
+            break
+        except ConnectionRefusedError as exc:
+            if time.monotonic() + CONNECT_RETRY < deadline:
+                time.sleep(CONNECT_RETRY)
+                continue
+            raise MigrationError(f"cannot connect to the {peer}: {exc.strerror or exc} for "
+                                 f"{config.connect_timeout:g} s (--connect-timeout); is 'ovmf-mh "
+                                 "migrate-incoming' listening there?") from exc
+        except OSError as exc:
+            raise MigrationError(f"cannot connect to the {peer}: {exc.strerror or exc}; is 'ovmf-mh "
+                                 "migrate-incoming' listening there?") from exc
     return mp.Channel(sock, peer, config.idle_timeout)
 
 
@@ -573,6 +599,7 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
     channel: mp.Channel | None = None
     listener: _TargetListener | None = None
     watch: _Watch | None = None
+    control: PreCopyControl | None = None
     try:
         if not source_guest.attached:
             _wait_for(source, guest.HEARTBEAT, _boot_timeout(source_guest))
@@ -581,7 +608,25 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         channel = _connect(config, address)
         stack.callback(channel.close)
         description = source_guest.description
+        # The source helpers start (and the dirty log is reset) while the
+        # target prepares: neither needs the target, and both wait on it.
+        nonces_given: list[bytes] = []
+        exporter = Exporter(source_ram, key, channel.stream(), kind=config.helper, helpers=config.helpers,
+                            firmware=config.image, work_dir=work / "source-helpers", track_pages=True,
+                            mailbox_timeout=config.mailbox_timeout, challenge=lambda: list(nonces_given),
+                            zero_ranges=config.zero_ranges, keepalive=mp.STREAM_KEEPALIVE)
+        stack.push(exporter)
+        dirty_log: DirtyLog | None = None
+        tracker: DirtyTracker | None = None
+        if config.switchover == "dirty-log":
+            dirty_log = DirtyLog(source_ram, size)
+            stack.callback(dirty_log.close)
+        else:
+            tracker = DirtyTracker(source_ram, size)
+            stack.callback(tracker.close)
+        early = stack.enter_context(_Beside(exporter.start_helpers, dirty_log.reset if dirty_log else None))
         device_state_port, nonces = _handshake(channel, description)
+        nonces_given.extend(nonces)
         channel.write_stall = mp.stream_liveness(config.idle_timeout, size, channel.peer).stall
         listener = _TargetListener(channel)
         target_listener = listener
@@ -593,25 +638,12 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         started = time.monotonic()
 
         watch.phase = channel.phase = "the source helpers' start"
-        exporter = stack.enter_context(
-            Exporter(source_ram, key, channel.stream(), kind=config.helper, helpers=config.helpers,
-                     firmware=config.image, work_dir=work / "source-helpers", track_pages=True,
-                     mailbox_timeout=config.mailbox_timeout, challenge=lambda: list(nonces),
-                     zero_ranges=config.zero_ranges, keepalive=mp.STREAM_KEEPALIVE)
-        )
+        early.join()
+        exporter.__enter__()
         # From now on a fault stops the helpers' work at their next step.
         watch.on_fault = exporter.abort
         watch.check()
         report.phase_seconds["source_helpers_start"] = time.monotonic() - started
-        # One way to find dirty pages: the kernel's log, or the host's copy.
-        dirty_log: DirtyLog | None = None
-        tracker: DirtyTracker | None = None
-        if config.switchover == "dirty-log":
-            dirty_log = DirtyLog(source_ram, size)
-            stack.callback(dirty_log.close)
-        else:
-            tracker = DirtyTracker(source_ram, size)
-            stack.callback(tracker.close)
 
         def run_pass(pages: PageNumbers, running: bool, logged: int = 0, check_seconds: float = 0.0,
                      log_reset: str | None = None) -> None:
@@ -626,9 +658,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
                                             log_reset, stats.zero_range_pages))
 
         every_page = np.arange(size // PAGE, dtype=np.uint64)
-        if dirty_log is not None:
-            # Every page clean: the first pass reads them all after this.
-            dirty_log.reset()
+        # The log was reset (every page clean) beside the handshake: the
+        # first pass reads every page after that.
         def pre_copy_pass() -> int:
             """One pass of what was written since the last; its page count."""
             assert dirty_log is not None or tracker is not None
@@ -661,8 +692,10 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             return len(dirty_pages)
 
         run_pass(every_page, True)
+        control = stack.enter_context(_precopy_control(config, source_guest))
         while len(report.passes) < config.max_passes:
-            if pre_copy_pass() <= config.converge_pages:
+            pre_copy_pass()
+            if _switch_now(control, report.passes, dirty_log, config.max_passes):
                 break
 
         # The target imports behind the source; what it has not taken yet
@@ -675,14 +708,15 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
             waited, backlog = _wait_for_catch_up(channel, watch)
             report.catch_up_seconds += waited
             report.catch_up_backlog += backlog
-            if dirty_log is None or attempt == CATCH_UP_PASSES or \
-                    dirty_log.dirty_count() <= config.converge_pages * FOLIO_SLACK:
+            if dirty_log is None or attempt == CATCH_UP_PASSES or control.fits(dirty_log.dirty_count()):
                 break
             report.catch_up_passes += 1
             pre_copy_pass()
             watch.phase = channel.phase = "the target's catch-up"
         # Switchover: from here until the target resumes, the guest runs
         # nowhere. Never for a target that is already gone or silent.
+        control.close()
+        _skip_shared_ram(source)
         watch.check()
         watch.phase = channel.phase = "switchover (source guest stopped)"
         stop_at = time.monotonic()
@@ -769,6 +803,8 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         report.outcome = "ok"
         report.source_qemu = _leave_source(source_guest, config.quit_source)
     except (OvmfMhError, OSError) as exc:
+        # The throttle ends first: the guest runs (or counts as stopped here).
+        stopped = (control is not None and control.close()) or stopped
         # The target's reason beats the broken pipe it caused on this side.
         if listener is not None and listener.error is None and listener.alive():
             listener.join(timeout=1.0)
@@ -824,14 +860,73 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
         # here if this command paused it, and the message says so.
         if channel is not None:
             channel.abandon()
+        stopped = (control is not None and control.close()) or stopped
         exc.add_note(_resume_after_signal(source_guest, stopped, committed))
         raise
     finally:
         # Every QEMU and helper this run started stops here, by its own pid.
         stack.close()
+        if control is not None:
+            report.throttle, report.throttle_summary = control.report(), control.describe()
         # Their logs stay in the work folder; a failure names them.
         report.logs = logs_under(work)
     return report
+
+
+class _Beside:
+    """Work run in a thread beside the caller's (the source helpers' start
+    and the log's reset while the target prepares): :meth:`join` waits for
+    it and raises what it raised; leaving the ``with`` block joins it first,
+    so nothing it started is closed under it."""
+
+    def __init__(self, *work: Callable[[], None] | None) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=([w for w in work if w is not None],),
+                                        name="migrate-source-early", daemon=True)
+        self._thread.start()
+
+    def _run(self, work: list[Callable[[], None]]) -> None:
+        try:
+            for step in work:
+                step()
+        except BaseException as exc:
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> _Beside:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._thread.join()
+
+
+def _precopy_control(config: MigrationConfig, source: SourceGuest) -> PreCopyControl:
+    """The switchover decision and the guest's throttle; while the throttle
+    may hold the user's guest paused, the reaper guards it."""
+    return PreCopyControl(config.convergence, source.vm, on_pause=lambda: _guard_paused_guest(source),
+                          on_release=lambda: _release_paused_guest(source))
+
+
+def _switch_now(control: PreCopyControl, passes: list[PassReport], dirty_log: DirtyLog | None,
+                max_passes: int) -> bool:
+    """After a pre-copy pass: stop pre-copy now? With the dirty log, the
+    pass checked and sent what the log marked at its start, and the log's
+    count now is the final pass's work; with the full check, the pass's
+    own pages stand for the next pass's. Pass 1's pages in zero ranges were
+    never written: they are not what the guest writes."""
+    last, before = passes[-1], passes[-2]
+    sent_before = before.pages - before.zero_range_pages
+    if dirty_log is not None:
+        numbers = PassNumbers(marked=last.logged, seconds=last.check_seconds + last.seconds, sent=last.pages,
+                              sent_before=sent_before, dirty_now=dirty_log.dirty_count())
+    else:
+        numbers = PassNumbers(marked=last.pages, seconds=last.seconds, sent=last.pages, sent_before=sent_before,
+                              dirty_now=last.pages)
+    return control.after_pass(numbers, max_passes - len(passes))
 
 
 def _verify_target_commit(exporter: Exporter, listener: _TargetListener, channel: mp.Channel, shards: int) -> None:
@@ -961,7 +1056,7 @@ def _source_guest(config: MigrationConfig, stack: ExitStack, work: Path) -> Sour
         assert disk is not None
         return debian_guest.source_guest(config.image, stack, work, config.ram_dir, config.guest_mib, config.vcpus,
                                          disk, config.helpers, new_overlay=config.disk is None,
-                                         network=config.network)
+                                         network=config.network, nic=config.nic)
     size = config.guest_mib * MIB
     ram = ram_file(stack, work, config.ram_dir, "source", size)
     booted = stack.enter_context(QemuVM(guest_config(config.image, ram, size, incoming=False,
@@ -1147,13 +1242,24 @@ def _differing_parts(source: list[str], target: list[Any], size: int) -> list[in
     return [i * part for i, (a, b) in enumerate(zip(source, target, strict=True)) if a != b]
 
 
+def _skip_shared_ram(source: QemuHandle) -> None:
+    """QEMU's own migration is to skip the guest RAM (x-ignore-shared).
+    Set before 'stop', not in the downtime (a QMP round trip, 2 to 15 ms
+    measured); an attached guest gets its setting back at the end
+    (attach.restore), and the test guest's QEMU ends with the run."""
+    source.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+
+
+#: How often the device-state move's end is looked for (one QMP round trip each).
+DEVICE_STATE_POLL = 0.001
+
+
 def _migrate_device_state(source: QemuHandle, host: str, port: int) -> float:
-    """QEMU's own migration, guest RAM skipped (x-ignore-shared): only
-    device state and the small ROM/flash blocks go, to the port the target
-    named in its answer."""
+    """QEMU's own migration, guest RAM skipped (x-ignore-shared, set by
+    _skip_shared_ram before 'stop'): only device state and the small
+    ROM/flash blocks go, to the port the target named in its answer."""
     started = time.monotonic()
     bracketed = f"[{host}]" if ":" in host else host
-    source.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     source.qmp("migrate", uri=f"tcp:{bracketed}:{port}")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -1162,7 +1268,7 @@ def _migrate_device_state(source: QemuHandle, host: str, port: int) -> float:
             return time.monotonic() - started
         if status in ("failed", "cancelled"):
             raise source.error(f"QEMU device-state migration to {host}:{port} {status}")
-        time.sleep(0.005)
+        time.sleep(DEVICE_STATE_POLL)
     raise source.error("QEMU device-state migration did not complete within 60 s")
 
 

@@ -389,18 +389,27 @@ class Exporter:
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    def start_helpers(self) -> None:
+        """Start the helpers and map the RAM file, nothing on the sink yet:
+        a live migration starts them while its target prepares (then
+        ``with`` goes on from here). Once; ``__enter__`` does it otherwise.
+        On failure the caller closes the Exporter (``__exit__``)."""
+        if self._backends:
+            return
+        self._backends = self._stack.enter_context(
+            open_backends(self.kind, self.helpers, self.src, self.key, self.work_dir,
+                          firmware=self.firmware, writable=False, mailbox_timeout=self.mailbox_timeout)
+        )
+        self._free_regions = [self._output_regions(backend) for backend in self._backends]
+        raw = self._stack.enter_context(self.src.open("rb"))
+        window_map = self._stack.enter_context(mmap.mmap(raw.fileno(), self.size, access=mmap.ACCESS_READ))
+        self._window = memoryview(window_map)
+        self._stack.callback(self._window.release)
+        self.summary.helper_start_seconds = time.monotonic() - self._started
+
     def __enter__(self) -> Exporter:
         try:
-            self._backends = self._stack.enter_context(
-                open_backends(self.kind, self.helpers, self.src, self.key, self.work_dir,
-                              firmware=self.firmware, writable=False, mailbox_timeout=self.mailbox_timeout)
-            )
-            self._free_regions = [self._output_regions(backend) for backend in self._backends]
-            raw = self._stack.enter_context(self.src.open("rb"))
-            window_map = self._stack.enter_context(mmap.mmap(raw.fileno(), self.size, access=mmap.ACCESS_READ))
-            self._window = memoryview(window_map)
-            self._stack.callback(self._window.release)
-            self.summary.helper_start_seconds = time.monotonic() - self._started
+            self.start_helpers()
             self._write(ct.FileHeader(self.size, self.helpers).encode())
             if self._challenge is not None:
                 self.sink.flush()

@@ -11,6 +11,7 @@ part of what a source sends.
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,19 @@ def parse_nic(text: str) -> NicBackend:
         return NicBackend("tap", text[4:])
     raise SetupError(f"--nic {text!r}: one of none, user, tap:NAME (NAME a network interface name, at most "
                      "15 letters, digits, '_', '.' or '-')")
+
+
+def present_nic(nic: NicBackend) -> NicBackend:
+    """``nic``, once its tap exists in this process's network namespace
+    (QEMU opens it there); SetupError saying how to make it otherwise."""
+    if nic.kind == "tap" and nic.tap is not None:
+        try:
+            socket.if_nametoindex(nic.tap)
+        except OSError:
+            raise SetupError(f"--nic tap:{nic.tap}: no network interface {nic.tap!r} in this host's network namespace; "
+                             f"create the tap first (e.g. 'ip tuntap add dev {nic.tap} mode tap', then put it on a "
+                             "bridge)") from None
+    return nic
 
 
 @dataclass(frozen=True)

@@ -100,13 +100,21 @@ class LoggedQmp:
                 self.note("!", {"error": str(exc)})
                 raise error(f"QMP command {command} failed: {exc}") from exc
             self.note("<", {"return": result})
-        for event in self.events():
-            self.note("*", event)
+            # Under the lock too: reading events runs the connection's event
+            # loop, which a command of another thread may be running (the
+            # migration's guest throttle stops the guest while the main
+            # thread asks QEMU something: "This event loop is already running").
+            for event in self._events():
+                self.note("*", event)
         return result
 
     def events(self) -> list[dict[str, Any]]:
         """The events that arrived so far, without waiting; none once the
         connection is gone."""
+        with self.lock:
+            return self._events()
+
+    def _events(self) -> list[dict[str, Any]]:
         if self.connection is None:
             return []
         try:
