@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "migrate-incoming program as the target; the Debian guest's roles in one process). "
             "helper: a firmware helper's CPU use while idle and its wake latency, halting beside spinning; "
             "its export and import MB/s with and without the vector (VAES) path. "
+            "suite: part of the test suite timed with the firmware helpers spinning and halting, alternating. "
             "All numbers are measured side by side in one run; the machine's load moves them."
         ),
     )
@@ -114,11 +115,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     helper.add_argument("--crypto-rounds", type=int, default=3,
                         help="alternating rounds of both paths in section crypto, best counts (default 3)")
     helper.add_argument("--image", help="firmware image (default: the DEBUG build)")
+    helper.add_argument("--compare-image", type=Path, metavar="IMAGE",
+                        help="section idle also times this image's halting helper beside --image's, alternating, "
+                             "e.g. an older build (default: none)")
     helper.add_argument("--work-dir", type=Path,
                         help="folder for logs, kept (default: a new temp folder, removed after a success, "
                              "kept and named after a failure)")
     helper.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     helper.set_defaults(handler=run_helper)
+
+    suite = bench_sub.add_parser(
+        "suite", help="part of the test suite timed with spinning helpers against halting ones, alternating")
+    suite.add_argument("--tests", nargs="+", metavar="PATH",
+                       help="pytest paths to time (default: the files that start the most firmware helpers: "
+                            "tests/test_transfer.py tests/test_migration_protocol.py tests/test_faults.py)")
+    suite.add_argument("--rounds", type=int, default=1,
+                       help="rounds of one run per idle policy, the order alternating (default 1)")
+    suite.add_argument("--work-dir", type=Path, help="folder for the runs' pytest logs (default: a new temp folder)")
+    suite.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
+    suite.set_defaults(handler=run_suite)
 
     zero = bench_sub.add_parser("zero-ranges",
                                 help="never-written memory: export page by page against zero ranges")
@@ -226,7 +241,8 @@ def run_helper(args: argparse.Namespace) -> int:
     own = args.work_dir is None
     work = (process.temp_dir("ovmf-mh-bench-helper-") if own else args.work_dir).resolve()
     context = BenchContext(image=image, work=work, idle_seconds=args.idle_seconds, samples=args.samples,
-                           crypto_guest_mib=args.crypto_guest_mib, crypto_rounds=args.crypto_rounds)
+                           crypto_guest_mib=args.crypto_guest_mib, crypto_rounds=args.crypto_rounds,
+                           compare_image=resolve_image(args.compare_image) if args.compare_image else None)
     try:
         results = bench_helper(context, args.section)
     except BaseException:
@@ -243,6 +259,22 @@ def run_helper(args: argparse.Namespace) -> int:
     if own:
         process.remove(work)
     return 0
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from host_shim.devtools.bench_suite import DEFAULT_TESTS, bench_suite, format_suite
+
+    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-suite-"))).resolve()
+    results = bench_suite(work, tests=args.tests or DEFAULT_TESTS, rounds=args.rounds)
+    (work / "bench.json").write_text(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print("\n".join(format_suite(results)))
+        print(f"pytest logs in {work}")
+    return 0 if results["all_passed"] else 1
 
 
 def run_zero_ranges(args: argparse.Namespace) -> int:
