@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +305,14 @@ def test_bench_helper_report_has_a_row_per_helper_kind() -> None:
     lines = format_helper_report({"sections": {"idle": result}})
     assert lines[3] == "| halts when idle (ABI 4.1) | 0.4 % | 0.80 ms | 2.50 ms | 100 | 100 | 100 | 0.30 ms |"
     assert lines[4].startswith("| spins (NEVER_HALT baseline) | 97.0 % |")
+    assert len(lines) == 5
+    sync = {"wake_latency_ms_median": 1.6, "wake_latency_ms_p99": 4.0, "samples": 100,
+            "inject_nmi_round_trip_ms_median": 0.7}
+    result["halting"] = dict(row, sync_wake=sync, answered_before_qmp_reply=80)
+    lines = format_helper_report({"sections": {"idle": result}})
+    assert lines[5] == ("same halting helper, alternating: wake in flight while polling (default) median 0.80 ms "
+                        "(answer before QMP's reply in 80 of 100); waiting for QMP's reply first (before) median "
+                        "1.60 ms, p99 4.00 ms (inject-nmi round trip median 0.70 ms)")
 
 
 @pytest.mark.qemu
@@ -324,7 +332,38 @@ def test_bench_helper_runs_end_to_end(firmware: Path, work_dir: Path) -> None:
     assert halting["halt_wake"] and halting["wakes_sent"] >= 3 and halting["halts"] >= 3
     assert not spinning["halt_wake"] and spinning["wakes_sent"] == 0 and spinning["halts"] == 0
     assert halting["idle_cpu_percent"] < 20.0
-    assert len(format_helper_report(results)) == 5
+    # The halting helper is timed both ways to wake it, alternating.
+    assert halting["samples"] == 5 and halting["sync_wake"]["samples"] == 5
+    assert 0 <= halting["answered_before_qmp_reply"] <= 5 and "sync_wake" not in spinning
+    assert halting["sync_wake"]["inject_nmi_round_trip_ms_median"] > 0
+    assert len(format_helper_report(results)) == 6
+
+
+@pytest.mark.qemu
+@pytest.mark.firmware
+def test_bench_helper_compares_two_images_side_by_side(
+        firmware: Path, work_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--compare-image: both images' halting helpers run at once and each is
+    woken both ways, the same number of samples in each of the four rows
+    (here the same build under two names)."""
+    from host_shim import cli
+    from host_shim.devtools.bench_helper import BenchContext, bench_helper, format_helper_report
+
+    other = tmp_path / "older.fd"
+    other.write_bytes(firmware.read_bytes())
+    context = BenchContext(image=firmware, work=work_dir, idle_seconds=0.5, samples=3, gap=0.4, compare_image=other)
+    results = bench_helper(context, ["idle"])
+    images = results["sections"]["idle"]["images"]
+    assert images["compare_image"] == str(other)
+    assert [(row["image"], row["wake"], row["samples"]) for row in images["rows"]] == [
+        ("image", "in_flight", 3), ("image", "sync", 3),
+        ("compare_image", "in_flight", 3), ("compare_image", "sync", 3)]
+    assert all(0 < row["wake_latency_ms_p10"] <= row["wake_latency_ms_p99"] for row in images["rows"])
+    lines = format_helper_report(results)
+    assert lines[-1].startswith("| compared | waits for QMP's reply |") and len(lines) == 13
+    assert cli.main(["bench", "helper", "--section", "idle", "--image", str(firmware),
+                     "--compare-image", str(tmp_path / "missing.fd")]) != 0
+    assert "missing.fd not found" in capsys.readouterr().err
 
 
 class _Console:
@@ -376,3 +415,45 @@ def test_bench_helper_without_a_work_dir_leaves_no_folder(
                      "--image", str(firmware), "--json"])
     assert code == 0
     assert not list(tmp_path.glob("ovmf-mh-bench-helper-*"))
+
+
+def test_bench_suite_alternates_the_idle_policies_and_sums_them(tmp_path: Path) -> None:
+    """bench suite: one run per idle policy per round, the spinning baseline
+    first, the order swapped every round; totals and ratios per policy."""
+    from host_shim.devtools.bench_suite import bench_suite, format_suite
+
+    seen: list[tuple[tuple[str, ...], str, str]] = []
+
+    def fake(tests: Sequence[str], policy: str, log: Path) -> dict[str, Any]:
+        seen.append((tuple(tests), policy, log.name))
+        wall = 100.0 if policy == "never-halt" else 90.0
+        return {"policy": policy, "wall_seconds": wall, "cpu_seconds": wall * 1.5, "exit_code": 0,
+                "summary": "12 passed, 1 skipped in 99.0s", "load_average_before": 2.0, "load_average_after": 2.5,
+                "log": str(log)}
+
+    results = bench_suite(tmp_path, tests=["tests/test_x.py"], rounds=3, runner=fake)
+    assert [policy for _, policy, _ in seen] == ["never-halt", "default", "default", "never-halt",
+                                                 "never-halt", "default"]
+    assert seen[1] == (("tests/test_x.py",), "default", "round1-default.log")
+    assert results["totals"]["never-halt"] == {"wall_seconds": 300.0, "cpu_seconds": 450.0}
+    assert results["wall_ratio"] == pytest.approx(0.9) and results["cpu_ratio"] == pytest.approx(0.9)
+    lines = format_suite(results)
+    assert lines[3] == "| 1 | spin (never-halt) | 100.0 s | 150.0 s | 2.0 / 2.5 | 12 passed, 1 skipped |"
+    assert lines[-1].endswith("halting / spinning: wall 0.90, CPU 0.90")
+    with pytest.raises(ValueError, match="rounds"):
+        bench_suite(tmp_path, rounds=0, runner=fake)
+
+
+def test_bench_suite_runs_pytest_with_the_policy_in_its_environment(tmp_path: Path) -> None:
+    """A real run of the bench's pytest runner on a test that checks the
+    knob reached it (the helper launcher reads it from the environment)."""
+    from host_shim.devtools.bench_suite import run_pytest
+
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import os\n\n\ndef test_knob():\n"
+                     "    assert os.environ['OVMF_MH_BENCH_IDLE_POLICY'] == 'never-halt'\n")
+    run = run_pytest([str(probe)], "never-halt", tmp_path / "spin.log")
+    assert run["exit_code"] == 0 and "1 passed" in run["summary"], (tmp_path / "spin.log").read_text()
+    assert run["wall_seconds"] > 0 and run["cpu_seconds"] > 0
+    failed = run_pytest([str(probe)], "default", tmp_path / "default.log")
+    assert failed["exit_code"] == 1 and "1 failed" in failed["summary"]

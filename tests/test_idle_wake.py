@@ -8,14 +8,17 @@ import os
 import random
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
 from helper import abi
-from host_shim.errors import HelperTimeout
+from host_shim.errors import HelperTimeout, MailboxError, QemuError, SetupError
 from host_shim.helpers import hostcore
-from host_shim.helpers.helper_vm import HelperSpec, HelperVM, IdlePolicy
+from host_shim.helpers.helper_vm import IDLE_POLICY_ENV, HelperSpec, HelperVM, IdlePolicy, idle_policy_from_env
+from host_shim.helpers.mailbox import Mailbox
+from host_shim.vm.qmp_log import LoggedQmp
 
 A = abi.load()
 HEADER = A.layout("OVMF_MH_MAILBOX_HEADER")
@@ -93,6 +96,140 @@ def test_race_without_fixup_loses_commands(race: _Race) -> None:
     tests above can fail."""
     stats = race.run(5, HOST_FENCE | IN_WINDOW | NO_FIXUP, stretch=STRETCH, timeout=0.2)
     assert stats[LOST] > 0 and stats[WINDOW] == 0, stats
+
+
+# --- host side: a wake in flight ----------------------------------------------------------------
+
+
+class _HaltedHelper:
+    """A mailbox whose 'helper' is halted (Idle set) and answers only when
+    woken: the wake answers the posted command at once and returns a Future
+    that stays pending (QMP's reply not read yet) until the test settles it."""
+
+    def __init__(self) -> None:
+        self.memory = bytearray(HEADER_SIZE + 4096)
+        self.words = memoryview(self.memory).cast("I")
+        self.words[HEADER.offset("Idle") // 4] = A.const("OVMF_MH_IDLE_HALTING")
+        self.replies: list[Future[object]] = []
+
+    def wake(self) -> Future[object]:
+        self.words[HEADER.offset("Status") // 4] = 0
+        self.words[HEADER.offset("ResponseSeq") // 4] = self.words[HEADER.offset("CommandSeq") // 4]
+        reply: Future[object] = Future()
+        self.replies.append(reply)
+        return reply
+
+
+def test_the_answer_is_taken_before_the_wake_replied_and_a_failed_wake_is_reported() -> None:
+    """The host does not wait for the wake's reply (QMP's, for inject-nmi)
+    before it polls: the command is answered while the reply is still out.
+    When that wake then fails, the next command is refused with a
+    MailboxError naming the failure, before anything is posted."""
+    helper = _HaltedHelper()
+    mailbox = Mailbox(helper.memory, 0, len(helper.memory), wake=helper.wake)
+    assert mailbox.call("NOP", timeout=5.0).status == 0
+    assert len(helper.replies) == 1 and not helper.replies[0].done()
+    helper.replies[0].set_result(None)
+    assert mailbox.call("NOP", timeout=5.0).status == 0
+    posted = helper.words[HEADER.offset("CommandSeq") // 4]
+    helper.replies[1].set_exception(QemuError("QMP command inject-nmi failed: connection reset"))
+    with pytest.raises(MailboxError, match=r"waking the halted helper failed: .*connection reset") as caught:
+        mailbox.call("NOP", timeout=5.0)
+    assert caught.value.command == "NOP"
+    assert helper.words[HEADER.offset("CommandSeq") // 4] == posted, "a command was posted after the failure"
+    mailbox.release()
+
+
+def test_a_cancelled_wake_is_no_failure() -> None:
+    """A wake cancelled before it ran (HelperVM.close cancels queued ones)
+    is not reported as a failed wake."""
+    helper = _HaltedHelper()
+    mailbox = Mailbox(helper.memory, 0, len(helper.memory), wake=helper.wake)
+    assert mailbox.call("NOP", timeout=5.0).status == 0
+    assert helper.replies[0].cancel()
+    assert mailbox.call("NOP", timeout=5.0).status == 0
+    mailbox.release()
+
+
+class _Monitor:
+    """A QMP connection as LoggedQmp sees it: cmd_obj answers with ``reply``."""
+
+    def __init__(self, reply: dict[str, object]) -> None:
+        self.reply = reply
+        self.sent: list[dict[str, object]] = []
+
+    def cmd_obj(self, message: dict[str, object]) -> dict[str, object]:
+        self.sent.append(message)
+        return self.reply
+
+
+def test_the_wake_is_sent_in_the_fewest_bytes_and_its_error_is_raised(tmp_path: Path) -> None:
+    """LoggedQmp.bare_command sends {"execute": NAME} alone (QEMU 7.2's
+    monitor reads one byte per round of its loop), logs both ways, and
+    turns an error reply into a QemuError that quotes QEMU."""
+    qmp = LoggedQmp(tmp_path / "qmp.log")
+    monitor = _Monitor({"return": {}})
+    qmp.connect(monitor)  # type: ignore[arg-type]
+    qmp.bare_command("inject-nmi", QemuError)
+    assert monitor.sent == [{"execute": "inject-nmi"}]
+    monitor.reply = {"error": {"class": "GenericError", "desc": "NMI injection failed"}}
+    with pytest.raises(QemuError, match="inject-nmi failed: NMI injection failed"):
+        qmp.bare_command("inject-nmi", QemuError)
+    qmp.close()
+    log = (tmp_path / "qmp.log").read_text()
+    assert log.count('> {"execute": "inject-nmi"}') == 2 and "NMI injection failed" in log
+
+
+def test_closing_waits_for_the_wake_in_flight(tmp_path: Path) -> None:
+    """LoggedQmp.close from another thread while the waker thread's
+    inject-nmi waits for its reply: the connection (and its event loop) is
+    closed only after the wake returned, never under it."""
+    import threading
+
+    order: list[str] = []
+    release = threading.Event()
+
+    class _Slow(_Monitor):
+        def cmd_obj(self, message: dict[str, object]) -> dict[str, object]:
+            order.append("wake sent")
+            release.wait(5.0)
+            order.append("wake replied")
+            return {"return": {}}
+
+        def close(self) -> None:
+            order.append("closed")
+
+    qmp = LoggedQmp(tmp_path / "qmp.log")
+    qmp.connect(_Slow({}))  # type: ignore[arg-type]
+    waker = threading.Thread(target=qmp.bare_command, args=("inject-nmi", QemuError))
+    waker.start()
+    while not order:
+        time.sleep(0.001)
+    closer = threading.Thread(target=qmp.close)
+    closer.start()
+    time.sleep(0.2)
+    release.set()
+    waker.join(5.0)
+    closer.join(5.0)
+    assert order == ["wake sent", "wake replied", "closed"]
+
+
+def test_bench_knob_forces_the_idle_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OVMF_MH_BENCH_IDLE_POLICY: never-halt gives a spec without an idle
+    policy NEVER_HALT, a spec's own policy wins, a bad value is refused."""
+    monkeypatch.delenv(IDLE_POLICY_ENV, raising=False)
+    assert idle_policy_from_env() is None
+    monkeypatch.setenv(IDLE_POLICY_ENV, "default")
+    assert idle_policy_from_env() is None
+    monkeypatch.setenv(IDLE_POLICY_ENV, "never-halt")
+    assert idle_policy_from_env() == IdlePolicy(never_halt=True)
+    firmware = Path("/nonexistent/OVMF_CODE.fd")
+    assert HelperVM(HelperSpec(firmware), Path("/nonexistent")).idle_policy == IdlePolicy(never_halt=True)
+    own = IdlePolicy(spin_us=5)
+    assert HelperVM(HelperSpec(firmware, idle_policy=own), Path("/nonexistent")).idle_policy == own
+    monkeypatch.setenv(IDLE_POLICY_ENV, "sometimes")
+    with pytest.raises(SetupError, match="OVMF_MH_BENCH_IDLE_POLICY='sometimes'"):
+        HelperVM(HelperSpec(firmware), Path("/nonexistent"))
 
 
 # --- in QEMU: the firmware helper ----------------------------------------------------------------

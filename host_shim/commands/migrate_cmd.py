@@ -93,6 +93,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "namespaces on one L2 segment, the guest's NIC on a tap in each host's, and stream a TCP "
                         "connection from the client to the guest's echo service through the migration (the report's "
                         "tcp_probe); needs root; not with --to (default on; --no-network: a NIC with no host side)")
+    parser.add_argument("--client-rto-max-ms", type=int, metavar="MS",
+                        help="with --network: cap the client's TCP retransmission backoff at MS "
+                        "(net.ipv4.tcp_rto_max_ms in its namespace, 1000..120000, Linux 6.15+), so its first "
+                        "retransmission after the switchover comes at most MS after 'cont' (default: the kernel's "
+                        "120000; docs/migration.md, 'The probe's gap')")
     parser.add_argument("--nic", metavar="none|user|tap:NAME",
                         help="with --guest debian and --to: the host side of the guest's virtio NIC on this (the "
                         "source) host: none (a NIC with no link), QEMU's user network, or the tap device NAME, e.g. "
@@ -150,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args, work, nic)
     try:
         # The namespaces hold both hosts: only when this command runs both roles.
-        with L2Network() if args.guest == "debian" and args.network and not args.to else nullcontext() as network:
+        with L2Network(client_rto_max_ms=args.client_rto_max_ms) if _networked(args) else nullcontext() as network:
             config.network = network
             report = migrate(config)
     except Exception:
@@ -187,12 +192,21 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.guest != "debian" and args.disk is not None and args.qmp is None:
         raise MigrationError("--disk is the disk of the Debian guest (--guest debian) or of the guest attached with "
                              "--qmp")
+    if args.client_rto_max_ms is not None and not _networked(args):
+        raise MigrationError("--client-rto-max-ms is the TCP probe's client: it goes with --guest debian and the "
+                             "network of namespaces (not --no-network, not --to)")
     if args.nic is not None and args.guest != "debian":
         raise MigrationError("--nic is the host side of the Debian guest's NIC (--guest debian)")
     if args.nic is not None and not args.to:
         raise MigrationError("--nic names the source host's side of the NIC with --to; with both roles in this "
                              "command --network (the default) puts it on a tap in each host's namespace, and "
                              "--no-network leaves it without a host side")
+
+
+def _networked(args: argparse.Namespace) -> bool:
+    """The network of namespaces holds both hosts: only the Debian guest
+    with --network, both roles in this command."""
+    return bool(args.guest == "debian" and args.network and not args.to)
 
 
 def _config(args: argparse.Namespace, work: Path, nic: NicBackend | None) -> MigrationConfig:

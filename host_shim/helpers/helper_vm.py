@@ -13,6 +13,8 @@ fw_cfg request (version 2) names the mailbox, the work area right after it
 from __future__ import annotations
 
 import mmap
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,25 @@ class IdlePolicy:
             SpinMicroseconds=self.spin_us,
             WindowStretchMicroseconds=self.stretch_us,
         )
+
+
+#: Bench knob (docs/testing.md, "Idle helpers"): ``never-halt`` gives every
+#: helper VM whose spec names no idle policy the NEVER_HALT policy, so that a
+#: whole test run can be timed with spinning helpers beside one with the
+#: default (``ovmf-mh bench suite``). Unset or ``default``: the firmware's
+#: default. Any other value is refused.
+IDLE_POLICY_ENV = "OVMF_MH_BENCH_IDLE_POLICY"
+
+
+def idle_policy_from_env() -> IdlePolicy | None:
+    """The idle policy IDLE_POLICY_ENV forces, or None (the default)."""
+    value = os.environ.get("OVMF_MH_BENCH_IDLE_POLICY", "")  # IDLE_POLICY_ENV, spelled out for tests/test_docs.py
+    if value in ("", "default"):
+        return None
+    if value == "never-halt":
+        return IdlePolicy(never_halt=True)
+    raise SetupError(f"{IDLE_POLICY_ENV}={value!r}: expected 'never-halt' or 'default' (a bench knob, "
+                     "docs/testing.md)")
 
 
 @dataclass
@@ -127,6 +148,10 @@ class HelperVM:
         self._memory: HelperMemory | None = None
         self.mailbox: Mailbox | None = None
         self.ready_header: dict[str, Any] | None = None
+        #: The thread that sends wakes (wake_async), made at the first one.
+        self._waker: ThreadPoolExecutor | None = None
+        #: The spec's idle policy, else the one the bench knob forces.
+        self.idle_policy = spec.idle_policy if spec.idle_policy is not None else idle_policy_from_env()
         # The own-RAM file is made at start, in a private folder (helper_memory.py).
         memory = [MemoryBackend("own", Path("/nonexistent"), spec.own_ram_size)]
         if spec.guest_ram is not None:
@@ -146,7 +171,7 @@ class HelperVM:
                 numa=len(memory) > 1,
                 fw_cfg_files=[(fw_cfg_name(), self.request_file)] + (
                     [(abi.load().strings["OVMF_MH_IDLE_POLICY_FW_CFG_NAME"], self.idle_policy_file)]
-                    if spec.idle_policy is not None else []),
+                    if self.idle_policy is not None else []),
             ),
             work_dir,
             name,
@@ -173,8 +198,8 @@ class HelperVM:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         blob = self.spec.request_override or self.spec.request().encode()
         self.request_file.write_bytes(blob)
-        if self.spec.idle_policy is not None:
-            self.idle_policy_file.write_bytes(self.spec.idle_policy.encode())
+        if self.idle_policy is not None:
+            self.idle_policy_file.write_bytes(self.idle_policy.encode())
         self._memory = HelperMemory(self.spec.own_ram_size, self.spec.key)
         self.vm.config.memory[0] = MemoryBackend("own", self._memory.path, self.spec.own_ram_size)
         if self.spec.mailbox_base + self.spec.mailbox_size <= self.spec.own_ram_size:
@@ -195,12 +220,23 @@ class HelperVM:
         if self.mailbox is not None:
             self.mailbox.label = f"{self.name} (helper VM, QEMU pid {self.vm.pid})"
             self.mailbox.pid = self.vm.pid
-            self.mailbox.wake = self.wake
+            self.mailbox.wake = self.wake_async
 
     def wake(self) -> None:
         """Wake the halted helper: an NMI through QMP (its vCPU has no local
-        APIC, so QEMU raises the NMI on the CPU directly)."""
-        self.vm.qmp("inject-nmi")
+        APIC, so QEMU raises the NMI on the CPU directly), in the fewest
+        bytes QMP takes (QemuVM.qmp_bare); returns once QEMU replied."""
+        self.vm.qmp_bare("inject-nmi")
+
+    def wake_async(self) -> Future[object]:
+        """Send the wake from this helper's waker thread and return at once:
+        the mailbox polls for the answer meanwhile (QEMU raises the NMI before
+        it replies, so the helper's answer usually comes first) and reads the
+        Future later, so a failed wake is still reported. Wakes run one after
+        the other, in the order sent."""
+        if self._waker is None:
+            self._waker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-wake")
+        return self._waker.submit(self.wake)
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
         if self.mailbox is None:
@@ -236,6 +272,12 @@ class HelperVM:
                 and self.mailbox.shutdown_if_idle(SHUTDOWN_TIMEOUT)):
             with suppress(QemuError):
                 self.vm.wait_exit(SHUTDOWN_TIMEOUT)
+        if self._waker is not None:
+            # A wake still queued is moot now; the one in flight ends with
+            # its QMP reply (or QEMU's exit) before stop() closes the
+            # connection it runs on.
+            self._waker.shutdown(wait=True, cancel_futures=True)
+            self._waker = None
         self.vm.stop()
         if self.mailbox is not None:
             self.mailbox.release()

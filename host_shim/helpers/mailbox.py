@@ -10,7 +10,11 @@ helper.abi.
 Helpers with HALT_WAKE (ABI 4.1) halt when idle and publish the idle word
 first. After posting CommandSeq the host reads that word and, when it is
 set, calls ``wake`` (a firmware helper: QMP inject-nmi; the reference
-helper process: SIGUSR1). x86 may let that load pass the CommandSeq store
+helper process: SIGUSR1). A wake may return a Future (the firmware helper's
+inject-nmi runs on a thread of its own): the host then polls for the answer
+at once instead of waiting for QMP's reply, which usually comes after the
+helper has answered, and a wake that failed is reported by the next look at
+its Future. x86 may let that load pass the CommandSeq store
 (the one reordering it allows, and Python has no fence), so while waiting
 the host keeps reading the idle word and wakes the helper again, at most
 every REWAKE_SECONDS, as long as it is idle and has not answered: a command
@@ -22,6 +26,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +42,13 @@ from host_shim.vm.reaper import process_state
 DEFAULT_TIMEOUT = 10.0
 #: Seconds between two wake-ups of a helper that stays idle without answering.
 REWAKE_SECONDS = 0.01
+#: Seconds after a wake during which the host polls for the answer with the
+#: shortest nap (WOKEN_NAP_SECONDS): a woken helper answers within a
+#: millisecond or two; a batch that takes longer is polled as usual.
+WOKEN_POLL_SECONDS = 0.005
+#: The nap between two looks right after a wake. Not zero: the thread that
+#: sends the wake (inject-nmi over QMP) needs the GIL meanwhile.
+WOKEN_NAP_SECONDS = 0.00002
 
 
 @dataclass(frozen=True)
@@ -71,7 +83,7 @@ class Mailbox:
         is_alive: Callable[[], bool] = lambda: True,
         debugcon: Path | None = None,
         label: str = "helper",
-        wake: Callable[[], None] | None = None,
+        wake: Callable[[], Future[object] | None] | None = None,
     ) -> None:
         a = abi.load()
         self._layout = a.layout("OVMF_MH_MAILBOX_HEADER")
@@ -84,10 +96,14 @@ class Mailbox:
         self._words = self._view[: self._layout.size].cast("I")
         self.size = size
         self._is_alive = is_alive
-        #: Wakes a halted helper (HALT_WAKE); None: the helper never halts.
+        #: Wakes a halted helper (HALT_WAKE); None: the helper never halts. It
+        #: returns None when the wake is done (a signal), or the Future of a
+        #: wake still in flight (QMP inject-nmi on a thread of its own).
         self.wake = wake
         #: Wake-ups sent so far (benches and tests read it).
         self.wakes = 0
+        #: Wakes still in flight (their QMP reply not read yet), oldest first.
+        self._wakes_in_flight: list[Future[object]] = []
         self.debugcon = debugcon
         #: Names the helper in errors: which one, what kind, which pid.
         self.label = label
@@ -174,20 +190,36 @@ class Mailbox:
     def _wake_if_idle(self, command: str, idle_index: int, now: float, last_wake: float) -> float:
         """Wake the helper when it published the idle word and the last wake
         is REWAKE_SECONDS old; return the time of the last wake."""
+        self._collect_wakes(command)
         if self.wake is None or not self._words[idle_index] or now - last_wake < REWAKE_SECONDS:
             return last_wake
         if self._state():
             # Stopped (SIGSTOP): it can take no wake-up; the timeout names it.
             return last_wake
         try:
-            self.wake()
+            pending = self.wake()
         except (OSError, QemuError) as exc:
-            if not self._is_alive():
-                raise MailboxError(f"{self.label} exited while serving", command=command, log=self.debugcon) from exc
-            raise MailboxError(f"{self.label}: waking the halted helper failed: {exc}", command=command,
-                               log=self.debugcon) from exc
+            raise self._wake_failed(command, exc) from exc
+        if pending is not None:
+            self._wakes_in_flight.append(pending)
         self.wakes += 1
         return now
+
+    def _collect_wakes(self, command: str) -> None:
+        """Read the outcome of the wakes in flight that are done: a wake that
+        failed (QMP error, QEMU gone) raises MailboxError, naming the command
+        being posted or waited for now; one still in flight stays."""
+        while self._wakes_in_flight and self._wakes_in_flight[0].done():
+            done = self._wakes_in_flight.pop(0)
+            exc = None if done.cancelled() else done.exception()
+            if exc is not None:
+                raise self._wake_failed(command, exc) from exc
+
+    def _wake_failed(self, command: str, exc: BaseException) -> MailboxError:
+        if not self._is_alive():
+            return MailboxError(f"{self.label} exited while serving", command=command, log=self.debugcon)
+        return MailboxError(f"{self.label}: waking the halted helper failed: {exc}", command=command,
+                            log=self.debugcon)
 
     def _fault(self, command: str) -> MailboxError:
         """The helper took a CPU exception: it wiped its keys, published FAULT
@@ -230,6 +262,9 @@ class Mailbox:
             raise ValueError(f"at most {count} arguments")
         code = command if isinstance(command, int) else command_code(command)
         command = command if isinstance(command, str) else f"{code:#x}"
+        # A wake of an earlier command that failed is reported before
+        # anything is posted.
+        self._collect_wakes(command)
         padded = tuple(a & 0xFFFFFFFFFFFFFFFF for a in args) + (0,) * (count - len(args))
         struct.pack_into(f"<I{count}Q", self._view, self._off["Command"], code, *padded)
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -262,11 +297,16 @@ class Mailbox:
                         f"{self._state()}; if the machine is merely slow, raise --mailbox-timeout",
                         command=command, log=self.debugcon,
                     )
-                last_wake = self._wake_if_idle(command, idle_index, time.monotonic(), last_wake)
+                now = time.monotonic()
+                last_wake = self._wake_if_idle(command, idle_index, now, last_wake)
                 # Sleeping releases the GIL for other helpers' threads; the
                 # nap grows with the wait (at most 2% of it, 0.5 ms), so long
                 # batches cost few wake-ups and short commands stay quick.
-                time.sleep(min(0.0005, max(0.00005, (time.monotonic() - start) / 50)))
+                # Right after a wake the answer is near: shortest naps.
+                if now - last_wake < WOKEN_POLL_SECONDS:
+                    time.sleep(WOKEN_NAP_SECONDS)
+                else:
+                    time.sleep(min(0.0005, max(0.00005, (now - start) / 50)))
         seconds = time.monotonic() - start
         if last_wake < start:
             # Only commands the helper took while polling set the head start:

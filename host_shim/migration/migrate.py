@@ -1465,38 +1465,54 @@ def plain_qemu_migration(
             guest_config(image, rams["target"], size, incoming=True, workload_mib=workload_mib),
             work / "target", "plain-target"))
         channel = stack.enter_context(_temp_folder("ovmf-mh-mig-")) / "migration.sock"
-        target.qmp("migrate-incoming", uri=f"unix:{channel}")
-        source.qmp("migrate", uri=f"unix:{channel}")
-        deadline = time.monotonic() + 300
-        info: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            info = source.qmp("query-migrate")
-            if info.get("status") in ("completed", "failed", "cancelled"):
-                break
-            time.sleep(0.01)
-        if info.get("status") != "completed":
-            raise MigrationError(f"plain QEMU migration ended as {info.get('status')}")
-        # QEMU sets 'completed' a moment before it records the run's total
-        # time and downtime: until then query-migrate answers 0 for both.
-        settle = time.monotonic() + 5
-        while not info.get("total-time") and time.monotonic() < settle:
-            time.sleep(0.02)
-            info = source.qmp("query-migrate")
-        if not info.get("total-time"):
-            raise MigrationError("plain QEMU migration completed but QEMU reported no total time "
-                                 f"(see {work / 'source'})")
-        while target.qmp("query-status").get("status") == "inmigrate":
-            time.sleep(0.005)
-        serial_before = len(target.serial_text())
-        target.qmp("cont")
-        heartbeat = _wait_for(target, guest.HEARTBEAT, 30, after=serial_before)
-        _check_plain_target(target, serial_before, work)
-        return {
-            "total_seconds": info["total-time"] / 1000,
-            "downtime_seconds": info.get("downtime", 0) / 1000,
-            "transferred_bytes": info.get("ram", {}).get("transferred", 0),
-            "target_heartbeat": heartbeat,
-        }
+        return qemu_migration(source, target, f"unix:{channel}", work)
+
+
+def qemu_migration(source: QemuHandle, target: QemuHandle, uri: str, work: Path,
+                   after_cont: Callable[[QemuHandle], None] | None = None) -> dict[str, Any]:
+    """QEMU's own migration from a running source to a target QEMU started
+    with '-incoming defer' and '-S', over ``uri``; 'cont' on the target
+    (then ``after_cont``, e.g. its NIC's announcement), its next heartbeat
+    and no kernel fault. Times from QEMU's stats."""
+    target.qmp("migrate-incoming", uri=uri)
+    source.qmp("migrate", uri=uri)
+    deadline = time.monotonic() + 300
+    info: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        info = source.qmp("query-migrate")
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.01)
+    if info.get("status") != "completed":
+        raise MigrationError(f"plain QEMU migration ended as {info.get('status')}")
+    completed_at = time.monotonic()
+    # QEMU sets 'completed' a moment before it records the run's total
+    # time and downtime: until then query-migrate answers 0 for both.
+    settle = time.monotonic() + 5
+    while not info.get("total-time") and time.monotonic() < settle:
+        time.sleep(0.02)
+        info = source.qmp("query-migrate")
+    if not info.get("total-time"):
+        raise MigrationError("plain QEMU migration completed but QEMU reported no total time "
+                             f"(see {work / 'source'})")
+    while target.qmp("query-status").get("status") == "inmigrate":
+        time.sleep(0.005)
+    serial_before = len(target.serial_text())
+    target.qmp("cont")
+    # QEMU's downtime ends when the source sent its last byte; the guest
+    # runs again once the target loaded it and 'cont' returned.
+    cont_after = time.monotonic() - completed_at
+    if after_cont is not None:
+        after_cont(target)
+    heartbeat = _wait_for(target, guest.HEARTBEAT, 30, after=serial_before)
+    _check_plain_target(target, serial_before, work)
+    return {
+        "total_seconds": info["total-time"] / 1000,
+        "downtime_seconds": info.get("downtime", 0) / 1000,
+        "cont_after_completed_seconds": cont_after,
+        "transferred_bytes": info.get("ram", {}).get("transferred", 0),
+        "target_heartbeat": heartbeat,
+    }
 
 
 #: Lines a guest kernel prints when it faults, panics or starts again

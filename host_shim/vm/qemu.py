@@ -331,6 +331,13 @@ class QemuVM:
             raise self.error(f"QMP is not connected (command {command})")
         return self._qmp.command(command, self.error, **arguments)
 
+    def qmp_bare(self, command: str) -> None:
+        """Run a QMP command without arguments or result in the fewest bytes
+        (LoggedQmp.bare_command): the helper's wake-up, inject-nmi."""
+        if self._qmp is None:
+            raise self.error(f"QMP is not connected (command {command})")
+        self._qmp.bare_command(command, self.error)
+
     def events(self) -> list[dict[str, Any]]:
         return [] if self._qmp is None else self._qmp.events()
 

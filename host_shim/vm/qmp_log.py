@@ -108,6 +108,31 @@ class LoggedQmp:
                 self.note("*", event)
         return result
 
+    def bare_command(self, command: str, error: Callable[[str], QemuError]) -> None:
+        """Run a QMP command that takes no arguments and returns nothing, in
+        the fewest bytes: ``{"execute":"NAME"}``, no arguments, no id (the
+        lock keeps it the only such command in flight, as qemu.qmp requires).
+        QEMU 7.2's monitor reads its socket one byte at a time, a few system
+        calls per byte, so a wake-up (inject-nmi) reaches QEMU sooner in 24
+        bytes than in the 58 of a command with an id. No event collection
+        either: the next ordinary command collects them."""
+        if self.connection is None:
+            raise error(f"QMP is not connected (command {command})")
+        message = {"execute": command}
+        with self.lock:
+            self.note(">", message)
+            try:
+                reply = self.connection.cmd_obj(message)
+            except Exception as exc:
+                self.note("!", {"error": str(exc)})
+                raise error(f"QMP command {command} failed: {exc}") from exc
+            self.note("<", reply)
+        if "return" not in reply:
+            detail = reply.get("error", reply)
+            if isinstance(detail, dict):
+                detail = detail.get("desc", detail)
+            raise error(f"QMP command {command} failed: {detail}")
+
     def events(self) -> list[dict[str, Any]]:
         """The events that arrived so far, without waiting; none once the
         connection is gone."""
@@ -123,9 +148,11 @@ class LoggedQmp:
             return []
 
     def close(self) -> None:
-        """Close the connection and the log (the QEMU itself goes on)."""
+        """Close the connection and the log (the QEMU itself goes on). Under
+        the lock: a helper's waker thread may be running a wake on the
+        connection's event loop, which two threads must not run at once."""
         if self.connection is not None:
-            with suppress(Exception):
+            with self.lock, suppress(Exception):
                 self.connection.close()
             self.connection = None
         if self._loop is not None and not self._loop.is_running():

@@ -92,6 +92,11 @@ InternalHelperReadIdlePolicy (
   Serve the mailbox until the host asks for shutdown: spin for
   Idle->SpinTicks after each command, then halt until an NMI.
 
+  Reading the PM timer is an I/O exit that takes QEMU's global lock, which
+  QEMU's main thread holds while it finishes the host's inject-nmi: a woken
+  helper serves before it reads the timer, and a spinning one reads it only
+  every SEC_MH_IDLE_POLLS_PER_TICK_READ polls.
+
   @param[in,out] Context  A published helper context.
   @param[in]     Idle     The idle policy.
 **/
@@ -103,10 +108,12 @@ InternalHelperServeUntilShutdown (
 {
   volatile OVMF_MH_MAILBOX_HEADER  *Header;
   UINT32                           SpinStart;
+  UINT32                           Polls;
   UINT32                           Result;
 
   Header    = Context->Header;
   SpinStart = Idle->Halt ? InternalHelperPmTimer () : 0;
+  Polls     = 0;
   for ( ; ;) {
     if (MigrationHelperServeOne (Context)) {
       if (Context->ShutdownRequested) {
@@ -117,10 +124,13 @@ InternalHelperServeUntilShutdown (
         SpinStart = InternalHelperPmTimer ();
       }
 
+      Polls = 0;
       continue;
     }
 
+    Polls++;
     if (!Idle->Halt ||
+        ((Polls % SEC_MH_IDLE_POLLS_PER_TICK_READ) != 0) ||
         (((InternalHelperPmTimer () - SpinStart) & SEC_MH_PM_TIMER_MASK) < Idle->SpinTicks))
     {
       CpuPause ();
@@ -135,9 +145,15 @@ InternalHelperServeUntilShutdown (
     }
 
     //
-    // Woken (by the host, or spuriously): poll for a while again before the
-    // next halt, like after a command.
+    // Woken (by the host, or spuriously): serve the command that woke it
+    // first, then poll for a while again before the next halt, like after
+    // a command.
     //
+    if (MigrationHelperServeOne (Context) && Context->ShutdownRequested) {
+      return;
+    }
+
     SpinStart = InternalHelperPmTimer ();
+    Polls     = 0;
   }
 }

@@ -185,6 +185,13 @@ InternalHelperPmTimer (
 #define SEC_MH_PM_TIMER_MASK  0x00FFFFFF
 
 ///
+/// Mailbox polls of the idle loop between two reads of the PM timer (each an
+/// I/O exit that takes QEMU's global lock); the spin then ends at most that
+/// many polls late.
+///
+#define SEC_MH_IDLE_POLLS_PER_TICK_READ  64
+
+///
 /// How the helper waits for commands (HelperIdle.c).
 ///
 typedef struct {
