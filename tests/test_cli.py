@@ -128,6 +128,8 @@ def test_migrate_attach_options_go_together(options: list[str], tmp_path: Path,
 @pytest.mark.parametrize(("options", "says"), [
     (["--guest", "debian", "--qmp", "q.sock", "--ram", "g.ram"], "--guest debian boots the Debian guest here"),
     (["--disk", "d.qcow2"], "--disk is the disk of the Debian guest"),
+    (["--client-rto-max-ms", "1000"], "--client-rto-max-ms is the TCP probe's client"),
+    (["--guest", "debian", "--no-network", "--client-rto-max-ms", "1000"], "--client-rto-max-ms is the TCP probe's"),
     (["--nic", "tap:omh-tap0"], "--nic is the host side of the Debian guest's NIC"),
     (["--guest", "debian", "--nic", "tap:omh-tap0"], "--nic names the source host's side of the NIC with --to"),
     (["--guest", "debian", "--to", "127.0.0.1:9", "--nic", "bridge:br0"], "one of none, user, tap:NAME"),
@@ -139,6 +141,26 @@ def test_migrate_refuses_debian_options_that_do_not_fit(options: list[str], says
     err = capsys.readouterr().err
     assert code == 1 and says in err, err
     assert not (tmp_path / "w").exists()
+
+
+def test_boot_waits_for_the_debian_guest_as_long_as_migrate_does(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """The Debian guest's boot takes minutes under TCG: its default timeout
+    is migrate's (60 s, the test guest's, failed it at 46 s into systemd)."""
+    import host_shim.commands.boot_cmd as boot_cmd
+    from host_shim.errors import OvmfMhError
+
+    waited: list[float] = []
+
+    def fake_boot(image: Path, mode: object, work: Path, timeout: float, guest_kind: str) -> None:
+        waited.append(timeout)
+        raise OvmfMhError("no QEMU in this test")
+
+    monkeypatch.setattr(boot_cmd, "resolve_image", lambda image: tmp_path / "code.fd")
+    monkeypatch.setattr(boot_cmd, "boot_image", fake_boot)
+    for argv in (["--guest", "debian"], [], ["--guest", "debian", "--timeout", "5"]):
+        assert main(["boot", "--mode", "normal", "--work-dir", str(tmp_path), *argv]) == 1
+    assert waited == [600.0, 60.0, 5.0]
 
 
 def test_guest_start_gives_a_nic_to_the_debian_guest_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from host_shim.devtools.bench import bench_crypto, bench_pipeline, format_pipeline_report, format_report
 from host_shim.devtools.profile_reference import format_profile
+from host_shim.errors import OvmfMhError
 from host_shim.firmware.boot import resolve_image
 from host_shim.migration.convergence import DEFAULT_DOWNTIME_LIMIT_MS, ConvergenceSettings
 from host_shim.migration.migrate import SWITCHOVER_MODES
 from host_shim.vm import process
+from host_shim.vm.debian_vm import GUEST_KINDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -25,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "firmware helper's export and import rate under QEMU TCG through the mailbox. "
             "pipeline: the reference-helper pipeline against raw AEAD and the helper alone, and "
             "1 against N firmware helpers, next to a plain copy of the same RAM file. "
-            "migrate: plain QEMU migration of the test guest against ovmf-mh, per guest size; ovmf-mh runs as two "
-            "programs over loopback TCP (a migrate-incoming program as the target). "
+            "migrate: plain QEMU migration of the test guest (or, --guest debian, the Debian VM with the TCP "
+            "probe's numbers) against ovmf-mh, per guest size; ovmf-mh runs as two programs over loopback TCP (a "
+            "migrate-incoming program as the target; the Debian guest's roles in one process). "
             "helper: a firmware helper's CPU use while idle and its wake latency, halting beside spinning; "
             "its export and import MB/s with and without the vector (VAES) path. "
             "suite: part of the test suite timed with the firmware helpers spinning and halting, alternating. "
@@ -57,11 +60,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     pipeline.set_defaults(handler=run_pipeline)
 
     mig = bench_sub.add_parser("migrate", help="live migration: plain QEMU against ovmf-mh, size after size")
-    mig.add_argument("--guest-mib", default="256", metavar="MIB[,MIB...]",
-                     help="guest RAM sizes, comma-separated, e.g. 256,1024,4096,16384 (default 256); a size "
-                     "ovmf-mh cannot migrate is a row that says why")
-    mig.add_argument("--workload-mib", type=int, default=64,
-                     help="memory the guest's workload keeps rewriting, the same at every size (default 64)")
+    mig.add_argument("--guest", choices=GUEST_KINDS, default="test",
+                     help="the guest both migrate: the test guest (default) or 'debian', the Debian 12 disk the "
+                     "firmware boots, with --vcpus vCPUs and virtio disk, NIC and RNG; each of its migrations "
+                     "boots its own guest (1.5-3 min under TCG) and, as root, streams the TCP probe through it")
+    mig.add_argument("--guest-mib", metavar="MIB[,MIB...]",
+                     help="guest RAM sizes, comma-separated, e.g. 256,1024,4096,16384 (default 256; with --guest "
+                     "debian 1024); a size ovmf-mh cannot migrate is a row that says why")
+    mig.add_argument("--vcpus", type=int, default=2, help="with --guest debian: vCPUs, 1..8 (default 2)")
+    mig.add_argument("--client-rto-max-ms", type=int, metavar="MS",
+                     help="with --guest debian: cap the probe client's TCP retransmission backoff at MS "
+                     "(net.ipv4.tcp_rto_max_ms in its namespace, 1000..120000, Linux 6.15+; default: the "
+                     "kernel's 120000)")
+    mig.add_argument("--no-verify-ram", action="store_true",
+                     help="with --guest debian: skip ovmf-mh's comparison of the source and target RAM at "
+                     "switchover (the guest is stopped during it, though it is not counted as downtime)")
+    mig.add_argument("--workload-mib", type=int,
+                     help="memory the guest's workload keeps rewriting, the same at every size (default 64; the "
+                     "Debian guest's is fixed by its image)")
     mig.add_argument("--helpers", type=int, default=1, help="helpers per side for ovmf-mh (default 1)")
     mig.add_argument("--switchover", choices=SWITCHOVER_MODES, default="dirty-log",
                      help="ovmf-mh's switchover (see 'ovmf-mh migrate --help'; default dirty-log)")
@@ -164,14 +180,27 @@ def run_migrate(args: argparse.Namespace) -> int:
 
     from host_shim.devtools.bench_migrate import bench_migrate, format_table, parse_sizes
 
-    sizes = parse_sizes(args.guest_mib)
+    debian = args.guest == "debian"
+    sizes = parse_sizes(args.guest_mib or ("1024" if debian else "256"))
+    _check_guest_options(args)
     image = resolve_image(Path(args.image) if args.image else None)
     work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-migrate-"))).resolve()
-    results = bench_migrate(image, work, sizes=sizes, workload_mib=args.workload_mib, helpers=args.helpers,
-                            ram_dir=args.ram_dir, switchover=args.switchover, idle_timeout=args.idle_timeout,
-                            background_load=args.background_load,
-                            convergence=ConvergenceSettings(downtime_limit_ms=args.downtime_limit,
-                                                            auto_converge=args.auto_converge))
+    convergence = ConvergenceSettings(downtime_limit_ms=args.downtime_limit, auto_converge=args.auto_converge)
+    if debian:
+        from host_shim.devtools.bench_migrate_debian import bench_migrate_debian, format_debian_table
+
+        results = bench_migrate_debian(image, work, sizes=sizes, vcpus=args.vcpus, helpers=args.helpers,
+                                       ram_dir=args.ram_dir, switchover=args.switchover,
+                                       idle_timeout=args.idle_timeout, background_load=args.background_load,
+                                       client_rto_max_ms=args.client_rto_max_ms,
+                                       verify_ram=not args.no_verify_ram, convergence=convergence)
+        table = format_debian_table(results)
+    else:
+        results = bench_migrate(image, work, sizes=sizes, workload_mib=args.workload_mib or 64,
+                                helpers=args.helpers, ram_dir=args.ram_dir, switchover=args.switchover,
+                                idle_timeout=args.idle_timeout, background_load=args.background_load,
+                                convergence=convergence)
+        table = format_table(results)
     (work / "bench.json").write_text(json.dumps(results, indent=2))
     if args.plot is not None:
         from host_shim.devtools.plots import plot_bench
@@ -180,9 +209,27 @@ def run_migrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print("\n".join(format_table(results)))
+    print("\n".join(table))
     print(f"logs in {work}" + (f"; drawn in {args.plot}" if args.plot else ""))
     return 0
+
+
+def _check_guest_options(args: argparse.Namespace) -> None:
+    """Options of one guest given with the other are refused, never ignored."""
+    if args.guest == "debian":
+        if args.workload_mib is not None:
+            raise OvmfMhError("--workload-mib: the Debian guest's workload is fixed by its image "
+                              "(host_shim/vm/guest_image.py); leave it out with --guest debian")
+        from host_shim.devtools.bench_migrate_debian import check_vcpus
+
+        check_vcpus(args.vcpus)
+        return
+    if args.vcpus != 2:
+        raise OvmfMhError("--vcpus is the Debian guest's (--guest debian); the test guest has one vCPU")
+    if args.client_rto_max_ms is not None:
+        raise OvmfMhError("--client-rto-max-ms is the TCP probe's client (--guest debian); the test guest has no NIC")
+    if args.no_verify_ram:
+        raise OvmfMhError("--no-verify-ram goes with --guest debian; the test guest's bench reports its RAM check")
 
 
 def run_helper(args: argparse.Namespace) -> int:

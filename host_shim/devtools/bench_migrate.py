@@ -67,10 +67,14 @@ def _ovmf_mh_summary(report: MigrationReport) -> dict[str, Any]:
         "switchover_check": report.switchover_check,
         "switchover_ms": report.switchover_ms,
         "ram_identical": report.ram_identical,
+        # The RAM check's seconds: the guest is stopped then too, but they
+        # are not in downtime_seconds (a test's oracle, not the migration).
+        "verify_seconds": report.verify_seconds,
         "throttle": {key: report.throttle[key] for key in ("max_level", "engaged_seconds", "stopped_seconds")
                      if key in report.throttle},
         "phase_seconds": report.phase_seconds,
         "work_dir": report.work_dir,
+        "tcp_probe": report.tcp_probe,
     }
 
 

@@ -108,7 +108,18 @@ def announce(target: QemuHandle, description: GuestDescription) -> None:
     (QEMU's self-announcement, as libvirt's migration does), so the switch
     sends the client's packets to the target host."""
     if description.device("virtio-net-pci") is not None:
-        target.qmp("announce-self", initial=50, max=550, rounds=5, step=100)
+        announce_nic(target)
+
+
+#: QMP 'announce-self' after 'cont' (ms; QEMU's own defaults for migration).
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+
+
+def announce_nic(vm: QemuHandle) -> None:
+    """The NIC's self-announcement, the same after either migration (plain
+    QEMU's baseline included): rounds of RARP, or the guest's own
+    gratuitous ARP where its virtio-net driver offers it."""
+    vm.qmp("announce-self", **ANNOUNCE)
 
 
 class ProbeClient:

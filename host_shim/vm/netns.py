@@ -37,8 +37,15 @@ class L2Network:
     """Start with ``with L2Network() as net``; ``net.enter(role)`` is the
     argv prefix that runs a program in that role's namespace."""
 
-    def __init__(self) -> None:
+    def __init__(self, client_rto_max_ms: int | None = None) -> None:
         self.holders: dict[str, subprocess.Popen[bytes]] = {}
+        #: The client host's cap on TCP's retransmission backoff
+        #: (net.ipv4.tcp_rto_max_ms, Linux 6.15+, 1000..120000 ms), set in
+        #: its namespace only; None keeps the kernel's default (120 s).
+        if client_rto_max_ms is not None and not 1000 <= client_rto_max_ms <= 120000:
+            raise SetupError(f"the client's TCP RTO cap {client_rto_max_ms} ms is outside 1000..120000 ms "
+                             "(net.ipv4.tcp_rto_max_ms)")
+        self.client_rto_max_ms = client_rto_max_ms
 
     def __enter__(self) -> L2Network:
         try:
@@ -114,6 +121,16 @@ class L2Network:
             self.ip(role, "addr", "add", HOST_ADDRESSES[role], "dev", BRIDGE)
             self.ip(role, "link", "set", BRIDGE, "up")
         self.ip("client", "addr", "add", CLIENT_ADDRESS, "dev", UPLINK)
+        if self.client_rto_max_ms is not None:
+            self._sysctl("client", "net.ipv4.tcp_rto_max_ms", str(self.client_rto_max_ms))
+
+    def _sysctl(self, role: str, key: str, value: str) -> None:
+        path = Path("/proc/sys") / key.replace(".", "/")
+        result = subprocess.run([*self.enter(role), "sh", "-c", f'echo {value} > "{path}"'], capture_output=True,
+                                text=True, check=False)
+        if result.returncode != 0:
+            raise SetupError(f"{key}={value} in the {role} namespace failed: {result.stderr.strip()} "
+                             "(tcp_rto_max_ms needs Linux 6.15 or later)")
 
     @staticmethod
     def address(role: str) -> str:

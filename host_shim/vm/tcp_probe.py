@@ -7,7 +7,10 @@ PORT``): it connects (retrying until ``--connect-timeout``), prints
 and reads the echo, until its stdin closes or says ``stop``; then it waits
 up to ``--drain`` seconds for the rest of the echo and prints one JSON
 line: ``bytes_sent``, ``bytes_echoed``, ``in_order``, ``connection_reset``,
-``longest_gap_ms`` (the longest silence between two echoed chunks).
+``longest_gap_ms`` (the longest silence between two echoed chunks) and
+``rto_max_ms`` (the cap on its retransmission backoff it ran with) and
+``long_gaps`` (each silence of 0.5 s or more: its end on CLOCK_MONOTONIC
+and its length).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ class Probe:
         self.longest_gap = 0.0
         self.stopping = threading.Event()
         self._last = time.monotonic()
+        self.rto_max_ms = rto_max_ms(conn)
+        #: Every silence of LONG_GAP or more: when it ended (CLOCK_MONOTONIC,
+        #: the same clock as the shim's time.monotonic()) and how long it was,
+        #: so a gap can be placed against the switchover.
+        self.long_gaps: list[dict[str, float]] = []
 
     def send_loop(self) -> None:
         """A chunk every interval. While the guest is stopped for the
@@ -87,6 +95,8 @@ class Probe:
             now = time.monotonic()
             if not self.stopping.is_set():
                 self.longest_gap = max(self.longest_gap, now - self._last)
+                if now - self._last >= LONG_GAP and len(self.long_gaps) < MAX_LONG_GAPS:
+                    self.long_gaps.append({"end": round(now, 3), "ms": round(1000 * (now - self._last), 1)})
             self._last = now
             if data != _pattern(self.echoed, len(data)):
                 self.in_order = False
@@ -94,7 +104,26 @@ class Probe:
 
     def result(self) -> dict[str, Any]:
         return {"bytes_sent": self.sent, "bytes_echoed": self.echoed, "in_order": self.in_order,
-                "connection_reset": self.reset, "longest_gap_ms": round(self.longest_gap * 1000, 1)}
+                "connection_reset": self.reset, "longest_gap_ms": round(self.longest_gap * 1000, 1),
+                "rto_max_ms": self.rto_max_ms, "long_gaps": self.long_gaps}
+
+
+#: Silences at least this long (s) are listed with their end time.
+LONG_GAP = 0.5
+MAX_LONG_GAPS = 20
+
+#: Linux's TCP_RTO_MAX_MS socket option (6.15+; Python names it not yet).
+TCP_RTO_MAX_MS = 44
+
+
+def rto_max_ms(conn: socket.socket) -> int | None:
+    """The cap on this connection's retransmission backoff (its namespace's
+    net.ipv4.tcp_rto_max_ms unless set on the socket); None on a kernel
+    without it (the cap is then 120 s)."""
+    try:
+        return conn.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS)
+    except OSError:
+        return None
 
 
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
