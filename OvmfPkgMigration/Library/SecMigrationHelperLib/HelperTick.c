@@ -27,10 +27,10 @@
 #define SEC_MH_PIT_CHANNEL0        0x40
 #define SEC_MH_PIT_CONTROL         0x43
 #define SEC_MH_PIT_HZ              1193182
-#define SEC_MH_PIT_CH0_LATCH       0x00      ///< Channel 0, counter latch
+#define SEC_MH_PIT_CH0_STATUS      0xE2      ///< Read-back: latch channel 0's status byte only
+#define SEC_MH_PIT_STATUS_MODE     0x3F      ///< Status bits: access mode, counting mode, BCD
 #define SEC_MH_PIT_CH0_ONE_SHOT    0x30      ///< Channel 0, low then high byte, mode 0, binary
 #define SEC_MH_PIT_CH0_RATE        0x34      ///< Channel 0, low then high byte, mode 2, binary
-#define SEC_MH_PIT_PROBE_COUNT     0x1234
 
 /**
   Load channel 0 of the PIT with a mode and a count.
@@ -85,16 +85,16 @@ InternalHelperTickStart (
   caller then keeps the helper out of the tick window.
 
   @retval TRUE   Both answer; the tick can run.
-  @retval FALSE  The PIC's mask register or the PIT's counter does not
-                 answer (a machine without them).
+  @retval FALSE  The PIC's mask register or the PIT's status byte does
+                 not answer (a machine without them).
 **/
 BOOLEAN
 InternalHelperTickInitialize (
   VOID
   )
 {
-  UINT8   Mask;
-  UINT16  Count;
+  UINT8  Mask;
+  UINT8  Status;
 
   IoWrite8 (SEC_MH_PIC_MASTER_COMMAND, SEC_MH_PIC_ICW1_ICW4);
   IoWrite8 (SEC_MH_PIC_MASTER_DATA, SEC_MH_TICK_VECTOR_BASE);
@@ -111,14 +111,13 @@ InternalHelperTickInitialize (
   IoWrite8 (SEC_MH_PIC_SLAVE_DATA, SEC_MH_PIC_MASK_ALL);
 
   //
-  // A loaded one-shot count reads back at most its load value; an absent PIT
-  // reads 0xFFFF.
+  // Channel 0's status byte (read-back command) echoes the mode just
+  // loaded; an absent PIT reads 0xFF. Not the count: a vCPU preempted for
+  // longer than the count lasts would see a mode 0 count wrap.
   //
-  InternalPitLoad (SEC_MH_PIT_CH0_ONE_SHOT, SEC_MH_PIT_PROBE_COUNT);
-  IoWrite8 (SEC_MH_PIT_CONTROL, SEC_MH_PIT_CH0_LATCH);
-  Count  = IoRead8 (SEC_MH_PIT_CHANNEL0);
-  Count |= (UINT16)(IoRead8 (SEC_MH_PIT_CHANNEL0) << 8);
-
   InternalHelperTickStop ();
-  return (BOOLEAN)((Mask == SEC_MH_PIC_PROBE_MASK) && (Count <= SEC_MH_PIT_PROBE_COUNT));
+  IoWrite8 (SEC_MH_PIT_CONTROL, SEC_MH_PIT_CH0_STATUS);
+  Status = IoRead8 (SEC_MH_PIT_CHANNEL0);
+  return (BOOLEAN)((Mask == SEC_MH_PIC_PROBE_MASK) &&
+                   ((Status & SEC_MH_PIT_STATUS_MODE) == SEC_MH_PIT_CH0_ONE_SHOT));
 }
