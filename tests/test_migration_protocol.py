@@ -259,9 +259,10 @@ def _run_target_against(tmp_path: Path, talk: Any) -> tuple[TargetReport, Any]:
 
 def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[5, 7])
-        assert channel.receive("welcome")["version"] == 5
-        channel.send("describe", guest=_good() | {"firmware_sha256": digest, "machine": "pc; reboot"})
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[6, 7])
+        assert channel.receive("welcome")["version"] == 6
+        channel.send("describe", guest=_good() | {"firmware_sha256": digest, "machine": "pc; reboot"},
+                     ram_digest=True)
         return channel.receive("refuse")
 
     report, answer = _run_target_against(tmp_path, talk)
@@ -275,11 +276,11 @@ def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: P
 
 def test_the_target_refuses_a_source_without_a_common_version(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 2, 3, 4])  # before the commit proof
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 2, 3, 4, 5])  # before describe's ram_digest
         return channel.receive("error")
 
     report, answer = _run_target_against(tmp_path, talk)
-    assert "versions [1, 2, 3, 4]" in answer["reason"] and answer["phase"] == "the handshake"
+    assert "versions [1, 2, 3, 4, 5]" in answer["reason"] and answer["phase"] == "the handshake"
     assert report.outcome == "failed" and report.peer.startswith("127.0.0.1:")
 
 
