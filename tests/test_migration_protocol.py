@@ -650,3 +650,16 @@ def test_the_source_connects_to_a_target_that_listens_only_later(tmp_path: Path)
     config.connect_timeout = 0.5
     with pytest.raises(MigrationError, match=r"for 0\.5 s \(--connect-timeout\); is 'ovmf-mh migrate-incoming'"):
         migrate_module._connect(config, ("127.0.0.1", _free_port()))
+
+
+def test_the_reports_state_the_downtime_and_the_guests_stopped_time_apart() -> None:
+    """The RAM check stops the guest but is not downtime: both numbers are
+    said, and the target says whether it hashed its RAM for the check."""
+    checked = migrate_module.MigrationReport(downtime_seconds=0.2, verify_seconds=1.5, stopped_seconds=1.7)
+    line = checked.describe()[1]
+    assert "downtime 200 ms" in line and "guest stopped 1700 ms: the downtime and the RAM check's 1500 ms" in line
+    unchecked = migrate_module.MigrationReport(downtime_seconds=0.2, stopped_seconds=0.2)
+    assert "guest stopped 200 ms: the downtime (no RAM check)" in unchecked.describe()[1]
+    asked = TargetReport(stream_bytes=1, ram_digest_asked=True, digest_ms=380)
+    assert "RAM digest for the source's check in 380 ms" in "\n".join(asked.describe())
+    assert "no RAM digest (the source did not ask)" in "\n".join(TargetReport(stream_bytes=1).describe())

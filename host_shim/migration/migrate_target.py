@@ -123,7 +123,9 @@ class TargetReport:
         if self.stream_bytes:
             lines.append(f"  stream: {self.stream_bytes} bytes, {self.private_pages} private ({self.zero_range_pages} "
                          f"as zero ranges) and {self.shared_pages} shared pages verified; prepared in "
-                         f"{self.setup_seconds:.2f} s")
+                         f"{self.setup_seconds:.2f} s; "
+                         + (f"RAM digest for the source's check in {self.digest_ms} ms (the guest stopped)"
+                            if self.ram_digest_asked else "no RAM digest (the source did not ask)"))
         if self.target_heartbeat:
             lines.append(f"  heartbeat on this host: {self.target_heartbeat}")
         if self.source_lost:
