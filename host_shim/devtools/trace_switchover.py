@@ -9,7 +9,7 @@ journal commit and the writeback of each RAM file, next to the QMP steps.
     sudo .venv/bin/python -m host_shim.devtools.trace_switchover --guest-mib 1024 --work-dir work/trace-1
 
 Needs root (tracefs). A diagnosis instrument, not a test: the numbers are
-those of one machine's disk and load (docs/migration.md, "Where the
+those of one machine's disk and load (docs/migration.md, "Where the slow
 device-state step's time went").
 """
 
