@@ -12,12 +12,12 @@ from host_shim.commands.options import add_mailbox_timeout
 from host_shim.firmware.boot import resolve_image
 from host_shim.helpers.backends import KINDS
 from host_shim.migration.convergence import DEFAULT_DOWNTIME_LIMIT_MS, THROTTLE_MAX, ConvergenceSettings
-from host_shim.migration.migrate import SWITCHOVER_MODES, MigrationConfig, migrate, write_report
+from host_shim.migration.migrate import SWITCHOVER_MODES, MigrationConfig, MigrationReport, migrate, write_report
 from host_shim.migration.migration_protocol import parse_address
 from host_shim.migration.migration_vm import MigrationError
 from host_shim.vm import process
 from host_shim.vm.debian_vm import DEFAULT_MIB, GUEST_KINDS
-from host_shim.vm.devices import parse_nic, present_nic
+from host_shim.vm.devices import NicBackend, parse_nic, present_nic
 from host_shim.vm.netns import L2Network
 from host_shim.vm.qemu import describe_logs
 
@@ -144,9 +144,34 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the options, migrate, and say the report; 1 unless the guest
+    runs on the target."""
+    _check_options(args)
+    nic = present_nic(parse_nic(args.nic)) if args.nic is not None else None
     # A temporary work folder stays after the run (logs, report, RAM files
     # unless --ram-dir) but not after the command is killed: the reaper
     # removes it unless the run reached its report.
+    work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
+    config = _config(args, work, nic)
+    try:
+        # The namespaces hold both hosts: only when this command runs both roles.
+        with L2Network(client_rto_max_ms=args.client_rto_max_ms) if _networked(args) else nullcontext() as network:
+            config.network = network
+            report = migrate(config)
+    except Exception:
+        # Refused before it started, or a failure not foreseen: whatever
+        # QEMU ran keeps its logs. (A signal, KeyboardInterrupt, keeps
+        # nothing: docs/testing.md.)
+        if args.work_dir is None:
+            process.keep(work)
+        raise
+    if args.work_dir is None:
+        process.keep(work)
+    return _say_report(args, report, work)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Options that do not go together, refused by name before anything starts."""
     if (args.qmp is None) != (args.ram is None):
         raise MigrationError("--qmp SOCKET and --ram FILE go together: the running guest's QMP socket and RAM "
                              "file")
@@ -167,8 +192,7 @@ def run(args: argparse.Namespace) -> int:
     if args.guest != "debian" and args.disk is not None and args.qmp is None:
         raise MigrationError("--disk is the disk of the Debian guest (--guest debian) or of the guest attached with "
                              "--qmp")
-    networked = args.guest == "debian" and args.network and not args.to
-    if args.client_rto_max_ms is not None and not networked:
+    if args.client_rto_max_ms is not None and not _networked(args):
         raise MigrationError("--client-rto-max-ms is the TCP probe's client: it goes with --guest debian and the "
                              "network of namespaces (not --no-network, not --to)")
     if args.nic is not None and args.guest != "debian":
@@ -177,10 +201,18 @@ def run(args: argparse.Namespace) -> int:
         raise MigrationError("--nic names the source host's side of the NIC with --to; with both roles in this "
                              "command --network (the default) puts it on a tap in each host's namespace, and "
                              "--no-network leaves it without a host side")
-    nic = present_nic(parse_nic(args.nic)) if args.nic is not None else None
+
+
+def _networked(args: argparse.Namespace) -> bool:
+    """The network of namespaces holds both hosts: only the Debian guest
+    with --network, both roles in this command."""
+    return bool(args.guest == "debian" and args.network and not args.to)
+
+
+def _config(args: argparse.Namespace, work: Path, nic: NicBackend | None) -> MigrationConfig:
+    """The migration the options ask for."""
     default_mib = DEFAULT_MIB if args.guest == "debian" else 256
-    work = (args.work_dir or process.temp_dir("ovmf-mh-migrate-")).resolve()
-    config = MigrationConfig(
+    return MigrationConfig(
         image=resolve_image(args.image),
         work_dir=work,
         key_file=args.key,
@@ -208,20 +240,11 @@ def run(args: argparse.Namespace) -> int:
         disk=args.disk.absolute() if args.disk else None,
         nic=nic,
     )
-    try:
-        # The namespaces hold both hosts: only when this command runs both roles.
-        with L2Network(client_rto_max_ms=args.client_rto_max_ms) if networked else nullcontext() as network:
-            config.network = network
-            report = migrate(config)
-    except Exception:
-        # Refused before it started, or a failure not foreseen: whatever
-        # QEMU ran keeps its logs. (A signal, KeyboardInterrupt, keeps
-        # nothing: docs/testing.md.)
-        if args.work_dir is None:
-            process.keep(work)
-        raise
-    if args.work_dir is None:
-        process.keep(work)
+
+
+def _say_report(args: argparse.Namespace, report: MigrationReport, work: Path) -> int:
+    """The report in WORK/report.json and on stdout (--json, --plot); the
+    error on stderr. The exit code: 0 only for a guest running on the target."""
     write_report(report, work / "report.json")
     if args.json:
         print(json.dumps(report.as_json(), indent=2))

@@ -526,6 +526,17 @@ def migrate(config: MigrationConfig) -> MigrationReport:
     thread, over loopback TCP: the same protocol, the same code. With
     ``config.attach_qmp`` the guest is the user's running QEMU, checked
     first (AttachRefused names what does not fit, the guest untouched)."""
+    _check_config(config)
+    if config.target is not None:
+        if config.key_file is None:
+            raise MigrationError("--to needs --key FILE: the guest owner's transport key, the same file on "
+                                 "both hosts (it never crosses the connection)")
+        return _migrate_source(config, read_key(config.key_file), config.target)
+    return _migrate_both_roles(config, read_key(config.key_file) if config.key_file else os.urandom(32))
+
+
+def _check_config(config: MigrationConfig) -> None:
+    """What the migration asks for, refused by name before anything starts."""
     if (config.attach_qmp is None) != (config.attach_ram is None):
         raise MigrationError("--qmp and --ram go together: the running guest's QMP socket and its RAM file")
     if config.attach_qmp is None and (config.guest_mib < MIN_GUEST_MIB
@@ -547,12 +558,11 @@ def migrate(config: MigrationConfig) -> MigrationReport:
     elif config.verify_all:
         raise MigrationError("--verify-all adds a full CHECK_PAGES to the dirty log; --switchover full-check "
                              "checks every page already")
-    if config.target is not None:
-        if config.key_file is None:
-            raise MigrationError("--to needs --key FILE: the guest owner's transport key, the same file on "
-                                 "both hosts (it never crosses the connection)")
-        return _migrate_source(config, read_key(config.key_file), config.target)
-    key = read_key(config.key_file) if config.key_file else os.urandom(32)
+
+
+def _migrate_both_roles(config: MigrationConfig, key: bytes) -> MigrationReport:
+    """The one-machine migration: the target role in a thread over loopback
+    TCP, the source role here; one report holding both."""
     # The TCP probe, once the source started it, streams on after 'cont'
     # and is stopped by the target role while it still runs the guest.
     probes: list[debian_guest.ProbeClient] = []
@@ -590,8 +600,70 @@ def migrate(config: MigrationConfig) -> MigrationReport:
     return report
 
 
+@dataclass
+class _SourceRun:
+    """One outgoing migration, handed from phase to phase: what it was
+    asked, the source guest, the report being filled, the ExitStack that
+    stops everything it started, and how far it got (the failure path
+    reads the flags and whatever connection, listener and watch exist)."""
+
+    config: MigrationConfig
+    key: bytes
+    address: tuple[str, int]
+    report: MigrationReport
+    stack: ExitStack
+    guest: SourceGuest
+    probes: list[debian_guest.ProbeClient] | None
+    channel: mp.Channel | None = None
+    listener: _TargetListener | None = None
+    watch: _Watch | None = None
+    #: The switchover decision and the guest's throttle, from pass 2 on.
+    control: PreCopyControl | None = None
+    #: The source guest was (or may have been) stopped for the switchover.
+    stopped: bool = False
+    #: The whole stream, its end included, is on the connection.
+    stream_done: bool = False
+    #: 'commit' was (or may have been) sent: the source never resumes.
+    committed: bool = False
+    #: The target said it resumed the guest.
+    resumed_target: bool = False
+
+
+@dataclass
+class _Link:
+    """The phases from pre-copy on: the target's connection, the listener
+    and watch over it, the source helpers and the one way dirty pages are
+    found (the kernel's log, or the host's copy)."""
+
+    channel: mp.Channel
+    listener: _TargetListener
+    watch: _Watch
+    device_state_port: int
+    exporter: Exporter
+    dirty_log: DirtyLog | None
+    tracker: DirtyTracker | None
+    every_page: PageNumbers
+    #: When the migration proper started (the target prepared).
+    started: float
+    #: When the source guest stopped, and the switchover's marks since then.
+    stop_at: float = 0.0
+    marks: dict[str, float] = field(default_factory=dict)
+    #: The target's verdict (its 'digest_ms' is not downtime).
+    verdict: mp.Message | None = None
+    #: Says 'progress' to the target from its verdict to the commit.
+    alive: _KeepAlive | None = None
+
+    @property
+    def digest_seconds(self) -> float:
+        return self.verdict["digest_ms"] / 1000 if self.verdict is not None else 0.0
+
+
 def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int],
                     probes: list[debian_guest.ProbeClient] | None = None) -> MigrationReport:
+    """The source role's phases: prepare (the guest, the target, the
+    helpers), pre-copy, switchover (the guest stopped, the final pass),
+    the target's verdict, the device-state move, commit and resume on the
+    target. A failure resumes the guest here unless it was committed."""
     work = config.work_dir
     work.mkdir(parents=True, exist_ok=True)
     report = MigrationReport(helper=config.helper, helpers=config.helpers, guest_mib=config.guest_mib,
@@ -602,290 +674,369 @@ def _migrate_source(config: MigrationConfig, key: bytes, address: tuple[str, int
     except BaseException:
         stack.close()
         raise
-    source, source_ram, size = source_guest.vm, source_guest.ram, source_guest.size
     report.guest_mib = source_guest.description.memory_mib
-    stopped = False
-    stream_done = False
-    committed = False
-    resumed_target = False
-    channel: mp.Channel | None = None
-    listener: _TargetListener | None = None
-    watch: _Watch | None = None
-    control: PreCopyControl | None = None
+    run = _SourceRun(config, key, address, report, stack, source_guest, probes)
     try:
-        if not source_guest.attached:
-            _wait_for(source, guest.HEARTBEAT, _boot_timeout(source_guest))
-        debian_guest.start_probe(config.network, stack, probes)
-        prepare_start = time.monotonic()
-        channel = _connect(config, address)
-        stack.callback(channel.close)
-        description = source_guest.description
-        # The source helpers start (and the dirty log is reset) while the
-        # target prepares: neither needs the target, and both wait on it.
-        nonces_given: list[bytes] = []
-        exporter = Exporter(source_ram, key, channel.stream(), kind=config.helper, helpers=config.helpers,
-                            firmware=config.image, work_dir=work / "source-helpers", track_pages=True,
-                            mailbox_timeout=config.mailbox_timeout, challenge=lambda: list(nonces_given),
-                            zero_ranges=config.zero_ranges, keepalive=mp.STREAM_KEEPALIVE)
-        stack.push(exporter)
-        dirty_log: DirtyLog | None = None
-        tracker: DirtyTracker | None = None
-        if config.switchover == "dirty-log":
-            dirty_log = DirtyLog(source_ram, size)
-            stack.callback(dirty_log.close)
-        else:
-            tracker = DirtyTracker(source_ram, size)
-            stack.callback(tracker.close)
-        early = stack.enter_context(_Beside(exporter.start_helpers, dirty_log.reset if dirty_log else None))
-        device_state_port, nonces = _handshake(channel, description, config.verify_ram)
-        nonces_given.extend(nonces)
-        channel.write_stall = mp.stream_liveness(config.idle_timeout, size, channel.peer).stall
-        listener = _TargetListener(channel)
-        target_listener = listener
-        watch = _Watch([source], target_listener.fault)
-        stack.callback(watch.close)
-        # The target side is prepared, as a plain migration's target QEMU is
-        # before 'migrate': the migration proper starts here.
-        report.setup_seconds = time.monotonic() - prepare_start
-        started = time.monotonic()
-
-        watch.phase = channel.phase = "the source helpers' start"
-        early.join()
-        exporter.__enter__()
-        # From now on a fault stops the helpers' work at their next step.
-        watch.on_fault = exporter.abort
-        watch.check()
-        report.phase_seconds["source_helpers_start"] = time.monotonic() - started
-
-        def run_pass(pages: PageNumbers, running: bool, logged: int = 0, check_seconds: float = 0.0,
-                     log_reset: str | None = None) -> None:
-            assert watch is not None and channel is not None
-            watch.phase = channel.phase = f"{'pre-copy' if running else 'the final'} pass {len(report.passes) + 1}"
-            report.phase_seconds[f"pass_{len(report.passes) + 1}_start"] = time.monotonic() - started
-            meter = Progress(f"pass {len(report.passes) + 1}", len(pages), enabled=config.progress)
-            stats = exporter.send(pages, meter, tracker.record if tracker is not None else None)
-            meter.finish()
-            report.passes.append(PassReport(len(report.passes) + 1, stats.pages, stats.zero_pages,
-                                            stats.stream_bytes, stats.seconds, running, logged, check_seconds,
-                                            log_reset, stats.zero_range_pages))
-
-        every_page = np.arange(size // PAGE, dtype=np.uint64)
-        # The log was reset (every page clean) beside the handshake: the
-        # first pass reads every page after that.
-        def pre_copy_pass() -> int:
-            """One pass of what was written since the last; its page count."""
-            assert dirty_log is not None or tracker is not None
-            if dirty_log is not None:
-                # The next pass and the switchover must end before the
-                # kernel's flusher may clear the log on its own: as long as
-                # the last pass is the room asked for (passes shrink; one
-                # that does not makes the switchover check every page).
-                doubt = dirty_log.doubt(ahead=report.passes[-1].seconds)
-                check_start = time.monotonic()
-                if doubt is None:
-                    # Read and clear the log, then keep the logged pages
-                    # whose content is not what their helper sealed: a write
-                    # after the clear is in the next read.
-                    logged = dirty_log.take()
-                    dirty_pages = exporter.changed_since_sent(logged)
-                else:
-                    # Reset: every page clean (the flusher's clock restarts),
-                    # then every page checked, so a write the fsync cleared
-                    # unseen, or the flusher did before, is still found.
-                    # Every page but those never written (_written_pages).
-                    dirty_log.reset()
-                    logged = _written_pages(source_ram, every_page)
-                    dirty_pages = exporter.changed_since_sent(logged)
-                run_pass(dirty_pages, True, len(logged), time.monotonic() - check_start, doubt)
-            else:
-                assert tracker is not None
-                dirty_pages = _take(tracker)
-                run_pass(dirty_pages, True)
-            return len(dirty_pages)
-
-        run_pass(every_page, True)
-        control = stack.enter_context(_precopy_control(config, source_guest))
-        while len(report.passes) < config.max_passes:
-            pre_copy_pass()
-            if _switch_now(control, report.passes, dirty_log, config.max_passes):
-                break
-
-        # The target imports behind the source; what it has not taken yet
-        # at 'stop' would be downtime. Wait (the guest running) until it
-        # took everything sent. What the guest writes meanwhile goes in the
-        # final pass, or, when the log says that is more than a converged
-        # pass, in one more pass, with its own wait.
-        watch.phase = channel.phase = "the target's catch-up"
-        for attempt in range(1 + CATCH_UP_PASSES):
-            waited, backlog = _wait_for_catch_up(channel, watch)
-            report.catch_up_seconds += waited
-            report.catch_up_backlog += backlog
-            if dirty_log is None or attempt == CATCH_UP_PASSES or control.fits(dirty_log.dirty_count()):
-                break
-            report.catch_up_passes += 1
-            pre_copy_pass()
-            watch.phase = channel.phase = "the target's catch-up"
-        # Switchover: from here until the target resumes, the guest runs
-        # nowhere. Never for a target that is already gone or silent.
-        control.close()
-        _skip_shared_ram(source)
-        watch.check()
-        watch.phase = channel.phase = "switchover (source guest stopped)"
-        stop_at = time.monotonic()
-        # Marked before the command: a 'stop' whose answer is lost (a QMP
-        # timeout) may have stopped the guest, and a failure must resume it.
-        _guard_paused_guest(source_guest)
-        listener.switchover.set()
-        stopped = True
-        source.qmp("stop")
-        marks: dict[str, float] = {"stop": time.monotonic() - stop_at}
-        if dirty_log is not None:
-            final = _switchover_by_log(dirty_log, exporter, every_page, config.verify_all, report, marks, stop_at,
-                                       source_ram)
-        else:
-            assert tracker is not None
-            final = _switchover_by_full_check(tracker, exporter, every_page, report)
-            marks["check"] = time.monotonic() - stop_at
-        run_pass(final, False, report.log_pages, report.check_seconds)
-        marks["final_pass"] = time.monotonic() - stop_at
-        listener.stream_ending.set()
-        exporter.finish()
-        channel.stream().flush()
-        stream_done = True
-        watch.phase = channel.phase = "the target helpers' verification"
-        _await_verdict(listener, watch, size)
-        watch.check()
-        verdict = listener.verdict
-        if verdict is None:
-            raise MigrationError(f"the {channel.peer} sent no verdict: {listener.error}")
-        if not verdict["ok"]:
-            raise MigrationError(f"the {channel.peer} did not verify the stream: {verdict['reason']}")
-        marks["target_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
-        # The target waits for the commit; until then it hears progress
-        # every second (it gives a silent source up after 5 s), so a source
-        # busy checking the commit proof, hashing or moving the device state
-        # is not taken for a silent one.
-        alive = stack.enter_context(_KeepAlive(channel, sum(p.stream_bytes for p in report.passes)))
-        _verify_target_commit(exporter, listener, channel, config.helpers)
-        marks["commit_proof_verified"] = time.monotonic() - stop_at - verdict["digest_ms"] / 1000
-        if config.verify_ram:
-            # After the verdict, not while the target verifies: on one
-            # machine the two would compete for the CPUs and slow the part
-            # that is downtime.
-            verify_start = time.monotonic()
-            differing = _differing_parts(ram_digest(source_ram, size), verdict["ram_digest"], size)
-            report.ram_identical = not differing
-            # Not downtime: the target's digest (before its verdict) and the source's.
-            report.verify_seconds = verdict["digest_ms"] / 1000 + time.monotonic() - verify_start
-            if differing:
-                message = (f"target RAM differs from the source RAM at switchover in {len(differing)} of "
-                           f"{DIGEST_PARTS} parts, first at {[hex(p) for p in differing[:8]]}")
-                with suppress(OvmfMhError):
-                    channel.send("abort", reason=message)
-                raise MigrationError(message)
-        watch.phase = channel.phase = "the device-state move"
-        device_state_host = config.network.address("target") if config.network else address[0]
-        report.device_state_seconds = _migrate_device_state(source, device_state_host, device_state_port)
-        marks["device_state"] = time.monotonic() - stop_at - report.verify_seconds
-        watch.check()
-        alive.close()
-        # A target that gave up meanwhile (its error is waiting unread) is
-        # not sent a commit that would keep this guest stopped for nothing.
-        _check_peer_quiet(channel)
-        # The point of no return: once the target may resume the guest, the
-        # source must not (two running copies of one guest are worse than
-        # one lost one). Marked before the write: a write that fails may
-        # still have delivered it.
-        channel.phase = "the target's resume"
-        _release_paused_guest(source_guest)
-        committed = True
-        channel.send("commit")
-        channel.receive("resumed")
-        resumed_target = True
-        marks["cont"] = time.monotonic() - stop_at - report.verify_seconds
-        report.switchover_ms = {k: round(1000 * v) for k, v in marks.items()}
-        report.stopped_seconds = time.monotonic() - stop_at
-        report.downtime_seconds = report.stopped_seconds - report.verify_seconds
-        report.total_seconds = time.monotonic() - started - report.verify_seconds
-        report.guest_state = "running on target"
-        channel.phase = "the target's first heartbeat"
-        # The target waits for the guest's first heartbeat before it says
-        # so, saying 'progress' every second meanwhile.
-        running = _await_running(channel)
-        report.target_heartbeat = running["heartbeat"]
-        report.outcome = "ok"
-        report.source_qemu = _leave_source(source_guest, config.quit_source)
+        link = _source_prepare(run)
+        _source_pre_copy(run, link)
+        _source_switchover(run, link)
+        _source_verdict(run, link)
+        _source_device_state(run, link)
+        _source_commit(run, link)
+        _source_resume(run, link)
     except (OvmfMhError, OSError) as exc:
-        # The throttle ends first: the guest runs (or counts as stopped here).
-        stopped = (control is not None and control.close()) or stopped
-        # The target's reason beats the broken pipe it caused on this side.
-        if listener is not None and listener.error is None and listener.alive():
-            listener.join(timeout=1.0)
-        cause = listener.error if listener is not None else None
-        report.error = str(cause) if cause is not None and not isinstance(exc, (MigrationError, mp.PeerFailed)) \
-            else str(exc)
-        fault = watch.fault if watch is not None else None
-        if fault is not None and fault is not exc:
-            # The watch saw the first cause; what failed after it is its consequence.
-            report.error = f"{fault} (then: {exc})"
-        if channel is not None and stream_done and not committed and not isinstance(exc, mp.ProtocolError):
-            # The target learns at once why it will not resume (mid-stream,
-            # the cut connection says it: a message there would read as a
-            # malformed frame).
-            with suppress(OvmfMhError):
-                channel.send("abort", reason=report.error[: mp.MAX_TEXT])
-        if channel is not None:
-            channel.abandon()
-        if resumed_target and isinstance(exc, mp.PeerGone):
-            report.guest_state = ("unknown: the target resumed the guest ('resumed'), then the connection broke or "
-                                  "went silent before its first heartbeat: the guest may run there")
-        elif resumed_target:
-            report.guest_state = "lost: the target failed after it resumed the guest"
-        elif committed:
-            report.guest_state = ("unknown: the target was told to resume and did not confirm; the source "
-                                  + ("guest stays paused, in the user's QEMU" if source_guest.attached
-                                     else "guest stayed stopped and ends with the run"))
-        elif not source.is_running():
-            report.guest_state = f"lost: {source.describe()}"
-        elif source.is_stopped() and source_guest.attached:
-            # It answers no QMP command, and it is the user's: left as it is.
-            report.guest_state = (f"stopped: the user's source QEMU pid {source.pid} is stopped (SIGSTOP or a "
-                                  "debugger) and answers nothing; this command leaves it so")
-        elif source.is_stopped():
-            # It answers no QMP command; the run's end kills it with the rest.
-            report.guest_state = f"lost: source QEMU pid {source.pid} is stopped and ends with the run"
-        else:
-            with suppress(OvmfMhError):
-                if stopped:
-                    source.qmp("cont")
-                    _release_paused_guest(source_guest)
-                # Show that the guest really goes on: running, and beating
-                # (the user's serial console is not this command's to read).
-                serial_before = len(source.serial_text())
-                status = source.qmp("query-status").get("status")
-                if status == "running" and source_guest.attached:
-                    report.guest_state = "running on source"
-                elif status == "running":
-                    report.source_heartbeat_after_failure = _wait_for(source, guest.HEARTBEAT, 15, after=serial_before)
-                    report.guest_state = "running on source"
+        _source_failed(run, exc)
     except KeyboardInterrupt as exc:
         # SIGINT, SIGTERM, SIGHUP (cli.py): the user's guest is resumed
         # here if this command paused it, and the message says so.
-        if channel is not None:
-            channel.abandon()
-        stopped = (control is not None and control.close()) or stopped
-        exc.add_note(_resume_after_signal(source_guest, stopped, committed))
+        if run.channel is not None:
+            run.channel.abandon()
+        run.stopped = (run.control is not None and run.control.close()) or run.stopped
+        exc.add_note(_resume_after_signal(source_guest, run.stopped, run.committed))
         raise
     finally:
         # Every QEMU and helper this run started stops here, by its own pid.
         stack.close()
-        if control is not None:
-            report.throttle, report.throttle_summary = control.report(), control.describe()
+        if run.control is not None:
+            report.throttle, report.throttle_summary = run.control.report(), run.control.describe()
         # Their logs stay in the work folder; a failure names them.
         report.logs = logs_under(work)
     return report
 
 
+def _source_prepare(run: _SourceRun) -> _Link:
+    """Phase prepare: the guest beating, the target connected and prepared
+    (the handshake) while the source helpers start beside it, the dirty
+    pages tracked."""
+    config, stack, source_guest = run.config, run.stack, run.guest
+    if not source_guest.attached:
+        _wait_for(source_guest.vm, guest.HEARTBEAT, _boot_timeout(source_guest))
+    debian_guest.start_probe(config.network, stack, run.probes)
+    prepare_start = time.monotonic()
+    channel = run.channel = _connect(config, run.address)
+    stack.callback(channel.close)
+    # The source helpers start (and the dirty log is reset) while the
+    # target prepares: neither needs the target, and both wait on it.
+    nonces_given: list[bytes] = []
+    exporter, dirty_log, tracker = _source_helpers(run, channel, nonces_given)
+    early = stack.enter_context(_Beside(exporter.start_helpers, dirty_log.reset if dirty_log else None))
+    device_state_port, nonces = _handshake(channel, source_guest.description, config.verify_ram)
+    nonces_given.extend(nonces)
+    channel.write_stall = mp.stream_liveness(config.idle_timeout, source_guest.size, channel.peer).stall
+    listener = run.listener = _TargetListener(channel)
+    watch = run.watch = _Watch([source_guest.vm], listener.fault)
+    stack.callback(watch.close)
+    # The target side is prepared, as a plain migration's target QEMU is
+    # before 'migrate': the migration proper starts here.
+    run.report.setup_seconds = time.monotonic() - prepare_start
+    started = time.monotonic()
+
+    watch.phase = channel.phase = "the source helpers' start"
+    early.join()
+    exporter.__enter__()
+    # From now on a fault stops the helpers' work at their next step.
+    watch.on_fault = exporter.abort
+    watch.check()
+    run.report.phase_seconds["source_helpers_start"] = time.monotonic() - started
+    every_page = np.arange(source_guest.size // PAGE, dtype=np.uint64)
+    return _Link(channel, listener, watch, device_state_port, exporter, dirty_log, tracker, every_page, started)
+
+
+def _source_helpers(run: _SourceRun, channel: mp.Channel,
+                    nonces: list[bytes]) -> tuple[Exporter, DirtyLog | None, DirtyTracker | None]:
+    """The source helpers (not started yet; bound to ``nonces`` once the
+    target gave them) and the one way to find dirty pages: the kernel's
+    log, or the host's copy. Each is stopped by the run's ExitStack."""
+    config, source_guest = run.config, run.guest
+    exporter = Exporter(source_guest.ram, run.key, channel.stream(), kind=config.helper, helpers=config.helpers,
+                        firmware=config.image, work_dir=config.work_dir / "source-helpers", track_pages=True,
+                        mailbox_timeout=config.mailbox_timeout, challenge=lambda: list(nonces),
+                        zero_ranges=config.zero_ranges, keepalive=mp.STREAM_KEEPALIVE)
+    run.stack.push(exporter)
+    dirty_log: DirtyLog | None = None
+    tracker: DirtyTracker | None = None
+    if config.switchover == "dirty-log":
+        dirty_log = DirtyLog(source_guest.ram, source_guest.size)
+        run.stack.callback(dirty_log.close)
+    else:
+        tracker = DirtyTracker(source_guest.ram, source_guest.size)
+        run.stack.callback(tracker.close)
+    return exporter, dirty_log, tracker
+
+
+def _run_pass(run: _SourceRun, link: _Link, pages: PageNumbers, running: bool, logged: int = 0,
+              check_seconds: float = 0.0, log_reset: str | None = None) -> None:
+    """One pass: ``pages`` sealed by the source helpers onto the stream."""
+    report = run.report
+    link.watch.phase = link.channel.phase = \
+        f"{'pre-copy' if running else 'the final'} pass {len(report.passes) + 1}"
+    report.phase_seconds[f"pass_{len(report.passes) + 1}_start"] = time.monotonic() - link.started
+    meter = Progress(f"pass {len(report.passes) + 1}", len(pages), enabled=run.config.progress)
+    stats = link.exporter.send(pages, meter, link.tracker.record if link.tracker is not None else None)
+    meter.finish()
+    report.passes.append(PassReport(len(report.passes) + 1, stats.pages, stats.zero_pages,
+                                    stats.stream_bytes, stats.seconds, running, logged, check_seconds,
+                                    log_reset, stats.zero_range_pages))
+
+
+def _source_pre_copy(run: _SourceRun, link: _Link) -> None:
+    """Phase pre-copy, the guest running: every page once (the log was reset
+    beside the handshake: every page clean), then passes of what it wrote
+    since, until the pre-copy control says switch (precopy_control.py) or
+    max_passes; then the target's catch-up. It ends with the throttle
+    released and QEMU told to skip the shared RAM."""
+    _run_pass(run, link, link.every_page, True)
+    control = run.control = run.stack.enter_context(_precopy_control(run.config, run.guest))
+    while len(run.report.passes) < run.config.max_passes:
+        _pre_copy_pass(run, link)
+        if _switch_now(control, run.report.passes, link.dirty_log, run.config.max_passes):
+            break
+    _source_catch_up(run, link, control)
+    control.close()
+    _skip_shared_ram(run.guest.vm)
+
+
+def _pre_copy_pass(run: _SourceRun, link: _Link) -> int:
+    """One pass of what was written since the last; its page count."""
+    dirty_log = link.dirty_log
+    if dirty_log is None:
+        assert link.tracker is not None
+        dirty_pages = _take(link.tracker)
+        _run_pass(run, link, dirty_pages, True)
+        return len(dirty_pages)
+    # The next pass and the switchover must end before the
+    # kernel's flusher may clear the log on its own: as long as
+    # the last pass is the room asked for (passes shrink; one
+    # that does not makes the switchover check every page).
+    doubt = dirty_log.doubt(ahead=run.report.passes[-1].seconds)
+    check_start = time.monotonic()
+    if doubt is None:
+        # Read and clear the log, then keep the logged pages
+        # whose content is not what their helper sealed: a write
+        # after the clear is in the next read.
+        logged = dirty_log.take()
+        dirty_pages = link.exporter.changed_since_sent(logged)
+    else:
+        # Reset: every page clean (the flusher's clock restarts),
+        # then every page checked, so a write the fsync cleared
+        # unseen, or the flusher did before, is still found.
+        # Every page but those never written (_written_pages).
+        dirty_log.reset()
+        logged = _written_pages(run.guest.ram, link.every_page)
+        dirty_pages = link.exporter.changed_since_sent(logged)
+    _run_pass(run, link, dirty_pages, True, len(logged), time.monotonic() - check_start, doubt)
+    return len(dirty_pages)
+
+
+def _source_catch_up(run: _SourceRun, link: _Link, control: PreCopyControl) -> None:
+    """The target imports behind the source; what it has not taken yet
+    at 'stop' would be downtime. Wait (the guest running) until it
+    took everything sent. What the guest writes meanwhile goes in the
+    final pass, or, when the log says that is more than a converged
+    pass, in one more pass, with its own wait."""
+    report, dirty_log = run.report, link.dirty_log
+    link.watch.phase = link.channel.phase = "the target's catch-up"
+    for attempt in range(1 + CATCH_UP_PASSES):
+        waited, backlog = _wait_for_catch_up(link.channel, link.watch)
+        report.catch_up_seconds += waited
+        report.catch_up_backlog += backlog
+        if dirty_log is None or attempt == CATCH_UP_PASSES or control.fits(dirty_log.dirty_count()):
+            break
+        report.catch_up_passes += 1
+        _pre_copy_pass(run, link)
+        link.watch.phase = link.channel.phase = "the target's catch-up"
+
+
+def _source_switchover(run: _SourceRun, link: _Link) -> None:
+    """Phase switchover: from here until the target resumes, the guest runs
+    nowhere. Never for a target that is already gone or silent. The guest
+    stops, the final pass goes and the stream ends."""
+    report, marks = run.report, link.marks
+    link.watch.check()
+    link.watch.phase = link.channel.phase = "switchover (source guest stopped)"
+    link.stop_at = stop_at = time.monotonic()
+    # Marked before the command: a 'stop' whose answer is lost (a QMP
+    # timeout) may have stopped the guest, and a failure must resume it.
+    _guard_paused_guest(run.guest)
+    link.listener.switchover.set()
+    run.stopped = True
+    run.guest.vm.qmp("stop")
+    marks["stop"] = time.monotonic() - stop_at
+    if link.dirty_log is not None:
+        final = _switchover_by_log(link.dirty_log, link.exporter, link.every_page, run.config.verify_all, report,
+                                   marks, stop_at, run.guest.ram)
+    else:
+        assert link.tracker is not None
+        final = _switchover_by_full_check(link.tracker, link.exporter, link.every_page, report)
+        marks["check"] = time.monotonic() - stop_at
+    _run_pass(run, link, final, False, report.log_pages, report.check_seconds)
+    marks["final_pass"] = time.monotonic() - stop_at
+    link.listener.stream_ending.set()
+    link.exporter.finish()
+    link.channel.stream().flush()
+    run.stream_done = True
+
+
+def _source_verdict(run: _SourceRun, link: _Link) -> None:
+    """The target helpers' verification: the target's verdict, its commit
+    proof accepted by every source helper and (--verify-ram) its RAM
+    digest compared with this side's."""
+    channel, listener, watch = link.channel, link.listener, link.watch
+    watch.phase = channel.phase = "the target helpers' verification"
+    _await_verdict(listener, watch, run.guest.size)
+    watch.check()
+    verdict = link.verdict = listener.verdict
+    if verdict is None:
+        raise MigrationError(f"the {channel.peer} sent no verdict: {listener.error}")
+    if not verdict["ok"]:
+        raise MigrationError(f"the {channel.peer} did not verify the stream: {verdict['reason']}")
+    link.marks["target_verified"] = time.monotonic() - link.stop_at - link.digest_seconds
+    # The target waits for the commit; until then it hears progress
+    # every second (it gives a silent source up after 5 s), so a source
+    # busy checking the commit proof, hashing or moving the device state
+    # is not taken for a silent one.
+    link.alive = run.stack.enter_context(_KeepAlive(channel, sum(p.stream_bytes for p in run.report.passes)))
+    _verify_target_commit(link.exporter, listener, channel, run.config.helpers)
+    link.marks["commit_proof_verified"] = time.monotonic() - link.stop_at - link.digest_seconds
+    if run.config.verify_ram:
+        _verify_ram(run, link)
+
+
+def _verify_ram(run: _SourceRun, link: _Link) -> None:
+    """After the verdict, not while the target verifies: on one machine
+    the two would compete for the CPUs and slow the part that is downtime."""
+    report, size = run.report, run.guest.size
+    assert link.verdict is not None
+    verify_start = time.monotonic()
+    differing = _differing_parts(ram_digest(run.guest.ram, size), link.verdict["ram_digest"], size)
+    report.ram_identical = not differing
+    # Not downtime: the target's digest (before its verdict) and the source's.
+    report.verify_seconds = link.digest_seconds + time.monotonic() - verify_start
+    if differing:
+        message = (f"target RAM differs from the source RAM at switchover in {len(differing)} of "
+                   f"{DIGEST_PARTS} parts, first at {[hex(p) for p in differing[:8]]}")
+        with suppress(OvmfMhError):
+            link.channel.send("abort", reason=message)
+        raise MigrationError(message)
+
+
+def _source_device_state(run: _SourceRun, link: _Link) -> None:
+    """The device state (QEMU's own migration, RAM left out) to the target."""
+    config, report = run.config, run.report
+    link.watch.phase = link.channel.phase = "the device-state move"
+    device_state_host = config.network.address("target") if config.network else run.address[0]
+    report.device_state_seconds = _migrate_device_state(run.guest.vm, device_state_host, link.device_state_port)
+    link.marks["device_state"] = time.monotonic() - link.stop_at - report.verify_seconds
+    link.watch.check()
+    assert link.alive is not None
+    link.alive.close()
+
+
+def _source_commit(run: _SourceRun, link: _Link) -> None:
+    """Phase commit: the point of no return. Once the target may resume
+    the guest, the source must not (two running copies of one guest are
+    worse than one lost one)."""
+    channel = link.channel
+    # A target that gave up meanwhile (its error is waiting unread) is
+    # not sent a commit that would keep this guest stopped for nothing.
+    _check_peer_quiet(channel)
+    # Marked before the write: a write that fails may still have delivered it.
+    channel.phase = "the target's resume"
+    _release_paused_guest(run.guest)
+    run.committed = True
+    channel.send("commit")
+
+
+def _source_resume(run: _SourceRun, link: _Link) -> None:
+    """Phase resume: the target resumed the guest, then its first heartbeat
+    there; the source QEMU is left as asked."""
+    report, channel = run.report, link.channel
+    channel.receive("resumed")
+    run.resumed_target = True
+    link.marks["cont"] = time.monotonic() - link.stop_at - report.verify_seconds
+    report.switchover_ms = {k: round(1000 * v) for k, v in link.marks.items()}
+    report.stopped_seconds = time.monotonic() - link.stop_at
+    report.downtime_seconds = report.stopped_seconds - report.verify_seconds
+    report.total_seconds = time.monotonic() - link.started - report.verify_seconds
+    report.guest_state = "running on target"
+    channel.phase = "the target's first heartbeat"
+    # The target waits for the guest's first heartbeat before it says
+    # so, saying 'progress' every second meanwhile.
+    running = _await_running(channel)
+    report.target_heartbeat = running["heartbeat"]
+    report.outcome = "ok"
+    report.source_qemu = _leave_source(run.guest, run.config.quit_source)
+
+
+def _source_failed(run: _SourceRun, exc: OvmfMhError | OSError) -> None:
+    """A failed run: the report says why (the first cause), the target
+    hears it if it waits for a commit, and the guest goes on where it can."""
+    report, channel, listener = run.report, run.channel, run.listener
+    # The throttle ends first: the guest runs (or counts as stopped here).
+    run.stopped = (run.control is not None and run.control.close()) or run.stopped
+    # The target's reason beats the broken pipe it caused on this side.
+    if listener is not None and listener.error is None and listener.alive():
+        listener.join(timeout=1.0)
+    cause = listener.error if listener is not None else None
+    report.error = str(cause) if cause is not None and not isinstance(exc, (MigrationError, mp.PeerFailed)) \
+        else str(exc)
+    fault = run.watch.fault if run.watch is not None else None
+    if fault is not None and fault is not exc:
+        # The watch saw the first cause; what failed after it is its consequence.
+        report.error = f"{fault} (then: {exc})"
+    if channel is not None and run.stream_done and not run.committed and not isinstance(exc, mp.ProtocolError):
+        # The target learns at once why it will not resume (mid-stream,
+        # the cut connection says it: a message there would read as a
+        # malformed frame).
+        with suppress(OvmfMhError):
+            channel.send("abort", reason=report.error[: mp.MAX_TEXT])
+    if channel is not None:
+        channel.abandon()
+    report.guest_state = _guest_after_failure(run, exc) or report.guest_state
+
+
+def _guest_after_failure(run: _SourceRun, exc: OvmfMhError | OSError) -> str | None:
+    """Where the guest is after a failure, resumed here if this run stopped
+    it and nothing was committed; None when that cannot be told."""
+    source_guest, source = run.guest, run.guest.vm
+    if run.resumed_target and isinstance(exc, mp.PeerGone):
+        return ("unknown: the target resumed the guest ('resumed'), then the connection broke or "
+                "went silent before its first heartbeat: the guest may run there")
+    if run.resumed_target:
+        return "lost: the target failed after it resumed the guest"
+    if run.committed:
+        return ("unknown: the target was told to resume and did not confirm; the source "
+                + ("guest stays paused, in the user's QEMU" if source_guest.attached
+                   else "guest stayed stopped and ends with the run"))
+    if not source.is_running():
+        return f"lost: {source.describe()}"
+    if source.is_stopped() and source_guest.attached:
+        # It answers no QMP command, and it is the user's: left as it is.
+        return (f"stopped: the user's source QEMU pid {source.pid} is stopped (SIGSTOP or a "
+                "debugger) and answers nothing; this command leaves it so")
+    if source.is_stopped():
+        # It answers no QMP command; the run's end kills it with the rest.
+        return f"lost: source QEMU pid {source.pid} is stopped and ends with the run"
+    return _resume_here(run)
+
+
+def _resume_here(run: _SourceRun) -> str | None:
+    """The source guest resumed (if this run stopped it) and seen to go on."""
+    source_guest, source, report = run.guest, run.guest.vm, run.report
+    with suppress(OvmfMhError):
+        if run.stopped:
+            source.qmp("cont")
+            _release_paused_guest(source_guest)
+        # Show that the guest really goes on: running, and beating
+        # (the user's serial console is not this command's to read).
+        serial_before = len(source.serial_text())
+        status = source.qmp("query-status").get("status")
+        if status == "running" and source_guest.attached:
+            return "running on source"
+        if status == "running":
+            report.source_heartbeat_after_failure = _wait_for(source, guest.HEARTBEAT, 15, after=serial_before)
+            return "running on source"
+    return None
 class _Beside:
     """Work run in a thread beside the caller's (the source helpers' start
     and the log's reset while the target prepares): :meth:`join` waits for

@@ -238,10 +238,42 @@ def _target_qemu(config: TargetConfig, description: GuestDescription, ram: Path,
     return guest_config(config.image, ram, size, incoming=True, workload_mib=description.workload_mib)
 
 
+@dataclass
+class _TargetRun:
+    """One incoming migration's state, handed from phase to phase: the
+    connection, the guest as described and validated, the target QEMU
+    waiting for it, and the report being filled."""
+
+    channel: mp.Channel
+    config: TargetConfig
+    report: TargetReport
+    description: GuestDescription
+    stack: ExitStack
+    size: int
+    ram: Path
+    target: QemuVM
+    device_state_port: int
+    prepare_start: float
+    reader: _CountingReader
+
+
 def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetReport,
                    description: GuestDescription, stack: ExitStack, listen_host: str) -> QemuVM:
-    """Prepare, import, verify, and resume on the source's commit. Returns
-    the target QEMU, running the guest."""
+    """The target's phases: prepare, pre-copy (the import), commit (the
+    verdict, then the source's commit), resume on it, and the guest's first
+    heartbeat here. Returns the target QEMU, running the guest."""
+    run = _target_prepare(channel, config, report, description, stack, listen_host)
+    summary = _target_pre_copy(run)
+    _target_commit(run, summary)
+    serial_before = _target_resume(run)
+    _target_running(run, serial_before)
+    return run.target
+
+
+def _target_prepare(channel: mp.Channel, config: TargetConfig, report: TargetReport,
+                    description: GuestDescription, stack: ExitStack, listen_host: str) -> _TargetRun:
+    """Phase prepare: the RAM file and the target QEMU the guest description
+    asks for, waiting for the device state."""
     work = config.work_dir
     size = description.memory_mib * MIB
     channel.phase = "the target's preparation"
@@ -251,90 +283,120 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     report.guest_state = "waiting for the stream (never resumed)"
     target.qmp("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     device_state_port = _listen_for_device_state(target, config.device_state_host or listen_host)
+    return _TargetRun(channel, config, report, description, stack, size, ram, target, device_state_port,
+                      prepare_start, _CountingReader(channel.reader))
 
-    reader = _CountingReader(channel.reader)
-    ready = threading.Event()
-    # Set once target helper 0 committed every receipt: the verdict need
-    # not wait for the helper VMs to power off (the import's thread stops
-    # them meanwhile, and is joined before this role ends).
-    committed = threading.Event()
-    # Set on the commit or when the import's thread ends, whichever first.
-    settled = threading.Event()
-    imported: dict[str, Any] = {}
 
-    def on_committed(summary: TransferSummary) -> None:
-        imported["summary"] = summary
-        committed.set()
-        settled.set()
+class _IncomingStream:
+    """The import of the source's stream (import_ram, in place), in its own
+    thread: what it said so far, read by the phases."""
 
-    # The target helpers' challenge nonces, drawn before on_ready: the source
-    # helpers bind their streams to them, so only this migration's streams
-    # are accepted here.
-    nonces: list[bytes] = []
+    def __init__(self, run: _TargetRun) -> None:
+        self.run = run
+        self.ready = threading.Event()
+        # Set once target helper 0 committed every receipt: the verdict need
+        # not wait for the helper VMs to power off (the import's thread stops
+        # them meanwhile, and is joined before this role ends).
+        self.committed = threading.Event()
+        # Set on the commit or when the import's thread ends, whichever first.
+        self.settled = threading.Event()
+        self.summary: TransferSummary | None = None
+        self.error: BaseException | None = None
+        # The target helpers' challenge nonces, drawn before on_ready: the source
+        # helpers bind their streams to them, so only this migration's streams
+        # are accepted here.
+        self.nonces: list[bytes] = []
+        # Alive means progress: the source's stream within its bounds
+        # (migration_protocol.stream_liveness), its clocks restarted at 'accept'.
+        self.liveness = mp.stream_liveness(run.config.idle_timeout, run.size, f"source {run.channel.peer}")
 
-    def receive() -> None:
+    def on_committed(self, summary: TransferSummary) -> None:
+        self.summary = summary
+        self.committed.set()
+        self.settled.set()
+
+    def receive(self) -> None:
+        run, config = self.run, self.run.config
         try:
-            imported["summary"] = import_ram(
-                ram, config.key, cast(IO[bytes], reader), kind=config.helper, firmware=config.image,
-                work_dir=work / "target-helpers", mode="in-place", progress=False,
-                expect=ct.FileHeader(size, description.shards), on_ready=ready.set,
+            self.summary = import_ram(
+                run.ram, config.key, cast(IO[bytes], run.reader), kind=config.helper, firmware=config.image,
+                work_dir=config.work_dir / "target-helpers", mode="in-place", progress=False,
+                expect=ct.FileHeader(run.size, run.description.shards), on_ready=self.ready.set,
                 mailbox_timeout=config.mailbox_timeout,
-                challenge=lambda given, _size: nonces.extend(given), on_committed=on_committed,
-                on_frame=liveness.on_frame,
+                challenge=lambda given, _size: self.nonces.extend(given), on_committed=self.on_committed,
+                on_frame=self.liveness.on_frame,
             )
         except BaseException as exc:
-            if committed.is_set():
+            if self.committed.is_set():
                 # Stopping the helpers after the commit: the guest's memory
                 # is verified and in place; said, not a failure.
                 log.warning("migrate-incoming: stopping the target helpers after their commit: %s", exc)
                 return
-            imported["error"] = exc
-            ready.set()
+            self.error = exc
+            self.ready.set()
         finally:
-            settled.set()
+            self.settled.set()
 
-    # Alive means progress: the source's stream within its bounds
-    # (migration_protocol.stream_liveness), its clocks restarted at 'accept'.
-    liveness = mp.stream_liveness(config.idle_timeout, size, f"source {channel.peer}")
-    channel.stream_liveness = liveness
-    receiver = threading.Thread(target=receive, name="migrate-incoming-receive", daemon=True)
+
+def _target_pre_copy(run: _TargetRun) -> TransferSummary:
+    """Phase pre-copy: the target helpers start, the source hears 'accept'
+    with their nonces, and the stream is imported until its commit."""
+    channel, report = run.channel, run.report
+    incoming = _IncomingStream(run)
+    channel.stream_liveness = incoming.liveness
+    receiver = threading.Thread(target=incoming.receive, name="migrate-incoming-receive", daemon=True)
     receiver.start()
     # After a commit the helpers power off in that thread: done before this
     # role ends (before a commit, a failure ends it as it always did).
-    stack.callback(lambda: receiver.join(30) if committed.is_set() else None)
+    run.stack.callback(lambda: receiver.join(30) if incoming.committed.is_set() else None)
     # Should anything below fail, the import stops reading at once.
-    stack.callback(channel.abandon)
-    ready.wait()
-    if "error" in imported:
-        raise MigrationError(f"the target helpers did not start: {imported['error']}")
-    report.setup_seconds = time.monotonic() - prepare_start
-    liveness.restart()
-    channel.send("accept", device_state_port=device_state_port, nonces=[nonce.hex() for nonce in nonces])
+    run.stack.callback(channel.abandon)
+    incoming.ready.wait()
+    if incoming.error is not None:
+        raise MigrationError(f"the target helpers did not start: {incoming.error}")
+    report.setup_seconds = time.monotonic() - run.prepare_start
+    incoming.liveness.restart()
+    channel.send("accept", device_state_port=run.device_state_port,
+                 nonces=[nonce.hex() for nonce in incoming.nonces])
     channel.phase = "pre-copy"
-    _watch_import(channel, target, reader, settled)
+    _watch_import(channel, run.target, run.reader, incoming.settled)
     channel.stream_liveness = None
-    report.stream_bytes = reader.bytes
-    if "error" in imported:
-        raise _import_failure(channel, imported["error"])
-    summary: TransferSummary = imported["summary"]
+    report.stream_bytes = run.reader.bytes
+    if incoming.error is not None:
+        raise _import_failure(channel, incoming.error)
+    summary = incoming.summary
+    assert summary is not None  # settled without an error: the import's summary is there
     report.private_pages = summary.private_pages
     report.zero_range_pages = summary.zero_range_pages
     report.shared_pages = summary.shared_pages
+    return summary
+
+
+def _target_commit(run: _TargetRun, summary: TransferSummary) -> None:
+    """Phase commit: the commit proof and the verdict to the source, then
+    its commit (or its abort)."""
+    channel = run.channel
     channel.phase = "the verdict"
     # A target QEMU that no longer answers QMP (a wedged main loop) would
     # fail only after the commit, when the source can no longer resume:
     # found now, the source resumes its guest.
-    target.qmp("query-status")
-    digest, digest_ms = _verdict_digest(channel, reader, ram, size, report)
+    run.target.qmp("query-status")
+    digest, digest_ms = _verdict_digest(channel, run.reader, run.ram, run.size, run.report)
     # Target helper 0's commit proof: the only thing the source commits on.
     channel.send("proof", **commit_proof.encode(bytes.fromhex(summary.commit_proof)))
     channel.send("verdict", ok=True, reason="", private_pages=summary.private_pages,
                  shared_pages=summary.shared_pages, ram_digest=digest, digest_ms=digest_ms)
-    report.guest_state = "verified, waiting for the source's commit (never resumed)"
+    run.report.guest_state = "verified, waiting for the source's commit (never resumed)"
     channel.phase = "switchover"
     # The source hashes its RAM and moves the device state before it
     # commits, saying it is alive every second meanwhile.
-    _await_commit(channel, size)
+    _await_commit(channel, run.size)
+
+
+def _target_resume(run: _TargetRun) -> int:
+    """Phase resume: the device state in, 'cont', the guest's MAC announced
+    and the source told. Returns where the serial console stood before."""
+    channel, report, target = run.channel, run.report, run.target
     channel.phase = "the device-state move"
     _wait_for_device_state(target)
     serial_before = len(target.serial_text())
@@ -343,18 +405,25 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     report.guest_state = "resumed here (cont sent)"
     target.qmp("cont")
     report.guest_state = "running here"
-    debian_guest.announce(target, description)
+    debian_guest.announce(target, run.description)
     # From here on this is the only copy of the guest that may run: the
     # source sent commit and never resumes its own. A source that is gone
     # now (it gave up waiting for 'resumed', or the link broke) costs the
     # guest nothing; the report says the source may not know.
     _tell_source(channel, report, "resumed")
-    if config.after_resume is not None:
-        config.after_resume(target)
+    if run.config.after_resume is not None:
+        run.config.after_resume(target)
+    return serial_before
+
+
+def _target_running(run: _TargetRun, serial_before: int) -> None:
+    """After the resume: the guest's first heartbeat here, without
+    corruption, said to the source; then the connection closes."""
+    channel, report, target = run.channel, run.report, run.target
     channel.phase = "the first heartbeat after resume"
     try:
-        report.target_heartbeat = _while_telling_source(channel, report, reader, lambda: wait_for_serial(
-            target, guest.HEARTBEAT, config.heartbeat_timeout, after=serial_before))
+        report.target_heartbeat = _while_telling_source(channel, report, run.reader, lambda: wait_for_serial(
+            target, guest.HEARTBEAT, run.config.heartbeat_timeout, after=serial_before))
     except QemuError as exc:
         report.guest_state = "lost: the target QEMU failed after switchover"
         raise MigrationError(f"target QEMU failed after switchover: {exc}") from exc
@@ -367,7 +436,6 @@ def _receive_guest(channel: mp.Channel, config: TargetConfig, report: TargetRepo
     # stops (a source that left would keep it in CLOSE-WAIT meanwhile).
     channel.close()
     report.outcome = "ok"
-    return target
 
 
 def _import_failure(channel: mp.Channel, error: BaseException) -> OvmfMhError:
