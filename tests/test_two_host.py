@@ -831,7 +831,7 @@ def test_migrate_incoming_refuses_a_crafted_description_naming_the_unknown_devic
         channel = mp.Channel(sock, "target", 30)
         channel.send("hello", protocol=mp.PROTOCOL, versions=list(mp.VERSIONS))
         channel.receive("welcome")
-        channel.send("describe", guest=crafted)
+        channel.send("describe", guest=crafted, ram_digest=True)
         answer = channel.receive("refuse")
     assert answer["field"] == "devices[1].type", answer
     assert "device 'e1000' is not on this target's allow-list" in answer["reason"], answer
