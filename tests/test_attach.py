@@ -277,9 +277,17 @@ def _hold_pre_copy(work: Path, source: Program) -> list[int]:
     helpers = [int(p.read_text()) for p in sorted((work / "source" / "source-helpers").glob("helper-*/qemu.pid"))]
     for pid in helpers:
         os.kill(pid, signal.SIGSTOP)
-    assert '"execute": "stop"' not in (work / "source" / "source" / "qmp.log").read_text(), \
+    assert not _switchover_stop_sent((work / "source" / "source" / "qmp.log").read_text()), \
         "pre-copy was over before the source helpers were stopped"
     return helpers
+
+
+def _switchover_stop_sent(qmp_log: str) -> bool:
+    """Whether the source stopped the guest for the switchover: the 'stop'
+    after x-ignore-shared was set, which ends pre-copy (the guest throttle
+    of pre-copy stops and continues the guest before it)."""
+    start = qmp_log.find('"execute": "migrate-set-capabilities"')
+    return start >= 0 and '"execute": "stop"' in qmp_log[start:]
 
 
 def _wait_for_source_stop(work: Path, source: Program) -> None:
@@ -289,7 +297,7 @@ def _wait_for_source_stop(work: Path, source: Program) -> None:
     while time.monotonic() < deadline:
         assert source.proc.poll() is None, f"{source.stderr_path}: {source.stderr()[-3000:]}"
         with suppress(OSError):
-            if '"execute": "stop"' in qmp_log.read_text():
+            if _switchover_stop_sent(qmp_log.read_text()):
                 return
         time.sleep(0.005)
     raise AssertionError("the source never stopped the guest")
@@ -318,7 +326,9 @@ def test_a_target_killed_leaves_the_attached_guest_running(
     assert report["outcome"] == "failed" and report["guest_state"] == "running on source", report
     assert f"target 127.0.0.1:{port}" in report["error"], report["error"]
     qmp_log = (work_dir / "source" / "source" / "qmp.log").read_text()
-    assert ('"execute": "cont"' in qmp_log) == (phase == "switchover"), "resumed what it had not stopped, or not"
+    # Every 'stop' (the pre-copy throttle's, the switchover's) has its 'cont'.
+    assert qmp_log.count('"execute": "stop"') == qmp_log.count('"execute": "cont"'), "a stop without its cont"
+    assert _switchover_stop_sent(qmp_log) == (phase == "switchover"), "stopped for the switchover, or not"
     assert _alive(detached_guest["pid"])
     assert _status(Path(detached_guest["qmp"]), work_dir / "check") == "running"
     assert _beats_on(Path(detached_guest["logs"]["serial"]), 2), "the guest stopped beating on the source"
@@ -629,7 +639,8 @@ def _hold_switchover(work: Path, source: Program) -> list[int]:
     helpers = [int(p.read_text()) for p in sorted((work / "target" / "target-helpers").glob("helper-*/qemu.pid"))]
     for pid in helpers:
         os.kill(pid, signal.SIGSTOP)
-    assert '"x-ignore-shared", "state": true' not in (work / "source" / "source" / "qmp.log").read_text(), \
+    # The device-state move ('migrate') starts after the target's verdict.
+    assert '"execute": "migrate"' not in (work / "source" / "source" / "qmp.log").read_text(), \
         "the switchover was past the verdict before the target helpers were stopped"
     return helpers
 

@@ -288,3 +288,12 @@ def test_the_probe_places_each_long_silence_on_the_shared_clock() -> None:
     (gap,) = gaps
     assert gap["ms"] >= 1100 and gap["ms"] == result["longest_gap_ms"], result
     assert paused_at[0] + 1.1 <= gap["end"] <= paused_at[0] + 10, (paused_at, gap)
+
+
+def test_a_row_without_the_ram_check_says_the_guest_was_stopped_for_the_downtime() -> None:
+    from host_shim.devtools.bench_migrate_debian import _stopped_text
+
+    assert _stopped_text({"downtime_seconds": 0.163, "verify_seconds": 0.0}) == \
+        "; guest stopped 163 ms: the downtime (no RAM check)"
+    assert "guest stopped 1663 ms: the downtime and the RAM check's 1500 ms" in \
+        _stopped_text({"downtime_seconds": 0.163, "verify_seconds": 1.5})

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -47,7 +48,43 @@ def test_live_migration_keeps_the_guest_running_and_its_memory_intact(firmware: 
     assert report.passes[0].pages == 256 * 256  # the full first pass
     assert not report.passes[-1].guest_running and all(p.guest_running for p in report.passes[:-1])
     assert 0 < report.downtime_seconds < report.total_seconds
+    # The RAM check: asked of the target, timed, and the guest's stopped
+    # time is the downtime plus it.
+    assert report.target is not None and report.target["ram_digest_asked"] is True
+    assert report.verify_seconds >= report.target["digest_ms"] / 1000 > 0
+    assert report.stopped_seconds == pytest.approx(report.downtime_seconds + report.verify_seconds)
     assert "CORRUPTION" not in (work_dir / "target" / "serial.log").read_text(errors="replace")
+
+
+def test_without_the_ram_check_the_stopped_guest_waits_for_no_hashing(firmware: Path, work_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--no-verify-ram: the target is not asked for its RAM digest, so
+    neither side hashes a RAM file while the guest is stopped (that was
+    downtime the report put in the device-state step), and the guest's
+    stopped time is the downtime."""
+    from host_shim.migration import migrate as source_role
+    from host_shim.migration import migrate_target
+    from host_shim.migration.migration_vm import ram_digest
+
+    hashed: list[str] = []
+
+    def counted(role: str) -> Callable[[Path, int], list[str]]:
+        def wrapper(path: Path, size: int) -> list[str]:
+            hashed.append(role)
+            return ram_digest(path, size)
+        return wrapper
+
+    monkeypatch.setattr(migrate_target, "ram_digest", counted("target"))
+    monkeypatch.setattr(source_role, "ram_digest", counted("source"))
+    report = migrate(MigrationConfig(image=firmware, work_dir=work_dir, helpers=1, progress=False, verify_ram=False))
+    assert report.outcome == "ok", "\n".join(report.describe())
+    assert hashed == []
+    assert report.ram_identical is None and report.verify_seconds == 0
+    assert report.target is not None and report.target["ram_digest_asked"] is False
+    assert report.target["digest_ms"] == 0
+    assert report.stopped_seconds == report.downtime_seconds > 0
+    assert "guest stopped" in report.describe()[1] and "(no RAM check)" in report.describe()[1]
+    assert report.target_heartbeat is not None and "errors=0" in report.target_heartbeat
 
 
 def test_reference_helpers_with_ram_files_on_tmpfs(firmware: Path, work_dir: Path) -> None:

@@ -259,9 +259,10 @@ def _run_target_against(tmp_path: Path, talk: Any) -> tuple[TargetReport, Any]:
 
 def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[5, 7])
-        assert channel.receive("welcome")["version"] == 5
-        channel.send("describe", guest=_good() | {"firmware_sha256": digest, "machine": "pc; reboot"})
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[6, 7])
+        assert channel.receive("welcome")["version"] == 6
+        channel.send("describe", guest=_good() | {"firmware_sha256": digest, "machine": "pc; reboot"},
+                     ram_digest=True)
         return channel.receive("refuse")
 
     report, answer = _run_target_against(tmp_path, talk)
@@ -275,11 +276,11 @@ def test_the_target_refuses_a_hostile_description_and_starts_nothing(tmp_path: P
 
 def test_the_target_refuses_a_source_without_a_common_version(tmp_path: Path) -> None:
     def talk(channel: mp.Channel, digest: str) -> mp.Message:
-        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 2, 3, 4])  # before the commit proof
+        channel.send("hello", protocol=mp.PROTOCOL, versions=[1, 2, 3, 4, 5])  # before describe's ram_digest
         return channel.receive("error")
 
     report, answer = _run_target_against(tmp_path, talk)
-    assert "versions [1, 2, 3, 4]" in answer["reason"] and answer["phase"] == "the handshake"
+    assert "versions [1, 2, 3, 4, 5]" in answer["reason"] and answer["phase"] == "the handshake"
     assert report.outcome == "failed" and report.peer.startswith("127.0.0.1:")
 
 
@@ -649,3 +650,16 @@ def test_the_source_connects_to_a_target_that_listens_only_later(tmp_path: Path)
     config.connect_timeout = 0.5
     with pytest.raises(MigrationError, match=r"for 0\.5 s \(--connect-timeout\); is 'ovmf-mh migrate-incoming'"):
         migrate_module._connect(config, ("127.0.0.1", _free_port()))
+
+
+def test_the_reports_state_the_downtime_and_the_guests_stopped_time_apart() -> None:
+    """The RAM check stops the guest but is not downtime: both numbers are
+    said, and the target says whether it hashed its RAM for the check."""
+    checked = migrate_module.MigrationReport(downtime_seconds=0.2, verify_seconds=1.5, stopped_seconds=1.7)
+    line = checked.describe()[1]
+    assert "downtime 200 ms" in line and "guest stopped 1700 ms: the downtime and the RAM check's 1500 ms" in line
+    unchecked = migrate_module.MigrationReport(downtime_seconds=0.2, stopped_seconds=0.2)
+    assert "guest stopped 200 ms: the downtime (no RAM check)" in unchecked.describe()[1]
+    asked = TargetReport(stream_bytes=1, ram_digest_asked=True, digest_ms=380)
+    assert "RAM digest for the source's check in 380 ms" in "\n".join(asked.describe())
+    assert "no RAM digest (the source did not ask)" in "\n".join(TargetReport(stream_bytes=1).describe())

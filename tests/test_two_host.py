@@ -229,7 +229,7 @@ def _pre_copy_held(work: Path, program: Program) -> Iterator[None]:
     try:
         assert program.proc.poll() is None, f"{program.stderr_path}: {program.stderr()[-2000:]}"
         qmp_log = (work / "source" / "source" / "qmp.log").read_text()
-        assert '"execute": "stop"' not in qmp_log, "pre-copy was over before the source helpers were stopped"
+        assert not _switchover_stop_sent(qmp_log), "pre-copy was over before the source helpers were stopped"
         yield
     finally:
         for pid in helpers:
@@ -296,18 +296,31 @@ SWITCHOVER_SILENCE = mp.SWITCHOVER_SILENCE
 TARGET_STALL = mp.stream_liveness(IDLE_TIMEOUT, 256 * MIB, "source").stall
 
 
-def _wait_for_qmp(work: Path, side: str, command: str, program: Program, timeout: float = 600) -> None:
-    """Until ``side``'s guest QEMU (source or target) was sent ``command`` (its QMP log)."""
+def _wait_for_qmp(work: Path, side: str, command: str, program: Program, timeout: float = 600,
+                  after: str | None = None) -> None:
+    """Until ``side``'s guest QEMU (source or target) was sent ``command`` (its
+    QMP log), with ``after``: sent after the first ``after`` command."""
     qmp_log = work / side / side / "qmp.log"
     needle = f'"execute": "{command}"'
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert program.proc.poll() is None, f"{program.stderr_path}: {program.stderr()[-2000:]}"
         with suppress(OSError):
-            if needle in qmp_log.read_text():
+            text = qmp_log.read_text()
+            start = 0 if after is None else text.find(f'"execute": "{after}"')
+            if start >= 0 and needle in text[start:]:
                 return
         time.sleep(0.005)
-    raise AssertionError(f"the {side} QEMU was never sent {command!r}; {qmp_log}")
+    raise AssertionError(f"the {side} QEMU was never sent {command!r}"
+                         + (f" after {after!r}" if after else "") + f"; {qmp_log}")
+
+
+def _switchover_stop_sent(qmp_log: str) -> bool:
+    """Whether the source stopped the guest for the switchover: the 'stop'
+    after x-ignore-shared was set, which ends pre-copy (the guest throttle
+    of pre-copy stops and continues the guest before it)."""
+    start = qmp_log.find('"execute": "migrate-set-capabilities"')
+    return start >= 0 and '"execute": "stop"' in qmp_log[start:]
 
 
 def _qmp_sent(work: Path, side: str, command: str) -> bool:
@@ -322,16 +335,18 @@ def _switchover_held(work: Path, source: Program) -> Iterator[list[int]]:
     its verdict, the source cannot move the device state nor commit, however
     fast the machine, while the test sets up its fault. They are continued
     (SIGCONT) at the end of the block, if still there. Yields their pids."""
-    _wait_for_qmp(work, "source", "stop", source)
+    # The guest throttle of pre-copy stops and continues the guest too; the
+    # switchover's 'stop' is the one after x-ignore-shared was set, which
+    # ends pre-copy (migrate.py, _skip_shared_ram).
+    _wait_for_qmp(work, "source", "stop", source, after="migrate-set-capabilities")
     helpers = [int(path.read_text()) for path in sorted((work / "target" / "target-helpers").glob("helper-*/qemu.pid"))]
     assert helpers, "no target helper VM runs"
     for pid in helpers:
         os.kill(pid, signal.SIGSTOP)
     try:
         assert source.proc.poll() is None, f"{source.stderr_path}: {source.stderr()[-2000:]}"
-        # The source sets x-ignore-shared only after the target's verdict.
-        assert not _qmp_sent(work, "source", "migrate-set-capabilities"), \
-            "the target had verified before its helpers were stopped"
+        # The source moves the device state ('migrate') only after the target's verdict.
+        assert not _qmp_sent(work, "source", "migrate"), "the target had verified before its helpers were stopped"
         yield helpers
     finally:
         for pid in helpers:
@@ -477,14 +492,15 @@ def test_source_stopped_in_the_switchover(
 def test_source_gone_after_its_commit_the_target_keeps_the_guest(
         firmware: Path, work_dir: Path, key: Path, ram_dir: Path, programs: list[Program]) -> None:
     """The source commits but never hears 'resumed': migrate-incoming is
-    stopped (SIGSTOP) once the target verified (the source then sets
-    x-ignore-shared), so the device state moves QEMU to QEMU and the commit
+    stopped (SIGSTOP) once the target verified (the source then starts the
+    device-state move), so the device state moves QEMU to QEMU and the commit
     waits unread. The source gives up after the idle timeout and does not
     resume its guest; the target, continued, resumes it (it has the commit)
     and keeps it running: one copy runs, never two."""
     target, port = _target(programs, work_dir, key, ram_dir)
     source = _source(programs, work_dir, key, port, ram_dir)
-    _wait_for_qmp(work_dir, "source", "migrate-set-capabilities", source)
+    # The device-state move ('migrate') starts after the target's verdict.
+    _wait_for_qmp(work_dir, "source", "migrate", source)
     os.kill(target.pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
@@ -496,7 +512,9 @@ def test_source_gone_after_its_commit_the_target_keeps_the_guest(
     assert report["guest_state"].startswith("unknown"), report
     assert report["source_heartbeat_after_failure"] is None
     qmp = (work_dir / "source" / "source" / "qmp.log").read_text()
-    assert '"execute": "cont"' not in qmp, "the source resumed its guest after its commit"
+    switchover = qmp.find('"execute": "stop"', qmp.find('"execute": "migrate-set-capabilities"'))
+    assert switchover >= 0 and '"execute": "cont"' not in qmp[switchover:], \
+        "the source resumed its guest after its commit"
     assert _all_gone(work_dir / "source", 15) == [], "the source QEMU still runs"
     # The target resumes and keeps running the guest, which beats there.
     serial = work_dir / "target" / "target" / "serial.log"
@@ -813,7 +831,7 @@ def test_migrate_incoming_refuses_a_crafted_description_naming_the_unknown_devic
         channel = mp.Channel(sock, "target", 30)
         channel.send("hello", protocol=mp.PROTOCOL, versions=list(mp.VERSIONS))
         channel.receive("welcome")
-        channel.send("describe", guest=crafted)
+        channel.send("describe", guest=crafted, ram_digest=True)
         answer = channel.receive("refuse")
     assert answer["field"] == "devices[1].type", answer
     assert "device 'e1000' is not on this target's allow-list" in answer["reason"], answer

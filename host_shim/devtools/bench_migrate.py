@@ -70,6 +70,9 @@ def _ovmf_mh_summary(report: MigrationReport) -> dict[str, Any]:
         # The RAM check's seconds: the guest is stopped then too, but they
         # are not in downtime_seconds (a test's oracle, not the migration).
         "verify_seconds": report.verify_seconds,
+        # The guest's whole stopped time, 'stop' to 'cont': the downtime and the check.
+        "stopped_seconds": report.stopped_seconds,
+        "device_state_seconds": report.device_state_seconds,
         "throttle": {key: report.throttle[key] for key in ("max_level", "engaged_seconds", "stopped_seconds")
                      if key in report.throttle},
         "phase_seconds": report.phase_seconds,

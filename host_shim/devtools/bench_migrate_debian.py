@@ -174,6 +174,8 @@ def _stopped_text(run: dict[str, Any]) -> str:
     if verify:
         return (f"; guest stopped {1000 * (run['downtime_seconds'] + verify):.0f} ms: the downtime and the RAM "
                 f"check's {1000 * verify:.0f} ms (not in the downtime; --no-verify-ram leaves it out)")
+    if "verify_seconds" in run:
+        return f"; guest stopped {1000 * run['downtime_seconds']:.0f} ms: the downtime (no RAM check)"
     return ""
 
 

@@ -119,8 +119,13 @@ class MigrationReport:
     helpers: int = 1
     guest_mib: int = 0
     total_seconds: float = 0.0
+    # From 'stop' to the target's 'cont', less the RAM check (a test
+    # instrument: --no-verify-ram leaves it out).
     downtime_seconds: float = 0.0
+    # The RAM check's time (the target's digest and the source's, with the
+    # guest stopped) and the guest's whole stopped time, the check included.
     verify_seconds: float = 0.0
+    stopped_seconds: float = 0.0
     device_state_seconds: float = 0.0
     check_seconds: float = 0.0
     check_pages_changed: int = 0
@@ -177,6 +182,12 @@ class MigrationReport:
         out["pages_per_s"] = pages / moving if moving else 0.0
         return out
 
+    def _stopped_text(self) -> str:
+        if self.verify_seconds:
+            return (f"guest stopped {1000 * self.stopped_seconds:.0f} ms: the downtime and the RAM check's "
+                    f"{1000 * self.verify_seconds:.0f} ms")
+        return f"guest stopped {1000 * self.stopped_seconds:.0f} ms: the downtime (no RAM check)"
+
     def describe(self) -> list[str]:
         lines = [
             f"migration {self.outcome}: {self.guest_mib} MiB guest, {self.helpers} {self.helper} helper(s); "
@@ -185,8 +196,8 @@ class MigrationReport:
             f"(target QEMU and helpers prepared before, the source helpers started beside them, in "
             f"{self.setup_seconds:.2f} s), "
             f"downtime {1000 * self.downtime_seconds:.0f} ms "
-            f"(device state {1000 * self.device_state_seconds:.0f} ms; RAM check of "
-            f"{1000 * self.verify_seconds:.0f} ms not counted); steps after stop: "
+            f"(device state {1000 * self.device_state_seconds:.0f} ms), {self._stopped_text()}; "
+            "steps after stop (RAM check left out): "
             + ", ".join(f"{step} {ms} ms" for step, ms in self.switchover_ms.items()),
             f"  switchover by {self.switchover_check or 'nothing yet'}"
             + (f" ({self.switchover_reason})" if self.switchover_reason else "")
@@ -482,8 +493,9 @@ def _connect(config: MigrationConfig, address: tuple[str, int]) -> mp.Channel:
     return mp.Channel(sock, peer, config.idle_timeout)
 
 
-def _handshake(channel: mp.Channel, description: GuestDescription) -> tuple[int, list[bytes]]:
-    """Hello, guest description, the target's answer once its QEMU and
+def _handshake(channel: mp.Channel, description: GuestDescription, ram_digest: bool) -> tuple[int, list[bytes]]:
+    """Hello, guest description (and whether the target is to send its RAM
+    digest: only for the RAM check), the target's answer once its QEMU and
     helpers are up: the port of its QEMU's incoming migration (device state)
     and its helpers' challenge nonces, one per shard, which the source
     helpers bind their streams to (docs/stream-format.md)."""
@@ -493,7 +505,7 @@ def _handshake(channel: mp.Channel, description: GuestDescription) -> tuple[int,
         raise mp.ProtocolError(f"the {channel.peer} chose {welcome['protocol'][:40]!r} version "
                                f"{welcome['version']}; this source speaks {mp.PROTOCOL} {list(mp.VERSIONS)}")
     channel.phase = "the guest description"
-    channel.send("describe", guest=description.as_json())
+    channel.send("describe", guest=description.as_json(), ram_digest=ram_digest)
     channel.phase = "the target's preparation"
     # Its QEMU and helpers start first (and, on a fresh host, the test
     # guest's workload is compiled): longer than a silence in a stream.
@@ -708,7 +720,7 @@ def _source_prepare(run: _SourceRun) -> _Link:
     nonces_given: list[bytes] = []
     exporter, dirty_log, tracker = _source_helpers(run, channel, nonces_given)
     early = stack.enter_context(_Beside(exporter.start_helpers, dirty_log.reset if dirty_log else None))
-    device_state_port, nonces = _handshake(channel, source_guest.description)
+    device_state_port, nonces = _handshake(channel, source_guest.description, config.verify_ram)
     nonces_given.extend(nonces)
     channel.write_stall = mp.stream_liveness(config.idle_timeout, source_guest.size, channel.peer).stall
     listener = run.listener = _TargetListener(channel)
@@ -943,7 +955,8 @@ def _source_resume(run: _SourceRun, link: _Link) -> None:
     run.resumed_target = True
     link.marks["cont"] = time.monotonic() - link.stop_at - report.verify_seconds
     report.switchover_ms = {k: round(1000 * v) for k, v in link.marks.items()}
-    report.downtime_seconds = time.monotonic() - link.stop_at - report.verify_seconds
+    report.stopped_seconds = time.monotonic() - link.stop_at
+    report.downtime_seconds = report.stopped_seconds - report.verify_seconds
     report.total_seconds = time.monotonic() - link.started - report.verify_seconds
     report.guest_state = "running on target"
     channel.phase = "the target's first heartbeat"

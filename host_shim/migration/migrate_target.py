@@ -99,6 +99,10 @@ class TargetReport:
     private_pages: int = 0
     shared_pages: int = 0
     zero_range_pages: int = 0
+    # Whether the source asked for the RAM digest (its RAM check), and the
+    # time this side took to compute it with the guest stopped (0 if not asked).
+    ram_digest_asked: bool = False
+    digest_ms: int = 0
     target_heartbeat: str | None = None
     # Set when the source could not be told that the guest resumed here (it
     # went away after its commit): the guest runs here all the same.
@@ -119,7 +123,9 @@ class TargetReport:
         if self.stream_bytes:
             lines.append(f"  stream: {self.stream_bytes} bytes, {self.private_pages} private ({self.zero_range_pages} "
                          f"as zero ranges) and {self.shared_pages} shared pages verified; prepared in "
-                         f"{self.setup_seconds:.2f} s")
+                         f"{self.setup_seconds:.2f} s; "
+                         + (f"RAM digest for the source's check in {self.digest_ms} ms (the guest stopped)"
+                            if self.ram_digest_asked else "no RAM digest (the source did not ask)"))
         if self.target_heartbeat:
             lines.append(f"  heartbeat on this host: {self.target_heartbeat}")
         if self.source_lost:
@@ -221,6 +227,7 @@ def _handshake(channel: mp.Channel, config: TargetConfig, report: TargetReport) 
         channel.phase = "the guest description (refused)"
         raise MigrationError(f"refused the guest description of the source {channel.peer}: {exc}") from None
     report.guest = description.as_json()
+    report.ram_digest_asked = message["ram_digest"]
     return description
 
 
@@ -374,14 +381,7 @@ def _target_commit(run: _TargetRun, summary: TransferSummary) -> None:
     # fail only after the commit, when the source can no longer resume:
     # found now, the source resumes its guest.
     run.target.qmp("query-status")
-    # The digest is the emulation's check (docs/migration.md), timed so the
-    # source can leave it out of the downtime.
-    # Hashing 256 MiB takes seconds on a loaded machine: the source hears
-    # progress meanwhile, as during the import, so that only a silent
-    # target counts as gone.
-    digest_start = time.monotonic()
-    digest = _alive_while(channel, run.reader, lambda: ram_digest(run.ram, run.size))
-    digest_ms = round(1000 * (time.monotonic() - digest_start))
+    digest, digest_ms = _verdict_digest(channel, run.reader, run.ram, run.size, run.report)
     # Target helper 0's commit proof: the only thing the source commits on.
     channel.send("proof", **commit_proof.encode(bytes.fromhex(summary.commit_proof)))
     channel.send("verdict", ok=True, reason="", private_pages=summary.private_pages,
@@ -451,6 +451,22 @@ def _import_failure(channel: mp.Channel, error: BaseException) -> OvmfMhError:
         return mp.PeerGone(f"{gone} (this side's import then failed too: {error})", peer=gone.peer,
                            phase=gone.phase)
     return MigrationError(f"the import failed: {error}")
+
+
+def _verdict_digest(channel: mp.Channel, reader: _CountingReader, ram: Path, size: int,
+                    report: TargetReport) -> tuple[list[str], int]:
+    """The RAM digest for the verdict and its time in ms: only if the source
+    asked for it (its RAM check, the emulation's check: docs/migration.md),
+    since the guest is stopped meanwhile; else nothing, at no cost. Timed so
+    the source can leave it out of the downtime. Hashing 256 MiB takes
+    seconds on a loaded machine: the source hears progress meanwhile, as
+    during the import, so that only a silent target counts as gone."""
+    if not report.ram_digest_asked:
+        return [], 0
+    digest_start = time.monotonic()
+    digest = _alive_while(channel, reader, lambda: ram_digest(ram, size))
+    report.digest_ms = round(1000 * (time.monotonic() - digest_start))
+    return digest, report.digest_ms
 
 
 def _alive_while(channel: mp.Channel, reader: _CountingReader, work: Callable[[], T]) -> T:

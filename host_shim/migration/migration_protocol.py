@@ -37,7 +37,11 @@ PROTOCOL = "ovmf-mh-migration"
 #: Version 5 (ABI 4.1): before its ``verdict`` the target sends ``proof``,
 #: target helper 0's commit proof with the receipts it covers; the source
 #: commits only once its own helpers accepted it.
-VERSIONS = (5,)
+#: Version 6: ``describe`` says whether the source wants the target's RAM
+#: digest (``ram_digest``); without, the target hashes nothing and its
+#: ``verdict`` carries an empty list and ``digest_ms`` 0 (the hashing is
+#: done with the guest stopped: downtime nobody had asked for).
+VERSIONS = (6,)
 #: Seconds without a frame after which the source sends a KEEPALIVE frame.
 STREAM_KEEPALIVE = 1.0
 #: During the switchover (the guest runs nowhere) and after the target's
@@ -81,7 +85,7 @@ NONCE_SIZE = 32
 MESSAGE_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {"protocol": str, "versions": list},
     "welcome": {"protocol": str, "version": int},
-    "describe": {"guest": dict},
+    "describe": {"guest": dict, "ram_digest": bool},
     "accept": {"device_state_port": int, "nonces": list},
     "refuse": {"field": str, "reason": str},
     "progress": {"stream_bytes": int},
