@@ -477,3 +477,37 @@ def test_bench_suite_runs_pytest_with_the_policy_in_its_environment(tmp_path: Pa
     assert run["wall_seconds"] > 0 and run["cpu_seconds"] > 0
     failed = run_pytest([str(probe)], "default", tmp_path / "default.log")
     assert failed["exit_code"] == 1 and "1 failed" in failed["summary"]
+
+
+def test_a_bench_folder_of_its_own_keeps_logs_not_ram_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """bench migrate's own folder keeps its logs after a success, bench
+    helper's goes; a failure keeps the folder and names it; the guests'
+    RAM files (gigabytes) go in every case; --work-dir is left alone."""
+    import tempfile
+
+    from host_shim.commands.bench_cmd import _work_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def fill(work: Path) -> None:
+        (work / "row").mkdir()
+        (work / "row" / "source.ram").write_bytes(b"\0" * 4096)
+        (work / "row" / "qemu.log").write_text("log\n")
+
+    with _work_folder(None, "migrate", keep_logs=True) as kept:
+        fill(kept)
+    assert (kept / "row" / "qemu.log").is_file() and not (kept / "row" / "source.ram").exists()
+    with _work_folder(None, "helper", keep_logs=False) as gone:
+        fill(gone)
+    assert not gone.exists()
+    with pytest.raises(RuntimeError), _work_folder(None, "zero", keep_logs=False) as failed:
+        fill(failed)
+        raise RuntimeError("a row failed")
+    assert (failed / "row" / "qemu.log").is_file() and not (failed / "row" / "source.ram").exists()
+    assert f"logs kept in {failed}" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with _work_folder(mine, "migrate", keep_logs=False) as given:
+        fill(given)
+    assert (mine / "row" / "source.ram").is_file()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from host_shim.devtools.bench import bench_crypto, bench_pipeline, format_pipeline_report, format_report
@@ -85,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                      help="ovmf-mh's peer may stay silent this long (default 60: a loaded machine slows the "
                      "target's last imports)")
     mig.add_argument("--image", help="firmware image (default: the DEBUG build)")
-    mig.add_argument("--work-dir", type=Path, help="folder for logs (default: a new temp folder)")
+    mig.add_argument("--work-dir", type=Path,
+                     help="folder for logs (default: a new temp folder, its RAM files removed at the end)")
     mig.add_argument("--ram-dir", type=Path,
                      help="RAM files of every run here for the run only, e.g. /dev/shm with --switchover "
                      "full-check (default: work folder)")
@@ -143,7 +146,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                       help="alternating rounds of both exports, best counts (default 2)")
     zero.add_argument("--helpers", type=int, default=1, help="firmware helpers per export (default 1)")
     zero.add_argument("--image", help="firmware image (default: the DEBUG build)")
-    zero.add_argument("--work-dir", type=Path, help="folder for logs and RAM files (default: a new temp folder)")
+    zero.add_argument("--work-dir", type=Path, help="folder for logs and RAM files "
+                      "(default: a new temp folder, removed after a success)")
     zero.add_argument("--json", action="store_true", help="print the results as JSON (default: text)")
     zero.set_defaults(handler=run_zero_ranges)
 
@@ -176,16 +180,21 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from host_shim.devtools.bench_migrate import bench_migrate, format_table, parse_sizes
+    from host_shim.devtools.bench_migrate import parse_sizes
 
     debian = args.guest == "debian"
     sizes = parse_sizes(args.guest_mib or ("1024" if debian else "256"))
     _check_guest_options(args)
     image = resolve_image(Path(args.image) if args.image else None)
-    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-migrate-"))).resolve()
     convergence = ConvergenceSettings(downtime_limit_ms=args.downtime_limit, auto_converge=args.auto_converge)
+    with _work_folder(args.work_dir, "migrate", keep_logs=True) as work:
+        return _bench_migrate_in(args, image, work, sizes, debian, convergence)
+
+
+def _bench_migrate_in(args: argparse.Namespace, image: Path, work: Path, sizes: list[int], debian: bool,
+                      convergence: ConvergenceSettings) -> int:
+    from host_shim.devtools.bench_migrate import bench_migrate, format_table
+
     if debian:
         from host_shim.devtools.bench_migrate_debian import bench_migrate_debian, format_debian_table
 
@@ -236,29 +245,49 @@ def run_helper(args: argparse.Namespace) -> int:
     from host_shim.devtools.bench_helper import BenchContext, bench_helper, format_helper_report
 
     image = resolve_image(Path(args.image) if args.image else None)
-    # A folder of our own goes once the bench succeeded; a failure keeps it
-    # (its QEMU logs) and names it; the reaper removes it if we are killed.
-    own = args.work_dir is None
-    work = (process.temp_dir("ovmf-mh-bench-helper-") if own else args.work_dir).resolve()
-    context = BenchContext(image=image, work=work, idle_seconds=args.idle_seconds, samples=args.samples,
-                           crypto_guest_mib=args.crypto_guest_mib, crypto_rounds=args.crypto_rounds,
-                           compare_image=resolve_image(args.compare_image) if args.compare_image else None)
-    try:
+    with _work_folder(args.work_dir, "helper", keep_logs=False) as work:
+        context = BenchContext(image=image, work=work, idle_seconds=args.idle_seconds, samples=args.samples,
+                               crypto_guest_mib=args.crypto_guest_mib, crypto_rounds=args.crypto_rounds,
+                               compare_image=resolve_image(args.compare_image) if args.compare_image else None)
         results = bench_helper(context, args.section)
-    except BaseException:
-        if own:
-            process.keep(work)
-            print(f"ovmf-mh: bench helper failed; logs kept in {work}", file=sys.stderr)
-        raise
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print("\n".join(format_helper_report(results)))
-        if not own:
-            print(f"logs in {work}")
-    if own:
-        process.remove(work)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            print("\n".join(format_helper_report(results)))
+            if args.work_dir is not None:
+                print(f"logs in {work}")
     return 0
+
+
+@contextmanager
+def _work_folder(given: Path | None, bench: str, keep_logs: bool) -> Iterator[Path]:
+    """The bench's work folder: ``given`` (--work-dir) is the user's and
+    stays as it is. A folder the bench makes itself is the reaper's should
+    the command be killed; its guests' RAM files (gigabytes, no logs) go
+    when the bench ends; after a failure the folder is kept and named,
+    after a success it is kept only with ``keep_logs`` (the bench prints
+    where)."""
+    if given is not None:
+        yield given.resolve()
+        return
+    work = process.temp_dir(f"ovmf-mh-bench-{bench}-").resolve()
+    try:
+        yield work
+    except BaseException:
+        process.keep(work)
+        _drop_ram_files(work)
+        print(f"ovmf-mh: bench {bench} failed; logs kept in {work}", file=sys.stderr)
+        raise
+    if keep_logs:
+        process.keep(work)
+        _drop_ram_files(work)
+    else:
+        process.remove(work)
+
+
+def _drop_ram_files(work: Path) -> None:
+    for ram in work.rglob("*.ram"):
+        ram.unlink(missing_ok=True)
 
 
 def run_suite(args: argparse.Namespace) -> int:
@@ -278,15 +307,13 @@ def run_suite(args: argparse.Namespace) -> int:
 
 
 def run_zero_ranges(args: argparse.Namespace) -> int:
-    import tempfile
-
     from host_shim.devtools.bench_zero_ranges import bench_zero_ranges, format_zero_ranges
 
     image = resolve_image(Path(args.image) if args.image else None)
-    work = (args.work_dir or Path(tempfile.mkdtemp(prefix="ovmf-mh-bench-zero-"))).resolve()
-    work.mkdir(parents=True, exist_ok=True)
     sizes = [int(size) for size in args.guest_mib.split(",")]
-    results = bench_zero_ranges(image, work, sizes=sizes, rounds=args.rounds, helpers=args.helpers)
+    with _work_folder(args.work_dir, "zero", keep_logs=False) as work:
+        work.mkdir(parents=True, exist_ok=True)
+        results = bench_zero_ranges(image, work, sizes=sizes, rounds=args.rounds, helpers=args.helpers)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
