@@ -3,6 +3,7 @@ work folder per test whose QEMU artefacts are listed when the test fails."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ import pytest
 
 from host_shim import paths
 from host_shim.firmware.build import build_firmware
+from host_shim.vm.reaper import process_state
 
 WORK_ROOT = paths.REPO_ROOT / "work" / "tests"
 
@@ -22,6 +24,29 @@ WORK_ROOT = paths.REPO_ROOT / "work" / "tests"
 def firmware() -> Path:
     """OVMF_CODE.fd of the DEBUG build, built (or found up to date) once."""
     return build_firmware("DEBUG", show_progress=False)
+
+
+#: A test's RAM folder on tmpfs: omh-ram-PID-XXXX, the pytest's pid in the
+#: name so that a later run can sweep the folders of one killed outright.
+SHM = Path("/dev/shm")
+RAM_DIR_PREFIX = "omh-ram-"
+
+
+@pytest.fixture
+def ram_dir() -> Iterator[Path]:
+    """RAM files on tmpfs for this test only: nothing may stay there (a
+    leftover folder inside fails the test). tmpfs keeps no dirty log, so a
+    source asks for the full check. Folders of a pytest that was killed
+    outright (SIGKILL, a CI timeout: no finaliser ran) are swept first."""
+    for stale in SHM.glob(f"{RAM_DIR_PREFIX}*-*"):
+        pid = stale.name[len(RAM_DIR_PREFIX):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and process_state(int(pid)) is None:
+            shutil.rmtree(stale, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{RAM_DIR_PREFIX}{os.getpid()}-", dir=SHM))
+    yield path
+    for leftover in path.iterdir():
+        leftover.unlink()
+    path.rmdir()
 
 
 @pytest.fixture

@@ -166,16 +166,6 @@ def _status(qmp: Path, work: Path) -> str:
         return status
 
 
-@pytest.fixture
-def ram_dir() -> Iterator[Path]:
-    """The target's RAM file, on tmpfs: nothing may stay there."""
-    path = Path(tempfile.mkdtemp(prefix="omh-att-ram-", dir="/dev/shm"))
-    yield path
-    for leftover in path.iterdir():
-        leftover.unlink()
-    path.rmdir()
-
-
 def _target(programs: list[Program], work: Path, key: Path, ram_dir: Path) -> tuple[Program, int]:
     """'ovmf-mh migrate-incoming' on a free loopback port, and that port."""
     target = Program(["migrate-incoming", "--listen", "127.0.0.1:0", "--key", str(key), "--work-dir",

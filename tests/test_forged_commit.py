@@ -17,8 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -196,16 +195,6 @@ def _run(argv: list[str], work: Path, name: str, timeout: float) -> tuple[int, s
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
     return code, (work / f"{name}.stdout").read_text(), (work / f"{name}.stderr").read_text()
-
-
-@pytest.fixture
-def ram_dir() -> Iterator[Path]:
-    path = Path(f"/dev/shm/omh-proof-{os.getpid()}-{time.monotonic_ns()}")
-    path.mkdir()
-    yield path
-    for leftover in path.iterdir():
-        leftover.unlink()
-    path.rmdir()
 
 
 FAKES: dict[str, Callable[[bytes], Callable[[list[bytes]], bytes | None]]] = {

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,30 @@ def test_a_name_in_use_is_skipped_and_never_handed_to_the_reaper(tmp_path: Path,
     assert watched == [("watch", tmp_path / "x-taken", True), ("forget", tmp_path / "x-taken", True),
                        ("watch", tmp_path / "x-free", False)]
     assert set(os.listdir(tmp_path)) == {"x-taken", "x-free"}
+
+
+@pytest.fixture
+def dead_runs_folder() -> Iterator[Path]:
+    """A RAM folder as a pytest killed outright would leave it: its pid gone."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    path = Path(f"/dev/shm/omh-ram-{int(ended.stdout)}-left")
+    path.mkdir()
+    (path / "source.ram").write_bytes(b"\0" * 4096)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_ram_folder_of_a_killed_run_is_swept(dead_runs_folder: Path, request: pytest.FixtureRequest) -> None:
+    """The tests' tmpfs RAM folders carry the pytest's pid: the next test
+    that takes one removes those whose pytest is gone (a SIGKILL or a CI
+    timeout runs no finaliser), and leaves a live run's alone."""
+    live = Path(f"/dev/shm/omh-ram-{os.getpid()}-live")
+    live.mkdir()
+    try:
+        mine: Path = request.getfixturevalue("ram_dir")
+        assert mine.name.startswith(f"omh-ram-{os.getpid()}-")
+        assert not dead_runs_folder.exists(), "the killed run's folder is still there"
+        assert live.is_dir(), "a live run's folder was swept"
+    finally:
+        shutil.rmtree(live, ignore_errors=True)

@@ -143,17 +143,6 @@ def _source(programs: list[Program], work: Path, key: Path, port: int, ram_dir: 
     return program
 
 
-@pytest.fixture
-def ram_dir() -> Iterator[Path]:
-    """The RAM files of both programs, on tmpfs: nothing may stay there.
-    tmpfs keeps no dirty log, so the source asks for the full check."""
-    path = Path(tempfile.mkdtemp(prefix="omh-ram-", dir="/dev/shm"))
-    yield path
-    for leftover in path.iterdir():
-        leftover.unlink()
-    path.rmdir()
-
-
 def _report(program: Program) -> dict[str, Any]:
     text = program.stdout()
     try:
