@@ -84,6 +84,31 @@ InternalHelperReadRamRanges (
 }
 
 /**
+  Fill one IDT entry as a 64-bit interrupt gate (interrupts stay off in
+  the handler).
+
+  @param[out] Gate          The IDT entry.
+  @param[in]  Handler       The handler's address.
+  @param[in]  CodeSelector  The code segment the handler runs in.
+**/
+STATIC
+VOID
+InternalHelperSetInterruptGate (
+  OUT IA32_IDT_GATE_DESCRIPTOR  *Gate,
+  IN  UINT64                    Handler,
+  IN  UINT16                    CodeSelector
+  )
+{
+  Gate->Uint128.Uint64   = 0;
+  Gate->Uint128.Uint64_1 = 0;
+  Gate->Bits.OffsetLow   = (UINT16)Handler;
+  Gate->Bits.Selector    = CodeSelector;
+  Gate->Bits.GateType    = IA32_IDT_GATE_TYPE_INTERRUPT_32;
+  Gate->Bits.OffsetHigh  = (UINT16)(Handler >> 16);
+  Gate->Bits.OffsetUpper = (UINT32)(Handler >> 32);
+}
+
+/**
   Install the helper's exception handlers and the PIC's interrupt handlers
   (vectors SEC_MH_TICK_VECTOR_BASE on; interrupts stay off) and enable SSE, and the AVX
   register state when the CPU has XSAVE and AVX (CR4.OSXSAVE, then XCR0 bits
@@ -107,13 +132,7 @@ InternalHelperInitializeCpu (
   CodeSelector = AsmReadCs ();
   for (Vector = 0; Vector < SEC_MH_EXCEPTION_VECTORS; Vector++) {
     Handler = (UINT64)(UINTN)InternalHelperExceptionStubs + Vector * SEC_MH_EXCEPTION_STUB_SIZE;
-    Private->Idt[Vector].Uint128.Uint64   = 0;
-    Private->Idt[Vector].Uint128.Uint64_1 = 0;
-    Private->Idt[Vector].Bits.OffsetLow   = (UINT16)Handler;
-    Private->Idt[Vector].Bits.Selector    = CodeSelector;
-    Private->Idt[Vector].Bits.GateType    = IA32_IDT_GATE_TYPE_INTERRUPT_32;
-    Private->Idt[Vector].Bits.OffsetHigh  = (UINT16)(Handler >> 16);
-    Private->Idt[Vector].Bits.OffsetUpper = (UINT32)(Handler >> 32);
+    InternalHelperSetInterruptGate (&Private->Idt[Vector], Handler, CodeSelector);
   }
 
   //
@@ -123,13 +142,7 @@ InternalHelperInitializeCpu (
     Handler = (Vector < SEC_MH_TICK_VECTOR_BASE + 8) ?
               (UINT64)(UINTN)InternalHelperPicMasterInterrupt :
               (UINT64)(UINTN)InternalHelperPicSlaveInterrupt;
-    Private->Idt[Vector].Uint128.Uint64   = 0;
-    Private->Idt[Vector].Uint128.Uint64_1 = 0;
-    Private->Idt[Vector].Bits.OffsetLow   = (UINT16)Handler;
-    Private->Idt[Vector].Bits.Selector    = CodeSelector;
-    Private->Idt[Vector].Bits.GateType    = IA32_IDT_GATE_TYPE_INTERRUPT_32;
-    Private->Idt[Vector].Bits.OffsetHigh  = (UINT16)(Handler >> 16);
-    Private->Idt[Vector].Bits.OffsetUpper = (UINT32)(Handler >> 32);
+    InternalHelperSetInterruptGate (&Private->Idt[Vector], Handler, CodeSelector);
   }
 
   Idtr.Base  = (UINTN)Private->Idt;
