@@ -12,6 +12,15 @@
 #include <MigrationHelper/HelperAbi.h>
 
 ///
+/// What the core serves in every helper, whatever the platform adds (the
+/// SEC helper: HALT_WAKE). Named once: the mailbox header publishes it and
+/// the SEC module's image info, which `ovmf-mh inspect` reads, declares it.
+///
+#define OVMF_MH_BASE_CAPABILITIES \
+  (OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN | OVMF_MH_CAP_EXPORT | OVMF_MH_CAP_IMPORT | OVMF_MH_CAP_CHECK_PAGES | \
+   OVMF_MH_CAP_BINDING | OVMF_MH_CAP_ZERO_RANGES | OVMF_MH_CAP_COMMIT_PROOF)
+
+///
 /// One range of RAM of the helper VM, as the platform reports it.
 ///
 typedef struct {

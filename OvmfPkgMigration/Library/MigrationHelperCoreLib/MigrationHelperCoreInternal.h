@@ -14,10 +14,6 @@
 
 #include "PageCrypto.h"
 
-#define OVMF_MH_BASE_CAPABILITIES \
-  (OVMF_MH_CAP_QUERY | OVMF_MH_CAP_SHUTDOWN | OVMF_MH_CAP_EXPORT | OVMF_MH_CAP_IMPORT | OVMF_MH_CAP_CHECK_PAGES | \
-   OVMF_MH_CAP_BINDING | OVMF_MH_CAP_ZERO_RANGES | OVMF_MH_CAP_COMMIT_PROOF)
-
 ///
 /// Largest record (PAGE) and the end record, in bytes.
 ///
